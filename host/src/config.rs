@@ -1,0 +1,575 @@
+//! Host configuration: the `orchestrator.toml` file, its defaults, and
+//! command-line overrides.
+//!
+//! Every setting has a default, so the host runs with no file at all. A file
+//! only needs the keys it changes. Unknown keys and invalid values are
+//! errors that name the key (`stages.rag.workers: must be at least 1`), found
+//! at startup rather than at the first request.
+//!
+//! Stage sections are *overlays*: `[stages.rag] workers = 4` changes the
+//! workers of `rag` and keeps its other defaults, including its grants.
+//! Within `capabilities`, each key given replaces that key's default; the
+//! stage's `config` table is merged key by key over the defaults.
+//!
+//! ```toml
+//! listen = "127.0.0.1:8080"
+//! metrics_listen = "127.0.0.1:9090"
+//! request_timeout_ms = 30000
+//!
+//! [inference]
+//! backend = "echo"
+//!
+//! [stages.rag]
+//! workers = 2
+//! queue_capacity = 1024
+//! config = { top_k = 3 }
+//! capabilities = { dirs = [{ host = "docs", guest = "/corpus" }] }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The pipeline's stages, in order.
+pub const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
+
+/// A configuration error, naming the offending key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config: `{key}` {message}")]
+    Invalid {
+        /// The dotted key path.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// How a stage's workers use plugin instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceMode {
+    /// Each worker keeps one instance and reuses it for many requests; it is
+    /// replaced after a trap and after `recycle_after` calls. Fastest.
+    Reuse,
+    /// A fresh instance for every request, dropped afterwards: no state can
+    /// leak between requests. Costs one pooled instantiation (and the
+    /// plugin's `init`) per request.
+    PerRequest,
+}
+
+impl fmt::Display for InstanceMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InstanceMode::Reuse => "reuse",
+            InstanceMode::PerRequest => "per-request",
+        })
+    }
+}
+
+/// A directory made visible to a stage's plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirGrant {
+    /// Directory on the host; relative paths are relative to the config
+    /// file's directory (or the working directory without a file).
+    pub host: PathBuf,
+    /// Path under which the plugin sees it.
+    pub guest: String,
+    /// Allow writes (default: read-only).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// What a stage's plugin may use beyond computing. Nothing is granted unless
+/// listed: no files, no network, no environment, no stdio.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// The `orchestrator:pipeline/inference` import.
+    pub inference: bool,
+    /// Preopened directories.
+    pub dirs: Vec<DirGrant>,
+    /// Names of host environment variables passed through (absent ones are skipped).
+    pub env: Vec<String>,
+}
+
+/// Where a stage's plugin comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginSource {
+    /// The component embedded in the host binary.
+    Bundled,
+    /// A component file.
+    File(PathBuf),
+}
+
+impl fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PluginSource::Bundled => f.write_str("bundled"),
+            PluginSource::File(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// One stage's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageConfig {
+    /// The stage's name (`rag`, ...).
+    pub name: &'static str,
+    /// An explicit plugin file; `None` means `<plugins dir>/<stage>.wasm` if
+    /// that exists, else the bundled plugin.
+    pub plugin: Option<PathBuf>,
+    /// Bound of the stage's queue; admission control refuses requests
+    /// beyond it.
+    pub queue_capacity: usize,
+    /// Worker threads, each running one plugin instance at a time.
+    pub workers: usize,
+    /// Instance reuse policy.
+    pub instance_mode: InstanceMode,
+    /// In `reuse` mode, replace an instance after this many calls.
+    pub recycle_after: u64,
+    /// Deadline of one plugin call.
+    pub timeout_ms: u64,
+    /// Linear-memory cap of one instance.
+    pub max_memory_bytes: usize,
+    /// Grants.
+    pub capabilities: Capabilities,
+    /// Passed to the plugin's `init`.
+    pub config: BTreeMap<String, String>,
+}
+
+/// The inference backend behind the `inference` import.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InferenceConfig {
+    /// Backend name. Only `echo` exists today.
+    pub backend: String,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Address of the OpenAI-compatible API.
+    pub listen: SocketAddr,
+    /// Address of `/metrics` and `/health`.
+    pub metrics_listen: SocketAddr,
+    /// Directory searched for `<stage>.wasm`.
+    pub plugins_dir: Option<PathBuf>,
+    /// Compiled-artifact cache directory; `None` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+    /// End-to-end deadline of one request (504 when it expires).
+    pub request_timeout_ms: u64,
+    /// Largest accepted request body.
+    pub max_body_bytes: u64,
+    /// Backend settings.
+    pub inference: InferenceConfig,
+    /// The five stages, in pipeline order.
+    pub stages: Vec<StageConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            plugins_dir: None,
+            cache_dir: default_cache_dir(),
+            request_timeout_ms: 30_000,
+            max_body_bytes: 1024 * 1024,
+            inference: InferenceConfig {
+                backend: "echo".into(),
+            },
+            stages: STAGES
+                .iter()
+                .map(|name| StageConfig::default_for(name))
+                .collect(),
+        }
+    }
+}
+
+/// The bundled corpus the `rag` stage reads by default.
+pub fn default_corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/corpus")
+}
+
+/// `$XDG_CACHE_HOME/orchestrator` or `$HOME/.cache/orchestrator`.
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))?;
+    Some(base.join("orchestrator"))
+}
+
+impl StageConfig {
+    /// The defaults of stage `name`.
+    pub fn default_for(name: &'static str) -> StageConfig {
+        let mut capabilities = Capabilities::default();
+        let mut config = BTreeMap::new();
+        match name {
+            "rag" => {
+                capabilities.dirs.push(DirGrant {
+                    host: default_corpus_dir(),
+                    guest: "/corpus".into(),
+                    writable: false,
+                });
+                config.insert("corpus_dir".into(), "/corpus".into());
+            }
+            "inference" => capabilities.inference = true,
+            _ => {}
+        }
+        StageConfig {
+            name,
+            plugin: None,
+            queue_capacity: 1024,
+            workers: 2,
+            instance_mode: InstanceMode::Reuse,
+            recycle_after: 10_000,
+            timeout_ms: 5_000,
+            max_memory_bytes: 64 * 1024 * 1024,
+            capabilities,
+            config,
+        }
+    }
+
+    /// Where this stage's plugin comes from, given the plugins directory.
+    pub fn source(&self, plugins_dir: Option<&Path>) -> PluginSource {
+        if let Some(path) = &self.plugin {
+            return PluginSource::File(path.clone());
+        }
+        match plugins_dir.map(|dir| dir.join(format!("{}.wasm", self.name))) {
+            Some(path) if path.exists() => PluginSource::File(path),
+            _ => PluginSource::Bundled,
+        }
+    }
+}
+
+// ----- the file format -------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct File {
+    listen: Option<SocketAddr>,
+    metrics_listen: Option<SocketAddr>,
+    plugins_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    request_timeout_ms: Option<u64>,
+    max_body_bytes: Option<u64>,
+    inference: Option<InferenceFile>,
+    stages: Option<StagesFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InferenceFile {
+    backend: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StagesFile {
+    rag: Option<StageFile>,
+    assemble: Option<StageFile>,
+    inference: Option<StageFile>,
+    post: Option<StageFile>,
+    stream: Option<StageFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageFile {
+    plugin: Option<PathBuf>,
+    queue_capacity: Option<usize>,
+    workers: Option<usize>,
+    instance_mode: Option<InstanceMode>,
+    recycle_after: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_memory_bytes: Option<usize>,
+    capabilities: Option<CapabilitiesFile>,
+    config: Option<BTreeMap<String, toml::Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CapabilitiesFile {
+    inference: Option<bool>,
+    dirs: Option<Vec<DirGrant>>,
+    env: Option<Vec<String>>,
+}
+
+impl Config {
+    /// Read `path` over the defaults. Relative paths in the file are
+    /// resolved against the file's directory.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse TOML text over the defaults; relative paths are resolved
+    /// against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let mut config = Config::default();
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+        if let Some(v) = file.listen {
+            config.listen = v;
+        }
+        if let Some(v) = file.metrics_listen {
+            config.metrics_listen = v;
+        }
+        config.plugins_dir = file.plugins_dir.map(resolve).or(config.plugins_dir);
+        config.cache_dir = file.cache_dir.map(resolve).or(config.cache_dir);
+        if let Some(v) = file.request_timeout_ms {
+            config.request_timeout_ms = v;
+        }
+        if let Some(v) = file.max_body_bytes {
+            config.max_body_bytes = v;
+        }
+        if let Some(backend) = file.inference.and_then(|i| i.backend) {
+            config.inference.backend = backend;
+        }
+        let stages = file.stages.unwrap_or_default();
+        let overlays = [
+            stages.rag,
+            stages.assemble,
+            stages.inference,
+            stages.post,
+            stages.stream,
+        ];
+        for (stage, overlay) in config.stages.iter_mut().zip(overlays) {
+            if let Some(overlay) = overlay {
+                overlay.apply(stage, &resolve)?;
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check ranges. Called by the loaders; call it again after changing
+    /// fields by hand.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.request_timeout_ms == 0 {
+            return invalid("request_timeout_ms".into(), "must be at least 1");
+        }
+        if self.max_body_bytes == 0 {
+            return invalid("max_body_bytes".into(), "must be at least 1");
+        }
+        if self.inference.backend != "echo" {
+            return invalid(
+                "inference.backend".into(),
+                "must be \"echo\" (the only backend built in)",
+            );
+        }
+        for stage in &self.stages {
+            let key = |field: &str| format!("stages.{}.{field}", stage.name);
+            if stage.workers == 0 || stage.workers > 256 {
+                return invalid(key("workers"), "must be between 1 and 256");
+            }
+            if stage.queue_capacity == 0 {
+                return invalid(key("queue_capacity"), "must be at least 1");
+            }
+            if stage.recycle_after == 0 {
+                return invalid(key("recycle_after"), "must be at least 1");
+            }
+            if stage.timeout_ms == 0 {
+                return invalid(key("timeout_ms"), "must be at least 1");
+            }
+            if stage.max_memory_bytes < 64 * 1024 {
+                return invalid(
+                    key("max_memory_bytes"),
+                    "must be at least 65536 (one wasm page)",
+                );
+            }
+            for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
+                if !dir.guest.starts_with('/') {
+                    return invalid(
+                        format!("stages.{}.capabilities.dirs[{n}].guest", stage.name),
+                        "must be an absolute guest path such as \"/corpus\"",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of stage `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageConfig> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Mutable settings of stage `name`.
+    pub fn stage_mut(&mut self, name: &str) -> Option<&mut StageConfig> {
+        self.stages.iter_mut().find(|s| s.name == name)
+    }
+}
+
+impl StageFile {
+    fn apply(
+        self,
+        stage: &mut StageConfig,
+        resolve: &dyn Fn(PathBuf) -> PathBuf,
+    ) -> Result<(), ConfigError> {
+        if let Some(v) = self.plugin {
+            stage.plugin = Some(resolve(v));
+        }
+        if let Some(v) = self.queue_capacity {
+            stage.queue_capacity = v;
+        }
+        if let Some(v) = self.workers {
+            stage.workers = v;
+        }
+        if let Some(v) = self.instance_mode {
+            stage.instance_mode = v;
+        }
+        if let Some(v) = self.recycle_after {
+            stage.recycle_after = v;
+        }
+        if let Some(v) = self.timeout_ms {
+            stage.timeout_ms = v;
+        }
+        if let Some(v) = self.max_memory_bytes {
+            stage.max_memory_bytes = v;
+        }
+        if let Some(caps) = self.capabilities {
+            if let Some(v) = caps.inference {
+                stage.capabilities.inference = v;
+            }
+            if let Some(dirs) = caps.dirs {
+                stage.capabilities.dirs = dirs
+                    .into_iter()
+                    .map(|d| DirGrant {
+                        host: resolve(d.host),
+                        ..d
+                    })
+                    .collect();
+            }
+            if let Some(v) = caps.env {
+                stage.capabilities.env = v;
+            }
+        }
+        for (key, value) in self.config.unwrap_or_default() {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: format!("stages.{}.config.{key}", stage.name),
+                        message: "must be a string, number or boolean".into(),
+                    });
+                }
+            };
+            stage.config.insert(key, text);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/orchestrator"))
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let config = Config::default();
+        assert_eq!(config.stages.len(), 5);
+        assert!(config.stage("inference").unwrap().capabilities.inference);
+        assert!(!config.stage("post").unwrap().capabilities.inference);
+        assert_eq!(config.stage("rag").unwrap().queue_capacity, 1024);
+    }
+
+    #[test]
+    fn stage_sections_overlay_the_defaults() {
+        let config = parse(
+            "[stages.rag]\nworkers = 4\nplugin = \"p/rag.wasm\"\nconfig = { top_k = 5 }\n[stages.post]\ninstance_mode = \"per-request\"",
+        )
+        .unwrap();
+        let rag = config.stage("rag").unwrap();
+        assert_eq!(rag.workers, 4);
+        assert_eq!(
+            rag.plugin.as_deref(),
+            Some(Path::new("/etc/orchestrator/p/rag.wasm"))
+        );
+        assert_eq!(rag.config["top_k"], "5");
+        assert_eq!(rag.config["corpus_dir"], "/corpus", "defaults kept");
+        assert_eq!(rag.capabilities.dirs.len(), 1, "grants kept");
+        assert_eq!(
+            config.stage("post").unwrap().instance_mode,
+            InstanceMode::PerRequest
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("[stages.rag]\nworkerz = 4").unwrap_err().to_string();
+        assert!(err.contains("workerz"), "{err}");
+        let err = parse("[stages.ragg]\nworkers = 4").unwrap_err().to_string();
+        assert!(err.contains("ragg"), "{err}");
+        let err = parse("listen = 5").unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = parse("[stages.post]\nworkers = 0").unwrap_err().to_string();
+        assert!(err.contains("stages.post.workers"), "{err}");
+        let err = parse("[stages.rag.config]\nx = [1]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stages.rag.config.x"), "{err}");
+        let err = parse("[inference]\nbackend = \"gpt\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inference.backend"), "{err}");
+        let err = parse("[stages.stream]\ninstance_mode = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("instance_mode") || err.contains("sometimes"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! A WebAssembly-plugin orchestration host for LLM request pipelines.
+//!
+//! A request enters over HTTP ([`api`]), flows through the pipeline
+//! `rag → assemble → inference → post → stream` ([`pipeline`]), where every
+//! stage is a sandboxed WebAssembly component of the
+//! `orchestrator:pipeline/stage` world ([`plugin`]), and leaves as an
+//! OpenAI-compatible chat completion. Every plugin call is timed and counted
+//! in Prometheus metrics ([`metrics`]), served with `/health` on a separate
+//! address ([`metrics_server`]).
+//!
+//! [`Orchestrator::start`] wires it all together from a [`Config`]; the
+//! `orchestrator` binary is a thin command line over it.
+
+pub mod api;
+pub mod bundled;
+pub mod config;
+pub mod inference;
+pub mod metrics;
+pub mod metrics_server;
+pub mod pipeline;
+pub mod plugin;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use config::Config;
+pub use metrics::Metrics;
+pub use pipeline::Pipeline;
+
+use crate::config::PluginSource;
+use crate::inference::{Backend, Echo};
+use crate::plugin::{EngineSettings, Grants, LoadError, Runtime};
+use crate::server::{BindError, ServerHandle};
+
+/// Why the host could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The wasm engine could not be created.
+    #[error("{0}")]
+    Engine(String),
+    /// A stage's plugin could not be loaded.
+    #[error("stage `{stage}`: plugin {source_name}: {error}")]
+    Plugin {
+        /// The stage.
+        stage: &'static str,
+        /// Where the plugin came from.
+        source_name: String,
+        /// What is wrong with it.
+        error: LoadError,
+    },
+    /// An address could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// Worker threads could not be started.
+    #[error("cannot start worker threads: {0}")]
+    Threads(#[from] std::io::Error),
+}
+
+/// A running host: the pipeline and its two HTTP servers.
+pub struct Orchestrator {
+    pipeline: Pipeline,
+    api: ServerHandle,
+    metrics_server: ServerHandle,
+    // Kept alive for the epoch ticker and artifact cache.
+    _runtime: Arc<Runtime>,
+}
+
+impl Orchestrator {
+    /// Load every stage's plugin, start the pipeline, and bind the API and
+    /// metrics addresses. Must be called within a multi-threaded tokio
+    /// runtime.
+    pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Orchestrator, StartError> {
+        let runtime = Arc::new(
+            Runtime::new(&EngineSettings::for_config(&config))
+                .map_err(|e| StartError::Engine(format!("{e:#}")))?,
+        );
+        let backend: Arc<dyn Backend> = Arc::new(Echo::default());
+        let pipeline = {
+            let (runtime, config, metrics, backend) = (
+                runtime.clone(),
+                config.clone(),
+                metrics.clone(),
+                backend.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                start_pipeline(&runtime, &config, &metrics, backend)
+            })
+            .await
+            .map_err(|e| StartError::Engine(format!("plugin loading panicked: {e}")))??
+        };
+        if let Some(dir) = &config.plugins_dir {
+            warn_unknown_plugins(dir);
+        }
+        let api_listener = server::bind(config.listen).await?;
+        let metrics_listener = server::bind(config.metrics_listen).await?;
+        let api = server::spawn(
+            api_listener,
+            api::routes(api::ApiState {
+                pipeline: pipeline.clone(),
+                backend,
+                request_timeout: Duration::from_millis(config.request_timeout_ms),
+                max_body_bytes: config.max_body_bytes,
+            }),
+        )?;
+        let metrics_server = server::spawn(
+            metrics_listener,
+            metrics_server::routes(metrics, Some(pipeline.clone())),
+        )?;
+        Ok(Orchestrator {
+            pipeline,
+            api,
+            metrics_server,
+            _runtime: runtime,
+        })
+    }
+
+    /// The API's address (with the real port when 0 was asked for).
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api.addr()
+    }
+
+    /// The metrics/health address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_server.addr()
+    }
+
+    /// The pipeline.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Graceful shutdown: stop accepting API connections and let the
+    /// requests in progress finish (up to `grace`), stop the pipeline, then
+    /// the metrics server.
+    pub async fn shutdown(self, grace: Duration) {
+        let _ = tokio::time::timeout(grace, self.api.shutdown()).await;
+        self.pipeline.shutdown(grace).await;
+        self.metrics_server.shutdown().await;
+    }
+}
+
+fn start_pipeline(
+    runtime: &Runtime,
+    config: &Config,
+    metrics: &Metrics,
+    backend: Arc<dyn Backend>,
+) -> Result<Pipeline, StartError> {
+    let grants = Grants {
+        tokens: Some(metrics.tokens(backend.name())),
+        backend: Some(backend),
+    };
+    let mut stages = Vec::new();
+    for stage in &config.stages {
+        let source = stage.source(config.plugins_dir.as_deref());
+        let source_name = match &source {
+            PluginSource::Bundled => "bundled".to_string(),
+            PluginSource::File(path) => path.display().to_string(),
+        };
+        let fail = |error| StartError::Plugin {
+            stage: stage.name,
+            source_name: source_name.clone(),
+            error,
+        };
+        let bytes = Runtime::read_source(&source, stage.name).map_err(fail)?;
+        let stage_grants = if stage.capabilities.inference {
+            grants.clone()
+        } else {
+            Grants {
+                backend: None,
+                tokens: None,
+            }
+        };
+        let plugin = runtime
+            .load(stage, source.clone(), &bytes, &stage_grants)
+            .map_err(fail)?;
+        stages.push((stage.clone(), plugin));
+    }
+    Ok(Pipeline::start(stages, metrics)?)
+}
+
+/// Warn about `.wasm` files in the plugins directory that match no stage
+/// (a typo such as `Post.wasm` would otherwise silently leave the bundled
+/// plugin in place).
+fn warn_unknown_plugins(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        tracing::warn!(dir = %dir.display(), "plugins directory cannot be read; using bundled plugins");
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        if path.extension().is_some_and(|e| e == "wasm") && !config::STAGES.contains(&stem) {
+            tracing::warn!(file = %path.display(), "ignoring a .wasm file that names no stage");
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! Prometheus metrics: the seed guide's names and labels, plus the host's own.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `orchestrator_requests_total` | counter | `stage` | plugin calls made by the stage (one per request that reached it) |
+//! | `orchestrator_requests_shed_total` | counter | `stage` | requests refused at ingress because that stage's queue was full |
+//! | `orchestrator_errors_total` | counter | `stage`, `error_type` | failed plugin calls, by cause |
+//! | `orchestrator_tokens_generated_total` | counter | `worker_type` | completion tokens produced by the inference backend |
+//! | `orchestrator_queue_depth` | gauge | `stage` | requests waiting in the stage's queue |
+//! | `orchestrator_queue_capacity` | gauge | `stage` | the stage's queue bound |
+//! | `orchestrator_stage_duration_seconds` | histogram | `stage` | duration of each plugin call |
+//! | `orchestrator_request_duration_seconds` | histogram | `outcome` | end-to-end duration of each admitted or shed request |
+//! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
+//! | `orchestrator_build_info` | gauge | `version` | always 1 |
+//! | `process_*` | | | CPU, memory, file descriptors of the host process |
+//!
+//! `orchestrator_requests_total{stage}` counts per stage, so summing it over
+//! stages counts each request five times. Ratios over *requests* use the
+//! ingress figure instead: `orchestrator_request_duration_seconds_count`,
+//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`) partitions every
+//! request the API accepted for processing.
+//!
+//! # Handles
+//!
+//! Looking a series up by label values costs ~100 ns, so the pipeline
+//! resolves its handles once per stage ([`Metrics::stage`]) and records
+//! through them. The free functions ([`record_throughput`], ...) are the
+//! guide's convenience API over the process-wide [`global`] registry; they
+//! look labels up on every call and are meant for code outside the hot path.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use serde::Serialize;
+
+use crate::config::STAGES;
+
+/// Buckets of `orchestrator_stage_duration_seconds`: from 50 µs, where warm
+/// wasm calls live, to 10 s.
+pub const STAGE_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets of `orchestrator_request_duration_seconds`: 100 µs to 30 s.
+pub const REQUEST_BUCKETS: &[f64] = &[
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+/// Why a plugin call failed: the `error_type` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorType {
+    /// The plugin refused the envelope (`stage-error::invalid-input`).
+    InvalidInput,
+    /// The plugin reported a configuration problem (`stage-error::config`).
+    Config,
+    /// A dependency of the plugin failed (`stage-error::upstream`).
+    Upstream,
+    /// The plugin reported another failure (`stage-error::plugin-error`).
+    PluginError,
+    /// The plugin trapped (including Rust panics).
+    Trap,
+    /// The call exceeded its deadline.
+    Timeout,
+    /// The plugin hit its memory cap.
+    Memory,
+    /// The plugin's result exceeded the output cap.
+    OutputTooLarge,
+    /// A fresh instance could not be created or initialised.
+    Instantiate,
+}
+
+impl ErrorType {
+    /// Every error type, in label order.
+    pub const ALL: [ErrorType; 9] = [
+        ErrorType::InvalidInput,
+        ErrorType::Config,
+        ErrorType::Upstream,
+        ErrorType::PluginError,
+        ErrorType::Trap,
+        ErrorType::Timeout,
+        ErrorType::Memory,
+        ErrorType::OutputTooLarge,
+        ErrorType::Instantiate,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ErrorType::InvalidInput => "invalid_input",
+            ErrorType::Config => "config",
+            ErrorType::Upstream => "upstream",
+            ErrorType::PluginError => "plugin_error",
+            ErrorType::Trap => "trap",
+            ErrorType::Timeout => "timeout",
+            ErrorType::Memory => "memory",
+            ErrorType::OutputTooLarge => "output_too_large",
+            ErrorType::Instantiate => "instantiate",
+        }
+    }
+}
+
+/// How an admitted request ended: the `outcome` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered with a completion.
+    Ok,
+    /// A stage failed.
+    Error,
+    /// The request deadline expired.
+    Timeout,
+    /// Refused at ingress: a queue was full.
+    Shed,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 4] = [Outcome::Ok, Outcome::Error, Outcome::Timeout, Outcome::Shed];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Error => "error",
+            Outcome::Timeout => "timeout",
+            Outcome::Shed => "shed",
+        }
+    }
+}
+
+/// A registry holding every orchestrator metric.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    shed: IntCounterVec,
+    errors: IntCounterVec,
+    tokens: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_capacity: IntGaugeVec,
+    stage_duration: HistogramVec,
+    request_duration: HistogramVec,
+    plugin_info: IntGaugeVec,
+}
+
+/// Handles of one stage's series, resolved once.
+#[derive(Clone)]
+pub struct StageMetrics {
+    /// `orchestrator_requests_total{stage}`.
+    pub requests: IntCounter,
+    /// `orchestrator_requests_shed_total{stage}`.
+    pub shed: IntCounter,
+    /// `orchestrator_queue_depth{stage}`.
+    pub queue_depth: IntGauge,
+    /// `orchestrator_queue_capacity{stage}`.
+    pub queue_capacity: IntGauge,
+    /// `orchestrator_stage_duration_seconds{stage}`.
+    pub duration: Histogram,
+    errors: Arc<[IntCounter; 9]>,
+}
+
+impl StageMetrics {
+    /// The `orchestrator_errors_total{stage, error_type}` handle.
+    pub fn errors(&self, error_type: ErrorType) -> &IntCounter {
+        let index = ErrorType::ALL
+            .iter()
+            .position(|t| *t == error_type)
+            .unwrap_or_default();
+        &self.errors[index]
+    }
+}
+
+/// Handles of `orchestrator_request_duration_seconds{outcome}`.
+#[derive(Clone)]
+pub struct RequestMetrics {
+    histograms: Arc<[Histogram; 4]>,
+}
+
+impl RequestMetrics {
+    /// Record one request's end.
+    pub fn observe(&self, outcome: Outcome, elapsed: Duration) {
+        let index = Outcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or_default();
+        self.histograms[index].observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Totals, for logs and the `metrics_demo` example (the guide's
+/// `get_metrics_summary`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct MetricsSummary {
+    /// Plugin calls per stage, in pipeline order.
+    pub requests: Vec<(String, u64)>,
+    /// Requests shed, all stages.
+    pub shed: u64,
+    /// Failed plugin calls, all stages and types.
+    pub errors: u64,
+    /// Tokens generated, all backends.
+    pub tokens_generated: u64,
+    /// Requests answered, by outcome (`ok`, `error`, `timeout`, `shed`).
+    pub outcomes: Vec<(String, u64)>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered, the `process_*`
+    /// collector included, and the series of the five stages created (at 0),
+    /// so that dashboards and alerts see them before the first request.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric =
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let opts = HistogramOpts::new(name, help).buckets(buckets.to_vec());
+            let metric = HistogramVec::new(opts, labels).expect("valid metric definition");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        gauge(
+            "orchestrator_build_info",
+            "Build information; always 1.",
+            &["version"],
+        )
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        let metrics = Metrics {
+            requests: counter(
+                "orchestrator_requests_total",
+                "Plugin calls made by each stage (one per request reaching it).",
+                &["stage"],
+            ),
+            shed: counter(
+                "orchestrator_requests_shed_total",
+                "Requests refused at ingress because the stage's queue was full.",
+                &["stage"],
+            ),
+            errors: counter(
+                "orchestrator_errors_total",
+                "Failed plugin calls by stage and cause.",
+                &["stage", "error_type"],
+            ),
+            tokens: counter(
+                "orchestrator_tokens_generated_total",
+                "Completion tokens generated by the inference backend.",
+                &["worker_type"],
+            ),
+            queue_depth: gauge(
+                "orchestrator_queue_depth",
+                "Requests waiting in the stage's queue.",
+                &["stage"],
+            ),
+            queue_capacity: gauge(
+                "orchestrator_queue_capacity",
+                "Bound of the stage's queue.",
+                &["stage"],
+            ),
+            stage_duration: histogram(
+                "orchestrator_stage_duration_seconds",
+                "Duration of each plugin call.",
+                &["stage"],
+                STAGE_BUCKETS,
+            ),
+            request_duration: histogram(
+                "orchestrator_request_duration_seconds",
+                "End-to-end duration of each request, by outcome (ok, error, timeout, shed).",
+                &["outcome"],
+                REQUEST_BUCKETS,
+            ),
+            plugin_info: gauge(
+                "orchestrator_plugin_info",
+                "1 for the plugin version (sha256 of the component) each stage runs.",
+                &["stage", "sha256"],
+            ),
+            registry: registry.clone(),
+        };
+        let process = prometheus::process_collector::ProcessCollector::for_self();
+        metrics
+            .registry
+            .register(Box::new(process))
+            .expect("process collector registers once");
+        for stage in STAGES {
+            metrics.stage(stage);
+        }
+        metrics.requests_by_outcome();
+        metrics
+    }
+
+    /// Resolve (and create) the series of `stage`.
+    pub fn stage(&self, stage: &str) -> StageMetrics {
+        StageMetrics {
+            requests: self.requests.with_label_values(&[stage]),
+            shed: self.shed.with_label_values(&[stage]),
+            queue_depth: self.queue_depth.with_label_values(&[stage]),
+            queue_capacity: self.queue_capacity.with_label_values(&[stage]),
+            duration: self.stage_duration.with_label_values(&[stage]),
+            errors: Arc::new(
+                ErrorType::ALL.map(|t| self.errors.with_label_values(&[stage, t.label()])),
+            ),
+        }
+    }
+
+    /// Resolve the end-to-end histogram's series.
+    pub fn requests_by_outcome(&self) -> RequestMetrics {
+        RequestMetrics {
+            histograms: Arc::new(
+                Outcome::ALL.map(|o| self.request_duration.with_label_values(&[o.label()])),
+            ),
+        }
+    }
+
+    /// The `orchestrator_tokens_generated_total{worker_type}` handle.
+    pub fn tokens(&self, worker_type: &str) -> IntCounter {
+        self.tokens.with_label_values(&[worker_type])
+    }
+
+    /// Mark `sha256` as the plugin version `stage` runs (and no other).
+    pub fn set_plugin_version(&self, stage: &str, sha256: &str) {
+        for family in self.plugin_info.collect() {
+            for metric in family.get_metric() {
+                let labels = metric.get_label();
+                let of_stage = labels
+                    .iter()
+                    .any(|l| l.name() == "stage" && l.value() == stage);
+                if of_stage && let Some(old) = labels.iter().find(|l| l.name() == "sha256") {
+                    let _ = self.plugin_info.remove_label_values(&[stage, old.value()]);
+                }
+            }
+        }
+        self.plugin_info.with_label_values(&[stage, sha256]).set(1);
+    }
+
+    /// The registry, to register more collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything, in the Prometheus text exposition format.
+    pub fn gather(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buffer)
+            .expect("text encoding of valid metrics cannot fail");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+
+    /// Totals over all series.
+    pub fn summary(&self) -> MetricsSummary {
+        let sum = |vec: &IntCounterVec| -> u64 {
+            vec.collect()
+                .iter()
+                .flat_map(|f| f.get_metric())
+                .map(|m| m.get_counter().value() as u64)
+                .sum()
+        };
+        MetricsSummary {
+            requests: STAGES
+                .iter()
+                .map(|s| (s.to_string(), self.requests.with_label_values(&[*s]).get()))
+                .collect(),
+            shed: sum(&self.shed),
+            errors: sum(&self.errors),
+            tokens_generated: sum(&self.tokens),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| {
+                    let count = self
+                        .request_duration
+                        .with_label_values(&[o.label()])
+                        .get_sample_count();
+                    (o.label().to_string(), count)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The process-wide registry used by the `orchestrator` binary and by the
+/// free functions below.
+pub fn global() -> &'static Arc<Metrics> {
+    static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
+    GLOBAL.get_or_init(|| Arc::new(Metrics::new()))
+}
+
+/// Count one call made by `stage` (`orchestrator_requests_total`).
+pub fn record_throughput(stage: &str) {
+    global().requests.with_label_values(&[stage]).inc();
+}
+
+/// Observe one call's duration (`orchestrator_stage_duration_seconds`).
+pub fn record_stage_latency(stage: &str, elapsed: Duration) {
+    global()
+        .stage_duration
+        .with_label_values(&[stage])
+        .observe(elapsed.as_secs_f64());
+}
+
+/// Set the depth of `stage`'s queue (`orchestrator_queue_depth`).
+pub fn record_queue_depth(stage: &str, depth: i64) {
+    global().queue_depth.with_label_values(&[stage]).set(depth);
+}
+
+/// Count one failure (`orchestrator_errors_total`).
+pub fn record_error(stage: &str, error_type: &str) {
+    global()
+        .errors
+        .with_label_values(&[stage, error_type])
+        .inc();
+}
+
+/// Count generated tokens (`orchestrator_tokens_generated_total`).
+pub fn record_tokens_generated(worker_type: &str, tokens: u64) {
+    global()
+        .tokens
+        .with_label_values(&[worker_type])
+        .inc_by(tokens);
+}
+
+/// The global registry in the text exposition format.
+pub fn gather_metrics() -> String {
+    global().gather()
+}
+
+/// Totals of the global registry.
+pub fn get_metrics_summary() -> MetricsSummary {
+    global().summary()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_exist_before_the_first_request() {
+        let text = Metrics::new().gather();
+        for stage in STAGES {
+            assert!(text.contains(&format!(
+                "orchestrator_requests_total{{stage=\"{stage}\"}} 0"
+            )));
+            assert!(text.contains(&format!("orchestrator_queue_depth{{stage=\"{stage}\"}} 0")));
+        }
+        assert!(text.contains("orchestrator_build_info{version="));
+        assert!(text.contains("orchestrator_request_duration_seconds_count{outcome=\"shed\"} 0"));
+        assert!(text.contains("process_cpu_seconds_total"));
+    }
+
+    #[test]
+    fn handles_and_free_functions_agree() {
+        let metrics = Metrics::new();
+        let post = metrics.stage("post");
+        post.requests.inc();
+        post.errors(ErrorType::Timeout).inc();
+        post.duration.observe(0.000_07);
+        let text = metrics.gather();
+        assert!(text.contains("orchestrator_requests_total{stage=\"post\"} 1"));
+        assert!(
+            text.contains("orchestrator_errors_total{error_type=\"timeout\",stage=\"post\"} 1")
+        );
+        assert!(text.contains(
+            "orchestrator_stage_duration_seconds_bucket{stage=\"post\",le=\"0.0001\"} 1"
+        ));
+        assert!(text.contains(
+            "orchestrator_stage_duration_seconds_bucket{stage=\"post\",le=\"0.00005\"} 0"
+        ));
+
+        record_throughput("rag");
+        record_tokens_generated("echo", 7);
+        let summary = get_metrics_summary();
+        assert!(summary.requests.contains(&("rag".to_string(), 1)));
+        assert_eq!(summary.tokens_generated, 7);
+        assert!(
+            gather_metrics()
+                .contains("orchestrator_tokens_generated_total{worker_type=\"echo\"} 7")
+        );
+    }
+
+    #[test]
+    fn plugin_info_keeps_one_version_per_stage() {
+        let metrics = Metrics::new();
+        metrics.set_plugin_version("post", "aaa");
+        metrics.set_plugin_version("rag", "ccc");
+        metrics.set_plugin_version("post", "bbb");
+        let text = metrics.gather();
+        assert!(!text.contains("sha256=\"aaa\""));
+        assert!(text.contains("orchestrator_plugin_info{sha256=\"bbb\",stage=\"post\"} 1"));
+        assert!(text.contains("orchestrator_plugin_info{sha256=\"ccc\",stage=\"rag\"} 1"));
+    }
+}

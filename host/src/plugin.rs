@@ -1,0 +1,845 @@
+//! Stage plugins: compiling, checking, instantiating and calling WebAssembly
+//! components of the `orchestrator:pipeline/stage` world.
+//!
+//! # Lifecycle
+//!
+//! 1. **Engine** ([`Runtime::new`]): one wasmtime [`Engine`] for the
+//!    process, with the component model, the pooling instance allocator
+//!    (slots sized from the configuration), epoch interruption driven by a
+//!    ticker thread, and component-model concurrency off (it triples the cost
+//!    of small calls and no plugin uses async).
+//! 2. **Prepare** ([`Runtime::load`]): the component bytes are hashed
+//!    (sha256), compiled — or deserialized from the on-disk artifact cache,
+//!    keyed by that hash and the engine's configuration — and their imports
+//!    are checked against the stage's grants, so that a plugin importing
+//!    something it was not granted fails *here*, with a message naming the
+//!    grant, rather than trapping at its first call.
+//! 3. **Link**: a per-stage [`Linker`] holds WASI p2 (whose context grants
+//!    nothing but clocks and randomness unless configured), the `log` import
+//!    and, only for stages granted it, the `inference` import. The linker is
+//!    resolved against the component once, into a [`StagePre`].
+//! 4. **Validate**: one instance is created and its `init` run with the
+//!    stage's configuration. A plugin whose `init` fails is refused.
+//! 5. **Instantiate** ([`Plugin::instantiate`]): each worker makes a [`Store`]
+//!    with its own WASI context and memory limits and instantiates from the
+//!    `StagePre` (a pooled slot: a few microseconds), then runs `init`.
+//! 6. **Call** ([`Instance::process`]): the epoch deadline is armed, the
+//!    envelope is copied in, the result copied out.
+//!
+//! # Failure modes
+//!
+//! Loading fails with a [`LoadError`] that says what is wrong with the bytes
+//! (not wasm, a core module instead of a component, wrong world, missing
+//! grant, failing `init`). A call fails with a [`CallError`] whose
+//! [`ErrorType`] is the `error_type` metric label; after a host-side failure
+//! (trap, timeout, memory cap) the instance is poisoned and must be dropped.
+
+use std::fmt;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use prometheus::IntCounter;
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, Trap,
+};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::config::{Config, PluginSource, StageConfig};
+use crate::inference::{Backend, GenerateRequest};
+use crate::metrics::ErrorType;
+
+/// Host bindings generated from `wit/pipeline.wit`.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "stage",
+        path: "../wit",
+    });
+}
+
+pub use bindings::orchestrator::pipeline::types::{
+    Envelope, GenerationParams, Message, Passage, StageError, Usage,
+};
+use bindings::orchestrator::pipeline::{inference, log, types};
+use bindings::{Stage, StagePre};
+
+/// How often the epoch ticker advances the engine's epoch: the resolution
+/// of plugin-call deadlines.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Interface name prefix of this package's imports.
+const PACKAGE: &str = "orchestrator:pipeline/";
+
+/// Why a plugin could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The plugin file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The bytes are not WebAssembly.
+    #[error("not a WebAssembly file (it starts with {0:02x?}, not \\0asm)")]
+    NotWasm(Vec<u8>),
+    /// A core module was given where a component is needed.
+    #[error(
+        "a core WebAssembly module, not a component: build the plugin with `cargo build --target wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
+    )]
+    CoreModule,
+    /// wasmtime refused to compile the component.
+    #[error("invalid component: {0}")]
+    Compile(String),
+    /// The component imports something its stage is not granted.
+    #[error("the plugin imports `{import}`, which this stage is not granted: {remedy}")]
+    NotGranted {
+        /// The import's name.
+        import: String,
+        /// What would grant it, if anything can.
+        remedy: String,
+    },
+    /// The component does not implement the `stage` world.
+    #[error("the component does not implement the orchestrator:pipeline/stage world: {0}")]
+    WrongWorld(String),
+    /// The validation instance could not be created.
+    #[error("cannot instantiate: {0}")]
+    Instantiate(String),
+    /// The plugin's `init` refused the configuration or failed.
+    #[error("init failed: {0}")]
+    Init(String),
+}
+
+/// Why a plugin call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{}: {message}", error_type.label())]
+pub struct CallError {
+    /// The cause, as the metrics label.
+    pub error_type: ErrorType,
+    /// A human-readable description.
+    pub message: String,
+}
+
+impl CallError {
+    fn new(error_type: ErrorType, message: impl Into<String>) -> CallError {
+        CallError {
+            error_type,
+            message: message.into(),
+        }
+    }
+
+    /// Whether the instance that produced this error must be discarded:
+    /// after a trap its state is undefined.
+    pub fn poisons_instance(&self) -> bool {
+        matches!(
+            self.error_type,
+            ErrorType::Trap | ErrorType::Timeout | ErrorType::Memory | ErrorType::Instantiate
+        )
+    }
+}
+
+/// Settings of the shared engine.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Pool slots for component instances (and memories, tables).
+    pub max_instances: u32,
+    /// Largest linear memory any plugin may have (per-stage caps are lower).
+    pub max_memory_bytes: usize,
+    /// Compiled-artifact cache directory, if any.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl EngineSettings {
+    /// Settings sized for `config`: twice the workers (so a hot-swapped
+    /// version's instances can coexist with the old ones) plus headroom for
+    /// validation instances.
+    pub fn for_config(config: &Config) -> EngineSettings {
+        let workers: usize = config.stages.iter().map(|s| s.workers).sum();
+        EngineSettings {
+            max_instances: u32::try_from(workers * 2 + 16).unwrap_or(u32::MAX),
+            max_memory_bytes: config
+                .stages
+                .iter()
+                .map(|s| s.max_memory_bytes)
+                .max()
+                .unwrap_or(64 << 20),
+            cache_dir: config.cache_dir.clone(),
+        }
+    }
+}
+
+/// The wasmtime engine, its epoch ticker and the artifact cache.
+pub struct Runtime {
+    engine: Engine,
+    cache: ArtifactCache,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Create the engine (see the module docs for its configuration).
+    pub fn new(settings: &EngineSettings) -> anyhow::Result<Runtime> {
+        let mut pool = PoolingAllocationConfig::new();
+        pool.total_component_instances(settings.max_instances)
+            .total_core_instances(settings.max_instances * 4)
+            .total_memories(settings.max_instances)
+            .total_tables(settings.max_instances * 2)
+            .max_memory_size(settings.max_memory_bytes)
+            .linear_memory_keep_resident(1 << 20)
+            .table_keep_resident(64 << 10);
+        let mut config = wasmtime::Config::new();
+        config
+            .wasm_component_model(true)
+            .concurrency_support(false)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)
+            .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e}"))?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (ticker_engine, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })?;
+        let cache = ArtifactCache::new(settings.cache_dir.clone(), &engine);
+        Ok(Runtime {
+            engine,
+            cache,
+            ticker_stop,
+        })
+    }
+
+    /// The engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Read a plugin's bytes from its source.
+    pub fn read_source(source: &PluginSource, stage: &str) -> Result<Vec<u8>, LoadError> {
+        match source {
+            PluginSource::Bundled => Ok(crate::bundled::plugin(stage).unwrap_or_default().to_vec()),
+            PluginSource::File(path) => std::fs::read(path).map_err(|source| LoadError::Read {
+                path: path.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Prepare, link and validate a plugin for `stage` (lifecycle steps 2–4).
+    pub fn load(
+        &self,
+        stage: &StageConfig,
+        source: PluginSource,
+        bytes: &[u8],
+        grants: &Grants,
+    ) -> Result<Arc<Plugin>, LoadError> {
+        let started = Instant::now();
+        let sha256 = hex::encode(Sha256::digest(bytes));
+        check_header(bytes)?;
+        let (component, cached) = self.cache.component(&self.engine, bytes, &sha256)?;
+        check_imports(&component, &self.engine, stage)?;
+
+        let mut linker: Linker<HostState> = Linker::new(&self.engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| LoadError::Instantiate(e.to_string()))?;
+        log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| LoadError::Instantiate(e.to_string()))?;
+        if stage.capabilities.inference {
+            inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+                .map_err(|e| LoadError::Instantiate(e.to_string()))?;
+        }
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        let pre =
+            StagePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+
+        let plugin = Arc::new(Plugin {
+            stage: stage.name,
+            sha256,
+            source,
+            loaded_at: SystemTime::now(),
+            pre,
+            settings: stage.clone(),
+            init_config: stage
+                .config
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            grants: grants.clone(),
+        });
+        // Validation: one instance must come up and accept its config.
+        plugin.instantiate().map_err(|e| match e.error_type {
+            ErrorType::Config => LoadError::Init(e.message),
+            _ => LoadError::Instantiate(e.to_string()),
+        })?;
+        tracing::info!(
+            stage = stage.name,
+            source = %plugin.source,
+            sha256 = %plugin.sha256,
+            cached,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "plugin loaded"
+        );
+        Ok(plugin)
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("cache", &self.cache.dir)
+            .finish()
+    }
+}
+
+/// What the host provides to a stage's imports.
+#[derive(Clone)]
+pub struct Grants {
+    /// The inference backend, for stages granted `inference`.
+    pub backend: Option<Arc<dyn Backend>>,
+    /// `orchestrator_tokens_generated_total{worker_type=<backend>}`.
+    pub tokens: Option<IntCounter>,
+}
+
+fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
+    if !bytes.starts_with(b"\0asm") {
+        return Err(LoadError::NotWasm(bytes.iter().take(4).copied().collect()));
+    }
+    // Bytes 4..8: version and layer; layer 0 is a core module.
+    if bytes.get(6..8) == Some(&[0, 0]) {
+        return Err(LoadError::CoreModule);
+    }
+    Ok(())
+}
+
+/// Refuse imports the stage's grants cannot satisfy, naming the grant.
+fn check_imports(
+    component: &Component,
+    engine: &Engine,
+    stage: &StageConfig,
+) -> Result<(), LoadError> {
+    for (name, _) in component.component_type().imports(engine) {
+        let interface = name.split('@').next().unwrap_or(name);
+        let refusal = if interface == format!("{PACKAGE}inference") && !stage.capabilities.inference
+        {
+            Some(format!(
+                "set `capabilities = {{ inference = true }}` under [stages.{}] to grant it",
+                stage.name
+            ))
+        } else if interface.starts_with("wasi:sockets/") && interface != "wasi:sockets/network" {
+            Some("plugins get no network access".to_string())
+        } else if interface.starts_with("wasi:http/") {
+            Some("plugins get no HTTP access".to_string())
+        } else if !interface.starts_with("wasi:") && !interface.starts_with(PACKAGE) {
+            Some(
+                "the host provides only WASI 0.2 and the orchestrator:pipeline interfaces"
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        if let Some(remedy) = refusal {
+            return Err(LoadError::NotGranted {
+                import: name.to_string(),
+                remedy,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A loaded, validated plugin version: the unit a stage runs and swaps.
+pub struct Plugin {
+    stage: &'static str,
+    sha256: String,
+    source: PluginSource,
+    loaded_at: SystemTime,
+    pre: StagePre<HostState>,
+    settings: StageConfig,
+    init_config: Vec<(String, String)>,
+    grants: Grants,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("stage", &self.stage)
+            .field("sha256", &self.sha256)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl Plugin {
+    /// The stage it serves.
+    pub fn stage(&self) -> &'static str {
+        self.stage
+    }
+
+    /// Hex sha256 of the component bytes.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// Where it was loaded from.
+    pub fn source(&self) -> &PluginSource {
+        &self.source
+    }
+
+    /// When it was loaded.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.loaded_at
+    }
+
+    fn wasi_ctx(&self) -> Result<WasiCtx, CallError> {
+        let caps = &self.settings.capabilities;
+        let mut builder = WasiCtxBuilder::new();
+        builder
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for name in &caps.env {
+            if let Ok(value) = std::env::var(name) {
+                builder.env(name, value);
+            }
+        }
+        for dir in &caps.dirs {
+            let perms = if dir.writable {
+                FsPerms::ReadWrite
+            } else {
+                FsPerms::ReadOnly
+            };
+            builder
+                .preopened_dir(&dir.host, &dir.guest, perms)
+                .map_err(|e| {
+                    CallError::new(
+                        ErrorType::Config,
+                        format!("cannot open granted directory {}: {e}", dir.host.display()),
+                    )
+                })?;
+        }
+        Ok(builder.build())
+    }
+
+    /// Create an instance and run its `init` (lifecycle step 5).
+    pub fn instantiate(self: &Arc<Self>) -> Result<Instance, CallError> {
+        let limits = StoreLimitsBuilder::new()
+            .memory_size(self.settings.max_memory_bytes)
+            .trap_on_grow_failure(true)
+            .instances(32)
+            .tables(32)
+            .memories(4)
+            .table_elements(100_000)
+            .build();
+        let state = HostState {
+            wasi: self.wasi_ctx()?,
+            table: ResourceTable::new(),
+            limits,
+            stage: self.stage,
+            grants: self.grants.clone(),
+            log_budget: LogBudget::new(),
+            deadline: Instant::now(),
+        };
+        let mut store = Store::new(self.pre.engine(), state);
+        store.limiter(|state| &mut state.limits);
+        let timeout = Duration::from_millis(self.settings.timeout_ms);
+        arm_deadline(&mut store, timeout);
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?;
+        bindings
+            .call_init(&mut store, &self.init_config)
+            .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?
+            .map_err(|message| CallError::new(ErrorType::Config, message))?;
+        Ok(Instance {
+            store,
+            bindings,
+            plugin: self.clone(),
+            calls: 0,
+        })
+    }
+}
+
+fn arm_deadline(store: &mut Store<HostState>, timeout: Duration) {
+    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+    // One extra tick: the ticker may advance right after arming.
+    store.set_epoch_deadline(ticks + 1);
+    store.epoch_deadline_trap();
+    store.data_mut().deadline = Instant::now() + timeout;
+}
+
+/// Map a wasmtime error from a call into a [`CallError`].
+fn classify(error: wasmtime::Error, default: ErrorType, timeout: Duration) -> CallError {
+    let message = format!("{error:#}");
+    let error_type = match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => {
+            return CallError::new(
+                ErrorType::Timeout,
+                format!("deadline of {} ms exceeded", timeout.as_millis()),
+            );
+        }
+        Some(_) => ErrorType::Trap,
+        None if message.contains("forcing trap when growing memory")
+            || message.contains("forcing a memory growth failure") =>
+        {
+            ErrorType::Memory
+        }
+        None => default,
+    };
+    CallError::new(error_type, message)
+}
+
+/// A live plugin instance with its store.
+pub struct Instance {
+    store: Store<HostState>,
+    bindings: Stage,
+    plugin: Arc<Plugin>,
+    calls: u64,
+}
+
+impl Instance {
+    /// The plugin version it runs.
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// Calls served so far.
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// Call `process` with a deadline of `timeout`.
+    pub fn process(
+        &mut self,
+        request: &Envelope,
+        timeout: Duration,
+    ) -> Result<Envelope, CallError> {
+        self.calls += 1;
+        arm_deadline(&mut self.store, timeout);
+        match self.bindings.call_process(&mut self.store, request) {
+            Ok(Ok(envelope)) => Ok(envelope),
+            Ok(Err(error)) => Err(match error {
+                StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
+                StageError::Config(m) => CallError::new(ErrorType::Config, m),
+                StageError::Upstream(m) => CallError::new(ErrorType::Upstream, m),
+                StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
+            }),
+            Err(error) => Err(classify(error, ErrorType::Trap, timeout)),
+        }
+    }
+}
+
+/// The data of each plugin store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    stage: &'static str,
+    grants: Grants,
+    log_budget: LogBudget,
+    deadline: Instant,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+/// A token bucket bounding how fast one instance may log: a chatty plugin
+/// loses its excess records (and the host says how many) instead of
+/// flooding the host's log.
+struct LogBudget {
+    tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl LogBudget {
+    const BURST: f64 = 100.0;
+    const PER_SECOND: f64 = 50.0;
+
+    fn new() -> LogBudget {
+        LogBudget {
+            tokens: Self::BURST,
+            last: Instant::now(),
+            dropped: 0,
+        }
+    }
+
+    /// Whether a record may be written now; `Some(n)` carries the count of
+    /// records dropped since the last one written.
+    fn take(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * Self::PER_SECOND;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.dropped))
+        } else {
+            self.dropped += 1;
+            None
+        }
+    }
+}
+
+impl log::Host for HostState {
+    fn emit(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
+        let Some(dropped) = self.log_budget.take() else {
+            return;
+        };
+        let stage = self.stage;
+        let fields = fields
+            .iter()
+            .map(|(k, v)| format!("{k}={v:?}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        match level {
+            log::Level::Trace => {
+                tracing::trace!(target: "plugin", stage, dropped, %fields, "{message}")
+            }
+            log::Level::Debug => {
+                tracing::debug!(target: "plugin", stage, dropped, %fields, "{message}")
+            }
+            log::Level::Info => {
+                tracing::info!(target: "plugin", stage, dropped, %fields, "{message}")
+            }
+            log::Level::Warn => {
+                tracing::warn!(target: "plugin", stage, dropped, %fields, "{message}")
+            }
+            log::Level::Error => {
+                tracing::error!(target: "plugin", stage, dropped, %fields, "{message}")
+            }
+        }
+    }
+}
+
+impl inference::Host for HostState {
+    fn generate(
+        &mut self,
+        prompt: String,
+        params: GenerationParams,
+    ) -> Result<inference::Generation, String> {
+        let backend = self
+            .grants
+            .backend
+            .as_ref()
+            .ok_or_else(|| "inference is not granted to this stage".to_string())?;
+        let request = GenerateRequest {
+            prompt: &prompt,
+            model: &params.model,
+            max_tokens: params.max_tokens,
+            temperature: params.temperature,
+            deadline: self.deadline,
+        };
+        let completion = backend.generate(&request).map_err(|e| e.to_string())?;
+        if let Some(tokens) = &self.grants.tokens {
+            tokens.inc_by(u64::from(completion.completion_tokens));
+        }
+        Ok(inference::Generation {
+            text: completion.text,
+            finish_reason: completion.finish_reason.to_string(),
+            usage: Usage {
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+            },
+        })
+    }
+}
+
+/// On-disk cache of compiled components.
+///
+/// Entries are named `<component sha256>-<engine hash>.cwasm`, where the
+/// engine hash covers wasmtime's version and every compilation-relevant
+/// setting, so a different engine never picks up a foreign artifact. Each
+/// file starts with the sha256 of the artifact that follows; an entry whose
+/// checksum does not match (truncated, corrupted) or that wasmtime refuses
+/// to deserialize is recompiled and rewritten, never trusted. Writes go to a
+/// temporary file renamed into place, so concurrent hosts sharing a cache
+/// never see a half-written entry.
+struct ArtifactCache {
+    dir: Option<PathBuf>,
+    engine_hash: String,
+    write_lock: Mutex<()>,
+}
+
+/// Feeds `Hash` output into sha256, for a hash that is stable across runs.
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+impl ArtifactCache {
+    fn new(dir: Option<PathBuf>, engine: &Engine) -> ArtifactCache {
+        let mut hasher = Sha256Hasher(Sha256::new());
+        std::hash::Hash::hash(&engine.precompile_compatibility_hash(), &mut hasher);
+        ArtifactCache {
+            dir,
+            engine_hash: hex::encode(&hasher.0.finalize()[..8]),
+            write_lock: Mutex::new(()),
+        }
+    }
+
+    fn path(&self, sha256: &str) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        Some(dir.join(format!("{sha256}-{}.cwasm", self.engine_hash)))
+    }
+
+    /// The compiled component, and whether it came from the cache.
+    fn component(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        sha256: &str,
+    ) -> Result<(Component, bool), LoadError> {
+        if let Some(path) = self.path(sha256)
+            && let Some(component) = Self::read(engine, &path)
+        {
+            return Ok((component, true));
+        }
+        let artifact = engine
+            .precompile_component(bytes)
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        // SAFETY: the artifact was produced just now by this engine.
+        let component = unsafe { Component::deserialize(engine, &artifact) }
+            .map_err(|e| LoadError::Compile(format!("{e:#}")))?;
+        if let Some(path) = self.path(sha256) {
+            let _guard = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = Self::write(&path, &artifact) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the artifact cache");
+            }
+        }
+        Ok((component, false))
+    }
+
+    fn read(engine: &Engine, path: &Path) -> Option<Component> {
+        let data = std::fs::read(path).ok()?;
+        let (checksum, artifact) = data.split_at_checked(32)?;
+        if Sha256::digest(artifact).as_slice() != checksum {
+            tracing::warn!(path = %path.display(), "corrupt artifact cache entry; recompiling");
+            return None;
+        }
+        // SAFETY: the artifact was written by `write` below from the output
+        // of `Engine::precompile_component` of an engine with the same
+        // compatibility hash, and its checksum matches. wasmtime still
+        // checks its version and settings and refuses a mismatch.
+        match unsafe { Component::deserialize(engine, artifact) } {
+            Ok(component) => Some(component),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "stale artifact cache entry; recompiling");
+                None
+            }
+        }
+    }
+
+    fn write(path: &Path, artifact: &[u8]) -> std::io::Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("artifact"),
+            std::process::id()
+        ));
+        let mut data = Vec::with_capacity(32 + artifact.len());
+        data.extend_from_slice(&Sha256::digest(artifact));
+        data.extend_from_slice(artifact);
+        std::fs::write(&tmp, &data)?;
+        std::fs::rename(&tmp, path)
+    }
+}
+
+/// Envelope helpers.
+impl Envelope {
+    /// An empty envelope for `request_id` carrying `messages` and `params`.
+    pub fn new(request_id: String, messages: Vec<Message>, params: GenerationParams) -> Envelope {
+        Envelope {
+            request_id,
+            messages,
+            params,
+            passages: Vec::new(),
+            prompt: String::new(),
+            completion: String::new(),
+            finish_reason: String::new(),
+            chunks: Vec::new(),
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+            metadata: Vec::new(),
+        }
+    }
+}
+
+impl Envelope {
+    /// An envelope with nothing in it, allocating nothing.
+    pub fn placeholder() -> Envelope {
+        Envelope::new(
+            String::new(),
+            Vec::new(),
+            GenerationParams {
+                model: String::new(),
+                max_tokens: 0,
+                temperature: 0.0,
+                stop: Vec::new(),
+            },
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_checks() {
+        assert!(matches!(
+            check_header(b"hello world"),
+            Err(LoadError::NotWasm(_))
+        ));
+        assert!(matches!(
+            check_header(b"\0asm\x01\0\0\0"),
+            Err(LoadError::CoreModule)
+        ));
+        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
+    }
+
+    #[test]
+    fn log_budget_bounds_bursts() {
+        let mut budget = LogBudget::new();
+        let written = (0..1000).filter(|_| budget.take().is_some()).count();
+        assert!((100..=110).contains(&written), "{written}");
+    }
+}

@@ -1,0 +1,181 @@
+//! The `assemble` stage: system prompt + retrieved passages + chat history
+//! → one model prompt, under a token budget.
+//!
+//! Budget rule: the system prompt and the last user message are always
+//! included whole — the user's question is never truncated, even when it
+//! alone exceeds the budget (the stage then reports `over_budget`). What
+//! remains of the budget goes first to passages (best first, whole
+//! passages only), then to earlier chat turns (newest first).
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+
+use orchestrator_text::count_tokens;
+
+/// Stage configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// The system prompt placed first.
+    pub system_prompt: String,
+    /// Token budget for the whole prompt.
+    pub max_prompt_tokens: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            system_prompt: "You are a helpful assistant. Answer the user's question using the context when it is relevant, and cite the sources in brackets.".into(),
+            max_prompt_tokens: 1024,
+        }
+    }
+}
+
+/// What [`assemble`] built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assembled {
+    /// The model prompt.
+    pub prompt: String,
+    /// Its size in tokens.
+    pub prompt_tokens: usize,
+    /// Passages that fit the budget.
+    pub passages_used: usize,
+    /// Passages left out for lack of budget.
+    pub passages_dropped: usize,
+    /// Earlier chat messages left out for lack of budget.
+    pub history_dropped: usize,
+    /// The mandatory part alone exceeds the budget.
+    pub over_budget: bool,
+}
+
+/// Build the prompt. `passages` are `(source, text)` best first; `messages`
+/// are `(role, content)` in order. Returns `None` when there is no user
+/// message.
+pub fn assemble(
+    settings: &Settings,
+    passages: &[(&str, &str)],
+    messages: &[(&str, &str)],
+) -> Option<Assembled> {
+    let last_user = messages.iter().rposition(|(role, _)| *role == "user")?;
+    let system = format!("System: {}\n", settings.system_prompt);
+    let question = format!("User: {}\nAssistant:", messages[last_user].1);
+    let mut used = count_tokens(&system) + count_tokens(&question);
+    let over_budget = used > settings.max_prompt_tokens;
+
+    let mut context = Vec::new();
+    for (n, (source, text)) in passages.iter().enumerate() {
+        let block = format!("[{}] ({source}) {text}\n", n + 1);
+        let cost = count_tokens(&block);
+        if used + cost > settings.max_prompt_tokens {
+            break;
+        }
+        used += cost;
+        context.push(block);
+    }
+    let passages_used = context.len();
+
+    // Earlier turns (everything except the last user message and system
+    // messages, which the system prompt replaces), newest first.
+    let mut history = Vec::new();
+    let earlier: Vec<_> = messages[..last_user]
+        .iter()
+        .chain(&messages[last_user + 1..])
+        .filter(|(role, _)| *role != "system")
+        .collect();
+    for (role, content) in earlier.iter().rev() {
+        let line = format!("{}: {content}\n", capitalise(role));
+        let cost = count_tokens(&line);
+        if used + cost > settings.max_prompt_tokens {
+            break;
+        }
+        used += cost;
+        history.push(line);
+    }
+    let history_dropped = earlier.len() - history.len();
+    history.reverse();
+
+    let mut prompt = system;
+    if !context.is_empty() {
+        prompt.push_str("\nContext:\n");
+        context.iter().for_each(|block| prompt.push_str(block));
+    }
+    prompt.push('\n');
+    history.iter().for_each(|line| prompt.push_str(line));
+    prompt.push_str(&question);
+    Some(Assembled {
+        prompt_tokens: count_tokens(&prompt),
+        prompt,
+        passages_used,
+        passages_dropped: passages.len() - passages_used,
+        history_dropped,
+        over_budget,
+    })
+}
+
+fn capitalise(role: &str) -> String {
+    let mut chars = role.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(budget: usize) -> Settings {
+        Settings {
+            system_prompt: "Be brief.".into(),
+            max_prompt_tokens: budget,
+        }
+    }
+
+    #[test]
+    fn builds_context_history_and_question() {
+        let out = assemble(
+            &settings(1000),
+            &[("a.md", "alpha text"), ("b.md", "beta text")],
+            &[
+                ("user", "hi"),
+                ("assistant", "hello"),
+                ("user", "What is alpha?"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            out.prompt,
+            "System: Be brief.\n\nContext:\n[1] (a.md) alpha text\n[2] (b.md) beta text\n\nUser: hi\nAssistant: hello\nUser: What is alpha?\nAssistant:"
+        );
+        assert_eq!(out.passages_used, 2);
+        assert_eq!(out.prompt_tokens, count_tokens(&out.prompt));
+        assert!(!out.over_budget);
+    }
+
+    #[test]
+    fn budget_drops_context_before_the_question() {
+        let long = "word ".repeat(50);
+        let out = assemble(
+            &settings(30),
+            &[("a.md", &long)],
+            &[("user", "old"), ("user", "The question?")],
+        )
+        .unwrap();
+        assert!(out.prompt.ends_with("User: The question?\nAssistant:"));
+        assert_eq!(out.passages_used, 0);
+        assert_eq!(out.passages_dropped, 1);
+        assert!(out.prompt_tokens <= 30);
+    }
+
+    #[test]
+    fn the_question_is_never_truncated() {
+        let question = "why ".repeat(100);
+        let out = assemble(&settings(10), &[], &[("user", &question)]).unwrap();
+        assert!(out.prompt.contains(&question));
+        assert!(out.over_budget);
+    }
+
+    #[test]
+    fn no_user_message_is_none() {
+        assert!(assemble(&settings(10), &[], &[("system", "x")]).is_none());
+    }
+}

@@ -1,0 +1,217 @@
+//! The `rag` stage: BM25 retrieval over a directory of text documents.
+//!
+//! At `init` the stage reads every `*.md` / `*.txt` file under its corpus
+//! directory (a directory the host preopens read-only for this stage only),
+//! splits each file into paragraph passages and builds an in-memory BM25
+//! index. `process` scores the passages against the last user message and
+//! adds the best `top_k` to the envelope, with their source file names.
+//!
+//! The logic lives in [`Index`], plain Rust; the WebAssembly glue is in the
+//! `component` module, compiled only for `wasm32`.
+
+use std::collections::HashMap;
+
+#[cfg(target_arch = "wasm32")]
+mod component;
+
+/// BM25 term-frequency saturation.
+const K1: f32 = 1.2;
+/// BM25 length normalisation.
+const B: f32 = 0.75;
+
+/// A passage as it is stored in the index.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passage {
+    /// File name relative to the corpus root.
+    pub source: String,
+    /// The paragraph text.
+    pub text: String,
+}
+
+/// A search hit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hit<'a> {
+    /// The passage found.
+    pub passage: &'a Passage,
+    /// Its BM25 score (> 0).
+    pub score: f32,
+}
+
+/// A BM25 index over passages.
+#[derive(Debug, Default)]
+pub struct Index {
+    passages: Vec<Passage>,
+    /// Length of each passage in terms.
+    lengths: Vec<u32>,
+    /// term -> postings (passage index, term frequency).
+    postings: HashMap<String, Vec<(u32, u32)>>,
+    average_length: f32,
+}
+
+impl Index {
+    /// Build an index from `(source, document text)` pairs. Documents are
+    /// split into passages at blank lines; passages shorter than
+    /// `min_passage_chars` are merged into the next one so that headings
+    /// travel with their paragraph.
+    pub fn build<'a>(documents: impl IntoIterator<Item = (&'a str, &'a str)>) -> Index {
+        let mut index = Index::default();
+        for (source, text) in documents {
+            for passage in split_passages(text) {
+                index.add(Passage {
+                    source: source.to_string(),
+                    text: passage,
+                });
+            }
+        }
+        let total: u64 = index.lengths.iter().map(|&l| u64::from(l)).sum();
+        index.average_length = if index.lengths.is_empty() {
+            0.0
+        } else {
+            total as f32 / index.lengths.len() as f32
+        };
+        index
+    }
+
+    fn add(&mut self, passage: Passage) {
+        let id = self.passages.len() as u32;
+        let mut frequencies: HashMap<String, u32> = HashMap::new();
+        let mut length = 0u32;
+        for term in orchestrator_text::terms(&passage.text) {
+            *frequencies.entry(term).or_default() += 1;
+            length += 1;
+        }
+        for (term, tf) in frequencies {
+            self.postings.entry(term).or_default().push((id, tf));
+        }
+        self.lengths.push(length);
+        self.passages.push(passage);
+    }
+
+    /// Number of passages indexed.
+    pub fn len(&self) -> usize {
+        self.passages.len()
+    }
+
+    /// Whether the index holds no passage.
+    pub fn is_empty(&self) -> bool {
+        self.passages.is_empty()
+    }
+
+    /// The `k` best passages for `query`, best first. Passages that share no
+    /// term with the query are never returned; ties keep corpus order.
+    pub fn search(&self, query: &str, k: usize) -> Vec<Hit<'_>> {
+        let n = self.passages.len() as f32;
+        let mut scores: HashMap<u32, f32> = HashMap::new();
+        let mut seen = Vec::new();
+        for term in orchestrator_text::terms(query) {
+            if seen.contains(&term) {
+                continue;
+            }
+            let Some(postings) = self.postings.get(&term) else {
+                seen.push(term);
+                continue;
+            };
+            let df = postings.len() as f32;
+            let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
+            for &(id, tf) in postings {
+                let tf = tf as f32;
+                let length = self.lengths[id as usize] as f32;
+                let norm = K1 * (1.0 - B + B * length / self.average_length.max(1.0));
+                *scores.entry(id).or_default() += idf * tf * (K1 + 1.0) / (tf + norm);
+            }
+            seen.push(term);
+        }
+        let mut ranked: Vec<(u32, f32)> = scores.into_iter().filter(|(_, s)| *s > 0.0).collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        ranked
+            .into_iter()
+            .take(k)
+            .map(|(id, score)| Hit {
+                passage: &self.passages[id as usize],
+                score,
+            })
+            .collect()
+    }
+}
+
+/// Paragraphs of `text` (split at blank lines), with short ones (headings)
+/// merged into the paragraph that follows them.
+fn split_passages(text: &str) -> Vec<String> {
+    const MIN_PASSAGE_CHARS: usize = 80;
+    let mut passages = Vec::new();
+    let mut pending = String::new();
+    for paragraph in text.split("\n\n").map(str::trim).filter(|p| !p.is_empty()) {
+        if !pending.is_empty() {
+            pending.push('\n');
+        }
+        pending.push_str(paragraph);
+        if pending.len() >= MIN_PASSAGE_CHARS {
+            passages.push(std::mem::take(&mut pending));
+        }
+    }
+    if !pending.is_empty() {
+        passages.push(pending);
+    }
+    passages
+}
+
+/// The query for a conversation: the content of the last `user` message.
+pub fn query_of<'a>(
+    messages: impl DoubleEndedIterator<Item = (&'a str, &'a str)>,
+) -> Option<&'a str> {
+    messages
+        .rev()
+        .find(|(role, _)| *role == "user")
+        .map(|(_, content)| content)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> Index {
+        Index::build([
+            (
+                "backpressure.md",
+                "# Backpressure\n\nBackpressure is how a pipeline tells its producers to slow down when a queue is full. Bounded queues make it explicit.",
+            ),
+            (
+                "wasm.md",
+                "# WebAssembly\n\nEach stage is a WebAssembly component running in a sandbox with its own linear memory.\n\nComponents talk to the host through WIT interfaces.",
+            ),
+        ])
+    }
+
+    #[test]
+    fn finds_the_relevant_passage_first() {
+        let index = corpus();
+        assert_eq!(index.len(), 3);
+        let hits = index.search("What is backpressure?", 2);
+        assert_eq!(hits[0].passage.source, "backpressure.md");
+        assert!(hits[0].passage.text.starts_with("# Backpressure\n"));
+        assert!(hits.iter().all(|h| h.score > 0.0));
+    }
+
+    #[test]
+    fn unrelated_queries_find_nothing() {
+        assert!(corpus().search("zebra giraffe", 3).is_empty());
+        assert!(Index::build([]).search("anything", 3).is_empty());
+    }
+
+    #[test]
+    fn k_bounds_the_result() {
+        assert_eq!(corpus().search("the component sandbox queue", 1).len(), 1);
+    }
+
+    #[test]
+    fn query_is_the_last_user_message() {
+        let messages = [
+            ("system", "s"),
+            ("user", "first"),
+            ("assistant", "a"),
+            ("user", "second"),
+        ];
+        assert_eq!(query_of(messages.into_iter()), Some("second"));
+        assert_eq!(query_of([("system", "s")].into_iter()), None);
+    }
+}

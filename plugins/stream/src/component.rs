@@ -1,0 +1,42 @@
+//! WebAssembly glue: the `stage` world's exports for the `stream` stage.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::{DEFAULT_CHUNK_TOKENS, chunks};
+
+wit_bindgen::generate!({ world: "stage", path: "../../wit" });
+
+static CHUNK_TOKENS: AtomicUsize = AtomicUsize::new(DEFAULT_CHUNK_TOKENS);
+
+struct Component;
+
+impl Guest for Component {
+    fn init(config: Vec<(String, String)>) -> Result<(), String> {
+        for (key, value) in config {
+            match key.as_str() {
+                "chunk_tokens" => {
+                    let n: usize = value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("chunk_tokens must be a positive whole number, got {value:?}")
+                    })?;
+                    CHUNK_TOKENS.store(n, Ordering::Relaxed);
+                }
+                other => {
+                    return Err(format!(
+                        "unknown config key {other:?} (expected chunk_tokens)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn process(mut request: Envelope) -> Result<Envelope, StageError> {
+        request.chunks = chunks(&request.completion, CHUNK_TOKENS.load(Ordering::Relaxed));
+        request
+            .metadata
+            .push(("stream.chunks".into(), request.chunks.len().to_string()));
+        Ok(request)
+    }
+}
+
+export!(Component);

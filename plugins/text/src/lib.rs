@@ -1,0 +1,95 @@
+//! Text utilities shared by the host and the bundled plugins.
+//!
+//! The bundled pipeline needs one notion of "token" that the `assemble`
+//! stage (token budget), the host's `echo` backend (usage figures) and the
+//! `stream` stage (chunking) agree on. This is not a BPE tokenizer: a token
+//! here is a run of alphanumeric characters or a single other
+//! non-whitespace character. It is deterministic, allocation-free when
+//! counting, and close enough to real tokenizers for budgeting.
+
+/// An iterator over the tokens of a string, as `&str` slices.
+pub fn tokens(text: &str) -> Tokens<'_> {
+    Tokens { rest: text }
+}
+
+/// Number of tokens in `text` (see [`tokens`]).
+pub fn count_tokens(text: &str) -> usize {
+    tokens(text).count()
+}
+
+/// Iterator returned by [`tokens`].
+pub struct Tokens<'a> {
+    rest: &'a str,
+}
+
+impl<'a> Iterator for Tokens<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let trimmed = self.rest.trim_start();
+        let mut chars = trimmed.char_indices();
+        let (_, first) = chars.next()?;
+        let end = if first.is_alphanumeric() {
+            chars
+                .find(|(_, c)| !c.is_alphanumeric())
+                .map_or(trimmed.len(), |(i, _)| i)
+        } else {
+            first.len_utf8()
+        };
+        let (token, rest) = trimmed.split_at(end);
+        self.rest = rest;
+        Some(token)
+    }
+}
+
+/// Lower-cased alphanumeric terms of `text`, for retrieval.
+pub fn terms(text: &str) -> impl Iterator<Item = String> + '_ {
+    tokens(text)
+        .filter(|t| t.chars().next().is_some_and(char::is_alphanumeric))
+        .map(str::to_lowercase)
+}
+
+/// The longest prefix of `text` that holds at most `max_tokens` tokens,
+/// cut at a token boundary (trailing whitespace kept out).
+pub fn truncate_tokens(text: &str, max_tokens: usize) -> &str {
+    if max_tokens == 0 {
+        return "";
+    }
+    let mut end = 0;
+    for (n, token) in tokens(text).enumerate() {
+        if n == max_tokens {
+            break;
+        }
+        // `token` is a sub-slice of `text`: its end offset is its pointer
+        // offset plus its length.
+        let offset = token.as_ptr() as usize - text.as_ptr() as usize;
+        end = offset + token.len();
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_words_and_punctuation() {
+        let t: Vec<_> = tokens("Hello, wörld! a1b2  x").collect();
+        assert_eq!(t, ["Hello", ",", "wörld", "!", "a1b2", "x"]);
+        assert_eq!(count_tokens(""), 0);
+        assert_eq!(count_tokens("   \n"), 0);
+    }
+
+    #[test]
+    fn terms_are_lowercase_words_only() {
+        let t: Vec<_> = terms("What is Back-Pressure?").collect();
+        assert_eq!(t, ["what", "is", "back", "pressure"]);
+    }
+
+    #[test]
+    fn truncation_keeps_whole_tokens() {
+        assert_eq!(truncate_tokens("one two, three", 3), "one two,");
+        assert_eq!(truncate_tokens("one two", 10), "one two");
+        assert_eq!(truncate_tokens("one two", 0), "");
+    }
+}
