@@ -1,1 +1,11 @@
+//! Integration tests: the real `orchestrator` binary, the real bundled
+//! plugins (and the guest programs in `tests/plugins/`), real HTTP on
+//! loopback. One test binary, as in wasmtime.
 
+mod common;
+
+mod admission;
+mod api;
+mod docs;
+mod metrics;
+mod startup;

@@ -277,7 +277,7 @@ fn parse(body: &[u8], backend: &dyn Backend) -> Result<Parsed, ApiError> {
             Some("messages"),
         ));
     }
-    if !backend.models().iter().any(|m| *m == request.model) {
+    if !backend.models().contains(&request.model) {
         let mut error = ApiError::new(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

@@ -1,0 +1,158 @@
+//! Admission control and deadlines: a flood beyond capacity is shed at
+//! ingress with 429 + Retry-After, every request gets exactly one answer,
+//! expired requests get 504, and SIGTERM drains requests in flight.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::common::{Host, ask, config_file, metric_value, test_plugin};
+
+/// A host whose `post` stage is the `slow` test plugin (one worker,
+/// `delay_ms` per call) with a queue of `capacity`.
+fn slow_post_host(capacity: usize, delay_ms: u64, extra: &str) -> Host {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let config = config_file(
+        &dir,
+        &format!(
+            "{extra}\n[stages.post]\nplugin = {:?}\nworkers = 1\nqueue_capacity = {capacity}\nconfig = {{ delay_ms = {delay_ms} }}\n",
+            test_plugin("slow").display().to_string()
+        ),
+    );
+    Host::start(&["--config", config.to_str().unwrap()])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_beyond_capacity_is_shed_at_ingress_and_every_request_is_answered() {
+    let host = slow_post_host(2, 600, "");
+    const FLOOD: usize = 12;
+    let requests = (0..FLOOD).map(|n| {
+        let url = format!("{}/v1/chat/completions", host.api);
+        async move {
+            let response = crate::common::client()
+                .post(url)
+                .json(&ask(&format!("flood {n}")))
+                .send()
+                .await
+                .expect("every request is answered");
+            let status = response.status().as_u16();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body: Value = response.json().await.expect("a JSON body");
+            (status, retry_after, body)
+        }
+    });
+    let answers = futures_util::future::join_all(requests).await;
+    assert_eq!(answers.len(), FLOOD);
+    let ok = answers.iter().filter(|(s, _, _)| *s == 200).count();
+    let shed: Vec<_> = answers.iter().filter(|(s, _, _)| *s == 429).collect();
+    assert_eq!(ok + shed.len(), FLOOD, "only 200 or 429: {answers:?}");
+    // The post queue admits 2 at a time and each call takes 600 ms.
+    assert!((2..=4).contains(&ok), "{ok} succeeded");
+    for (_, retry_after, body) in &shed {
+        assert_eq!(retry_after.as_deref(), Some("1"));
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert_eq!(body["error"]["code"], "queue_full");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("`post`"),
+            "{body}"
+        );
+    }
+
+    let text = host.metrics_text().await;
+    assert_eq!(
+        metric_value(&text, "orchestrator_requests_shed_total{stage=\"post\"}"),
+        shed.len() as f64
+    );
+    assert_eq!(
+        metric_value(&text, "orchestrator_requests_shed_total{stage=\"rag\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "orchestrator_request_duration_seconds_count{outcome=\"shed\"}"
+        ),
+        shed.len() as f64
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "orchestrator_request_duration_seconds_count{outcome=\"ok\"}"
+        ),
+        ok as f64
+    );
+    // Shed requests never reached a stage: nothing was done on them.
+    assert_eq!(
+        metric_value(&text, "orchestrator_requests_total{stage=\"rag\"}"),
+        ok as f64
+    );
+    for stage in ["rag", "assemble", "inference", "post", "stream"] {
+        assert_eq!(
+            metric_value(
+                &text,
+                &format!("orchestrator_queue_depth{{stage=\"{stage}\"}}")
+            ),
+            0.0
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_request_gets_504_and_the_host_recovers() {
+    let host = slow_post_host(8, 1500, "request_timeout_ms = 300");
+    let (status, text) = host.chat(&ask("will this time out?")).await;
+    assert_eq!(status, 504, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout");
+    let text = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "orchestrator_request_duration_seconds_count{outcome=\"timeout\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
+    let host = slow_post_host(4, 800, "");
+    let url = format!("{}/v1/chat/completions", host.api);
+    let in_flight = tokio::spawn(async move {
+        crate::common::client()
+            .post(url)
+            .json(&ask("finish me"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // Wait until the request is inside the pipeline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let health: Value = reqwest::get(format!("{}/health", host.metrics))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if health["in_flight"] == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let exited_cleanly = tokio::task::spawn_blocking(move || host.terminate())
+        .await
+        .unwrap();
+    assert_eq!(in_flight.await.unwrap().expect("answered before exit"), 200);
+    assert!(exited_cleanly);
+}

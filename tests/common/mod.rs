@@ -1,0 +1,244 @@
+//! Test harness: the real `orchestrator` binary on loopback ports, real
+//! HTTP, and the guest test programs in `tests/plugins/` built for
+//! wasm32-wasip2.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// How long a host may take to start (a cold debug build compiles five
+/// components).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The workspace's `target/` directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// A bundled plugin's compiled component, as the build script left it.
+pub fn bundled_wasm(stage: &str) -> PathBuf {
+    target_dir().join(format!(
+        "wasm-plugins/wasm32-wasip2/plugin/orchestrator_{stage}.wasm"
+    ))
+}
+
+/// A guest test program from `tests/plugins/<name>`, built once per run.
+pub fn test_plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let target = target_dir().join("test-plugins");
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/plugins/Cargo.toml");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target)
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("RUSTFLAGS")
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building tests/plugins failed");
+        target.join("wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("test_{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "no test plugin {}", path.display());
+    path
+}
+
+/// A running `orchestrator` process.
+pub struct Host {
+    child: Child,
+    /// `http://127.0.0.1:PORT` of the API.
+    pub api: String,
+    /// `http://127.0.0.1:PORT` of /metrics and /health.
+    pub metrics: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Host {
+    /// Start the binary with `args` (plus loopback port-0 addresses and the
+    /// shared test artifact cache); panic with its stderr if it fails.
+    pub fn start(args: &[&str]) -> Host {
+        Host::try_start(args)
+            .unwrap_or_else(|stderr| panic!("orchestrator failed to start:\n{stderr}"))
+    }
+
+    /// Start the binary; `Err(stderr)` if it exits before listening.
+    pub fn try_start(args: &[&str]) -> Result<Host, String> {
+        let cache = target_dir().join("test-cache");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--cache-dir",
+            ])
+            .arg(&cache)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the orchestrator binary runs");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().expect("piped");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.starts_with("orchestrator listening") {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        match rx.recv_timeout(START_TIMEOUT) {
+            Ok(line) => {
+                let field = |name: &str| {
+                    line.split_whitespace()
+                        .find_map(|w| w.strip_prefix(name))
+                        .expect("address printed")
+                        .to_string()
+                };
+                Ok(Host {
+                    api: field("api="),
+                    metrics: field("metrics="),
+                    child,
+                    stderr,
+                })
+            }
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // Let the reader thread collect the rest.
+                std::thread::sleep(Duration::from_millis(50));
+                Err(stderr.lock().unwrap().clone())
+            }
+        }
+    }
+
+    /// What the host logged so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Send SIGTERM and wait for exit; returns whether it exited cleanly.
+    pub fn terminate(mut self) -> bool {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// The current `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.metrics))
+            .await
+            .expect("metrics answer")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// One sample of `/metrics`: the value of the series `name{labels}`
+    /// (labels written exactly as exposed, e.g. `stage="rag"`), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics_text().await, series)
+    }
+
+    /// POST a chat completion request.
+    pub async fn post(&self, body: &Value) -> reqwest::Response {
+        client()
+            .post(format!("{}/v1/chat/completions", self.api))
+            .json(body)
+            .send()
+            .await
+            .expect("the API answers")
+    }
+
+    /// POST a chat completion; returns status and body text.
+    pub async fn chat(&self, body: &Value) -> (u16, String) {
+        let response = self.post(body).await;
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A shared HTTP client.
+pub fn client() -> reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(reqwest::Client::new).clone()
+}
+
+/// The value of `series` (e.g. `orchestrator_requests_total{stage="rag"}`)
+/// in an exposition, or 0 when absent. Label order must be as exposed
+/// (alphabetical).
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .map(|v| v.trim().parse().expect("a number"))
+        .unwrap_or(0.0)
+}
+
+/// A minimal valid request asking `question`.
+pub fn ask(question: &str) -> Value {
+    serde_json::json!({"model": "echo", "messages": [{"role": "user", "content": question}]})
+}
+
+/// Write `text` to a fresh temporary config file.
+pub fn config_file(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("orchestrator.toml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+/// Whether a required external tool may be skipped: only outside CI.
+pub fn tool_missing(tool: &str) -> bool {
+    let missing = Command::new(tool).arg("--version").output().is_err();
+    if missing {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{tool} is required in CI (.ci/run installs it)"
+        );
+        eprintln!("note: {tool} not installed; skipping the part of this test that needs it");
+    }
+    missing
+}

@@ -1,0 +1,111 @@
+//! Startup errors: a bad plugin or config stops the host with a message
+//! naming the file and the problem.
+
+use std::path::Path;
+
+use crate::common::{Host, bundled_wasm, config_file, test_plugin};
+
+/// Start with `post.wasm` = `bytes` in a plugins directory; return stderr.
+fn start_with_post(bytes: &[u8]) -> (String, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("post.wasm");
+    std::fs::write(&path, bytes).unwrap();
+    let stderr = match Host::try_start(&["--plugins", dir.to_str().unwrap()]) {
+        Ok(_) => panic!("the host started with a bad post.wasm"),
+        Err(stderr) => stderr,
+    };
+    (stderr, path)
+}
+
+fn assert_names(stderr: &str, path: &Path, problem: &str) {
+    assert!(stderr.contains("stage `post`"), "{stderr}");
+    assert!(stderr.contains(&path.display().to_string()), "{stderr}");
+    assert!(
+        stderr.contains(problem),
+        "expected {problem:?} in:\n{stderr}"
+    );
+}
+
+#[test]
+fn a_file_that_is_not_wasm_is_refused_by_name() {
+    let (stderr, path) = start_with_post(b"#!/bin/sh\necho not a plugin\n");
+    assert_names(&stderr, &path, "not a WebAssembly file");
+}
+
+#[test]
+fn a_core_module_is_refused() {
+    let (stderr, path) = start_with_post(b"\0asm\x01\0\0\0");
+    assert_names(&stderr, &path, "a core WebAssembly module, not a component");
+}
+
+#[test]
+fn a_component_of_the_wrong_world_is_refused() {
+    let bytes = std::fs::read(test_plugin("wrong-world")).unwrap();
+    let (stderr, path) = start_with_post(&bytes);
+    assert_names(
+        &stderr,
+        &path,
+        "does not implement the orchestrator:pipeline/stage world",
+    );
+}
+
+#[test]
+fn an_import_the_stage_is_not_granted_is_refused_at_load() {
+    // The inference plugin imports `inference`, which `post` is not granted.
+    let bytes = std::fs::read(bundled_wasm("inference")).unwrap();
+    let (stderr, path) = start_with_post(&bytes);
+    assert_names(&stderr, &path, "orchestrator:pipeline/inference");
+    assert!(stderr.contains("inference = true"), "{stderr}");
+}
+
+#[test]
+fn a_plugin_whose_init_fails_is_refused() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let config = config_file(&dir, "[stages.stream.config]\nchunk_tokens = \"many\"\n");
+    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
+        .err()
+        .expect("refused");
+    assert!(
+        stderr.contains("stage `stream`") && stderr.contains("init failed"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("chunk_tokens"), "{stderr}");
+}
+
+#[test]
+fn config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let config = config_file(&dir, "[stages.rag]\nworkerz = 2\n");
+    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
+        .err()
+        .expect("refused");
+    assert!(stderr.contains("workerz"), "{stderr}");
+    let config = config_file(&dir, "[stages.post]\nqueue_capacity = 0\n");
+    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
+        .err()
+        .expect("refused");
+    assert!(stderr.contains("stages.post.queue_capacity"), "{stderr}");
+}
+
+#[test]
+fn plugins_from_a_directory_replace_the_bundled_ones() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    std::fs::copy(bundled_wasm("post"), dir.join("post.wasm")).unwrap();
+    let host = Host::start(&["--plugins", dir.to_str().unwrap()]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let health: serde_json::Value = runtime.block_on(async {
+        reqwest::get(format!("{}/health", host.metrics))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let post = &health["stages"][3];
+    assert_eq!(post["name"], "post");
+    assert_eq!(
+        post["plugin"]["source"],
+        dir.join("post.wasm").display().to_string()
+    );
+    assert_eq!(health["stages"][0]["plugin"]["source"], "bundled");
+}
