@@ -8,4 +8,5 @@ mod admission;
 mod api;
 mod docs;
 mod metrics;
+mod sandbox;
 mod startup;

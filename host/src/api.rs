@@ -389,6 +389,16 @@ pub fn run_error(error: RunError) -> ApiError {
             e.retry_after = Some(1);
             e
         }
+        RunError::CircuitOpen { retry_after, .. } => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "circuit_open",
+                message,
+            );
+            e.retry_after = Some(u32::try_from(retry_after.as_secs().max(1)).unwrap_or(u32::MAX));
+            e
+        }
         RunError::ShuttingDown => {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -666,5 +676,67 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(error.status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        for open in ["[", "{\"a\":"] {
+            let body = format!(
+                r#"{{"model":"echo","messages":[{{"role":"user","content":{}}}]}}"#,
+                open.repeat(100_000)
+            );
+            let error = parse_str(&body).err().unwrap();
+            assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        }
+    }
+
+    /// A valid request, as JSON, to mutate.
+    fn valid() -> Value {
+        json!({"model": "echo", "stream": false, "max_tokens": 5, "stop": ["x"],
+               "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]})
+    }
+
+    fn any_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            ".{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map("[a-z_]{1,10}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            let _ = parse(&body, &Echo::default());
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in any_json()) {
+            let _ = parse(value.to_string().as_bytes(), &Echo::default());
+        }
+
+        #[test]
+        fn any_field_of_a_valid_request_may_be_replaced(
+            field in proptest::sample::select(vec!["model", "messages", "stream", "max_tokens", "stop", "temperature", "n", "stream_options"]),
+            value in any_json(),
+        ) {
+            let mut request = valid();
+            request[field] = value.clone();
+            match parse(request.to_string().as_bytes(), &Echo::default()) {
+                Ok(parsed) => proptest::prop_assert!(!parsed.messages.is_empty()),
+                Err(error) => proptest::prop_assert!(error.status.is_client_error(), "{} = {}: {:?}", field, value, error),
+            }
+        }
     }
 }

@@ -152,6 +152,16 @@ pub struct StageConfig {
     pub timeout_ms: u64,
     /// Linear-memory cap of one instance.
     pub max_memory_bytes: usize,
+    /// Cap on the bytes of strings a call may return.
+    pub max_output_bytes: usize,
+    /// Instruction budget of one call (`None`: unmetered).
+    pub fuel: Option<u64>,
+    /// Consecutive failures that open the stage's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses requests before letting probes through.
+    pub breaker_cooldown_ms: u64,
+    /// Requests let through at once while half-open.
+    pub breaker_probes: u32,
     /// Grants.
     pub capabilities: Capabilities,
     /// Passed to the plugin's `init`.
@@ -245,6 +255,11 @@ impl StageConfig {
             recycle_after: 10_000,
             timeout_ms: 5_000,
             max_memory_bytes: 64 * 1024 * 1024,
+            max_output_bytes: 4 * 1024 * 1024,
+            fuel: None,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5_000,
+            breaker_probes: 1,
             capabilities,
             config,
         }
@@ -303,6 +318,11 @@ struct StageFile {
     recycle_after: Option<u64>,
     timeout_ms: Option<u64>,
     max_memory_bytes: Option<usize>,
+    max_output_bytes: Option<usize>,
+    fuel: Option<u64>,
+    breaker_failures: Option<u32>,
+    breaker_cooldown_ms: Option<u64>,
+    breaker_probes: Option<u32>,
     capabilities: Option<CapabilitiesFile>,
     config: Option<BTreeMap<String, toml::Value>>,
 }
@@ -467,6 +487,21 @@ impl StageFile {
         if let Some(v) = self.max_memory_bytes {
             stage.max_memory_bytes = v;
         }
+        if let Some(v) = self.max_output_bytes {
+            stage.max_output_bytes = v;
+        }
+        if self.fuel.is_some() {
+            stage.fuel = self.fuel;
+        }
+        if let Some(v) = self.breaker_failures {
+            stage.breaker_failures = v;
+        }
+        if let Some(v) = self.breaker_cooldown_ms {
+            stage.breaker_cooldown_ms = v;
+        }
+        if let Some(v) = self.breaker_probes {
+            stage.breaker_probes = v;
+        }
         if let Some(caps) = self.capabilities {
             if let Some(v) = caps.inference {
                 stage.capabilities.inference = v;
@@ -550,6 +585,36 @@ mod tests {
         assert!(err.contains("ragg"), "{err}");
         let err = parse("listen = 5").unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        for (open, close) in [("[", "]"), ("{ a = ", "}")] {
+            let text = format!("x = {}1{}", open.repeat(50_000), close.repeat(50_000));
+            assert!(parse(&text).is_err());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn arbitrary_stage_sections_never_panic(
+            stage in proptest::sample::select(STAGES.to_vec()),
+            key in "[a-z_]{1,20}",
+            value in proptest::prop_oneof![
+                "-?[0-9]{1,22}",
+                "\"[a-z/ ]{0,10}\"",
+                proptest::strategy::Just("true".to_string()),
+                proptest::strategy::Just("[1, \"a\"]".to_string()),
+                proptest::strategy::Just("{ x = 1 }".to_string()),
+            ],
+        ) {
+            let _ = parse(&format!("[stages.{stage}]\n{key} = {value}\n"));
+        }
     }
 
     #[test]

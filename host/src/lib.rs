@@ -13,6 +13,7 @@
 
 pub mod api;
 pub mod bundled;
+pub mod circuit;
 pub mod config;
 pub mod inference;
 pub mod metrics;
@@ -29,9 +30,8 @@ pub use config::Config;
 pub use metrics::Metrics;
 pub use pipeline::Pipeline;
 
-use crate::config::PluginSource;
 use crate::inference::{Backend, Echo};
-use crate::plugin::{EngineSettings, Grants, LoadError, Runtime};
+use crate::plugin::{EngineSettings, HostServices, LoadError, Runtime};
 use crate::server::{BindError, ServerHandle};
 
 /// Why the host could not start.
@@ -77,19 +77,7 @@ impl Orchestrator {
                 .map_err(|e| StartError::Engine(format!("{e:#}")))?,
         );
         let backend: Arc<dyn Backend> = Arc::new(Echo::default());
-        let pipeline = {
-            let (runtime, config, metrics, backend) = (
-                runtime.clone(),
-                config.clone(),
-                metrics.clone(),
-                backend.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                start_pipeline(&runtime, &config, &metrics, backend)
-            })
-            .await
-            .map_err(|e| StartError::Engine(format!("plugin loading panicked: {e}")))??
-        };
+        let pipeline = start_pipeline(&runtime, &config, &metrics, backend.clone()).await?;
         if let Some(dir) = &config.plugins_dir {
             warn_unknown_plugins(dir);
         }
@@ -141,39 +129,31 @@ impl Orchestrator {
     }
 }
 
-fn start_pipeline(
+async fn start_pipeline(
     runtime: &Runtime,
     config: &Config,
     metrics: &Metrics,
     backend: Arc<dyn Backend>,
 ) -> Result<Pipeline, StartError> {
-    let grants = Grants {
-        tokens: Some(metrics.tokens(backend.name())),
-        backend: Some(backend),
-    };
+    let tokens = metrics.tokens(backend.name());
     let mut stages = Vec::new();
     for stage in &config.stages {
         let source = stage.source(config.plugins_dir.as_deref());
-        let source_name = match &source {
-            PluginSource::Bundled => "bundled".to_string(),
-            PluginSource::File(path) => path.display().to_string(),
-        };
         let fail = |error| StartError::Plugin {
             stage: stage.name,
-            source_name: source_name.clone(),
+            source_name: source.to_string(),
             error,
         };
         let bytes = Runtime::read_source(&source, stage.name).map_err(fail)?;
-        let stage_grants = if stage.capabilities.inference {
-            grants.clone()
-        } else {
-            Grants {
-                backend: None,
-                tokens: None,
-            }
+        let granted = stage.capabilities.inference;
+        let services = HostServices {
+            backend: granted.then(|| backend.clone()),
+            tokens: granted.then(|| tokens.clone()),
+            instances: metrics.stage(stage.name).instances,
         };
         let plugin = runtime
-            .load(stage, source.clone(), &bytes, &stage_grants)
+            .load(stage, source.clone(), bytes, &services)
+            .await
             .map_err(fail)?;
         stages.push((stage.clone(), plugin));
     }

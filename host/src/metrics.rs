@@ -11,6 +11,9 @@
 //! | `orchestrator_stage_duration_seconds` | histogram | `stage` | duration of each plugin call |
 //! | `orchestrator_request_duration_seconds` | histogram | `outcome` | end-to-end duration of each admitted or shed request |
 //! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
+//! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
+//! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
+//! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
 //! | `orchestrator_build_info` | gauge | `version` | always 1 |
 //! | `process_*` | | | CPU, memory, file descriptors of the host process |
 //!
@@ -69,6 +72,8 @@ pub enum ErrorType {
     Trap,
     /// The call exceeded its deadline.
     Timeout,
+    /// The call used up its fuel (instruction) budget.
+    Fuel,
     /// The plugin hit its memory cap.
     Memory,
     /// The plugin's result exceeded the output cap.
@@ -79,13 +84,14 @@ pub enum ErrorType {
 
 impl ErrorType {
     /// Every error type, in label order.
-    pub const ALL: [ErrorType; 9] = [
+    pub const ALL: [ErrorType; 10] = [
         ErrorType::InvalidInput,
         ErrorType::Config,
         ErrorType::Upstream,
         ErrorType::PluginError,
         ErrorType::Trap,
         ErrorType::Timeout,
+        ErrorType::Fuel,
         ErrorType::Memory,
         ErrorType::OutputTooLarge,
         ErrorType::Instantiate,
@@ -100,6 +106,7 @@ impl ErrorType {
             ErrorType::PluginError => "plugin_error",
             ErrorType::Trap => "trap",
             ErrorType::Timeout => "timeout",
+            ErrorType::Fuel => "fuel",
             ErrorType::Memory => "memory",
             ErrorType::OutputTooLarge => "output_too_large",
             ErrorType::Instantiate => "instantiate",
@@ -146,6 +153,9 @@ pub struct Metrics {
     stage_duration: HistogramVec,
     request_duration: HistogramVec,
     plugin_info: IntGaugeVec,
+    instances: IntGaugeVec,
+    circuit_state: IntGaugeVec,
+    circuit_transitions: IntCounterVec,
 }
 
 /// Handles of one stage's series, resolved once.
@@ -161,7 +171,13 @@ pub struct StageMetrics {
     pub queue_capacity: IntGauge,
     /// `orchestrator_stage_duration_seconds{stage}`.
     pub duration: Histogram,
-    errors: Arc<[IntCounter; 9]>,
+    /// `orchestrator_plugin_instances{stage}`.
+    pub instances: IntGauge,
+    /// `orchestrator_circuit_state{stage}`: 0 closed, 1 half-open, 2 open.
+    pub circuit_state: IntGauge,
+    /// `orchestrator_circuit_transitions_total{stage,to}` for `closed`, `half_open`, `open`.
+    pub circuit_transitions: Arc<[IntCounter; 3]>,
+    errors: Arc<[IntCounter; 10]>,
 }
 
 impl StageMetrics {
@@ -299,6 +315,21 @@ impl Metrics {
                 "1 for the plugin version (sha256 of the component) each stage runs.",
                 &["stage", "sha256"],
             ),
+            instances: gauge(
+                "orchestrator_plugin_instances",
+                "Live plugin instances of each stage.",
+                &["stage"],
+            ),
+            circuit_state: gauge(
+                "orchestrator_circuit_state",
+                "State of the stage's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                &["stage"],
+            ),
+            circuit_transitions: counter(
+                "orchestrator_circuit_transitions_total",
+                "Circuit breaker transitions, by the state entered.",
+                &["stage", "to"],
+            ),
             registry: registry.clone(),
         };
         let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -321,6 +352,12 @@ impl Metrics {
             queue_depth: self.queue_depth.with_label_values(&[stage]),
             queue_capacity: self.queue_capacity.with_label_values(&[stage]),
             duration: self.stage_duration.with_label_values(&[stage]),
+            instances: self.instances.with_label_values(&[stage]),
+            circuit_state: self.circuit_state.with_label_values(&[stage]),
+            circuit_transitions: Arc::new(
+                ["closed", "half_open", "open"]
+                    .map(|to| self.circuit_transitions.with_label_values(&[stage, to])),
+            ),
             errors: Arc::new(
                 ErrorType::ALL.map(|t| self.errors.with_label_values(&[stage, t.label()])),
             ),

@@ -4,7 +4,8 @@
 //!
 //! `/metrics` is the Prometheus text exposition of a [`Metrics`] registry.
 //! `/health` is JSON: with a pipeline attached, its [`Health`] report
-//! (status 200 while it admits requests, 503 while draining); without one,
+//! (status 200 while it admits requests, `degraded` included; 503 while
+//! draining); without one,
 //! `{"status":"ok"}`.
 
 use std::convert::Infallible;
@@ -49,10 +50,12 @@ pub fn routes(
 fn health_response(health: Option<Health>) -> Response {
     let (status, body) = match health {
         Some(health) => {
-            let status = if health.status == "ok" {
-                StatusCode::OK
-            } else {
+            // Degraded still answers 200: the process is alive and serves
+            // what it can; only draining takes it out of rotation.
+            let status = if health.status == "draining" {
                 StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::OK
             };
             (status, serde_json::to_string(&health).unwrap_or_default())
         }

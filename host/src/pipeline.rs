@@ -52,6 +52,7 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
+use crate::circuit::{Admission, CircuitBreaker};
 use crate::config::{InstanceMode, StageConfig};
 use crate::metrics::{Metrics, Outcome, RequestMetrics, StageMetrics};
 use crate::plugin::{CallError, Envelope, Instance, Plugin};
@@ -75,6 +76,15 @@ pub enum RunError {
         /// What happened.
         error: CallError,
     },
+    /// A stage's circuit breaker is open: it failed repeatedly and is
+    /// cooling down.
+    #[error("stage `{stage}` is failing and its circuit breaker is open; retry in {} s", .retry_after.as_secs().max(1))]
+    CircuitOpen {
+        /// The stage.
+        stage: &'static str,
+        /// When to retry.
+        retry_after: Duration,
+    },
     /// The request's deadline passed.
     #[error("request deadline of {} ms exceeded", .0.as_millis())]
     Timeout(Duration),
@@ -93,6 +103,9 @@ struct Job {
     stage: usize,
     deadline: Instant,
     reply: Option<Reply>,
+    /// Bit `i` set: the job is a probe of stage `i`'s half-open breaker,
+    /// not yet settled.
+    probes: u8,
     inner: Arc<Inner>,
 }
 
@@ -112,6 +125,11 @@ impl Drop for Job {
     fn drop(&mut self) {
         for slot in &self.inner.stages[self.stage..] {
             slot.release();
+        }
+        for (index, slot) in self.inner.stages.iter().enumerate() {
+            if self.probes & (1 << index) != 0 {
+                slot.breaker.release_probe();
+            }
         }
         if self.inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.inner.drained.notify_waiters();
@@ -135,6 +153,7 @@ struct Slot {
     sender: Sender<Work>,
     receiver: Receiver<Work>,
     reserved: AtomicUsize,
+    breaker: CircuitBreaker,
     metrics: StageMetrics,
 }
 
@@ -188,6 +207,10 @@ pub struct StageHealth {
     pub workers: usize,
     /// Instance policy.
     pub instance_mode: String,
+    /// Circuit breaker: `closed`, `half_open` or `open`.
+    pub circuit: &'static str,
+    /// Live plugin instances.
+    pub instances: i64,
 }
 
 /// `/health`'s view of a plugin version.
@@ -204,7 +227,8 @@ pub struct PluginHealth {
 /// The body of `/health`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Health {
-    /// `ok`, or `draining` during shutdown.
+    /// `ok`; `degraded` while a stage's breaker is not closed (requests
+    /// needing it fail fast); `draining` during shutdown.
     pub status: &'static str,
     /// Host version.
     pub version: &'static str,
@@ -238,6 +262,13 @@ impl Pipeline {
                     sender,
                     receiver,
                     reserved: AtomicUsize::new(0),
+                    breaker: CircuitBreaker::new(
+                        settings.name,
+                        settings.breaker_failures,
+                        Duration::from_millis(settings.breaker_cooldown_ms),
+                        settings.breaker_probes,
+                        stage_metrics.clone(),
+                    ),
                     metrics: stage_metrics,
                     settings,
                 }
@@ -275,7 +306,7 @@ impl Pipeline {
             Ok(_) => Outcome::Ok,
             Err(RunError::Shed { .. } | RunError::ShuttingDown) => Outcome::Shed,
             Err(RunError::Timeout(_)) => Outcome::Timeout,
-            Err(RunError::Stage { .. }) => Outcome::Error,
+            Err(RunError::Stage { .. } | RunError::CircuitOpen { .. }) => Outcome::Error,
         };
         self.inner.requests.observe(outcome, admitted.elapsed());
         result
@@ -286,9 +317,32 @@ impl Pipeline {
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(RunError::ShuttingDown);
         }
+        let mut probes = 0u8;
+        for (index, slot) in inner.stages.iter().enumerate() {
+            match slot.breaker.admit() {
+                Admission::Pass => {}
+                Admission::Probe => probes |= 1 << index,
+                Admission::Refuse(retry_after) => {
+                    for (i, earlier) in inner.stages[..index].iter().enumerate() {
+                        if probes & (1 << i) != 0 {
+                            earlier.breaker.release_probe();
+                        }
+                    }
+                    return Err(RunError::CircuitOpen {
+                        stage: slot.settings.name,
+                        retry_after,
+                    });
+                }
+            }
+        }
         for (index, slot) in inner.stages.iter().enumerate() {
             if !slot.try_reserve() {
                 inner.stages[..index].iter().for_each(Slot::release);
+                for (i, probed) in inner.stages.iter().enumerate() {
+                    if probes & (1 << i) != 0 {
+                        probed.breaker.release_probe();
+                    }
+                }
                 slot.metrics.shed.inc();
                 return Err(RunError::Shed {
                     stage: slot.settings.name,
@@ -303,6 +357,7 @@ impl Pipeline {
             stage: 0,
             deadline,
             reply: Some(reply),
+            probes,
             inner: inner.clone(),
         };
         enqueue(&inner.stages[0], job);
@@ -340,8 +395,17 @@ impl Pipeline {
     /// The `/health` report.
     pub fn health(&self) -> Health {
         let accepting = self.inner.accepting.load(Ordering::Acquire);
+        let degraded = self
+            .inner
+            .stages
+            .iter()
+            .any(|s| s.breaker.state() != "closed");
         Health {
-            status: if accepting { "ok" } else { "draining" },
+            status: match (accepting, degraded) {
+                (false, _) => "draining",
+                (true, true) => "degraded",
+                (true, false) => "ok",
+            },
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
             in_flight: self.inner.in_flight.load(Ordering::Acquire),
@@ -351,9 +415,12 @@ impl Pipeline {
                 .iter()
                 .map(|slot| {
                     let plugin = slot.plugin.load();
+                    let circuit = slot.breaker.state();
                     StageHealth {
                         name: slot.settings.name,
-                        ready: accepting,
+                        ready: accepting && circuit != "open",
+                        circuit,
+                        instances: slot.metrics.instances.get(),
                         plugin: PluginHealth {
                             sha256: plugin.sha256().to_string(),
                             source: plugin.source().to_string(),
@@ -430,9 +497,24 @@ fn enqueue(slot: &Slot, job: Job) {
 }
 
 /// A stage worker: takes jobs from its stage's queue until told to stop.
+///
+/// Plugin calls are async (see [`crate::plugin`] on deadlines), driven by a
+/// current-thread runtime owned by the worker: the worker thread blocks on
+/// one call at a time, like a synchronous call, while timers and WASI's
+/// async host functions work.
 fn worker(inner: &Inner, index: usize) {
     let slot = &inner.stages[index];
     let name = slot.settings.name;
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(stage = name, %error, "cannot start a worker runtime");
+            return;
+        }
+    };
     let mut instance: Option<Instance> = None;
     while let Ok(Work::Job(mut job)) = slot.receiver.recv() {
         slot.metrics.queue_depth.dec();
@@ -446,10 +528,14 @@ fn worker(inner: &Inner, index: usize) {
         }
         slot.metrics.requests.inc();
         let started = Instant::now();
-        let result = call(slot, &mut instance, &job.envelope, remaining);
+        let result = runtime.block_on(call(slot, &mut instance, &job.envelope, remaining));
         slot.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
+        let probe = job.probes & (1 << index) != 0;
+        job.probes &= !(1 << index);
+        slot.breaker
+            .record(result.as_ref().map(|_| ()).map_err(|e| e.error_type), probe);
         match result {
             Ok(envelope) => {
                 job.envelope = envelope;
@@ -475,14 +561,14 @@ fn worker(inner: &Inner, index: usize) {
 
 /// One plugin call on this worker's instance, creating or replacing the
 /// instance as the stage's policy and current plugin version require.
-fn call(
+async fn call(
     slot: &Slot,
     instance: &mut Option<Instance>,
     envelope: &Envelope,
     remaining: Duration,
 ) -> Result<Envelope, CallError> {
     let settings = &slot.settings;
-    let current = slot.plugin.load();
+    let current = slot.plugin.load_full();
     let reusable = instance.as_ref().is_some_and(|i| {
         settings.instance_mode == InstanceMode::Reuse
             && Arc::ptr_eq(i.plugin(), &current)
@@ -491,11 +577,11 @@ fn call(
     if !reusable {
         // Drop the old instance first so its pool slot is free again.
         *instance = None;
-        *instance = Some(current.instantiate()?);
+        *instance = Some(current.instantiate().await?);
     }
     let live = instance.as_mut().expect("instance set above");
     let timeout = Duration::from_millis(settings.timeout_ms).min(remaining);
-    let result = live.process(envelope, timeout);
+    let result = live.process(envelope, timeout).await;
     let discard = settings.instance_mode == InstanceMode::PerRequest
         || result.as_ref().is_err_and(CallError::poisons_instance);
     if discard {

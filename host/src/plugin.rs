@@ -23,8 +23,31 @@
 //! 5. **Instantiate** ([`Plugin::instantiate`]): each worker makes a [`Store`]
 //!    with its own WASI context and memory limits and instantiates from the
 //!    `StagePre` (a pooled slot: a few microseconds), then runs `init`.
-//! 6. **Call** ([`Instance::process`]): the epoch deadline is armed, the
-//!    envelope is copied in, the result copied out.
+//! 6. **Call** ([`Instance::process`]): the epoch deadline and the fuel
+//!    budget are armed, the envelope is copied in, the result copied out and
+//!    its size checked against the stage's output cap.
+//!
+//! # Deadlines
+//!
+//! A call has two clocks, because neither covers every case alone. Epoch
+//! interruption traps a guest that computes past its deadline (an endless
+//! loop), but cannot stop a guest blocked *inside a host call* — a WASI
+//! sleep, say. So calls are made with wasmtime's async API and wrapped in a
+//! `tokio::time::timeout` as well: when it fires, the call's future is
+//! dropped, which abandons the blocked host call. Either way the call fails
+//! with `timeout` and the instance is discarded.
+//!
+//! # Resource caps
+//!
+//! Linear memory is capped per instance (`max_memory_bytes`, enforced by a
+//! `StoreLimits` that traps on a refused `memory.grow`, so the failure is
+//! reported as `memory` rather than as whatever the guest's allocator does
+//! on out-of-memory); tables, instances and memories per store are capped
+//! too. The result of a call is lifted out of guest memory, so the host's
+//! allocation for it is bounded by that cap; results larger than the
+//! stage's `max_output_bytes` are then refused as `output_too_large`.
+//! Optional fuel (`fuel`) bounds the instructions one call may execute,
+//! independent of wall time.
 //!
 //! # Failure modes
 //!
@@ -41,7 +64,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntGauge};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
@@ -59,6 +82,10 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         world: "stage",
         path: "../wit",
+        // Calls into the guest are async so that a call blocked in a host
+        // function (a WASI sleep, a slow backend) can be abandoned at its
+        // deadline; the host functions themselves are synchronous.
+        exports: { default: async },
     });
 }
 
@@ -135,11 +162,17 @@ impl CallError {
     }
 
     /// Whether the instance that produced this error must be discarded:
-    /// after a trap its state is undefined.
+    /// after a trap its state is undefined, and an instance that built an
+    /// oversized result holds that memory until it is dropped.
     pub fn poisons_instance(&self) -> bool {
         matches!(
             self.error_type,
-            ErrorType::Trap | ErrorType::Timeout | ErrorType::Memory | ErrorType::Instantiate
+            ErrorType::Trap
+                | ErrorType::Timeout
+                | ErrorType::Memory
+                | ErrorType::Fuel
+                | ErrorType::OutputTooLarge
+                | ErrorType::Instantiate
         )
     }
 }
@@ -153,6 +186,8 @@ pub struct EngineSettings {
     pub max_memory_bytes: usize,
     /// Compiled-artifact cache directory, if any.
     pub cache_dir: Option<PathBuf>,
+    /// Whether any stage sets a fuel budget (fuel metering is engine-wide).
+    pub fuel: bool,
 }
 
 impl EngineSettings {
@@ -170,6 +205,7 @@ impl EngineSettings {
                 .max()
                 .unwrap_or(64 << 20),
             cache_dir: config.cache_dir.clone(),
+            fuel: config.stages.iter().any(|s| s.fuel.is_some()),
         }
     }
 }
@@ -177,8 +213,9 @@ impl EngineSettings {
 /// The wasmtime engine, its epoch ticker and the artifact cache.
 pub struct Runtime {
     engine: Engine,
-    cache: ArtifactCache,
+    cache: Arc<ArtifactCache>,
     ticker_stop: Arc<AtomicBool>,
+    fuel: bool,
 }
 
 impl Runtime {
@@ -197,6 +234,7 @@ impl Runtime {
             .wasm_component_model(true)
             .concurrency_support(false)
             .epoch_interruption(true)
+            .consume_fuel(settings.fuel)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
             .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e}"))?;
@@ -214,8 +252,9 @@ impl Runtime {
         let cache = ArtifactCache::new(settings.cache_dir.clone(), &engine);
         Ok(Runtime {
             engine,
-            cache,
+            cache: Arc::new(cache),
             ticker_stop,
+            fuel: settings.fuel,
         })
     }
 
@@ -235,22 +274,27 @@ impl Runtime {
         }
     }
 
-    /// Prepare, link and validate a plugin for `stage` (lifecycle steps 2–4).
-    pub fn load(
+    /// Prepare, link and validate a plugin for `stage` (lifecycle steps
+    /// 2–4). Compilation runs on the blocking thread pool.
+    pub async fn load(
         &self,
         stage: &StageConfig,
         source: PluginSource,
-        bytes: &[u8],
-        grants: &Grants,
+        bytes: Vec<u8>,
+        services: &HostServices,
     ) -> Result<Arc<Plugin>, LoadError> {
         let started = Instant::now();
-        let sha256 = hex::encode(Sha256::digest(bytes));
-        check_header(bytes)?;
-        let (component, cached) = self.cache.component(&self.engine, bytes, &sha256)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        check_header(&bytes)?;
+        let (engine, cache, key) = (self.engine.clone(), self.cache.clone(), sha256.clone());
+        let (component, cached) =
+            tokio::task::spawn_blocking(move || cache.component(&engine, &bytes, &key))
+                .await
+                .map_err(|e| LoadError::Compile(format!("compilation panicked: {e}")))??;
         check_imports(&component, &self.engine, stage)?;
 
         let mut linker: Linker<HostState> = Linker::new(&self.engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| LoadError::Instantiate(e.to_string()))?;
         log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| LoadError::Instantiate(e.to_string()))?;
@@ -276,10 +320,11 @@ impl Runtime {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-            grants: grants.clone(),
+            services: services.clone(),
+            fuel: self.fuel,
         });
         // Validation: one instance must come up and accept its config.
-        plugin.instantiate().map_err(|e| match e.error_type {
+        plugin.instantiate().await.map_err(|e| match e.error_type {
             ErrorType::Config => LoadError::Init(e.message),
             _ => LoadError::Instantiate(e.to_string()),
         })?;
@@ -309,13 +354,17 @@ impl fmt::Debug for Runtime {
     }
 }
 
-/// What the host provides to a stage's imports.
+/// What the host provides to a stage's instances: the backend behind the
+/// `inference` import (for stages granted it) and the metric handles the
+/// instances update.
 #[derive(Clone)]
-pub struct Grants {
+pub struct HostServices {
     /// The inference backend, for stages granted `inference`.
     pub backend: Option<Arc<dyn Backend>>,
     /// `orchestrator_tokens_generated_total{worker_type=<backend>}`.
     pub tokens: Option<IntCounter>,
+    /// `orchestrator_plugin_instances{stage}`: live instances of the stage.
+    pub instances: IntGauge,
 }
 
 fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
@@ -374,7 +423,8 @@ pub struct Plugin {
     pre: StagePre<HostState>,
     settings: StageConfig,
     init_config: Vec<(String, String)>,
-    grants: Grants,
+    services: HostServices,
+    fuel: bool,
 }
 
 impl fmt::Debug for Plugin {
@@ -438,8 +488,13 @@ impl Plugin {
         Ok(builder.build())
     }
 
+    /// The stage settings it was loaded with.
+    pub fn settings(&self) -> &StageConfig {
+        &self.settings
+    }
+
     /// Create an instance and run its `init` (lifecycle step 5).
-    pub fn instantiate(self: &Arc<Self>) -> Result<Instance, CallError> {
+    pub async fn instantiate(self: &Arc<Self>) -> Result<Instance, CallError> {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.settings.max_memory_bytes)
             .trap_on_grow_failure(true)
@@ -453,22 +508,31 @@ impl Plugin {
             table: ResourceTable::new(),
             limits,
             stage: self.stage,
-            grants: self.grants.clone(),
+            services: self.services.clone(),
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.limits);
         let timeout = Duration::from_millis(self.settings.timeout_ms);
-        arm_deadline(&mut store, timeout);
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?;
-        bindings
-            .call_init(&mut store, &self.init_config)
-            .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?
-            .map_err(|message| CallError::new(ErrorType::Config, message))?;
+        self.arm(&mut store, timeout)?;
+        let setup = async {
+            let bindings = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?;
+            bindings
+                .call_init(&mut store, &self.init_config)
+                .await
+                .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?
+                .map_err(|message| CallError::new(ErrorType::Config, message))?;
+            Ok::<_, CallError>(bindings)
+        };
+        let bindings = tokio::time::timeout(timeout + HOST_CALL_GRACE, setup)
+            .await
+            .map_err(|_| timed_out(timeout))??;
+        self.services.instances.inc();
         Ok(Instance {
             store,
             bindings,
@@ -476,26 +540,67 @@ impl Plugin {
             calls: 0,
         })
     }
+
+    /// Arm the epoch deadline and the fuel budget for one call.
+    fn arm(&self, store: &mut Store<HostState>, timeout: Duration) -> Result<(), CallError> {
+        let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+        // One extra tick: the ticker may advance right after arming.
+        store.set_epoch_deadline(ticks + 1);
+        store.epoch_deadline_trap();
+        store.data_mut().deadline = Instant::now() + timeout;
+        if self.fuel {
+            store
+                .set_fuel(self.settings.fuel.unwrap_or(u64::MAX))
+                .map_err(|e| CallError::new(ErrorType::Instantiate, e.to_string()))?;
+        }
+        Ok(())
+    }
 }
 
-fn arm_deadline(store: &mut Store<HostState>, timeout: Duration) {
-    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
-    // One extra tick: the ticker may advance right after arming.
-    store.set_epoch_deadline(ticks + 1);
-    store.epoch_deadline_trap();
-    store.data_mut().deadline = Instant::now() + timeout;
+/// How long past a call's deadline its `tokio` timeout fires: the epoch
+/// deadline should win for guest code (it reports a precise trap), the
+/// timeout only catches calls stuck in the host.
+const HOST_CALL_GRACE: Duration = Duration::from_millis(20);
+
+fn timed_out(timeout: Duration) -> CallError {
+    CallError::new(
+        ErrorType::Timeout,
+        format!("deadline of {} ms exceeded", timeout.as_millis()),
+    )
+}
+
+/// Total bytes of the strings in an envelope: what a stage returns.
+pub fn envelope_bytes(envelope: &Envelope) -> usize {
+    envelope.request_id.len()
+        + envelope
+            .messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum::<usize>()
+        + envelope.params.model.len()
+        + envelope.params.stop.iter().map(String::len).sum::<usize>()
+        + envelope
+            .passages
+            .iter()
+            .map(|p| p.source.len() + p.text.len())
+            .sum::<usize>()
+        + envelope.prompt.len()
+        + envelope.completion.len()
+        + envelope.finish_reason.len()
+        + envelope.chunks.iter().map(String::len).sum::<usize>()
+        + envelope
+            .metadata
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
 }
 
 /// Map a wasmtime error from a call into a [`CallError`].
 fn classify(error: wasmtime::Error, default: ErrorType, timeout: Duration) -> CallError {
     let message = format!("{error:#}");
     let error_type = match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => {
-            return CallError::new(
-                ErrorType::Timeout,
-                format!("deadline of {} ms exceeded", timeout.as_millis()),
-            );
-        }
+        Some(Trap::Interrupt) => return timed_out(timeout),
+        Some(Trap::OutOfFuel) => return CallError::new(ErrorType::Fuel, "fuel budget exhausted"),
         Some(_) => ErrorType::Trap,
         None if message.contains("forcing trap when growing memory")
             || message.contains("forcing a memory growth failure") =>
@@ -527,23 +632,42 @@ impl Instance {
     }
 
     /// Call `process` with a deadline of `timeout`.
-    pub fn process(
+    pub async fn process(
         &mut self,
         request: &Envelope,
         timeout: Duration,
     ) -> Result<Envelope, CallError> {
         self.calls += 1;
-        arm_deadline(&mut self.store, timeout);
-        match self.bindings.call_process(&mut self.store, request) {
-            Ok(Ok(envelope)) => Ok(envelope),
-            Ok(Err(error)) => Err(match error {
-                StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
-                StageError::Config(m) => CallError::new(ErrorType::Config, m),
-                StageError::Upstream(m) => CallError::new(ErrorType::Upstream, m),
-                StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
-            }),
-            Err(error) => Err(classify(error, ErrorType::Trap, timeout)),
+        self.plugin.arm(&mut self.store, timeout)?;
+        let call = self.bindings.call_process(&mut self.store, request);
+        let envelope = match tokio::time::timeout(timeout + HOST_CALL_GRACE, call).await {
+            Err(_) => return Err(timed_out(timeout)),
+            Ok(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
+            Ok(Ok(Err(error))) => {
+                return Err(match error {
+                    StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
+                    StageError::Config(m) => CallError::new(ErrorType::Config, m),
+                    StageError::Upstream(m) => CallError::new(ErrorType::Upstream, m),
+                    StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
+                });
+            }
+            Ok(Ok(Ok(envelope))) => envelope,
+        };
+        let size = envelope_bytes(&envelope);
+        let cap = self.plugin.settings.max_output_bytes;
+        if size > cap {
+            return Err(CallError::new(
+                ErrorType::OutputTooLarge,
+                format!("the stage returned {size} bytes; its max_output_bytes is {cap}"),
+            ));
         }
+        Ok(envelope)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.plugin.services.instances.dec();
     }
 }
 
@@ -553,7 +677,7 @@ pub struct HostState {
     table: ResourceTable,
     limits: StoreLimits,
     stage: &'static str,
-    grants: Grants,
+    services: HostServices,
     log_budget: LogBudget,
     deadline: Instant,
 }
@@ -645,7 +769,7 @@ impl inference::Host for HostState {
         params: GenerationParams,
     ) -> Result<inference::Generation, String> {
         let backend = self
-            .grants
+            .services
             .backend
             .as_ref()
             .ok_or_else(|| "inference is not granted to this stage".to_string())?;
@@ -657,7 +781,7 @@ impl inference::Host for HostState {
             deadline: self.deadline,
         };
         let completion = backend.generate(&request).map_err(|e| e.to_string())?;
-        if let Some(tokens) = &self.grants.tokens {
+        if let Some(tokens) = &self.services.tokens {
             tokens.inc_by(u64::from(completion.completion_tokens));
         }
         Ok(inference::Generation {

@@ -93,6 +93,7 @@ impl Host {
             .arg(&cache)
             .args(args)
             .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
