@@ -7,6 +7,7 @@ mod common;
 mod admission;
 mod api;
 mod docs;
+mod hotswap;
 mod metrics;
 mod sandbox;
 mod startup;

@@ -28,6 +28,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use warp::Filter;
+use warp::filters::BoxedFilter;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
@@ -52,8 +53,12 @@ pub struct ApiState {
     pub max_body_bytes: u64,
 }
 
-/// The API's routes.
-pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+/// The API's routes, with the admin routes (see [`crate::admin`]) mounted
+/// beside them.
+pub fn routes(
+    state: ApiState,
+    admin: BoxedFilter<(Response,)>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let limit = state.max_body_bytes;
     let state = warp::any().map(move || state.clone());
     let completions = warp::path!("v1" / "chat" / "completions")
@@ -66,7 +71,13 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::get())
         .and(state)
         .map(|state: ApiState| list_models(&state));
-    completions.or(models).unify().recover(rejection).unify()
+    completions
+        .or(models)
+        .unify()
+        .or(admin)
+        .unify()
+        .recover(rejection)
+        .unify()
 }
 
 // ----- request ---------------------------------------------------------
@@ -149,7 +160,8 @@ impl ApiError {
         }
     }
 
-    fn new(
+    /// An error with a status, OpenAI error `type` and `code`.
+    pub fn with_code(
         status: StatusCode,
         kind: &'static str,
         code: &'static str,
@@ -278,7 +290,7 @@ fn parse(body: &[u8], backend: &dyn Backend) -> Result<Parsed, ApiError> {
         ));
     }
     if !backend.models().contains(&request.model) {
-        let mut error = ApiError::new(
+        let mut error = ApiError::with_code(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
@@ -380,7 +392,7 @@ pub fn run_error(error: RunError) -> ApiError {
     let message = error.to_string();
     match error {
         RunError::Shed { .. } => {
-            let mut e = ApiError::new(
+            let mut e = ApiError::with_code(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 "queue_full",
@@ -390,7 +402,7 @@ pub fn run_error(error: RunError) -> ApiError {
             e
         }
         RunError::CircuitOpen { retry_after, .. } => {
-            let mut e = ApiError::new(
+            let mut e = ApiError::with_code(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "circuit_open",
@@ -400,7 +412,7 @@ pub fn run_error(error: RunError) -> ApiError {
             e
         }
         RunError::ShuttingDown => {
-            let mut e = ApiError::new(
+            let mut e = ApiError::with_code(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "shutting_down",
@@ -409,26 +421,26 @@ pub fn run_error(error: RunError) -> ApiError {
             e.retry_after = Some(1);
             e
         }
-        RunError::Timeout(_) => ApiError::new(
+        RunError::Timeout(_) => ApiError::with_code(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout_error",
             "request_timeout",
             message,
         ),
         RunError::Stage { error, .. } => match error.error_type {
-            ErrorType::InvalidInput => ApiError::new(
+            ErrorType::InvalidInput => ApiError::with_code(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "stage_rejected",
                 message,
             ),
-            ErrorType::Upstream => ApiError::new(
+            ErrorType::Upstream => ApiError::with_code(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 "upstream",
                 message,
             ),
-            other => ApiError::new(
+            other => ApiError::with_code(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "server_error",
                 other.label(),
@@ -563,28 +575,28 @@ fn list_models(state: &ApiState) -> Response {
 /// Turn warp's rejections into OpenAI-shaped errors.
 async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
     let error = if rejection.is_not_found() {
-        ApiError::new(
+        ApiError::with_code(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "not_found",
             "no such endpoint",
         )
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        ApiError::new(
+        ApiError::with_code(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             "body_too_large",
             "the request body is larger than the configured max_body_bytes",
         )
     } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        ApiError::new(
+        ApiError::with_code(
             StatusCode::LENGTH_REQUIRED,
             "invalid_request_error",
             "length_required",
             "a Content-Length header is required",
         )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(
+        ApiError::with_code(
             StatusCode::METHOD_NOT_ALLOWED,
             "invalid_request_error",
             "method_not_allowed",

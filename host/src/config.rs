@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::admin::AdminToken;
+
 /// The pipeline's stages, in order.
 pub const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
 
@@ -120,6 +122,8 @@ pub enum PluginSource {
     Bundled,
     /// A component file.
     File(PathBuf),
+    /// Bytes uploaded through the admin API.
+    Upload,
 }
 
 impl fmt::Display for PluginSource {
@@ -127,6 +131,7 @@ impl fmt::Display for PluginSource {
         match self {
             PluginSource::Bundled => f.write_str("bundled"),
             PluginSource::File(path) => write!(f, "{}", path.display()),
+            PluginSource::Upload => f.write_str("upload"),
         }
     }
 }
@@ -190,6 +195,12 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Largest accepted request body.
     pub max_body_bytes: u64,
+    /// Largest plugin accepted by `PUT /admin/stages/{stage}`.
+    pub max_plugin_bytes: u64,
+    /// Bearer token of the admin API; the API is off without one.
+    pub admin_token: Option<AdminToken>,
+    /// Swap in `<plugins_dir>/<stage>.wasm` when it changes on disk.
+    pub watch: bool,
     /// Backend settings.
     pub inference: InferenceConfig,
     /// The five stages, in pipeline order.
@@ -205,6 +216,9 @@ impl Default for Config {
             cache_dir: default_cache_dir(),
             request_timeout_ms: 30_000,
             max_body_bytes: 1024 * 1024,
+            max_plugin_bytes: 64 * 1024 * 1024,
+            admin_token: None,
+            watch: false,
             inference: InferenceConfig {
                 backend: "echo".into(),
             },
@@ -288,6 +302,9 @@ struct File {
     cache_dir: Option<PathBuf>,
     request_timeout_ms: Option<u64>,
     max_body_bytes: Option<u64>,
+    max_plugin_bytes: Option<u64>,
+    admin_token: Option<String>,
+    watch: Option<bool>,
     inference: Option<InferenceFile>,
     stages: Option<StagesFile>,
 }
@@ -376,6 +393,15 @@ impl Config {
         if let Some(v) = file.max_body_bytes {
             config.max_body_bytes = v;
         }
+        if let Some(v) = file.max_plugin_bytes {
+            config.max_plugin_bytes = v;
+        }
+        if let Some(v) = file.admin_token {
+            config.admin_token = AdminToken::new(v);
+        }
+        if let Some(v) = file.watch {
+            config.watch = v;
+        }
         if let Some(backend) = file.inference.and_then(|i| i.backend) {
             config.inference.backend = backend;
         }
@@ -410,6 +436,15 @@ impl Config {
         }
         if self.max_body_bytes == 0 {
             return invalid("max_body_bytes".into(), "must be at least 1");
+        }
+        if self.max_plugin_bytes == 0 {
+            return invalid("max_plugin_bytes".into(), "must be at least 1");
+        }
+        if self.watch && self.plugins_dir.is_none() {
+            return invalid(
+                "watch".into(),
+                "needs a plugins directory (`plugins_dir` or --plugins)",
+            );
         }
         if self.inference.backend != "echo" {
             return invalid(

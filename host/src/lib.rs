@@ -11,6 +11,7 @@
 //! [`Orchestrator::start`] wires it all together from a [`Config`]; the
 //! `orchestrator` binary is a thin command line over it.
 
+pub mod admin;
 pub mod api;
 pub mod bundled;
 pub mod circuit;
@@ -21,6 +22,8 @@ pub mod metrics_server;
 pub mod pipeline;
 pub mod plugin;
 pub mod server;
+pub mod versions;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +36,7 @@ pub use pipeline::Pipeline;
 use crate::inference::{Backend, Echo};
 use crate::plugin::{EngineSettings, HostServices, LoadError, Runtime};
 use crate::server::{BindError, ServerHandle};
+use crate::versions::Versions;
 
 /// Why the host could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +65,10 @@ pub enum StartError {
 /// A running host: the pipeline and its two HTTP servers.
 pub struct Orchestrator {
     pipeline: Pipeline,
+    versions: Arc<Versions>,
     api: ServerHandle,
     metrics_server: ServerHandle,
-    // Kept alive for the epoch ticker and artifact cache.
-    _runtime: Arc<Runtime>,
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Orchestrator {
@@ -77,7 +81,14 @@ impl Orchestrator {
                 .map_err(|e| StartError::Engine(format!("{e:#}")))?,
         );
         let backend: Arc<dyn Backend> = Arc::new(Echo::default());
-        let pipeline = start_pipeline(&runtime, &config, &metrics, backend.clone()).await?;
+        let (stages, services) = load_stages(&runtime, &config, &metrics, backend.clone()).await?;
+        let pipeline = Pipeline::start(stages, &metrics)?;
+        let versions = Arc::new(Versions::new(
+            runtime,
+            pipeline.clone(),
+            metrics.clone(),
+            services,
+        ));
         if let Some(dir) = &config.plugins_dir {
             warn_unknown_plugins(dir);
         }
@@ -85,22 +96,33 @@ impl Orchestrator {
         let metrics_listener = server::bind(config.metrics_listen).await?;
         let api = server::spawn(
             api_listener,
-            api::routes(api::ApiState {
-                pipeline: pipeline.clone(),
-                backend,
-                request_timeout: Duration::from_millis(config.request_timeout_ms),
-                max_body_bytes: config.max_body_bytes,
-            }),
+            api::routes(
+                api::ApiState {
+                    pipeline: pipeline.clone(),
+                    backend,
+                    request_timeout: Duration::from_millis(config.request_timeout_ms),
+                    max_body_bytes: config.max_body_bytes,
+                },
+                admin::routes(
+                    versions.clone(),
+                    config.admin_token.clone(),
+                    config.max_plugin_bytes,
+                ),
+            ),
         )?;
         let metrics_server = server::spawn(
             metrics_listener,
             metrics_server::routes(metrics, Some(pipeline.clone())),
         )?;
+        let watcher = config
+            .watch
+            .then(|| watch::spawn(&config, versions.clone()));
         Ok(Orchestrator {
             pipeline,
+            versions,
             api,
             metrics_server,
-            _runtime: runtime,
+            watcher,
         })
     }
 
@@ -119,24 +141,39 @@ impl Orchestrator {
         &self.pipeline
     }
 
+    /// The stages' plugin versions (hot swap and rollback).
+    pub fn versions(&self) -> &Arc<Versions> {
+        &self.versions
+    }
+
     /// Graceful shutdown: stop accepting API connections and let the
     /// requests in progress finish (up to `grace`), stop the pipeline, then
     /// the metrics server.
     pub async fn shutdown(self, grace: Duration) {
+        if let Some(watcher) = &self.watcher {
+            watcher.abort();
+        }
         let _ = tokio::time::timeout(grace, self.api.shutdown()).await;
         self.pipeline.shutdown(grace).await;
         self.metrics_server.shutdown().await;
     }
 }
 
-async fn start_pipeline(
+/// A loaded stage and the services its plugins get.
+type LoadedStages = (
+    Vec<(config::StageConfig, Arc<plugin::Plugin>)>,
+    Vec<(config::StageConfig, HostServices)>,
+);
+
+async fn load_stages(
     runtime: &Runtime,
     config: &Config,
     metrics: &Metrics,
     backend: Arc<dyn Backend>,
-) -> Result<Pipeline, StartError> {
+) -> Result<LoadedStages, StartError> {
     let tokens = metrics.tokens(backend.name());
     let mut stages = Vec::new();
+    let mut services_of = Vec::new();
     for stage in &config.stages {
         let source = stage.source(config.plugins_dir.as_deref());
         let fail = |error| StartError::Plugin {
@@ -150,14 +187,16 @@ async fn start_pipeline(
             backend: granted.then(|| backend.clone()),
             tokens: granted.then(|| tokens.clone()),
             instances: metrics.stage(stage.name).instances,
+            ledger: Arc::default(),
         };
-        let plugin = runtime
+        let (plugin, _) = runtime
             .load(stage, source.clone(), bytes, &services)
             .await
             .map_err(fail)?;
         stages.push((stage.clone(), plugin));
+        services_of.push((stage.clone(), services));
     }
-    Ok(Pipeline::start(stages, metrics)?)
+    Ok((stages, services_of))
 }
 
 /// Warn about `.wasm` files in the plugins directory that match no stage

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! orchestrator [--config orchestrator.toml] [--plugins DIR]
-//!              [--listen ADDR] [--metrics-listen ADDR] [--cache-dir DIR | --no-cache]
+//!              [--listen ADDR] [--metrics-listen ADDR] [--cache-dir DIR | --no-cache] [--watch]
 //! ```
 //!
 //! Prints one line to stdout once both addresses are bound:
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
+use orchestrator::admin::AdminToken;
 use orchestrator::{Config, Orchestrator, metrics};
 
 /// How long a graceful shutdown waits for requests in progress.
@@ -42,6 +43,9 @@ struct Args {
     /// Compile plugins at every start, without the on-disk cache.
     #[arg(long)]
     no_cache: bool,
+    /// Swap in `<plugins dir>/<stage>.wasm` whenever it changes.
+    #[arg(long)]
+    watch: bool,
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -63,6 +67,14 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     if args.no_cache {
         config.cache_dir = None;
+    }
+    if args.watch {
+        config.watch = true;
+    }
+    // The environment wins over the file, so the token need not be written
+    // to disk. It is never logged.
+    if let Ok(token) = std::env::var("ORCHESTRATOR_ADMIN_TOKEN") {
+        config.admin_token = AdminToken::new(token);
     }
     config.validate()?;
     Ok(config)

@@ -14,6 +14,7 @@
 //! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
 //! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
 //! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
+//! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |
 //! | `orchestrator_build_info` | gauge | `version` | always 1 |
 //! | `process_*` | | | CPU, memory, file descriptors of the host process |
 //!
@@ -156,6 +157,7 @@ pub struct Metrics {
     instances: IntGaugeVec,
     circuit_state: IntGaugeVec,
     circuit_transitions: IntCounterVec,
+    reloads: IntCounterVec,
 }
 
 /// Handles of one stage's series, resolved once.
@@ -330,6 +332,11 @@ impl Metrics {
                 "Circuit breaker transitions, by the state entered.",
                 &["stage", "to"],
             ),
+            reloads: counter(
+                "orchestrator_plugin_reloads_total",
+                "Plugin swaps and rollbacks, by result (success, error).",
+                &["stage", "result"],
+            ),
             registry: registry.clone(),
         };
         let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -339,6 +346,7 @@ impl Metrics {
             .expect("process collector registers once");
         for stage in STAGES {
             metrics.stage(stage);
+            metrics.reloads(stage);
         }
         metrics.requests_by_outcome();
         metrics
@@ -362,6 +370,15 @@ impl Metrics {
                 ErrorType::ALL.map(|t| self.errors.with_label_values(&[stage, t.label()])),
             ),
         }
+    }
+
+    /// The `orchestrator_plugin_reloads_total{stage,result}` handles for
+    /// `success` and `error`.
+    pub fn reloads(&self, stage: &str) -> (IntCounter, IntCounter) {
+        (
+            self.reloads.with_label_values(&[stage, "success"]),
+            self.reloads.with_label_values(&[stage, "error"]),
+        )
     }
 
     /// Resolve the end-to-end histogram's series.

@@ -48,7 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
@@ -94,6 +94,11 @@ pub enum RunError {
 }
 
 type Reply = oneshot::Sender<Result<Envelope, RunError>>;
+
+/// How often an idle worker checks whether its instance belongs to a
+/// version that has been swapped out (and drops it, freeing the old
+/// version's memory once no one else uses it).
+pub const IDLE_RECHECK: Duration = Duration::from_millis(250);
 
 /// One request in flight.
 struct Job {
@@ -516,7 +521,21 @@ fn worker(inner: &Inner, index: usize) {
         }
     };
     let mut instance: Option<Instance> = None;
-    while let Ok(Work::Job(mut job)) = slot.receiver.recv() {
+    loop {
+        let mut job = match slot.receiver.recv_timeout(IDLE_RECHECK) {
+            Ok(Work::Job(job)) => job,
+            Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                // Idle: retire an instance of a version that was swapped out.
+                if instance
+                    .as_ref()
+                    .is_some_and(|i| !Arc::ptr_eq(i.plugin(), &slot.plugin.load()))
+                {
+                    instance = None;
+                }
+                continue;
+            }
+        };
         slot.metrics.queue_depth.dec();
         if job.caller_gone() {
             continue;

@@ -60,7 +60,7 @@
 use std::fmt;
 use std::hash::Hasher;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -76,6 +76,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use crate::config::{Config, PluginSource, StageConfig};
 use crate::inference::{Backend, GenerateRequest};
 use crate::metrics::ErrorType;
+use crate::versions::CallLedger;
 
 /// Host bindings generated from `wit/pipeline.wit`.
 pub mod bindings {
@@ -271,18 +272,20 @@ impl Runtime {
                 path: path.clone(),
                 source,
             }),
+            PluginSource::Upload => Err(LoadError::NotWasm(Vec::new())),
         }
     }
 
     /// Prepare, link and validate a plugin for `stage` (lifecycle steps
-    /// 2–4). Compilation runs on the blocking thread pool.
+    /// 2–4). Compilation runs on the blocking thread pool. Returns the
+    /// plugin and whether its compiled artifact came from the cache.
     pub async fn load(
         &self,
         stage: &StageConfig,
         source: PluginSource,
         bytes: Vec<u8>,
         services: &HostServices,
-    ) -> Result<Arc<Plugin>, LoadError> {
+    ) -> Result<(Arc<Plugin>, bool), LoadError> {
         let started = Instant::now();
         let sha256 = hex::encode(Sha256::digest(&bytes));
         check_header(&bytes)?;
@@ -308,6 +311,7 @@ impl Runtime {
         let pre =
             StagePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
 
+        let calls = services.ledger.counter(&sha256);
         let plugin = Arc::new(Plugin {
             stage: stage.name,
             sha256,
@@ -322,6 +326,7 @@ impl Runtime {
                 .collect(),
             services: services.clone(),
             fuel: self.fuel,
+            calls,
         });
         // Validation: one instance must come up and accept its config.
         plugin.instantiate().await.map_err(|e| match e.error_type {
@@ -336,7 +341,7 @@ impl Runtime {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "plugin loaded"
         );
-        Ok(plugin)
+        Ok((plugin, cached))
     }
 }
 
@@ -365,6 +370,8 @@ pub struct HostServices {
     pub tokens: Option<IntCounter>,
     /// `orchestrator_plugin_instances{stage}`: live instances of the stage.
     pub instances: IntGauge,
+    /// Calls served, per version of the stage.
+    pub ledger: Arc<CallLedger>,
 }
 
 fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
@@ -425,6 +432,7 @@ pub struct Plugin {
     init_config: Vec<(String, String)>,
     services: HostServices,
     fuel: bool,
+    calls: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for Plugin {
@@ -638,6 +646,7 @@ impl Instance {
         timeout: Duration,
     ) -> Result<Envelope, CallError> {
         self.calls += 1;
+        self.plugin.calls.fetch_add(1, Ordering::Relaxed);
         self.plugin.arm(&mut self.store, timeout)?;
         let call = self.bindings.call_process(&mut self.store, request);
         let envelope = match tokio::time::timeout(timeout + HOST_CALL_GRACE, call).await {

@@ -81,7 +81,17 @@ impl Host {
 
     /// Start the binary; `Err(stderr)` if it exits before listening.
     pub fn try_start(args: &[&str]) -> Result<Host, String> {
-        let cache = target_dir().join("test-cache");
+        Host::launch(args, &[], &target_dir().join("test-cache"))
+    }
+
+    /// Start the binary with extra environment variables and the given
+    /// artifact cache directory; panic with its stderr if it fails.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)], cache: &Path) -> Host {
+        Host::launch(args, env, cache)
+            .unwrap_or_else(|stderr| panic!("orchestrator failed to start:\n{stderr}"))
+    }
+
+    fn launch(args: &[&str], env: &[(&str, &str)], cache: &Path) -> Result<Host, String> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
             .args([
                 "--listen",
@@ -90,8 +100,9 @@ impl Host {
                 "127.0.0.1:0",
                 "--cache-dir",
             ])
-            .arg(&cache)
+            .arg(cache)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             .stdin(Stdio::null())

@@ -1,0 +1,276 @@
+//! Plugin versions: loading, hot-swapping and rolling back a stage's plugin
+//! while traffic flows.
+//!
+//! # Lifecycle of a swap
+//!
+//! 1. **Validate** — the new bytes go through the whole load path of
+//!    [`Runtime::load`]: they must be a component of the `stage` world,
+//!    its imports must be satisfiable by the stage's grants, and one
+//!    instance must come up and pass `init` with the stage's config.
+//!    Compilation uses the artifact cache, so a version seen before costs a
+//!    deserialization, not a compilation. A version that fails is refused
+//!    with the reason, the old one keeps serving, and
+//!    `orchestrator_plugin_reloads_total{stage,result="error"}` moves.
+//! 2. **Publish** — the stage's [`Pipeline::swap`] replaces the active
+//!    version atomically. Calls already running finish on the version they
+//!    started on; each worker's next call uses the new version. Nothing
+//!    pauses, and other stages are not touched.
+//! 3. **Retire** — the previous version is kept for
+//!    [`rollback`](Versions::rollback); the one before it is released. Its
+//!    compiled code and pool slots are freed when its last instance is
+//!    dropped: workers drop an outdated instance at their next call, or
+//!    within [`crate::pipeline::IDLE_RECHECK`] when idle.
+//!
+//! Swaps of one stage are serialized; swaps of different stages run
+//! independently.
+//!
+//! # Call accounting
+//!
+//! Each stage keeps a call counter per component sha256, shared by every
+//! loaded copy of that version, so `GET /admin/stages` can report exactly
+//! how many calls each version served, across any number of swaps.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use prometheus::IntCounter;
+use serde::Serialize;
+
+use crate::config::{PluginSource, StageConfig};
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::plugin::{HostServices, LoadError, Plugin, Runtime};
+
+/// Why a swap or rollback was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    /// No such stage.
+    #[error("no stage named `{0}`")]
+    UnknownStage(String),
+    /// The new version failed validation; the old one still serves.
+    #[error("the new version of stage `{stage}` was refused: {error}")]
+    Invalid {
+        /// The stage.
+        stage: &'static str,
+        /// Why.
+        error: LoadError,
+    },
+    /// There is no previous version to roll back to.
+    #[error("stage `{0}` has no previous version to roll back to")]
+    NoPrevious(&'static str),
+}
+
+/// Per stage, the call counters of each version it has run, by sha256.
+#[derive(Debug, Default)]
+pub struct CallLedger {
+    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
+}
+
+impl CallLedger {
+    /// The counter of version `sha256` (created at 0).
+    pub fn counter(&self, sha256: &str) -> Arc<AtomicU64> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sha256.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn calls(&self, sha256: &str) -> u64 {
+        self.counter(sha256).load(Ordering::Relaxed)
+    }
+}
+
+/// One version, as reported by `GET /admin/stages`.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionInfo {
+    /// sha256 of the component.
+    pub sha256: String,
+    /// `bundled`, a file path, or `upload`.
+    pub source: String,
+    /// Unix time of loading, in seconds.
+    pub loaded_at: u64,
+    /// Calls served by this version (all loads of it) so far.
+    pub calls: u64,
+}
+
+/// A stage's versions.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageVersions {
+    /// Stage name.
+    pub stage: &'static str,
+    /// The version serving now.
+    pub active: VersionInfo,
+    /// The version a rollback would restore.
+    pub previous: Option<VersionInfo>,
+}
+
+/// The outcome of a swap or rollback.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapReport {
+    /// Stage name.
+    pub stage: &'static str,
+    /// sha256 of the version now active.
+    pub sha256: String,
+    /// sha256 of the version it replaced.
+    pub previous_sha256: String,
+    /// Whether the compiled artifact came from the cache (or, for a
+    /// rollback, from memory).
+    pub cached: bool,
+    /// Time from receiving the bytes to the swap, in milliseconds.
+    pub elapsed_ms: f64,
+}
+
+struct Entry {
+    settings: StageConfig,
+    services: HostServices,
+    /// Serializes swaps of this stage; holds the previous version.
+    previous: tokio::sync::Mutex<Option<Arc<Plugin>>>,
+    reload_ok: IntCounter,
+    reload_error: IntCounter,
+}
+
+/// The version registry of every stage.
+pub struct Versions {
+    runtime: Arc<Runtime>,
+    pipeline: Pipeline,
+    metrics: Arc<Metrics>,
+    entries: Vec<Entry>,
+}
+
+fn info(plugin: &Plugin, ledger: &CallLedger) -> VersionInfo {
+    VersionInfo {
+        sha256: plugin.sha256().to_string(),
+        source: plugin.source().to_string(),
+        loaded_at: plugin
+            .loaded_at()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        calls: ledger.calls(plugin.sha256()),
+    }
+}
+
+impl Versions {
+    /// A registry over a running pipeline. `stages` pairs each stage's
+    /// settings with the services its plugins were loaded with.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        pipeline: Pipeline,
+        metrics: Arc<Metrics>,
+        stages: Vec<(StageConfig, HostServices)>,
+    ) -> Versions {
+        let entries = stages
+            .into_iter()
+            .map(|(settings, services)| {
+                let (ok, error) = metrics.reloads(settings.name);
+                Entry {
+                    settings,
+                    services,
+                    previous: tokio::sync::Mutex::new(None),
+                    reload_ok: ok,
+                    reload_error: error,
+                }
+            })
+            .collect();
+        Versions {
+            runtime,
+            pipeline,
+            metrics,
+            entries,
+        }
+    }
+
+    fn entry(&self, stage: &str) -> Result<&Entry, SwapError> {
+        self.entries
+            .iter()
+            .find(|e| e.settings.name == stage)
+            .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))
+    }
+
+    /// Validate `bytes` as the new version of `stage` and swap it in.
+    pub async fn install(
+        &self,
+        stage: &str,
+        source: PluginSource,
+        bytes: Vec<u8>,
+    ) -> Result<SwapReport, SwapError> {
+        let started = Instant::now();
+        let entry = self.entry(stage)?;
+        let name = entry.settings.name;
+        let mut previous = entry.previous.lock().await;
+        let loaded = self
+            .runtime
+            .load(&entry.settings, source, bytes, &entry.services)
+            .await;
+        let (plugin, cached) = match loaded {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                entry.reload_error.inc();
+                tracing::warn!(stage = name, %error, "plugin swap refused; the old version keeps serving");
+                return Err(SwapError::Invalid { stage: name, error });
+            }
+        };
+        let old = self.publish(name, plugin.clone());
+        entry.reload_ok.inc();
+        let report = SwapReport {
+            stage: name,
+            sha256: plugin.sha256().to_string(),
+            previous_sha256: old.sha256().to_string(),
+            cached,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        };
+        *previous = Some(old);
+        tracing::info!(stage = name, sha256 = %report.sha256, previous = %report.previous_sha256, cached, elapsed_ms = report.elapsed_ms, "plugin swapped");
+        Ok(report)
+    }
+
+    /// Swap `stage` back to its previous version (kept in memory: no
+    /// compilation, no validation needed).
+    pub async fn rollback(&self, stage: &str) -> Result<SwapReport, SwapError> {
+        let started = Instant::now();
+        let entry = self.entry(stage)?;
+        let name = entry.settings.name;
+        let mut previous = entry.previous.lock().await;
+        let target = previous.take().ok_or(SwapError::NoPrevious(name))?;
+        let old = self.publish(name, target.clone());
+        entry.reload_ok.inc();
+        *previous = Some(old.clone());
+        tracing::info!(stage = name, sha256 = %target.sha256(), "plugin rolled back");
+        Ok(SwapReport {
+            stage: name,
+            sha256: target.sha256().to_string(),
+            previous_sha256: old.sha256().to_string(),
+            cached: true,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn publish(&self, stage: &'static str, plugin: Arc<Plugin>) -> Arc<Plugin> {
+        self.metrics.set_plugin_version(stage, plugin.sha256());
+        self.pipeline
+            .swap(stage, plugin)
+            .expect("every registry entry is a pipeline stage")
+    }
+
+    /// Every stage's active and previous versions.
+    pub async fn status(&self) -> Vec<StageVersions> {
+        let mut out = Vec::with_capacity(self.entries.len());
+        for entry in &self.entries {
+            let ledger = &entry.services.ledger;
+            let active = self
+                .pipeline
+                .plugin(entry.settings.name)
+                .expect("every registry entry is a pipeline stage");
+            let previous = entry.previous.lock().await;
+            out.push(StageVersions {
+                stage: entry.settings.name,
+                active: info(&active, ledger),
+                previous: previous.as_ref().map(|p| info(p, ledger)),
+            });
+        }
+        out
+    }
+}

@@ -1,0 +1,463 @@
+//! Hot-swapping a stage under load: validated, atomic, loss-free, with
+//! rollback, `--watch`, and an admin API that is off without a token.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::{Host, ask, bundled_wasm, client, metric_value, target_dir, test_plugin};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn admin_host(args: &[&str]) -> Host {
+    Host::start_with(
+        args,
+        &[("ORCHESTRATOR_ADMIN_TOKEN", TOKEN)],
+        &target_dir().join("test-cache"),
+    )
+}
+
+async fn put(host: &Host, stage: &str, bytes: Vec<u8>) -> (u16, Value) {
+    let response = client()
+        .put(format!("{}/admin/stages/{stage}", host.api))
+        .bearer_auth(TOKEN)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+async fn stages(host: &Host) -> Value {
+    let response = client()
+        .get(format!("{}/admin/stages", host.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn active_sha(host: &Host, stage: &str) -> String {
+    let all = stages(host).await;
+    let entry = all["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == stage)
+        .unwrap()
+        .clone();
+    entry["active"]["sha256"].as_str().unwrap().to_string()
+}
+
+fn sha_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Which post version produced a response: `Some(true)` for shout,
+/// `Some(false)` for the bundled post, `None` for a mixture.
+fn version_of(content: &str, metadata: &Value, question: &str) -> Option<bool> {
+    let shout = metadata.get("shout.version").is_some() && content == question.to_uppercase();
+    let bundled = metadata.get("post.redacted_emails").is_some() && content == question;
+    match (shout, bundled) {
+        (true, false) => Some(true),
+        (false, true) => Some(false),
+        _ => None,
+    }
+}
+
+/// One request, plain or streaming; returns whether shout produced it.
+async fn request(host: &Host, n: usize) -> Result<bool, String> {
+    let question = format!("client request number {n} about queues");
+    let stream = n.is_multiple_of(2);
+    let mut body = ask(&question);
+    body["stream"] = json!(stream);
+    let response = host.post(&body).await;
+    let status = response.status().as_u16();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("status {status}: {text}"));
+    }
+    let (content, metadata) = if stream {
+        let mut content = String::new();
+        let mut metadata = Value::Null;
+        for event in text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
+            if event == "[DONE]" {
+                break;
+            }
+            let chunk: Value = serde_json::from_str(event).map_err(|e| e.to_string())?;
+            content.push_str(
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or(""),
+            );
+            if let Some(m) = chunk.get("orchestrator") {
+                metadata = m["metadata"].clone();
+            }
+        }
+        (content, metadata)
+    } else {
+        let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+        (
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            v["orchestrator"]["metadata"].clone(),
+        )
+    };
+    version_of(&content, &metadata, &question)
+        .ok_or_else(|| format!("mixed response: {content:?} {metadata}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_swaps_under_load_lose_nothing() {
+    let host = Arc::new(admin_host(&[]));
+    let bundled = std::fs::read(bundled_wasm("post")).unwrap();
+    let shout = std::fs::read(test_plugin("shout")).unwrap();
+    let before_rss = host.metric("process_resident_memory_bytes").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for client_id in 0..16 {
+        let (host, stop) = (host.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut results = Vec::new();
+            let mut n = client_id;
+            while !stop.load(Ordering::Relaxed) {
+                results.push(request(&host, n).await);
+                n += 16;
+            }
+            results
+        }));
+    }
+
+    let broken: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "not wasm",
+            b"definitely not a component".to_vec(),
+            "not_wasm",
+        ),
+        (
+            "wrong world",
+            std::fs::read(test_plugin("wrong-world")).unwrap(),
+            "wrong_world",
+        ),
+        (
+            "failing init",
+            std::fs::read(test_plugin("broken-init")).unwrap(),
+            "init_failed",
+        ),
+        (
+            "import not granted",
+            std::fs::read(bundled_wasm("inference")).unwrap(),
+            "not_granted",
+        ),
+    ];
+    for swap in 0..50 {
+        let (bytes, expected) = if swap % 2 == 0 {
+            (&shout, sha_of(&shout))
+        } else {
+            (&bundled, sha_of(&bundled))
+        };
+        let (status, report) = put(&host, "post", bytes.clone()).await;
+        assert_eq!(status, 200, "{report}");
+        assert_eq!(report["sha256"], expected);
+        if swap == 25 {
+            for (what, bytes, code) in &broken {
+                let active = active_sha(&host, "post").await;
+                let (status, error) = put(&host, "post", bytes.clone()).await;
+                assert_eq!(status, 422, "{what}: {error}");
+                assert_eq!(error["error"]["code"], *code, "{what}: {error}");
+                assert!(
+                    error["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("refused"),
+                    "{what}"
+                );
+                assert_eq!(
+                    active_sha(&host, "post").await,
+                    active,
+                    "{what}: the old version stays active"
+                );
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut by_shout = 0u64;
+    let mut by_bundled = 0u64;
+    for client in clients {
+        for result in client.await.unwrap() {
+            match result {
+                Ok(true) => by_shout += 1,
+                Ok(false) => by_bundled += 1,
+                Err(e) => panic!("a request failed during swaps: {e}"),
+            }
+        }
+    }
+    assert!(
+        by_shout > 0 && by_bundled > 0,
+        "both versions served ({by_shout}, {by_bundled})"
+    );
+
+    // The registry's per-version call counts add up to what clients saw.
+    let all = stages(&host).await;
+    let post = all["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "post")
+        .unwrap();
+    let count = |sha: &str| -> u64 {
+        [&post["active"], &post["previous"]]
+            .iter()
+            .filter(|v| v["sha256"] == sha)
+            .map(|v| v["calls"].as_u64().unwrap())
+            .next()
+            .unwrap_or(0)
+    };
+    assert_eq!(count(&sha_of(&shout)), by_shout);
+    assert_eq!(count(&sha_of(&bundled)), by_bundled);
+
+    let text = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "orchestrator_plugin_reloads_total{result=\"success\",stage=\"post\"}"
+        ),
+        50.0
+    );
+    assert_eq!(
+        metric_value(
+            &text,
+            "orchestrator_plugin_reloads_total{result=\"error\",stage=\"post\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric_value(&text, "orchestrator_requests_total{stage=\"post\"}"),
+        (by_shout + by_bundled) as f64
+    );
+    let info_lines: Vec<_> = text
+        .lines()
+        .filter(|l| l.starts_with("orchestrator_plugin_info{") && l.contains("stage=\"post\""))
+        .collect();
+    assert_eq!(info_lines.len(), 1, "{info_lines:?}");
+    assert!(
+        info_lines[0].contains(&sha_of(&bundled)),
+        "the last swap installed the bundled post"
+    );
+    let after_rss = host.metric("process_resident_memory_bytes").await;
+    eprintln!(
+        "50 swaps under load: {} requests ({by_shout} shout, {by_bundled} bundled); RSS {:.1} -> {:.1} MiB",
+        by_shout + by_bundled,
+        before_rss / 1048576.0,
+        after_rss / 1048576.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_and_the_artifact_cache() {
+    // A cache of its own, so the first upload of `shout` compiles.
+    let cache = tempfile::tempdir().unwrap();
+    let host = Host::start_with(&[], &[("ORCHESTRATOR_ADMIN_TOKEN", TOKEN)], cache.path());
+    let bundled_sha = active_sha(&host, "post").await;
+    let shout = std::fs::read(test_plugin("shout")).unwrap();
+
+    let (status, first) = put(&host, "post", shout.clone()).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["cached"], false);
+    assert_eq!(first["previous_sha256"], bundled_sha.as_str());
+
+    let response = client()
+        .post(format!("{}/admin/stages/post/rollback", host.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let rolled: Value = response.json().await.unwrap();
+    assert_eq!(rolled["sha256"], bundled_sha.as_str());
+    assert_eq!(active_sha(&host, "post").await, bundled_sha);
+    let (status, text) = host.chat(&ask("after the rollback")).await;
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("\"content\":\"after the rollback\""),
+        "{text}"
+    );
+
+    // Swapping to `shout` again finds it in the cache.
+    let (status, again) = put(&host, "post", shout.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["cached"], true);
+    eprintln!(
+        "swap to a new version: {:.1} ms (compiled); swap back to it: {:.1} ms (artifact cache); rollback: {:.3} ms",
+        first["elapsed_ms"].as_f64().unwrap(),
+        again["elapsed_ms"].as_f64().unwrap(),
+        rolled["elapsed_ms"].as_f64().unwrap()
+    );
+    let (status, text) = host.chat(&ask("shouting now")).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("SHOUTING NOW"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_admin_api_is_off_without_a_token_and_locked_with_one() {
+    let shout = std::fs::read(test_plugin("shout")).unwrap();
+    let host = Host::start(&[]);
+    for (method, path) in [
+        ("PUT", "/admin/stages/post"),
+        ("GET", "/admin/stages"),
+        ("POST", "/admin/stages/post/rollback"),
+    ] {
+        let response = client()
+            .request(method.parse().unwrap(), format!("{}{path}", host.api))
+            .bearer_auth(TOKEN)
+            .body(shout.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            404,
+            "{method} {path} without a configured token"
+        );
+    }
+
+    let host = admin_host(&[]);
+    let before = active_sha(&host, "post").await;
+    for auth in [
+        None,
+        Some("Bearer wrong-token"),
+        Some("Basic dGVzdA=="),
+        Some(TOKEN),
+    ] {
+        let mut request = client()
+            .put(format!("{}/admin/stages/post", host.api))
+            .body(shout.clone());
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "{auth:?}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    }
+    assert_eq!(active_sha(&host, "post").await, before, "nothing changed");
+    assert!(!host.stderr().contains(TOKEN), "the token is never logged");
+    let health = reqwest::get(format!("{}/health", host.metrics))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!health.contains(TOKEN));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_swaps_a_replaced_file_and_ignores_a_half_written_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled = std::fs::read(bundled_wasm("post")).unwrap();
+    let shout = std::fs::read(test_plugin("shout")).unwrap();
+    std::fs::write(dir.path().join("post.wasm"), &bundled).unwrap();
+    let host = admin_host(&["--plugins", dir.path().to_str().unwrap(), "--watch"]);
+    assert_eq!(active_sha(&host, "post").await, sha_of(&bundled));
+
+    // A half-written file is refused, and the running version stays.
+    std::fs::write(dir.path().join("post.wasm"), &shout[..shout.len() / 2]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host
+        .metric("orchestrator_plugin_reloads_total{result=\"error\",stage=\"post\"}")
+        .await
+        < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the half-written file was never examined"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(active_sha(&host, "post").await, sha_of(&bundled));
+
+    // A file renamed into place is swapped in.
+    let staging = dir.path().join(".post.wasm.tmp");
+    std::fs::write(&staging, &shout).unwrap();
+    let replaced = Instant::now();
+    std::fs::rename(&staging, dir.path().join("post.wasm")).unwrap();
+    while active_sha(&host, "post").await != sha_of(&shout) {
+        assert!(
+            Instant::now() < replaced + Duration::from_secs(30),
+            "the replaced file was never swapped in"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "--watch: replaced file active after {:.0} ms",
+        replaced.elapsed().as_secs_f64() * 1e3
+    );
+    let (status, text) = host.chat(&ask("watched")).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("WATCHED"), "{text}");
+}
+
+/// In process, through the library: a version that is neither active nor
+/// previous is freed (its compiled code, `InstancePre` and instances)
+/// once its last instance is retired.
+#[tokio::test(flavor = "multi_thread")]
+async fn retired_versions_are_freed() {
+    use orchestrator::config::PluginSource;
+    use orchestrator::{Config, Metrics, Orchestrator};
+
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        cache_dir: Some(target_dir().join("test-cache")),
+        ..Config::default()
+    };
+    let host = Orchestrator::start(config, Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    let url = format!("http://{}/v1/chat/completions", host.api_addr());
+    for _ in 0..4 {
+        let response = client()
+            .post(&url)
+            .json(&ask("warm every worker"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let original = Arc::downgrade(&host.pipeline().plugin("post").unwrap());
+
+    let shout = std::fs::read(test_plugin("shout")).unwrap();
+    let bundled = std::fs::read(bundled_wasm("post")).unwrap();
+    host.versions()
+        .install("post", PluginSource::Upload, shout)
+        .await
+        .unwrap();
+    host.versions()
+        .install("post", PluginSource::Upload, bundled)
+        .await
+        .unwrap();
+    // Idle workers drop their outdated instances within IDLE_RECHECK.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while original.strong_count() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the retired version is still referenced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let response = client()
+        .post(&url)
+        .json(&ask("still serving"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    host.shutdown(Duration::from_secs(5)).await;
+}
