@@ -45,7 +45,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -55,7 +55,7 @@ use tokio::sync::{Notify, oneshot};
 use crate::circuit::{Admission, CircuitBreaker};
 use crate::config::{InstanceMode, StageConfig};
 use crate::metrics::{Metrics, Outcome, RequestMetrics, StageMetrics};
-use crate::plugin::{CallError, Envelope, Instance, Plugin};
+use crate::plugin::{CallError, Envelope, Instance, Plugin, PluginVersion};
 
 /// Why a request got no completion.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -201,7 +201,7 @@ pub struct StageHealth {
     /// Whether the stage can take requests.
     pub ready: bool,
     /// The plugin version it runs.
-    pub plugin: PluginHealth,
+    pub plugin: PluginVersion,
     /// Requests waiting in its queue.
     pub queue_depth: i64,
     /// Its queue bound.
@@ -216,17 +216,6 @@ pub struct StageHealth {
     pub circuit: &'static str,
     /// Live plugin instances.
     pub instances: i64,
-}
-
-/// `/health`'s view of a plugin version.
-#[derive(Debug, Clone, Serialize)]
-pub struct PluginHealth {
-    /// sha256 of the component.
-    pub sha256: String,
-    /// `bundled` or the file path.
-    pub source: String,
-    /// Unix time of loading, in seconds.
-    pub loaded_at: u64,
 }
 
 /// The body of `/health`.
@@ -426,14 +415,7 @@ impl Pipeline {
                         ready: accepting && circuit != "open",
                         circuit,
                         instances: slot.metrics.instances.get(),
-                        plugin: PluginHealth {
-                            sha256: plugin.sha256().to_string(),
-                            source: plugin.source().to_string(),
-                            loaded_at: plugin
-                                .loaded_at()
-                                .duration_since(SystemTime::UNIX_EPOCH)
-                                .map_or(0, |d| d.as_secs()),
-                        },
+                        plugin: plugin.describe(),
                         queue_depth: slot.metrics.queue_depth.get(),
                         queue_capacity: slot.settings.queue_capacity,
                         in_flight: slot.reserved.load(Ordering::Acquire),

@@ -421,6 +421,18 @@ fn check_imports(
     Ok(())
 }
 
+/// The identity of a plugin version, as reported by `/health` and the
+/// admin API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PluginVersion {
+    /// sha256 of the component.
+    pub sha256: String,
+    /// `bundled`, a file path, or `upload`.
+    pub source: String,
+    /// Unix time of loading, in seconds.
+    pub loaded_at: u64,
+}
+
 /// A loaded, validated plugin version: the unit a stage runs and swaps.
 pub struct Plugin {
     stage: &'static str,
@@ -464,6 +476,18 @@ impl Plugin {
     /// When it was loaded.
     pub fn loaded_at(&self) -> SystemTime {
         self.loaded_at
+    }
+
+    /// Its identity, for `/health` and the admin API.
+    pub fn describe(&self) -> PluginVersion {
+        PluginVersion {
+            sha256: self.sha256.clone(),
+            source: self.source.to_string(),
+            loaded_at: self
+                .loaded_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        }
     }
 
     fn wasi_ctx(&self) -> Result<WasiCtx, CallError> {

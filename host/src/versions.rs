@@ -33,7 +33,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 use prometheus::IntCounter;
 use serde::Serialize;
@@ -41,7 +41,7 @@ use serde::Serialize;
 use crate::config::{PluginSource, StageConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::plugin::{HostServices, LoadError, Plugin, Runtime};
+use crate::plugin::{HostServices, LoadError, Plugin, PluginVersion, Runtime};
 
 /// Why a swap or rollback was refused.
 #[derive(Debug, thiserror::Error)]
@@ -87,12 +87,9 @@ impl CallLedger {
 /// One version, as reported by `GET /admin/stages`.
 #[derive(Debug, Clone, Serialize)]
 pub struct VersionInfo {
-    /// sha256 of the component.
-    pub sha256: String,
-    /// `bundled`, a file path, or `upload`.
-    pub source: String,
-    /// Unix time of loading, in seconds.
-    pub loaded_at: u64,
+    /// Which version.
+    #[serde(flatten)]
+    pub version: PluginVersion,
     /// Calls served by this version (all loads of it) so far.
     pub calls: u64,
 }
@@ -143,12 +140,7 @@ pub struct Versions {
 
 fn info(plugin: &Plugin, ledger: &CallLedger) -> VersionInfo {
     VersionInfo {
-        sha256: plugin.sha256().to_string(),
-        source: plugin.source().to_string(),
-        loaded_at: plugin
-            .loaded_at()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        version: plugin.describe(),
         calls: ledger.calls(plugin.sha256()),
     }
 }
