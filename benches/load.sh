@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# End-to-end load test over HTTP on loopback, and startup time.
+#
+#   bash benches/load.sh            # DURATION=10 seconds per run by default
+#
+# Builds the release host, starts it with the bundled plugins and a fresh
+# artifact cache, then:
+#   1. time to first request served: cold cache (compiles 5 plugins), then warm;
+#   2. wrk at 1, 16 and 64 connections, non-streaming and streaming:
+#      requests/s, p50 and p99 latency, non-2xx responses;
+#   3. the host's RSS at idle and its peak under load.
+# Needs wrk (Debian: apt-get install wrk). wrk and the host share the
+# machine's cores, so on 2 cores the figures are a floor.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-10}
+command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
+cargo build --release -q -p orchestrator
+BIN=target/release/orchestrator
+CACHE=$(mktemp -d)
+OUT=$(mktemp)
+trap 'kill $PID 2>/dev/null || true; rm -rf "$CACHE" "$OUT"' EXIT
+
+now_ms() { date +%s%3N; }
+
+# Start the host; set PID, API and METRICS; print ms to the first answered request.
+start_host() {
+    local t0; t0=$(now_ms)
+    "$BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --cache-dir "$CACHE" >"$OUT" 2>/dev/null &
+    PID=$!
+    until grep -q listening "$OUT" 2>/dev/null; do sleep 0.005; done
+    API=$(grep -o 'api=[^ ]*' "$OUT" | cut -d= -f2)
+    METRICS=$(grep -o 'metrics=[^ ]*' "$OUT" | cut -d= -f2)
+    until curl -sf "$API/v1/chat/completions" -H 'content-type: application/json' \
+        -d '{"model":"echo","messages":[{"role":"user","content":"ready?"}]}' >/dev/null; do sleep 0.005; done
+    echo $(( $(now_ms) - t0 ))
+}
+
+rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
+
+cold=$(start_host); kill $PID; wait $PID 2>/dev/null || true
+warm=$(start_host)
+echo "startup to first answered request: cold cache ${cold} ms, warm cache ${warm} ms"
+sleep 1
+echo "idle RSS: $(rss_mib $PID) MiB"
+
+peak=0
+printf '\n| mode | connections | requests/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|---|\n'
+for mode in plain stream; do
+    for c in 1 16 64; do
+        ( while kill -0 $PID 2>/dev/null; do rss_mib $PID; echo; sleep 0.25; done ) >"$OUT.rss" &
+        sampler=$!
+        result=$(STREAM=$([ $mode = stream ] && echo 1 || echo 0) \
+            wrk -t2 -c$c -d${DURATION}s --latency -s benches/wrk-chat.lua "$API/v1/chat/completions")
+        kill $sampler 2>/dev/null || true
+        run_peak=$(sort -n "$OUT.rss" | tail -1)
+        peak=$(echo "$peak $run_peak" | awk '{print ($2 > $1) ? $2 : $1}')
+        rps=$(echo "$result" | awk '/Requests\/sec/ {print $2}')
+        p50=$(echo "$result" | awk '$1 == "50%" {print $2}')
+        p99=$(echo "$result" | awk '$1 == "99%" {print $2}')
+        errors=$(echo "$result" | awk '/Non-2xx/ {print $NF}')
+        printf '| %s | %s | %s | %s | %s | %s |\n' "$mode" "$c" "$rps" "$p50" "$p99" "${errors:-0}"
+    done
+done
+rm -f "$OUT.rss"
+echo
+echo "peak RSS under load: ${peak} MiB"
+curl -s "$METRICS/metrics" | grep -E '^orchestrator_request_duration_seconds_count'

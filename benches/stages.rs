@@ -1,0 +1,279 @@
+//! The cost of a plugin call, layer by layer, and of each bundled stage in
+//! wasm against the same logic compiled natively.
+//!
+//! ```text
+//! cargo bench -p orchestrator --bench stages
+//! ```
+//!
+//! Groups:
+//! - `call`: a warm instance of the `noop` guest (returns its input) with an
+//!   empty, a small (~100 B prompt) and a realistic envelope (4 KiB prompt,
+//!   8 × 512 B passages, 1 KiB completion): the bare call and the argument
+//!   copy, host side included (deadline arming, async call, output check).
+//! - `stage`: each bundled stage, wasm vs native, on the realistic envelope.
+//! - `instance`: a fresh pooled instance + `init` + one small call + drop,
+//!   as in the `per-request` instance mode.
+//! - `overhead`: the metric updates one request costs, and one queue hop
+//!   between worker threads.
+
+#[path = "../tests/common/guests.rs"]
+mod guests;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use orchestrator::config::{PluginSource, StageConfig};
+use orchestrator::inference::{Backend, Echo, GenerateRequest};
+use orchestrator::metrics::{Metrics, Outcome};
+use orchestrator::plugin::{
+    EngineSettings, Envelope, GenerationParams, HostServices, Instance, Message, Passage, Plugin, Runtime,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Bench {
+    rt: tokio::runtime::Runtime,
+    runtime: Runtime,
+    metrics: Metrics,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let settings = EngineSettings {
+            max_instances: 64,
+            max_memory_bytes: 64 << 20,
+            cache_dir: Some(guests::target_dir().join("bench-cache")),
+            fuel: false,
+        };
+        Bench {
+            rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+            runtime: Runtime::new(&settings).unwrap(),
+            metrics: Metrics::new(),
+        }
+    }
+
+    /// Load `bytes` as stage `stage` (with that stage's default grants).
+    fn load(&self, stage: &'static str, bytes: Vec<u8>) -> Arc<Plugin> {
+        let settings = StageConfig::default_for(stage);
+        let backend: Arc<dyn Backend> = Arc::new(Echo::default());
+        let services = HostServices {
+            backend: Some(backend),
+            tokens: Some(self.metrics.tokens("echo")),
+            instances: self.metrics.stage(stage).instances,
+            ledger: Arc::default(),
+        };
+        let (plugin, _) = self
+            .rt
+            .block_on(self.runtime.load(&settings, PluginSource::Upload, bytes, &services))
+            .unwrap();
+        plugin
+    }
+
+    fn instance(&self, plugin: &Arc<Plugin>) -> Instance {
+        self.rt.block_on(plugin.instantiate()).unwrap()
+    }
+
+    fn call(&self, instance: &mut Instance, envelope: &Envelope) -> Envelope {
+        self.rt.block_on(instance.process(envelope, TIMEOUT)).unwrap()
+    }
+}
+
+fn bundled(stage: &str) -> Vec<u8> {
+    std::fs::read(guests::bundled_wasm(stage)).unwrap()
+}
+
+fn params() -> GenerationParams {
+    GenerationParams {
+        model: "echo".into(),
+        max_tokens: 256,
+        temperature: 0.0,
+        stop: vec!["\n\nUser:".into()],
+    }
+}
+
+const QUESTION: &str = "What is backpressure, and how does the orchestrator shed load when a queue is full?";
+
+fn small() -> Envelope {
+    Envelope::new(
+        "chatcmpl-bench".into(),
+        vec![Message {
+            role: "user".into(),
+            content: QUESTION.into(),
+        }],
+        params(),
+    )
+}
+
+/// 4 KiB prompt, 8 × 512 B passages, 1 KiB completion with an e-mail address.
+fn realistic() -> Envelope {
+    let mut envelope = small();
+    let sentence = "Bounded queues make backpressure explicit: a full queue refuses work at ingress. ";
+    let text = |bytes: usize| sentence.repeat(bytes / sentence.len() + 1)[..bytes].to_string();
+    envelope.passages = (0..8)
+        .map(|n| Passage {
+            source: format!("doc-{n}.md"),
+            text: text(512),
+            score: 8.0 - n as f32,
+        })
+        .collect();
+    envelope.prompt = format!("{}\nUser: {QUESTION}\nAssistant:", text(4096 - QUESTION.len() - 20));
+    envelope.completion = format!("{} Contact ops@example.com for details.", text(1000));
+    envelope
+}
+
+fn call_layers(c: &mut Criterion) {
+    let bench = Bench::new();
+    let noop = bench.load("post", std::fs::read(guests::test_plugin("noop")).unwrap());
+    let mut instance = bench.instance(&noop);
+    let mut group = c.benchmark_group("call");
+    for (name, envelope) in [
+        ("noop_empty", Envelope::placeholder()),
+        ("noop_small", small()),
+        ("noop_realistic", realistic()),
+    ] {
+        group.bench_function(name, |b| b.iter(|| black_box(bench.call(&mut instance, black_box(&envelope)))));
+    }
+    group.finish();
+}
+
+fn stages_vs_native(c: &mut Criterion) {
+    let bench = Bench::new();
+    let envelope = realistic();
+    let mut group = c.benchmark_group("stage");
+
+    // rag: BM25 search over the bundled corpus.
+    let corpus_dir = orchestrator::config::default_corpus_dir();
+    let documents: Vec<(String, String)> = std::fs::read_dir(&corpus_dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&path).unwrap())
+        })
+        .collect();
+    let index = orchestrator_rag::Index::build(documents.iter().map(|(s, t)| (s.as_str(), t.as_str())));
+    group.bench_function("rag/native", |b| b.iter(|| black_box(index.search(black_box(QUESTION), 3).len())));
+    let mut rag_input = envelope.clone();
+    rag_input.passages.clear();
+    let mut rag = bench.instance(&bench.load("rag", bundled("rag")));
+    group.bench_function("rag/wasm", |b| b.iter(|| black_box(bench.call(&mut rag, &rag_input))));
+
+    // assemble: prompt under a token budget.
+    let settings = orchestrator_assemble::Settings::default();
+    group.bench_function("assemble/native", |b| {
+        b.iter(|| {
+            let passages: Vec<_> = envelope.passages.iter().map(|p| (p.source.as_str(), p.text.as_str())).collect();
+            let messages: Vec<_> = envelope.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
+            black_box(orchestrator_assemble::assemble(&settings, &passages, &messages))
+        })
+    });
+    let mut assemble = bench.instance(&bench.load("assemble", bundled("assemble")));
+    group.bench_function("assemble/wasm", |b| b.iter(|| black_box(bench.call(&mut assemble, &envelope))));
+
+    // inference: the echo backend through the host import.
+    let echo = Echo::default();
+    group.bench_function("inference/native", |b| {
+        b.iter(|| {
+            black_box(orchestrator_inference::run(&envelope.prompt, |prompt| {
+                let request = GenerateRequest {
+                    prompt,
+                    model: "echo",
+                    max_tokens: 256,
+                    temperature: 0.0,
+                    deadline: Instant::now(),
+                };
+                echo.generate(&request)
+                    .map(|c| orchestrator_inference::Completion {
+                        text: c.text,
+                        finish_reason: c.finish_reason.to_string(),
+                        prompt_tokens: c.prompt_tokens,
+                        completion_tokens: c.completion_tokens,
+                    })
+                    .map_err(|e| e.to_string())
+            }))
+        })
+    });
+    let mut inference = bench.instance(&bench.load("inference", bundled("inference")));
+    group.bench_function("inference/wasm", |b| b.iter(|| black_box(bench.call(&mut inference, &envelope))));
+
+    // post: stop sequences, trim, redaction.
+    group.bench_function("post/native", |b| {
+        b.iter(|| black_box(orchestrator_post::clean(&envelope.completion, &envelope.params.stop)))
+    });
+    let mut post = bench.instance(&bench.load("post", bundled("post")));
+    group.bench_function("post/wasm", |b| b.iter(|| black_box(bench.call(&mut post, &envelope))));
+
+    // stream: chunking.
+    group.bench_function("stream/native", |b| {
+        b.iter(|| black_box(orchestrator_stream::chunks(&envelope.completion, orchestrator_stream::DEFAULT_CHUNK_TOKENS)))
+    });
+    let mut stream = bench.instance(&bench.load("stream", bundled("stream")));
+    group.bench_function("stream/wasm", |b| b.iter(|| black_box(bench.call(&mut stream, &envelope))));
+    group.finish();
+}
+
+fn instance_cost(c: &mut Criterion) {
+    let bench = Bench::new();
+    let envelope = small();
+    let mut group = c.benchmark_group("instance");
+    for (name, bytes) in [
+        ("noop", std::fs::read(guests::test_plugin("noop")).unwrap()),
+        ("post", bundled("post")),
+    ] {
+        let plugin = bench.load("post", bytes);
+        group.bench_function(format!("{name}/fresh_call_drop"), |b| {
+            b.iter(|| {
+                let mut instance = bench.instance(&plugin);
+                black_box(bench.call(&mut instance, &envelope));
+            })
+        });
+    }
+    group.finish();
+}
+
+fn overheads(c: &mut Criterion) {
+    let metrics = Metrics::new();
+    let stages: Vec<_> = orchestrator::config::STAGES.iter().map(|s| metrics.stage(s)).collect();
+    let requests = metrics.requests_by_outcome();
+    let mut group = c.benchmark_group("overhead");
+    // Exactly what the pipeline records for one successful request.
+    group.bench_function("metrics_per_request", |b| {
+        b.iter(|| {
+            for stage in &stages {
+                stage.queue_depth.inc();
+                stage.queue_depth.dec();
+                stage.requests.inc();
+                stage.duration.observe(black_box(0.000_2));
+            }
+            requests.observe(Outcome::Ok, black_box(Duration::from_micros(900)));
+        })
+    });
+    // One hop between two worker threads through a bounded stage queue,
+    // measured as half a round trip.
+    let (to_worker, worker_rx) = crossbeam_channel::bounded::<u64>(1024);
+    let (to_main, main_rx) = crossbeam_channel::bounded::<u64>(1024);
+    let echo = std::thread::spawn(move || {
+        while let Ok(n) = worker_rx.recv() {
+            if to_main.send(n).is_err() {
+                break;
+            }
+        }
+    });
+    group.bench_function("queue_hop_round_trip", |b| {
+        b.iter(|| {
+            to_worker.send(1).unwrap();
+            black_box(main_rx.recv().unwrap())
+        })
+    });
+    drop(to_worker);
+    let _ = echo.join();
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
+    targets = call_layers, stages_vs_native, instance_cost, overheads
+}
+criterion_main!(benches);
