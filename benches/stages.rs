@@ -28,7 +28,8 @@ use orchestrator::config::{PluginSource, StageConfig};
 use orchestrator::inference::{Backend, Echo, GenerateRequest};
 use orchestrator::metrics::{Metrics, Outcome};
 use orchestrator::plugin::{
-    EngineSettings, Envelope, GenerationParams, HostServices, Instance, Message, Passage, Plugin, Runtime,
+    EngineSettings, Envelope, GenerationParams, HostServices, Instance, Message, Passage, Plugin,
+    Runtime,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -48,7 +49,10 @@ impl Bench {
             fuel: false,
         };
         Bench {
-            rt: tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap(),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
             runtime: Runtime::new(&settings).unwrap(),
             metrics: Metrics::new(),
         }
@@ -66,7 +70,10 @@ impl Bench {
         };
         let (plugin, _) = self
             .rt
-            .block_on(self.runtime.load(&settings, PluginSource::Upload, bytes, &services))
+            .block_on(
+                self.runtime
+                    .load(&settings, PluginSource::Upload, bytes, &services),
+            )
             .unwrap();
         plugin
     }
@@ -76,7 +83,9 @@ impl Bench {
     }
 
     fn call(&self, instance: &mut Instance, envelope: &Envelope) -> Envelope {
-        self.rt.block_on(instance.process(envelope, TIMEOUT)).unwrap()
+        self.rt
+            .block_on(instance.process(envelope, TIMEOUT))
+            .unwrap()
     }
 }
 
@@ -93,7 +102,8 @@ fn params() -> GenerationParams {
     }
 }
 
-const QUESTION: &str = "What is backpressure, and how does the orchestrator shed load when a queue is full?";
+const QUESTION: &str =
+    "What is backpressure, and how does the orchestrator shed load when a queue is full?";
 
 fn small() -> Envelope {
     Envelope::new(
@@ -109,7 +119,8 @@ fn small() -> Envelope {
 /// 4 KiB prompt, 8 × 512 B passages, 1 KiB completion with an e-mail address.
 fn realistic() -> Envelope {
     let mut envelope = small();
-    let sentence = "Bounded queues make backpressure explicit: a full queue refuses work at ingress. ";
+    let sentence =
+        "Bounded queues make backpressure explicit: a full queue refuses work at ingress. ";
     let text = |bytes: usize| sentence.repeat(bytes / sentence.len() + 1)[..bytes].to_string();
     envelope.passages = (0..8)
         .map(|n| Passage {
@@ -118,7 +129,10 @@ fn realistic() -> Envelope {
             score: 8.0 - n as f32,
         })
         .collect();
-    envelope.prompt = format!("{}\nUser: {QUESTION}\nAssistant:", text(4096 - QUESTION.len() - 20));
+    envelope.prompt = format!(
+        "{}\nUser: {QUESTION}\nAssistant:",
+        text(4096 - QUESTION.len() - 20)
+    );
     envelope.completion = format!("{} Contact ops@example.com for details.", text(1000));
     envelope
 }
@@ -133,7 +147,9 @@ fn call_layers(c: &mut Criterion) {
         ("noop_small", small()),
         ("noop_realistic", realistic()),
     ] {
-        group.bench_function(name, |b| b.iter(|| black_box(bench.call(&mut instance, black_box(&envelope)))));
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(bench.call(&mut instance, black_box(&envelope))))
+        });
     }
     group.finish();
 }
@@ -149,27 +165,47 @@ fn stages_vs_native(c: &mut Criterion) {
         .unwrap()
         .map(|e| {
             let path = e.unwrap().path();
-            (path.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&path).unwrap())
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                std::fs::read_to_string(&path).unwrap(),
+            )
         })
         .collect();
-    let index = orchestrator_rag::Index::build(documents.iter().map(|(s, t)| (s.as_str(), t.as_str())));
-    group.bench_function("rag/native", |b| b.iter(|| black_box(index.search(black_box(QUESTION), 3).len())));
+    let index =
+        orchestrator_rag::Index::build(documents.iter().map(|(s, t)| (s.as_str(), t.as_str())));
+    group.bench_function("rag/native", |b| {
+        b.iter(|| black_box(index.search(black_box(QUESTION), 3).len()))
+    });
     let mut rag_input = envelope.clone();
     rag_input.passages.clear();
     let mut rag = bench.instance(&bench.load("rag", bundled("rag")));
-    group.bench_function("rag/wasm", |b| b.iter(|| black_box(bench.call(&mut rag, &rag_input))));
+    group.bench_function("rag/wasm", |b| {
+        b.iter(|| black_box(bench.call(&mut rag, &rag_input)))
+    });
 
     // assemble: prompt under a token budget.
     let settings = orchestrator_assemble::Settings::default();
     group.bench_function("assemble/native", |b| {
         b.iter(|| {
-            let passages: Vec<_> = envelope.passages.iter().map(|p| (p.source.as_str(), p.text.as_str())).collect();
-            let messages: Vec<_> = envelope.messages.iter().map(|m| (m.role.as_str(), m.content.as_str())).collect();
-            black_box(orchestrator_assemble::assemble(&settings, &passages, &messages))
+            let passages: Vec<_> = envelope
+                .passages
+                .iter()
+                .map(|p| (p.source.as_str(), p.text.as_str()))
+                .collect();
+            let messages: Vec<_> = envelope
+                .messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .collect();
+            black_box(orchestrator_assemble::assemble(
+                &settings, &passages, &messages,
+            ))
         })
     });
     let mut assemble = bench.instance(&bench.load("assemble", bundled("assemble")));
-    group.bench_function("assemble/wasm", |b| b.iter(|| black_box(bench.call(&mut assemble, &envelope))));
+    group.bench_function("assemble/wasm", |b| {
+        b.iter(|| black_box(bench.call(&mut assemble, &envelope)))
+    });
 
     // inference: the echo backend through the host import.
     let echo = Echo::default();
@@ -195,21 +231,37 @@ fn stages_vs_native(c: &mut Criterion) {
         })
     });
     let mut inference = bench.instance(&bench.load("inference", bundled("inference")));
-    group.bench_function("inference/wasm", |b| b.iter(|| black_box(bench.call(&mut inference, &envelope))));
+    group.bench_function("inference/wasm", |b| {
+        b.iter(|| black_box(bench.call(&mut inference, &envelope)))
+    });
 
     // post: stop sequences, trim, redaction.
     group.bench_function("post/native", |b| {
-        b.iter(|| black_box(orchestrator_post::clean(&envelope.completion, &envelope.params.stop)))
+        b.iter(|| {
+            black_box(orchestrator_post::clean(
+                &envelope.completion,
+                &envelope.params.stop,
+            ))
+        })
     });
     let mut post = bench.instance(&bench.load("post", bundled("post")));
-    group.bench_function("post/wasm", |b| b.iter(|| black_box(bench.call(&mut post, &envelope))));
+    group.bench_function("post/wasm", |b| {
+        b.iter(|| black_box(bench.call(&mut post, &envelope)))
+    });
 
     // stream: chunking.
     group.bench_function("stream/native", |b| {
-        b.iter(|| black_box(orchestrator_stream::chunks(&envelope.completion, orchestrator_stream::DEFAULT_CHUNK_TOKENS)))
+        b.iter(|| {
+            black_box(orchestrator_stream::chunks(
+                &envelope.completion,
+                orchestrator_stream::DEFAULT_CHUNK_TOKENS,
+            ))
+        })
     });
     let mut stream = bench.instance(&bench.load("stream", bundled("stream")));
-    group.bench_function("stream/wasm", |b| b.iter(|| black_box(bench.call(&mut stream, &envelope))));
+    group.bench_function("stream/wasm", |b| {
+        b.iter(|| black_box(bench.call(&mut stream, &envelope)))
+    });
     group.finish();
 }
 
@@ -234,7 +286,10 @@ fn instance_cost(c: &mut Criterion) {
 
 fn overheads(c: &mut Criterion) {
     let metrics = Metrics::new();
-    let stages: Vec<_> = orchestrator::config::STAGES.iter().map(|s| metrics.stage(s)).collect();
+    let stages: Vec<_> = orchestrator::config::STAGES
+        .iter()
+        .map(|s| metrics.stage(s))
+        .collect();
     let requests = metrics.requests_by_outcome();
     let mut group = c.benchmark_group("overhead");
     // Exactly what the pipeline records for one successful request.

@@ -1,14 +1,19 @@
-//! The README's metrics table and `/metrics` list the same metrics.
+//! The README's metrics section and `/metrics` list the same metrics.
 
 use std::collections::BTreeSet;
 
 use crate::common::Host;
 
-/// Metric family names mentioned in the README (suffixes of histogram
-/// series folded into their family).
+/// Metric family names mentioned in the README's `## Metrics` section
+/// (suffixes of histogram series folded into their family).
 fn readme_metrics() -> BTreeSet<String> {
-    let readme =
+    let whole =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = whole
+        .split("\n## Metrics\n")
+        .nth(1)
+        .expect("a Metrics section");
+    let readme = section.split("\n## ").next().unwrap_or(section);
     let mut names = BTreeSet::new();
     for (at, _) in readme.match_indices("orchestrator_") {
         let name: String = readme[at..]

@@ -9,5 +9,6 @@ mod api;
 mod docs;
 mod hotswap;
 mod metrics;
+mod ops;
 mod sandbox;
 mod startup;

@@ -52,4 +52,3 @@ pub fn test_plugin(name: &str) -> PathBuf {
     assert!(path.exists(), "no test plugin {}", path.display());
     path
 }
-

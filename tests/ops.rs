@@ -1,0 +1,408 @@
+//! The ops files, verified on real data: promtool on the Prometheus config
+//! and rules (with the rules' unit tests), a real Prometheus scraping a real
+//! host whose traffic includes successes, errors and sheds — every
+//! dashboard panel query, recording rule and README PromQL example must
+//! return data — and offline schema checks of the dashboard, the compose
+//! file and the Kubernetes manifests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::common::{Host, ask, config_file, test_plugin, tool_missing};
+
+fn ops(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ops")
+        .join(path)
+}
+
+/// Run a command; panic with its output unless it succeeds.
+fn run(command: &mut Command) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "{command:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn promtool_accepts_the_configs_and_the_rules_pass_their_unit_tests() {
+    if tool_missing("promtool") {
+        return;
+    }
+    for config in [
+        "prometheus/prometheus.yml",
+        "prometheus/prometheus.compose.yml",
+    ] {
+        run(Command::new("promtool")
+            .args(["check", "config"])
+            .arg(ops(config)));
+    }
+    run(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(ops("prometheus/orchestrator.rules.yml")));
+    let out = run(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(ops("prometheus/orchestrator.rules.test.yml")));
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+/// The alerts the rules define, and that each has a firing and a silent
+/// unit test.
+#[test]
+fn every_alert_has_a_firing_and_a_silent_test_case() {
+    let rules = std::fs::read_to_string(ops("prometheus/orchestrator.rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(ops("prometheus/orchestrator.rules.test.yml")).unwrap();
+    let alerts: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+        .collect();
+    assert_eq!(alerts.len(), 8, "{alerts:?}");
+    for alert in alerts {
+        let cases: Vec<&str> = tests
+            .split(&format!("alertname: {alert}\n"))
+            .skip(1)
+            .map(|rest| rest.lines().next().unwrap_or(""))
+            .collect();
+        assert!(
+            cases.iter().any(|c| c.trim() == "exp_alerts: []"),
+            "{alert} has no silent case"
+        );
+        assert!(
+            cases.iter().any(|c| c.trim() == "exp_alerts:"),
+            "{alert} has no firing case"
+        );
+    }
+}
+
+#[test]
+fn the_container_configs_are_valid_host_configs() {
+    orchestrator::Config::from_file(&ops("orchestrator.toml")).unwrap();
+    // The TOML embedded in the Kubernetes ConfigMap.
+    let configmap = std::fs::read_to_string(ops("k8s/configmap.yaml")).unwrap();
+    let toml: String = configmap
+        .split("orchestrator.toml: |\n")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = orchestrator::Config::from_toml(&toml, Path::new("/")).unwrap();
+    assert_eq!(config.plugins_dir.as_deref(), Some(Path::new("/plugins")));
+    assert_eq!(config.metrics_listen.port(), 9090);
+}
+
+#[test]
+fn the_dashboard_uses_a_datasource_variable_and_a_stable_uid() {
+    let text = std::fs::read_to_string(ops("grafana/dashboards/orchestrator.json")).unwrap();
+    assert!(
+        !text.contains("DS_PROMETHEUS") && !text.contains("__inputs"),
+        "import placeholders"
+    );
+    let dashboard: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dashboard["uid"], "orchestrator-overview");
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables
+            .iter()
+            .any(|v| v["type"] == "datasource" && v["name"] == "datasource")
+    );
+    for panel in dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+    {
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
+        for target in panel["targets"].as_array().unwrap() {
+            assert_eq!(
+                target["datasource"]["uid"], "${datasource}",
+                "{}",
+                panel["title"]
+            );
+        }
+    }
+    // The provisioning files point where compose mounts the dashboards.
+    let provider =
+        std::fs::read_to_string(ops("grafana/provisioning/dashboards/orchestrator.yml")).unwrap();
+    let compose = std::fs::read_to_string(ops("compose.yml")).unwrap();
+    assert!(provider.contains("path: /var/lib/grafana/dashboards"));
+    assert!(compose.contains("./grafana/dashboards:/var/lib/grafana/dashboards:ro"));
+    assert!(compose.contains("./grafana/provisioning:/etc/grafana/provisioning:ro"));
+}
+
+/// `node ops/check/<script>`; needs `npm ci --prefix ops/check` first.
+fn node_check(script: &str, args: &[&str]) -> Option<String> {
+    if tool_missing("node") {
+        return None;
+    }
+    let modules = ops("check/node_modules");
+    if !modules.exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "run `npm ci --prefix ops/check` (.ci/run does)"
+        );
+        eprintln!("note: ops/check/node_modules missing; skipping {script}");
+        return None;
+    }
+    Some(run(Command::new("node")
+        .arg(ops("check").join(script))
+        .args(args)))
+}
+
+#[test]
+fn the_dashboard_type_checks_against_grafana_schema() {
+    if let Some(out) = node_check("dashboard.mjs", &[]) {
+        assert!(out.contains("type-checks against @grafana/schema"), "{out}");
+    }
+}
+
+#[test]
+fn the_compose_file_is_valid_and_its_mounts_exist() {
+    let compose = ops("compose.yml");
+    if let Some(out) = node_check("compose.mjs", &[compose.to_str().unwrap()]) {
+        assert!(
+            out.contains("valid against the Compose specification"),
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn the_kubernetes_manifests_validate_against_the_kubernetes_schemas() {
+    if tool_missing("kubernetes-validate") {
+        return;
+    }
+    let manifests: Vec<PathBuf> = std::fs::read_dir(ops("k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(manifests.len() >= 7);
+    let out = run(Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(&manifests));
+    for kind in [
+        "deployment",
+        "service",
+        "horizontalpodautoscaler",
+        "poddisruptionbudget",
+        "configmap",
+    ] {
+        assert!(
+            out.contains(&format!("passed for resource {kind}/")),
+            "{kind}: {out}"
+        );
+    }
+}
+
+/// A Prometheus server on loopback, killed on drop.
+struct Prometheus {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_prometheus(target: &str) -> Prometheus {
+    let dir = tempfile::tempdir().unwrap();
+    // The shipped rules, evaluated every second instead of every 15.
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {:?}\nscrape_configs:\n  - job_name: orchestrator\n    static_configs:\n      - targets: [{target:?}]\n",
+        ops("prometheus/orchestrator.rules.yml")
+            .display()
+            .to_string()
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let port = free_port();
+    let child = Command::new("prometheus")
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus runs");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = reqwest::get(format!("{url}/-/ready")).await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "prometheus never became ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Prometheus {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+async fn query(prometheus: &Prometheus, expr: &str) -> Vec<Value> {
+    let response: Value = crate::common::client()
+        .get(format!("{}/api/v1/query", prometheus.url))
+        .query(&[("query", expr)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(response["status"], "success", "{expr}: {response}");
+    response["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Every PromQL expression of the dashboard, with its variables
+/// substituted as Grafana would (all stages, a 1m rate interval).
+fn dashboard_queries() -> Vec<(String, String)> {
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(ops("grafana/dashboards/orchestrator.json")).unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$stage", ".*")
+                .replace("$__rate_interval", "1m");
+            out.push((
+                format!("panel {:?}", panel["title"].as_str().unwrap()),
+                expr,
+            ));
+        }
+    }
+    out
+}
+
+fn recording_rules() -> Vec<(String, String)> {
+    std::fs::read_to_string(ops("prometheus/orchestrator.rules.yml"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- record: "))
+        .map(|name| (format!("recording rule {name}"), name.to_string()))
+        .collect()
+}
+
+/// The ```promql blocks of the README: one expression per non-comment line,
+/// indented lines continuing the previous one.
+fn readme_queries() -> Vec<(String, String)> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut out: Vec<(String, String)> = Vec::new();
+    for block in readme.split("```promql\n").skip(1) {
+        let block = block.split("```").next().unwrap();
+        for line in block
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        {
+            if line.starts_with(' ') && !out.is_empty() {
+                let last = out.last_mut().unwrap();
+                last.1.push(' ');
+                last.1.push_str(line.trim());
+            } else {
+                out.push((format!("README: {line}"), line.to_string()));
+            }
+        }
+    }
+    assert!(out.len() >= 5, "README PromQL examples: {out:?}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_panel_rule_and_readme_query_returns_data_from_a_real_prometheus() {
+    if tool_missing("prometheus") {
+        return;
+    }
+    // `post` fails requests that mention "rogue" (errors); `stream` is slow
+    // with a queue of 2 (sheds).
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(
+        dir.path(),
+        &format!(
+            "[stages.post]\nplugin = {:?}\nconfig = {{ mode = \"fail\" }}\n[stages.stream]\nplugin = {:?}\nworkers = 1\nqueue_capacity = 2\nconfig = {{ delay_ms = 200 }}\n",
+            test_plugin("rogue").display().to_string(),
+            test_plugin("slow").display().to_string()
+        ),
+    );
+    let host = Host::start(&["--config", config.to_str().unwrap()]);
+    let prometheus = start_prometheus(host.metrics.trim_start_matches("http://")).await;
+
+    let mut queries = dashboard_queries();
+    queries.extend(recording_rules());
+    queries.extend(readme_queries());
+    queries.push(("target up".into(), "up{job=\"orchestrator\"} == 1".into()));
+
+    // Traffic until every query has data: successes, errors and sheds.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut pending = queries.clone();
+    let mut round = 0;
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "no data for: {pending:#?}");
+        let (status, text) = host.chat(&ask("rogue, please fail")).await;
+        assert_eq!(status, 500, "the rogue request fails: {text}");
+        let flood: Vec<Value> = (0..6).map(|_| ask("what is backpressure?")).collect();
+        let statuses: Vec<u16> = futures_util::future::join_all(flood.iter().map(|r| host.chat(r)))
+            .await
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert!(
+            statuses.contains(&429) && statuses.contains(&200),
+            "the flood is partly shed: {statuses:?}"
+        );
+        round += 1;
+        let mut still = Vec::new();
+        for (what, expr) in pending {
+            if query(&prometheus, &expr).await.is_empty() {
+                still.push((what, expr));
+            }
+        }
+        pending = still;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!(
+        "{} queries returned data after {round} rounds of traffic",
+        queries.len()
+    );
+}
