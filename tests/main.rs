@@ -11,4 +11,5 @@ mod hotswap;
 mod metrics;
 mod ops;
 mod sandbox;
+mod sdk;
 mod startup;
