@@ -153,6 +153,31 @@ async fn files_outside_the_grants_are_invisible() {
     assert!(!message.contains("root:"), "{message}");
 }
 
+#[test]
+fn only_granted_environment_variables_are_visible() {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let config = config_file(
+        &dir,
+        &format!(
+            "[stages.post]\nplugin = {:?}\ncapabilities = {{ env = [\"ORCH_TEST_GRANTED\", \"ORCH_TEST_UNSET\"] }}\nconfig = {{ mode = \"env\" }}\n",
+            test_plugin("rogue").display().to_string()
+        ),
+    );
+    let host = crate::common::Host::start_with(
+        &["--config", config.to_str().unwrap()],
+        &[("ORCH_TEST_GRANTED", "yes"), ("ORCH_TEST_SECRET", "no")],
+        &crate::common::target_dir().join("test-cache"),
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, text) = runtime.block_on(host.chat(&ask("rogue, show me the environment")));
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        body["orchestrator"]["metadata"]["rogue.env"],
+        "ORCH_TEST_GRANTED"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn fuel_bounds_instructions_per_call() {
     let host = rogue_host("loop", "fuel = 50000000\ntimeout_ms = 60000");

@@ -54,7 +54,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::circuit::{Admission, CircuitBreaker};
 use crate::config::{InstanceMode, StageConfig};
-use crate::metrics::{Metrics, Outcome, RequestMetrics, StageMetrics};
+use crate::metrics::{ErrorType, Metrics, Outcome, RequestMetrics, StageMetrics};
 use crate::plugin::{CallError, Envelope, Instance, Plugin, PluginVersion};
 
 /// Why a request got no completion.
@@ -533,10 +533,19 @@ fn worker(inner: &Inner, index: usize) {
         slot.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
-        let probe = job.probes & (1 << index) != 0;
-        job.probes &= !(1 << index);
-        slot.breaker
-            .record(result.as_ref().map(|_| ()).map_err(|e| e.error_type), probe);
+        // A call cut short by the *request's* remaining time, not by the
+        // stage's own deadline, says nothing about the plugin: it neither
+        // counts against the breaker nor settles a probe.
+        let cut_by_request = remaining < Duration::from_millis(slot.settings.timeout_ms)
+            && result
+                .as_ref()
+                .is_err_and(|e| e.error_type == ErrorType::Timeout);
+        if !cut_by_request {
+            let probe = job.probes & (1 << index) != 0;
+            job.probes &= !(1 << index);
+            slot.breaker
+                .record(result.as_ref().map(|_| ()).map_err(|e| e.error_type), probe);
+        }
         match result {
             Ok(envelope) => {
                 job.envelope = envelope;

@@ -8,7 +8,8 @@
 //! `bytes` bytes, default 100 MiB), `sleep` (sleeps 30 s inside a host
 //! call), `escape` (tries to read files outside its preopen), `flaky`
 //! (fails 30% of all calls at random), `log-flood` (10 000 log records per
-//! call), `init-fails` (refuses to start).
+//! call), `init-fails` (refuses to start), `fail` (a plugin error), `env`
+//! (reports the environment variables it can see).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
@@ -116,6 +117,11 @@ impl Guest for Component {
                 Ok(request)
             }
             "fail" => Err(StageError::PluginError("the rogue fails on request".into())),
+            "env" => {
+                let seen: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
+                request.metadata.push(("rogue.env".into(), seen.join(",")));
+                Ok(request)
+            }
             _ => Ok(request),
         }
     }
