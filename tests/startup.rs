@@ -109,3 +109,55 @@ fn plugins_from_a_directory_replace_the_bundled_ones() {
     );
     assert_eq!(health["stages"][0]["plugin"]["source"], "bundled");
 }
+
+/// A corrupt or foreign artifact-cache entry is detected and recompiled,
+/// never loaded.
+#[test]
+fn corrupt_cache_entries_are_recompiled_not_trusted() {
+    use sha2::Digest;
+
+    let cache = tempfile::tempdir().unwrap();
+    let host = Host::start_with(&[], &[], cache.path());
+    drop(host);
+    let mut entries: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    entries.sort();
+    assert_eq!(entries.len(), 5, "one entry per bundled plugin");
+    for (n, entry) in entries.iter().enumerate() {
+        let data = std::fs::read(entry).unwrap();
+        if n % 2 == 0 {
+            // Truncated: the checksum no longer matches.
+            std::fs::write(entry, &data[..data.len() / 2]).unwrap();
+        } else {
+            // Garbage under a valid checksum: wasmtime refuses it.
+            let garbage = vec![0x5a; 4096];
+            let mut file = sha2::Sha256::digest(&garbage).to_vec();
+            file.extend_from_slice(&garbage);
+            std::fs::write(entry, file).unwrap();
+        }
+    }
+    let host = Host::start_with(&[], &[], cache.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, text) = runtime.block_on(host.chat(&crate::common::ask("still correct?")));
+    assert_eq!(status, 200, "{text}");
+    let log = host.stderr();
+    assert_eq!(
+        log.matches("corrupt artifact cache entry; recompiling")
+            .count(),
+        3,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("stale artifact cache entry; recompiling")
+            .count(),
+        2,
+        "{log}"
+    );
+    // The rewritten entries are good again.
+    drop(host);
+    let host = Host::start_with(&[], &[], cache.path());
+    assert!(!host.stderr().contains("recompiling"), "{}", host.stderr());
+}
