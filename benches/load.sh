@@ -19,11 +19,13 @@ cargo build --release -q -p orchestrator
 BIN=target/release/orchestrator
 CACHE=$(mktemp -d)
 OUT=$(mktemp)
+PID=""
 trap 'kill $PID 2>/dev/null || true; rm -rf "$CACHE" "$OUT"' EXIT
 
 now_ms() { date +%s%3N; }
 
-# Start the host; set PID, API and METRICS; print ms to the first answered request.
+# Start the host; set PID, API, METRICS and STARTUP_MS (ms from exec to
+# the first answered request).
 start_host() {
     local t0; t0=$(now_ms)
     "$BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --cache-dir "$CACHE" >"$OUT" 2>/dev/null &
@@ -33,13 +35,13 @@ start_host() {
     METRICS=$(grep -o 'metrics=[^ ]*' "$OUT" | cut -d= -f2)
     until curl -sf "$API/v1/chat/completions" -H 'content-type: application/json' \
         -d '{"model":"echo","messages":[{"role":"user","content":"ready?"}]}' >/dev/null; do sleep 0.005; done
-    echo $(( $(now_ms) - t0 ))
+    STARTUP_MS=$(( $(now_ms) - t0 ))
 }
 
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
-cold=$(start_host); kill $PID; wait $PID 2>/dev/null || true
-warm=$(start_host)
+start_host; cold=$STARTUP_MS; kill $PID; wait $PID 2>/dev/null || true
+start_host; warm=$STARTUP_MS
 echo "startup to first answered request: cold cache ${cold} ms, warm cache ${warm} ms"
 sleep 1
 echo "idle RSS: $(rss_mib $PID) MiB"
@@ -51,7 +53,7 @@ for mode in plain stream; do
         ( while kill -0 $PID 2>/dev/null; do rss_mib $PID; echo; sleep 0.25; done ) >"$OUT.rss" &
         sampler=$!
         result=$(STREAM=$([ $mode = stream ] && echo 1 || echo 0) \
-            wrk -t2 -c$c -d${DURATION}s --latency -s benches/wrk-chat.lua "$API/v1/chat/completions")
+            wrk -t$(( c < 2 ? 1 : 2 )) -c$c -d${DURATION}s --latency -s benches/wrk-chat.lua "$API/v1/chat/completions")
         kill $sampler 2>/dev/null || true
         run_peak=$(sort -n "$OUT.rss" | tail -1)
         peak=$(echo "$peak $run_peak" | awk '{print ($2 > $1) ? $2 : $1}')

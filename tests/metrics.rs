@@ -155,3 +155,34 @@ async fn counters_histograms_and_tokens_match_the_requests_sent() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_request_instances_are_dropped_after_each_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = crate::common::config_file(
+        dir.path(),
+        "[stages.post]\ninstance_mode = \"per-request\"\n[stages.stream]\nrecycle_after = 2\nworkers = 1\n",
+    );
+    let host = Host::start(&["--config", config.to_str().unwrap()]);
+    for n in 0..5 {
+        let (status, text) = host
+            .chat(&ask(&format!("request {n} to ops@example.com")))
+            .await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("[redacted email]"), "{text}");
+    }
+    let text = host.metrics_text().await;
+    assert_eq!(
+        metric_value(&text, "orchestrator_plugin_instances{stage=\"post\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric_value(&text, "orchestrator_requests_total{stage=\"post\"}"),
+        5.0
+    );
+    // Reuse with recycle_after = 2: one live instance, replaced every 2 calls.
+    assert_eq!(
+        metric_value(&text, "orchestrator_plugin_instances{stage=\"stream\"}"),
+        1.0
+    );
+}
