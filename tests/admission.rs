@@ -6,20 +6,15 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{Host, ask, config_file, metric_value, test_plugin};
+use crate::common::{Host, ask, get_json, metric_value, test_plugin};
 
 /// A host whose `post` stage is the `slow` test plugin (one worker,
 /// `delay_ms` per call) with a queue of `capacity`.
 fn slow_post_host(capacity: usize, delay_ms: u64, extra: &str) -> Host {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let config = config_file(
-        &dir,
-        &format!(
-            "{extra}\n[stages.post]\nplugin = {:?}\nworkers = 1\nqueue_capacity = {capacity}\nconfig = {{ delay_ms = {delay_ms} }}\n",
-            test_plugin("slow").display().to_string()
-        ),
-    );
-    Host::start(&["--config", config.to_str().unwrap()])
+    Host::with_config(&format!(
+        "{extra}\n[stages.post]\nplugin = {:?}\nworkers = 1\nqueue_capacity = {capacity}\nconfig = {{ delay_ms = {delay_ms} }}\n",
+        test_plugin("slow").display().to_string()
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -135,12 +130,7 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
     // Wait until the request is inside the pipeline.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let health: Value = reqwest::get(format!("{}/health", host.metrics))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let health = get_json(&format!("{}/health", host.metrics)).await;
         if health["in_flight"] == 1 {
             break;
         }

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, ask, client};
+use crate::common::{Host, ask, client, get_json};
 
 fn metadata<'a>(body: &'a Value, key: &str) -> &'a str {
     body["orchestrator"]["metadata"][key]
@@ -134,7 +134,7 @@ async fn streaming_is_well_formed_sse_matching_the_plain_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_openai_shaped_errors() {
-    let host = Host::start(&["--config", &small_body_config()]);
+    let host = Host::with_config("max_body_bytes = 2048\n");
     let url = format!("{}/v1/chat/completions", host.api);
     let cases: Vec<(&str, String, u16)> = vec![
         (
@@ -221,20 +221,6 @@ async fn bad_requests_get_openai_shaped_errors() {
     // The host is unharmed.
     let (status, _) = host.chat(&ask("still there?")).await;
     assert_eq!(status, 200);
-    let models: Value = client()
-        .get(format!("{}/v1/models", host.api))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = get_json(&format!("{}/v1/models", host.api)).await;
     assert_eq!(models["data"][0]["id"], "echo");
-}
-
-fn small_body_config() -> String {
-    let dir = tempfile::tempdir().unwrap().keep();
-    crate::common::config_file(&dir, "max_body_bytes = 2048\n")
-        .display()
-        .to_string()
 }

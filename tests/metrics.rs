@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, ask, client, metric_value, tool_missing};
+use crate::common::{Host, ask, get_json, metric_value, tool_missing};
 
 const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
 
@@ -115,14 +115,7 @@ async fn counters_histograms_and_tokens_match_the_requests_sent() {
     }
 
     // /health agrees.
-    let health: Value = client()
-        .get(format!("{}/health", host.metrics))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = get_json(&format!("{}/health", host.metrics)).await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["stages"].as_array().unwrap().len(), 5);
     for stage in health["stages"].as_array().unwrap() {
@@ -158,12 +151,9 @@ async fn counters_histograms_and_tokens_match_the_requests_sent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn per_request_instances_are_dropped_after_each_request() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = crate::common::config_file(
-        dir.path(),
+    let host = Host::with_config(
         "[stages.post]\ninstance_mode = \"per-request\"\n[stages.stream]\nrecycle_after = 2\nworkers = 1\n",
     );
-    let host = Host::start(&["--config", config.to_str().unwrap()]);
     for n in 0..5 {
         let (status, text) = host
             .chat(&ask(&format!("request {n} to ops@example.com")))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::common::{Host, ask, config_file, test_plugin, tool_missing};
+use crate::common::{Host, ask, test_plugin, tool_missing};
 
 fn ops(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -356,16 +356,11 @@ async fn every_panel_rule_and_readme_query_returns_data_from_a_real_prometheus()
     }
     // `post` fails requests that mention "rogue" (errors); `stream` is slow
     // with a queue of 2 (sheds).
-    let dir = tempfile::tempdir().unwrap();
-    let config = config_file(
-        dir.path(),
-        &format!(
-            "[stages.post]\nplugin = {:?}\nconfig = {{ mode = \"fail\" }}\n[stages.stream]\nplugin = {:?}\nworkers = 1\nqueue_capacity = 2\nconfig = {{ delay_ms = 200 }}\n",
-            test_plugin("rogue").display().to_string(),
-            test_plugin("slow").display().to_string()
-        ),
-    );
-    let host = Host::start(&["--config", config.to_str().unwrap()]);
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\nconfig = {{ mode = \"fail\" }}\n[stages.stream]\nplugin = {:?}\nworkers = 1\nqueue_capacity = 2\nconfig = {{ delay_ms = 200 }}\n",
+        test_plugin("rogue").display().to_string(),
+        test_plugin("slow").display().to_string()
+    ));
     let prometheus = start_prometheus(host.metrics.trim_start_matches("http://")).await;
 
     let mut queries = dashboard_queries();

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::common::{Host, ask, config_file, metric_value, test_plugin};
+use crate::common::{Host, ask, get_json, metric_value, test_plugin};
 
 /// A host whose `post` stage is the rogue in `mode`: one worker, a 400 ms
 /// call deadline, and the `key = value` lines of `stage_extra` on top.
@@ -28,9 +28,7 @@ fn rogue_host(mode: &str, stage_extra: &str) -> Host {
         text.push_str(&format!("{key} = {value}\n"));
     }
     text.push_str(&format!("[stages.post.config]\nmode = {mode:?}\n"));
-    let dir = tempfile::tempdir().unwrap().keep();
-    let config = config_file(&dir, &text);
-    Host::start(&["--config", config.to_str().unwrap()])
+    Host::with_config(&text)
 }
 
 /// Send the triggering request and check the failure, then a normal one.
@@ -155,19 +153,14 @@ async fn files_outside_the_grants_are_invisible() {
 
 #[test]
 fn only_granted_environment_variables_are_visible() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let config = config_file(
-        &dir,
+    let host = Host::try_with_config_env(
         &format!(
             "[stages.post]\nplugin = {:?}\ncapabilities = {{ env = [\"ORCH_TEST_GRANTED\", \"ORCH_TEST_UNSET\"] }}\nconfig = {{ mode = \"env\" }}\n",
             test_plugin("rogue").display().to_string()
         ),
-    );
-    let host = crate::common::Host::start_with(
-        &["--config", config.to_str().unwrap()],
         &[("ORCH_TEST_GRANTED", "yes"), ("ORCH_TEST_SECRET", "no")],
-        &crate::common::target_dir().join("test-cache"),
-    );
+    )
+    .unwrap_or_else(|stderr| panic!("{stderr}"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (status, text) = runtime.block_on(host.chat(&ask("rogue, show me the environment")));
     assert_eq!(status, 200, "{text}");
@@ -202,9 +195,9 @@ async fn a_log_flood_is_rate_limited() {
 
 #[test]
 fn a_plugin_that_imports_sockets_is_refused_at_load() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    std::fs::copy(test_plugin("sockets"), dir.join("post.wasm")).unwrap();
-    let stderr = Host::try_start(&["--plugins", dir.to_str().unwrap()])
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(test_plugin("sockets"), dir.path().join("post.wasm")).unwrap();
+    let stderr = Host::try_start(&["--plugins", dir.path().to_str().unwrap()])
         .err()
         .expect("refused");
     assert!(stderr.contains("wasi:sockets/"), "{stderr}");
@@ -213,17 +206,12 @@ fn a_plugin_that_imports_sockets_is_refused_at_load() {
 
 #[test]
 fn a_plugin_whose_init_fails_is_refused_at_load() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let config = config_file(
-        &dir,
-        &format!(
-            "[stages.post]\nplugin = {:?}\nconfig = {{ mode = \"init-fails\" }}\n",
-            test_plugin("rogue").display().to_string()
-        ),
-    );
-    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
-        .err()
-        .expect("refused");
+    let stderr = Host::try_with_config(&format!(
+        "[stages.post]\nplugin = {:?}\nconfig = {{ mode = \"init-fails\" }}\n",
+        test_plugin("rogue").display().to_string()
+    ))
+    .err()
+    .expect("refused");
     assert!(
         stderr.contains("stage `post`") && stderr.contains("init failed: rogue refuses to start"),
         "{stderr}"
@@ -247,12 +235,7 @@ async fn the_breaker_opens_fails_fast_probes_and_closes() {
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "circuit_open");
-    let health: Value = reqwest::get(format!("{}/health", host.metrics))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = get_json(&format!("{}/health", host.metrics)).await;
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["stages"][3]["circuit"], "open");
     assert_eq!(health["stages"][3]["ready"], false);

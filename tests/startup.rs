@@ -3,18 +3,19 @@
 
 use std::path::Path;
 
-use crate::common::{Host, bundled_wasm, config_file, test_plugin};
+use crate::common::{Host, bundled_wasm, get_json, test_plugin};
 
-/// Start with `post.wasm` = `bytes` in a plugins directory; return stderr.
-fn start_with_post(bytes: &[u8]) -> (String, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let path = dir.join("post.wasm");
+/// Start with `post.wasm` = `bytes` in a plugins directory; return stderr
+/// and the file's path (inside the returned directory, kept alive).
+fn start_with_post(bytes: &[u8]) -> (String, std::path::PathBuf, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("post.wasm");
     std::fs::write(&path, bytes).unwrap();
-    let stderr = match Host::try_start(&["--plugins", dir.to_str().unwrap()]) {
+    let stderr = match Host::try_start(&["--plugins", dir.path().to_str().unwrap()]) {
         Ok(_) => panic!("the host started with a bad post.wasm"),
         Err(stderr) => stderr,
     };
-    (stderr, path)
+    (stderr, path, dir)
 }
 
 fn assert_names(stderr: &str, path: &Path, problem: &str) {
@@ -28,20 +29,20 @@ fn assert_names(stderr: &str, path: &Path, problem: &str) {
 
 #[test]
 fn a_file_that_is_not_wasm_is_refused_by_name() {
-    let (stderr, path) = start_with_post(b"#!/bin/sh\necho not a plugin\n");
+    let (stderr, path, _dir) = start_with_post(b"#!/bin/sh\necho not a plugin\n");
     assert_names(&stderr, &path, "not a WebAssembly file");
 }
 
 #[test]
 fn a_core_module_is_refused() {
-    let (stderr, path) = start_with_post(b"\0asm\x01\0\0\0");
+    let (stderr, path, _dir) = start_with_post(b"\0asm\x01\0\0\0");
     assert_names(&stderr, &path, "a core WebAssembly module, not a component");
 }
 
 #[test]
 fn a_component_of_the_wrong_world_is_refused() {
     let bytes = std::fs::read(test_plugin("wrong-world")).unwrap();
-    let (stderr, path) = start_with_post(&bytes);
+    let (stderr, path, _dir) = start_with_post(&bytes);
     assert_names(
         &stderr,
         &path,
@@ -53,16 +54,14 @@ fn a_component_of_the_wrong_world_is_refused() {
 fn an_import_the_stage_is_not_granted_is_refused_at_load() {
     // The inference plugin imports `inference`, which `post` is not granted.
     let bytes = std::fs::read(bundled_wasm("inference")).unwrap();
-    let (stderr, path) = start_with_post(&bytes);
+    let (stderr, path, _dir) = start_with_post(&bytes);
     assert_names(&stderr, &path, "orchestrator:pipeline/inference");
     assert!(stderr.contains("inference = true"), "{stderr}");
 }
 
 #[test]
 fn a_plugin_whose_init_fails_is_refused() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let config = config_file(&dir, "[stages.stream.config]\nchunk_tokens = \"many\"\n");
-    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
+    let stderr = Host::try_with_config("[stages.stream.config]\nchunk_tokens = \"many\"\n")
         .err()
         .expect("refused");
     assert!(
@@ -74,14 +73,11 @@ fn a_plugin_whose_init_fails_is_refused() {
 
 #[test]
 fn config_errors_name_the_key() {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let config = config_file(&dir, "[stages.rag]\nworkerz = 2\n");
-    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
+    let stderr = Host::try_with_config("[stages.rag]\nworkerz = 2\n")
         .err()
         .expect("refused");
     assert!(stderr.contains("workerz"), "{stderr}");
-    let config = config_file(&dir, "[stages.post]\nqueue_capacity = 0\n");
-    let stderr = Host::try_start(&["--config", config.to_str().unwrap()])
+    let stderr = Host::try_with_config("[stages.post]\nqueue_capacity = 0\n")
         .err()
         .expect("refused");
     assert!(stderr.contains("stages.post.queue_capacity"), "{stderr}");
@@ -89,18 +85,12 @@ fn config_errors_name_the_key() {
 
 #[test]
 fn plugins_from_a_directory_replace_the_bundled_ones() {
-    let dir = tempfile::tempdir().unwrap().keep();
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
     std::fs::copy(bundled_wasm("post"), dir.join("post.wasm")).unwrap();
     let host = Host::start(&["--plugins", dir.to_str().unwrap()]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let health: serde_json::Value = runtime.block_on(async {
-        reqwest::get(format!("{}/health", host.metrics))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let health = runtime.block_on(get_json(&format!("{}/health", host.metrics)));
     let post = &health["stages"][3];
     assert_eq!(post["name"], "post");
     assert_eq!(

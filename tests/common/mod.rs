@@ -7,7 +7,7 @@
 mod guests;
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,6 +29,8 @@ pub struct Host {
     /// `http://127.0.0.1:PORT` of /metrics and /health.
     pub metrics: String,
     stderr: Arc<Mutex<String>>,
+    /// The directory of a config file written for this host, if any.
+    config_dir: Option<tempfile::TempDir>,
 }
 
 impl Host {
@@ -106,6 +108,7 @@ impl Host {
                     metrics: field("metrics="),
                     child,
                     stderr,
+                    config_dir: None,
                 })
             }
             Err(_) => {
@@ -116,6 +119,29 @@ impl Host {
                 Err(stderr.lock().unwrap().clone())
             }
         }
+    }
+
+    /// Start with a config file holding `toml` (removed with the host),
+    /// the environment `env` and the shared artifact cache.
+    pub fn try_with_config_env(toml: &str, env: &[(&str, &str)]) -> Result<Host, String> {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("orchestrator.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let args = ["--config", path.to_str().expect("a UTF-8 path")];
+        let mut host = Host::launch(&args, env, &target_dir().join("test-cache"))?;
+        host.config_dir = Some(dir);
+        Ok(host)
+    }
+
+    /// Start with a config file holding `toml`; panic with stderr if it fails.
+    pub fn with_config(toml: &str) -> Host {
+        Host::try_with_config_env(toml, &[])
+            .unwrap_or_else(|stderr| panic!("orchestrator failed to start:\n{stderr}"))
+    }
+
+    /// Start with a config file holding `toml`; `Err(stderr)` if it fails.
+    pub fn try_with_config(toml: &str) -> Result<Host, String> {
+        Host::try_with_config_env(toml, &[])
     }
 
     /// What the host logged so far.
@@ -195,11 +221,16 @@ pub fn ask(question: &str) -> Value {
     serde_json::json!({"model": "echo", "messages": [{"role": "user", "content": question}]})
 }
 
-/// Write `text` to a fresh temporary config file.
-pub fn config_file(dir: &Path, text: &str) -> PathBuf {
-    let path = dir.join("orchestrator.toml");
-    std::fs::write(&path, text).expect("write config");
-    path
+/// GET `url` and parse the JSON body.
+pub async fn get_json(url: &str) -> Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .expect("an answer")
+        .json()
+        .await
+        .expect("a JSON body")
 }
 
 /// Whether a required external tool may be skipped: only outside CI.
