@@ -76,6 +76,9 @@ impl Orchestrator {
     /// metrics addresses. Must be called within a multi-threaded tokio
     /// runtime.
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Orchestrator, StartError> {
+        // Bind first: an address in use fails at once, before any compiling.
+        let api_listener = server::bind(config.listen).await?;
+        let metrics_listener = server::bind(config.metrics_listen).await?;
         let runtime = Arc::new(
             Runtime::new(&EngineSettings::for_config(&config))
                 .map_err(|e| StartError::Engine(format!("{e:#}")))?,
@@ -92,8 +95,6 @@ impl Orchestrator {
         if let Some(dir) = &config.plugins_dir {
             warn_unknown_plugins(dir);
         }
-        let api_listener = server::bind(config.listen).await?;
-        let metrics_listener = server::bind(config.metrics_listen).await?;
         let api = server::spawn(
             api_listener,
             api::routes(
