@@ -151,3 +151,27 @@ fn corrupt_cache_entries_are_recompiled_not_trusted() {
     let host = Host::start_with(&[], &[], cache.path());
     assert!(!host.stderr().contains("recompiling"), "{}", host.stderr());
 }
+
+/// Command-line flags win over the file: the file's addresses cannot be
+/// bound here (TEST-NET-1 is on no interface), the flags' can.
+#[test]
+fn flags_override_the_config_file() {
+    let file = "listen = \"192.0.2.1:8080\"\nmetrics_listen = \"192.0.2.1:9090\"\n";
+    let host = Host::with_config(file);
+    assert!(host.api.starts_with("http://127.0.0.1:"), "{}", host.api);
+    // Without the flags, the file's address is used and fails, named.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orchestrator.toml");
+    std::fs::write(&path, file).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["--config", path.to_str().unwrap()])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot listen on 192.0.2.1:8080"),
+        "{stderr}"
+    );
+}
