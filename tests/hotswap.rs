@@ -295,6 +295,21 @@ async fn rollback_and_the_artifact_cache() {
     let (status, again) = put(&host, "post", shout.clone()).await;
     assert_eq!(status, 200);
     assert_eq!(again["cached"], true);
+    assert_eq!(again["unchanged"], false);
+
+    // Uploading the active bytes again changes nothing: the rollback target
+    // stays the bundled version.
+    let (status, same) = put(&host, "post", shout.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(same["unchanged"], true);
+    let all = stages(&host).await;
+    let post = all["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["stage"] == "post")
+        .unwrap();
+    assert_eq!(post["previous"]["sha256"], bundled_sha.as_str());
     eprintln!(
         "swap to a new version: {:.1} ms (compiled); swap back to it: {:.1} ms (artifact cache); rollback: {:.3} ms",
         first["elapsed_ms"].as_f64().unwrap(),

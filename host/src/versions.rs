@@ -22,7 +22,9 @@
 //!    within [`crate::pipeline::IDLE_RECHECK`] when idle.
 //!
 //! Swaps of one stage are serialized; swaps of different stages run
-//! independently.
+//! independently. Installing the bytes of the version already active is a
+//! no-op (`unchanged: true`): nothing is reloaded and the rollback target is
+//! kept.
 //!
 //! # Call accounting
 //!
@@ -37,6 +39,7 @@ use std::time::Instant;
 
 use prometheus::IntCounter;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::config::{PluginSource, StageConfig};
 use crate::metrics::Metrics;
@@ -119,6 +122,9 @@ pub struct SwapReport {
     pub cached: bool,
     /// Time from receiving the bytes to the swap, in milliseconds.
     pub elapsed_ms: f64,
+    /// The bytes were those of the active version: nothing was swapped,
+    /// and the previous version (for rollback) is unchanged.
+    pub unchanged: bool,
 }
 
 struct Entry {
@@ -193,6 +199,18 @@ impl Versions {
         let entry = self.entry(stage)?;
         let name = entry.settings.name;
         let mut previous = entry.previous.lock().await;
+        let active = self.active(name);
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if sha256 == active.sha256() {
+            return Ok(SwapReport {
+                stage: name,
+                previous_sha256: sha256.clone(),
+                sha256,
+                cached: true,
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                unchanged: true,
+            });
+        }
         let loaded = self
             .runtime
             .load(&entry.settings, source, bytes, &entry.services)
@@ -213,6 +231,7 @@ impl Versions {
             previous_sha256: old.sha256().to_string(),
             cached,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            unchanged: false,
         };
         *previous = Some(old);
         tracing::info!(stage = name, sha256 = %report.sha256, previous = %report.previous_sha256, cached, elapsed_ms = report.elapsed_ms, "plugin swapped");
@@ -237,7 +256,14 @@ impl Versions {
             previous_sha256: old.sha256().to_string(),
             cached: true,
             elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+            unchanged: false,
         })
+    }
+
+    fn active(&self, stage: &str) -> Arc<Plugin> {
+        self.pipeline
+            .plugin(stage)
+            .expect("every registry entry is a pipeline stage")
     }
 
     fn publish(&self, stage: &'static str, plugin: Arc<Plugin>) -> Arc<Plugin> {
@@ -252,10 +278,7 @@ impl Versions {
         let mut out = Vec::with_capacity(self.entries.len());
         for entry in &self.entries {
             let ledger = &entry.services.ledger;
-            let active = self
-                .pipeline
-                .plugin(entry.settings.name)
-                .expect("every registry entry is a pipeline stage");
+            let active = self.active(entry.settings.name);
             let previous = entry.previous.lock().await;
             out.push(StageVersions {
                 stage: entry.settings.name,
