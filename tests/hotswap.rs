@@ -41,16 +41,23 @@ async fn stages(host: &Host) -> Value {
     response.json().await.unwrap()
 }
 
-async fn active_sha(host: &Host, stage: &str) -> String {
+/// `GET /admin/stages`' entry for `stage`.
+async fn stage_versions(host: &Host, stage: &str) -> Value {
     let all = stages(host).await;
-    let entry = all["stages"]
+    all["stages"]
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["stage"] == stage)
         .unwrap()
-        .clone();
-    entry["active"]["sha256"].as_str().unwrap().to_string()
+        .clone()
+}
+
+async fn active_sha(host: &Host, stage: &str) -> String {
+    stage_versions(host, stage).await["active"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 fn sha_of(bytes: &[u8]) -> String {
@@ -206,13 +213,7 @@ async fn fifty_swaps_under_load_lose_nothing() {
     );
 
     // The registry's per-version call counts add up to what clients saw.
-    let all = stages(&host).await;
-    let post = all["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == "post")
-        .unwrap();
+    let post = stage_versions(&host, "post").await;
     let count = |sha: &str| -> u64 {
         [&post["active"], &post["previous"]]
             .iter()
@@ -302,13 +303,7 @@ async fn rollback_and_the_artifact_cache() {
     let (status, same) = put(&host, "post", shout.clone()).await;
     assert_eq!(status, 200);
     assert_eq!(same["unchanged"], true);
-    let all = stages(&host).await;
-    let post = all["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["stage"] == "post")
-        .unwrap();
+    let post = stage_versions(&host, "post").await;
     assert_eq!(post["previous"]["sha256"], bundled_sha.as_str());
     eprintln!(
         "swap to a new version: {:.1} ms (compiled); swap back to it: {:.1} ms (artifact cache); rollback: {:.3} ms",
