@@ -578,15 +578,17 @@ async fn call(
     remaining: Duration,
 ) -> Result<Envelope, CallError> {
     let settings = &slot.settings;
-    let current = slot.plugin.load_full();
+    // A borrowed guard, not a clone: the common case (a warm instance of the
+    // current version) touches no reference count.
     let reusable = instance.as_ref().is_some_and(|i| {
         settings.instance_mode == InstanceMode::Reuse
-            && Arc::ptr_eq(i.plugin(), &current)
+            && Arc::ptr_eq(i.plugin(), &slot.plugin.load())
             && i.calls() < settings.recycle_after
     });
     if !reusable {
         // Drop the old instance first so its pool slot is free again.
         *instance = None;
+        let current = slot.plugin.load_full();
         *instance = Some(current.instantiate().await?);
     }
     let live = instance.as_mut().expect("instance set above");
