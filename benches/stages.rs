@@ -24,8 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use orchestrator::config::{PluginSource, StageConfig};
-use orchestrator::inference::{Backend, Echo, GenerateRequest};
+use orchestrator::config::{Config, PluginSource, StageConfig};
+use orchestrator::inference::{Backends, GenerateRequest};
 use orchestrator::metrics::{Metrics, Outcome};
 use orchestrator::plugin::{
     EngineSettings, Envelope, GenerationParams, HostServices, Instance, Message, Passage, Plugin,
@@ -38,6 +38,7 @@ struct Bench {
     rt: tokio::runtime::Runtime,
     runtime: Runtime,
     metrics: Metrics,
+    backends: Backends,
 }
 
 impl Bench {
@@ -48,23 +49,23 @@ impl Bench {
             cache_dir: Some(guests::target_dir().join("bench-cache")),
             fuel: false,
         };
+        let metrics = Metrics::new();
         Bench {
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap(),
             runtime: Runtime::new(&settings).unwrap(),
-            metrics: Metrics::new(),
+            backends: Backends::new(&Config::default(), &metrics).unwrap(),
+            metrics,
         }
     }
 
     /// Load `bytes` as stage `stage` (with that stage's default grants).
     fn load(&self, stage: &'static str, bytes: Vec<u8>) -> Arc<Plugin> {
         let settings = StageConfig::default_for(stage);
-        let backend: Arc<dyn Backend> = Arc::new(Echo::default());
         let services = HostServices {
-            backend: Some(backend),
-            tokens: Some(self.metrics.tokens("echo")),
+            backends: Some(self.backends.clone()),
             instances: self.metrics.stage(stage).instances,
             ledger: Arc::default(),
         };
@@ -207,19 +208,22 @@ fn stages_vs_native(c: &mut Criterion) {
         b.iter(|| black_box(bench.call(&mut assemble, &envelope)))
     });
 
-    // inference: the echo backend through the host import.
-    let echo = Echo::default();
+    // inference: the echo backend, through the host's backend machinery
+    // (a generation task and its token channel) in both arms.
     group.bench_function("inference/native", |b| {
         b.iter(|| {
             black_box(orchestrator_inference::run(&envelope.prompt, |prompt| {
                 let request = GenerateRequest {
-                    prompt,
-                    model: "echo",
+                    prompt: prompt.to_string(),
+                    model: "echo".to_string(),
                     max_tokens: 256,
                     temperature: 0.0,
-                    deadline: Instant::now(),
+                    stop: Vec::new(),
+                    deadline: Instant::now() + Duration::from_secs(5),
                 };
-                echo.generate(&request)
+                bench
+                    .rt
+                    .block_on(bench.backends.generate(request))
                     .map(|c| orchestrator_inference::Completion {
                         text: c.text,
                         finish_reason: c.finish_reason.to_string(),

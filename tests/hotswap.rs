@@ -66,10 +66,14 @@ fn sha_of(bytes: &[u8]) -> String {
 }
 
 /// Which post version produced a response: `Some(true)` for shout,
-/// `Some(false)` for the bundled post, `None` for a mixture.
-fn version_of(content: &str, metadata: &Value, question: &str) -> Option<bool> {
+/// `Some(false)` for the bundled post, `None` for a mixture. A streamed
+/// response through the bundled post (a streaming stage) carries no notes
+/// of post's, since notes come only from `process`.
+fn version_of(content: &str, metadata: &Value, question: &str, stream: bool) -> Option<bool> {
     let shout = metadata.get("shout.version").is_some() && content == question.to_uppercase();
-    let bundled = metadata.get("post.redacted_emails").is_some() && content == question;
+    let bundled = (metadata.get("post.redacted_emails").is_some()
+        || (stream && metadata.get("shout.version").is_none()))
+        && content == question;
     match (shout, bundled) {
         (true, false) => Some(true),
         (false, true) => Some(false),
@@ -117,7 +121,7 @@ async fn request(host: &Host, n: usize) -> Result<bool, String> {
             v["orchestrator"]["metadata"].clone(),
         )
     };
-    version_of(&content, &metadata, &question)
+    version_of(&content, &metadata, &question, stream)
         .ok_or_else(|| format!("mixed response: {content:?} {metadata}"))
 }
 

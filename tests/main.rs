@@ -13,3 +13,4 @@ mod ops;
 mod sandbox;
 mod sdk;
 mod startup;
+mod upstream;

@@ -15,26 +15,38 @@
 //! Status codes: 400 malformed or invalid request; 404 unknown model or
 //! path; 405 wrong method; 411/413 missing or oversized `Content-Length`;
 //! 429 (with `Retry-After`) a stage queue is full; 500 a stage failed;
-//! 502 the inference backend failed; 503 shutting down; 504 the request
-//! deadline passed.
+//! 502 the inference backend answered with an error; 503 shutting down, a
+//! circuit breaker is open, or the backend is unreachable; 504 the request
+//! deadline passed or the backend timed out. Backend errors name the
+//! backend.
+//!
+//! # Streaming
+//!
+//! With `"stream": true` the answer is sent as the tokens come: the
+//! response (status 200, `text/event-stream`) starts when the generation's
+//! first token has passed the streaming stages, and each piece the last
+//! stage emits is one `chat.completion.chunk`. A failure after that point
+//! can no longer change the status: it is sent as a final
+//! `data: {"error": {...}}` event (which the OpenAI SDKs raise as an
+//! error), followed by `data: [DONE]`. A client that disconnects cancels
+//! the generation (see [`crate::pipeline`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
+use warp::{Filter, Reply};
 
-use crate::inference::Backend;
+use crate::inference::Backends;
 use crate::metrics::ErrorType;
-use crate::pipeline::{Pipeline, RunError};
+use crate::pipeline::{Answer, Pipeline, RunError, StreamItem, Streaming};
 use crate::plugin::{Envelope, GenerationParams, Message};
 
 /// Default `max_tokens` when the client gives none.
@@ -45,8 +57,8 @@ pub const DEFAULT_MAX_TOKENS: u32 = 512;
 pub struct ApiState {
     /// The pipeline requests run through.
     pub pipeline: Pipeline,
-    /// The backend, for model names.
-    pub backend: Arc<dyn Backend>,
+    /// The backends, for model names.
+    pub backends: Backends,
     /// End-to-end deadline of each request.
     pub request_timeout: Duration,
     /// Largest accepted body.
@@ -218,7 +230,7 @@ struct Parsed {
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
-fn parse(body: &[u8], backend: &dyn Backend) -> Result<Parsed, ApiError> {
+fn parse(body: &[u8], backends: &Backends) -> Result<Parsed, ApiError> {
     let request: ChatRequest = serde_json::from_slice(body).map_err(|e| {
         let what = if e.is_syntax() || e.is_eof() {
             "the body is not valid JSON"
@@ -289,7 +301,8 @@ fn parse(body: &[u8], backend: &dyn Backend) -> Result<Parsed, ApiError> {
             Some("messages"),
         ));
     }
-    if !backend.models().contains(&request.model) {
+    if backends.route(&request.model).is_none() {
+        let models: Vec<&str> = backends.models().map(|(model, _)| model).collect();
         let mut error = ApiError::with_code(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
@@ -297,7 +310,7 @@ fn parse(body: &[u8], backend: &dyn Backend) -> Result<Parsed, ApiError> {
             format!(
                 "the model `{}` does not exist; this orchestrator serves: {}",
                 request.model,
-                backend.models().join(", ")
+                models.join(", ")
             ),
         );
         error.param = Some("model");
@@ -368,21 +381,32 @@ fn unix_now() -> u64 {
 }
 
 async fn chat_completions(state: &ApiState, body: &[u8]) -> Response {
-    let parsed = match parse(body, state.backend.as_ref()) {
+    let parsed = match parse(body, &state.backends) {
         Ok(parsed) => parsed,
         Err(error) => return error.into_response(),
     };
     let id = request_id();
-    let envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
+    let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
     let deadline = Instant::now() + state.request_timeout;
-    match state.pipeline.run(envelope, deadline).await {
-        Ok(envelope) if parsed.stream => {
+    if !parsed.stream {
+        return match state.pipeline.run(envelope, deadline).await {
+            Ok(envelope) => json_response(
+                StatusCode::OK,
+                &completion_body(&id, &parsed.model, &envelope),
+            ),
+            Err(error) => run_error(error).into_response(),
+        };
+    }
+    envelope
+        .metadata
+        .push(("request.stream".to_string(), "true".to_string()));
+    match state.pipeline.run_streaming(envelope, deadline).await {
+        Ok(Answer::Done(envelope)) => {
             sse_response(&id, &parsed.model, &envelope, parsed.include_usage)
         }
-        Ok(envelope) => json_response(
-            StatusCode::OK,
-            &completion_body(&id, &parsed.model, &envelope),
-        ),
+        Ok(Answer::Streaming(streaming)) => {
+            live_sse_response(id, parsed.model, streaming, parsed.include_usage)
+        }
         Err(error) => run_error(error).into_response(),
     }
 }
@@ -438,6 +462,22 @@ pub fn run_error(error: RunError) -> ApiError {
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 "upstream",
+                message,
+            ),
+            ErrorType::UpstreamUnavailable => {
+                let mut e = ApiError::with_code(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream_error",
+                    "upstream_unavailable",
+                    message,
+                );
+                e.retry_after = Some(1);
+                e
+            }
+            ErrorType::UpstreamTimeout => ApiError::with_code(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout_error",
+                "upstream_timeout",
                 message,
             ),
             other => ApiError::with_code(
@@ -541,14 +581,16 @@ fn sse_response(id: &str, model: &str, envelope: &Envelope, include_usage: bool)
         tail.usage = Some(usage(envelope));
         events.push(tail);
     }
-    let mut body = String::new();
+    let mut body = Vec::new();
     for event in &events {
-        body.push_str("data: ");
-        body.push_str(&serde_json::to_string(event).unwrap_or_default());
-        body.push_str("\n\n");
+        body.extend_from_slice(&sse_event(event));
     }
-    body.push_str("data: [DONE]\n\n");
-    let mut response = Response::new(body.into());
+    body.extend_from_slice(b"data: [DONE]\n\n");
+    event_stream(Response::new(body.into()))
+}
+
+/// `response` with the headers of a server-sent-event stream.
+fn event_stream(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -561,13 +603,104 @@ fn sse_response(id: &str, model: &str, envelope: &Envelope, include_usage: bool)
     response
 }
 
+/// An SSE event line.
+fn sse_event(value: &impl Serialize) -> Bytes {
+    let mut line = String::from("data: ");
+    line.push_str(&serde_json::to_string(value).unwrap_or_default());
+    line.push_str("\n\n");
+    Bytes::from(line)
+}
+
+/// The body of a streaming answer: a channel fed by a task that pulls the
+/// [`Streaming`] request. When the client goes away the body, and with it
+/// the receiver, is dropped; the task sees that and drops the request,
+/// which cancels the generation.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl futures_util::Stream for ChannelBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|item| item.map(Ok))
+    }
+}
+
+fn live_sse_response(
+    id: String,
+    model: String,
+    mut streaming: Box<Streaming>,
+    include_usage: bool,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let created = unix_now();
+        let chunk = |choices: Vec<Value>| Chunk {
+            id: &id,
+            object: "chat.completion.chunk",
+            created,
+            model: &model,
+            choices,
+            usage: include_usage.then_some(Value::Null),
+            orchestrator: None,
+        };
+        let first = chunk(vec![
+            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
+        ]);
+        if tx.send(sse_event(&first)).await.is_err() {
+            return;
+        }
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                item = streaming.next() => item,
+            };
+            let event = match item {
+                None => break,
+                Some(Ok(StreamItem::Delta(piece))) => sse_event(&chunk(vec![
+                    json!({"index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}),
+                ])),
+                Some(Ok(StreamItem::Done(envelope))) => {
+                    let mut last = chunk(vec![
+                        json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish_reason(&envelope)}),
+                    ]);
+                    last.orchestrator = Some(orchestrator_extension(&envelope));
+                    let mut events = sse_event(&last).to_vec();
+                    if include_usage {
+                        let mut tail = chunk(Vec::new());
+                        tail.usage = Some(usage(&envelope));
+                        events.extend_from_slice(&sse_event(&tail));
+                    }
+                    Bytes::from(events)
+                }
+                Some(Err(error)) => {
+                    let error = run_error(error);
+                    sse_event(&json!({"error": {
+                        "message": error.message,
+                        "type": error.kind,
+                        "param": null,
+                        "code": error.code,
+                    }}))
+                }
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    });
+    event_stream(warp::reply::stream(ChannelBody(rx)).into_response())
+}
+
 fn list_models(state: &ApiState) -> Response {
     let created = unix_now();
     let data: Vec<Value> = state
-        .backend
+        .backends
         .models()
-        .iter()
-        .map(|m| json!({"id": m, "object": "model", "created": created, "owned_by": state.backend.name()}))
+        .map(|(model, backend)| json!({"id": model, "object": "model", "created": created, "owned_by": backend}))
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }
@@ -612,10 +745,15 @@ async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::Echo;
+    use crate::config::Config;
+    use crate::metrics::Metrics;
+
+    fn backends() -> Backends {
+        Backends::new(&Config::default(), &Metrics::new()).expect("default backends")
+    }
 
     fn parse_str(body: &str) -> Result<Parsed, ApiError> {
-        parse(body.as_bytes(), &Echo::default())
+        parse(body.as_bytes(), &backends())
     }
 
     #[test]
@@ -730,12 +868,12 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
-            let _ = parse(&body, &Echo::default());
+            let _ = parse(&body, &backends());
         }
 
         #[test]
         fn arbitrary_json_never_panics(value in any_json()) {
-            let _ = parse(value.to_string().as_bytes(), &Echo::default());
+            let _ = parse(value.to_string().as_bytes(), &backends());
         }
 
         #[test]
@@ -745,7 +883,7 @@ mod tests {
         ) {
             let mut request = valid();
             request[field] = value.clone();
-            match parse(request.to_string().as_bytes(), &Echo::default()) {
+            match parse(request.to_string().as_bytes(), &backends()) {
                 Ok(parsed) => proptest::prop_assert!(!parsed.messages.is_empty()),
                 Err(error) => proptest::prop_assert!(error.status.is_client_error(), "{} = {}: {:?}", field, value, error),
             }

@@ -1,12 +1,15 @@
-//! Per-stage circuit breakers.
+//! Circuit breakers: of each stage, and of each inference backend.
 //!
 //! A stage whose plugin keeps failing should fail fast instead of burning
-//! a worker and a deadline on every request. Each stage has a breaker:
+//! a worker and a deadline on every request; so should a request whose
+//! backend is down. Each stage and each backend has a breaker:
 //!
-//! - **closed** (normal): calls go through; a failure that is the plugin's
-//!   or its dependencies' fault (anything but `invalid_input`, which blames
-//!   the request) increments a count of consecutive failures; a success or
-//!   an `invalid_input` refusal (the plugin worked) resets it. At `breaker_failures` the breaker opens.
+//! - **closed** (normal): calls go through; a failure that counts (for a
+//!   stage: one that is the plugin's fault, see
+//!   [`ErrorType::counts_against_stage`](crate::metrics::ErrorType::counts_against_stage);
+//!   for a backend: a request that failed after its retries, timeouts
+//!   included) increments a count of consecutive failures; a success resets
+//!   it. At the threshold (`breaker_failures`) the breaker opens.
 //! - **open**: admission refuses requests needing the stage at once (503
 //!   with `Retry-After`), for `breaker_cooldown_ms`.
 //! - **half-open**: after the cool-down, up to `breaker_probes` requests at a
@@ -18,13 +21,16 @@
 //! The closed-state fast path is one atomic load at admission and one on
 //! each result; transitions take a mutex. State and transitions are exported
 //! as `orchestrator_circuit_state{stage}` and
-//! `orchestrator_circuit_transitions_total{stage,to}`.
+//! `orchestrator_circuit_transitions_total{stage,to}` for stages, and as
+//! `orchestrator_upstream_circuit_state{worker_type}` and
+//! `orchestrator_upstream_circuit_transitions_total{worker_type,to}` for
+//! backends.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::metrics::{ErrorType, StageMetrics};
+use crate::metrics::BreakerMetrics;
 
 const CLOSED: u8 = 0;
 const HALF_OPEN: u8 = 1;
@@ -41,9 +47,10 @@ pub enum Admission {
     Refuse(Duration),
 }
 
-/// A stage's breaker.
+/// A breaker: of a stage, or of an inference backend (see
+/// [`crate::inference`]), which uses it the same way.
 pub struct CircuitBreaker {
-    stage: &'static str,
+    subject: String,
     state: AtomicU8,
     failures: AtomicU32,
     probes: AtomicU32,
@@ -51,21 +58,21 @@ pub struct CircuitBreaker {
     threshold: u32,
     cooldown: Duration,
     max_probes: u32,
-    metrics: StageMetrics,
+    metrics: BreakerMetrics,
 }
 
 impl CircuitBreaker {
-    /// A closed breaker.
+    /// A closed breaker of `subject` (`stage post`, `backend llama`: for logs).
     pub fn new(
-        stage: &'static str,
+        subject: impl Into<String>,
         threshold: u32,
         cooldown: Duration,
         max_probes: u32,
-        metrics: StageMetrics,
+        metrics: BreakerMetrics,
     ) -> CircuitBreaker {
-        metrics.circuit_state.set(i64::from(CLOSED));
+        metrics.state.set(i64::from(CLOSED));
         CircuitBreaker {
-            stage,
+            subject: subject.into(),
             state: AtomicU8::new(CLOSED),
             failures: AtomicU32::new(0),
             probes: AtomicU32::new(0),
@@ -88,10 +95,10 @@ impl CircuitBreaker {
 
     fn transition(&self, to: u8) {
         self.state.store(to, Ordering::Release);
-        self.metrics.circuit_state.set(i64::from(to));
-        self.metrics.circuit_transitions[usize::from(to)].inc();
+        self.metrics.state.set(i64::from(to));
+        self.metrics.transitions[usize::from(to)].inc();
         tracing::warn!(
-            stage = self.stage,
+            breaker = %self.subject,
             to = ["closed", "half_open", "open"][usize::from(to)],
             "circuit breaker transition"
         );
@@ -127,10 +134,11 @@ impl CircuitBreaker {
         }
     }
 
-    /// Record the result of a call. `probe` says whether the request was
+    /// Record the result of a call: `failed` if it failed in a way that
+    /// counts against the breaker. `probe` says whether the request was
     /// admitted as a probe of this breaker.
-    pub fn record(&self, result: Result<(), ErrorType>, probe: bool) {
-        let counts = result.is_err_and(|e| e != ErrorType::InvalidInput);
+    pub fn record(&self, failed: bool, probe: bool) {
+        let counts = failed;
         if !probe && self.state.load(Ordering::Acquire) == CLOSED {
             if !counts {
                 if self.failures.load(Ordering::Relaxed) != 0 {
@@ -174,7 +182,12 @@ impl CircuitBreaker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::metrics::{ErrorType, Metrics};
+
+    /// What the pipeline passes for a stage call's result.
+    fn failed(result: Result<(), ErrorType>) -> bool {
+        result.is_err_and(ErrorType::counts_against_stage)
+    }
 
     fn breaker(cooldown_ms: u64) -> (CircuitBreaker, Metrics) {
         let metrics = Metrics::new();
@@ -183,7 +196,7 @@ mod tests {
             3,
             Duration::from_millis(cooldown_ms),
             1,
-            metrics.stage("post"),
+            metrics.stage("post").breaker,
         );
         (b, metrics)
     }
@@ -191,16 +204,16 @@ mod tests {
     #[test]
     fn opens_after_consecutive_failures_only() {
         let (b, _m) = breaker(60_000);
-        b.record(Err(ErrorType::Trap), false);
-        b.record(Err(ErrorType::Timeout), false);
-        b.record(Ok(()), false);
-        b.record(Err(ErrorType::Trap), false);
+        b.record(failed(Err(ErrorType::Trap)), false);
+        b.record(failed(Err(ErrorType::Timeout)), false);
+        b.record(failed(Ok(())), false);
+        b.record(failed(Err(ErrorType::Trap)), false);
         // A refused request shows a working plugin: it resets the streak.
-        b.record(Err(ErrorType::InvalidInput), false);
-        b.record(Err(ErrorType::Trap), false);
-        b.record(Err(ErrorType::Trap), false);
+        b.record(failed(Err(ErrorType::InvalidInput)), false);
+        b.record(failed(Err(ErrorType::Trap)), false);
+        b.record(failed(Err(ErrorType::Trap)), false);
         assert_eq!(b.state(), "closed");
-        b.record(Err(ErrorType::Trap), false);
+        b.record(failed(Err(ErrorType::Trap)), false);
         assert_eq!(b.state(), "open");
         assert!(matches!(b.admit(), Admission::Refuse(_)));
     }
@@ -209,7 +222,7 @@ mod tests {
     fn half_open_probes_close_or_reopen() {
         let (b, metrics) = breaker(0);
         for _ in 0..3 {
-            b.record(Err(ErrorType::Trap), false);
+            b.record(failed(Err(ErrorType::Trap)), false);
         }
         assert_eq!(b.state(), "open");
         assert_eq!(b.admit(), Admission::Probe);
@@ -218,12 +231,12 @@ mod tests {
             matches!(b.admit(), Admission::Refuse(_)),
             "one probe at a time"
         );
-        b.record(Err(ErrorType::Timeout), true);
+        b.record(failed(Err(ErrorType::Timeout)), true);
         assert_eq!(b.state(), "open");
         assert_eq!(b.admit(), Admission::Probe);
         b.release_probe();
         assert_eq!(b.admit(), Admission::Probe);
-        b.record(Ok(()), true);
+        b.record(failed(Ok(())), true);
         assert_eq!(b.state(), "closed");
         assert_eq!(b.admit(), Admission::Pass);
         let text = metrics.gather();

@@ -16,8 +16,15 @@
 //! metrics_listen = "127.0.0.1:9090"
 //! request_timeout_ms = 30000
 //!
-//! [inference]
-//! backend = "echo"
+//! # Inference backends and routing: the request's `model` picks a backend.
+//! [backends.llama]
+//! kind = "openai"                      # or "echo"
+//! base_url = "http://127.0.0.1:8081/v1"
+//! model = "gemma-3-270m"               # name sent upstream (default: the client's)
+//!
+//! [routing]
+//! models = { gemma = "llama" }         # merged over the default `echo = "echo"`
+//! # default = "llama"                  # backend for any model not listed
 //!
 //! [stages.rag]
 //! workers = 2
@@ -173,11 +180,130 @@ pub struct StageConfig {
     pub config: BTreeMap<String, String>,
 }
 
-/// The inference backend behind the `inference` import.
+/// What kind of service a backend is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    /// The built-in deterministic stand-in (see [`crate::inference`]).
+    Echo,
+    /// An OpenAI-compatible `/v1/chat/completions` service: OpenAI, vLLM,
+    /// llama.cpp's `llama-server`, Ollama, ...
+    Openai,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::Echo => "echo",
+            BackendKind::Openai => "openai",
+        })
+    }
+}
+
+/// One named inference backend (`[backends.<name>]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// What it is.
+    pub kind: BackendKind,
+    /// Base URL of an `openai` backend, up to and including the version
+    /// path: `https://api.openai.com/v1`, `http://127.0.0.1:8081/v1`.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// The *name* of the environment variable holding the API key (sent as
+    /// `Authorization: Bearer`); never the key itself.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// The model name sent upstream; without it the client's `model` is sent.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Longest wait for the response headers, and then between two
+    /// streamed events (a stalled upstream fails with 504 after it).
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// Longest wait for the TCP (and TLS) connection.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Requests sent to it at once; more wait (within their deadline).
+    #[serde(default = "defaults::max_concurrent")]
+    pub max_concurrent: usize,
+    /// Retries after a connect error, a 429 or a 5xx, before the first token.
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    /// First retry backoff; doubled per retry, with full jitter.
+    #[serde(default = "defaults::retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Consecutive failed requests that open its circuit breaker.
+    #[serde(default = "defaults::breaker_failures")]
+    pub breaker_failures: u32,
+    /// How long an open breaker refuses requests.
+    #[serde(default = "defaults::breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+    /// Probe requests let through at once while half-open.
+    #[serde(default = "defaults::breaker_probes")]
+    pub breaker_probes: u32,
+    /// Another backend to try when this one fails before the first token
+    /// (after its retries) or its breaker is open.
+    #[serde(default)]
+    pub failover: Option<String>,
+}
+
+mod defaults {
+    pub fn request_timeout_ms() -> u64 {
+        30_000
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        2_000
+    }
+    pub fn max_concurrent() -> usize {
+        64
+    }
+    pub fn max_retries() -> u32 {
+        2
+    }
+    pub fn retry_backoff_ms() -> u64 {
+        100
+    }
+    pub fn breaker_failures() -> u32 {
+        5
+    }
+    pub fn breaker_cooldown_ms() -> u64 {
+        10_000
+    }
+    pub fn breaker_probes() -> u32 {
+        1
+    }
+}
+
+impl BackendConfig {
+    /// The built-in `echo` backend's settings.
+    pub fn echo() -> BackendConfig {
+        BackendConfig {
+            kind: BackendKind::Echo,
+            base_url: None,
+            api_key_env: None,
+            model: None,
+            request_timeout_ms: defaults::request_timeout_ms(),
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+            max_concurrent: defaults::max_concurrent(),
+            max_retries: defaults::max_retries(),
+            retry_backoff_ms: defaults::retry_backoff_ms(),
+            breaker_failures: defaults::breaker_failures(),
+            breaker_cooldown_ms: defaults::breaker_cooldown_ms(),
+            breaker_probes: defaults::breaker_probes(),
+            failover: None,
+        }
+    }
+}
+
+/// Which backend serves which model (`[routing]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InferenceConfig {
-    /// Backend name. Only `echo` exists today.
-    pub backend: String,
+pub struct RoutingConfig {
+    /// Model name (as clients send it) → backend name. Listed by
+    /// `GET /v1/models`.
+    pub models: BTreeMap<String, String>,
+    /// Backend for models not in `models`; without one they get 404.
+    pub default: Option<String>,
 }
 
 /// The whole configuration.
@@ -201,8 +327,10 @@ pub struct Config {
     pub admin_token: Option<AdminToken>,
     /// Swap in `<plugins_dir>/<stage>.wasm` when it changes on disk.
     pub watch: bool,
-    /// Backend settings.
-    pub inference: InferenceConfig,
+    /// Inference backends by name (`echo` is predefined).
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// Model → backend routing.
+    pub routing: RoutingConfig,
     /// The five stages, in pipeline order.
     pub stages: Vec<StageConfig>,
 }
@@ -219,8 +347,10 @@ impl Default for Config {
             max_plugin_bytes: 64 * 1024 * 1024,
             admin_token: None,
             watch: false,
-            inference: InferenceConfig {
-                backend: "echo".into(),
+            backends: BTreeMap::from([("echo".to_string(), BackendConfig::echo())]),
+            routing: RoutingConfig {
+                models: BTreeMap::from([("echo".to_string(), "echo".to_string())]),
+                default: None,
             },
             stages: STAGES
                 .iter()
@@ -267,7 +397,8 @@ impl StageConfig {
             workers: 2,
             instance_mode: InstanceMode::Reuse,
             recycle_after: 10_000,
-            timeout_ms: 5_000,
+            // A generation may take as long as the whole request may.
+            timeout_ms: if name == "inference" { 30_000 } else { 5_000 },
             max_memory_bytes: 64 * 1024 * 1024,
             max_output_bytes: 4 * 1024 * 1024,
             fuel: None,
@@ -305,14 +436,16 @@ struct File {
     max_plugin_bytes: Option<u64>,
     admin_token: Option<String>,
     watch: Option<bool>,
-    inference: Option<InferenceFile>,
+    backends: Option<BTreeMap<String, BackendConfig>>,
+    routing: Option<RoutingFile>,
     stages: Option<StagesFile>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct InferenceFile {
-    backend: Option<String>,
+struct RoutingFile {
+    models: Option<BTreeMap<String, String>>,
+    default: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -402,8 +535,15 @@ impl Config {
         if let Some(v) = file.watch {
             config.watch = v;
         }
-        if let Some(backend) = file.inference.and_then(|i| i.backend) {
-            config.inference.backend = backend;
+        config.backends.extend(file.backends.unwrap_or_default());
+        if let Some(routing) = file.routing {
+            config
+                .routing
+                .models
+                .extend(routing.models.unwrap_or_default());
+            if routing.default.is_some() {
+                config.routing.default = routing.default;
+            }
         }
         let stages = file.stages.unwrap_or_default();
         let overlays = [
@@ -446,12 +586,7 @@ impl Config {
                 "needs a plugins directory (`plugins_dir` or --plugins)",
             );
         }
-        if self.inference.backend != "echo" {
-            return invalid(
-                "inference.backend".into(),
-                "must be \"echo\" (the only backend built in)",
-            );
-        }
+        self.validate_backends()?;
         for stage in &self.stages {
             let key = |field: &str| format!("stages.{}.{field}", stage.name);
             if stage.workers == 0 || stage.workers > 256 {
@@ -479,6 +614,80 @@ impl Config {
                         "must be an absolute guest path such as \"/corpus\"",
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        let invalid = |key: String, message: String| Err(ConfigError::Invalid { key, message });
+        for (name, backend) in &self.backends {
+            let key = |field: &str| format!("backends.{name}.{field}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return invalid(
+                    format!("backends.{name}"),
+                    "names may use only ASCII letters, digits, `-` and `_`".into(),
+                );
+            }
+            match (backend.kind, &backend.base_url) {
+                (BackendKind::Openai, None) => {
+                    return invalid(key("base_url"), "is required for kind \"openai\"".into());
+                }
+                (BackendKind::Openai, Some(url))
+                    if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                {
+                    return invalid(
+                        key("base_url"),
+                        format!("must be an http:// or https:// URL, got {url:?}"),
+                    );
+                }
+                _ => {}
+            }
+            for (field, value) in [
+                ("request_timeout_ms", backend.request_timeout_ms),
+                ("connect_timeout_ms", backend.connect_timeout_ms),
+                ("max_concurrent", backend.max_concurrent as u64),
+                ("breaker_failures", u64::from(backend.breaker_failures)),
+                ("breaker_probes", u64::from(backend.breaker_probes)),
+            ] {
+                if value == 0 {
+                    return invalid(key(field), "must be at least 1".into());
+                }
+            }
+            if let Some(other) = &backend.failover
+                && (other == name || !self.backends.contains_key(other))
+            {
+                return invalid(
+                    key("failover"),
+                    format!("names {other:?}, which is not another configured backend"),
+                );
+            }
+        }
+        let routes = self
+            .routing
+            .models
+            .iter()
+            .map(|(model, backend)| (format!("routing.models.{model}"), backend))
+            .chain(
+                self.routing
+                    .default
+                    .iter()
+                    .map(|backend| ("routing.default".to_string(), backend)),
+            );
+        for (key, backend) in routes {
+            if !self.backends.contains_key(backend) {
+                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+                return invalid(
+                    key,
+                    format!(
+                        "names backend {backend:?}, which is not configured (backends: {})",
+                        known.join(", ")
+                    ),
+                );
             }
         }
         Ok(())
@@ -613,6 +822,23 @@ mod tests {
     }
 
     #[test]
+    fn backends_and_routes_merge_over_the_defaults() {
+        let config = parse(
+            "[backends.llama]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:8081/v1\"\napi_key_env = \"LLAMA_KEY\"\nmax_retries = 0\n[routing]\nmodels = { gemma = \"llama\" }\ndefault = \"llama\"",
+        )
+        .unwrap();
+        assert_eq!(config.backends.len(), 2, "echo kept");
+        let llama = &config.backends["llama"];
+        assert_eq!(llama.kind, BackendKind::Openai);
+        assert_eq!(llama.api_key_env.as_deref(), Some("LLAMA_KEY"));
+        assert_eq!(llama.max_retries, 0);
+        assert_eq!(llama.request_timeout_ms, 30_000, "defaults filled in");
+        assert_eq!(config.routing.models["gemma"], "llama");
+        assert_eq!(config.routing.models["echo"], "echo");
+        assert_eq!(config.routing.default.as_deref(), Some("llama"));
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let err = parse("[stages.rag]\nworkerz = 4").unwrap_err().to_string();
         assert!(err.contains("workerz"), "{err}");
@@ -660,10 +886,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("stages.rag.config.x"), "{err}");
-        let err = parse("[inference]\nbackend = \"gpt\"")
+        let err = parse("[routing.models]\ngpt = \"openai\"")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("inference.backend"), "{err}");
+        assert!(err.contains("routing.models.gpt"), "{err}");
+        let err = parse("[backends.up]\nkind = \"openai\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backends.up.base_url"), "{err}");
+        let err = parse(
+            "[backends.up]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nfailover = \"up\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("backends.up.failover"), "{err}");
+        let err = parse("[backends.up]\nkind = \"grpc\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grpc"), "{err}");
         let err = parse("[stages.stream]\ninstance_mode = \"sometimes\"")
             .unwrap_err()
             .to_string();

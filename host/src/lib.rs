@@ -33,7 +33,7 @@ pub use config::Config;
 pub use metrics::Metrics;
 pub use pipeline::Pipeline;
 
-use crate::inference::{Backend, Echo};
+use crate::inference::Backends;
 use crate::plugin::{EngineSettings, HostServices, LoadError, Runtime};
 use crate::server::{BindError, ServerHandle};
 use crate::versions::Versions;
@@ -57,6 +57,9 @@ pub enum StartError {
     /// An address could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// An inference backend could not be set up.
+    #[error(transparent)]
+    Backend(#[from] inference::BackendSetupError),
     /// Worker threads could not be started.
     #[error("cannot start worker threads: {0}")]
     Threads(#[from] std::io::Error),
@@ -83,8 +86,8 @@ impl Orchestrator {
             Runtime::new(&EngineSettings::for_config(&config))
                 .map_err(|e| StartError::Engine(format!("{e:#}")))?,
         );
-        let backend: Arc<dyn Backend> = Arc::new(Echo::default());
-        let (stages, services) = load_stages(&runtime, &config, &metrics, backend.clone()).await?;
+        let backends = Backends::new(&config, &metrics)?;
+        let (stages, services) = load_stages(&runtime, &config, &metrics, &backends).await?;
         let pipeline = Pipeline::start(stages, &metrics)?;
         let versions = Arc::new(Versions::new(
             runtime,
@@ -100,7 +103,7 @@ impl Orchestrator {
             api::routes(
                 api::ApiState {
                     pipeline: pipeline.clone(),
-                    backend,
+                    backends,
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
                     max_body_bytes: config.max_body_bytes,
                 },
@@ -170,9 +173,8 @@ async fn load_stages(
     runtime: &Runtime,
     config: &Config,
     metrics: &Metrics,
-    backend: Arc<dyn Backend>,
+    backends: &Backends,
 ) -> Result<LoadedStages, StartError> {
-    let tokens = metrics.tokens(backend.name());
     let mut stages = Vec::new();
     let mut services_of = Vec::new();
     for stage in &config.stages {
@@ -185,8 +187,7 @@ async fn load_stages(
         let bytes = Runtime::read_source(&source, stage.name).map_err(fail)?;
         let granted = stage.capabilities.inference;
         let services = HostServices {
-            backend: granted.then(|| backend.clone()),
-            tokens: granted.then(|| tokens.clone()),
+            backends: granted.then(|| backends.clone()),
             instances: metrics.stage(stage.name).instances,
             ledger: Arc::default(),
         };

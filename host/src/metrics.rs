@@ -5,7 +5,12 @@
 //! | `orchestrator_requests_total` | counter | `stage` | plugin calls made by the stage (one per request that reached it) |
 //! | `orchestrator_requests_shed_total` | counter | `stage` | requests refused at ingress because that stage's queue was full |
 //! | `orchestrator_errors_total` | counter | `stage`, `error_type` | failed plugin calls, by cause |
-//! | `orchestrator_tokens_generated_total` | counter | `worker_type` | completion tokens produced by the inference backend |
+//! | `orchestrator_tokens_generated_total` | counter | `worker_type` | completion tokens produced by the inference backend (`worker_type` = backend name) |
+//! | `orchestrator_time_to_first_token_seconds` | histogram | `worker_type` | from sending a generation to its first token |
+//! | `orchestrator_inter_token_latency_seconds` | histogram | `worker_type` | between two streamed tokens (chunks) of a generation |
+//! | `orchestrator_upstream_requests_total` | counter | `worker_type`, `outcome` | attempts sent to a backend, by outcome (`ok`, `connect_error`, `rate_limited`, `server_error`, `client_error`, `timeout`, `protocol_error`, `cancelled`, `circuit_open`) |
+//! | `orchestrator_upstream_circuit_state` | gauge | `worker_type` | the backend's circuit breaker: 0 closed, 1 half-open, 2 open |
+//! | `orchestrator_upstream_circuit_transitions_total` | counter | `worker_type`, `to` | backend breaker transitions, by state entered |
 //! | `orchestrator_queue_depth` | gauge | `stage` | requests waiting in the stage's queue |
 //! | `orchestrator_queue_capacity` | gauge | `stage` | the stage's queue bound |
 //! | `orchestrator_stage_duration_seconds` | histogram | `stage` | duration of each plugin call |
@@ -21,7 +26,7 @@
 //! `orchestrator_requests_total{stage}` counts per stage, so summing it over
 //! stages counts each request five times. Ratios over *requests* use the
 //! ingress figure instead: `orchestrator_request_duration_seconds_count`,
-//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`) partitions every
+//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`, `cancelled`) partitions every
 //! request the API accepted for processing.
 //!
 //! # Handles
@@ -57,6 +62,12 @@ pub const REQUEST_BUCKETS: &[f64] = &[
     5.0, 10.0, 30.0,
 ];
 
+/// Buckets of the token-latency histograms: 1 ms to 60 s, for LLMs from a
+/// local 270M model to a loaded hosted one.
+pub const TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
 /// Why a plugin call failed: the `error_type` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,8 +76,14 @@ pub enum ErrorType {
     InvalidInput,
     /// The plugin reported a configuration problem (`stage-error::config`).
     Config,
-    /// A dependency of the plugin failed (`stage-error::upstream`).
+    /// A dependency of the plugin failed (`stage-error::upstream`); for the
+    /// inference backend: it answered with an error or something unusable.
     Upstream,
+    /// The inference backend did not answer in time (HTTP 504).
+    UpstreamTimeout,
+    /// The inference backend could not be reached, is at capacity, or its
+    /// circuit breaker is open (HTTP 503).
+    UpstreamUnavailable,
     /// The plugin reported another failure (`stage-error::plugin-error`).
     PluginError,
     /// The plugin trapped (including Rust panics).
@@ -85,10 +102,12 @@ pub enum ErrorType {
 
 impl ErrorType {
     /// Every error type, in label order.
-    pub const ALL: [ErrorType; 10] = [
+    pub const ALL: [ErrorType; 12] = [
         ErrorType::InvalidInput,
         ErrorType::Config,
         ErrorType::Upstream,
+        ErrorType::UpstreamTimeout,
+        ErrorType::UpstreamUnavailable,
         ErrorType::PluginError,
         ErrorType::Trap,
         ErrorType::Timeout,
@@ -98,12 +117,28 @@ impl ErrorType {
         ErrorType::Instantiate,
     ];
 
+    /// Whether a failure of this type counts against the *stage's* circuit
+    /// breaker. `invalid_input` blames the request, and the upstream types
+    /// blame the inference backend, which has a breaker of its own: in both
+    /// cases the plugin worked.
+    pub fn counts_against_stage(self) -> bool {
+        !matches!(
+            self,
+            ErrorType::InvalidInput
+                | ErrorType::Upstream
+                | ErrorType::UpstreamTimeout
+                | ErrorType::UpstreamUnavailable
+        )
+    }
+
     /// The label value.
     pub fn label(self) -> &'static str {
         match self {
             ErrorType::InvalidInput => "invalid_input",
             ErrorType::Config => "config",
             ErrorType::Upstream => "upstream",
+            ErrorType::UpstreamTimeout => "upstream_timeout",
+            ErrorType::UpstreamUnavailable => "upstream_unavailable",
             ErrorType::PluginError => "plugin_error",
             ErrorType::Trap => "trap",
             ErrorType::Timeout => "timeout",
@@ -126,10 +161,18 @@ pub enum Outcome {
     Timeout,
     /// Refused at ingress: a queue was full.
     Shed,
+    /// The client went away while its answer was streaming.
+    Cancelled,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 4] = [Outcome::Ok, Outcome::Error, Outcome::Timeout, Outcome::Shed];
+    const ALL: [Outcome; 5] = [
+        Outcome::Ok,
+        Outcome::Error,
+        Outcome::Timeout,
+        Outcome::Shed,
+        Outcome::Cancelled,
+    ];
 
     /// The label value.
     pub fn label(self) -> &'static str {
@@ -138,6 +181,7 @@ impl Outcome {
             Outcome::Error => "error",
             Outcome::Timeout => "timeout",
             Outcome::Shed => "shed",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -158,6 +202,98 @@ pub struct Metrics {
     circuit_state: IntGaugeVec,
     circuit_transitions: IntCounterVec,
     reloads: IntCounterVec,
+    ttft: HistogramVec,
+    itl: HistogramVec,
+    upstream_requests: IntCounterVec,
+    upstream_circuit_state: IntGaugeVec,
+    upstream_circuit_transitions: IntCounterVec,
+}
+
+/// A circuit breaker's series (see [`crate::circuit`]).
+#[derive(Clone)]
+pub struct BreakerMetrics {
+    /// The state gauge: 0 closed, 1 half-open, 2 open.
+    pub state: IntGauge,
+    /// Transitions into `closed`, `half_open`, `open`.
+    pub transitions: Arc<[IntCounter; 3]>,
+}
+
+/// Outcome of one attempt sent to a backend: the `outcome` label of
+/// `orchestrator_upstream_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamOutcome {
+    /// The generation completed.
+    Ok,
+    /// No connection could be made.
+    ConnectError,
+    /// HTTP 429.
+    RateLimited,
+    /// HTTP 5xx.
+    ServerError,
+    /// Another HTTP error status.
+    ClientError,
+    /// No answer (or no next event) in time.
+    Timeout,
+    /// The answer could not be understood.
+    ProtocolError,
+    /// The client went away or a stage stopped the generation.
+    Cancelled,
+    /// Refused by the backend's open circuit breaker (nothing was sent).
+    CircuitOpen,
+}
+
+impl UpstreamOutcome {
+    const ALL: [UpstreamOutcome; 9] = [
+        UpstreamOutcome::Ok,
+        UpstreamOutcome::ConnectError,
+        UpstreamOutcome::RateLimited,
+        UpstreamOutcome::ServerError,
+        UpstreamOutcome::ClientError,
+        UpstreamOutcome::Timeout,
+        UpstreamOutcome::ProtocolError,
+        UpstreamOutcome::Cancelled,
+        UpstreamOutcome::CircuitOpen,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamOutcome::Ok => "ok",
+            UpstreamOutcome::ConnectError => "connect_error",
+            UpstreamOutcome::RateLimited => "rate_limited",
+            UpstreamOutcome::ServerError => "server_error",
+            UpstreamOutcome::ClientError => "client_error",
+            UpstreamOutcome::Timeout => "timeout",
+            UpstreamOutcome::ProtocolError => "protocol_error",
+            UpstreamOutcome::Cancelled => "cancelled",
+            UpstreamOutcome::CircuitOpen => "circuit_open",
+        }
+    }
+}
+
+/// Handles of one backend's series, resolved when the backend is built.
+#[derive(Clone)]
+pub struct BackendMetrics {
+    /// `orchestrator_tokens_generated_total{worker_type}`.
+    pub tokens: IntCounter,
+    /// `orchestrator_time_to_first_token_seconds{worker_type}`.
+    pub ttft: Histogram,
+    /// `orchestrator_inter_token_latency_seconds{worker_type}`.
+    pub itl: Histogram,
+    /// The backend's breaker series.
+    pub breaker: BreakerMetrics,
+    outcomes: Arc<[IntCounter; 9]>,
+}
+
+impl BackendMetrics {
+    /// The `orchestrator_upstream_requests_total{worker_type,outcome}` handle.
+    pub fn outcome(&self, outcome: UpstreamOutcome) -> &IntCounter {
+        let index = UpstreamOutcome::ALL
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or_default();
+        &self.outcomes[index]
+    }
 }
 
 /// Handles of one stage's series, resolved once.
@@ -175,11 +311,10 @@ pub struct StageMetrics {
     pub duration: Histogram,
     /// `orchestrator_plugin_instances{stage}`.
     pub instances: IntGauge,
-    /// `orchestrator_circuit_state{stage}`: 0 closed, 1 half-open, 2 open.
-    pub circuit_state: IntGauge,
-    /// `orchestrator_circuit_transitions_total{stage,to}` for `closed`, `half_open`, `open`.
-    pub circuit_transitions: Arc<[IntCounter; 3]>,
-    errors: Arc<[IntCounter; 10]>,
+    /// `orchestrator_circuit_state{stage}` and
+    /// `orchestrator_circuit_transitions_total{stage,to}`.
+    pub breaker: BreakerMetrics,
+    errors: Arc<[IntCounter; 12]>,
 }
 
 impl StageMetrics {
@@ -196,7 +331,7 @@ impl StageMetrics {
 /// Handles of `orchestrator_request_duration_seconds{outcome}`.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    histograms: Arc<[Histogram; 4]>,
+    histograms: Arc<[Histogram; 5]>,
 }
 
 impl RequestMetrics {
@@ -222,7 +357,7 @@ pub struct MetricsSummary {
     pub errors: u64,
     /// Tokens generated, all backends.
     pub tokens_generated: u64,
-    /// Requests answered, by outcome (`ok`, `error`, `timeout`, `shed`).
+    /// Requests answered, by outcome (`ok`, `error`, `timeout`, `shed`, `cancelled`).
     pub outcomes: Vec<(String, u64)>,
 }
 
@@ -308,7 +443,7 @@ impl Metrics {
             ),
             request_duration: histogram(
                 "orchestrator_request_duration_seconds",
-                "End-to-end duration of each request, by outcome (ok, error, timeout, shed).",
+                "End-to-end duration of each request, by outcome (ok, error, timeout, shed, cancelled).",
                 &["outcome"],
                 REQUEST_BUCKETS,
             ),
@@ -337,6 +472,33 @@ impl Metrics {
                 "Plugin swaps and rollbacks, by result (success, error).",
                 &["stage", "result"],
             ),
+            ttft: histogram(
+                "orchestrator_time_to_first_token_seconds",
+                "Time from sending a generation to the backend to its first token.",
+                &["worker_type"],
+                TOKEN_BUCKETS,
+            ),
+            itl: histogram(
+                "orchestrator_inter_token_latency_seconds",
+                "Time between two streamed tokens (chunks) of a generation.",
+                &["worker_type"],
+                TOKEN_BUCKETS,
+            ),
+            upstream_requests: counter(
+                "orchestrator_upstream_requests_total",
+                "Attempts sent to an inference backend, by outcome.",
+                &["worker_type", "outcome"],
+            ),
+            upstream_circuit_state: gauge(
+                "orchestrator_upstream_circuit_state",
+                "State of the backend's circuit breaker: 0 closed, 1 half-open, 2 open.",
+                &["worker_type"],
+            ),
+            upstream_circuit_transitions: counter(
+                "orchestrator_upstream_circuit_transitions_total",
+                "Backend circuit breaker transitions, by the state entered.",
+                &["worker_type", "to"],
+            ),
             registry: registry.clone(),
         };
         let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -361,11 +523,13 @@ impl Metrics {
             queue_capacity: self.queue_capacity.with_label_values(&[stage]),
             duration: self.stage_duration.with_label_values(&[stage]),
             instances: self.instances.with_label_values(&[stage]),
-            circuit_state: self.circuit_state.with_label_values(&[stage]),
-            circuit_transitions: Arc::new(
-                ["closed", "half_open", "open"]
-                    .map(|to| self.circuit_transitions.with_label_values(&[stage, to])),
-            ),
+            breaker: BreakerMetrics {
+                state: self.circuit_state.with_label_values(&[stage]),
+                transitions: Arc::new(
+                    ["closed", "half_open", "open"]
+                        .map(|to| self.circuit_transitions.with_label_values(&[stage, to])),
+                ),
+            },
             errors: Arc::new(
                 ErrorType::ALL.map(|t| self.errors.with_label_values(&[stage, t.label()])),
             ),
@@ -390,9 +554,26 @@ impl Metrics {
         }
     }
 
-    /// The `orchestrator_tokens_generated_total{worker_type}` handle.
-    pub fn tokens(&self, worker_type: &str) -> IntCounter {
-        self.tokens.with_label_values(&[worker_type])
+    /// Resolve (and create) the series of backend `worker_type`.
+    pub fn backend(&self, worker_type: &str) -> BackendMetrics {
+        BackendMetrics {
+            tokens: self.tokens.with_label_values(&[worker_type]),
+            ttft: self.ttft.with_label_values(&[worker_type]),
+            itl: self.itl.with_label_values(&[worker_type]),
+            breaker: BreakerMetrics {
+                state: self
+                    .upstream_circuit_state
+                    .with_label_values(&[worker_type]),
+                transitions: Arc::new(["closed", "half_open", "open"].map(|to| {
+                    self.upstream_circuit_transitions
+                        .with_label_values(&[worker_type, to])
+                })),
+            },
+            outcomes: Arc::new(UpstreamOutcome::ALL.map(|o| {
+                self.upstream_requests
+                    .with_label_values(&[worker_type, o.label()])
+            })),
+        }
     }
 
     /// Mark `sha256` as the plugin version `stage` runs (and no other).

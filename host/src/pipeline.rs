@@ -34,6 +34,32 @@
 //! call's deadline is also capped by the time the request has left). A
 //! worker that picks up a request whose caller has gone skips it.
 //!
+//! # Token streaming
+//!
+//! When the client asked for a stream ([`Pipeline::run_streaming`]) and a
+//! stage's plugin starts a generation with `inference.generate-stream`, the
+//! request is handed back to the caller as a [`Streaming`] right after that
+//! stage, with its reservations in the later stages still held. The caller
+//! pulls from it ([`Streaming::next`]): each token from the backend is
+//! passed through `process-chunk` of the following stages that are
+//! `streaming-stage` components — as [`Work::Chunk`] items on their queues,
+//! run by their workers on an instance of the version the stream started
+//! on — and what the last of them emits is yielded at once. The first
+//! following stage that is a plain `stage` component ends the streaming
+//! part: the text is collected and it and the stages after it run as usual
+//! once the generation ends. A stage that returns `stop` ends the
+//! generation (the backend request is cancelled). Dropping the `Streaming`
+//! (the client went away) cancels the backend request and releases the
+//! request's reservations at once.
+//!
+//! Each request holds one reservation per stage and has at most one chunk
+//! in flight per stage, so chunk items never overflow a queue. A streamed
+//! request counts once in `orchestrator_requests_total` of each streaming
+//! stage; its `orchestrator_stage_duration_seconds` observation there is
+//! the time spent in that stage's chunk calls, all chunks together. A
+//! request that streams is observed in `orchestrator_request_duration_seconds`
+//! when its stream ends (`cancelled` if the client went away first).
+//!
 //! # Hot swap
 //!
 //! Each stage's plugin is an [`ArcSwap`]: [`Pipeline::swap`] publishes a new
@@ -42,6 +68,7 @@
 //! the next call uses the new one; the worker's instance of the old version
 //! is dropped then, and the old version's memory with the last instance.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
@@ -54,8 +81,11 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::circuit::{Admission, CircuitBreaker};
 use crate::config::{InstanceMode, StageConfig};
+use crate::inference::{Ending, Event, TokenStream, finish_reason};
 use crate::metrics::{ErrorType, Metrics, Outcome, RequestMetrics, StageMetrics};
-use crate::plugin::{CallError, Envelope, Instance, Plugin, PluginVersion};
+use crate::plugin::{
+    CallError, ChunkContext, ChunkOutput, Envelope, Instance, Plugin, PluginVersion, Usage,
+};
 
 /// Why a request got no completion.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -93,7 +123,19 @@ pub enum RunError {
     ShuttingDown,
 }
 
-type Reply = oneshot::Sender<Result<Envelope, RunError>>;
+type Reply = oneshot::Sender<Result<Answer, RunError>>;
+
+/// What an admitted request turns into.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "`Done` is the common case; boxing its envelope would cost an allocation per request"
+)]
+pub enum Answer {
+    /// Every stage ran: the final envelope.
+    Done(Envelope),
+    /// A generation is streaming (see the module docs).
+    Streaming(Box<Streaming>),
+}
 
 /// How often an idle worker checks whether its instance belongs to a
 /// version that has been swapped out (and drops it, freeing the old
@@ -111,11 +153,14 @@ struct Job {
     /// Bit `i` set: the job is a probe of stage `i`'s half-open breaker,
     /// not yet settled.
     probes: u8,
+    /// The client asked for a stream.
+    streaming: bool,
+    admitted: Instant,
     inner: Arc<Inner>,
 }
 
 impl Job {
-    fn answer(mut self, result: Result<Envelope, RunError>) {
+    fn answer(mut self, result: Result<Answer, RunError>) {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result);
         }
@@ -142,13 +187,23 @@ impl Drop for Job {
     }
 }
 
-#[expect(
-    clippy::large_enum_variant,
-    reason = "`Stop` is sent once per worker at shutdown; boxing `Job` would cost an allocation per stage hop"
-)]
 enum Work {
     Job(Job),
+    /// One `process-chunk` call of a streaming request.
+    Chunk(ChunkJob),
     Stop,
+}
+
+/// One `process-chunk` call, run by a worker of the stage.
+struct ChunkJob {
+    /// The version the stream started on.
+    plugin: Arc<Plugin>,
+    context: ChunkContext,
+    carry: String,
+    delta: String,
+    last: bool,
+    deadline: Instant,
+    reply: oneshot::Sender<(Result<ChunkOutput, CallError>, Duration)>,
 }
 
 /// One stage: its plugin, queue and metrics.
@@ -257,11 +312,11 @@ impl Pipeline {
                     receiver,
                     reserved: AtomicUsize::new(0),
                     breaker: CircuitBreaker::new(
-                        settings.name,
+                        format!("stage {}", settings.name),
                         settings.breaker_failures,
                         Duration::from_millis(settings.breaker_cooldown_ms),
                         settings.breaker_probes,
-                        stage_metrics.clone(),
+                        stage_metrics.breaker.clone(),
                     ),
                     metrics: stage_metrics,
                     settings,
@@ -292,21 +347,51 @@ impl Pipeline {
         })
     }
 
-    /// Run one request through every stage, answering by `deadline`.
+    /// Run one request through every stage, answering by `deadline`. A
+    /// generation a stage streams is collected before the next stage runs.
     pub async fn run(&self, envelope: Envelope, deadline: Instant) -> Result<Envelope, RunError> {
+        match self.run_streaming_inner(envelope, deadline, false).await? {
+            Answer::Done(envelope) => Ok(envelope),
+            // Not handed off when the client did not ask for a stream.
+            Answer::Streaming(streaming) => streaming.collect().await,
+        }
+    }
+
+    /// Run one request for a client that asked for a stream: the final
+    /// envelope, or a [`Streaming`] once a stage started a streaming
+    /// generation.
+    pub async fn run_streaming(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+    ) -> Result<Answer, RunError> {
+        self.run_streaming_inner(envelope, deadline, true).await
+    }
+
+    async fn run_streaming_inner(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+        streaming: bool,
+    ) -> Result<Answer, RunError> {
         let admitted = Instant::now();
-        let result = self.run_inner(envelope, deadline).await;
+        let result = self.run_inner(envelope, deadline, streaming).await;
         let outcome = match &result {
-            Ok(_) => Outcome::Ok,
-            Err(RunError::Shed { .. } | RunError::ShuttingDown) => Outcome::Shed,
-            Err(RunError::Timeout(_)) => Outcome::Timeout,
-            Err(RunError::Stage { .. } | RunError::CircuitOpen { .. }) => Outcome::Error,
+            // Observed when the stream ends.
+            Ok(Answer::Streaming(_)) => return result,
+            Ok(Answer::Done(_)) => Outcome::Ok,
+            Err(error) => outcome_of(error),
         };
         self.inner.requests.observe(outcome, admitted.elapsed());
         result
     }
 
-    async fn run_inner(&self, envelope: Envelope, deadline: Instant) -> Result<Envelope, RunError> {
+    async fn run_inner(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+        streaming: bool,
+    ) -> Result<Answer, RunError> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::Acquire) {
             return Err(RunError::ShuttingDown);
@@ -352,6 +437,8 @@ impl Pipeline {
             deadline,
             reply: Some(reply),
             probes,
+            streaming,
+            admitted: Instant::now(),
             inner: inner.clone(),
         };
         enqueue(&inner.stages[0], job);
@@ -462,6 +549,15 @@ impl Pipeline {
     }
 }
 
+/// The `outcome` label of a failed request.
+fn outcome_of(error: &RunError) -> Outcome {
+    match error {
+        RunError::Shed { .. } | RunError::ShuttingDown => Outcome::Shed,
+        RunError::Timeout(_) => Outcome::Timeout,
+        RunError::Stage { .. } | RunError::CircuitOpen { .. } => Outcome::Error,
+    }
+}
+
 /// Put `job` on `slot`'s queue. It holds a reservation there, so the queue
 /// has room.
 fn enqueue(slot: &Slot, job: Job) {
@@ -506,6 +602,11 @@ fn worker(inner: &Inner, index: usize) {
     loop {
         let mut job = match slot.receiver.recv_timeout(IDLE_RECHECK) {
             Ok(Work::Job(job)) => job,
+            Ok(Work::Chunk(chunk)) => {
+                slot.metrics.queue_depth.dec();
+                run_chunk(slot, &runtime, &mut instance, chunk);
+                continue;
+            }
             Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => break,
             Err(RecvTimeoutError::Timeout) => {
                 // Idle: retire an instance of a version that was swapped out.
@@ -529,7 +630,8 @@ fn worker(inner: &Inner, index: usize) {
         }
         slot.metrics.requests.inc();
         let started = Instant::now();
-        let result = runtime.block_on(call(slot, &mut instance, &job.envelope, remaining));
+        let (result, stream) =
+            runtime.block_on(call(slot, &mut instance, &job.envelope, remaining));
         slot.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -543,40 +645,76 @@ fn worker(inner: &Inner, index: usize) {
         if !cut_by_request {
             let probe = job.probes & (1 << index) != 0;
             job.probes &= !(1 << index);
-            slot.breaker
-                .record(result.as_ref().map(|_| ()).map_err(|e| e.error_type), probe);
+            let failed = result
+                .as_ref()
+                .is_err_and(|e| e.error_type.counts_against_stage());
+            slot.breaker.record(failed, probe);
         }
-        match result {
-            Ok(envelope) => {
-                job.envelope = envelope;
-                slot.release();
-                job.stage += 1;
-                match inner.stages.get(job.stage) {
-                    Some(next) => enqueue(next, job),
-                    None => {
-                        let envelope =
-                            std::mem::replace(&mut job.envelope, Envelope::placeholder());
-                        job.answer(Ok(envelope));
-                    }
-                }
-            }
+        let mut envelope = match result {
+            Ok(envelope) => envelope,
             Err(error) => {
                 slot.metrics.errors(error.error_type).inc();
                 tracing::debug!(stage = name, request_id = %job.envelope.request_id, %error, "stage failed");
                 job.answer(Err(RunError::Stage { stage: name, error }));
+                continue;
+            }
+        };
+        if let Some(tokens) = stream {
+            if job.streaming {
+                job.envelope = envelope;
+                slot.release();
+                job.stage += 1;
+                if let Some(reply) = job.reply.take() {
+                    let _ =
+                        reply.send(Ok(Answer::Streaming(Box::new(Streaming::new(job, tokens)))));
+                }
+                continue;
+            }
+            // The client wants one answer: collect the generation here.
+            if let Err(error) = runtime.block_on(complete(&mut envelope, tokens)) {
+                slot.metrics.errors(error.error_type).inc();
+                job.answer(Err(RunError::Stage { stage: name, error }));
+                continue;
+            }
+        }
+        job.envelope = envelope;
+        slot.release();
+        job.stage += 1;
+        match inner.stages.get(job.stage) {
+            Some(next) => enqueue(next, job),
+            None => {
+                let envelope = std::mem::replace(&mut job.envelope, Envelope::placeholder());
+                job.answer(Ok(Answer::Done(envelope)));
             }
         }
     }
 }
 
+/// Collect a whole generation into `envelope`.
+async fn complete(envelope: &mut Envelope, tokens: TokenStream) -> Result<(), CallError> {
+    let prompt_tokens = orchestrator_text::count_tokens(&envelope.prompt) as u32;
+    let completion = tokens
+        .collect(prompt_tokens)
+        .await
+        .map_err(|e| CallError::new(e.error_type(), e.to_string()))?;
+    envelope.completion = completion.text;
+    envelope.finish_reason = completion.finish_reason.to_string();
+    envelope.usage = Usage {
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+    };
+    Ok(())
+}
+
 /// One plugin call on this worker's instance, creating or replacing the
 /// instance as the stage's policy and current plugin version require.
+/// Returns the call's result and the generation it started, if any.
 async fn call(
     slot: &Slot,
     instance: &mut Option<Instance>,
     envelope: &Envelope,
     remaining: Duration,
-) -> Result<Envelope, CallError> {
+) -> (Result<Envelope, CallError>, Option<TokenStream>) {
     let settings = &slot.settings;
     // A borrowed guard, not a clone: the common case (a warm instance of the
     // current version) touches no reference count.
@@ -589,15 +727,402 @@ async fn call(
         // Drop the old instance first so its pool slot is free again.
         *instance = None;
         let current = slot.plugin.load_full();
-        *instance = Some(current.instantiate().await?);
+        match current.instantiate().await {
+            Ok(fresh) => *instance = Some(fresh),
+            Err(error) => return (Err(error), None),
+        }
     }
-    let live = instance.as_mut().expect("instance set above");
+    let Some(live) = instance.as_mut() else {
+        return (
+            Err(CallError::new(ErrorType::Instantiate, "no instance")),
+            None,
+        );
+    };
     let timeout = Duration::from_millis(settings.timeout_ms).min(remaining);
     let result = live.process(envelope, timeout).await;
+    // A generation started by a call that then failed is dropped
+    // (cancelled) with it.
+    let stream = live.take_stream().filter(|_| result.is_ok());
+    let discard = settings.instance_mode == InstanceMode::PerRequest
+        || result.as_ref().is_err_and(CallError::poisons_instance);
+    if discard {
+        *instance = None;
+    }
+    (result, stream)
+}
+
+/// Run one `process-chunk` call and send its result back.
+fn run_chunk(
+    slot: &Slot,
+    runtime: &tokio::runtime::Runtime,
+    instance: &mut Option<Instance>,
+    chunk: ChunkJob,
+) {
+    if chunk.reply.is_closed() {
+        return;
+    }
+    let remaining = chunk.deadline.saturating_duration_since(Instant::now());
+    let started = Instant::now();
+    let result = if remaining.is_zero() {
+        Err(CallError::new(
+            ErrorType::Timeout,
+            "the request's deadline passed",
+        ))
+    } else {
+        runtime.block_on(call_chunk(slot, instance, &chunk, remaining))
+    };
+    if let Err(error) = &result {
+        slot.metrics.errors(error.error_type).inc();
+        tracing::debug!(stage = slot.settings.name, request_id = %chunk.context.request_id, %error, "chunk failed");
+    }
+    let _ = chunk.reply.send((result, started.elapsed()));
+}
+
+/// One `process-chunk` call on an instance of the version the stream
+/// started on (this worker's instance if it is one).
+async fn call_chunk(
+    slot: &Slot,
+    instance: &mut Option<Instance>,
+    chunk: &ChunkJob,
+    remaining: Duration,
+) -> Result<ChunkOutput, CallError> {
+    let settings = &slot.settings;
+    let reusable = instance.as_ref().is_some_and(|i| {
+        settings.instance_mode == InstanceMode::Reuse
+            && Arc::ptr_eq(i.plugin(), &chunk.plugin)
+            && i.calls() < settings.recycle_after
+    });
+    if !reusable {
+        *instance = None;
+        *instance = Some(chunk.plugin.instantiate().await?);
+    }
+    let Some(live) = instance.as_mut() else {
+        return Err(CallError::new(ErrorType::Instantiate, "no instance"));
+    };
+    let timeout = Duration::from_millis(settings.timeout_ms).min(remaining);
+    let result = live
+        .process_chunk(
+            &chunk.context,
+            &chunk.carry,
+            &chunk.delta,
+            chunk.last,
+            timeout,
+        )
+        .await;
     let discard = settings.instance_mode == InstanceMode::PerRequest
         || result.as_ref().is_err_and(CallError::poisons_instance);
     if discard {
         *instance = None;
     }
     result
+}
+
+/// One streaming stage of a [`Streaming`] request.
+struct ChunkStage {
+    index: usize,
+    plugin: Arc<Plugin>,
+    carry: String,
+    /// Time spent in its chunk calls.
+    spent: Duration,
+}
+
+/// An item of a [`Streaming`] request.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// Text for the client.
+    Delta(String),
+    /// The request is complete: the final envelope (its `completion` is
+    /// everything sent as deltas, unless a plain stage changed it).
+    Done(Box<Envelope>),
+}
+
+/// A request whose generation is streaming (see the module docs). Pull
+/// with [`next`](Self::next); drop to cancel.
+pub struct Streaming {
+    /// `None` once the plain stages after the streaming ones took it.
+    job: Option<Job>,
+    tokens: Option<TokenStream>,
+    /// Index of the stage that started the generation.
+    source: usize,
+    chunk_stages: Vec<ChunkStage>,
+    /// Index of the first stage that does not stream (or the stage count).
+    rest_from: usize,
+    context: ChunkContext,
+    deadline: Instant,
+    admitted: Instant,
+    pending: std::collections::VecDeque<StreamItem>,
+    /// What the streaming stages emitted: the completion so far.
+    text: String,
+    /// The pieces sent to the client.
+    pieces: Vec<String>,
+    ending: Ending,
+    stopped: bool,
+    finished: bool,
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Streaming")
+            .field("request_id", &self.context.request_id)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl Streaming {
+    fn new(job: Job, tokens: TokenStream) -> Streaming {
+        let inner = job.inner.clone();
+        let mut chunk_stages = Vec::new();
+        let mut rest_from = inner.stages.len();
+        for index in job.stage..inner.stages.len() {
+            let slot = &inner.stages[index];
+            let plugin = slot.plugin.load_full();
+            if !plugin.streams() {
+                rest_from = index;
+                break;
+            }
+            slot.metrics.requests.inc();
+            plugin.count_streamed_request();
+            chunk_stages.push(ChunkStage {
+                index,
+                plugin,
+                carry: String::new(),
+                spent: Duration::ZERO,
+            });
+        }
+        Streaming {
+            context: ChunkContext {
+                request_id: job.envelope.request_id.clone(),
+                params: job.envelope.params.clone(),
+            },
+            deadline: job.deadline,
+            admitted: job.admitted,
+            tokens: Some(tokens),
+            source: job.stage.saturating_sub(1),
+            chunk_stages,
+            rest_from,
+            pending: Default::default(),
+            text: String::new(),
+            pieces: Vec::new(),
+            ending: Ending::default(),
+            stopped: false,
+            finished: false,
+            job: Some(job),
+            inner,
+        }
+    }
+
+    /// The next piece of text for the client, then the final envelope,
+    /// then `None`; or the error that ended the request.
+    pub async fn next(&mut self) -> Option<Result<StreamItem, RunError>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(Ok(item));
+            }
+            if self.finished {
+                return None;
+            }
+            let step = match self.tokens.as_mut() {
+                Some(tokens) => match tokio::time::timeout_at(self.deadline.into(), tokens.next())
+                    .await
+                {
+                    Err(_) | Ok(None) => Err(self.timeout()),
+                    Ok(Some(Err(error))) => {
+                        let slot = &self.inner.stages[self.source];
+                        slot.metrics.errors(error.error_type()).inc();
+                        Err(RunError::Stage {
+                            stage: slot.settings.name,
+                            error: CallError::new(error.error_type(), error.to_string()),
+                        })
+                    }
+                    Ok(Some(Ok(Event::Delta(delta)))) => self.push_through(0, vec![delta]).await,
+                    Ok(Some(Ok(Event::End(ending)))) => {
+                        self.ending = ending;
+                        self.tokens = None;
+                        Ok(())
+                    }
+                },
+                None => self.finish().await,
+            };
+            if let Err(error) = step {
+                self.end(outcome_of(&error));
+                return Some(Err(error));
+            }
+        }
+    }
+
+    fn timeout(&self) -> RunError {
+        RunError::Timeout(self.deadline.saturating_duration_since(self.admitted))
+    }
+
+    /// Pass `pieces` through the streaming stages from `from` on.
+    async fn push_through(&mut self, from: usize, mut pieces: Vec<String>) -> Result<(), RunError> {
+        for k in from..self.chunk_stages.len() {
+            let mut out = Vec::new();
+            for piece in pieces {
+                let output = self.chunk_call(k, piece, false).await?;
+                out.extend(output.emit);
+                if output.stop {
+                    // Cancel the generation; the stages after `k` still get
+                    // what `k` emitted, and every stage is flushed.
+                    self.tokens = None;
+                    self.stopped = true;
+                    break;
+                }
+            }
+            pieces = out;
+        }
+        for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+            self.text.push_str(&piece);
+            if self.rest_from == self.inner.stages.len() {
+                self.pieces.push(piece.clone());
+                self.pending.push_back(StreamItem::Delta(piece));
+            }
+        }
+        Ok(())
+    }
+
+    /// One `process-chunk` call of streaming stage `k`.
+    async fn chunk_call(
+        &mut self,
+        k: usize,
+        delta: String,
+        last: bool,
+    ) -> Result<ChunkOutput, RunError> {
+        let stage = &mut self.chunk_stages[k];
+        let slot = &self.inner.stages[stage.index];
+        let name = slot.settings.name;
+        let (reply, answer) = oneshot::channel();
+        let work = Work::Chunk(ChunkJob {
+            plugin: stage.plugin.clone(),
+            context: self.context.clone(),
+            carry: std::mem::take(&mut stage.carry),
+            delta,
+            last,
+            deadline: self.deadline,
+            reply,
+        });
+        slot.metrics.queue_depth.inc();
+        if slot.sender.try_send(work).is_err() {
+            slot.metrics.queue_depth.dec();
+            return Err(RunError::Shed {
+                stage: name,
+                capacity: slot.settings.queue_capacity,
+            });
+        }
+        let (result, spent) = match tokio::time::timeout_at(self.deadline.into(), answer).await {
+            Err(_) => return Err(self.timeout()),
+            Ok(Err(_)) => return Err(RunError::ShuttingDown),
+            Ok(Ok(answer)) => answer,
+        };
+        let stage = &mut self.chunk_stages[k];
+        stage.spent += spent;
+        let output = result.map_err(|error| RunError::Stage { stage: name, error })?;
+        stage.carry.clone_from(&output.carry);
+        Ok(output)
+    }
+
+    /// The generation ended: flush the streaming stages, run the plain
+    /// stages after them, and queue the final envelope.
+    async fn finish(&mut self) -> Result<(), RunError> {
+        for k in 0..self.chunk_stages.len() {
+            let output = self.chunk_call(k, String::new(), true).await?;
+            self.push_through(k + 1, output.emit).await?;
+        }
+        for stage in &self.chunk_stages {
+            self.inner.stages[stage.index]
+                .metrics
+                .duration
+                .observe(stage.spent.as_secs_f64());
+        }
+        let Some(mut job) = self.job.take() else {
+            return Err(RunError::ShuttingDown);
+        };
+        let envelope = &mut job.envelope;
+        envelope.completion = std::mem::take(&mut self.text);
+        envelope.finish_reason = if self.stopped {
+            "stop".to_string()
+        } else {
+            finish_reason(self.ending.finish_reason.as_deref()).to_string()
+        };
+        let (prompt_tokens, completion_tokens) = self.ending.usage.unwrap_or_else(|| {
+            (
+                orchestrator_text::count_tokens(&envelope.prompt) as u32,
+                self.pieces.len() as u32,
+            )
+        });
+        envelope.usage = Usage {
+            prompt_tokens,
+            completion_tokens,
+        };
+        // Leave the streaming stages.
+        for index in job.stage..self.rest_from {
+            self.inner.stages[index].release();
+        }
+        job.stage = self.rest_from;
+        let envelope = if self.rest_from < self.inner.stages.len() {
+            // Plain stages follow: run them as usual, then stream their result.
+            let (reply, answer) = oneshot::channel();
+            job.reply = Some(reply);
+            job.streaming = false;
+            enqueue(&self.inner.stages[self.rest_from], job);
+            let envelope = match tokio::time::timeout_at(self.deadline.into(), answer).await {
+                Err(_) => return Err(self.timeout()),
+                Ok(Err(_)) => return Err(RunError::ShuttingDown),
+                Ok(Ok(Err(error))) => return Err(error),
+                Ok(Ok(Ok(Answer::Done(envelope)))) => envelope,
+                // Not handed off: the job no longer asks for a stream.
+                Ok(Ok(Ok(Answer::Streaming(streaming)))) => Box::pin(streaming.collect()).await?,
+            };
+            let pieces = if envelope.chunks.is_empty() {
+                vec![envelope.completion.clone()]
+            } else {
+                envelope.chunks.clone()
+            };
+            self.pending.extend(
+                pieces
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(StreamItem::Delta),
+            );
+            envelope
+        } else {
+            let mut envelope = std::mem::replace(&mut job.envelope, Envelope::placeholder());
+            envelope.chunks = std::mem::take(&mut self.pieces);
+            envelope
+        };
+        self.pending.push_back(StreamItem::Done(Box::new(envelope)));
+        self.end(Outcome::Ok);
+        Ok(())
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if !self.finished {
+            self.finished = true;
+            self.tokens = None;
+            self.job = None;
+            self.inner
+                .requests
+                .observe(outcome, self.admitted.elapsed());
+        }
+    }
+
+    /// Collect the whole request (for a caller that wants one answer).
+    pub async fn collect(mut self) -> Result<Envelope, RunError> {
+        while let Some(item) = self.next().await {
+            if let StreamItem::Done(envelope) = item? {
+                return Ok(*envelope);
+            }
+        }
+        Err(RunError::ShuttingDown)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // The client went away before the end: the generation is cancelled
+        // with `tokens`, the reservations released with `job`.
+        self.end(Outcome::Cancelled);
+    }
 }

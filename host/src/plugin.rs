@@ -17,12 +17,15 @@
 //! 3. **Link**: a per-stage [`Linker`] holds WASI p2 (whose context grants
 //!    nothing but clocks and randomness unless configured), the `log` import
 //!    and, only for stages granted it, the `inference` import. The linker is
-//!    resolved against the component once, into a [`StagePre`].
+//!    resolved against the component once, into a pre-instantiated component
+//!    of the `streaming-stage` world if it exports `process-chunk`, else of
+//!    the plain `stage` world (a component of neither is refused).
 //! 4. **Validate**: one instance is created and its `init` run with the
 //!    stage's configuration. A plugin whose `init` fails is refused.
 //! 5. **Instantiate** ([`Plugin::instantiate`]): each worker makes a [`Store`]
 //!    with its own WASI context and memory limits and instantiates from the
-//!    `StagePre` (a pooled slot: a few microseconds), then runs `init`.
+//!    pre-instantiated component (a pooled slot: a few microseconds), then
+//!    runs `init`.
 //! 6. **Call** ([`Instance::process`]): the epoch deadline and the fuel
 //!    budget are armed, the envelope is copied in, the result copied out and
 //!    its size checked against the stage's output cap.
@@ -64,7 +67,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use prometheus::{IntCounter, IntGauge};
+use prometheus::IntGauge;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
@@ -74,27 +77,47 @@ use wasmtime::{
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::config::{Config, PluginSource, StageConfig};
-use crate::inference::{Backend, GenerateRequest};
+use crate::inference::{Backends, GenerateRequest, TokenStream};
 use crate::metrics::ErrorType;
 use crate::versions::CallLedger;
 
-/// Host bindings generated from `wit/pipeline.wit`.
+/// Host bindings generated from `wit/pipeline.wit`: the `streaming-stage`
+/// world here, and the plain `stage` world in [`bindings::plain`], sharing
+/// the interfaces' types.
 pub mod bindings {
     wasmtime::component::bindgen!({
-        world: "stage",
+        world: "streaming-stage",
         path: "../wit",
         // Calls into the guest are async so that a call blocked in a host
         // function (a WASI sleep, a slow backend) can be abandoned at its
-        // deadline; the host functions themselves are synchronous.
+        // deadline. The inference functions are async on the host: they
+        // wait for the network.
         exports: { default: async },
+        imports: { "orchestrator:pipeline/inference": async },
     });
+
+    /// The plain `stage` world.
+    pub mod plain {
+        wasmtime::component::bindgen!({
+            world: "stage",
+            path: "../wit",
+            exports: { default: async },
+            with: {
+                "orchestrator:pipeline/types": super::orchestrator::pipeline::types,
+                "orchestrator:pipeline/log": super::orchestrator::pipeline::log,
+                "orchestrator:pipeline/inference": super::orchestrator::pipeline::inference,
+            },
+        });
+    }
 }
 
+pub use bindings::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
 pub use bindings::orchestrator::pipeline::types::{
     Envelope, GenerationParams, Message, Passage, StageError, Usage,
 };
-use bindings::orchestrator::pipeline::{inference, log, types};
-use bindings::{Stage, StagePre};
+use bindings::orchestrator::pipeline::{inference, log, streaming, types};
+use bindings::plain::{Stage, StagePre};
+use bindings::{StreamingStage, StreamingStagePre};
 
 /// How often the epoch ticker advances the engine's epoch: the resolution
 /// of plugin-call deadlines.
@@ -155,7 +178,7 @@ pub struct CallError {
 }
 
 impl CallError {
-    fn new(error_type: ErrorType, message: impl Into<String>) -> CallError {
+    pub(crate) fn new(error_type: ErrorType, message: impl Into<String>) -> CallError {
         CallError {
             error_type,
             message: message.into(),
@@ -314,8 +337,14 @@ impl Runtime {
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        let pre =
-            StagePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
+        // A component exporting `process-chunk` is a streaming stage; any
+        // other must be a plain stage.
+        let pre = match StreamingStagePre::new(instance_pre.clone()) {
+            Ok(pre) => Pre::Streaming(pre),
+            Err(_) => Pre::Plain(
+                StagePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?,
+            ),
+        };
 
         let calls = services.ledger.counter(&sha256);
         let plugin = Arc::new(Plugin {
@@ -365,15 +394,13 @@ impl fmt::Debug for Runtime {
     }
 }
 
-/// What the host provides to a stage's instances: the backend behind the
+/// What the host provides to a stage's instances: the backends behind the
 /// `inference` import (for stages granted it) and the metric handles the
 /// instances update.
 #[derive(Clone)]
 pub struct HostServices {
-    /// The inference backend, for stages granted `inference`.
-    pub backend: Option<Arc<dyn Backend>>,
-    /// `orchestrator_tokens_generated_total{worker_type=<backend>}`.
-    pub tokens: Option<IntCounter>,
+    /// The inference backends, for stages granted `inference`.
+    pub backends: Option<Backends>,
     /// `orchestrator_plugin_instances{stage}`: live instances of the stage.
     pub instances: IntGauge,
     /// Calls served, per version of the stage.
@@ -439,13 +466,25 @@ pub struct PluginVersion {
     pub loaded_at: u64,
 }
 
+/// A component linked for a stage, by world.
+enum Pre {
+    Plain(StagePre<HostState>),
+    Streaming(StreamingStagePre<HostState>),
+}
+
+/// A live instance's exports, by world.
+enum Exports {
+    Plain(Stage),
+    Streaming(StreamingStage),
+}
+
 /// A loaded, validated plugin version: the unit a stage runs and swaps.
 pub struct Plugin {
     stage: &'static str,
     sha256: String,
     source: PluginSource,
     loaded_at: SystemTime,
-    pre: StagePre<HostState>,
+    pre: Pre,
     settings: StageConfig,
     init_config: Vec<(String, String)>,
     services: HostServices,
@@ -467,6 +506,17 @@ impl Plugin {
     /// The stage it serves.
     pub fn stage(&self) -> &'static str {
         self.stage
+    }
+
+    /// Count one request served by this version through its chunk path
+    /// (the per-version call count of the admin API counts requests).
+    pub(crate) fn count_streamed_request(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether it is a `streaming-stage` component (exports `process-chunk`).
+    pub fn streams(&self) -> bool {
+        matches!(self.pre, Pre::Streaming(_))
     }
 
     /// Hex sha256 of the component bytes.
@@ -549,21 +599,38 @@ impl Plugin {
             services: self.services.clone(),
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
+            stream: None,
+            backend_error: None,
         };
-        let mut store = Store::new(self.pre.engine(), state);
+        let engine = match &self.pre {
+            Pre::Plain(pre) => pre.engine(),
+            Pre::Streaming(pre) => pre.engine(),
+        };
+        let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
         let timeout = Duration::from_millis(self.settings.timeout_ms);
         self.arm(&mut store, timeout)?;
         let setup = async {
-            let bindings = self
-                .pre
-                .instantiate_async(&mut store)
-                .await
-                .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?;
-            bindings
-                .call_init(&mut store, &self.init_config)
-                .await
-                .map_err(|e| classify(e, ErrorType::Instantiate, timeout))?
+            let instantiate = |e| classify(e, ErrorType::Instantiate, timeout);
+            let (bindings, init) = match &self.pre {
+                Pre::Plain(pre) => {
+                    let b = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(instantiate)?;
+                    let init = b.call_init(&mut store, &self.init_config).await;
+                    (Exports::Plain(b), init)
+                }
+                Pre::Streaming(pre) => {
+                    let b = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(instantiate)?;
+                    let init = b.call_init(&mut store, &self.init_config).await;
+                    (Exports::Streaming(b), init)
+                }
+            };
+            init.map_err(instantiate)?
                 .map_err(|message| CallError::new(ErrorType::Config, message))?;
             Ok::<_, CallError>(bindings)
         };
@@ -653,7 +720,7 @@ fn classify(error: wasmtime::Error, default: ErrorType, timeout: Duration) -> Ca
 /// A live plugin instance with its store.
 pub struct Instance {
     store: Store<HostState>,
-    bindings: Stage,
+    bindings: Exports,
     plugin: Arc<Plugin>,
     calls: u64,
 }
@@ -678,18 +745,20 @@ impl Instance {
         self.calls += 1;
         self.plugin.calls.fetch_add(1, Ordering::Relaxed);
         self.plugin.arm(&mut self.store, timeout)?;
-        let call = self.bindings.call_process(&mut self.store, request);
+        let state = self.store.data_mut();
+        state.stream = None;
+        state.backend_error = None;
+        let (store, bindings) = (&mut self.store, &self.bindings);
+        let call = async move {
+            match bindings {
+                Exports::Plain(b) => b.call_process(store, request).await,
+                Exports::Streaming(b) => b.call_process(store, request).await,
+            }
+        };
         let envelope = match tokio::time::timeout(timeout + HOST_CALL_GRACE, call).await {
             Err(_) => return Err(timed_out(timeout)),
             Ok(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
-            Ok(Ok(Err(error))) => {
-                return Err(match error {
-                    StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
-                    StageError::Config(m) => CallError::new(ErrorType::Config, m),
-                    StageError::Upstream(m) => CallError::new(ErrorType::Upstream, m),
-                    StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
-                });
-            }
+            Ok(Ok(Err(error))) => return Err(self.stage_error(error)),
             Ok(Ok(Ok(envelope))) => envelope,
         };
         let size = envelope_bytes(&envelope);
@@ -701,6 +770,71 @@ impl Instance {
             ));
         }
         Ok(envelope)
+    }
+}
+
+impl Instance {
+    /// The [`CallError`] of a stage's typed error. An `upstream` error
+    /// takes the class of the backend failure behind it, if there was one.
+    fn stage_error(&mut self, error: StageError) -> CallError {
+        match error {
+            StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
+            StageError::Config(m) => CallError::new(ErrorType::Config, m),
+            StageError::Upstream(m) => {
+                let class = self.store.data_mut().backend_error.take();
+                CallError::new(class.unwrap_or(ErrorType::Upstream), m)
+            }
+            StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
+        }
+    }
+
+    /// The generation the last `process` call started with
+    /// `inference.generate-stream`, if any.
+    pub fn take_stream(&mut self) -> Option<TokenStream> {
+        self.store.data_mut().stream.take()
+    }
+
+    /// Whether the instance exports `process-chunk`.
+    pub fn streams(&self) -> bool {
+        matches!(self.bindings, Exports::Streaming(_))
+    }
+
+    /// Call `process-chunk` with a deadline of `timeout`. The emitted text
+    /// and the carry count against the stage's `max_output_bytes`.
+    pub async fn process_chunk(
+        &mut self,
+        context: &ChunkContext,
+        carry: &str,
+        delta: &str,
+        last: bool,
+        timeout: Duration,
+    ) -> Result<ChunkOutput, CallError> {
+        let Exports::Streaming(bindings) = &self.bindings else {
+            return Err(CallError::new(
+                ErrorType::PluginError,
+                "the stage's plugin does not export process-chunk",
+            ));
+        };
+        self.calls += 1;
+        self.plugin.arm(&mut self.store, timeout)?;
+        let call = bindings.call_process_chunk(&mut self.store, context, carry, delta, last);
+        let output = match tokio::time::timeout(timeout + HOST_CALL_GRACE, call).await {
+            Err(_) => return Err(timed_out(timeout)),
+            Ok(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
+            Ok(Ok(Err(error))) => return Err(self.stage_error(error)),
+            Ok(Ok(Ok(output))) => output,
+        };
+        let size = output.carry.len() + output.emit.iter().map(String::len).sum::<usize>();
+        let cap = self.plugin.settings.max_output_bytes;
+        if size > cap {
+            return Err(CallError::new(
+                ErrorType::OutputTooLarge,
+                format!(
+                    "the stage returned {size} bytes for one chunk; its max_output_bytes is {cap}"
+                ),
+            ));
+        }
+        Ok(output)
     }
 }
 
@@ -719,6 +853,10 @@ pub struct HostState {
     services: HostServices,
     log_budget: LogBudget,
     deadline: Instant,
+    /// A generation started by `generate-stream` in the current call.
+    stream: Option<TokenStream>,
+    /// The class of the backend failure the current call saw, if any.
+    backend_error: Option<ErrorType>,
 }
 
 impl WasiView for HostState {
@@ -731,6 +869,8 @@ impl WasiView for HostState {
 }
 
 impl types::Host for HostState {}
+
+impl streaming::Host for HostState {}
 
 /// A token bucket bounding how fast one instance may log: a chatty plugin
 /// loses its excess records (and the host says how many) instead of
@@ -801,28 +941,43 @@ impl log::Host for HostState {
     }
 }
 
+impl HostState {
+    /// The backend request for a plugin's call, or why there is none.
+    fn generation_request(
+        &self,
+        prompt: String,
+        params: GenerationParams,
+    ) -> Result<(Backends, GenerateRequest), String> {
+        let backends = self
+            .services
+            .backends
+            .clone()
+            .ok_or_else(|| "inference is not granted to this stage".to_string())?;
+        Ok((
+            backends,
+            GenerateRequest {
+                prompt,
+                model: params.model,
+                max_tokens: params.max_tokens,
+                temperature: params.temperature,
+                stop: params.stop,
+                deadline: self.deadline,
+            },
+        ))
+    }
+}
+
 impl inference::Host for HostState {
-    fn generate(
+    async fn generate(
         &mut self,
         prompt: String,
         params: GenerationParams,
     ) -> Result<inference::Generation, String> {
-        let backend = self
-            .services
-            .backend
-            .as_ref()
-            .ok_or_else(|| "inference is not granted to this stage".to_string())?;
-        let request = GenerateRequest {
-            prompt: &prompt,
-            model: &params.model,
-            max_tokens: params.max_tokens,
-            temperature: params.temperature,
-            deadline: self.deadline,
-        };
-        let completion = backend.generate(&request).map_err(|e| e.to_string())?;
-        if let Some(tokens) = &self.services.tokens {
-            tokens.inc_by(u64::from(completion.completion_tokens));
-        }
+        let (backends, request) = self.generation_request(prompt, params)?;
+        let completion = backends.generate(request).await.map_err(|e| {
+            self.backend_error = Some(e.error_type());
+            e.to_string()
+        })?;
         Ok(inference::Generation {
             text: completion.text,
             finish_reason: completion.finish_reason.to_string(),
@@ -831,6 +986,23 @@ impl inference::Host for HostState {
                 completion_tokens: completion.completion_tokens,
             },
         })
+    }
+
+    async fn generate_stream(
+        &mut self,
+        prompt: String,
+        params: GenerationParams,
+    ) -> Result<(), String> {
+        if self.stream.is_some() {
+            return Err("a generation was already started in this call".into());
+        }
+        let (backends, request) = self.generation_request(prompt, params)?;
+        let stream = backends.stream(request).await.map_err(|e| {
+            self.backend_error = Some(e.error_type());
+            e.to_string()
+        })?;
+        self.stream = Some(stream);
+        Ok(())
     }
 }
 

@@ -5,6 +5,13 @@
 //!
 //! The stage itself holds no model: which backend answers (the built-in
 //! deterministic `echo`, or an upstream service) is the host's choice.
+//!
+//! When the client asked for a stream (the envelope's metadata has
+//! [`STREAM_KEY`] set to `true`), the stage starts a streaming generation
+//! with `inference.generate-stream` instead and returns the envelope
+//! unchanged: the host then feeds the tokens through the streaming stages
+//! that follow and fills in the completion, finish reason and usage when
+//! the generation ends (see [`run_request`]).
 
 #[cfg(target_arch = "wasm32")]
 mod component;
@@ -47,9 +54,59 @@ pub fn run(
     Ok(completion)
 }
 
+/// The metadata key the host sets to `true` when the client asked for a
+/// stream.
+pub const STREAM_KEY: &str = "request.stream";
+
+/// Whether the client asked for a stream: `metadata` has ([`STREAM_KEY`],
+/// `true`). Any other value, or no such entry, means a whole completion.
+pub fn stream_requested(metadata: &[(String, String)]) -> bool {
+    metadata
+        .iter()
+        .any(|(key, value)| key == STREAM_KEY && value == "true")
+}
+
+/// What [`run_request`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// A whole completion was generated: record it in the envelope.
+    Completed(Completion),
+    /// A streaming generation was started: leave the envelope as it is,
+    /// the host fills in the completion when the stream ends.
+    Streaming,
+}
+
+/// Run one request: check the prompt, then, if the client asked for a
+/// stream ([`stream_requested`] on `metadata`), start one with
+/// `generate_stream`, otherwise generate the whole completion with
+/// `generate` as [`run`] does. Exactly one of the two is called, and
+/// neither for an empty prompt.
+pub fn run_request(
+    prompt: &str,
+    metadata: &[(String, String)],
+    generate: impl FnOnce(&str) -> Result<Completion, String>,
+    generate_stream: impl FnOnce(&str) -> Result<(), String>,
+) -> Result<Outcome, Failure> {
+    if !stream_requested(metadata) {
+        return run(prompt, generate).map(Outcome::Completed);
+    }
+    if prompt.trim().is_empty() {
+        return Err(Failure::EmptyPrompt);
+    }
+    generate_stream(prompt).map_err(Failure::Backend)?;
+    Ok(Outcome::Streaming)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn meta(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
 
     fn ok(text: &str, reason: &str) -> Result<Completion, String> {
         Ok(Completion {
@@ -81,5 +138,61 @@ mod tests {
             run("p", |_| Err("down".into())),
             Err(Failure::Backend("down".into()))
         );
+    }
+
+    #[test]
+    fn stream_requested_only_by_request_stream_true() {
+        assert!(stream_requested(&meta(&[
+            ("a", "b"),
+            ("request.stream", "true")
+        ])));
+        assert!(!stream_requested(&meta(&[])));
+        assert!(!stream_requested(&meta(&[("request.stream", "false")])));
+        assert!(!stream_requested(&meta(&[("request.stream", "TRUE ")])));
+        assert!(!stream_requested(&meta(&[("stream", "true")])));
+    }
+
+    #[test]
+    fn a_stream_request_starts_a_stream_and_generates_nothing() {
+        let mut started = None;
+        let outcome = run_request(
+            "prompt",
+            &meta(&[("request.stream", "true")]),
+            |_| panic!("generate called for a stream"),
+            |prompt| {
+                started = Some(prompt.to_string());
+                Ok(())
+            },
+        );
+        assert_eq!(outcome, Ok(Outcome::Streaming));
+        assert_eq!(started.as_deref(), Some("prompt"));
+    }
+
+    #[test]
+    fn other_requests_generate_a_whole_completion() {
+        for metadata in [meta(&[]), meta(&[("request.stream", "false")])] {
+            let outcome = run_request(
+                "p",
+                &metadata,
+                |_| ok("x", "eos"),
+                |_| panic!("generate-stream called without a stream request"),
+            );
+            let Ok(Outcome::Completed(completion)) = outcome else {
+                panic!("not completed: {outcome:?}");
+            };
+            assert_eq!(
+                (completion.text.as_str(), completion.finish_reason.as_str()),
+                ("x", "stop")
+            );
+        }
+    }
+
+    #[test]
+    fn a_stream_request_checks_the_prompt_and_passes_errors_through() {
+        let stream = meta(&[("request.stream", "true")]);
+        let refused = run_request(" \n", &stream, |_| panic!("generate"), |_| panic!("stream"));
+        assert_eq!(refused, Err(Failure::EmptyPrompt));
+        let failed = run_request("p", &stream, |_| panic!("generate"), |_| Err("busy".into()));
+        assert_eq!(failed, Err(Failure::Backend("busy".into())));
     }
 }

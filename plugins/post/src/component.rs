@@ -1,8 +1,14 @@
-//! WebAssembly glue: the `stage` world's exports for the `post` stage.
+//! WebAssembly glue: the `streaming-stage` world's exports for the `post`
+//! stage (`process` for whole completions, `process-chunk` for streamed
+//! ones).
+
+// The generated export shim of `process-chunk` takes the context record's
+// fields flattened into core-wasm parameters (13 of them).
+#![allow(clippy::too_many_arguments)]
 
 use crate::clean;
 
-wit_bindgen::generate!({ world: "stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "streaming-stage", path: "../../wit" });
 
 struct Component;
 
@@ -32,6 +38,26 @@ impl Guest for Component {
             .extend(notes.into_iter().map(|(k, v)| (k.to_string(), v)));
         request.completion = cleaned.text;
         Ok(request)
+    }
+
+    fn process_chunk(
+        context: ChunkContext,
+        carry: String,
+        delta: String,
+        last: bool,
+    ) -> Result<ChunkOutput, StageError> {
+        let out = crate::process_chunk(&context.params.stop, &carry, &delta, last)
+            .map_err(|bad| StageError::InvalidInput(bad.to_string()))?;
+        Ok(ChunkOutput {
+            // Never pass on an empty piece.
+            emit: if out.emit.is_empty() {
+                Vec::new()
+            } else {
+                vec![out.emit]
+            },
+            carry: out.carry,
+            stop: out.stop,
+        })
     }
 }
 

@@ -5,9 +5,26 @@
 //! redact e-mail addresses (`[redacted email]`) and strings that look like
 //! API keys or tokens (`[redacted key]`). What changed is reported in
 //! [`Cleaned`] and, by the glue, in the envelope's metadata.
+//!
+//! The stage works in two modes, which give the same text:
+//!
+//! - whole mode, [`clean`]: the completion at once (the `process` export);
+//! - chunk mode, [`process_chunk`]: a streamed completion delta by delta
+//!   (the `process-chunk` export of the `streaming-stage` world). Each call
+//!   emits the text that is already final and holds back, in the carry,
+//!   only what may still change: a word that may yet turn out to be an
+//!   e-mail address or a key, text that may be the start of a stop
+//!   sequence, and whitespace that may turn out to be trailing.
+//!
+//! For any completion and any way of splitting it into deltas, the
+//! concatenation of everything [`process_chunk`] emits equals
+//! `clean(completion, stop).text`, and it reports `stop` exactly when
+//! [`clean`] reports `stopped` (this is property-tested).
 
 #[cfg(target_arch = "wasm32")]
 mod component;
+
+use std::fmt;
 
 /// Replacement for an e-mail address.
 pub const EMAIL_MARKER: &str = "[redacted email]";
@@ -47,7 +64,8 @@ pub struct Cleaned {
     pub keys: usize,
 }
 
-/// Clean `completion` (see the module docs).
+/// Clean `completion` (see the module docs). Empty stop sequences are
+/// ignored.
 pub fn clean(completion: &str, stop: &[String]) -> Cleaned {
     let cut = stop
         .iter()
@@ -61,8 +79,227 @@ pub fn clean(completion: &str, stop: &[String]) -> Cleaned {
         trimmed_chars: text.chars().count() - trimmed.chars().count(),
         ..Cleaned::default()
     };
-    out.text = redact(trimmed, &mut out.emails, &mut out.keys);
+    let mut counts = Counts::default();
+    let mut redacted = String::with_capacity(trimmed.len());
+    redact_into(trimmed, false, &mut redacted, &mut counts);
+    out.text = redacted;
+    out.emails = counts.emails;
+    out.keys = counts.keys;
     out
+}
+
+/// What [`process_chunk`] makes of one chunk of a streamed completion
+/// (the `chunk-output` record of the WIT, with `emit` as one string).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChunkOut {
+    /// Cleaned text to pass on, in order. Empty when everything new is
+    /// held back.
+    pub emit: String,
+    /// State to hand back as `carry` with the next chunk of the same
+    /// request (see [`process_chunk`] for its format and size).
+    pub carry: String,
+    /// A stop sequence ended the completion: `emit` holds the last of the
+    /// text, and nothing more will be emitted for this request.
+    pub stop: bool,
+}
+
+/// The `carry` handed to [`process_chunk`] is not one it returned.
+///
+/// Its [`Display`](fmt::Display) says so without quoting the carry, which
+/// holds completion text that has not been redacted yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BadCarry {
+    /// Length of the rejected carry, in bytes.
+    pub len: usize,
+}
+
+impl fmt::Display for BadCarry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "carry of {} bytes was not produced by the post stage's process-chunk",
+            self.len
+        )
+    }
+}
+
+impl std::error::Error for BadCarry {}
+
+/// Carry tag: no non-whitespace text has been committed yet, so leading
+/// whitespace is still being dropped. An empty carry means the same.
+const TAG_LEADING: char = 'L';
+/// Carry tag: the text has started; whitespace is kept unless it turns
+/// out to be trailing.
+const TAG_BODY: char = 'B';
+/// Carry tag (the whole carry): a stop sequence has ended the completion.
+const TAG_STOPPED: char = 'S';
+
+/// Clean one chunk of a streamed completion: the chunk path of the stage,
+/// equivalent to [`clean`] on the whole completion.
+///
+/// `stop` are the request's stop sequences (empty ones are ignored, as in
+/// [`clean`]); `carry` is the `carry` this function returned for the
+/// previous chunk of the request (empty for the first); `delta` is the new
+/// text; `last` marks the final call, which must emit everything still
+/// held (its `delta` is normally empty, but a non-empty one is processed
+/// too).
+///
+/// The text is emitted as soon as it is final, already redacted. Held back
+/// are only:
+///
+/// - a trailing run of non-whitespace characters that may still become (or
+///   be part of) an e-mail address or a key, for instance `jo` (may become
+///   `john.doe@example.com`) or `sk-abc` (may become a key);
+/// - trailing whitespace, which [`clean`] drops if nothing follows it;
+/// - a tail that is a proper prefix of a stop sequence (`ST` when `STOP`
+///   is one).
+///
+/// Leading whitespace is dropped as it arrives (unless it may be the start
+/// of a stop sequence, such as `\n\n`).
+///
+/// The carry is one ASCII tag character (the stage's state: leading
+/// whitespace still dropped, text started, or stopped) followed by that
+/// held-back raw text, so its length in bytes is at most `1 + r + p`,
+/// where `r` is the longest run of whitespace or of non-whitespace
+/// characters in the completion and `p` the length of the longest stop
+/// sequence minus one (0 without stop sequences). For prose, that is a few
+/// dozen bytes; a long unbroken word (a hash, a long identifier) is held
+/// whole, because it may still turn out to be a key, or an `@` and a
+/// domain may still follow it. The held-back text is not redacted yet: it
+/// is state for this stage, never output, and should be handled as
+/// confidentially as the raw completion.
+///
+/// After `stop` has been reported, the carry is `"S"` and further calls
+/// emit nothing (and report `stop` again).
+///
+/// # Errors
+///
+/// [`BadCarry`] if `carry` is not empty and not one this function returned.
+pub fn process_chunk(
+    stop: &[String],
+    carry: &str,
+    delta: &str,
+    last: bool,
+) -> Result<ChunkOut, BadCarry> {
+    let (started, held) = if carry.is_empty() {
+        (false, "")
+    } else if let Some(held) = carry.strip_prefix(TAG_LEADING) {
+        (false, held)
+    } else if let Some(held) = carry.strip_prefix(TAG_BODY) {
+        (true, held)
+    } else if carry.strip_prefix(TAG_STOPPED) == Some("") {
+        return Ok(ChunkOut {
+            emit: String::new(),
+            carry: carry.to_string(),
+            stop: true,
+        });
+    } else {
+        return Err(BadCarry { len: carry.len() });
+    };
+    let mut buf = String::with_capacity(held.len() + delta.len());
+    buf.push_str(held);
+    buf.push_str(delta);
+
+    // 1. Stop sequences: how much of `buf` is certainly before the cut.
+    let (end, stopped) = match stop_cut(&buf, stop, last) {
+        Cut::At(at) => (at, true),
+        Cut::Before(end) => (end, false),
+    };
+    let done = stopped || last;
+    let committed = &buf[..end];
+
+    // 2. Trimming: drop leading whitespace, hold back trailing whitespace.
+    let lead = if started {
+        0
+    } else {
+        committed.len() - committed.trim_start().len()
+    };
+    let body = &committed[lead..];
+    let started = started || !body.is_empty();
+    let content = body.trim_end();
+
+    // 3. Redaction of what is final. `content` may still continue only if
+    // nothing (no whitespace) follows it yet.
+    let open = !done && content.len() == body.len();
+    let mut emit = String::with_capacity(content.len());
+    let consumed = redact_into(content, open, &mut emit, &mut Counts::default());
+
+    let carry = if stopped {
+        TAG_STOPPED.to_string()
+    } else if done {
+        String::new()
+    } else {
+        let rest = &buf[lead + consumed..];
+        let mut carry = String::with_capacity(1 + rest.len());
+        carry.push(if started { TAG_BODY } else { TAG_LEADING });
+        carry.push_str(rest);
+        carry
+    };
+    Ok(ChunkOut {
+        emit,
+        carry,
+        stop: stopped,
+    })
+}
+
+/// What [`stop_cut`] decided about a buffer of streamed text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Cut {
+    /// The completion ends at this offset: the earliest stop sequence of
+    /// the whole completion starts here.
+    At(usize),
+    /// No stop sequence starts before this offset; the text from here on
+    /// may still become one (or is all of `buf`).
+    Before(usize),
+}
+
+/// Find where stop sequences cut `buf`, the not yet emitted text of a
+/// stream, as [`clean`] would cut the whole completion.
+///
+/// No stop sequence starts in the text emitted before `buf` (that is what
+/// earlier calls made sure of), so the earliest full occurrence in `buf`
+/// is the cut, unless a proper prefix of a stop sequence at the end of
+/// `buf` starts even earlier and may still complete: then the decision
+/// waits, and only the text before that prefix is final. When `last`, no
+/// prefix can complete any more.
+fn stop_cut(buf: &str, stop: &[String], last: bool) -> Cut {
+    let stops: Vec<&str> = stop
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let full = stops.iter().filter_map(|s| buf.find(s)).min();
+    let partial = if last {
+        None
+    } else {
+        partial_stop_start(buf, &stops)
+    };
+    match (full, partial) {
+        (Some(at), partial) if partial.is_none_or(|from| at <= from) => Cut::At(at),
+        (_, partial) => Cut::Before(partial.unwrap_or(buf.len())),
+    }
+}
+
+/// The earliest offset from which the rest of `buf` is a non-empty proper
+/// prefix of one of `stops` (all non-empty).
+fn partial_stop_start(buf: &str, stops: &[&str]) -> Option<usize> {
+    let longest = stops.iter().map(|s| s.len()).max()?;
+    let from = buf.len().saturating_sub(longest.saturating_sub(1));
+    (from..buf.len())
+        .filter(|&at| buf.is_char_boundary(at))
+        .find(|&at| {
+            let tail = &buf[at..];
+            stops
+                .iter()
+                .any(|s| s.len() > tail.len() && s.starts_with(tail))
+        })
+}
+
+/// Redaction counters.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    emails: usize,
+    keys: usize,
 }
 
 fn is_word_char(c: char) -> bool {
@@ -77,15 +314,41 @@ fn is_email_domain(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '-')
 }
 
-/// Length in bytes of the e-mail address starting at `text[0]`, if one does.
-fn email_at(text: &str) -> Option<usize> {
-    let local = text.find(|c| !is_email_local(c)).unwrap_or(text.len());
+/// What [`email_at`] found.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Found {
+    /// No e-mail address starts here.
+    No,
+    /// An e-mail address of this many bytes starts here.
+    Yes(usize),
+    /// Undecided: the text known so far ends inside what may be one.
+    Pending,
+}
+
+/// Whether an e-mail address starts at `text[0]`, and how long it is. With
+/// `open`, `text` may continue beyond what is known, so an address that
+/// runs to its end is [`Found::Pending`].
+fn email_at(text: &str, open: bool) -> Found {
+    let Some(local) = text.find(|c| !is_email_local(c)) else {
+        // The local part runs to the end: an `@` may still follow.
+        return if open && !text.is_empty() {
+            Found::Pending
+        } else {
+            Found::No
+        };
+    };
     if local == 0 || !text[local..].starts_with('@') {
-        return None;
+        return Found::No;
     }
     let domain_start = local + 1;
     let rest = &text[domain_start..];
-    let mut domain = rest.find(|c| !is_email_domain(c)).unwrap_or(rest.len());
+    let mut domain = match rest.find(|c| !is_email_domain(c)) {
+        Some(end) => end,
+        // The domain runs to the end: it may still grow (`example.c` ->
+        // `example.com`).
+        None if open => return Found::Pending,
+        None => rest.len(),
+    };
     // A sentence may end right after the address.
     while domain > 0 && matches!(rest.as_bytes()[domain - 1], b'.' | b'-') {
         domain -= 1;
@@ -94,7 +357,11 @@ fn email_at(text: &str) -> Option<usize> {
     let tld = host.rsplit('.').next().unwrap_or("");
     let valid =
         host.contains('.') && tld.len() >= 2 && tld.chars().all(|c| c.is_ascii_alphabetic());
-    valid.then_some(domain_start + domain)
+    if valid {
+        Found::Yes(domain_start + domain)
+    } else {
+        Found::No
+    }
 }
 
 /// Whether `word` (a run of `[A-Za-z0-9_-]`) looks like a credential.
@@ -108,28 +375,59 @@ fn is_key(word: &str) -> bool {
     known || generic
 }
 
-fn redact(text: &str, emails: &mut usize, keys: &mut usize) -> String {
-    let mut out = String::with_capacity(text.len());
+/// Redact `text` into `out`, counting what was redacted; return how many
+/// bytes of `text` were consumed.
+///
+/// The scan goes left to right. At a word boundary (the start, or after a
+/// character that cannot be part of an e-mail address's local part) it
+/// replaces an e-mail address, or a word that is a key, by its marker;
+/// everything else is copied.
+///
+/// Without `open`, `text` is complete (or known to be followed by
+/// whitespace, which ends addresses and words alike): all of it is
+/// consumed. With `open`, more text may follow, so the scan stops where a
+/// decision needs it, and also backs up to the last offset from which a
+/// fresh scan of the remaining text (starting at a boundary) gives the same
+/// output: the offset returned. `out` and the counters then cover exactly
+/// `text[..returned]`.
+fn redact_into(text: &str, open: bool, out: &mut String, counts: &mut Counts) -> usize {
+    // The last resumable offset, with the output length and counters there.
+    let mut resume = (0, out.len(), *counts);
     let mut i = 0;
-    while i < text.len() {
+    while let Some(c) = text[i..].chars().next() {
         let rest = &text[i..];
         // Only start a match at a word boundary.
         let boundary = text[..i]
             .chars()
             .next_back()
-            .is_none_or(|c| !is_email_local(c));
+            .is_none_or(|p| !is_email_local(p));
+        // A fresh scan may restart at a boundary, or before a character
+        // that is copied whether or not it is at one.
+        if open && (boundary || !is_email_local(c)) {
+            resume = (i, out.len(), *counts);
+        }
         if boundary {
-            if let Some(len) = email_at(rest) {
-                out.push_str(EMAIL_MARKER);
-                *emails += 1;
-                i += len;
-                continue;
+            match email_at(rest, open) {
+                Found::Yes(len) => {
+                    out.push_str(EMAIL_MARKER);
+                    counts.emails += 1;
+                    i += len;
+                    continue;
+                }
+                // `resume` is this very offset.
+                Found::Pending => return i,
+                Found::No => {}
             }
             let word = rest.find(|c| !is_word_char(c)).unwrap_or(rest.len());
             if word > 0 {
+                if open && word == rest.len() {
+                    // The word may still grow into a key. (Unreachable in
+                    // practice: `email_at` is pending first.)
+                    return i;
+                }
                 if is_key(&rest[..word]) {
                     out.push_str(KEY_MARKER);
-                    *keys += 1;
+                    counts.keys += 1;
                 } else {
                     out.push_str(&rest[..word]);
                 }
@@ -137,16 +435,70 @@ fn redact(text: &str, emails: &mut usize, keys: &mut usize) -> String {
                 continue;
             }
         }
-        let c = rest.chars().next().unwrap_or(' ');
         out.push(c);
         i += c.len_utf8();
     }
-    out
+    let boundary_at_end = text.chars().next_back().is_none_or(|p| !is_email_local(p));
+    if !open || boundary_at_end {
+        return i;
+    }
+    // The text ends inside a run that the next characters may continue,
+    // and a fresh scan would start it at a boundary, which it is not.
+    let (at, len, saved) = resume;
+    out.truncate(len);
+    *counts = saved;
+    at
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn stops(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// What streaming `deltas` through [`process_chunk`] gave.
+    #[derive(Debug, Default)]
+    struct Streamed {
+        /// Every emitted piece, in order.
+        pieces: Vec<String>,
+        /// Whether `stop` was reported.
+        stopped: bool,
+        /// The longest carry returned.
+        max_carry: usize,
+    }
+
+    impl Streamed {
+        fn text(&self) -> String {
+            self.pieces.concat()
+        }
+    }
+
+    /// Stream `deltas`, then the final empty `last` chunk, as the host
+    /// does; check on the way that nothing is emitted after a stop.
+    fn stream(stop: &[String], deltas: &[&str]) -> Streamed {
+        let mut out = Streamed::default();
+        let mut carry = String::new();
+        let calls = deltas
+            .iter()
+            .map(|d| (*d, false))
+            .chain(std::iter::once(("", true)));
+        for (delta, last) in calls {
+            let chunk = process_chunk(stop, &carry, delta, last).expect("own carry");
+            if out.stopped {
+                assert_eq!(chunk.emit, "", "output after the stop");
+                assert!(chunk.stop, "a stopped stream stays stopped");
+            } else if !chunk.emit.is_empty() {
+                out.pieces.push(chunk.emit);
+            }
+            out.stopped |= chunk.stop;
+            out.max_carry = out.max_carry.max(chunk.carry.len());
+            carry = chunk.carry;
+        }
+        out
+    }
 
     #[test]
     fn redacts_emails_and_keeps_punctuation() {
@@ -189,5 +541,293 @@ mod tests {
     fn handles_multibyte_text() {
         let c = clean("Grüße an jörg@beispiel.de — danke", &[]);
         assert_eq!(c.text, "Grüße an [redacted email] — danke");
+    }
+
+    #[test]
+    fn chunked_email_split_across_chunks_is_redacted() {
+        let mut carry = String::new();
+        let mut emitted = Vec::new();
+        for delta in ["write to jo", "hn.doe@exam", "ple.com now"] {
+            let out = process_chunk(&[], &carry, delta, false).unwrap();
+            assert!(!out.stop);
+            emitted.push(out.emit);
+            carry = out.carry;
+        }
+        // Nothing of the address leaks before it is known to be one.
+        assert_eq!(emitted, ["write to ", "", "[redacted email] "]);
+        let out = process_chunk(&[], &carry, "", true).unwrap();
+        assert_eq!(out.emit, "now");
+        assert_eq!(out.carry, "");
+        let streamed = stream(&[], &["write to jo", "hn.doe@exam", "ple.com now"]);
+        assert_eq!(streamed.text(), "write to [redacted email] now");
+        assert_eq!(
+            streamed.text(),
+            clean("write to john.doe@example.com now", &[]).text
+        );
+    }
+
+    #[test]
+    fn chunked_key_split_across_chunks_is_redacted() {
+        let deltas = [
+            "token sk-abc",
+            "defghijklmn",
+            "op1234",
+            " and AKIAABCD",
+            "EFGHIJKLMNOP.",
+        ];
+        let streamed = stream(&[], &deltas);
+        assert_eq!(streamed.text(), "token [redacted key] and [redacted key].");
+        assert!(
+            streamed
+                .pieces
+                .iter()
+                .all(|p| !p.contains("sk-") && !p.contains("AKIA"))
+        );
+    }
+
+    #[test]
+    fn chunked_stop_sequence_split_across_chunks_stops() {
+        let stop = stops(&["STOP"]);
+        let out = process_chunk(&stop, "", "Hello ST", false).unwrap();
+        assert_eq!((out.emit.as_str(), out.stop), ("Hello", false));
+        let out = process_chunk(&stop, &out.carry, "OP and more", false).unwrap();
+        assert_eq!((out.emit.as_str(), out.stop), ("", true));
+        // Whatever the host still sends, nothing more comes out.
+        let after = process_chunk(&stop, &out.carry, "more", false).unwrap();
+        assert_eq!((after.emit.as_str(), after.stop), ("", true));
+        let flush = process_chunk(&stop, &after.carry, "", true).unwrap();
+        assert_eq!((flush.emit.as_str(), flush.stop), ("", true));
+
+        // A prefix that does not complete is let through.
+        let streamed = stream(&stop, &["Hello ST", "ART now"]);
+        assert_eq!(
+            (streamed.text().as_str(), streamed.stopped),
+            ("Hello START now", false)
+        );
+        // A blank-line stop sequence split in two, right at the start.
+        let streamed = stream(&stops(&["\n\n"]), &["\n", "\nHello"]);
+        assert_eq!((streamed.text().as_str(), streamed.stopped), ("", true));
+        // Stop found only by the final flush.
+        let streamed = stream(&stops(&["abcd", "bc"]), &["xab", "c"]);
+        assert_eq!((streamed.text().as_str(), streamed.stopped), ("xa", true));
+    }
+
+    #[test]
+    fn chunked_earliest_stop_sequence_wins() {
+        let stop = stops(&["abcd", "bc"]);
+        // `bc` is complete, but `abcd` may still start earlier.
+        let out = process_chunk(&stop, "", "x abc", false).unwrap();
+        assert_eq!((out.emit.as_str(), out.stop), ("x", false));
+        let done = process_chunk(&stop, &out.carry, "d y", false).unwrap();
+        assert_eq!((done.emit.as_str(), done.stop), ("", true));
+        let other = process_chunk(&stop, &out.carry, "e y", false).unwrap();
+        assert_eq!((other.emit.as_str(), other.stop), (" a", true));
+        assert_eq!(clean("x abce y", &stop).text, "x a");
+    }
+
+    #[test]
+    fn chunked_whitespace_is_trimmed_only_at_the_ends() {
+        let streamed = stream(&[], &["  ", " \n", "Hi", " ", " there", "  ", "\n"]);
+        // The inner whitespace goes out once text follows it.
+        assert_eq!(streamed.pieces, ["Hi", "  ", "there"]);
+        let streamed = stream(&[], &[" \t ", "\n"]);
+        assert!(streamed.pieces.is_empty());
+    }
+
+    #[test]
+    fn chunked_text_after_an_address_stays_unredacted_as_in_whole_mode() {
+        // After an address, the rest of its run is not at a word boundary:
+        // whole mode copies it, even if it looks like a key.
+        let text = "mail a@b.co_sk-abcdefghijklmnop1234 ok";
+        let whole = clean(text, &[]).text;
+        assert_eq!(whole, "mail [redacted email]_sk-abcdefghijklmnop1234 ok");
+        assert_eq!(
+            stream(&[], &["mail a@b.co_", "sk-abcdefghijklmnop1234 ok"]).text(),
+            whole
+        );
+        assert_eq!(
+            stream(&[], &["mail a@b.co_sk-abcdefghijklmnop12", "34 ok"]).text(),
+            whole
+        );
+    }
+
+    #[test]
+    fn chunked_first_call_may_be_the_last() {
+        let out = process_chunk(&stops(&["END"]), "", "", true).unwrap();
+        assert_eq!(out, ChunkOut::default());
+        let out = process_chunk(&[], "", "  a@b.co  ", true).unwrap();
+        assert_eq!(out.emit, "[redacted email]");
+    }
+
+    #[test]
+    fn chunked_rejects_a_foreign_carry_without_quoting_it() {
+        let err = process_chunk(&[], "john@example.com", "", false).unwrap_err();
+        assert_eq!(err, BadCarry { len: 16 });
+        assert!(!err.to_string().contains("john"));
+        assert!(process_chunk(&[], "Sx", "", false).is_err());
+    }
+
+    #[test]
+    fn chunked_carry_stays_small_on_a_long_plain_text() {
+        // 20,000 words of at most 9 letters, with punctuation and line
+        // breaks, in deltas of 1 to 7 bytes, with stop sequences that
+        // never match.
+        let words = [
+            "the", "pipeline", "streams", "tokens", "to", "a", "client,", "quickly.",
+        ];
+        let mut text = String::new();
+        let mut seed = 7_u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            (seed >> 16) as usize
+        };
+        for n in 0..20_000 {
+            text.push_str(words[next() % words.len()]);
+            text.push_str(if n % 17 == 16 { "\n" } else { " " });
+        }
+        let mut deltas = Vec::new();
+        let mut rest = text.as_str();
+        while !rest.is_empty() {
+            let (delta, tail) = rest.split_at((1 + next() % 7).min(rest.len()));
+            deltas.push(delta);
+            rest = tail;
+        }
+        let stop = stops(&["STOP", "\n\n"]);
+        let streamed = stream(&stop, &deltas);
+        assert_eq!(streamed.text(), clean(&text, &stop).text);
+        // The tag, the longest word (8 bytes), a stop prefix (3 bytes).
+        assert!(
+            streamed.max_carry <= 1 + 8 + 3,
+            "carry grew to {}",
+            streamed.max_carry
+        );
+    }
+
+    /// Pieces of text that exercise every rule, including their edges.
+    fn fragment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "john.doe@example.com",
+                "ann@ex.io",
+                "a@b.co",
+                "a@b.co.",
+                "x@y.1",
+                "user@localhost",
+                "@handle",
+                "jörg@beispiel.de",
+                "sk-abcdefghijklmnop1234",
+                "AKIAABCDEFGHIJKLMNOP",
+                "0123456789abcdef0123456789abcdef",
+                "ghp_",
+                "END",
+                "STOP",
+                "Grüße",
+                "—",
+                "\u{2003}",
+            ])
+            .prop_map(String::from),
+            "[a-c0-9._%+@ -]{1,4}",
+            "[ \t\n]{1,3}",
+            "[a-zé.@]{1,3}",
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(fragment(), 0..16).prop_map(|f| f.concat())
+    }
+
+    fn stop_list() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(
+            prop_oneof![
+                prop::sample::select(vec![
+                    "END", "STOP", "\n\n", "EN", "ND", "@ex", "é", "", ". ", "abcd", "bc"
+                ])
+                .prop_map(String::from),
+                "[a-c .@\n]{1,4}",
+            ],
+            0..3,
+        )
+    }
+
+    /// `text` cut at the char boundaries nearest to `cuts` (which may
+    /// repeat, giving empty deltas).
+    fn split<'a>(text: &'a str, cuts: &[prop::sample::Index]) -> Vec<&'a str> {
+        let mut at: Vec<usize> = cuts
+            .iter()
+            .map(|i| {
+                let mut at = i.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                at
+            })
+            .collect();
+        at.sort_unstable();
+        let mut deltas = Vec::new();
+        let mut from = 0;
+        for at in at {
+            deltas.push(&text[from..at]);
+            from = at;
+        }
+        deltas.push(&text[from..]);
+        deltas
+    }
+
+    /// Longest run of whitespace or of non-whitespace characters, in bytes.
+    fn longest_run(text: &str) -> usize {
+        let mut longest = 0;
+        let mut run = 0;
+        let mut prev = None;
+        for c in text.chars() {
+            let ws = c.is_whitespace();
+            run = if prev == Some(ws) {
+                run + c.len_utf8()
+            } else {
+                c.len_utf8()
+            };
+            prev = Some(ws);
+            longest = longest.max(run);
+        }
+        longest
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// The key property: any split of any text streams to exactly the
+        /// whole-mode output, stops exactly when whole mode does, and keeps
+        /// the carry within its documented bound.
+        #[test]
+        fn chunked_equals_whole(
+            text in text(),
+            stop in stop_list(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let whole = clean(&text, &stop);
+            let longest_stop = stop.iter().map(String::len).max().unwrap_or(0);
+            let bound = 1 + longest_run(&text) + longest_stop.saturating_sub(1);
+
+            let streamed = stream(&stop, &split(&text, &cuts));
+            prop_assert_eq!(streamed.text(), whole.text.clone());
+            prop_assert_eq!(streamed.stopped, whole.stopped);
+            prop_assert!(streamed.max_carry <= bound, "carry {} > bound {}", streamed.max_carry, bound);
+
+            // The finest split: one character per delta.
+            let chars: Vec<String> = text.chars().map(String::from).collect();
+            let chars: Vec<&str> = chars.iter().map(String::as_str).collect();
+            let streamed = stream(&stop, &chars);
+            prop_assert_eq!(streamed.text(), whole.text);
+            prop_assert_eq!(streamed.stopped, whole.stopped);
+            prop_assert!(streamed.max_carry <= bound, "carry {} > bound {}", streamed.max_carry, bound);
+        }
+
+        /// The one-delta stream is whole mode too.
+        #[test]
+        fn one_chunk_equals_whole(text in text(), stop in stop_list()) {
+            let whole = clean(&text, &stop);
+            let streamed = stream(&stop, &[text.as_str()]);
+            prop_assert_eq!(streamed.text(), whole.text);
+            prop_assert_eq!(streamed.stopped, whole.stopped);
+        }
     }
 }

@@ -1,11 +1,19 @@
-//! WebAssembly glue: the `stage` world's exports for the `stream` stage.
+//! WebAssembly glue: the `streaming-stage` world's exports for the `stream`
+//! stage (`process` for whole completions, `process-chunk` for streamed
+//! ones).
+
+// The generated export shim of `process-chunk` takes the context record's
+// fields flattened into core-wasm parameters (13 of them).
+#![allow(clippy::too_many_arguments)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{DEFAULT_CHUNK_TOKENS, chunks};
 
-wit_bindgen::generate!({ world: "stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "streaming-stage", path: "../../wit" });
 
+/// `chunk_tokens` from the configuration. Every instance gets the same
+/// `init`, so any instance may serve any chunk of a stream.
 static CHUNK_TOKENS: AtomicUsize = AtomicUsize::new(DEFAULT_CHUNK_TOKENS);
 
 struct Component;
@@ -36,6 +44,20 @@ impl Guest for Component {
             .metadata
             .push(("stream.chunks".into(), request.chunks.len().to_string()));
         Ok(request)
+    }
+
+    fn process_chunk(
+        _context: ChunkContext,
+        carry: String,
+        delta: String,
+        last: bool,
+    ) -> Result<ChunkOutput, StageError> {
+        let out = crate::process_chunk(CHUNK_TOKENS.load(Ordering::Relaxed), &carry, &delta, last);
+        Ok(ChunkOutput {
+            emit: out.emit,
+            carry: out.carry,
+            stop: false,
+        })
     }
 }
 

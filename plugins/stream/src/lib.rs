@@ -4,6 +4,18 @@
 //! Each chunk holds up to `chunk_tokens` tokens (see `orchestrator-text`)
 //! and the whitespace that follows them, so that concatenating the chunks
 //! gives back the completion exactly.
+//!
+//! The stage works in two modes, which give the same pieces:
+//!
+//! - whole mode, [`chunks`]: the completion at once (the `process` export);
+//! - chunk mode, [`process_chunk`]: a streamed completion delta by delta
+//!   (the `process-chunk` export of the `streaming-stage` world). A piece
+//!   goes out as soon as it is complete, that is when the first character
+//!   of the token after it arrives; only the piece still being filled is
+//!   held back. For any completion and any way of splitting it into
+//!   deltas, the pieces emitted are exactly `chunks(completion,
+//!   chunk_tokens)` (this is property-tested). With `chunk_tokens = 1` a
+//!   token goes out as soon as the next one starts.
 
 #[cfg(target_arch = "wasm32")]
 mod component;
@@ -34,9 +46,70 @@ pub fn chunks(text: &str, chunk_tokens: usize) -> Vec<String> {
     out
 }
 
+/// What [`process_chunk`] makes of one chunk of a streamed completion
+/// (the `chunk-output` record of the WIT; this stage never stops a
+/// stream).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ChunkOut {
+    /// Complete pieces to pass on, in order; never empty strings.
+    pub emit: Vec<String>,
+    /// The piece still being filled, to hand back as `carry` with the next
+    /// chunk of the same request: raw text holding at most `chunk_tokens`
+    /// tokens (and the whitespace after them). Empty after the `last` call.
+    pub carry: String,
+}
+
+/// Split one chunk of a streamed completion into pieces: the chunk path of
+/// the stage, equivalent to [`chunks`] on the whole completion.
+///
+/// `carry` is the `carry` this function returned for the previous chunk of
+/// the request (empty for the first); `delta` is the new text; `last`
+/// marks the final call, which emits everything still held (its `delta` is
+/// normally empty, but a non-empty one is processed too).
+///
+/// The carry always starts where a piece of [`chunks`] starts (the start
+/// of the completion, or a token whose index is a multiple of
+/// `chunk_tokens`), so tokenizing from it gives the same token boundaries
+/// as tokenizing the whole completion. Every piece of `chunks(carry +
+/// delta)` but the last is complete: it ends where a later token starts,
+/// whatever text comes next. The last one may still grow and is carried
+/// over, unless `last`.
+pub fn process_chunk(chunk_tokens: usize, carry: &str, delta: &str, last: bool) -> ChunkOut {
+    let mut buf = String::with_capacity(carry.len() + delta.len());
+    buf.push_str(carry);
+    buf.push_str(delta);
+    let mut emit = chunks(&buf, chunk_tokens);
+    let carry = if last {
+        String::new()
+    } else {
+        emit.pop().unwrap_or_default()
+    };
+    ChunkOut { emit, carry }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Stream `deltas`, then the final empty `last` chunk, as the host
+    /// does: the pieces emitted, and the carries returned.
+    fn stream(chunk_tokens: usize, deltas: &[&str]) -> (Vec<String>, Vec<String>) {
+        let mut pieces = Vec::new();
+        let mut carries = Vec::new();
+        let mut carry = String::new();
+        let calls = deltas
+            .iter()
+            .map(|d| (*d, false))
+            .chain(std::iter::once(("", true)));
+        for (delta, last) in calls {
+            let out = process_chunk(chunk_tokens, &carry, delta, last);
+            pieces.extend(out.emit);
+            carries.push(out.carry.clone());
+            carry = out.carry;
+        }
+        (pieces, carries)
+    }
 
     #[test]
     fn chunks_concatenate_to_the_text() {
@@ -51,5 +124,116 @@ mod tests {
     fn empty_text_has_no_chunks() {
         assert!(chunks("", 4).is_empty());
         assert_eq!(chunks("a", 0), ["a"]);
+    }
+
+    #[test]
+    fn chunked_pieces_go_out_when_the_next_token_starts() {
+        let out = process_chunk(2, "", "a b", false);
+        assert_eq!(
+            out,
+            ChunkOut {
+                emit: vec![],
+                carry: "a b".into()
+            }
+        );
+        // `b` may still grow (`bc`), so "a b" is not complete before `c`
+        // starts a new token.
+        let out = process_chunk(2, &out.carry, "c ", false);
+        assert_eq!(
+            out,
+            ChunkOut {
+                emit: vec![],
+                carry: "a bc ".into()
+            }
+        );
+        let out = process_chunk(2, &out.carry, "d e f g", false);
+        assert_eq!(out.emit, ["a bc ", "d e "]);
+        assert_eq!(out.carry, "f g");
+        let out = process_chunk(2, &out.carry, "", true);
+        assert_eq!(
+            out,
+            ChunkOut {
+                emit: vec!["f g".into()],
+                carry: String::new()
+            }
+        );
+    }
+
+    #[test]
+    fn chunked_last_flushes_everything() {
+        assert_eq!(
+            stream(4, &["  Hello", ",", " wor", "ld  "]).0,
+            ["  Hello, world  "]
+        );
+        assert_eq!(process_chunk(4, "", "", true), ChunkOut::default());
+        assert_eq!(process_chunk(4, "", "only", true).emit, ["only"]);
+        assert_eq!(process_chunk(4, "", "   ", true).emit, ["   "]);
+        let (pieces, carries) = stream(1, &["one", " two", " three"]);
+        assert_eq!(pieces, ["one ", "two ", "three"]);
+        assert_eq!(carries, ["one", "two", "three", ""]);
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                "[a-c0-9]{1,6}",
+                "[ \t\n]{1,3}",
+                "[.,!?'-]{1,2}",
+                prop::sample::select(vec!["Grüße", "jörg", "—", "\u{2003}", "日本語"])
+                    .prop_map(String::from),
+            ],
+            0..24,
+        )
+        .prop_map(|f| f.concat())
+    }
+
+    /// `text` cut at the char boundaries nearest to `cuts` (which may
+    /// repeat, giving empty deltas).
+    fn split<'a>(text: &'a str, cuts: &[prop::sample::Index]) -> Vec<&'a str> {
+        let mut at: Vec<usize> = cuts
+            .iter()
+            .map(|i| {
+                let mut at = i.index(text.len() + 1);
+                while !text.is_char_boundary(at) {
+                    at -= 1;
+                }
+                at
+            })
+            .collect();
+        at.sort_unstable();
+        let mut deltas = Vec::new();
+        let mut from = 0;
+        for at in at {
+            deltas.push(&text[from..at]);
+            from = at;
+        }
+        deltas.push(&text[from..]);
+        deltas
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Any split of any text streams to the text itself, in exactly
+        /// the pieces of whole mode, none empty, with a carry of at most
+        /// `chunk_tokens` tokens and nothing left after `last`.
+        #[test]
+        fn chunked_equals_whole(
+            text in text(),
+            chunk_tokens in 0_usize..6,
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            let whole = chunks(&text, chunk_tokens);
+            for deltas in [split(&text, &cuts), text.split_inclusive(|_| true).collect()] {
+                let (pieces, carries) = stream(chunk_tokens, &deltas);
+                prop_assert_eq!(pieces.concat(), text.clone());
+                prop_assert_eq!(&pieces, &whole);
+                prop_assert!(pieces.iter().all(|p| !p.is_empty()));
+                for carry in &carries {
+                    prop_assert!(orchestrator_text::count_tokens(carry) <= chunk_tokens.max(1));
+                }
+                prop_assert_eq!(carries.last().map(String::as_str), Some(""));
+            }
+        }
     }
 }

@@ -1,0 +1,156 @@
+//! A scripted OpenAI-compatible upstream on loopback, for the cases a real
+//! model server cannot be made to produce on demand: a fixed token split,
+//! a stall, an endless stream whose cancellation is observable.
+//!
+//! It speaks just enough HTTP/1.1: it reads one request (headers and a
+//! `Content-Length` body) per connection and answers with a
+//! `text/event-stream` of `chat.completion.chunk` events, closing the
+//! connection at the end.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+/// What the upstream does with each request.
+#[derive(Clone, Debug)]
+pub enum Script {
+    /// Stream these deltas, then finish with `stop` and usage.
+    Deltas(Vec<&'static str>),
+    /// Accept the request and never answer.
+    Stall,
+    /// Stream a delta every 10 ms until the client goes away.
+    Endless,
+}
+
+/// A running scripted upstream.
+pub struct Upstream {
+    /// The backend `base_url` (`http://127.0.0.1:PORT/v1`).
+    pub base_url: String,
+    /// Requests received.
+    pub requests: Arc<AtomicUsize>,
+    /// Notified when an `Endless` stream's client went away.
+    pub cancelled: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    /// Start serving `script` on a free loopback port.
+    pub async fn start(script: Script) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base_url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let cancelled = Arc::new(Notify::new());
+        let (count, notify) = (requests.clone(), cancelled.clone());
+        let task = tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let Ok((mut socket, _)) = listener.accept().await else {
+                    return;
+                };
+                if read_request(&mut socket).await.is_none() {
+                    continue;
+                }
+                count.fetch_add(1, Ordering::SeqCst);
+                match script.clone() {
+                    Script::Stall => held.push(socket),
+                    Script::Deltas(deltas) => {
+                        tokio::spawn(async move {
+                            let _ = serve_deltas(&mut socket, &deltas).await;
+                        });
+                    }
+                    Script::Endless => {
+                        let notify = notify.clone();
+                        tokio::spawn(async move {
+                            serve_endless(&mut socket).await;
+                            notify.notify_one();
+                        });
+                    }
+                }
+            }
+        });
+        Upstream {
+            base_url,
+            requests,
+            cancelled,
+            task,
+        }
+    }
+}
+
+/// Read one request; `None` if the connection ends first.
+async fn read_request(socket: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buffer.len() < end + 4 + length {
+                let n = socket.read(&mut chunk).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buffer.extend_from_slice(&chunk[..n]);
+            }
+            return Some(buffer[end + 4..].to_vec());
+        }
+    }
+}
+
+const HEAD: &[u8] =
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nconnection: close\r\n\r\n";
+
+fn delta(text: &str) -> String {
+    let chunk = json!({"id": "up", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": null}]});
+    format!("data: {chunk}\n\n")
+}
+
+async fn serve_deltas(socket: &mut TcpStream, deltas: &[&str]) -> std::io::Result<()> {
+    socket.write_all(HEAD).await?;
+    for text in deltas {
+        socket.write_all(delta(text).as_bytes()).await?;
+        socket.flush().await?;
+    }
+    let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
+    let usage =
+        json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": deltas.len()}});
+    socket
+        .write_all(format!("data: {end}\n\ndata: {usage}\n\ndata: [DONE]\n\n").as_bytes())
+        .await?;
+    socket.shutdown().await
+}
+
+async fn serve_endless(socket: &mut TcpStream) {
+    if socket.write_all(HEAD).await.is_err() {
+        return;
+    }
+    let mut ticker = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        ticker.tick().await;
+        if socket.write_all(delta("word ").as_bytes()).await.is_err()
+            || socket.flush().await.is_err()
+        {
+            return;
+        }
+    }
+}

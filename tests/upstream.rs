@@ -1,0 +1,533 @@
+//! Real inference: OpenAI-compatible backends, routing, retries, breakers,
+//! and token streaming end to end.
+//!
+//! The `llama_*` tests run against a real llama.cpp `llama-server` (Gemma 3
+//! 270M, started by `tests/upstream/llama-server.sh`), whose URL they read
+//! from `ORCHESTRATOR_TEST_LLAMA_URL`; without it they are skipped with a
+//! message, except in CI, where they fail. The model is a base model: the
+//! tests check the schema, the streaming shape, finish reasons and usage,
+//! never the text. The other tests use a scripted upstream on loopback
+//! (`common::upstream`) for what a real server cannot be made to do on
+//! demand: a given token split, a stall, an endless stream.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::common::upstream::{Script, Upstream};
+use crate::common::{Host, client, get_json, metric_value, test_plugin};
+
+/// The URL of the real llama.cpp server, or `None` (skip) outside CI.
+fn llama_url() -> Option<String> {
+    match std::env::var("ORCHESTRATOR_TEST_LLAMA_URL") {
+        Ok(url) if !url.is_empty() => Some(url.trim_end_matches('/').to_string()),
+        _ => {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "ORCHESTRATOR_TEST_LLAMA_URL must be set in CI (.ci/run starts llama-server)"
+            );
+            eprintln!(
+                "SKIPPED: ORCHESTRATOR_TEST_LLAMA_URL is not set; start a server with \
+                 `tests/upstream/llama-server.sh start` and export its URL to run this test"
+            );
+            None
+        }
+    }
+}
+
+fn llama_host(url: &str) -> Host {
+    Host::with_config(&format!(
+        "[backends.llama]\nkind = \"openai\"\nbase_url = \"{url}/v1\"\nmodel = \"gemma-3-270m\"\n\
+         [routing.models]\ngemma = \"llama\"\n"
+    ))
+}
+
+fn gemma(question: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": "gemma",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+        "stream_options": {"include_usage": stream},
+    })
+}
+
+/// The `data:` payloads of an SSE body, up to `[DONE]` (which must end it).
+fn sse_events(text: &str) -> Vec<Value> {
+    let payloads: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(payloads.last(), Some(&"[DONE]"), "{text}");
+    payloads[..payloads.len() - 1]
+        .iter()
+        .map(|p| serde_json::from_str(p).unwrap())
+        .collect()
+}
+
+fn content_of(events: &[Value]) -> (String, usize) {
+    let pieces: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .filter(|c| !c.is_empty())
+        .collect();
+    (pieces.concat(), pieces.len())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_answers_through_the_whole_pipeline() {
+    let Some(url) = llama_url() else { return };
+    let host = llama_host(&url);
+    let (status, text) = host
+        .chat(&gemma("What is backpressure in a queue?", 12, false))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "gemma");
+    assert!(body["choices"][0]["message"]["content"].is_string());
+    let reason = body["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(reason == "stop" || reason == "length", "{reason}");
+    let usage = &body["usage"];
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=12).contains(&completion), "{usage}");
+    if reason == "length" {
+        assert_eq!(completion, 12);
+    }
+    assert!(
+        usage["prompt_tokens"].as_u64().unwrap() > 50,
+        "rag + assemble built the prompt: {usage}"
+    );
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_tokens_generated_total{worker_type=\"llama\"}"
+        ),
+        completion as f64,
+        "the token counter uses the usage the server reported"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"ok\",worker_type=\"llama\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_time_to_first_token_seconds_count{worker_type=\"llama\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_tokens_generated_total{worker_type=\"echo\"}"
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_streams_tokens_as_they_come() {
+    let Some(url) = llama_url() else { return };
+    let host = llama_host(&url);
+    let (status, text) = host
+        .chat(&gemma(
+            "Write a long story about a lighthouse keeper.",
+            24,
+            true,
+        ))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let events = sse_events(&text);
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["object"] == "chat.completion.chunk")
+    );
+    let (_, pieces) = content_of(&events);
+    assert!(pieces >= 2, "several chunks, not one replay: {text}");
+    let last_choice = events
+        .iter()
+        .rev()
+        .find(|e| !e["choices"].as_array().unwrap().is_empty())
+        .unwrap();
+    let reason = last_choice["choices"][0]["finish_reason"].as_str().unwrap();
+    assert!(reason == "stop" || reason == "length", "{reason}");
+    let usage = &events.last().unwrap()["usage"];
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!((1..=24).contains(&completion), "{usage}");
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_tokens_generated_total{worker_type=\"llama\"}"
+        ),
+        completion as f64
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_time_to_first_token_seconds_count{worker_type=\"llama\"}"
+        ),
+        1.0
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            "orchestrator_inter_token_latency_seconds_count{worker_type=\"llama\"}"
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_request_duration_seconds_count{outcome=\"ok\"}"
+        ),
+        1.0
+    );
+}
+
+/// Wait until `series` reaches `value` (polling `/metrics`), or panic.
+async fn await_metric(host: &Host, series: &str, value: f64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = host.metric(series).await;
+        if now == value {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} is {now}, expected {value}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// After a client went away mid-stream: nothing left in flight or queued.
+async fn assert_idle(host: &Host) {
+    await_metric(
+        host,
+        "orchestrator_request_duration_seconds_count{outcome=\"cancelled\"}",
+        1.0,
+    )
+    .await;
+    let health = get_json(&format!("{}/health", host.metrics)).await;
+    assert_eq!(health["in_flight"], 0, "{health}");
+    for stage in health["stages"].as_array().unwrap() {
+        assert_eq!(stage["queue_depth"], 0, "{stage}");
+        assert_eq!(stage["in_flight"], 0, "{stage}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn llama_client_disconnect_cancels_the_generation() {
+    let Some(url) = llama_url() else { return };
+    let host = llama_host(&url);
+    let mut response = host
+        .post(&gemma(
+            "Count from one to one thousand, in words.",
+            1500,
+            true,
+        ))
+        .await;
+    assert_eq!(response.status(), 200);
+    // Read until some content arrived, then hang up.
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 4 {
+        let chunk = response.chunk().await.unwrap().expect("more events");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+    await_metric(
+        &host,
+        "orchestrator_upstream_requests_total{outcome=\"cancelled\",worker_type=\"llama\"}",
+        1.0,
+    )
+    .await;
+    assert_idle(&host).await;
+    // The server stopped generating: its slots go idle long before 1500
+    // tokens (about 40 s at this machine's speed) could have been made.
+    let slots = client().get(format!("{url}/slots")).send().await.unwrap();
+    if slots.status().is_success() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let slots: Value = slots_now(&url).await;
+            let busy = slots
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["is_processing"] == true);
+            if !busy {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "llama-server still generating: {slots}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn slots_now(url: &str) -> Value {
+    client()
+        .get(format!("{url}/slots"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn upstream_host(base_url: &str, extra: &str) -> Host {
+    Host::with_config(&format!(
+        "[backends.up]\nkind = \"openai\"\nbase_url = \"{base_url}\"\n{extra}\n[routing.models]\nup = \"up\"\n"
+    ))
+}
+
+fn up(question: &str, stream: bool) -> Value {
+    json!({"model": "up", "messages": [{"role": "user", "content": question}], "stream": stream})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_split_email_address_is_redacted_while_streaming() {
+    let upstream = Upstream::start(Script::Deltas(vec![
+        "Sure: write to jo",
+        "hn.doe@exam",
+        "ple.com now",
+        ", and use the key sk-abcdefghij",
+        "klmnopqrstuvwxyz123456 for it.",
+    ]))
+    .await;
+    let host = upstream_host(&upstream.base_url, "");
+    let (status, text) = host.chat(&up("how do I reach John?", true)).await;
+    assert_eq!(status, 200, "{text}");
+    let events = sse_events(&text);
+    let (content, pieces) = content_of(&events);
+    assert!(
+        content.contains("write to [redacted email] now"),
+        "{content}"
+    );
+    assert!(content.contains("[redacted key]"), "{content}");
+    for leak in ["john", "doe@", "example", "sk-abc", "klmnop"] {
+        assert!(!content.contains(leak), "{leak} leaked: {text}");
+    }
+    assert!(pieces >= 3, "streamed in pieces: {text}");
+    // The same words, not streamed, give the same answer.
+    let (status, text) = host.chat(&up("how do I reach John?", false)).await;
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], content);
+    assert_eq!(
+        upstream.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_cancels_the_upstream_request() {
+    let upstream = Upstream::start(Script::Endless).await;
+    let host = upstream_host(&upstream.base_url, "");
+    let mut response = host.post(&up("talk forever", true)).await;
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    while seen.matches("word").count() < 3 {
+        let chunk = response.chunk().await.unwrap().expect("more events");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    drop(response);
+    tokio::time::timeout(Duration::from_secs(10), upstream.cancelled.notified())
+        .await
+        .expect("the upstream connection was closed");
+    await_metric(
+        &host,
+        "orchestrator_upstream_requests_total{outcome=\"cancelled\",worker_type=\"up\"}",
+        1.0,
+    )
+    .await;
+    assert_idle(&host).await;
+    // The host serves the next request normally.
+    let (status, text) = host.chat(&crate::common::ask("still there?")).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_is_down_gets_503_and_opens_its_breaker() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let host = upstream_host(
+        &format!("http://127.0.0.1:{port}/v1"),
+        "max_retries = 1\nretry_backoff_ms = 1\nbreaker_failures = 2\nbreaker_cooldown_ms = 60000",
+    );
+    for _ in 0..2 {
+        let (status, text) = host.chat(&up("hello?", false)).await;
+        assert_eq!(status, 503, "{text}");
+        let error: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(error["error"]["code"], "upstream_unavailable", "{text}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("backend `up`"),
+            "names the backend: {message}"
+        );
+    }
+    let (status, text) = host.chat(&up("hello?", true)).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("circuit breaker is open"), "{text}");
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"connect_error\",worker_type=\"up\"}"
+        ),
+        4.0,
+        "two requests, one retry each"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"circuit_open\",worker_type=\"up\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_circuit_state{worker_type=\"up\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_errors_total{error_type=\"upstream_unavailable\",stage=\"inference\"}"
+        ),
+        3.0
+    );
+    // The stage's own breaker blames the backend, not the plugin.
+    assert_eq!(
+        metric_value(&metrics, "orchestrator_circuit_state{stage=\"inference\"}"),
+        0.0
+    );
+    // Other models are unaffected.
+    let (status, _) = host.chat(&crate::common::ask("echo still works")).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upstream_gets_504_at_its_timeout() {
+    let upstream = Upstream::start(Script::Stall).await;
+    let host = upstream_host(&upstream.base_url, "request_timeout_ms = 400");
+    let started = Instant::now();
+    let (status, text) = host.chat(&up("anyone?", false)).await;
+    assert_eq!(status, 504, "{text}");
+    assert!(text.contains("upstream_timeout"), "{text}");
+    assert!(text.contains("backend `up`"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "answered at the backend's timeout, not the request's (30 s)"
+    );
+    assert_eq!(
+        upstream.requests.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "timeouts are not retried"
+    );
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"timeout\",worker_type=\"up\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_errors_total{error_type=\"upstream_timeout\",stage=\"inference\"}"
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_backend_fails_over() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let upstream = Upstream::start(Script::Deltas(vec!["from ", "the spare"])).await;
+    let host = Host::with_config(&format!(
+        "[backends.main]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:{port}/v1\"\nmax_retries = 0\nfailover = \"spare\"\n\
+         [backends.spare]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+         [routing]\ndefault = \"main\"\n",
+        upstream.base_url
+    ));
+    let (status, text) = host
+        .chat(&json!({"model": "any-model-name", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "from the spare");
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"connect_error\",worker_type=\"main\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_tokens_generated_total{worker_type=\"spare\"}"
+        ),
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routing_lists_models_and_refuses_unknown_ones() {
+    let upstream = Upstream::start(Script::Deltas(vec!["x"])).await;
+    let host = upstream_host(&upstream.base_url, "");
+    let models = get_json(&format!("{}/v1/models", host.api)).await;
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["echo", "up"]);
+    let (status, text) = host
+        .chat(&json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(status, 404, "{text}");
+    assert!(text.contains("model_not_found"), "{text}");
+    assert_eq!(
+        upstream.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_built_against_wit_0_1_0_still_loads_and_streams_buffered() {
+    // `noop` is built against the frozen 0.1.0 WIT (tests/plugins/wit-0.1.0):
+    // a plain `stage` component. As the post stage it ends the streaming
+    // part: the text is collected, then it and `stream` run as usual.
+    let noop = test_plugin("noop");
+    let host = Host::with_config(&format!("[stages.post]\nplugin = \"{}\"\n", noop.display()));
+    let health = get_json(&format!("{}/health", host.metrics)).await;
+    assert_eq!(health["status"], "ok", "{health}");
+    let (status, text) = host
+        .chat(&json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "one two three four five six"}]}))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let (content, _) = content_of(&sse_events(&text));
+    assert_eq!(content, "one two three four five six");
+}
