@@ -65,7 +65,7 @@ fn every_alert_has_a_firing_and_a_silent_test_case() {
         .lines()
         .filter_map(|l| l.trim().strip_prefix("- alert: "))
         .collect();
-    assert_eq!(alerts.len(), 8, "{alerts:?}");
+    assert_eq!(alerts.len(), 9, "{alerts:?}");
     for alert in alerts {
         let cases: Vec<&str> = tests
             .split(&format!("alertname: {alert}\n"))

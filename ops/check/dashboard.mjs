@@ -13,7 +13,7 @@ const json = readFileSync(join(here, "../grafana/dashboards/orchestrator.json"),
 mkdirSync(join(here, "generated"), { recursive: true });
 writeFileSync(
   join(here, "generated/dashboard.ts"),
-  `import type { Dashboard } from "@grafana/schema";\nexport const dashboard = ${json} satisfies Dashboard;\n`,
+  `import type { Dashboard } from "@grafana/schema";\nexport const dashboard = ${json.trim()} satisfies Dashboard;\n`,
 );
 execFileSync(join(here, "node_modules/.bin/tsc"), ["-p", join(here, "tsconfig.json")], { stdio: "inherit" });
 console.log("dashboard: type-checks against @grafana/schema");
