@@ -35,10 +35,16 @@ fn llama_url() -> Option<String> {
     }
 }
 
+/// A host routing `gemma` to the llama.cpp server. The deadlines are
+/// generous: the test binary runs other tests on the same two cores, and a
+/// CPU-bound model slows down with them.
 fn llama_host(url: &str) -> Host {
     Host::with_config(&format!(
-        "[backends.llama]\nkind = \"openai\"\nbase_url = \"{url}/v1\"\nmodel = \"gemma-3-270m\"\n\
-         [routing.models]\ngemma = \"llama\"\n"
+        "request_timeout_ms = 180000\n\
+         [backends.llama]\nkind = \"openai\"\nbase_url = \"{url}/v1\"\nmodel = \"gemma-3-270m\"\n\
+         request_timeout_ms = 180000\n\
+         [routing.models]\ngemma = \"llama\"\n\
+         [stages.inference]\ntimeout_ms = 180000\n"
     ))
 }
 
@@ -530,4 +536,52 @@ async fn a_plugin_built_against_wit_0_1_0_still_loads_and_streams_buffered() {
     assert_eq!(status, 200, "{text}");
     let (content, _) = content_of(&sse_events(&text));
     assert_eq!(content, "one two three four five six");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_breaks_mid_stream_ends_the_stream_with_an_error_event() {
+    let upstream = Upstream::start(Script::Broken(vec![
+        "The answer to the question you asked ",
+        "is one that everyone knows: it is ",
+        "forty",
+    ]))
+    .await;
+    let host = upstream_host(&upstream.base_url, "");
+    let (status, text) = host.chat(&up("the answer?", true)).await;
+    assert_eq!(status, 200, "the stream had started: {text}");
+    let events = sse_events(&text);
+    let error = &events.last().unwrap()["error"];
+    assert_eq!(error["code"], "upstream", "{text}");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("backend `up`") && message.contains("ended before"),
+        "{message}"
+    );
+    let (content, _) = content_of(&events);
+    assert!(
+        content.starts_with("The answer"),
+        "what came before was sent: {text}"
+    );
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"protocol_error\",worker_type=\"up\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_errors_total{error_type=\"upstream\",stage=\"inference\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_request_duration_seconds_count{outcome=\"error\"}"
+        ),
+        1.0
+    );
 }

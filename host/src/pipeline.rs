@@ -739,6 +739,7 @@ async fn call(
         );
     };
     let timeout = Duration::from_millis(settings.timeout_ms).min(remaining);
+    live.set_request_deadline(Instant::now() + remaining);
     let result = live.process(envelope, timeout).await;
     // A generation started by a call that then failed is dropped
     // (cancelled) with it.

@@ -77,7 +77,7 @@ use wasmtime::{
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::config::{Config, PluginSource, StageConfig};
-use crate::inference::{Backends, GenerateRequest, TokenStream};
+use crate::inference::{BackendError, Backends, GenerateRequest, TokenStream};
 use crate::metrics::ErrorType;
 use crate::versions::CallLedger;
 
@@ -599,6 +599,7 @@ impl Plugin {
             services: self.services.clone(),
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
+            request_deadline: None,
             stream: None,
             backend_error: None,
         };
@@ -788,6 +789,13 @@ impl Instance {
         }
     }
 
+    /// Tell the instance when the request being processed must be
+    /// answered: a generation started with `generate-stream` may run until
+    /// then (by default, until the call's own deadline).
+    pub fn set_request_deadline(&mut self, deadline: Instant) {
+        self.store.data_mut().request_deadline = Some(deadline);
+    }
+
     /// The generation the last `process` call started with
     /// `inference.generate-stream`, if any.
     pub fn take_stream(&mut self) -> Option<TokenStream> {
@@ -853,6 +861,9 @@ pub struct HostState {
     services: HostServices,
     log_budget: LogBudget,
     deadline: Instant,
+    /// When the request as a whole must be answered, if the caller said:
+    /// a streamed generation outlives the call that started it.
+    request_deadline: Option<Instant>,
     /// A generation started by `generate-stream` in the current call.
     stream: Option<TokenStream>,
     /// The class of the backend failure the current call saw, if any.
@@ -947,6 +958,7 @@ impl HostState {
         &self,
         prompt: String,
         params: GenerationParams,
+        deadline: Instant,
     ) -> Result<(Backends, GenerateRequest), String> {
         let backends = self
             .services
@@ -961,7 +973,7 @@ impl HostState {
                 max_tokens: params.max_tokens,
                 temperature: params.temperature,
                 stop: params.stop,
-                deadline: self.deadline,
+                deadline,
             },
         ))
     }
@@ -973,7 +985,7 @@ impl inference::Host for HostState {
         prompt: String,
         params: GenerationParams,
     ) -> Result<inference::Generation, String> {
-        let (backends, request) = self.generation_request(prompt, params)?;
+        let (backends, request) = self.generation_request(prompt, params, self.deadline)?;
         let completion = backends.generate(request).await.map_err(|e| {
             self.backend_error = Some(e.error_type());
             e.to_string()
@@ -996,8 +1008,20 @@ impl inference::Host for HostState {
         if self.stream.is_some() {
             return Err("a generation was already started in this call".into());
         }
-        let (backends, request) = self.generation_request(prompt, params)?;
-        let stream = backends.stream(request).await.map_err(|e| {
+        // The call must return by its deadline (the first token must be in
+        // by then); the generation may go on until the request's.
+        let deadline = self.request_deadline.unwrap_or(self.deadline);
+        let (backends, request) = self.generation_request(prompt, params, deadline)?;
+        let backend = backends.route(&request.model).unwrap_or("?").to_string();
+        let started = tokio::time::timeout_at(self.deadline.into(), backends.stream(request))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BackendError::Timeout {
+                    backend,
+                    reason: "no first token within the inference stage's deadline".into(),
+                })
+            });
+        let stream = started.map_err(|e| {
             self.backend_error = Some(e.error_type());
             e.to_string()
         })?;

@@ -21,6 +21,8 @@ use tokio::sync::Notify;
 pub enum Script {
     /// Stream these deltas, then finish with `stop` and usage.
     Deltas(Vec<&'static str>),
+    /// Stream these deltas, then close the connection without finishing.
+    Broken(Vec<&'static str>),
     /// Accept the request and never answer.
     Stall,
     /// Stream a delta every 10 ms until the client goes away.
@@ -66,7 +68,12 @@ impl Upstream {
                     Script::Stall => held.push(socket),
                     Script::Deltas(deltas) => {
                         tokio::spawn(async move {
-                            let _ = serve_deltas(&mut socket, &deltas).await;
+                            let _ = serve_deltas(&mut socket, &deltas, true).await;
+                        });
+                    }
+                    Script::Broken(deltas) => {
+                        tokio::spawn(async move {
+                            let _ = serve_deltas(&mut socket, &deltas, false).await;
                         });
                     }
                     Script::Endless => {
@@ -125,11 +132,18 @@ fn delta(text: &str) -> String {
     format!("data: {chunk}\n\n")
 }
 
-async fn serve_deltas(socket: &mut TcpStream, deltas: &[&str]) -> std::io::Result<()> {
+async fn serve_deltas(
+    socket: &mut TcpStream,
+    deltas: &[&str],
+    finish: bool,
+) -> std::io::Result<()> {
     socket.write_all(HEAD).await?;
     for text in deltas {
         socket.write_all(delta(text).as_bytes()).await?;
         socket.flush().await?;
+    }
+    if !finish {
+        return socket.shutdown().await;
     }
     let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
     let usage =
