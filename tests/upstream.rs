@@ -585,3 +585,92 @@ async fn an_upstream_that_breaks_mid_stream_ends_the_stream_with_an_error_event(
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_429_with_retry_after_is_retried_after_the_pause_it_asks_for() {
+    let upstream = Upstream::start(Script::FailThen {
+        status: 429,
+        retry_after: Some(1),
+        times: 1,
+        then: vec!["patience ", "pays"],
+    })
+    .await;
+    let host = upstream_host(&upstream.base_url, "max_retries = 1\nretry_backoff_ms = 1");
+    let started = Instant::now();
+    let (status, text) = host.chat(&up("again?", false)).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited the second the upstream asked for"
+    );
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["choices"][0]["message"]["content"], "patience pays");
+    assert_eq!(
+        upstream.requests.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    let metrics = host.metrics_text().await;
+    for (outcome, n) in [("rate_limited", 1.0), ("ok", 1.0)] {
+        assert_eq!(
+            metric_value(
+                &metrics,
+                &format!(
+                    "orchestrator_upstream_requests_total{{outcome=\"{outcome}\",worker_type=\"up\"}}"
+                )
+            ),
+            n,
+            "{outcome}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_upstream_refuses_is_not_retried_failed_over_or_held_against_it() {
+    let upstream = Upstream::start(Script::FailThen {
+        status: 400,
+        retry_after: None,
+        times: usize::MAX,
+        then: Vec::new(),
+    })
+    .await;
+    let spare = Upstream::start(Script::Deltas(vec!["spare"])).await;
+    let host = Host::with_config(&format!(
+        "[backends.up]\nkind = \"openai\"\nbase_url = \"{}\"\nbreaker_failures = 2\nfailover = \"spare\"\n\
+         [backends.spare]\nkind = \"openai\"\nbase_url = \"{}\"\n\
+         [routing.models]\nup = \"up\"\n",
+        upstream.base_url, spare.base_url
+    ));
+    for _ in 0..3 {
+        let (status, text) = host.chat(&up("too long a prompt", false)).await;
+        assert_eq!(status, 502, "{text}");
+        assert!(
+            text.contains("HTTP 400") && text.contains("scripted 400"),
+            "{text}"
+        );
+    }
+    assert_eq!(
+        upstream.requests.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "no retries"
+    );
+    assert_eq!(
+        spare.requests.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no failover"
+    );
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_circuit_state{worker_type=\"up\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "orchestrator_upstream_requests_total{outcome=\"client_error\",worker_type=\"up\"}"
+        ),
+        3.0
+    );
+}

@@ -509,7 +509,7 @@ fn usage(envelope: &Envelope) -> Value {
     json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "total_tokens": u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
     })
 }
 
@@ -649,7 +649,19 @@ fn live_sse_response(
         let first = chunk(vec![
             json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
         ]);
-        if tx.send(sse_event(&first)).await.is_err() {
+        // A client that stops reading must not hold the request (its
+        // reservations, a backend permit) past its deadline.
+        let deadline = streaming.deadline();
+        let send = |bytes: Bytes| {
+            let tx = tx.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout_at(deadline.into(), tx.send(bytes)).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        if !send(sse_event(&first)).await {
             return;
         }
         loop {
@@ -686,11 +698,11 @@ fn live_sse_response(
                     }}))
                 }
             };
-            if tx.send(event).await.is_err() {
+            if !send(event).await {
                 return;
             }
         }
-        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+        send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     });
     event_stream(warp::reply::stream(ChannelBody(rx)).into_response())
 }

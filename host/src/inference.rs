@@ -18,12 +18,14 @@
 //!    breaker, and sends the request — always as a *streaming* request
 //!    upstream, so time to first token and inter-token latency are measured
 //!    for every generation. An attempt that fails before the first token
-//!    (connect error, 429, 5xx, or a stream that broke before its first
-//!    event) is retried up to `max_retries` times with exponential backoff
-//!    and full jitter, honouring `Retry-After`, within the request's
-//!    deadline. Timeouts are not retried: the upstream may still be working
-//!    on the request. If the backend still fails, or its breaker is open,
-//!    its `failover` backend (if any) gets the request.
+//!    with a connect error, a 429 or a 5xx is retried up to `max_retries`
+//!    times with exponential backoff and full jitter, honouring
+//!    `Retry-After`, within the request's deadline. Timeouts are not
+//!    retried (the upstream may still be working on the request), nor are
+//!    answers that are not a chat-completion stream. If the backend still
+//!    fails, or its breaker is open, its `failover` backend (if any) gets
+//!    the request — unless the backend refused the request itself (a 4xx
+//!    other than 429), which another backend would refuse too.
 //! 4. **Stream.** Once the first token is in, tokens flow through a
 //!    [`TokenStream`]: collected into one completion for `generate`, or
 //!    handed to the pipeline, which passes them through the streaming
@@ -44,8 +46,10 @@
 //! breaker open, at capacity: HTTP 503), `upstream_timeout` (HTTP 504) or
 //! `upstream` (an error status or an unusable answer: HTTP 502) in
 //! `orchestrator_errors_total{stage="inference"}`. A backend's breaker
-//! counts requests that failed after their retries, timeouts included, not
-//! attempts; it does not count cancellations.
+//! counts requests that failed after their retries (timeouts included; a
+//! 4xx refusing the request, a full concurrency limit and the request's own
+//! deadline excluded), not attempts; a first token is a success, and a
+//! cancellation decides nothing.
 //!
 //! # Metrics
 //!
@@ -394,7 +398,16 @@ impl Backend for OpenAi {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                let body = response.text().await.unwrap_or_default();
+                // Quote the start of the body; read no more than that.
+                let mut body = Vec::new();
+                let mut response = response;
+                while body.len() < 4 * ERROR_BODY_QUOTE {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                let body = String::from_utf8_lossy(&body);
                 return Err(AttemptError::Status {
                     status: status.as_u16(),
                     retry_after,
@@ -527,6 +540,12 @@ impl SseParser {
                     self.data.push('\n');
                 }
                 self.data.push_str(value.strip_prefix(' ').unwrap_or(value));
+                if self.data.len() > MAX_SSE_LINE {
+                    self.ended = true;
+                    out.push(Err(AttemptError::Protocol(
+                        "an event longer than 4 MiB".into(),
+                    )));
+                }
             }
             // Comments (`:`), `event:`, `id:` and `retry:` lines carry
             // nothing a chat completion needs.
@@ -866,6 +885,8 @@ async fn generation(
 ) {
     let mut first_error: Option<BackendError> = None;
     for upstream in std::iter::once(primary).chain(failover) {
+        // Dropping `open` (the caller gave up) settles nothing: a probe
+        // admission is given back by its guard.
         let attempt = tokio::select! {
             biased;
             () = opened.closed() => return,
@@ -874,19 +895,25 @@ async fn generation(
         match attempt {
             Ok(open) => {
                 if opened.send(Ok(upstream.name.clone())).is_err() {
-                    open.settle(&upstream, None);
+                    upstream.metrics.outcome(UpstreamOutcome::Cancelled).inc();
                     return;
                 }
                 upstream.pump(open, &request, events).await;
                 return;
             }
-            Err(error) => {
+            Err(failure) => {
+                let error = failure.error;
                 if let Some(first) = &first_error {
                     tracing::warn!(backend = %upstream.name, %error, after = %first, "failover backend failed too");
                 } else {
                     tracing::warn!(backend = %upstream.name, %error, "backend failed");
                 }
                 first_error.get_or_insert(error);
+                if !failure.backend_at_fault {
+                    // The request itself was refused (a 4xx): another
+                    // backend would refuse it too.
+                    break;
+                }
             }
         }
     }
@@ -902,18 +929,38 @@ struct Open {
     events: EventStream,
     first: Event,
     last_event: Instant,
-    probe: bool,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Open {
-    /// Settle the breaker: `Some(failed)`, or `None` when nothing was
-    /// learnt about the backend (cancelled).
-    fn settle(&self, upstream: &Upstream, failed: Option<bool>) {
-        match failed {
-            Some(failed) => upstream.breaker.record(failed, self.probe),
-            None if self.probe => upstream.breaker.release_probe(),
-            None => {}
+/// Why a backend gave no first token.
+struct OpenFailure {
+    error: BackendError,
+    /// The failure says something about the backend (it counts against its
+    /// breaker, and the failover backend may do better); a refusal of the
+    /// request itself (a 4xx other than 429) or a deadline too short for
+    /// any attempt does not.
+    backend_at_fault: bool,
+}
+
+/// A breaker admission not yet settled. Dropped unsettled (the caller gave
+/// up), a probe gives its slot back without deciding anything.
+struct Admitted<'a> {
+    breaker: &'a CircuitBreaker,
+    probe: bool,
+    settled: bool,
+}
+
+impl Admitted<'_> {
+    fn record(&mut self, failed: bool) {
+        self.breaker.record(failed, self.probe);
+        self.settled = true;
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.settled && self.probe {
+            self.breaker.release_probe();
         }
     }
 }
@@ -934,44 +981,65 @@ impl Upstream {
         }
     }
 
-    /// Get a permit, pass the breaker, and send the request until an
-    /// attempt yields its first event.
-    async fn open(&self, request: &GenerateRequest) -> Result<Open, BackendError> {
+    /// Pass the breaker, get a permit, and send the request until an
+    /// attempt yields its first event. The breaker learns the result: a
+    /// first token is a success (a probe that got one closes the breaker,
+    /// whatever happens to the rest of the stream).
+    async fn open(&self, request: &GenerateRequest) -> Result<Open, OpenFailure> {
         let probe = match self.breaker.admit() {
             Admission::Pass => false,
             Admission::Probe => true,
             Admission::Refuse(retry_after) => {
                 self.metrics.outcome(UpstreamOutcome::CircuitOpen).inc();
-                return Err(BackendError::Unavailable {
-                    backend: self.name.clone(),
-                    reason: format!(
-                        "its circuit breaker is open after repeated failures; retry in {} s",
-                        retry_after.as_secs().max(1)
-                    ),
+                return Err(OpenFailure {
+                    error: BackendError::Unavailable {
+                        backend: self.name.clone(),
+                        reason: format!(
+                            "its circuit breaker is open after repeated failures; retry in {} s",
+                            retry_after.as_secs().max(1)
+                        ),
+                    },
+                    backend_at_fault: true,
                 });
             }
         };
-        let result = self.attempts(request, probe).await;
-        if result.is_err() {
-            self.breaker.record(true, probe);
+        let mut admitted = Admitted {
+            breaker: &self.breaker,
+            probe,
+            settled: false,
+        };
+        let result = self.attempts(request).await;
+        match &result {
+            Ok(_) => admitted.record(false),
+            Err(failure) if failure.backend_at_fault => admitted.record(true),
+            // Dropping `admitted` gives a probe slot back.
+            Err(_) => {}
         }
         result
     }
 
-    async fn attempts(&self, request: &GenerateRequest, probe: bool) -> Result<Open, BackendError> {
+    async fn attempts(&self, request: &GenerateRequest) -> Result<Open, OpenFailure> {
         let deadline = request.deadline;
+        let not_at_fault = |error| OpenFailure {
+            error,
+            backend_at_fault: false,
+        };
         let permit = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
             .await
-            .map_err(|_| BackendError::Unavailable {
-                backend: self.name.clone(),
-                reason: format!(
-                    "at capacity ({} requests in flight) until the request's deadline",
-                    self.settings.max_concurrent
-                ),
+            .map_err(|_| {
+                not_at_fault(BackendError::Unavailable {
+                    backend: self.name.clone(),
+                    reason: format!(
+                        "at capacity ({} requests in flight) until the request's deadline",
+                        self.settings.max_concurrent
+                    ),
+                })
             })?
-            .map_err(|_| BackendError::Unavailable {
-                backend: self.name.clone(),
-                reason: "shutting down".into(),
+            .map_err(|_| {
+                not_at_fault(BackendError::Unavailable {
+                    backend: self.name.clone(),
+                    reason: "shutting down".into(),
+                })
             })?;
         let upstream_request = UpstreamRequest {
             model: self
@@ -984,7 +1052,9 @@ impl Upstream {
         let mut attempt = 0u32;
         loop {
             let Some(timeout) = self.request_timeout(deadline) else {
-                return Err(self.timeout_error("no time left for an attempt"));
+                return Err(not_at_fault(
+                    self.timeout_error("no time left for an attempt"),
+                ));
             };
             let started = Instant::now();
             let result = tokio::time::timeout(timeout, async {
@@ -1009,7 +1079,6 @@ impl Upstream {
                         events,
                         first,
                         last_event: Instant::now(),
-                        probe,
                         _permit: permit,
                     });
                 }
@@ -1022,12 +1091,14 @@ impl Upstream {
                 && backoff.is_some_and(|b| Instant::now() + b < deadline);
             tracing::debug!(backend = %self.name, attempt, ?error, retry, "attempt failed");
             if !retry {
-                return Err(match error {
-                    AttemptError::Timeout(reason) => BackendError::Timeout {
-                        backend: self.name.clone(),
-                        reason,
-                    },
-                    other => other.into_backend_error(&self.name),
+                // A 4xx other than 429 refuses the request, not the backend.
+                let backend_at_fault = !matches!(
+                    error,
+                    AttemptError::Status { status, .. } if status < 500 && status != 429
+                );
+                return Err(OpenFailure {
+                    error: error.into_backend_error(&self.name),
+                    backend_at_fault,
                 });
             }
             if let Some(backoff) = backoff {
@@ -1069,7 +1140,7 @@ impl Upstream {
                 Some(item) => item,
                 None => {
                     let Some(timeout) = self.request_timeout(request.deadline) else {
-                        self.end(&open, UpstreamOutcome::Timeout, chunks, None);
+                        self.end(UpstreamOutcome::Timeout, chunks, None);
                         let _ = events
                             .send(Err(self.timeout_error("the request's deadline passed")))
                             .await;
@@ -1078,7 +1149,7 @@ impl Upstream {
                     tokio::select! {
                         biased;
                         () = events.closed() => {
-                            self.end(&open, UpstreamOutcome::Cancelled, chunks, None);
+                            self.end(UpstreamOutcome::Cancelled, chunks, None);
                             return;
                         }
                         item = tokio::time::timeout(timeout, open.events.next()) => match item {
@@ -1101,18 +1172,18 @@ impl Upstream {
                     open.last_event = Instant::now();
                     chunks += 1;
                     if events.send(Ok(Event::Delta(text))).await.is_err() {
-                        self.end(&open, UpstreamOutcome::Cancelled, chunks, None);
+                        self.end(UpstreamOutcome::Cancelled, chunks, None);
                         return;
                     }
                 }
                 Ok(Event::End(ending)) => {
                     let tokens = ending.usage.map_or(chunks, |(_, c)| u64::from(c));
-                    self.end(&open, UpstreamOutcome::Ok, tokens, Some(false));
+                    self.end(UpstreamOutcome::Ok, tokens, Some(false));
                     let _ = events.send(Ok(Event::End(ending))).await;
                     return;
                 }
                 Err(error) => {
-                    self.end(&open, error.outcome(), chunks, Some(true));
+                    self.end(error.outcome(), chunks, Some(true));
                     let _ = events.send(Err(error.into_backend_error(&self.name))).await;
                     return;
                 }
@@ -1120,10 +1191,15 @@ impl Upstream {
         }
     }
 
-    fn end(&self, open: &Open, outcome: UpstreamOutcome, tokens: u64, failed: Option<bool>) {
+    /// Record how a generation that had its first token ended: `failed`
+    /// for the breaker, `None` when nothing was learnt about the backend
+    /// (cancelled).
+    fn end(&self, outcome: UpstreamOutcome, tokens: u64, failed: Option<bool>) {
         self.metrics.outcome(outcome).inc();
         self.metrics.tokens.inc_by(tokens);
-        open.settle(self, failed);
+        if let Some(failed) = failed {
+            self.breaker.record(failed, false);
+        }
     }
 }
 

@@ -204,6 +204,33 @@ struct ChunkJob {
     last: bool,
     deadline: Instant,
     reply: oneshot::Sender<(Result<ChunkOutput, CallError>, Duration)>,
+    /// The item's own hold on the stage's queue: a chunk left in the queue
+    /// by a request that went away still counts against its capacity until
+    /// a worker takes it.
+    _hold: QueueHold,
+}
+
+/// One more reservation of a stage's queue, released on drop. Taken on top
+/// of the request's own reservation, without a capacity check.
+struct QueueHold {
+    inner: Arc<Inner>,
+    index: usize,
+}
+
+impl QueueHold {
+    fn new(inner: &Arc<Inner>, index: usize) -> QueueHold {
+        inner.stages[index].reserved.fetch_add(1, Ordering::AcqRel);
+        QueueHold {
+            inner: inner.clone(),
+            index,
+        }
+    }
+}
+
+impl Drop for QueueHold {
+    fn drop(&mut self) {
+        self.inner.stages[self.index].release();
+    }
 }
 
 /// One stage: its plugin, queue and metrics.
@@ -664,9 +691,20 @@ fn worker(inner: &Inner, index: usize) {
                 job.envelope = envelope;
                 slot.release();
                 job.stage += 1;
+                if job.caller_gone() {
+                    // Dropping the tokens cancels the generation; the caller
+                    // has already been answered (timed out).
+                    continue;
+                }
                 if let Some(reply) = job.reply.take() {
-                    let _ =
-                        reply.send(Ok(Answer::Streaming(Box::new(Streaming::new(job, tokens)))));
+                    let streaming = Box::new(Streaming::new(job, tokens));
+                    if let Err(Ok(Answer::Streaming(mut unsent))) =
+                        reply.send(Ok(Answer::Streaming(streaming)))
+                    {
+                        // The caller went away in between and was answered
+                        // (and observed) already.
+                        unsent.finished = true;
+                    }
                 }
                 continue;
             }
@@ -914,6 +952,11 @@ impl Streaming {
         }
     }
 
+    /// When the request must be answered.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
     /// The next piece of text for the client, then the final envelope,
     /// then `None`; or the error that ended the request.
     pub async fn next(&mut self) -> Option<Result<StreamItem, RunError>> {
@@ -1003,6 +1046,7 @@ impl Streaming {
             last,
             deadline: self.deadline,
             reply,
+            _hold: QueueHold::new(&self.inner, stage.index),
         });
         slot.metrics.queue_depth.inc();
         if slot.sender.try_send(work).is_err() {
@@ -1019,9 +1063,29 @@ impl Streaming {
         };
         let stage = &mut self.chunk_stages[k];
         stage.spent += spent;
-        let output = result.map_err(|error| RunError::Stage { stage: name, error })?;
-        stage.carry.clone_from(&output.carry);
+        let index = stage.index;
+        let output = match result {
+            Ok(output) => output,
+            Err(error) => {
+                if error.error_type.counts_against_stage() {
+                    self.settle_breaker(index, true);
+                }
+                return Err(RunError::Stage { stage: name, error });
+            }
+        };
+        self.chunk_stages[k].carry.clone_from(&output.carry);
         Ok(output)
+    }
+
+    /// Tell stage `index`'s breaker how the stream went there (once).
+    fn settle_breaker(&mut self, index: usize, failed: bool) {
+        let Some(job) = self.job.as_mut() else {
+            return;
+        };
+        let bit = 1u8 << index;
+        let probe = job.probes & bit != 0;
+        job.probes &= !bit;
+        self.inner.stages[index].breaker.record(failed, probe);
     }
 
     /// The generation ended: flush the streaming stages, run the plain
@@ -1031,11 +1095,15 @@ impl Streaming {
             let output = self.chunk_call(k, String::new(), true).await?;
             self.push_through(k + 1, output.emit).await?;
         }
-        for stage in &self.chunk_stages {
-            self.inner.stages[stage.index]
+        let indices: Vec<usize> = self.chunk_stages.iter().map(|s| s.index).collect();
+        for (stage, index) in self.chunk_stages.iter().zip(&indices) {
+            self.inner.stages[*index]
                 .metrics
                 .duration
                 .observe(stage.spent.as_secs_f64());
+        }
+        for index in indices {
+            self.settle_breaker(index, false);
         }
         let Some(mut job) = self.job.take() else {
             return Err(RunError::ShuttingDown);

@@ -825,6 +825,7 @@ impl Instance {
         };
         self.calls += 1;
         self.plugin.arm(&mut self.store, timeout)?;
+        self.store.data_mut().backend_error = None;
         let call = bindings.call_process_chunk(&mut self.store, context, carry, delta, last);
         let output = match tokio::time::timeout(timeout + HOST_CALL_GRACE, call).await {
             Err(_) => return Err(timed_out(timeout)),
@@ -832,6 +833,8 @@ impl Instance {
             Ok(Ok(Err(error))) => return Err(self.stage_error(error)),
             Ok(Ok(Ok(output))) => output,
         };
+        // Generations start only in `process`; one started here is cancelled.
+        self.store.data_mut().stream = None;
         let size = output.carry.len() + output.emit.iter().map(String::len).sum::<usize>();
         let cap = self.plugin.settings.max_output_bytes;
         if size > cap {
@@ -953,6 +956,16 @@ impl log::Host for HostState {
 }
 
 impl HostState {
+    /// When a backend call made by the current plugin call must give up:
+    /// a little before the call's own deadline, so that the plugin gets the
+    /// backend's error (`upstream_timeout`) before the epoch deadline traps
+    /// it (`timeout`).
+    fn backend_deadline(&self) -> Instant {
+        self.deadline
+            .checked_sub(2 * EPOCH_TICK + Duration::from_millis(5))
+            .unwrap_or(self.deadline)
+    }
+
     /// The backend request for a plugin's call, or why there is none.
     fn generation_request(
         &self,
@@ -985,7 +998,8 @@ impl inference::Host for HostState {
         prompt: String,
         params: GenerationParams,
     ) -> Result<inference::Generation, String> {
-        let (backends, request) = self.generation_request(prompt, params, self.deadline)?;
+        let (backends, request) =
+            self.generation_request(prompt, params, self.backend_deadline())?;
         let completion = backends.generate(request).await.map_err(|e| {
             self.backend_error = Some(e.error_type());
             e.to_string()
@@ -1013,14 +1027,15 @@ impl inference::Host for HostState {
         let deadline = self.request_deadline.unwrap_or(self.deadline);
         let (backends, request) = self.generation_request(prompt, params, deadline)?;
         let backend = backends.route(&request.model).unwrap_or("?").to_string();
-        let started = tokio::time::timeout_at(self.deadline.into(), backends.stream(request))
-            .await
-            .unwrap_or_else(|_| {
-                Err(BackendError::Timeout {
-                    backend,
-                    reason: "no first token within the inference stage's deadline".into(),
-                })
-            });
+        let started =
+            tokio::time::timeout_at(self.backend_deadline().into(), backends.stream(request))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BackendError::Timeout {
+                        backend,
+                        reason: "no first token within the inference stage's deadline".into(),
+                    })
+                });
         let stream = started.map_err(|e| {
             self.backend_error = Some(e.error_type());
             e.to_string()

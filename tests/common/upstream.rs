@@ -23,6 +23,15 @@ pub enum Script {
     Deltas(Vec<&'static str>),
     /// Stream these deltas, then close the connection without finishing.
     Broken(Vec<&'static str>),
+    /// Answer the first `times` requests with HTTP `status` (and a
+    /// `Retry-After` of `retry_after` seconds, if given), then stream
+    /// `then` as `Deltas` does.
+    FailThen {
+        status: u16,
+        retry_after: Option<u32>,
+        times: usize,
+        then: Vec<&'static str>,
+    },
     /// Accept the request and never answer.
     Stall,
     /// Stream a delta every 10 ms until the client goes away.
@@ -63,8 +72,30 @@ impl Upstream {
                 if read_request(&mut socket).await.is_none() {
                     continue;
                 }
-                count.fetch_add(1, Ordering::SeqCst);
+                let n = count.fetch_add(1, Ordering::SeqCst);
                 match script.clone() {
+                    Script::FailThen {
+                        status,
+                        retry_after,
+                        times,
+                        ..
+                    } if n < times => {
+                        let retry = retry_after
+                            .map(|s| format!("retry-after: {s}\r\n"))
+                            .unwrap_or_default();
+                        let body = format!("{{\"error\":{{\"message\":\"scripted {status}\"}}}}");
+                        let head = format!(
+                            "HTTP/1.1 {status} Scripted\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
+                            body.len()
+                        );
+                        let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
+                        let _ = socket.shutdown().await;
+                    }
+                    Script::FailThen { then, .. } => {
+                        tokio::spawn(async move {
+                            let _ = serve_deltas(&mut socket, &then, true).await;
+                        });
+                    }
                     Script::Stall => held.push(socket),
                     Script::Deltas(deltas) => {
                         tokio::spawn(async move {
