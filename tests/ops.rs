@@ -376,7 +376,15 @@ async fn every_panel_rule_and_readme_query_returns_data_from_a_real_prometheus()
         assert!(Instant::now() < deadline, "no data for: {pending:#?}");
         let (status, text) = host.chat(&ask("rogue, please fail")).await;
         assert_eq!(status, 500, "the rogue request fails: {text}");
-        let flood: Vec<Value> = (0..6).map(|_| ask("what is backpressure?")).collect();
+        // Some requests stream, so the generations stream too (the
+        // inter-token latency panel).
+        let flood: Vec<Value> = (0..6)
+            .map(|n| {
+                let mut request = ask("what is backpressure?");
+                request["stream"] = (n % 2 == 0).into();
+                request
+            })
+            .collect();
         let statuses: Vec<u16> = futures_util::future::join_all(flood.iter().map(|r| host.chat(r)))
             .await
             .into_iter()

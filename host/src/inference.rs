@@ -799,6 +799,28 @@ impl Backends {
 
     /// Run a whole generation and collect it.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Completion, BackendError> {
+        if let Some(upstream) = self
+            .route(&request.model)
+            .and_then(|name| self.inner.upstreams.get(name))
+            .filter(|u| u.kind == BackendKind::Echo)
+        {
+            // In process, no I/O, cannot fail: computed here rather than in
+            // a generation task (which costs a task and a channel per
+            // request). The same series are recorded, except inter-token
+            // latency, which a one-piece answer does not have.
+            let started = Instant::now();
+            let completion = Echo::generate(&request);
+            upstream
+                .metrics
+                .ttft
+                .observe(started.elapsed().as_secs_f64());
+            upstream.metrics.outcome(UpstreamOutcome::Ok).inc();
+            upstream
+                .metrics
+                .tokens
+                .inc_by(u64::from(completion.completion_tokens));
+            return Ok(completion);
+        }
         let prompt_tokens = count_tokens(&request.prompt) as u32;
         self.stream(request).await?.collect(prompt_tokens).await
     }
