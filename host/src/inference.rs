@@ -853,6 +853,11 @@ impl TokenStream {
         self.events.recv().await
     }
 
+    /// The next event if it has already arrived.
+    pub fn try_next(&mut self) -> Option<Result<Event, BackendError>> {
+        self.events.try_recv().ok()
+    }
+
     /// Collect the rest of the generation into one completion.
     /// `prompt_tokens` is used when the backend reports no usage.
     pub async fn collect(mut self, prompt_tokens: u32) -> Result<Completion, BackendError> {

@@ -856,6 +856,9 @@ async fn call_chunk(
     result
 }
 
+/// Most bytes of deltas passed through the streaming stages as one.
+const MAX_COALESCED_BYTES: usize = 16 * 1024;
+
 /// One streaming stage of a [`Streaming`] request.
 struct ChunkStage {
     index: usize,
@@ -881,6 +884,8 @@ pub struct Streaming {
     /// `None` once the plain stages after the streaming ones took it.
     job: Option<Job>,
     tokens: Option<TokenStream>,
+    /// An event taken from `tokens` ahead of time (while coalescing deltas).
+    lookahead: Option<Result<Event, crate::inference::BackendError>>,
     /// Index of the stage that started the generation.
     source: usize,
     chunk_stages: Vec<ChunkStage>,
@@ -938,6 +943,7 @@ impl Streaming {
             deadline: job.deadline,
             admitted: job.admitted,
             tokens: Some(tokens),
+            lookahead: None,
             source: job.stage.saturating_sub(1),
             chunk_stages,
             rest_from,
@@ -967,10 +973,15 @@ impl Streaming {
             if self.finished {
                 return None;
             }
-            let step = match self.tokens.as_mut() {
-                Some(tokens) => match tokio::time::timeout_at(self.deadline.into(), tokens.next())
-                    .await
-                {
+            let next = match (self.lookahead.take(), self.tokens.as_mut()) {
+                (Some(event), _) => Some(Ok(Some(event))),
+                (None, Some(tokens)) => {
+                    Some(tokio::time::timeout_at(self.deadline.into(), tokens.next()).await)
+                }
+                (None, None) => None,
+            };
+            let step = match next {
+                Some(next) => match next {
                     Err(_) | Ok(None) => Err(self.timeout()),
                     Ok(Some(Err(error))) => {
                         let slot = &self.inner.stages[self.source];
@@ -980,7 +991,24 @@ impl Streaming {
                             error: CallError::new(error.error_type(), error.to_string()),
                         })
                     }
-                    Ok(Some(Ok(Event::Delta(delta)))) => self.push_through(0, vec![delta]).await,
+                    Ok(Some(Ok(Event::Delta(mut delta)))) => {
+                        // Deltas that have already arrived go through the
+                        // stages together: fewer chunk calls when the
+                        // backend is faster than the stages.
+                        if let Some(tokens) = self.tokens.as_mut() {
+                            while delta.len() < MAX_COALESCED_BYTES {
+                                match tokens.try_next() {
+                                    Some(Ok(Event::Delta(more))) => delta.push_str(&more),
+                                    Some(other) => {
+                                        self.lookahead = Some(other);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                        }
+                        self.push_through(0, vec![delta]).await
+                    }
                     Ok(Some(Ok(Event::End(ending)))) => {
                         self.ending = ending;
                         self.tokens = None;

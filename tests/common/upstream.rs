@@ -19,7 +19,7 @@ use tokio::sync::Notify;
 /// What the upstream does with each request.
 #[derive(Clone, Debug)]
 pub enum Script {
-    /// Stream these deltas, then finish with `stop` and usage.
+    /// Stream these deltas, 10 ms apart, then finish with `stop` and usage.
     Deltas(Vec<&'static str>),
     /// Stream these deltas, then close the connection without finishing.
     Broken(Vec<&'static str>),
@@ -172,6 +172,10 @@ async fn serve_deltas(
     for text in deltas {
         socket.write_all(delta(text).as_bytes()).await?;
         socket.flush().await?;
+        // Paced like a model, so that each delta usually reaches the
+        // streaming stages on its own (the host passes deltas that arrive
+        // together through the stages as one).
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     if !finish {
         return socket.shutdown().await;
