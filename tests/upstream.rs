@@ -422,6 +422,16 @@ async fn an_upstream_that_is_down_gets_503_and_opens_its_breaker() {
         metric_value(&metrics, "orchestrator_circuit_state{stage=\"inference\"}"),
         0.0
     );
+    let health = get_json(&format!("{}/health", host.metrics)).await;
+    assert_eq!(health["status"], "degraded", "{health}");
+    let backend = health["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "up")
+        .unwrap();
+    assert_eq!(backend["circuit"], "open", "{health}");
+    assert_eq!(backend["kind"], "openai");
     // Other models are unaffected.
     let (status, _) = host.chat(&crate::common::ask("echo still works")).await;
     assert_eq!(status, 200);

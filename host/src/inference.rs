@@ -754,6 +754,21 @@ impl Backends {
             .map(String::as_str)
     }
 
+    /// `/health`'s view of the backends.
+    pub fn health(&self) -> Vec<BackendHealth> {
+        self.inner
+            .upstreams
+            .values()
+            .map(|u| BackendHealth {
+                name: u.name.clone(),
+                kind: u.kind.to_string(),
+                circuit: u.breaker.state(),
+                in_flight: u.settings.max_concurrent - u.permits.available_permits(),
+                max_concurrent: u.settings.max_concurrent,
+            })
+            .collect()
+    }
+
     /// The kind of backend `name`.
     pub fn kind(&self, name: &str) -> Option<BackendKind> {
         self.inner.upstreams.get(name).map(|u| u.kind)
@@ -824,6 +839,21 @@ impl Backends {
         let prompt_tokens = count_tokens(&request.prompt) as u32;
         self.stream(request).await?.collect(prompt_tokens).await
     }
+}
+
+/// `/health`'s view of one backend.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendHealth {
+    /// Its name (the `worker_type` label).
+    pub name: String,
+    /// `echo` or `openai`.
+    pub kind: String,
+    /// Its circuit breaker: `closed`, `half_open` or `open`.
+    pub circuit: &'static str,
+    /// Generations holding one of its concurrency permits.
+    pub in_flight: usize,
+    /// Its concurrency limit.
+    pub max_concurrent: usize,
 }
 
 /// The tokens of a generation in progress. Dropping it cancels the

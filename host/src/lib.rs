@@ -103,7 +103,7 @@ impl Orchestrator {
             api::routes(
                 api::ApiState {
                     pipeline: pipeline.clone(),
-                    backends,
+                    backends: backends.clone(),
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
                     max_body_bytes: config.max_body_bytes,
                 },
@@ -116,7 +116,7 @@ impl Orchestrator {
         )?;
         let metrics_server = server::spawn(
             metrics_listener,
-            metrics_server::routes(metrics, Some(pipeline.clone())),
+            metrics_server::routes(metrics, Some(pipeline.clone()), Some(backends)),
         )?;
         let watcher = config
             .watch

@@ -3,9 +3,9 @@
 //! queue behind client traffic.
 //!
 //! `/metrics` is the Prometheus text exposition of a [`Metrics`] registry.
-//! `/health` is JSON: with a pipeline attached, its [`Health`] report
-//! (status 200 while it admits requests, `degraded` included; 503 while
-//! draining); without one,
+//! `/health` is JSON: with a pipeline attached, its [`Health`] report, with
+//! the backends' state when they are given (status 200 while it admits
+//! requests, `degraded` included; 503 while draining); without one,
 //! `{"status":"ok"}`.
 
 use std::convert::Infallible;
@@ -16,6 +16,7 @@ use warp::Filter;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
+use crate::inference::Backends;
 use crate::metrics::{Metrics, global};
 use crate::pipeline::{Health, Pipeline};
 use crate::server::{self, BindError, ServerHandle};
@@ -24,6 +25,7 @@ use crate::server::{self, BindError, ServerHandle};
 pub fn routes(
     metrics: Arc<Metrics>,
     pipeline: Option<Pipeline>,
+    backends: Option<Backends>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let metrics_route = warp::path!("metrics").and(warp::get()).map(move || {
         let mut response = Response::new(metrics.gather().into());
@@ -33,9 +35,19 @@ pub fn routes(
         );
         response
     });
-    let health_route = warp::path!("health")
-        .and(warp::get())
-        .map(move || health_response(pipeline.as_ref().map(Pipeline::health)));
+    let health_route = warp::path!("health").and(warp::get()).map(move || {
+        let health = pipeline.as_ref().map(|pipeline| {
+            let mut health = pipeline.health();
+            if let Some(backends) = &backends {
+                health.backends = backends.health();
+                if health.status == "ok" && health.backends.iter().any(|b| b.circuit != "closed") {
+                    health.status = "degraded";
+                }
+            }
+            health
+        });
+        health_response(health)
+    });
     metrics_route
         .or(health_route)
         .unify()
@@ -75,5 +87,5 @@ fn health_response(health: Option<Health>) -> Response {
 /// runtime.
 pub async fn start_server(addr: SocketAddr) -> Result<ServerHandle, BindError> {
     let listener = server::bind(addr).await?;
-    server::spawn(listener, routes(global().clone(), None))
+    server::spawn(listener, routes(global().clone(), None, None))
 }

@@ -314,6 +314,10 @@ pub struct Health {
     pub in_flight: usize,
     /// Per stage, in pipeline order.
     pub stages: Vec<StageHealth>,
+    /// The inference backends (filled in by the metrics server when it
+    /// knows them); a backend whose breaker is not closed makes the status
+    /// `degraded`.
+    pub backends: Vec<crate::inference::BackendHealth>,
 }
 
 impl Pipeline {
@@ -538,6 +542,7 @@ impl Pipeline {
                     }
                 })
                 .collect(),
+            backends: Vec::new(),
         }
     }
 
