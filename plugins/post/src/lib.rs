@@ -752,25 +752,7 @@ mod tests {
     /// `text` cut at the char boundaries nearest to `cuts` (which may
     /// repeat, giving empty deltas).
     fn split<'a>(text: &'a str, cuts: &[prop::sample::Index]) -> Vec<&'a str> {
-        let mut at: Vec<usize> = cuts
-            .iter()
-            .map(|i| {
-                let mut at = i.index(text.len() + 1);
-                while !text.is_char_boundary(at) {
-                    at -= 1;
-                }
-                at
-            })
-            .collect();
-        at.sort_unstable();
-        let mut deltas = Vec::new();
-        let mut from = 0;
-        for at in at {
-            deltas.push(&text[from..at]);
-            from = at;
-        }
-        deltas.push(&text[from..]);
-        deltas
+        orchestrator_text::split_at_offsets(text, cuts.iter().map(|i| i.index(text.len() + 1)))
     }
 
     /// Longest run of whitespace or of non-whitespace characters, in bytes.

@@ -68,9 +68,42 @@ pub fn truncate_tokens(text: &str, max_tokens: usize) -> &str {
     &text[..end]
 }
 
+/// `text` cut at the byte offsets `cuts` (in any order, repeats allowed:
+/// they give empty pieces), each moved down to a character boundary and
+/// capped at `text.len()`. The pieces concatenate to `text`. Used to feed a
+/// text to the streaming stages in arbitrary deltas (their property tests).
+pub fn split_at_offsets(text: &str, cuts: impl IntoIterator<Item = usize>) -> Vec<&str> {
+    let mut at: Vec<usize> = cuts
+        .into_iter()
+        .map(|cut| {
+            let mut at = cut.min(text.len());
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            at
+        })
+        .collect();
+    at.sort_unstable();
+    let mut pieces = Vec::with_capacity(at.len() + 1);
+    let mut from = 0;
+    for at in at {
+        pieces.push(&text[from..at]);
+        from = at;
+    }
+    pieces.push(&text[from..]);
+    pieces
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_at_offsets_respects_char_boundaries() {
+        let text = "aé b";
+        assert_eq!(split_at_offsets(text, [2, 0, 9]), ["", "a", "é b", ""]);
+        assert_eq!(split_at_offsets(text, []).concat(), text);
+    }
 
     #[test]
     fn splits_words_and_punctuation() {
