@@ -769,11 +769,6 @@ impl Backends {
             .collect()
     }
 
-    /// The kind of backend `name`.
-    pub fn kind(&self, name: &str) -> Option<BackendKind> {
-        self.inner.upstreams.get(name).map(|u| u.kind)
-    }
-
     /// Start a generation: resolves once its first token is in (after
     /// retries and failover), or with the error that ended it.
     pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
@@ -873,11 +868,6 @@ impl std::fmt::Debug for TokenStream {
 }
 
 impl TokenStream {
-    /// The backend generating (after failover, the one that answered).
-    pub fn backend(&self) -> &str {
-        &self.backend
-    }
-
     /// The next event: deltas, then exactly one `End` or error, then `None`.
     pub async fn next(&mut self) -> Option<Result<Event, BackendError>> {
         self.events.recv().await

@@ -810,11 +810,6 @@ impl Instance {
         self.store.data_mut().stream.take()
     }
 
-    /// Whether the instance exports `process-chunk`.
-    pub fn streams(&self) -> bool {
-        matches!(self.bindings, Exports::Streaming(_))
-    }
-
     /// Call `process-chunk` with a deadline of `timeout`. The emitted text
     /// and the carry count against the stage's `max_output_bytes`.
     pub async fn process_chunk(
