@@ -6,10 +6,15 @@
 //! ```
 //!
 //! Groups:
-//! - `call`: a warm instance of the `noop` guest (returns its input) with an
-//!   empty, a small (~100 B prompt) and a realistic envelope (4 KiB prompt,
-//!   8 × 512 B passages, 1 KiB completion): the bare call and the argument
-//!   copy, host side included (deadline arming, async call, output check).
+//! - `call`: the cost of a call on a warm instance, host side included
+//!   (deadline arming, async call, output check), by world:
+//!   - `by_value/*`: the `noop` guest (a `stage` world plugin that returns
+//!     its input) with an empty, a small (~100 B prompt) and a realistic
+//!     envelope (4 KiB prompt, 8 × 512 B passages, 1 KiB completion): the
+//!     whole envelope is copied in and out;
+//!   - `by_handle/*`: the `touch` guest (a `request-stage` plugin) on the
+//!     realistic envelope, doing nothing (`bare`: the call itself) or
+//!     reading and setting back the 1 KiB completion (`completion`).
 //! - `stage`: each bundled stage, wasm vs native, on the realistic envelope.
 //! - `instance`: a fresh pooled instance + `init` + one small call + drop,
 //!   as in the `per-request` instance mode.
@@ -23,7 +28,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use orchestrator::config::{Config, PluginSource, StageConfig};
 use orchestrator::inference::{Backends, GenerateRequest};
 use orchestrator::metrics::{Metrics, Outcome};
@@ -63,7 +68,21 @@ impl Bench {
 
     /// Load `bytes` as stage `stage` (with that stage's default grants).
     fn load(&self, stage: &'static str, bytes: Vec<u8>) -> Arc<Plugin> {
-        let settings = StageConfig::default_for(stage);
+        self.load_with(stage, bytes, &[])
+    }
+
+    /// Load `bytes` as stage `stage` with `config` as its config table.
+    fn load_with(
+        &self,
+        stage: &'static str,
+        bytes: Vec<u8>,
+        config: &[(&str, &str)],
+    ) -> Arc<Plugin> {
+        let mut settings = StageConfig::default_for(stage);
+        settings.config = config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let services = HostServices {
             backends: Some(self.backends.clone()),
             instances: self.metrics.stage(stage).instances,
@@ -83,10 +102,28 @@ impl Bench {
         self.rt.block_on(plugin.instantiate()).unwrap()
     }
 
-    fn call(&self, instance: &mut Instance, envelope: &Envelope) -> Envelope {
+    fn call(&self, instance: &mut Instance, envelope: &mut Envelope) {
         self.rt
             .block_on(instance.process(envelope, TIMEOUT))
             .unwrap()
+    }
+
+    /// Time `call` on a fresh copy of `envelope` each iteration (a stage
+    /// transforms the envelope in place; the copy is not timed).
+    fn bench_call(
+        &self,
+        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        name: &str,
+        instance: &mut Instance,
+        envelope: &Envelope,
+    ) {
+        group.bench_function(name, |b| {
+            b.iter_batched_ref(
+                || envelope.clone(),
+                |envelope| self.call(instance, black_box(envelope)),
+                BatchSize::SmallInput,
+            )
+        });
     }
 }
 
@@ -144,13 +181,20 @@ fn call_layers(c: &mut Criterion) {
     let mut instance = bench.instance(&noop);
     let mut group = c.benchmark_group("call");
     for (name, envelope) in [
-        ("noop_empty", Envelope::placeholder()),
-        ("noop_small", small()),
-        ("noop_realistic", realistic()),
+        ("by_value/empty", Envelope::placeholder()),
+        ("by_value/small", small()),
+        ("by_value/realistic", realistic()),
     ] {
-        group.bench_function(name, |b| {
-            b.iter(|| black_box(bench.call(&mut instance, black_box(&envelope))))
-        });
+        bench.bench_call(&mut group, name, &mut instance, &envelope);
+    }
+    let touch = std::fs::read(guests::test_plugin("touch")).unwrap();
+    for (name, fields) in [
+        ("by_handle/bare", ""),
+        ("by_handle/completion", "completion"),
+    ] {
+        let plugin = bench.load_with("post", touch.clone(), &[("fields", fields)]);
+        let mut instance = bench.instance(&plugin);
+        bench.bench_call(&mut group, name, &mut instance, &realistic());
     }
     group.finish();
 }
@@ -180,9 +224,7 @@ fn stages_vs_native(c: &mut Criterion) {
     let mut rag_input = envelope.clone();
     rag_input.passages.clear();
     let mut rag = bench.instance(&bench.load("rag", bundled("rag")));
-    group.bench_function("rag/wasm", |b| {
-        b.iter(|| black_box(bench.call(&mut rag, &rag_input)))
-    });
+    bench.bench_call(&mut group, "rag/wasm", &mut rag, &rag_input);
 
     // assemble: prompt under a token budget.
     let settings = orchestrator_assemble::Settings::default();
@@ -204,9 +246,7 @@ fn stages_vs_native(c: &mut Criterion) {
         })
     });
     let mut assemble = bench.instance(&bench.load("assemble", bundled("assemble")));
-    group.bench_function("assemble/wasm", |b| {
-        b.iter(|| black_box(bench.call(&mut assemble, &envelope)))
-    });
+    bench.bench_call(&mut group, "assemble/wasm", &mut assemble, &envelope);
 
     // inference: the echo backend, through the host's backend machinery
     // (a generation task and its token channel) in both arms.
@@ -235,9 +275,7 @@ fn stages_vs_native(c: &mut Criterion) {
         })
     });
     let mut inference = bench.instance(&bench.load("inference", bundled("inference")));
-    group.bench_function("inference/wasm", |b| {
-        b.iter(|| black_box(bench.call(&mut inference, &envelope)))
-    });
+    bench.bench_call(&mut group, "inference/wasm", &mut inference, &envelope);
 
     // post: stop sequences, trim, redaction.
     group.bench_function("post/native", |b| {
@@ -249,9 +287,7 @@ fn stages_vs_native(c: &mut Criterion) {
         })
     });
     let mut post = bench.instance(&bench.load("post", bundled("post")));
-    group.bench_function("post/wasm", |b| {
-        b.iter(|| black_box(bench.call(&mut post, &envelope)))
-    });
+    bench.bench_call(&mut group, "post/wasm", &mut post, &envelope);
 
     // stream: chunking.
     group.bench_function("stream/native", |b| {
@@ -263,9 +299,7 @@ fn stages_vs_native(c: &mut Criterion) {
         })
     });
     let mut stream = bench.instance(&bench.load("stream", bundled("stream")));
-    group.bench_function("stream/wasm", |b| {
-        b.iter(|| black_box(bench.call(&mut stream, &envelope)))
-    });
+    bench.bench_call(&mut group, "stream/wasm", &mut stream, &envelope);
     group.finish();
 }
 
@@ -279,10 +313,14 @@ fn instance_cost(c: &mut Criterion) {
     ] {
         let plugin = bench.load("post", bytes);
         group.bench_function(format!("{name}/fresh_call_drop"), |b| {
-            b.iter(|| {
-                let mut instance = bench.instance(&plugin);
-                black_box(bench.call(&mut instance, &envelope));
-            })
+            b.iter_batched_ref(
+                || envelope.clone(),
+                |envelope| {
+                    let mut instance = bench.instance(&plugin);
+                    bench.call(&mut instance, black_box(envelope));
+                },
+                BatchSize::SmallInput,
+            )
         });
     }
     group.finish();

@@ -663,7 +663,7 @@ fn worker(inner: &Inner, index: usize) {
         slot.metrics.requests.inc();
         let started = Instant::now();
         let (result, stream) =
-            runtime.block_on(call(slot, &mut instance, &job.envelope, remaining));
+            runtime.block_on(call(slot, &mut instance, &mut job.envelope, remaining));
         slot.metrics
             .duration
             .observe(started.elapsed().as_secs_f64());
@@ -682,18 +682,14 @@ fn worker(inner: &Inner, index: usize) {
                 .is_err_and(|e| e.error_type.counts_against_stage());
             slot.breaker.record(failed, probe);
         }
-        let mut envelope = match result {
-            Ok(envelope) => envelope,
-            Err(error) => {
-                slot.metrics.errors(error.error_type).inc();
-                tracing::debug!(stage = name, request_id = %job.envelope.request_id, %error, "stage failed");
-                job.answer(Err(RunError::Stage { stage: name, error }));
-                continue;
-            }
-        };
+        if let Err(error) = result {
+            slot.metrics.errors(error.error_type).inc();
+            tracing::debug!(stage = name, request_id = %job.envelope.request_id, %error, "stage failed");
+            job.answer(Err(RunError::Stage { stage: name, error }));
+            continue;
+        }
         if let Some(tokens) = stream {
             if job.streaming {
-                job.envelope = envelope;
                 slot.release();
                 job.stage += 1;
                 if job.caller_gone() {
@@ -714,13 +710,12 @@ fn worker(inner: &Inner, index: usize) {
                 continue;
             }
             // The client wants one answer: collect the generation here.
-            if let Err(error) = runtime.block_on(complete(&mut envelope, tokens)) {
+            if let Err(error) = runtime.block_on(complete(&mut job.envelope, tokens)) {
                 slot.metrics.errors(error.error_type).inc();
                 job.answer(Err(RunError::Stage { stage: name, error }));
                 continue;
             }
         }
-        job.envelope = envelope;
         slot.release();
         job.stage += 1;
         match inner.stages.get(job.stage) {
@@ -751,13 +746,14 @@ async fn complete(envelope: &mut Envelope, tokens: TokenStream) -> Result<(), Ca
 
 /// One plugin call on this worker's instance, creating or replacing the
 /// instance as the stage's policy and current plugin version require.
-/// Returns the call's result and the generation it started, if any.
+/// Returns the call's result and the generation it started, if any; on
+/// success `envelope` holds the stage's output.
 async fn call(
     slot: &Slot,
     instance: &mut Option<Instance>,
-    envelope: &Envelope,
+    envelope: &mut Envelope,
     remaining: Duration,
-) -> (Result<Envelope, CallError>, Option<TokenStream>) {
+) -> (Result<(), CallError>, Option<TokenStream>) {
     let settings = &slot.settings;
     // A borrowed guard, not a clone: the common case (a warm instance of the
     // current version) touches no reference count.

@@ -73,7 +73,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntGauge;
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, HasSelf, Linker, Resource, ResourceTable};
 use wasmtime::{
     Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
     StoreLimitsBuilder, Trap,
@@ -100,6 +101,43 @@ pub mod bindings {
         imports: { "orchestrator:pipeline/inference": async },
     });
 
+    /// The `streaming-request-stage` world (the request by handle, since
+    /// 0.1.2), and the `request-stage` world in [`handle::plain`].
+    pub mod handle {
+        wasmtime::component::bindgen!({
+            world: "streaming-request-stage",
+            path: "../wit",
+            exports: { default: async },
+            // A request method called with a handle that is not the one
+            // the call was given traps instead of answering.
+            imports: { "orchestrator:pipeline/request": trappable },
+            with: {
+                "orchestrator:pipeline/types": super::orchestrator::pipeline::types,
+                "orchestrator:pipeline/log": super::orchestrator::pipeline::log,
+                "orchestrator:pipeline/inference": super::orchestrator::pipeline::inference,
+                "orchestrator:pipeline/streaming": super::orchestrator::pipeline::streaming,
+                // The host keeps the request as the envelope itself, in the
+                // store's resource table for the duration of a call.
+                "orchestrator:pipeline/request.request": super::orchestrator::pipeline::types::Envelope,
+            },
+        });
+
+        /// The `request-stage` world.
+        pub mod plain {
+            wasmtime::component::bindgen!({
+                world: "request-stage",
+                path: "../wit",
+                exports: { default: async },
+                with: {
+                    "orchestrator:pipeline/types": super::super::orchestrator::pipeline::types,
+                    "orchestrator:pipeline/log": super::super::orchestrator::pipeline::log,
+                    "orchestrator:pipeline/inference": super::super::orchestrator::pipeline::inference,
+                    "orchestrator:pipeline/request": super::orchestrator::pipeline::request,
+                },
+            });
+        }
+    }
+
     /// The plain `stage` world.
     pub mod plain {
         wasmtime::component::bindgen!({
@@ -115,6 +153,9 @@ pub mod bindings {
     }
 }
 
+use bindings::handle::orchestrator::pipeline::request;
+use bindings::handle::plain::{RequestStage, RequestStagePre};
+use bindings::handle::{StreamingRequestStage, StreamingRequestStagePre};
 pub use bindings::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
 pub use bindings::orchestrator::pipeline::types::{
     Envelope, GenerationParams, Message, Passage, StageError, Usage,
@@ -342,6 +383,8 @@ impl Runtime {
             .map_err(|e| LoadError::Instantiate(e.to_string()))?;
         log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| LoadError::Instantiate(e.to_string()))?;
+        request::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| LoadError::Instantiate(e.to_string()))?;
         if stage.capabilities.inference {
             inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
                 .map_err(|e| LoadError::Instantiate(e.to_string()))?;
@@ -349,13 +392,18 @@ impl Runtime {
         let instance_pre = linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?;
-        // A component exporting `process-chunk` is a streaming stage; any
-        // other must be a plain stage.
-        let pre = match StreamingStagePre::new(instance_pre.clone()) {
-            Ok(pre) => Pre::Streaming(pre),
-            Err(_) => Pre::Plain(
+        // The world is told by the exports' types: `process` taking a
+        // `request` handle or an envelope, with or without `process-chunk`.
+        let pre = if let Ok(pre) = StreamingRequestStagePre::new(instance_pre.clone()) {
+            Pre::StreamingRequest(pre)
+        } else if let Ok(pre) = RequestStagePre::new(instance_pre.clone()) {
+            Pre::Request(pre)
+        } else if let Ok(pre) = StreamingStagePre::new(instance_pre.clone()) {
+            Pre::Streaming(pre)
+        } else {
+            Pre::Plain(
                 StagePre::new(instance_pre).map_err(|e| LoadError::WrongWorld(format!("{e:#}")))?,
-            ),
+            )
         };
 
         let calls = services.ledger.counter(&sha256);
@@ -436,7 +484,12 @@ fn check_imports(
     engine: &Engine,
     stage: &StageConfig,
 ) -> Result<(), LoadError> {
-    for (name, _) in component.component_type().imports(engine) {
+    for (name, item) in component.component_type().imports(engine) {
+        // A type (the `request` resource that a `request-stage` world's
+        // export names) grants nothing.
+        if matches!(item.ty, ComponentItem::Type(_) | ComponentItem::Resource(_)) {
+            continue;
+        }
         let interface = name.split('@').next().unwrap_or(name);
         let refusal = if interface == format!("{PACKAGE}inference") && !stage.capabilities.inference
         {
@@ -482,12 +535,16 @@ pub struct PluginVersion {
 enum Pre {
     Plain(StagePre<HostState>),
     Streaming(StreamingStagePre<HostState>),
+    Request(RequestStagePre<HostState>),
+    StreamingRequest(StreamingRequestStagePre<HostState>),
 }
 
 /// A live instance's exports, by world.
 enum Exports {
     Plain(Stage),
     Streaming(StreamingStage),
+    Request(RequestStage),
+    StreamingRequest(StreamingRequestStage),
 }
 
 /// A loaded, validated plugin version: the unit a stage runs and swaps.
@@ -526,9 +583,10 @@ impl Plugin {
         self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Whether it is a `streaming-stage` component (exports `process-chunk`).
+    /// Whether it is a streaming component (`streaming-stage` or
+    /// `streaming-request-stage`: it exports `process-chunk`).
     pub fn streams(&self) -> bool {
-        matches!(self.pre, Pre::Streaming(_))
+        matches!(self.pre, Pre::Streaming(_) | Pre::StreamingRequest(_))
     }
 
     /// Hex sha256 of the component bytes.
@@ -614,10 +672,13 @@ impl Plugin {
             request_deadline: None,
             stream: None,
             backend_error: None,
+            request: None,
         };
         let engine = match &self.pre {
             Pre::Plain(pre) => pre.engine(),
             Pre::Streaming(pre) => pre.engine(),
+            Pre::Request(pre) => pre.engine(),
+            Pre::StreamingRequest(pre) => pre.engine(),
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| &mut state.limits);
@@ -642,6 +703,22 @@ impl Plugin {
                         .map_err(instantiate)?;
                     let init = b.call_init(&mut store, &self.init_config).await;
                     (Exports::Streaming(b), init)
+                }
+                Pre::Request(pre) => {
+                    let b = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(instantiate)?;
+                    let init = b.call_init(&mut store, &self.init_config).await;
+                    (Exports::Request(b), init)
+                }
+                Pre::StreamingRequest(pre) => {
+                    let b = pre
+                        .instantiate_async(&mut store)
+                        .await
+                        .map_err(instantiate)?;
+                    let init = b.call_init(&mut store, &self.init_config).await;
+                    (Exports::StreamingRequest(b), init)
                 }
             };
             init.map_err(instantiate)?
@@ -773,41 +850,98 @@ impl Instance {
     }
 
     /// Call `process` with a deadline of `timeout`.
+    ///
+    /// On success `envelope` holds what the stage made of it. On failure
+    /// its content is unspecified (a stage working through a `request`
+    /// handle may have set some fields before it failed), apart from the
+    /// request id, which no stage can change through a handle.
     pub async fn process(
         &mut self,
-        request: &Envelope,
+        envelope: &mut Envelope,
         timeout: Duration,
-    ) -> Result<Envelope, CallError> {
+    ) -> Result<(), CallError> {
         self.calls += 1;
         self.plugin.calls.fetch_add(1, Ordering::Relaxed);
         self.plugin.arm(&mut self.store, timeout)?;
+        let by_handle = matches!(
+            self.bindings,
+            Exports::Request(_) | Exports::StreamingRequest(_)
+        );
+        let cap = self.plugin.settings.max_output_bytes;
         let state = self.store.data_mut();
         state.stream = None;
         state.backend_error = None;
         let deadline = state.deadline + HOST_CALL_GRACE;
+        // By handle: the envelope moves into the store's resource table for
+        // the call (no copy) and is taken back after it, however it ended.
+        let handle = if by_handle {
+            let envelope = std::mem::replace(envelope, Envelope::placeholder());
+            state.request = Some(RequestBudget::new(&envelope, cap));
+            let handle = state.table.push(envelope).map_err(|e| {
+                CallError::new(
+                    ErrorType::Trap,
+                    format!("cannot hand over the request: {e}"),
+                )
+            })?;
+            Some(handle)
+        } else {
+            None
+        };
+        let borrowed = handle.as_ref().map(|h| Resource::new_borrow(h.rep()));
         let (store, bindings) = (&mut self.store, &self.bindings);
+        let input: &Envelope = envelope;
         let call = async move {
-            match bindings {
-                Exports::Plain(b) => b.call_process(store, request).await,
-                Exports::Streaming(b) => b.call_process(store, request).await,
+            match (bindings, borrowed) {
+                (Exports::Plain(b), _) => b.call_process(store, input).await.map(|r| r.map(Some)),
+                (Exports::Streaming(b), _) => {
+                    b.call_process(store, input).await.map(|r| r.map(Some))
+                }
+                (Exports::Request(b), Some(request)) => b
+                    .call_process(store, request)
+                    .await
+                    .map(|r| r.map(|()| None)),
+                (Exports::StreamingRequest(b), Some(request)) => b
+                    .call_process(store, request)
+                    .await
+                    .map(|r| r.map(|()| None)),
+                (Exports::Request(_) | Exports::StreamingRequest(_), None) => {
+                    unreachable!("a handle is made for every by-handle call")
+                }
             }
         };
         let result = { within(deadline, std::pin::pin!(call)).await };
-        let envelope = match result {
+        let mut over_cap = None;
+        if let Some(handle) = handle {
+            let state = self.store.data_mut();
+            over_cap = state.request.take().and_then(|budget| budget.exceeded);
+            *envelope = state.table.delete(handle).map_err(|e| {
+                CallError::new(
+                    ErrorType::Trap,
+                    format!("cannot take back the request: {e}"),
+                )
+            })?;
+        }
+        if let Some(size) = over_cap {
+            return Err(CallError::new(
+                ErrorType::OutputTooLarge,
+                format!("the stage set {size} bytes; its max_output_bytes is {cap}"),
+            ));
+        }
+        match result {
             None => return Err(timed_out(timeout)),
             Some(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
             Some(Ok(Err(error))) => return Err(self.stage_error(error)),
-            Some(Ok(Ok(envelope))) => envelope,
-        };
-        let size = envelope_bytes(&envelope);
-        let cap = self.plugin.settings.max_output_bytes;
+            Some(Ok(Ok(Some(output)))) => *envelope = output,
+            Some(Ok(Ok(None))) => {}
+        }
+        let size = envelope_bytes(envelope);
         if size > cap {
             return Err(CallError::new(
                 ErrorType::OutputTooLarge,
                 format!("the stage returned {size} bytes; its max_output_bytes is {cap}"),
             ));
         }
-        Ok(envelope)
+        Ok(())
     }
 }
 
@@ -849,18 +983,36 @@ impl Instance {
         last: bool,
         timeout: Duration,
     ) -> Result<ChunkOutput, CallError> {
-        let Exports::Streaming(bindings) = &self.bindings else {
+        if !matches!(
+            self.bindings,
+            Exports::Streaming(_) | Exports::StreamingRequest(_)
+        ) {
             return Err(CallError::new(
                 ErrorType::PluginError,
                 "the stage's plugin does not export process-chunk",
             ));
-        };
+        }
         self.calls += 1;
         self.plugin.arm(&mut self.store, timeout)?;
         let state = self.store.data_mut();
         state.backend_error = None;
         let deadline = state.deadline + HOST_CALL_GRACE;
-        let call = bindings.call_process_chunk(&mut self.store, context, carry, delta, last);
+        let (store, bindings) = (&mut self.store, &self.bindings);
+        let call = async move {
+            match bindings {
+                Exports::Streaming(b) => {
+                    b.call_process_chunk(store, context, carry, delta, last)
+                        .await
+                }
+                Exports::StreamingRequest(b) => {
+                    b.call_process_chunk(store, context, carry, delta, last)
+                        .await
+                }
+                Exports::Plain(_) | Exports::Request(_) => {
+                    unreachable!("checked above: the plugin streams")
+                }
+            }
+        };
         let result = { within(deadline, std::pin::pin!(call)).await };
         let output = match result {
             None => return Err(timed_out(timeout)),
@@ -906,6 +1058,36 @@ pub struct HostState {
     stream: Option<TokenStream>,
     /// The class of the backend failure the current call saw, if any.
     backend_error: Option<ErrorType>,
+    /// The output budget of the request handed over by handle, during a
+    /// `process` call of a `request-stage` plugin.
+    request: Option<RequestBudget>,
+}
+
+/// How much a stage working through a `request` handle may set: each field
+/// it sets may hold at most the stage's `max_output_bytes`, and so may the
+/// notes together, so that a hostile guest cannot make the host hold more
+/// than a few times that before its call ends (the whole envelope is
+/// checked against the cap after the call, as for the by-value worlds).
+struct RequestBudget {
+    cap: usize,
+    /// Bytes of the notes (keys and values), kept up to date by `set-note`.
+    note_bytes: usize,
+    /// The size of the first thing set over the cap.
+    exceeded: Option<usize>,
+}
+
+impl RequestBudget {
+    fn new(envelope: &Envelope, cap: usize) -> RequestBudget {
+        RequestBudget {
+            cap,
+            note_bytes: envelope
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum(),
+            exceeded: None,
+        }
+    }
 }
 
 impl WasiView for HostState {
@@ -920,6 +1102,203 @@ impl WasiView for HostState {
 impl types::Host for HostState {}
 
 impl streaming::Host for HostState {}
+
+impl request::Host for HostState {}
+
+/// The `request` resource: the envelope in the store's resource table.
+/// Getters copy one field out; setters check the field against the output
+/// budget and replace it. A setter over budget records the size and traps,
+/// which ends the call with `output_too_large`.
+impl request::HostRequest for HostState {
+    fn id(&mut self, request: Resource<Envelope>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&request)?.request_id.clone())
+    }
+
+    fn messages(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<Message>> {
+        Ok(self.table.get(&request)?.messages.clone())
+    }
+
+    fn set_messages(
+        &mut self,
+        request: Resource<Envelope>,
+        messages: Vec<Message>,
+    ) -> wasmtime::Result<()> {
+        let size = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum();
+        self.spend(size)?;
+        self.table.get_mut(&request)?.messages = messages;
+        Ok(())
+    }
+
+    fn params(&mut self, request: Resource<Envelope>) -> wasmtime::Result<GenerationParams> {
+        Ok(self.table.get(&request)?.params.clone())
+    }
+
+    fn set_params(
+        &mut self,
+        request: Resource<Envelope>,
+        params: GenerationParams,
+    ) -> wasmtime::Result<()> {
+        self.spend(params.model.len() + params.stop.iter().map(String::len).sum::<usize>())?;
+        self.table.get_mut(&request)?.params = params;
+        Ok(())
+    }
+
+    fn passages(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<Passage>> {
+        Ok(self.table.get(&request)?.passages.clone())
+    }
+
+    fn set_passages(
+        &mut self,
+        request: Resource<Envelope>,
+        passages: Vec<Passage>,
+    ) -> wasmtime::Result<()> {
+        self.spend(passages.iter().map(|p| p.source.len() + p.text.len()).sum())?;
+        self.table.get_mut(&request)?.passages = passages;
+        Ok(())
+    }
+
+    fn prompt(&mut self, request: Resource<Envelope>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&request)?.prompt.clone())
+    }
+
+    fn set_prompt(&mut self, request: Resource<Envelope>, prompt: String) -> wasmtime::Result<()> {
+        self.spend(prompt.len())?;
+        self.table.get_mut(&request)?.prompt = prompt;
+        Ok(())
+    }
+
+    fn completion(&mut self, request: Resource<Envelope>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&request)?.completion.clone())
+    }
+
+    fn set_completion(
+        &mut self,
+        request: Resource<Envelope>,
+        completion: String,
+    ) -> wasmtime::Result<()> {
+        self.spend(completion.len())?;
+        self.table.get_mut(&request)?.completion = completion;
+        Ok(())
+    }
+
+    fn finish_reason(&mut self, request: Resource<Envelope>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&request)?.finish_reason.clone())
+    }
+
+    fn set_finish_reason(
+        &mut self,
+        request: Resource<Envelope>,
+        reason: String,
+    ) -> wasmtime::Result<()> {
+        self.spend(reason.len())?;
+        self.table.get_mut(&request)?.finish_reason = reason;
+        Ok(())
+    }
+
+    fn chunks(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<String>> {
+        Ok(self.table.get(&request)?.chunks.clone())
+    }
+
+    fn set_chunks(
+        &mut self,
+        request: Resource<Envelope>,
+        chunks: Vec<String>,
+    ) -> wasmtime::Result<()> {
+        self.spend(chunks.iter().map(String::len).sum())?;
+        self.table.get_mut(&request)?.chunks = chunks;
+        Ok(())
+    }
+
+    fn usage(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Usage> {
+        Ok(self.table.get(&request)?.usage)
+    }
+
+    fn set_usage(&mut self, request: Resource<Envelope>, usage: Usage) -> wasmtime::Result<()> {
+        self.table.get_mut(&request)?.usage = usage;
+        Ok(())
+    }
+
+    fn metadata(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self.table.get(&request)?.metadata.clone())
+    }
+
+    fn note(
+        &mut self,
+        request: Resource<Envelope>,
+        key: String,
+    ) -> wasmtime::Result<Option<String>> {
+        let envelope = self.table.get(&request)?;
+        Ok(envelope
+            .metadata
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.clone()))
+    }
+
+    fn set_note(
+        &mut self,
+        request: Resource<Envelope>,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<()> {
+        let metadata = &self.table.get(&request)?.metadata;
+        let old = metadata
+            .iter()
+            .position(|(k, _)| *k == key)
+            .map(|at| (at, key.len() + metadata[at].1.len()));
+        let budget = self.budget()?;
+        let notes = budget.note_bytes - old.map_or(0, |(_, size)| size) + key.len() + value.len();
+        if notes > budget.cap {
+            return Err(budget.exceed(notes));
+        }
+        budget.note_bytes = notes;
+        let metadata = &mut self.table.get_mut(&request)?.metadata;
+        match old {
+            Some((at, _)) => metadata[at].1 = value,
+            None => metadata.push((key, value)),
+        }
+        Ok(())
+    }
+
+    fn drop(&mut self, _request: Resource<Envelope>) -> wasmtime::Result<()> {
+        // The host lends the request and never gives it away, so a guest
+        // never owns a handle to drop; the host takes the envelope back
+        // from the table itself when the call ends.
+        Ok(())
+    }
+}
+
+impl HostState {
+    /// The current call's request budget.
+    fn budget(&mut self) -> wasmtime::Result<&mut RequestBudget> {
+        self.request
+            .as_mut()
+            .ok_or_else(|| wasmtime::Error::msg("no request is being processed"))
+    }
+
+    /// Check one field of `size` bytes against the budget.
+    fn spend(&mut self, size: usize) -> wasmtime::Result<()> {
+        let budget = self.budget()?;
+        if size > budget.cap {
+            return Err(budget.exceed(size));
+        }
+        Ok(())
+    }
+}
+
+impl RequestBudget {
+    /// Record `size` as over the cap; the error that ends the call.
+    fn exceed(&mut self, size: usize) -> wasmtime::Error {
+        self.exceeded.get_or_insert(size);
+        wasmtime::Error::msg(format!(
+            "the stage set {size} bytes; its max_output_bytes is {}",
+            self.cap
+        ))
+    }
+}
 
 /// A token bucket bounding how fast one instance may log: a chatty plugin
 /// loses its excess records (and the host says how many) instead of

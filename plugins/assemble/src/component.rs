@@ -1,10 +1,11 @@
-//! WebAssembly glue: the `stage` world's exports for the `assemble` stage.
+//! WebAssembly glue: the `request-stage` world's exports for the
+//! `assemble` stage.
 
 use std::sync::OnceLock;
 
 use crate::{Settings, assemble};
 
-wit_bindgen::generate!({ world: "stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "request-stage", path: "../../wit" });
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
@@ -33,17 +34,16 @@ impl Guest for Component {
             .map_err(|_| "init called twice".to_string())
     }
 
-    fn process(mut request: Envelope) -> Result<Envelope, StageError> {
+    fn process(request: &Request) -> Result<(), StageError> {
         let settings = SETTINGS
             .get()
             .ok_or_else(|| StageError::Config("process called before init".into()))?;
-        let passages: Vec<_> = request
-            .passages
+        let (passages, messages) = (request.passages(), request.messages());
+        let passages: Vec<_> = passages
             .iter()
             .map(|p| (p.source.as_str(), p.text.as_str()))
             .collect();
-        let messages: Vec<_> = request
-            .messages
+        let messages: Vec<_> = messages
             .iter()
             .map(|m| (m.role.as_str(), m.content.as_str()))
             .collect();
@@ -60,11 +60,11 @@ impl Guest for Component {
             ("assemble.history_dropped", out.history_dropped.to_string()),
             ("assemble.over_budget", out.over_budget.to_string()),
         ];
-        request
-            .metadata
-            .extend(notes.into_iter().map(|(k, v)| (k.to_string(), v)));
-        request.prompt = out.prompt;
-        Ok(request)
+        for (key, value) in notes {
+            request.set_note(key, &value);
+        }
+        request.set_prompt(&out.prompt);
+        Ok(())
     }
 }
 

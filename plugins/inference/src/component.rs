@@ -1,8 +1,9 @@
-//! WebAssembly glue: the `stage` world's exports for the `inference` stage.
+//! WebAssembly glue: the `request-stage` world's exports for the
+//! `inference` stage.
 
-use crate::{Completion, Failure, Outcome, run_request};
+use crate::{Completion, Failure, Outcome, STREAM_KEY, run_request, stream_requested};
 
-wit_bindgen::generate!({ world: "stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "request-stage", path: "../../wit" });
 
 use orchestrator::pipeline::inference::{generate, generate_stream};
 use orchestrator::pipeline::types::Usage;
@@ -19,20 +20,21 @@ impl Guest for Component {
         }
     }
 
-    fn process(mut request: Envelope) -> Result<Envelope, StageError> {
-        let params = &request.params;
+    fn process(request: &Request) -> Result<(), StageError> {
+        let params = request.params();
+        let stream = stream_requested(request.note(STREAM_KEY).as_deref());
         let outcome = run_request(
-            &request.prompt,
-            &request.metadata,
+            &request.prompt(),
+            stream,
             |prompt| {
-                generate(prompt, params).map(|g| Completion {
+                generate(prompt, &params).map(|g| Completion {
                     text: g.text,
                     finish_reason: g.finish_reason,
                     prompt_tokens: g.usage.prompt_tokens,
                     completion_tokens: g.usage.completion_tokens,
                 })
             },
-            |prompt| generate_stream(prompt, params),
+            |prompt| generate_stream(prompt, &params),
         )
         .map_err(|failure| match failure {
             Failure::EmptyPrompt => {
@@ -45,15 +47,15 @@ impl Guest for Component {
             // when the stream ends.
             Outcome::Streaming => {}
             Outcome::Completed(completion) => {
-                request.completion = completion.text;
-                request.finish_reason = completion.finish_reason;
-                request.usage = Usage {
+                request.set_completion(&completion.text);
+                request.set_finish_reason(&completion.finish_reason);
+                request.set_usage(Usage {
                     prompt_tokens: completion.prompt_tokens,
                     completion_tokens: completion.completion_tokens,
-                };
+                });
             }
         }
-        Ok(request)
+        Ok(())
     }
 }
 

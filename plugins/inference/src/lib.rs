@@ -58,12 +58,11 @@ pub fn run(
 /// stream.
 pub const STREAM_KEY: &str = "request.stream";
 
-/// Whether the client asked for a stream: `metadata` has ([`STREAM_KEY`],
-/// `true`). Any other value, or no such entry, means a whole completion.
-pub fn stream_requested(metadata: &[(String, String)]) -> bool {
-    metadata
-        .iter()
-        .any(|(key, value)| key == STREAM_KEY && value == "true")
+/// Whether the client asked for a stream, given the value of the
+/// [`STREAM_KEY`] note: exactly `true`. Any other value, or no such note,
+/// means a whole completion.
+pub fn stream_requested(note: Option<&str>) -> bool {
+    note == Some("true")
 }
 
 /// What [`run_request`] did.
@@ -77,17 +76,17 @@ pub enum Outcome {
 }
 
 /// Run one request: check the prompt, then, if the client asked for a
-/// stream ([`stream_requested`] on `metadata`), start one with
+/// stream (`stream`, see [`stream_requested`]), start one with
 /// `generate_stream`, otherwise generate the whole completion with
 /// `generate` as [`run`] does. Exactly one of the two is called, and
 /// neither for an empty prompt.
 pub fn run_request(
     prompt: &str,
-    metadata: &[(String, String)],
+    stream: bool,
     generate: impl FnOnce(&str) -> Result<Completion, String>,
     generate_stream: impl FnOnce(&str) -> Result<(), String>,
 ) -> Result<Outcome, Failure> {
-    if !stream_requested(metadata) {
+    if !stream {
         return run(prompt, generate).map(Outcome::Completed);
     }
     if prompt.trim().is_empty() {
@@ -100,13 +99,6 @@ pub fn run_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn meta(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn ok(text: &str, reason: &str) -> Result<Completion, String> {
         Ok(Completion {
@@ -142,14 +134,10 @@ mod tests {
 
     #[test]
     fn stream_requested_only_by_request_stream_true() {
-        assert!(stream_requested(&meta(&[
-            ("a", "b"),
-            ("request.stream", "true")
-        ])));
-        assert!(!stream_requested(&meta(&[])));
-        assert!(!stream_requested(&meta(&[("request.stream", "false")])));
-        assert!(!stream_requested(&meta(&[("request.stream", "TRUE ")])));
-        assert!(!stream_requested(&meta(&[("stream", "true")])));
+        assert!(stream_requested(Some("true")));
+        assert!(!stream_requested(None));
+        assert!(!stream_requested(Some("false")));
+        assert!(!stream_requested(Some("TRUE ")));
     }
 
     #[test]
@@ -157,7 +145,7 @@ mod tests {
         let mut started = None;
         let outcome = run_request(
             "prompt",
-            &meta(&[("request.stream", "true")]),
+            true,
             |_| panic!("generate called for a stream"),
             |prompt| {
                 started = Some(prompt.to_string());
@@ -170,10 +158,10 @@ mod tests {
 
     #[test]
     fn other_requests_generate_a_whole_completion() {
-        for metadata in [meta(&[]), meta(&[("request.stream", "false")])] {
+        {
             let outcome = run_request(
                 "p",
-                &metadata,
+                false,
                 |_| ok("x", "eos"),
                 |_| panic!("generate-stream called without a stream request"),
             );
@@ -189,10 +177,9 @@ mod tests {
 
     #[test]
     fn a_stream_request_checks_the_prompt_and_passes_errors_through() {
-        let stream = meta(&[("request.stream", "true")]);
-        let refused = run_request(" \n", &stream, |_| panic!("generate"), |_| panic!("stream"));
+        let refused = run_request(" \n", true, |_| panic!("generate"), |_| panic!("stream"));
         assert_eq!(refused, Err(Failure::EmptyPrompt));
-        let failed = run_request("p", &stream, |_| panic!("generate"), |_| Err("busy".into()));
+        let failed = run_request("p", true, |_| panic!("generate"), |_| Err("busy".into()));
         assert_eq!(failed, Err(Failure::Backend("busy".into())));
     }
 }

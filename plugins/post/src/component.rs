@@ -1,4 +1,4 @@
-//! WebAssembly glue: the `streaming-stage` world's exports for the `post`
+//! WebAssembly glue: the `streaming-request-stage` world's exports for the `post`
 //! stage (`process` for whole completions, `process-chunk` for streamed
 //! ones).
 
@@ -8,7 +8,7 @@
 
 use crate::clean;
 
-wit_bindgen::generate!({ world: "streaming-stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "streaming-request-stage", path: "../../wit" });
 
 struct Component;
 
@@ -22,10 +22,10 @@ impl Guest for Component {
         }
     }
 
-    fn process(mut request: Envelope) -> Result<Envelope, StageError> {
-        let cleaned = clean(&request.completion, &request.params.stop);
+    fn process(request: &Request) -> Result<(), StageError> {
+        let cleaned = clean(&request.completion(), &request.params().stop);
         if cleaned.stopped {
-            request.finish_reason = "stop".into();
+            request.set_finish_reason("stop");
         }
         let notes = [
             ("post.redacted_emails", cleaned.emails.to_string()),
@@ -33,11 +33,11 @@ impl Guest for Component {
             ("post.stop_applied", cleaned.stopped.to_string()),
             ("post.trimmed_chars", cleaned.trimmed_chars.to_string()),
         ];
-        request
-            .metadata
-            .extend(notes.into_iter().map(|(k, v)| (k.to_string(), v)));
-        request.completion = cleaned.text;
-        Ok(request)
+        for (key, value) in notes {
+            request.set_note(key, &value);
+        }
+        request.set_completion(&cleaned.text);
+        Ok(())
     }
 
     fn process_chunk(

@@ -1,10 +1,11 @@
-//! WebAssembly glue: the `stage` world's exports for the `rag` stage.
+//! WebAssembly glue: the `request-stage` world's exports for the `rag`
+//! stage.
 
 use std::sync::OnceLock;
 
 use crate::{Index, query_of};
 
-wit_bindgen::generate!({ world: "stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "request-stage", path: "../../wit" });
 
 use orchestrator::pipeline::log::{Level, emit};
 use orchestrator::pipeline::types::Passage;
@@ -83,27 +84,28 @@ impl Guest for Component {
             .map_err(|_| "init called twice".to_string())
     }
 
-    fn process(mut request: Envelope) -> Result<Envelope, StageError> {
+    fn process(request: &Request) -> Result<(), StageError> {
         let state = STATE
             .get()
             .ok_or_else(|| StageError::Config("process called before init".into()))?;
+        let messages = request.messages();
         let query = query_of(
-            request
-                .messages
+            messages
                 .iter()
                 .map(|m| (m.role.as_str(), m.content.as_str())),
         )
         .ok_or_else(|| StageError::InvalidInput("no user message to retrieve for".into()))?;
         let hits = state.index.search(query, state.top_k);
-        request
-            .metadata
-            .push(("rag.passages".into(), hits.len().to_string()));
-        request.passages.extend(hits.into_iter().map(|hit| Passage {
+        request.set_note("rag.passages", &hits.len().to_string());
+        // After any passages an earlier stage put there.
+        let mut passages = request.passages();
+        passages.extend(hits.into_iter().map(|hit| Passage {
             source: hit.passage.source.clone(),
             text: hit.passage.text.clone(),
             score: hit.score,
         }));
-        Ok(request)
+        request.set_passages(&passages);
+        Ok(())
     }
 }
 

@@ -1,4 +1,4 @@
-//! WebAssembly glue: the `streaming-stage` world's exports for the `stream`
+//! WebAssembly glue: the `streaming-request-stage` world's exports for the `stream`
 //! stage (`process` for whole completions, `process-chunk` for streamed
 //! ones).
 
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{DEFAULT_CHUNK_TOKENS, chunks};
 
-wit_bindgen::generate!({ world: "streaming-stage", path: "../../wit" });
+wit_bindgen::generate!({ world: "streaming-request-stage", path: "../../wit" });
 
 /// `chunk_tokens` from the configuration. Every instance gets the same
 /// `init`, so any instance may serve any chunk of a stream.
@@ -38,12 +38,11 @@ impl Guest for Component {
         Ok(())
     }
 
-    fn process(mut request: Envelope) -> Result<Envelope, StageError> {
-        request.chunks = chunks(&request.completion, CHUNK_TOKENS.load(Ordering::Relaxed));
-        request
-            .metadata
-            .push(("stream.chunks".into(), request.chunks.len().to_string()));
-        Ok(request)
+    fn process(request: &Request) -> Result<(), StageError> {
+        let chunks = chunks(&request.completion(), CHUNK_TOKENS.load(Ordering::Relaxed));
+        request.set_note("stream.chunks", &chunks.len().to_string());
+        request.set_chunks(&chunks);
+        Ok(())
     }
 
     fn process_chunk(
