@@ -188,11 +188,11 @@ fn call_layers(c: &mut Criterion) {
         bench.bench_call(&mut group, name, &mut instance, &envelope);
     }
     let touch = std::fs::read(guests::test_plugin("touch")).unwrap();
-    for (name, fields) in [
+    for (name, mode) in [
         ("by_handle/bare", ""),
         ("by_handle/completion", "completion"),
     ] {
-        let plugin = bench.load_with("post", touch.clone(), &[("fields", fields)]);
+        let plugin = bench.load_with("post", touch.clone(), &[("mode", mode)]);
         let mut instance = bench.instance(&plugin);
         bench.bench_call(&mut group, name, &mut instance, &realistic());
     }

@@ -10,10 +10,16 @@ use crate::common::{Host, ask, get_json, metric_value, test_plugin};
 /// A host whose `post` stage is the rogue in `mode`: one worker, a 400 ms
 /// call deadline, and the `key = value` lines of `stage_extra` on top.
 fn rogue_host(mode: &str, stage_extra: &str) -> Host {
+    guest_host("rogue", mode, stage_extra)
+}
+
+/// A host whose `post` stage is the test guest `guest` in `mode`, set up as
+/// for [`rogue_host`].
+fn guest_host(guest: &str, mode: &str, stage_extra: &str) -> Host {
     let mut keys = vec![
         (
             "plugin".to_string(),
-            format!("{:?}", test_plugin("rogue").display().to_string()),
+            format!("{:?}", test_plugin(guest).display().to_string()),
         ),
         ("workers".to_string(), "1".to_string()),
         ("timeout_ms".to_string(), "400".to_string()),
@@ -129,6 +135,27 @@ async fn a_huge_output_is_refused_not_passed_on() {
             .contains("max_output_bytes is 1048576"),
         "{body}"
     );
+    let after = rss(&host).await;
+    assert!(
+        after < baseline + 64.0 * 1048576.0,
+        "RSS grew from {baseline} to {after}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_note_flood_through_a_request_handle_stops_at_the_output_cap() {
+    // A `request-stage` guest sets 64 KiB notes under new keys, forever:
+    // only what it sets crosses into the host, and the setter that would
+    // pass the 1 MiB cap ends the call.
+    let host = guest_host(
+        "touch",
+        "flood",
+        "max_output_bytes = 1048576\ntimeout_ms = 20000",
+    );
+    let baseline = rss(&host).await;
+    let body = misdeed(&host, 500, "output_too_large").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_output_bytes is 1048576"), "{message}");
     let after = rss(&host).await;
     assert!(
         after < baseline + 64.0 * 1048576.0,

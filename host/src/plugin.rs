@@ -318,6 +318,11 @@ impl Runtime {
             .concurrency_support(false)
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
+            .profiler(if std::env::var_os("ORCH_PERFMAP").is_some() {
+                wasmtime::ProfilingStrategy::PerfMap
+            } else {
+                wasmtime::ProfilingStrategy::None
+            })
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
             .map_err(|e| anyhow::anyhow!("cannot create the wasm engine: {e}"))?;
@@ -932,7 +937,8 @@ impl Instance {
             Some(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
             Some(Ok(Err(error))) => return Err(self.stage_error(error)),
             Some(Ok(Ok(Some(output)))) => *envelope = output,
-            Some(Ok(Ok(None))) => {}
+            // Checked as it was set.
+            Some(Ok(Ok(None))) => return Ok(()),
         }
         let size = envelope_bytes(envelope);
         if size > cap {
@@ -1063,23 +1069,45 @@ pub struct HostState {
     request: Option<RequestBudget>,
 }
 
-/// How much a stage working through a `request` handle may set: each field
-/// it sets may hold at most the stage's `max_output_bytes`, and so may the
-/// notes together, so that a hostile guest cannot make the host hold more
-/// than a few times that before its call ends (the whole envelope is
-/// checked against the cap after the call, as for the by-value worlds).
+/// What a stage working through a `request` handle has set, against its
+/// `max_output_bytes`. A by-value stage's cap bounds the envelope it
+/// returns, because all of it is copied out of the guest; through a handle
+/// only what is set is copied out, so the cap bounds the bytes of the
+/// fields set (each counted at its last value) plus all the notes. It is
+/// checked at every setter, so a hostile guest cannot make the host hold
+/// more than the cap (plus the one value being refused).
 struct RequestBudget {
     cap: usize,
-    /// Bytes of the notes (keys and values), kept up to date by `set-note`.
+    /// Bytes of each field's last value set, by [`Field`].
+    set: [usize; Field::COUNT],
+    /// Bytes of all the notes (keys and values), kept up to date by
+    /// `set-note`.
     note_bytes: usize,
-    /// The size of the first thing set over the cap.
+    /// The total of the first setter that went over the cap.
     exceeded: Option<usize>,
+}
+
+/// The envelope fields a `request` handle can set (notes apart).
+#[derive(Clone, Copy)]
+enum Field {
+    Messages,
+    Params,
+    Passages,
+    Prompt,
+    Completion,
+    FinishReason,
+    Chunks,
+}
+
+impl Field {
+    const COUNT: usize = 7;
 }
 
 impl RequestBudget {
     fn new(envelope: &Envelope, cap: usize) -> RequestBudget {
         RequestBudget {
             cap,
+            set: [0; Field::COUNT],
             note_bytes: envelope
                 .metadata
                 .iter()
@@ -1087,6 +1115,36 @@ impl RequestBudget {
                 .sum(),
             exceeded: None,
         }
+    }
+
+    /// The bytes counted against the cap if `field` held `size` bytes and
+    /// the notes `note_bytes`.
+    fn total_with(&self, field: Option<(Field, usize)>, note_bytes: usize) -> usize {
+        let mut set = self.set;
+        if let Some((field, size)) = field {
+            set[field as usize] = size;
+        }
+        set.iter().sum::<usize>() + note_bytes
+    }
+
+    /// Admit `field` at `size` bytes, or record the excess and return the
+    /// error that ends the call.
+    fn admit(&mut self, field: Field, size: usize) -> wasmtime::Result<()> {
+        let total = self.total_with(Some((field, size)), self.note_bytes);
+        if total > self.cap {
+            return Err(self.exceed(total));
+        }
+        self.set[field as usize] = size;
+        Ok(())
+    }
+
+    /// Record `size` as over the cap; the error that ends the call.
+    fn exceed(&mut self, size: usize) -> wasmtime::Error {
+        self.exceeded.get_or_insert(size);
+        wasmtime::Error::msg(format!(
+            "the stage set {size} bytes; its max_output_bytes is {}",
+            self.cap
+        ))
     }
 }
 
@@ -1127,7 +1185,7 @@ impl request::HostRequest for HostState {
             .iter()
             .map(|m| m.role.len() + m.content.len())
             .sum();
-        self.spend(size)?;
+        self.spend(Field::Messages, size)?;
         self.table.get_mut(&request)?.messages = messages;
         Ok(())
     }
@@ -1141,7 +1199,8 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         params: GenerationParams,
     ) -> wasmtime::Result<()> {
-        self.spend(params.model.len() + params.stop.iter().map(String::len).sum::<usize>())?;
+        let size = params.model.len() + params.stop.iter().map(String::len).sum::<usize>();
+        self.spend(Field::Params, size)?;
         self.table.get_mut(&request)?.params = params;
         Ok(())
     }
@@ -1155,7 +1214,10 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         passages: Vec<Passage>,
     ) -> wasmtime::Result<()> {
-        self.spend(passages.iter().map(|p| p.source.len() + p.text.len()).sum())?;
+        self.spend(
+            Field::Passages,
+            passages.iter().map(|p| p.source.len() + p.text.len()).sum(),
+        )?;
         self.table.get_mut(&request)?.passages = passages;
         Ok(())
     }
@@ -1165,7 +1227,7 @@ impl request::HostRequest for HostState {
     }
 
     fn set_prompt(&mut self, request: Resource<Envelope>, prompt: String) -> wasmtime::Result<()> {
-        self.spend(prompt.len())?;
+        self.spend(Field::Prompt, prompt.len())?;
         self.table.get_mut(&request)?.prompt = prompt;
         Ok(())
     }
@@ -1179,7 +1241,7 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         completion: String,
     ) -> wasmtime::Result<()> {
-        self.spend(completion.len())?;
+        self.spend(Field::Completion, completion.len())?;
         self.table.get_mut(&request)?.completion = completion;
         Ok(())
     }
@@ -1193,7 +1255,7 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         reason: String,
     ) -> wasmtime::Result<()> {
-        self.spend(reason.len())?;
+        self.spend(Field::FinishReason, reason.len())?;
         self.table.get_mut(&request)?.finish_reason = reason;
         Ok(())
     }
@@ -1207,7 +1269,7 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         chunks: Vec<String>,
     ) -> wasmtime::Result<()> {
-        self.spend(chunks.iter().map(String::len).sum())?;
+        self.spend(Field::Chunks, chunks.iter().map(String::len).sum())?;
         self.table.get_mut(&request)?.chunks = chunks;
         Ok(())
     }
@@ -1251,8 +1313,9 @@ impl request::HostRequest for HostState {
             .map(|at| (at, key.len() + metadata[at].1.len()));
         let budget = self.budget()?;
         let notes = budget.note_bytes - old.map_or(0, |(_, size)| size) + key.len() + value.len();
-        if notes > budget.cap {
-            return Err(budget.exceed(notes));
+        let total = budget.total_with(None, notes);
+        if total > budget.cap {
+            return Err(budget.exceed(total));
         }
         budget.note_bytes = notes;
         let metadata = &mut self.table.get_mut(&request)?.metadata;
@@ -1279,24 +1342,9 @@ impl HostState {
             .ok_or_else(|| wasmtime::Error::msg("no request is being processed"))
     }
 
-    /// Check one field of `size` bytes against the budget.
-    fn spend(&mut self, size: usize) -> wasmtime::Result<()> {
-        let budget = self.budget()?;
-        if size > budget.cap {
-            return Err(budget.exceed(size));
-        }
-        Ok(())
-    }
-}
-
-impl RequestBudget {
-    /// Record `size` as over the cap; the error that ends the call.
-    fn exceed(&mut self, size: usize) -> wasmtime::Error {
-        self.exceeded.get_or_insert(size);
-        wasmtime::Error::msg(format!(
-            "the stage set {size} bytes; its max_output_bytes is {}",
-            self.cap
-        ))
+    /// Count `field` at `size` bytes against the budget.
+    fn spend(&mut self, field: Field, size: usize) -> wasmtime::Result<()> {
+        self.budget()?.admit(field, size)
     }
 }
 

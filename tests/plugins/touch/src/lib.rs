@@ -1,32 +1,48 @@
-//! A stage of the `request-stage` world that does as little as its config
-//! says, for the benchmarks: with no config it does nothing (the bare cost
-//! of a call through a `request` handle); with `fields = completion` it
-//! reads the completion and sets it back (the cost of one field each way).
+//! A stage of the `request-stage` world (the request by handle), in the mode
+//! its config names:
+//! - no `mode`: does nothing (the benchmarks' bare call through a handle);
+//! - `mode = "completion"`: reads the completion and sets it back (the
+//!   benchmarks' cost of one field each way);
+//! - `mode = "flood"`: for a request whose last message mentions `rogue`,
+//!   sets 64 KiB notes under new keys until the host stops it (the output
+//!   cap test); other requests pass through.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
 wit_bindgen::generate!({ world: "request-stage", path: "../../../wit" });
 
-/// Whether `process` reads and writes the completion.
-static TOUCH_COMPLETION: AtomicBool = AtomicBool::new(false);
+static MODE: OnceLock<String> = OnceLock::new();
 
 struct Component;
 
 impl Guest for Component {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
+        let mut mode = String::new();
         for (key, value) in config {
             match (key.as_str(), value.as_str()) {
-                ("fields", "completion") => TOUCH_COMPLETION.store(true, Ordering::Relaxed),
-                ("fields", "") => {}
+                ("mode", "" | "completion" | "flood") => mode = value,
                 _ => return Err(format!("unknown config {key} = {value:?}")),
             }
         }
-        Ok(())
+        MODE.set(mode).map_err(|_| "init called twice".to_string())
     }
 
     fn process(request: &Request) -> Result<(), StageError> {
-        if TOUCH_COMPLETION.load(Ordering::Relaxed) {
-            request.set_completion(&request.completion());
+        match MODE.get().map(String::as_str) {
+            Some("completion") => request.set_completion(&request.completion()),
+            Some("flood") => {
+                let rogue = request
+                    .messages()
+                    .last()
+                    .is_some_and(|m| m.content.contains("rogue"));
+                if rogue {
+                    let value = "x".repeat(64 << 10);
+                    for n in 0u64.. {
+                        request.set_note(&format!("touch.flood.{n}"), &value);
+                    }
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
