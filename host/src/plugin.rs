@@ -318,7 +318,10 @@ impl Runtime {
             .concurrency_support(false)
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
-            .profiler(if std::env::var_os("ORCH_PERFMAP").is_some() {
+            // `ORCHESTRATOR_PERF_MAP=1` writes /tmp/perf-<pid>.map, so that
+            // `perf report` names the guests' functions (see README,
+            // Performance).
+            .profiler(if std::env::var_os("ORCHESTRATOR_PERF_MAP").is_some() {
                 wasmtime::ProfilingStrategy::PerfMap
             } else {
                 wasmtime::ProfilingStrategy::None
