@@ -27,8 +27,14 @@
 //!    pre-instantiated component (a pooled slot: a few microseconds), then
 //!    runs `init`.
 //! 6. **Call** ([`Instance::process`]): the epoch deadline and the fuel
-//!    budget are armed, the envelope is copied in, the result copied out and
-//!    its size checked against the stage's output cap.
+//!    budget are armed, then, by the component's world: *by value*
+//!    (`stage`, `streaming-stage`) the envelope is copied in, the result
+//!    copied out and its size checked against the stage's output cap; *by
+//!    handle* (`request-stage`, `streaming-request-stage`) the envelope is
+//!    moved into the store's resource table and lent to the guest as a
+//!    `request`, whose getters and setters copy single fields (each setter
+//!    checked against the output cap), and moved back when the call ends.
+//!    The world is detected at load, from the component's exports.
 //!
 //! # Deadlines
 //!

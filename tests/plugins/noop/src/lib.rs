@@ -4,7 +4,7 @@
 
 // Built against a frozen copy of the 0.1.0 contract, not the current
 // `wit/`: this guest stands for the plugins compiled before 0.1.1, and the
-// host must keep loading them (its 0.1.1 interfaces are a semver-compatible
+// host must keep loading them (its later interfaces are a semver-compatible
 // superset). Do not update `../wit-0.1.0`; it is a snapshot.
 wit_bindgen::generate!({ world: "stage", path: "../wit-0.1.0" });
 
