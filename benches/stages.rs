@@ -17,7 +17,9 @@
 //!     reading and setting back the 1 KiB completion (`completion`).
 //! - `stage`: each bundled stage, wasm vs native, on the realistic envelope.
 //! - `instance`: a fresh pooled instance + `init` + one small call + drop,
-//!   as in the `per-request` instance mode.
+//!   as in the `per-request` instance mode, for a by-value guest (`noop`),
+//!   a by-handle one that does nothing (`touch`) and the bundled `post`;
+//!   and `noop/fresh_drop`, the instance without the call.
 //! - `overhead`: the metric updates one request costs, and one queue hop
 //!   between worker threads.
 
@@ -307,8 +309,17 @@ fn instance_cost(c: &mut Criterion) {
     let bench = Bench::new();
     let envelope = small();
     let mut group = c.benchmark_group("instance");
+    // Instantiation and `init` alone, without a call.
+    let noop = bench.load("post", std::fs::read(guests::test_plugin("noop")).unwrap());
+    group.bench_function("noop/fresh_drop", |b| {
+        b.iter(|| black_box(bench.instance(&noop)))
+    });
     for (name, bytes) in [
         ("noop", std::fs::read(guests::test_plugin("noop")).unwrap()),
+        (
+            "touch",
+            std::fs::read(guests::test_plugin("touch")).unwrap(),
+        ),
         ("post", bundled("post")),
     ] {
         let plugin = bench.load("post", bytes);
