@@ -18,7 +18,8 @@
 //! - `stage`: each bundled stage, wasm vs native, on the realistic envelope.
 //! - `instance`: a fresh pooled instance + `init` + one small call + drop,
 //!   as in the `per-request` instance mode, for a by-value guest (`noop`),
-//!   a by-handle one that does nothing (`touch`) and the bundled `post`;
+//!   a by-handle one that does nothing (`touch`), the same without Rust's
+//!   `std` and so without any WASI import (`lean`) and the bundled `post`;
 //!   and `noop/fresh_drop`, the instance without the call.
 //! - `overhead`: the metric updates one request costs, and one queue hop
 //!   between worker threads.
@@ -320,6 +321,7 @@ fn instance_cost(c: &mut Criterion) {
             "touch",
             std::fs::read(guests::test_plugin("touch")).unwrap(),
         ),
+        ("lean", std::fs::read(guests::test_plugin("lean")).unwrap()),
         ("post", bundled("post")),
     ] {
         let plugin = bench.load("post", bytes);

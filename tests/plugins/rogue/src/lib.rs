@@ -97,14 +97,22 @@ impl Guest for Component {
             "escape" => {
                 let mut found = Vec::new();
                 let mut errors = Vec::new();
-                for path in ["/etc/passwd", "/corpus/../../../etc/passwd", "../etc/passwd", "/proc/self/environ"] {
+                for path in [
+                    "/etc/passwd",
+                    "/corpus/../../../etc/passwd",
+                    "../etc/passwd",
+                    "/proc/self/environ",
+                ] {
                     match std::fs::read_to_string(path) {
                         Ok(text) => found.push(text),
                         Err(e) => errors.push(format!("{path}: {e}")),
                     }
                 }
                 if found.is_empty() {
-                    Err(StageError::PluginError(format!("escape failed: {}", errors.join("; "))))
+                    Err(StageError::PluginError(format!(
+                        "escape failed: {}",
+                        errors.join("; ")
+                    )))
                 } else {
                     request.completion = found.join("\n");
                     Ok(request)
@@ -112,7 +120,11 @@ impl Guest for Component {
             }
             "log-flood" => {
                 for n in 0..10_000 {
-                    emit(Level::Warn, "rogue log flood", &[("n".into(), n.to_string())]);
+                    emit(
+                        Level::Warn,
+                        "rogue log flood",
+                        &[("n".into(), n.to_string())],
+                    );
                 }
                 Ok(request)
             }

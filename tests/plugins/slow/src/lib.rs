@@ -13,14 +13,21 @@ impl Guest for Component {
     fn init(config: Vec<(String, String)>) -> Result<(), String> {
         for (key, value) in config {
             if key == "delay_ms" {
-                DELAY_MS.store(value.parse().map_err(|_| "delay_ms: not a number".to_string())?, Ordering::Relaxed);
+                DELAY_MS.store(
+                    value
+                        .parse()
+                        .map_err(|_| "delay_ms: not a number".to_string())?,
+                    Ordering::Relaxed,
+                );
             }
         }
         Ok(())
     }
 
     fn process(request: Envelope) -> Result<Envelope, StageError> {
-        std::thread::sleep(std::time::Duration::from_millis(DELAY_MS.load(Ordering::Relaxed)));
+        std::thread::sleep(std::time::Duration::from_millis(
+            DELAY_MS.load(Ordering::Relaxed),
+        ));
         Ok(request)
     }
 }
