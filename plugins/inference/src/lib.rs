@@ -158,21 +158,19 @@ mod tests {
 
     #[test]
     fn other_requests_generate_a_whole_completion() {
-        {
-            let outcome = run_request(
-                "p",
-                false,
-                |_| ok("x", "eos"),
-                |_| panic!("generate-stream called without a stream request"),
-            );
-            let Ok(Outcome::Completed(completion)) = outcome else {
-                panic!("not completed: {outcome:?}");
-            };
-            assert_eq!(
-                (completion.text.as_str(), completion.finish_reason.as_str()),
-                ("x", "stop")
-            );
-        }
+        let outcome = run_request(
+            "p",
+            false,
+            |_| ok("x", "eos"),
+            |_| panic!("generate-stream called without a stream request"),
+        );
+        let Ok(Outcome::Completed(completion)) = outcome else {
+            panic!("not completed: {outcome:?}");
+        };
+        assert_eq!(
+            (completion.text.as_str(), completion.finish_reason.as_str()),
+            ("x", "stop")
+        );
     }
 
     #[test]
