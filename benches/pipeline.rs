@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use orchestrator::plugin::{Envelope, GenerationParams, Message};
+use orchestrator::wasm::{Envelope, GenerationParams, Message};
 use orchestrator::{Config, Metrics, Orchestrator, Pipeline};
 
 const CONCURRENCY: usize = 64;

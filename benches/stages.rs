@@ -32,12 +32,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use orchestrator::config::{Config, PluginSource, StageConfig};
-use orchestrator::inference::{Backends, GenerateRequest};
+use orchestrator::config::{Config, PluginSource, Stage, StageConfig};
+use orchestrator::inference::{GenerateRequest, Router};
 use orchestrator::metrics::{Metrics, Outcome};
-use orchestrator::plugin::{
+use orchestrator::wasm::{
     EngineSettings, Envelope, GenerationParams, HostServices, Instance, Message, Passage, Plugin,
-    Runtime,
+    PluginBytes, Runtime,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -46,7 +46,7 @@ struct Bench {
     rt: tokio::runtime::Runtime,
     runtime: Runtime,
     metrics: Metrics,
-    backends: Backends,
+    router: Router,
 }
 
 impl Bench {
@@ -58,51 +58,50 @@ impl Bench {
             fuel: false,
         };
         let metrics = Metrics::new();
+        // The rag stage's default grant reads the bundled corpus there.
+        orchestrator::bundled::install_corpus(&orchestrator::config::default_corpus_dir()).unwrap();
         Bench {
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap(),
             runtime: Runtime::new(&settings).unwrap(),
-            backends: Backends::new(&Config::default(), &metrics).unwrap(),
+            router: Router::new(&Config::default(), &metrics).unwrap(),
             metrics,
         }
     }
 
     /// Load `bytes` as stage `stage` (with that stage's default grants).
-    fn load(&self, stage: &'static str, bytes: Vec<u8>) -> Arc<Plugin> {
+    fn load(&self, stage: Stage, bytes: Vec<u8>) -> Arc<Plugin> {
         self.load_with(stage, bytes, &[])
     }
 
     /// Load `bytes` as stage `stage` with `config` as its config table.
-    fn load_with(
-        &self,
-        stage: &'static str,
-        bytes: Vec<u8>,
-        config: &[(&str, &str)],
-    ) -> Arc<Plugin> {
+    fn load_with(&self, stage: Stage, bytes: Vec<u8>, config: &[(&str, &str)]) -> Arc<Plugin> {
         let mut settings = StageConfig::default_for(stage);
         settings.config = config
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         let services = HostServices {
-            backends: Some(self.backends.clone()),
-            instances: self.metrics.stage(stage).instances,
+            router: Some(self.router.clone()),
+            instances: self.metrics.stage(stage.name()).instances,
             ledger: Arc::default(),
         };
         let (plugin, _) = self
             .rt
-            .block_on(
-                self.runtime
-                    .load(&settings, PluginSource::Upload, bytes, &services),
-            )
+            .block_on(self.runtime.load(
+                &settings,
+                PluginSource::Upload,
+                PluginBytes::new(bytes),
+                &services,
+            ))
             .unwrap();
         plugin
     }
 
     fn instance(&self, plugin: &Arc<Plugin>) -> Instance {
-        self.rt.block_on(plugin.instantiate()).unwrap()
+        self.rt.block_on(Instance::new(plugin)).unwrap()
     }
 
     fn call(&self, instance: &mut Instance, envelope: &mut Envelope) {
@@ -180,7 +179,10 @@ fn realistic() -> Envelope {
 
 fn call_layers(c: &mut Criterion) {
     let bench = Bench::new();
-    let noop = bench.load("post", std::fs::read(guests::test_plugin("noop")).unwrap());
+    let noop = bench.load(
+        Stage::Post,
+        std::fs::read(guests::test_plugin("noop")).unwrap(),
+    );
     let mut instance = bench.instance(&noop);
     let mut group = c.benchmark_group("call");
     for (name, envelope) in [
@@ -195,7 +197,7 @@ fn call_layers(c: &mut Criterion) {
         ("by_handle/bare", ""),
         ("by_handle/completion", "completion"),
     ] {
-        let plugin = bench.load_with("post", touch.clone(), &[("mode", mode)]);
+        let plugin = bench.load_with(Stage::Post, touch.clone(), &[("mode", mode)]);
         let mut instance = bench.instance(&plugin);
         bench.bench_call(&mut group, name, &mut instance, &realistic());
     }
@@ -226,7 +228,7 @@ fn stages_vs_native(c: &mut Criterion) {
     });
     let mut rag_input = envelope.clone();
     rag_input.passages.clear();
-    let mut rag = bench.instance(&bench.load("rag", bundled("rag")));
+    let mut rag = bench.instance(&bench.load(Stage::Rag, bundled("rag")));
     bench.bench_call(&mut group, "rag/wasm", &mut rag, &rag_input);
 
     // assemble: prompt under a token budget.
@@ -248,7 +250,7 @@ fn stages_vs_native(c: &mut Criterion) {
             ))
         })
     });
-    let mut assemble = bench.instance(&bench.load("assemble", bundled("assemble")));
+    let mut assemble = bench.instance(&bench.load(Stage::Assemble, bundled("assemble")));
     bench.bench_call(&mut group, "assemble/wasm", &mut assemble, &envelope);
 
     // inference: the echo backend, through the host's backend machinery
@@ -266,7 +268,7 @@ fn stages_vs_native(c: &mut Criterion) {
                 };
                 bench
                     .rt
-                    .block_on(bench.backends.generate(request))
+                    .block_on(bench.router.generate(request))
                     .map(|c| orchestrator_inference::Completion {
                         text: c.text,
                         finish_reason: c.finish_reason.to_string(),
@@ -277,7 +279,7 @@ fn stages_vs_native(c: &mut Criterion) {
             }))
         })
     });
-    let mut inference = bench.instance(&bench.load("inference", bundled("inference")));
+    let mut inference = bench.instance(&bench.load(Stage::Inference, bundled("inference")));
     bench.bench_call(&mut group, "inference/wasm", &mut inference, &envelope);
 
     // post: stop sequences, trim, redaction.
@@ -289,7 +291,7 @@ fn stages_vs_native(c: &mut Criterion) {
             ))
         })
     });
-    let mut post = bench.instance(&bench.load("post", bundled("post")));
+    let mut post = bench.instance(&bench.load(Stage::Post, bundled("post")));
     bench.bench_call(&mut group, "post/wasm", &mut post, &envelope);
 
     // stream: chunking.
@@ -301,7 +303,7 @@ fn stages_vs_native(c: &mut Criterion) {
             ))
         })
     });
-    let mut stream = bench.instance(&bench.load("stream", bundled("stream")));
+    let mut stream = bench.instance(&bench.load(Stage::Stream, bundled("stream")));
     bench.bench_call(&mut group, "stream/wasm", &mut stream, &envelope);
     group.finish();
 }
@@ -311,7 +313,10 @@ fn instance_cost(c: &mut Criterion) {
     let envelope = small();
     let mut group = c.benchmark_group("instance");
     // Instantiation and `init` alone, without a call.
-    let noop = bench.load("post", std::fs::read(guests::test_plugin("noop")).unwrap());
+    let noop = bench.load(
+        Stage::Post,
+        std::fs::read(guests::test_plugin("noop")).unwrap(),
+    );
     group.bench_function("noop/fresh_drop", |b| {
         b.iter(|| black_box(bench.instance(&noop)))
     });
@@ -324,7 +329,7 @@ fn instance_cost(c: &mut Criterion) {
         ("lean", std::fs::read(guests::test_plugin("lean")).unwrap()),
         ("post", bundled("post")),
     ] {
-        let plugin = bench.load("post", bytes);
+        let plugin = bench.load(Stage::Post, bytes);
         group.bench_function(format!("{name}/fresh_call_drop"), |b| {
             b.iter_batched_ref(
                 || envelope.clone(),
@@ -341,10 +346,7 @@ fn instance_cost(c: &mut Criterion) {
 
 fn overheads(c: &mut Criterion) {
     let metrics = Metrics::new();
-    let stages: Vec<_> = orchestrator::config::STAGES
-        .iter()
-        .map(|s| metrics.stage(s))
-        .collect();
+    let stages: Vec<_> = Stage::ALL.iter().map(|s| metrics.stage(s.name())).collect();
     let requests = metrics.requests_by_outcome();
     let mut group = c.benchmark_group("overhead");
     // Exactly what the pipeline records for one successful request.

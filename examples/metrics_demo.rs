@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use orchestrator::plugin::{Envelope, GenerationParams, Message};
+use orchestrator::wasm::{Envelope, GenerationParams, Message};
 use orchestrator::{Config, Orchestrator, metrics};
 
 const QUESTIONS: [&str; 4] = [

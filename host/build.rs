@@ -1,6 +1,7 @@
 //! Builds the bundled stage plugins (`plugins/*`) for `wasm32-wasip2` and
-//! generates `bundled.rs`, which embeds them in the host binary — the same
-//! way wasmtime builds its own guest test programs from a build script.
+//! generates `bundled.rs`, which embeds them and the default `rag` corpus
+//! (`examples/corpus`) in the host binary — the same way wasmtime builds
+//! its own guest test programs from a build script.
 //!
 //! The plugins are compiled by a nested `cargo build --target wasm32-wasip2
 //! --profile plugin` into `<target>/wasm-plugins`, shared by every host
@@ -11,7 +12,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The bundled stages, in pipeline order: crate suffix = stage name.
+/// The bundled stages, in pipeline order: crate suffix = stage name. The
+/// host's own list is `config::Stage`; a stage added there needs its crate
+/// here (the generated constants are named after it, so a mismatch fails
+/// the host's build).
 const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
 const TARGET: &str = "wasm32-wasip2";
 
@@ -23,7 +27,13 @@ fn main() {
         .expect("host/ lives in the workspace root")
         .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for watched in ["plugins", "wit", "Cargo.toml", "Cargo.lock"] {
+    for watched in [
+        "plugins",
+        "wit",
+        "examples/corpus",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 
@@ -84,6 +94,28 @@ fn main() {
         )
         .expect("writing to a String cannot fail");
     }
+    // The default corpus: every file of examples/corpus, by name.
+    let corpus = root.join("examples").join("corpus");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
+        .expect("examples/corpus exists")
+        .map(|entry| entry.expect("a readable directory entry").path())
+        .filter(|path| path.is_file())
+        .collect();
+    files.sort();
+    source.push_str("/// The default `rag` corpus: (file name, contents).\npub const CORPUS: &[(&str, &[u8])] = &[\n");
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("corpus file names are UTF-8");
+        writeln!(
+            source,
+            "    ({name:?}, include_bytes!({:?})),",
+            path.display().to_string()
+        )
+        .expect("writing to a String cannot fail");
+    }
+    source.push_str("];\n");
     std::fs::write(out_dir.join("bundled.rs"), source).expect("cannot write bundled.rs");
 }
 

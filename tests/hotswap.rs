@@ -453,11 +453,11 @@ async fn retired_versions_are_freed() {
 
     let shout = std::fs::read(test_plugin("shout")).unwrap();
     let bundled = std::fs::read(bundled_wasm("post")).unwrap();
-    host.versions()
+    host.hot_swap()
         .install("post", PluginSource::Upload, shout)
         .await
         .unwrap();
-    host.versions()
+    host.hot_swap()
         .install("post", PluginSource::Upload, bundled)
         .await
         .unwrap();

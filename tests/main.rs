@@ -8,6 +8,7 @@ mod admission;
 mod api;
 mod docs;
 mod hotswap;
+mod layout;
 mod metrics;
 mod ops;
 mod sandbox;

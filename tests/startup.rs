@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::common::{Host, bundled_wasm, get_json, test_plugin};
+use crate::common::{Host, ask, bundled_wasm, get_json, test_plugin};
 
 /// Start with `post.wasm` = `bytes` in a plugins directory; return stderr
 /// and the file's path (inside the returned directory, kept alive).
@@ -174,4 +174,35 @@ fn flags_override_the_config_file() {
         stderr.contains("cannot listen on 192.0.2.1:8080"),
         "{stderr}"
     );
+}
+
+/// An installed or copied binary (`cargo install`, a release tarball) runs
+/// from any directory with the bundled `rag` corpus: it carries the corpus
+/// and writes it under the user's cache directory at startup.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copied_binary_serves_the_bundled_corpus_from_any_directory() {
+    let install = tempfile::tempdir().unwrap();
+    let program = install.path().join("orchestrator");
+    std::fs::copy(env!("CARGO_BIN_EXE_orchestrator"), &program).unwrap();
+    let cache_home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let host = Host::start_program(
+        &program,
+        cwd.path(),
+        &[("XDG_CACHE_HOME", cache_home.path().to_str().unwrap())],
+    );
+    let corpus = cache_home
+        .path()
+        .join("orchestrator")
+        .join(format!("corpus-{}", env!("CARGO_PKG_VERSION")));
+    assert!(
+        corpus.join("backpressure.md").is_file(),
+        "the corpus was written to {}",
+        corpus.display()
+    );
+    let (status, body) = host.chat(&ask("What is backpressure?")).await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sources = answer["orchestrator"]["sources"].to_string();
+    assert!(sources.contains("backpressure.md"), "{answer}");
 }

@@ -1,18 +1,69 @@
-//! The bundled stage plugins, compiled from `plugins/` by the build script
-//! and embedded in the binary, so the host runs with no plugin files.
+//! What the host binary carries so that it runs with no file beside it: the
+//! bundled stage plugins, compiled from `plugins/` by the build script, and
+//! the default `rag` corpus (`examples/corpus`).
+//!
+//! Owns those bytes and writing the corpus to disk; it must not load or
+//! run anything.
+
+use std::io;
+use std::path::Path;
+
+use crate::config::Stage;
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
 }
 
-/// The bundled component of `stage`, if there is one.
-pub fn plugin(stage: &str) -> Option<&'static [u8]> {
-    Some(match stage {
-        "rag" => generated::RAG,
-        "assemble" => generated::ASSEMBLE,
-        "inference" => generated::INFERENCE,
-        "post" => generated::POST,
-        "stream" => generated::STREAM,
-        _ => return None,
-    })
+/// The bundled component of `stage`.
+pub fn component(stage: Stage) -> &'static [u8] {
+    match stage {
+        Stage::Rag => generated::RAG,
+        Stage::Assemble => generated::ASSEMBLE,
+        Stage::Inference => generated::INFERENCE,
+        Stage::Post => generated::POST,
+        Stage::Stream => generated::STREAM,
+    }
+}
+
+/// Write the bundled corpus to `dir` (the `rag` stage's default grant, see
+/// [`crate::config::default_corpus_dir`]), unless it is there already.
+///
+/// Each file is written to a temporary name and renamed into place, so a
+/// host starting at the same time never reads half a file. Files that are
+/// already there with the same content are left alone; other files in
+/// `dir` are not touched.
+pub fn install_corpus(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (name, contents) in generated::CORPUS {
+        let path = dir.join(name);
+        if std::fs::read(&path).is_ok_and(|existing| existing == *contents) {
+            continue;
+        }
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        std::fs::write(&tmp, contents)?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_stage_has_a_component_and_the_corpus_installs() {
+        for stage in Stage::ALL {
+            assert!(component(stage).starts_with(b"\0asm"), "{stage}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus");
+        install_corpus(&corpus).unwrap();
+        install_corpus(&corpus).unwrap();
+        let names: Vec<_> = std::fs::read_dir(&corpus)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), generated::CORPUS.len(), "{names:?}");
+        assert!(names.iter().all(|n| n.ends_with(".md")), "{names:?}");
+    }
 }

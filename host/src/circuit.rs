@@ -1,5 +1,10 @@
 //! Circuit breakers: of each stage, and of each inference backend.
 //!
+//! Owns the breaker state machine and the [`Probe`] guard that settles a
+//! half-open admission. It knows nothing of stages or backends: the
+//! pipeline and the inference router decide what counts as a failure and
+//! tell the breaker.
+//!
 //! A stage whose plugin keeps failing should fail fast instead of burning
 //! a worker and a deadline on every request; so should a request whose
 //! backend is down. Each stage and each backend has a breaker:
@@ -15,40 +20,65 @@
 //! - **half-open**: after the cool-down, up to `breaker_probes` requests at a
 //!   time are admitted as probes. A probe that succeeds closes the breaker;
 //!   one that fails reopens it for another cool-down. A probe that never
-//!   reaches the stage (it failed earlier, or timed out) gives its slot back
-//!   without deciding anything.
+//!   reaches its stage or backend (it failed earlier, or timed out) gives its
+//!   slot back without deciding anything: that is what dropping an unsettled
+//!   [`Probe`] does, so no caller has to remember it.
 //!
 //! The closed-state fast path is one atomic load at admission and one on
 //! each result; transitions take a mutex. State and transitions are exported
-//! as `orchestrator_circuit_state{stage}` and
-//! `orchestrator_circuit_transitions_total{stage,to}` for stages, and as
+//! through the [`BreakerMetrics`] handles the owner passes in:
+//! `orchestrator_circuit_state{stage}` and
+//! `orchestrator_circuit_transitions_total{stage,to}` for stages, and
 //! `orchestrator_upstream_circuit_state{worker_type}` and
 //! `orchestrator_upstream_circuit_transitions_total{worker_type,to}` for
 //! backends.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::metrics::BreakerMetrics;
+use crate::metrics::{BreakerMetrics, BreakerState};
 
-const CLOSED: u8 = 0;
-const HALF_OPEN: u8 = 1;
-const OPEN: u8 = 2;
-
-/// What admission may do with a request, as far as one stage is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a breaker says about one request.
+#[derive(Debug)]
 pub enum Admission {
     /// The breaker is closed.
     Pass,
     /// The breaker is half-open and this request is one of its probes.
-    Probe,
+    Probe(Probe),
     /// The breaker is open: retry after this long.
     Refuse(Duration),
 }
 
-/// A breaker: of a stage, or of an inference backend (see
-/// [`crate::inference`]), which uses it the same way.
+/// A probe admission of a half-open breaker, not yet settled. Settle it
+/// with [`settle`](Self::settle) once the call it admitted has a result;
+/// dropped unsettled (the request never got there, or its caller gave up),
+/// it gives its slot back without deciding anything.
+#[derive(Debug)]
+pub struct Probe {
+    breaker: Arc<CircuitBreaker>,
+    settled: bool,
+}
+
+impl Probe {
+    /// Record the probe's result: success closes the breaker, a failure
+    /// reopens it.
+    pub fn settle(mut self, failed: bool) {
+        self.settled = true;
+        self.breaker.record_probe(failed);
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        if !self.settled {
+            let _guard = self.breaker.lock();
+            self.breaker.probes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A breaker: of a stage, or of an inference backend.
 pub struct CircuitBreaker {
     subject: String,
     state: AtomicU8,
@@ -61,19 +91,30 @@ pub struct CircuitBreaker {
     metrics: BreakerMetrics,
 }
 
+impl std::fmt::Debug for CircuitBreaker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("subject", &self.subject)
+            .field("state", &self.state())
+            .finish()
+    }
+}
+
 impl CircuitBreaker {
-    /// A closed breaker of `subject` (`stage post`, `backend llama`: for logs).
+    /// A closed breaker of `subject` (`stage post`, `backend llama`: for
+    /// logs) that opens after `threshold` consecutive failures, for
+    /// `cooldown`, then lets `max_probes` probes through at a time.
     pub fn new(
         subject: impl Into<String>,
         threshold: u32,
         cooldown: Duration,
         max_probes: u32,
         metrics: BreakerMetrics,
-    ) -> CircuitBreaker {
-        metrics.state.set(i64::from(CLOSED));
-        CircuitBreaker {
+    ) -> Arc<CircuitBreaker> {
+        metrics.state.set(BreakerState::Closed as i64);
+        Arc::new(CircuitBreaker {
             subject: subject.into(),
-            state: AtomicU8::new(CLOSED),
+            state: AtomicU8::new(BreakerState::Closed as u8),
             failures: AtomicU32::new(0),
             probes: AtomicU32::new(0),
             open_until: Mutex::new(Instant::now()),
@@ -81,66 +122,58 @@ impl CircuitBreaker {
             cooldown,
             max_probes,
             metrics,
+        })
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        BreakerState::ALL[usize::from(self.state.load(Ordering::Acquire)).min(2)]
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Instant> {
+        self.open_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn transition(&self, to: BreakerState) {
+        self.state.store(to as u8, Ordering::Release);
+        self.metrics.state.set(to as i64);
+        self.metrics.transitions[to as usize].inc();
+        tracing::warn!(breaker = %self.subject, to = to.label(), "circuit breaker transition");
+    }
+
+    /// Decide whether a request needing this breaker's subject may go on.
+    pub fn admit(self: &Arc<Self>) -> Admission {
+        if self.state() == BreakerState::Closed {
+            return Admission::Pass;
         }
-    }
-
-    /// `closed`, `half_open` or `open`.
-    pub fn state(&self) -> &'static str {
-        match self.state.load(Ordering::Acquire) {
-            CLOSED => "closed",
-            HALF_OPEN => "half_open",
-            _ => "open",
-        }
-    }
-
-    fn transition(&self, to: u8) {
-        self.state.store(to, Ordering::Release);
-        self.metrics.state.set(i64::from(to));
-        self.metrics.transitions[usize::from(to)].inc();
-        tracing::warn!(
-            breaker = %self.subject,
-            to = ["closed", "half_open", "open"][usize::from(to)],
-            "circuit breaker transition"
-        );
-    }
-
-    /// Decide whether a request needing this stage may be admitted. A
-    /// `Probe` must later be settled with [`record`](Self::record) or
-    /// [`release_probe`](Self::release_probe).
-    pub fn admit(&self) -> Admission {
-        match self.state.load(Ordering::Acquire) {
-            CLOSED => Admission::Pass,
-            _ => {
-                let mut open_until = self.open_until.lock().unwrap_or_else(|e| e.into_inner());
-                let now = Instant::now();
-                let state = self.state.load(Ordering::Acquire);
-                if state == OPEN {
-                    if now < *open_until {
-                        return Admission::Refuse(*open_until - now);
-                    }
-                    self.transition(HALF_OPEN);
-                } else if state == CLOSED {
-                    return Admission::Pass;
-                }
-                if self.probes.load(Ordering::Acquire) < self.max_probes {
-                    self.probes.fetch_add(1, Ordering::AcqRel);
-                    Admission::Probe
-                } else {
-                    // Probes are out; come back in a moment.
-                    *open_until = (*open_until).max(now);
-                    Admission::Refuse(Duration::from_secs(1))
-                }
+        let mut open_until = self.lock();
+        let now = Instant::now();
+        match self.state() {
+            BreakerState::Closed => return Admission::Pass,
+            BreakerState::Open if now < *open_until => {
+                return Admission::Refuse(*open_until - now);
             }
+            BreakerState::Open => self.transition(BreakerState::HalfOpen),
+            BreakerState::HalfOpen => {}
+        }
+        if self.probes.load(Ordering::Acquire) < self.max_probes {
+            self.probes.fetch_add(1, Ordering::AcqRel);
+            Admission::Probe(Probe {
+                breaker: self.clone(),
+                settled: false,
+            })
+        } else {
+            // Probes are out; come back in a moment.
+            *open_until = (*open_until).max(now);
+            Admission::Refuse(Duration::from_secs(1))
         }
     }
 
-    /// Record the result of a call: `failed` if it failed in a way that
-    /// counts against the breaker. `probe` says whether the request was
-    /// admitted as a probe of this breaker.
-    pub fn record(&self, failed: bool, probe: bool) {
-        let counts = failed;
-        if !probe && self.state.load(Ordering::Acquire) == CLOSED {
-            if !counts {
+    /// Record the result of a call admitted with [`Admission::Pass`]:
+    /// `failed` if it failed in a way that counts against the breaker.
+    pub fn record(&self, failed: bool) {
+        if self.state() == BreakerState::Closed {
+            if !failed {
                 if self.failures.load(Ordering::Relaxed) != 0 {
                     self.failures.store(0, Ordering::Relaxed);
                 }
@@ -149,33 +182,31 @@ impl CircuitBreaker {
             if self.failures.fetch_add(1, Ordering::AcqRel) + 1 < self.threshold {
                 return;
             }
-        }
-        let mut open_until = self.open_until.lock().unwrap_or_else(|e| e.into_inner());
-        if probe {
-            self.probes.fetch_sub(1, Ordering::AcqRel);
-        }
-        let state = self.state.load(Ordering::Acquire);
-        match (state, counts) {
-            (CLOSED, true) if self.failures.load(Ordering::Acquire) >= self.threshold => {
+            let mut open_until = self.lock();
+            if self.state() == BreakerState::Closed
+                && self.failures.load(Ordering::Acquire) >= self.threshold
+            {
                 *open_until = Instant::now() + self.cooldown;
-                self.transition(OPEN);
+                self.transition(BreakerState::Open);
             }
-            (HALF_OPEN, true) if probe => {
-                *open_until = Instant::now() + self.cooldown;
-                self.transition(OPEN);
-            }
-            (HALF_OPEN, false) if probe => {
-                self.failures.store(0, Ordering::Release);
-                self.transition(CLOSED);
-            }
-            _ => {}
         }
+        // A call admitted while closed that ends while half-open or open
+        // decides nothing: only probes do.
     }
 
-    /// Give back a probe slot whose request never reached the stage.
-    pub fn release_probe(&self) {
-        let _guard = self.open_until.lock().unwrap_or_else(|e| e.into_inner());
+    fn record_probe(&self, failed: bool) {
+        let mut open_until = self.lock();
         self.probes.fetch_sub(1, Ordering::AcqRel);
+        if self.state() != BreakerState::HalfOpen {
+            return;
+        }
+        if failed {
+            *open_until = Instant::now() + self.cooldown;
+            self.transition(BreakerState::Open);
+        } else {
+            self.failures.store(0, Ordering::Release);
+            self.transition(BreakerState::Closed);
+        }
     }
 }
 
@@ -189,7 +220,7 @@ mod tests {
         result.is_err_and(ErrorType::counts_against_stage)
     }
 
-    fn breaker(cooldown_ms: u64) -> (CircuitBreaker, Metrics) {
+    fn breaker(cooldown_ms: u64) -> (Arc<CircuitBreaker>, Metrics) {
         let metrics = Metrics::new();
         let b = CircuitBreaker::new(
             "post",
@@ -201,20 +232,27 @@ mod tests {
         (b, metrics)
     }
 
+    fn probe(admission: Admission) -> Probe {
+        match admission {
+            Admission::Probe(probe) => probe,
+            other => panic!("expected a probe, got {other:?}"),
+        }
+    }
+
     #[test]
     fn opens_after_consecutive_failures_only() {
         let (b, _m) = breaker(60_000);
-        b.record(failed(Err(ErrorType::Trap)), false);
-        b.record(failed(Err(ErrorType::Timeout)), false);
-        b.record(failed(Ok(())), false);
-        b.record(failed(Err(ErrorType::Trap)), false);
+        b.record(failed(Err(ErrorType::Trap)));
+        b.record(failed(Err(ErrorType::Timeout)));
+        b.record(failed(Ok(())));
+        b.record(failed(Err(ErrorType::Trap)));
         // A refused request shows a working plugin: it resets the streak.
-        b.record(failed(Err(ErrorType::InvalidInput)), false);
-        b.record(failed(Err(ErrorType::Trap)), false);
-        b.record(failed(Err(ErrorType::Trap)), false);
-        assert_eq!(b.state(), "closed");
-        b.record(failed(Err(ErrorType::Trap)), false);
-        assert_eq!(b.state(), "open");
+        b.record(failed(Err(ErrorType::InvalidInput)));
+        b.record(failed(Err(ErrorType::Trap)));
+        b.record(failed(Err(ErrorType::Trap)));
+        assert_eq!(b.state(), BreakerState::Closed);
+        b.record(failed(Err(ErrorType::Trap)));
+        assert_eq!(b.state(), BreakerState::Open);
         assert!(matches!(b.admit(), Admission::Refuse(_)));
     }
 
@@ -222,23 +260,23 @@ mod tests {
     fn half_open_probes_close_or_reopen() {
         let (b, metrics) = breaker(0);
         for _ in 0..3 {
-            b.record(failed(Err(ErrorType::Trap)), false);
+            b.record(failed(Err(ErrorType::Trap)));
         }
-        assert_eq!(b.state(), "open");
-        assert_eq!(b.admit(), Admission::Probe);
-        assert_eq!(b.state(), "half_open");
+        assert_eq!(b.state(), BreakerState::Open);
+        let first = probe(b.admit());
+        assert_eq!(b.state(), BreakerState::HalfOpen);
         assert!(
             matches!(b.admit(), Admission::Refuse(_)),
             "one probe at a time"
         );
-        b.record(failed(Err(ErrorType::Timeout)), true);
-        assert_eq!(b.state(), "open");
-        assert_eq!(b.admit(), Admission::Probe);
-        b.release_probe();
-        assert_eq!(b.admit(), Admission::Probe);
-        b.record(failed(Ok(())), true);
-        assert_eq!(b.state(), "closed");
-        assert_eq!(b.admit(), Admission::Pass);
+        first.settle(failed(Err(ErrorType::Timeout)));
+        assert_eq!(b.state(), BreakerState::Open);
+        // Dropped unsettled: the slot comes back, nothing is decided.
+        drop(probe(b.admit()));
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        probe(b.admit()).settle(failed(Ok(())));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert!(matches!(b.admit(), Admission::Pass));
         let text = metrics.gather();
         assert!(
             text.contains("orchestrator_circuit_transitions_total{stage=\"post\",to=\"open\"} 2"),

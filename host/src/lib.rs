@@ -1,31 +1,36 @@
 //! A WebAssembly-plugin orchestration host for LLM request pipelines.
 //!
-//! A request enters over HTTP ([`api`]), flows through the pipeline
+//! A request enters over HTTP ([`http`]), flows through the pipeline
 //! `rag → assemble → inference → post → stream` ([`pipeline`]), where every
-//! stage is a sandboxed WebAssembly component of the
-//! `orchestrator:pipeline/stage` world ([`plugin`]), and leaves as an
+//! stage is a sandboxed WebAssembly component ([`wasm`]) whose generations
+//! go to an inference backend ([`inference`]), and leaves as an
 //! OpenAI-compatible chat completion. Every plugin call is timed and counted
 //! in Prometheus metrics ([`metrics`]), served with `/health` on a separate
-//! address ([`metrics_server`]).
+//! address. A stage's plugin can be swapped while traffic flows
+//! ([`control`]).
 //!
-//! [`Orchestrator::start`] wires it all together from a [`Config`]; the
-//! `orchestrator` binary is a thin command line over it.
+//! Modules depend on each other one way, from the leaves up:
+//!
+//! ```text
+//! config, metrics, bundled → circuit → inference → wasm → pipeline → control → http
+//! ```
+//!
+//! (`tests/layout.rs` fails on any cycle.) [`Orchestrator::start`] wires
+//! them together from a [`Config`]; the `orchestrator` binary is a thin
+//! command line over it.
 
-pub mod admin;
-pub mod api;
 pub mod bundled;
 pub mod circuit;
 pub mod config;
+pub mod control;
+pub mod http;
 pub mod inference;
 pub mod metrics;
-pub mod metrics_server;
 pub mod pipeline;
-pub mod plugin;
-pub mod server;
-pub mod versions;
-pub mod watch;
+pub mod wasm;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,26 +38,44 @@ pub use config::Config;
 pub use metrics::Metrics;
 pub use pipeline::Pipeline;
 
-use crate::inference::Backends;
-use crate::plugin::{EngineSettings, HostServices, LoadError, Runtime};
-use crate::server::{BindError, ServerHandle};
-use crate::versions::Versions;
+use crate::config::{Stage, StageConfig};
+use crate::control::HotSwap;
+use crate::http::server::{self, BindError, ServerHandle};
+use crate::inference::Router;
+use crate::wasm::{
+    EngineError, EngineSettings, HostServices, LoadError, Plugin, PluginBytes, Runtime,
+};
 
-/// Why the host could not start.
+/// Why the host could not start. The lower-level error, if any, is its
+/// [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The wasm engine could not be created.
-    #[error("{0}")]
-    Engine(String),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
     /// A stage's plugin could not be loaded.
-    #[error("stage `{stage}`: plugin {source_name}: {error}")]
+    #[error("stage `{stage}`: plugin {source_name}")]
     Plugin {
         /// The stage.
         stage: &'static str,
         /// Where the plugin came from.
         source_name: String,
         /// What is wrong with it.
+        #[source]
         error: LoadError,
+    },
+    /// The bundled `rag` corpus could not be written where the default
+    /// grant expects it.
+    #[error(
+        "cannot write the bundled rag corpus to {}; grant `rag` a corpus directory of your own \
+         (`[stages.rag] capabilities = {{ dirs = [{{ host = \"...\", guest = \"/corpus\" }}] }}`)",
+        .dir.display()
+    )]
+    Corpus {
+        /// Where it was to be written.
+        dir: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
     },
     /// An address could not be bound.
     #[error(transparent)]
@@ -61,16 +84,16 @@ pub enum StartError {
     #[error(transparent)]
     Backend(#[from] inference::BackendSetupError),
     /// Worker threads could not be started.
-    #[error("cannot start worker threads: {0}")]
+    #[error("cannot start worker threads")]
     Threads(#[from] std::io::Error),
 }
 
 /// A running host: the pipeline and its two HTTP servers.
 pub struct Orchestrator {
     pipeline: Pipeline,
-    versions: Arc<Versions>,
+    hot_swap: Arc<HotSwap>,
     api: ServerHandle,
-    metrics_server: ServerHandle,
+    ops: ServerHandle,
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -81,15 +104,24 @@ impl Orchestrator {
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Orchestrator, StartError> {
         // Bind first: an address in use fails at once, before any compiling.
         let api_listener = server::bind(config.listen).await?;
-        let metrics_listener = server::bind(config.metrics_listen).await?;
-        let runtime = Arc::new(
-            Runtime::new(&EngineSettings::for_config(&config))
-                .map_err(|e| StartError::Engine(format!("{e:#}")))?,
-        );
-        let backends = Backends::new(&config, &metrics)?;
-        let (stages, services) = load_stages(&runtime, &config, &metrics, &backends).await?;
+        let ops_listener = server::bind(config.metrics_listen).await?;
+        let runtime = Arc::new(Runtime::new(&EngineSettings::for_config(&config))?);
+        let router = Router::new(&config, &metrics)?;
+        install_default_corpus(&config)?;
+        let mut stages = Vec::new();
+        let mut services = Vec::new();
+        for stage in &config.stages {
+            let stage_services = HostServices {
+                router: stage.capabilities.inference.then(|| router.clone()),
+                instances: metrics.stage(stage.name()).instances,
+                ledger: Arc::default(),
+            };
+            let plugin = load_stage(&runtime, stage, &config, &stage_services).await?;
+            stages.push((stage.clone(), plugin));
+            services.push((stage.clone(), stage_services));
+        }
         let pipeline = Pipeline::start(stages, &metrics)?;
-        let versions = Arc::new(Versions::new(
+        let hot_swap = Arc::new(HotSwap::new(
             runtime,
             pipeline.clone(),
             metrics.clone(),
@@ -100,32 +132,32 @@ impl Orchestrator {
         }
         let api = server::spawn(
             api_listener,
-            api::routes(
-                api::ApiState {
+            http::openai::routes(
+                http::openai::ApiState {
                     pipeline: pipeline.clone(),
-                    backends: backends.clone(),
+                    router: router.clone(),
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
                     max_body_bytes: config.max_body_bytes,
                 },
-                admin::routes(
-                    versions.clone(),
+                http::admin::routes(
+                    hot_swap.clone(),
                     config.admin_token.clone(),
                     config.max_plugin_bytes,
                 ),
             ),
         )?;
-        let metrics_server = server::spawn(
-            metrics_listener,
-            metrics_server::routes(metrics, Some(pipeline.clone()), Some(backends)),
+        let ops = server::spawn(
+            ops_listener,
+            http::ops::routes(metrics, Some(pipeline.clone()), Some(router)),
         )?;
         let watcher = config
             .watch
-            .then(|| watch::spawn(&config, versions.clone()));
+            .then(|| control::watch::spawn(&config, hot_swap.clone()));
         Ok(Orchestrator {
             pipeline,
-            versions,
+            hot_swap,
             api,
-            metrics_server,
+            ops,
             watcher,
         })
     }
@@ -137,7 +169,7 @@ impl Orchestrator {
 
     /// The metrics/health address.
     pub fn metrics_addr(&self) -> SocketAddr {
-        self.metrics_server.addr()
+        self.ops.addr()
     }
 
     /// The pipeline.
@@ -146,8 +178,8 @@ impl Orchestrator {
     }
 
     /// The stages' plugin versions (hot swap and rollback).
-    pub fn versions(&self) -> &Arc<Versions> {
-        &self.versions
+    pub fn hot_swap(&self) -> &Arc<HotSwap> {
+        &self.hot_swap
     }
 
     /// Graceful shutdown: stop accepting API connections and let the
@@ -159,52 +191,50 @@ impl Orchestrator {
         }
         let _ = tokio::time::timeout(grace, self.api.shutdown()).await;
         self.pipeline.shutdown(grace).await;
-        self.metrics_server.shutdown().await;
+        self.ops.shutdown().await;
     }
 }
 
-/// A loaded stage and the services its plugins get.
-type LoadedStages = (
-    Vec<(config::StageConfig, Arc<plugin::Plugin>)>,
-    Vec<(config::StageConfig, HostServices)>,
-);
-
-async fn load_stages(
+/// Load the plugin of `stage` from its source.
+async fn load_stage(
     runtime: &Runtime,
+    stage: &StageConfig,
     config: &Config,
-    metrics: &Metrics,
-    backends: &Backends,
-) -> Result<LoadedStages, StartError> {
-    let mut stages = Vec::new();
-    let mut services_of = Vec::new();
-    for stage in &config.stages {
-        let source = stage.source(config.plugins_dir.as_deref());
-        let fail = |error| StartError::Plugin {
-            stage: stage.name,
-            source_name: source.to_string(),
-            error,
-        };
-        let bytes = Runtime::read_source(&source, stage.name).map_err(fail)?;
-        let granted = stage.capabilities.inference;
-        let services = HostServices {
-            backends: granted.then(|| backends.clone()),
-            instances: metrics.stage(stage.name).instances,
-            ledger: Arc::default(),
-        };
-        let (plugin, _) = runtime
-            .load(stage, source.clone(), bytes, &services)
-            .await
-            .map_err(fail)?;
-        stages.push((stage.clone(), plugin));
-        services_of.push((stage.clone(), services));
+    services: &HostServices,
+) -> Result<Arc<Plugin>, StartError> {
+    let source = stage.source(config.plugins_dir.as_deref());
+    let fail = |error| StartError::Plugin {
+        stage: stage.name(),
+        source_name: source.to_string(),
+        error,
+    };
+    let bytes = PluginBytes::read(&source).map_err(fail)?;
+    let (plugin, _) = runtime
+        .load(stage, source.clone(), bytes, services)
+        .await
+        .map_err(fail)?;
+    Ok(plugin)
+}
+
+/// Write the bundled corpus where a stage's grant expects it, if any grant
+/// names [`config::default_corpus_dir`].
+fn install_default_corpus(config: &Config) -> Result<(), StartError> {
+    let dir = config::default_corpus_dir();
+    let used = config
+        .stages
+        .iter()
+        .flat_map(|s| &s.capabilities.dirs)
+        .any(|grant| grant.host == dir);
+    if used {
+        bundled::install_corpus(&dir).map_err(|source| StartError::Corpus { dir, source })?;
     }
-    Ok((stages, services_of))
+    Ok(())
 }
 
 /// Warn about `.wasm` files in the plugins directory that match no stage
 /// (a typo such as `Post.wasm` would otherwise silently leave the bundled
 /// plugin in place).
-fn warn_unknown_plugins(dir: &std::path::Path) {
+fn warn_unknown_plugins(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         tracing::warn!(dir = %dir.display(), "plugins directory cannot be read; using bundled plugins");
         return;
@@ -215,7 +245,7 @@ fn warn_unknown_plugins(dir: &std::path::Path) {
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or_default();
-        if path.extension().is_some_and(|e| e == "wasm") && !config::STAGES.contains(&stem) {
+        if path.extension().is_some_and(|e| e == "wasm") && Stage::from_name(stem).is_none() {
             tracing::warn!(file = %path.display(), "ignoring a .wasm file that names no stage");
         }
     }

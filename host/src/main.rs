@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use orchestrator::admin::AdminToken;
+use orchestrator::config::AdminToken;
 use orchestrator::{Config, Orchestrator, metrics};
 
 /// How long a graceful shutdown waits for requests in progress.

@@ -54,8 +54,32 @@ impl Host {
             .unwrap_or_else(|stderr| panic!("orchestrator failed to start:\n{stderr}"))
     }
 
+    /// Start a copy of the binary at `program`, from the working directory
+    /// `cwd`, with extra environment variables; panic with its stderr if
+    /// it fails.
+    pub fn start_program(program: &Path, cwd: &Path, env: &[(&str, &str)]) -> Host {
+        let cache = target_dir().join("test-cache");
+        Host::launch_program(program, Some(cwd), &[], env, &cache)
+            .unwrap_or_else(|stderr| panic!("orchestrator failed to start:\n{stderr}"))
+    }
+
     fn launch(args: &[&str], env: &[(&str, &str)], cache: &Path) -> Result<Host, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        let program = Path::new(env!("CARGO_BIN_EXE_orchestrator"));
+        Host::launch_program(program, None, args, env, cache)
+    }
+
+    fn launch_program(
+        program: &Path,
+        cwd: Option<&Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        cache: &Path,
+    ) -> Result<Host, String> {
+        let mut command = Command::new(program);
+        if let Some(cwd) = cwd {
+            command.current_dir(cwd);
+        }
+        let mut child = command
             .args([
                 "--listen",
                 "127.0.0.1:0",

@@ -1,11 +1,15 @@
-//! Plugin versions: loading, hot-swapping and rolling back a stage's plugin
-//! while traffic flows.
+//! Hot swap: loading, swapping in and rolling back a stage's plugin while
+//! traffic flows ([`HotSwap`]).
+//!
+//! Owns which version each stage runs after startup, and the previous one
+//! kept for rollback; it must not validate plugins itself (that is the
+//! wasm runtime's load path) nor speak HTTP (see [`crate::http`]).
 //!
 //! # Lifecycle of a swap
 //!
 //! 1. **Validate** — the new bytes go through the whole load path of
-//!    [`Runtime::load`]: they must be a component of the `stage` world,
-//!    its imports must be satisfiable by the stage's grants, and one
+//!    [`Runtime::load`]: they must be a component of a stage world, its
+//!    imports must be satisfiable by the stage's grants, and one
 //!    instance must come up and pass `init` with the stage's config.
 //!    Compilation uses the artifact cache, so a version seen before costs a
 //!    deserialization, not a compilation. A version that fails is refused
@@ -16,7 +20,7 @@
 //!    started on; each worker's next call uses the new version. Nothing
 //!    pauses, and other stages are not touched.
 //! 3. **Retire** — the previous version is kept for
-//!    [`rollback`](Versions::rollback); the one before it is released. Its
+//!    [`rollback`](HotSwap::rollback); the one before it is released. Its
 //!    compiled code and pool slots are freed when its last instance is
 //!    dropped: workers drop an outdated instance at their next call, or
 //!    within [`crate::pipeline::IDLE_RECHECK`] when idle.
@@ -28,23 +32,23 @@
 //!
 //! # Call accounting
 //!
-//! Each stage keeps a call counter per component sha256, shared by every
-//! loaded copy of that version, so `GET /admin/stages` can report exactly
-//! how many calls each version served, across any number of swaps.
+//! Each stage keeps a [`CallLedger`]: a call counter per component sha256,
+//! shared by every loaded copy of that version, so `GET /admin/stages` can
+//! report exactly how many calls each version served, across any number of
+//! swaps.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use prometheus::IntCounter;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::config::{PluginSource, StageConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::plugin::{HostServices, LoadError, Plugin, PluginVersion, Runtime};
+use crate::wasm::{
+    CallLedger, HostServices, LoadError, Plugin, PluginBytes, PluginVersion, Runtime,
+};
 
 /// Why a swap or rollback was refused.
 #[derive(Debug, thiserror::Error)]
@@ -53,38 +57,17 @@ pub enum SwapError {
     #[error("no stage named `{0}`")]
     UnknownStage(String),
     /// The new version failed validation; the old one still serves.
-    #[error("the new version of stage `{stage}` was refused: {error}")]
+    #[error("the new version of stage `{stage}` was refused")]
     Invalid {
         /// The stage.
         stage: &'static str,
-        /// Why.
+        /// What is wrong with the new version.
+        #[source]
         error: LoadError,
     },
     /// There is no previous version to roll back to.
     #[error("stage `{0}` has no previous version to roll back to")]
     NoPrevious(&'static str),
-}
-
-/// Per stage, the call counters of each version it has run, by sha256.
-#[derive(Debug, Default)]
-pub struct CallLedger {
-    counters: Mutex<HashMap<String, Arc<AtomicU64>>>,
-}
-
-impl CallLedger {
-    /// The counter of version `sha256` (created at 0).
-    pub fn counter(&self, sha256: &str) -> Arc<AtomicU64> {
-        self.counters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(sha256.to_string())
-            .or_default()
-            .clone()
-    }
-
-    fn calls(&self, sha256: &str) -> u64 {
-        self.counter(sha256).load(Ordering::Relaxed)
-    }
 }
 
 /// One version, as reported by `GET /admin/stages`.
@@ -136,8 +119,8 @@ struct Entry {
     reload_error: IntCounter,
 }
 
-/// The version registry of every stage.
-pub struct Versions {
+/// The version registry of every stage: swaps, rollbacks, status.
+pub struct HotSwap {
     runtime: Arc<Runtime>,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
@@ -151,7 +134,7 @@ fn info(plugin: &Plugin, ledger: &CallLedger) -> VersionInfo {
     }
 }
 
-impl Versions {
+impl HotSwap {
     /// A registry over a running pipeline. `stages` pairs each stage's
     /// settings with the services its plugins were loaded with.
     pub fn new(
@@ -159,11 +142,11 @@ impl Versions {
         pipeline: Pipeline,
         metrics: Arc<Metrics>,
         stages: Vec<(StageConfig, HostServices)>,
-    ) -> Versions {
+    ) -> HotSwap {
         let entries = stages
             .into_iter()
             .map(|(settings, services)| {
-                let (ok, error) = metrics.reloads(settings.name);
+                let (ok, error) = metrics.reloads(settings.name());
                 Entry {
                     settings,
                     services,
@@ -173,7 +156,7 @@ impl Versions {
                 }
             })
             .collect();
-        Versions {
+        HotSwap {
             runtime,
             pipeline,
             metrics,
@@ -184,7 +167,7 @@ impl Versions {
     fn entry(&self, stage: &str) -> Result<&Entry, SwapError> {
         self.entries
             .iter()
-            .find(|e| e.settings.name == stage)
+            .find(|e| e.settings.name() == stage)
             .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))
     }
 
@@ -197,15 +180,15 @@ impl Versions {
     ) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
         let entry = self.entry(stage)?;
-        let name = entry.settings.name;
+        let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
         let active = self.active(name);
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        if sha256 == active.sha256() {
+        let bytes = PluginBytes::new(bytes);
+        if bytes.sha256() == active.sha256() {
             return Ok(SwapReport {
                 stage: name,
-                previous_sha256: sha256.clone(),
-                sha256,
+                previous_sha256: bytes.sha256().to_string(),
+                sha256: bytes.sha256().to_string(),
                 cached: true,
                 elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 unchanged: true,
@@ -219,7 +202,7 @@ impl Versions {
             Ok(loaded) => loaded,
             Err(error) => {
                 entry.reload_error.inc();
-                tracing::warn!(stage = name, %error, "plugin swap refused; the old version keeps serving");
+                tracing::warn!(stage = name, error = %error.report(), "plugin swap refused; the old version keeps serving");
                 return Err(SwapError::Invalid { stage: name, error });
             }
         };
@@ -243,7 +226,7 @@ impl Versions {
     pub async fn rollback(&self, stage: &str) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
         let entry = self.entry(stage)?;
-        let name = entry.settings.name;
+        let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
         let target = previous.take().ok_or(SwapError::NoPrevious(name))?;
         let old = self.publish(name, target.clone());
@@ -278,14 +261,24 @@ impl Versions {
         let mut out = Vec::with_capacity(self.entries.len());
         for entry in &self.entries {
             let ledger = &entry.services.ledger;
-            let active = self.active(entry.settings.name);
+            let active = self.active(entry.settings.name());
             let previous = entry.previous.lock().await;
             out.push(StageVersions {
-                stage: entry.settings.name,
+                stage: entry.settings.name(),
                 active: info(&active, ledger),
                 previous: previous.as_ref().map(|p| info(p, ledger)),
             });
         }
         out
+    }
+}
+
+impl SwapError {
+    /// The error and its sources, on one line, for logs and API answers.
+    pub fn report(&self) -> String {
+        match self {
+            SwapError::Invalid { error, .. } => format!("{self}: {}", error.report()),
+            other => other.to_string(),
+        }
     }
 }

@@ -6,10 +6,12 @@
 //! for one whole poll interval, so a file being written is not read half
 //! way; a file renamed into place is seen complete at once. The new bytes
 //! then go through the same validated swap as an upload
-//! ([`Versions::install`]): a file that is still incomplete, or broken,
+//! ([`HotSwap::install`]): a file that is still incomplete, or broken,
 //! fails validation, is logged and counted
 //! (`orchestrator_plugin_reloads_total{result="error"}`), and the running
 //! version keeps serving until the file changes again.
+//!
+//! Owns noticing file changes; swapping is [`super::swap`]'s.
 //!
 //! Polling (rather than inotify) keeps this portable and simple; with a
 //! 200 ms interval a replaced file is swapped in well under a second plus
@@ -19,8 +21,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use super::swap::HotSwap;
 use crate::config::{Config, PluginSource};
-use crate::versions::Versions;
 
 /// Poll interval.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -42,7 +44,7 @@ struct Watched {
 }
 
 /// Start watching every stage's plugin file; runs until the runtime stops.
-pub fn spawn(config: &Config, versions: Arc<Versions>) -> tokio::task::JoinHandle<()> {
+pub fn spawn(config: &Config, swap: Arc<HotSwap>) -> tokio::task::JoinHandle<()> {
     let mut files: Vec<Watched> = config
         .stages
         .iter()
@@ -52,11 +54,11 @@ pub fn spawn(config: &Config, versions: Arc<Versions>) -> tokio::task::JoinHandl
                 _ => config
                     .plugins_dir
                     .as_ref()?
-                    .join(format!("{}.wasm", stage.name)),
+                    .join(format!("{}.wasm", stage.name())),
             };
             let now = signature(&path);
             Some(Watched {
-                stage: stage.name,
+                stage: stage.name(),
                 path,
                 seen: now,
                 handled: now,
@@ -84,12 +86,12 @@ pub fn spawn(config: &Config, versions: Arc<Versions>) -> tokio::task::JoinHandl
                     }
                 };
                 let source = PluginSource::File(file.path.clone());
-                match versions.install(file.stage, source, bytes).await {
+                match swap.install(file.stage, source, bytes).await {
                     Ok(report) => {
                         tracing::info!(stage = file.stage, sha256 = %report.sha256, "watched plugin swapped in")
                     }
                     Err(error) => {
-                        tracing::warn!(stage = file.stage, %error, "watched plugin refused")
+                        tracing::warn!(stage = file.stage, error = %error.report(), "watched plugin refused")
                     }
                 }
             }

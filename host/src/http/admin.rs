@@ -4,60 +4,30 @@
 //! one these paths answer 404 like any unknown path.
 //!
 //! - `PUT /admin/stages/{stage}` — body: the component bytes. Validates and
-//!   swaps (see [`crate::versions`]); answers the new and previous sha256.
+//!   swaps (see [`crate::control::swap`]); answers the new and previous sha256.
 //! - `GET /admin/stages` — per stage the active and previous versions with
 //!   their calls.
 //! - `POST /admin/stages/{stage}/rollback` — back to the previous version.
 //!
 //! Every request needs `Authorization: Bearer <token>`; a missing or wrong
 //! token gets 401 and changes nothing. Tokens are compared in constant time
-//! (both sides are hashed, then the digests compared without early exit)
-//! and never logged: [`AdminToken`]'s `Debug` prints `***`.
+//! ([`AdminToken::matches`]) and never logged: its `Debug` prints `***`.
+//!
+//! Owns the admin API's HTTP surface: authentication, routes and answers.
+//! Swapping is [`crate::control`]'s.
 
-use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
-use crate::api::ApiError;
-use crate::config::PluginSource;
-use crate::plugin::LoadError;
-use crate::versions::{SwapError, Versions};
-
-/// The admin bearer token. Its `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken(String);
-
-impl AdminToken {
-    /// A token; `None` for an empty string (which would disable nothing).
-    pub fn new(token: impl Into<String>) -> Option<AdminToken> {
-        let token = token.into();
-        (!token.trim().is_empty()).then_some(AdminToken(token))
-    }
-
-    /// Constant-time check of a presented token.
-    pub fn matches(&self, presented: &str) -> bool {
-        let expected = Sha256::digest(self.0.as_bytes());
-        let given = Sha256::digest(presented.as_bytes());
-        expected
-            .iter()
-            .zip(given.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-    }
-}
-
-impl fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AdminToken(***)")
-    }
-}
+use crate::config::{AdminToken, PluginSource};
+use crate::control::{HotSwap, SwapError, SwapReport};
+use crate::http::error::{ApiError, json_response};
 
 #[derive(Debug)]
 struct Unauthorized;
@@ -65,7 +35,7 @@ impl warp::reject::Reject for Unauthorized {}
 
 /// The admin routes: disabled (rejecting with "not found") without a token.
 pub fn routes(
-    versions: Arc<Versions>,
+    swap: Arc<HotSwap>,
     token: Option<AdminToken>,
     max_plugin_bytes: u64,
 ) -> BoxedFilter<(Response,)> {
@@ -89,27 +59,26 @@ pub fn routes(
             }
         })
         .untuple_one();
-    let versions = warp::any().map(move || versions.clone());
+    let swap = warp::any().map(move || swap.clone());
 
     let list = warp::path!("admin" / "stages")
         .and(warp::get())
         .and(auth.clone())
-        .and(versions.clone())
-        .then(|versions: Arc<Versions>| async move {
-            let status = versions.status().await;
-            json_reply(StatusCode::OK, &json!({ "stages": status }))
+        .and(swap.clone())
+        .then(|swap: Arc<HotSwap>| async move {
+            let status = swap.status().await;
+            json_response(StatusCode::OK, &json!({ "stages": status }))
         });
     let install = warp::path!("admin" / "stages" / String)
         .and(warp::put())
         .and(auth.clone())
         .and(warp::body::content_length_limit(max_plugin_bytes))
         .and(warp::body::bytes())
-        .and(versions.clone())
+        .and(swap.clone())
         .then(
-            |stage: String, body: Bytes, versions: Arc<Versions>| async move {
+            |stage: String, body: Bytes, swap: Arc<HotSwap>| async move {
                 swap_reply(
-                    versions
-                        .install(&stage, PluginSource::Upload, body.to_vec())
+                    swap.install(&stage, PluginSource::Upload, body.to_vec())
                         .await,
                 )
             },
@@ -117,9 +86,9 @@ pub fn routes(
     let rollback = warp::path!("admin" / "stages" / String / "rollback")
         .and(warp::post())
         .and(auth)
-        .and(versions)
-        .then(|stage: String, versions: Arc<Versions>| async move {
-            swap_reply(versions.rollback(&stage).await)
+        .and(swap)
+        .then(|stage: String, swap: Arc<HotSwap>| async move {
+            swap_reply(swap.rollback(&stage).await)
         });
     list.or(install)
         .unify()
@@ -148,39 +117,19 @@ async fn unauthorized(rejection: warp::Rejection) -> Result<Response, warp::Reje
     Err(rejection)
 }
 
-fn json_reply(status: StatusCode, body: &serde_json::Value) -> Response {
-    let mut response = Response::new(body.to_string().into());
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-fn swap_reply(result: Result<crate::versions::SwapReport, SwapError>) -> Response {
+fn swap_reply(result: Result<SwapReport, SwapError>) -> Response {
     match result {
-        Ok(report) => json_reply(StatusCode::OK, &json!(report)),
+        Ok(report) => json_response(StatusCode::OK, &report),
         Err(error) => {
-            let message = error.to_string();
             let (status, code) = match &error {
                 SwapError::UnknownStage(_) => (StatusCode::NOT_FOUND, "unknown_stage"),
                 SwapError::NoPrevious(_) => (StatusCode::CONFLICT, "no_previous_version"),
-                SwapError::Invalid { error, .. } => (
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    match error {
-                        LoadError::Read { .. } => "unreadable",
-                        LoadError::NotWasm(_) => "not_wasm",
-                        LoadError::CoreModule => "core_module",
-                        LoadError::Compile(_) => "invalid_component",
-                        LoadError::NotGranted { .. } => "not_granted",
-                        LoadError::WrongWorld(_) => "wrong_world",
-                        LoadError::Instantiate(_) => "instantiate_failed",
-                        LoadError::Init(_) => "init_failed",
-                    },
-                ),
+                SwapError::Invalid { error, .. } => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, error.code())
+                }
             };
-            ApiError::with_code(status, "invalid_request_error", code, message).into_response()
+            ApiError::with_code(status, "invalid_request_error", code, error.report())
+                .into_response()
         }
     }
 }

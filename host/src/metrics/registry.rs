@@ -1,43 +1,7 @@
-//! Prometheus metrics: the seed guide's names and labels, plus the host's own.
-//!
-//! | metric | type | labels | meaning |
-//! |---|---|---|---|
-//! | `orchestrator_requests_total` | counter | `stage` | plugin calls made by the stage (one per request that reached it) |
-//! | `orchestrator_requests_shed_total` | counter | `stage` | requests refused at ingress because that stage's queue was full |
-//! | `orchestrator_errors_total` | counter | `stage`, `error_type` | failed plugin calls, by cause |
-//! | `orchestrator_tokens_generated_total` | counter | `worker_type` | completion tokens produced by the inference backend (`worker_type` = backend name) |
-//! | `orchestrator_time_to_first_token_seconds` | histogram | `worker_type` | from sending a generation to its first token |
-//! | `orchestrator_inter_token_latency_seconds` | histogram | `worker_type` | between two streamed tokens (chunks) of a generation |
-//! | `orchestrator_upstream_requests_total` | counter | `worker_type`, `outcome` | attempts sent to a backend, by outcome (`ok`, `connect_error`, `rate_limited`, `server_error`, `client_error`, `timeout`, `protocol_error`, `cancelled`, `circuit_open`) |
-//! | `orchestrator_upstream_circuit_state` | gauge | `worker_type` | the backend's circuit breaker: 0 closed, 1 half-open, 2 open |
-//! | `orchestrator_upstream_circuit_transitions_total` | counter | `worker_type`, `to` | backend breaker transitions, by state entered |
-//! | `orchestrator_queue_depth` | gauge | `stage` | requests waiting in the stage's queue |
-//! | `orchestrator_queue_capacity` | gauge | `stage` | the stage's queue bound |
-//! | `orchestrator_stage_duration_seconds` | histogram | `stage` | duration of each plugin call |
-//! | `orchestrator_request_duration_seconds` | histogram | `outcome` | end-to-end duration of each admitted or shed request |
-//! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
-//! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
-//! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
-//! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
-//! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |
-//! | `orchestrator_build_info` | gauge | `version` | always 1 |
-//! | `process_*` | | | CPU, memory, file descriptors of the host process |
-//!
-//! `orchestrator_requests_total{stage}` counts per stage, so summing it over
-//! stages counts each request five times. Ratios over *requests* use the
-//! ingress figure instead: `orchestrator_request_duration_seconds_count`,
-//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`, `cancelled`) partitions every
-//! request the API accepted for processing.
-//!
-//! # Handles
-//!
-//! Looking a series up by label values costs ~100 ns, so the pipeline
-//! resolves its handles once per stage ([`Metrics::stage`]) and records
-//! through them. The free functions ([`record_throughput`], ...) are the
-//! guide's convenience API over the process-wide [`global`] registry; they
-//! look labels up on every call and are meant for code outside the hot path.
+//! The registry ([`Metrics`]): every metric's definition, and the handles
+//! of one stage, backend or outcome set, resolved once.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -47,7 +11,7 @@ use prometheus::{
 };
 use serde::Serialize;
 
-use crate::config::STAGES;
+use super::labels::{BreakerState, ErrorType, Outcome, UpstreamOutcome};
 
 /// Buckets of `orchestrator_stage_duration_seconds`: from 50 µs, where warm
 /// wasm calls live, to 10 s.
@@ -68,134 +32,19 @@ pub const TOKEN_BUCKETS: &[f64] = &[
     0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 ];
 
-/// Why a plugin call failed: the `error_type` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorType {
-    /// The plugin refused the envelope (`stage-error::invalid-input`).
-    InvalidInput,
-    /// The plugin reported a configuration problem (`stage-error::config`).
-    Config,
-    /// A dependency of the plugin failed (`stage-error::upstream`); for the
-    /// inference backend: it answered with an error or something unusable.
-    Upstream,
-    /// The inference backend did not answer in time (HTTP 504).
-    UpstreamTimeout,
-    /// The inference backend could not be reached, is at capacity, or its
-    /// circuit breaker is open (HTTP 503).
-    UpstreamUnavailable,
-    /// The plugin reported another failure (`stage-error::plugin-error`).
-    PluginError,
-    /// The plugin trapped (including Rust panics).
-    Trap,
-    /// The call exceeded its deadline.
-    Timeout,
-    /// The call used up its fuel (instruction) budget.
-    Fuel,
-    /// The plugin hit its memory cap.
-    Memory,
-    /// The plugin's result exceeded the output cap.
-    OutputTooLarge,
-    /// A fresh instance could not be created or initialised.
-    Instantiate,
-}
-
-impl ErrorType {
-    /// Every error type, in label order.
-    pub const ALL: [ErrorType; 12] = [
-        ErrorType::InvalidInput,
-        ErrorType::Config,
-        ErrorType::Upstream,
-        ErrorType::UpstreamTimeout,
-        ErrorType::UpstreamUnavailable,
-        ErrorType::PluginError,
-        ErrorType::Trap,
-        ErrorType::Timeout,
-        ErrorType::Fuel,
-        ErrorType::Memory,
-        ErrorType::OutputTooLarge,
-        ErrorType::Instantiate,
-    ];
-
-    /// Whether a failure of this type counts against the *stage's* circuit
-    /// breaker. `invalid_input` blames the request, and the upstream types
-    /// blame the inference backend, which has a breaker of its own: in both
-    /// cases the plugin worked.
-    pub fn counts_against_stage(self) -> bool {
-        !matches!(
-            self,
-            ErrorType::InvalidInput
-                | ErrorType::Upstream
-                | ErrorType::UpstreamTimeout
-                | ErrorType::UpstreamUnavailable
-        )
-    }
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            ErrorType::InvalidInput => "invalid_input",
-            ErrorType::Config => "config",
-            ErrorType::Upstream => "upstream",
-            ErrorType::UpstreamTimeout => "upstream_timeout",
-            ErrorType::UpstreamUnavailable => "upstream_unavailable",
-            ErrorType::PluginError => "plugin_error",
-            ErrorType::Trap => "trap",
-            ErrorType::Timeout => "timeout",
-            ErrorType::Fuel => "fuel",
-            ErrorType::Memory => "memory",
-            ErrorType::OutputTooLarge => "output_too_large",
-            ErrorType::Instantiate => "instantiate",
-        }
-    }
-}
-
-/// How an admitted request ended: the `outcome` label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Answered with a completion.
-    Ok,
-    /// A stage failed.
-    Error,
-    /// The request deadline expired.
-    Timeout,
-    /// Refused at ingress: a queue was full.
-    Shed,
-    /// The client went away while its answer was streaming.
-    Cancelled,
-}
-
-impl Outcome {
-    const ALL: [Outcome; 5] = [
-        Outcome::Ok,
-        Outcome::Error,
-        Outcome::Timeout,
-        Outcome::Shed,
-        Outcome::Cancelled,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::Error => "error",
-            Outcome::Timeout => "timeout",
-            Outcome::Shed => "shed",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-}
-
 /// A registry holding every orchestrator metric.
 pub struct Metrics {
     registry: Registry,
-    requests: IntCounterVec,
+    /// Stage names in the order their series were first resolved (pipeline
+    /// order), for [`Metrics::summary`].
+    stage_order: Mutex<Vec<String>>,
+    pub(super) requests: IntCounterVec,
     shed: IntCounterVec,
-    errors: IntCounterVec,
-    tokens: IntCounterVec,
-    queue_depth: IntGaugeVec,
+    pub(super) errors: IntCounterVec,
+    pub(super) tokens: IntCounterVec,
+    pub(super) queue_depth: IntGaugeVec,
     queue_capacity: IntGaugeVec,
-    stage_duration: HistogramVec,
+    pub(super) stage_duration: HistogramVec,
     request_duration: HistogramVec,
     plugin_info: IntGaugeVec,
     instances: IntGaugeVec,
@@ -214,61 +63,8 @@ pub struct Metrics {
 pub struct BreakerMetrics {
     /// The state gauge: 0 closed, 1 half-open, 2 open.
     pub state: IntGauge,
-    /// Transitions into `closed`, `half_open`, `open`.
+    /// Transitions into each state, indexed by [`BreakerState`].
     pub transitions: Arc<[IntCounter; 3]>,
-}
-
-/// Outcome of one attempt sent to a backend: the `outcome` label of
-/// `orchestrator_upstream_requests_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamOutcome {
-    /// The generation completed.
-    Ok,
-    /// No connection could be made.
-    ConnectError,
-    /// HTTP 429.
-    RateLimited,
-    /// HTTP 5xx.
-    ServerError,
-    /// Another HTTP error status.
-    ClientError,
-    /// No answer (or no next event) in time.
-    Timeout,
-    /// The answer could not be understood.
-    ProtocolError,
-    /// The client went away or a stage stopped the generation.
-    Cancelled,
-    /// Refused by the backend's open circuit breaker (nothing was sent).
-    CircuitOpen,
-}
-
-impl UpstreamOutcome {
-    const ALL: [UpstreamOutcome; 9] = [
-        UpstreamOutcome::Ok,
-        UpstreamOutcome::ConnectError,
-        UpstreamOutcome::RateLimited,
-        UpstreamOutcome::ServerError,
-        UpstreamOutcome::ClientError,
-        UpstreamOutcome::Timeout,
-        UpstreamOutcome::ProtocolError,
-        UpstreamOutcome::Cancelled,
-        UpstreamOutcome::CircuitOpen,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            UpstreamOutcome::Ok => "ok",
-            UpstreamOutcome::ConnectError => "connect_error",
-            UpstreamOutcome::RateLimited => "rate_limited",
-            UpstreamOutcome::ServerError => "server_error",
-            UpstreamOutcome::ClientError => "client_error",
-            UpstreamOutcome::Timeout => "timeout",
-            UpstreamOutcome::ProtocolError => "protocol_error",
-            UpstreamOutcome::Cancelled => "cancelled",
-            UpstreamOutcome::CircuitOpen => "circuit_open",
-        }
-    }
 }
 
 /// Handles of one backend's series, resolved when the backend is built.
@@ -369,8 +165,8 @@ impl Default for Metrics {
 
 impl Metrics {
     /// A fresh registry with every metric registered, the `process_*`
-    /// collector included, and the series of the five stages created (at 0),
-    /// so that dashboards and alerts see them before the first request.
+    /// collector included. The series of a stage or backend are created
+    /// (at 0) when it resolves its handles.
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| {
@@ -500,22 +296,25 @@ impl Metrics {
                 &["worker_type", "to"],
             ),
             registry: registry.clone(),
+            stage_order: Mutex::new(Vec::new()),
         };
         let process = prometheus::process_collector::ProcessCollector::for_self();
         metrics
             .registry
             .register(Box::new(process))
             .expect("process collector registers once");
-        for stage in STAGES {
-            metrics.stage(stage);
-            metrics.reloads(stage);
-        }
         metrics.requests_by_outcome();
         metrics
     }
 
     /// Resolve (and create) the series of `stage`.
     pub fn stage(&self, stage: &str) -> StageMetrics {
+        {
+            let mut order = self.stage_order.lock().unwrap_or_else(|e| e.into_inner());
+            if !order.iter().any(|s| s == stage) {
+                order.push(stage.to_string());
+            }
+        }
         StageMetrics {
             requests: self.requests.with_label_values(&[stage]),
             shed: self.shed.with_label_values(&[stage]),
@@ -525,10 +324,10 @@ impl Metrics {
             instances: self.instances.with_label_values(&[stage]),
             breaker: BreakerMetrics {
                 state: self.circuit_state.with_label_values(&[stage]),
-                transitions: Arc::new(
-                    ["closed", "half_open", "open"]
-                        .map(|to| self.circuit_transitions.with_label_values(&[stage, to])),
-                ),
+                transitions: Arc::new(BreakerState::ALL.map(|to| {
+                    self.circuit_transitions
+                        .with_label_values(&[stage, to.label()])
+                })),
             },
             errors: Arc::new(
                 ErrorType::ALL.map(|t| self.errors.with_label_values(&[stage, t.label()])),
@@ -564,9 +363,9 @@ impl Metrics {
                 state: self
                     .upstream_circuit_state
                     .with_label_values(&[worker_type]),
-                transitions: Arc::new(["closed", "half_open", "open"].map(|to| {
+                transitions: Arc::new(BreakerState::ALL.map(|to| {
                     self.upstream_circuit_transitions
-                        .with_label_values(&[worker_type, to])
+                        .with_label_values(&[worker_type, to.label()])
                 })),
             },
             outcomes: Arc::new(UpstreamOutcome::ALL.map(|o| {
@@ -592,11 +391,6 @@ impl Metrics {
         self.plugin_info.with_label_values(&[stage, sha256]).set(1);
     }
 
-    /// The registry, to register more collectors.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// Everything, in the Prometheus text exposition format.
     pub fn gather(&self) -> String {
         let mut buffer = Vec::new();
@@ -604,6 +398,33 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buffer)
             .expect("text encoding of valid metrics cannot fail");
         String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+
+    /// `orchestrator_requests_total` of every stage that has the series:
+    /// the stages resolved through [`Metrics::stage`] in that order, then
+    /// any others (recorded through the guide's free functions) by name.
+    fn requests_by_stage(&self) -> Vec<(String, u64)> {
+        let order = self.stage_order.lock().unwrap_or_else(|e| e.into_inner());
+        let mut requests: Vec<(String, u64)> = self
+            .requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .filter_map(|metric| {
+                let stage = metric.get_label().iter().find(|l| l.name() == "stage")?;
+                Some((
+                    stage.value().to_string(),
+                    metric.get_counter().value() as u64,
+                ))
+            })
+            .collect();
+        requests.sort_by_key(|(stage, _)| {
+            (
+                order.iter().position(|s| s == stage).unwrap_or(usize::MAX),
+                stage.clone(),
+            )
+        });
+        requests
     }
 
     /// Totals over all series.
@@ -616,10 +437,7 @@ impl Metrics {
                 .sum()
         };
         MetricsSummary {
-            requests: STAGES
-                .iter()
-                .map(|s| (s.to_string(), self.requests.with_label_values(&[*s]).get()))
-                .collect(),
+            requests: self.requests_by_stage(),
             shed: sum(&self.shed),
             errors: sum(&self.errors),
             tokens_generated: sum(&self.tokens),
@@ -637,65 +455,22 @@ impl Metrics {
     }
 }
 
-/// The process-wide registry used by the `orchestrator` binary and by the
-/// free functions below.
-pub fn global() -> &'static Arc<Metrics> {
-    static GLOBAL: OnceLock<Arc<Metrics>> = OnceLock::new();
-    GLOBAL.get_or_init(|| Arc::new(Metrics::new()))
-}
-
-/// Count one call made by `stage` (`orchestrator_requests_total`).
-pub fn record_throughput(stage: &str) {
-    global().requests.with_label_values(&[stage]).inc();
-}
-
-/// Observe one call's duration (`orchestrator_stage_duration_seconds`).
-pub fn record_stage_latency(stage: &str, elapsed: Duration) {
-    global()
-        .stage_duration
-        .with_label_values(&[stage])
-        .observe(elapsed.as_secs_f64());
-}
-
-/// Set the depth of `stage`'s queue (`orchestrator_queue_depth`).
-pub fn record_queue_depth(stage: &str, depth: i64) {
-    global().queue_depth.with_label_values(&[stage]).set(depth);
-}
-
-/// Count one failure (`orchestrator_errors_total`).
-pub fn record_error(stage: &str, error_type: &str) {
-    global()
-        .errors
-        .with_label_values(&[stage, error_type])
-        .inc();
-}
-
-/// Count generated tokens (`orchestrator_tokens_generated_total`).
-pub fn record_tokens_generated(worker_type: &str, tokens: u64) {
-    global()
-        .tokens
-        .with_label_values(&[worker_type])
-        .inc_by(tokens);
-}
-
-/// The global registry in the text exposition format.
-pub fn gather_metrics() -> String {
-    global().gather()
-}
-
-/// Totals of the global registry.
-pub fn get_metrics_summary() -> MetricsSummary {
-    global().summary()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::global::{
+        gather_metrics, get_metrics_summary, record_throughput, record_tokens_generated,
+    };
 
     #[test]
     fn series_exist_before_the_first_request() {
-        let text = Metrics::new().gather();
-        for stage in STAGES {
+        let metrics = Metrics::new();
+        let stages = ["rag", "assemble", "inference", "post", "stream"];
+        for stage in stages {
+            metrics.stage(stage);
+        }
+        let text = metrics.gather();
+        for stage in stages {
             assert!(text.contains(&format!(
                 "orchestrator_requests_total{{stage=\"{stage}\"}} 0"
             )));

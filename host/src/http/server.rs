@@ -16,11 +16,11 @@ use warp::reply::Response;
 
 /// A listening socket could not be opened.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr}: {source}")]
+#[error("cannot listen on {addr}")]
 pub struct BindError {
     /// The address.
     pub addr: SocketAddr,
-    /// Why.
+    /// The socket error.
     pub source: std::io::Error,
 }
 

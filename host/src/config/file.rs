@@ -1,0 +1,405 @@
+//! The configuration file: parsing, the overlay over the defaults, relative
+//! paths, and range checks.
+
+use std::path::{Path, PathBuf};
+
+use super::backend::BackendKind;
+use super::settings::{Config, ConfigError};
+use super::stage::{Stage, StageConfig};
+
+impl Config {
+    /// Read `path` over the defaults. Relative paths in the file are
+    /// resolved against the file's directory.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::from_toml(&text, base).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parse TOML text over the defaults; relative paths are resolved
+    /// against `base`.
+    pub fn from_toml(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let parse_error = |message: String| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message: message.trim_end().to_string(),
+        };
+        let mut file: toml::Table = toml::from_str(text).map_err(|e| parse_error(e.to_string()))?;
+        prepare_stages(&mut file)?;
+        let mut merged = toml::Table::try_from(Config::default())
+            .map_err(|e| parse_error(format!("the defaults cannot be laid out: {e}")))?;
+        overlay(&mut merged, file);
+        let mut config: Config = merged
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        config.plugins_dir.as_mut().map(resolve);
+        config.cache_dir.as_mut().map(resolve);
+        for stage in &mut config.stages {
+            stage.plugin.as_mut().map(resolve);
+            for dir in &mut stage.capabilities.dirs {
+                resolve(&mut dir.host);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check ranges. Called by the loaders; call it again after changing
+    /// fields by hand.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let at_least_one = [
+            ("request_timeout_ms", self.request_timeout_ms),
+            ("max_body_bytes", self.max_body_bytes),
+            ("max_plugin_bytes", self.max_plugin_bytes),
+        ];
+        for (key, value) in at_least_one {
+            if value == 0 {
+                return invalid(key.into(), "must be at least 1");
+            }
+        }
+        if self.watch && self.plugins_dir.is_none() {
+            return invalid(
+                "watch".into(),
+                "needs a plugins directory (`plugins_dir` or --plugins)",
+            );
+        }
+        self.validate_backends()?;
+        for stage in &self.stages {
+            validate_stage(stage)?;
+        }
+        Ok(())
+    }
+
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        for (name, backend) in &self.backends {
+            let key = |field: &str| format!("backends.{name}.{field}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return invalid(
+                    format!("backends.{name}"),
+                    "names may use only ASCII letters, digits, `-` and `_`",
+                );
+            }
+            match (backend.kind, &backend.base_url) {
+                (BackendKind::Openai, None) => {
+                    return invalid(key("base_url"), "is required for kind \"openai\"");
+                }
+                (BackendKind::Openai, Some(url))
+                    if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                {
+                    return invalid(
+                        key("base_url"),
+                        &format!("must be an http:// or https:// URL, got {url:?}"),
+                    );
+                }
+                _ => {}
+            }
+            for (field, value) in [
+                ("request_timeout_ms", backend.request_timeout_ms),
+                ("connect_timeout_ms", backend.connect_timeout_ms),
+                ("max_concurrent", backend.max_concurrent as u64),
+                ("breaker_failures", u64::from(backend.breaker_failures)),
+                ("breaker_probes", u64::from(backend.breaker_probes)),
+            ] {
+                if value == 0 {
+                    return invalid(key(field), "must be at least 1");
+                }
+            }
+            if let Some(other) = &backend.failover
+                && (other == name || !self.backends.contains_key(other))
+            {
+                return invalid(
+                    key("failover"),
+                    &format!("names {other:?}, which is not another configured backend"),
+                );
+            }
+        }
+        let routes = self
+            .routing
+            .models
+            .iter()
+            .map(|(model, backend)| (format!("routing.models.{model}"), backend))
+            .chain(
+                self.routing
+                    .default
+                    .iter()
+                    .map(|backend| ("routing.default".to_string(), backend)),
+            );
+        for (key, backend) in routes {
+            if !self.backends.contains_key(backend) {
+                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+                return invalid(
+                    key,
+                    &format!(
+                        "names backend {backend:?}, which is not configured (backends: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn invalid(key: String, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key,
+        message: message.into(),
+    })
+}
+
+fn validate_stage(stage: &StageConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("stages.{}.{field}", stage.name());
+    if stage.workers == 0 || stage.workers > 256 {
+        return invalid(key("workers"), "must be between 1 and 256");
+    }
+    for (field, value) in [
+        ("queue_capacity", stage.queue_capacity as u64),
+        ("recycle_after", stage.recycle_after),
+        ("timeout_ms", stage.timeout_ms),
+    ] {
+        if value == 0 {
+            return invalid(key(field), "must be at least 1");
+        }
+    }
+    if stage.max_memory_bytes < 64 * 1024 {
+        return invalid(
+            key("max_memory_bytes"),
+            "must be at least 65536 (one wasm page)",
+        );
+    }
+    for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
+        if !dir.guest.starts_with('/') {
+            return invalid(
+                key(&format!("capabilities.dirs[{n}].guest")),
+                "must be an absolute guest path such as \"/corpus\"",
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Lay `file` over `defaults`: tables merge key by key, anything else
+/// replaces the default.
+fn overlay(defaults: &mut toml::Table, file: toml::Table) {
+    for (key, value) in file {
+        match (defaults.get_mut(&key), value) {
+            (Some(toml::Value::Table(base)), toml::Value::Table(table)) => overlay(base, table),
+            (_, value) => {
+                defaults.insert(key, value);
+            }
+        }
+    }
+}
+
+/// Check the file's `[stages.*]` names, and turn the values of each
+/// stage's `config` table into the strings `init` receives.
+fn prepare_stages(file: &mut toml::Table) -> Result<(), ConfigError> {
+    let Some(toml::Value::Table(stages)) = file.get_mut("stages") else {
+        return Ok(());
+    };
+    for (name, stage) in stages.iter_mut() {
+        if Stage::from_name(name).is_none() {
+            return Err(ConfigError::Invalid {
+                key: format!("stages.{name}"),
+                message: format!("is not a stage; the stages are {}", Stage::names()),
+            });
+        }
+        let Some(toml::Value::Table(config)) = stage.get_mut("config") else {
+            continue;
+        };
+        for (key, value) in config.iter_mut() {
+            let text = match value {
+                toml::Value::String(_) => continue,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        key: format!("stages.{name}.config.{key}"),
+                        message: "must be a string, number or boolean".into(),
+                    });
+                }
+            };
+            *value = toml::Value::String(text);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::stage::InstanceMode;
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("/etc/orchestrator"))
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+        let config = Config::default();
+        assert_eq!(config.stages.len(), 5);
+        assert!(config.stage("inference").unwrap().capabilities.inference);
+        assert!(!config.stage("post").unwrap().capabilities.inference);
+        assert_eq!(config.stage("rag").unwrap().queue_capacity, 1024);
+    }
+
+    #[test]
+    fn stage_sections_overlay_the_defaults() {
+        let config = parse(
+            "[stages.rag]\nworkers = 4\nplugin = \"p/rag.wasm\"\nconfig = { top_k = 5 }\n[stages.post]\ninstance_mode = \"per-request\"\nfuel = 1000",
+        )
+        .unwrap();
+        let rag = config.stage("rag").unwrap();
+        assert_eq!(rag.workers, 4);
+        assert_eq!(
+            rag.plugin.as_deref(),
+            Some(Path::new("/etc/orchestrator/p/rag.wasm"))
+        );
+        assert_eq!(rag.config["top_k"], "5");
+        assert_eq!(rag.config["corpus_dir"], "/corpus", "defaults kept");
+        assert_eq!(rag.capabilities.dirs.len(), 1, "grants kept");
+        assert_eq!(rag.queue_capacity, 1024, "defaults kept");
+        let post = config.stage("post").unwrap();
+        assert_eq!(post.instance_mode, InstanceMode::PerRequest);
+        assert_eq!(post.fuel, Some(1000));
+        assert_eq!(config.stages[3].stage, Stage::Post, "pipeline order");
+    }
+
+    #[test]
+    fn capabilities_replace_key_by_key_and_paths_resolve() {
+        let config = parse(
+            "[stages.rag.capabilities]\ndirs = [{ host = \"docs\", guest = \"/docs\" }]\n[stages.inference.capabilities]\nenv = [\"LANG\"]",
+        )
+        .unwrap();
+        let rag = config.stage("rag").unwrap();
+        assert_eq!(rag.capabilities.dirs.len(), 1);
+        assert_eq!(
+            rag.capabilities.dirs[0].host,
+            Path::new("/etc/orchestrator/docs")
+        );
+        let inference = config.stage("inference").unwrap();
+        assert!(inference.capabilities.inference, "the other keys are kept");
+        assert_eq!(inference.capabilities.env, ["LANG"]);
+    }
+
+    #[test]
+    fn backends_and_routes_merge_over_the_defaults() {
+        let config = parse(
+            "admin_token = \"t\"\n[backends.llama]\nkind = \"openai\"\nbase_url = \"http://127.0.0.1:8081/v1\"\napi_key_env = \"LLAMA_KEY\"\nmax_retries = 0\n[routing]\nmodels = { gemma = \"llama\" }\ndefault = \"llama\"",
+        )
+        .unwrap();
+        assert_eq!(config.backends.len(), 2, "echo kept");
+        let llama = &config.backends["llama"];
+        assert_eq!(llama.kind, BackendKind::Openai);
+        assert_eq!(llama.api_key_env.as_deref(), Some("LLAMA_KEY"));
+        assert_eq!(llama.max_retries, 0);
+        assert_eq!(llama.request_timeout_ms, 30_000, "defaults filled in");
+        assert_eq!(config.routing.models["gemma"], "llama");
+        assert_eq!(config.routing.models["echo"], "echo");
+        assert_eq!(config.routing.default.as_deref(), Some("llama"));
+        assert!(config.admin_token.is_some_and(|t| t.matches("t")));
+        assert!(parse("admin_token = \" \"").unwrap().admin_token.is_none());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let err = parse("[stages.rag]\nworkerz = 4").unwrap_err().to_string();
+        assert!(err.contains("workerz"), "{err}");
+        let err = parse("[stages.ragg]\nworkers = 4").unwrap_err().to_string();
+        assert!(err.contains("ragg"), "{err}");
+        let err = parse("listen = 5").unwrap_err().to_string();
+        assert!(err.contains("listen"), "{err}");
+        let err = parse("lissen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("lissen"), "{err}");
+        let err = parse("[backends.up]\nkind = \"openai\"\nbase_uri = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("base_uri"), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        for (open, close) in [("[", "]"), ("{ a = ", "}")] {
+            let text = format!("x = {}1{}", open.repeat(50_000), close.repeat(50_000));
+            assert!(parse(&text).is_err());
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in ".{0,300}") {
+            let _ = parse(&text);
+        }
+
+        #[test]
+        fn arbitrary_stage_sections_never_panic(
+            stage in proptest::sample::select(Stage::ALL.map(Stage::name).to_vec()),
+            key in "[a-z_]{1,20}",
+            value in proptest::prop_oneof![
+                "-?[0-9]{1,22}",
+                "\"[a-z/ ]{0,10}\"",
+                proptest::strategy::Just("true".to_string()),
+                proptest::strategy::Just("[1, \"a\"]".to_string()),
+                proptest::strategy::Just("{ x = 1 }".to_string()),
+            ],
+        ) {
+            let _ = parse(&format!("[stages.{stage}]\n{key} = {value}\n"));
+        }
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let err = parse("[stages.post]\nworkers = 0").unwrap_err().to_string();
+        assert!(err.contains("stages.post.workers"), "{err}");
+        let err = parse("[stages.rag.config]\nx = [1]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stages.rag.config.x"), "{err}");
+        let err = parse("[routing.models]\ngpt = \"openai\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("routing.models.gpt"), "{err}");
+        let err = parse("[backends.up]\nkind = \"openai\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backends.up.base_url"), "{err}");
+        let err = parse(
+            "[backends.up]\nkind = \"openai\"\nbase_url = \"http://x/v1\"\nfailover = \"up\"",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("backends.up.failover"), "{err}");
+        let err = parse("[backends.up]\nkind = \"grpc\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("grpc"), "{err}");
+        let err = parse("[stages.stream]\ninstance_mode = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("instance_mode") || err.contains("sometimes"),
+            "{err}"
+        );
+        let err = parse("[stages.rag]\nworkers = -1").unwrap_err().to_string();
+        assert!(err.contains("workers"), "{err}");
+    }
+}

@@ -1,0 +1,179 @@
+//! The whole configuration ([`Config`]) and its defaults, the admin token,
+//! and how a configuration is wrong ([`ConfigError`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+use super::backend::{BackendConfig, BackendKind, RoutingConfig};
+use super::paths::default_cache_dir;
+use super::stage::{Stage, StageConfig};
+
+/// A configuration error, naming the offending key where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, which names the key.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("config: `{key}` {message}")]
+    Invalid {
+        /// The dotted key path.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// The admin bearer token. Its `Debug` never shows it, and it is never
+/// serialized.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// A token; `None` for an empty string (which would protect nothing).
+    pub fn new(token: impl Into<String>) -> Option<AdminToken> {
+        let token = token.into();
+        (!token.trim().is_empty()).then_some(AdminToken(token))
+    }
+
+    /// Constant-time check of a presented token: both sides are hashed,
+    /// then the digests compared without early exit.
+    pub fn matches(&self, presented: &str) -> bool {
+        let expected = Sha256::digest(self.0.as_bytes());
+        let given = Sha256::digest(presented.as_bytes());
+        expected
+            .iter()
+            .zip(given.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(***)")
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address of the OpenAI-compatible API.
+    pub listen: SocketAddr,
+    /// Address of `/metrics` and `/health`.
+    pub metrics_listen: SocketAddr,
+    /// Directory searched for `<stage>.wasm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Compiled-artifact cache directory; `None` disables the cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_dir: Option<PathBuf>,
+    /// End-to-end deadline of one request (504 when it expires).
+    pub request_timeout_ms: u64,
+    /// Largest accepted request body.
+    pub max_body_bytes: u64,
+    /// Largest plugin accepted by `PUT /admin/stages/{stage}`.
+    pub max_plugin_bytes: u64,
+    /// Bearer token of the admin API; the API is off without one.
+    #[serde(default, skip_serializing, deserialize_with = "admin_token")]
+    pub admin_token: Option<AdminToken>,
+    /// Swap in `<plugins_dir>/<stage>.wasm` when it changes on disk.
+    pub watch: bool,
+    /// Inference backends by name (`echo` is predefined).
+    pub backends: BTreeMap<String, BackendConfig>,
+    /// Model → backend routing.
+    pub routing: RoutingConfig,
+    /// Every stage, in pipeline order (a table by stage name in the file).
+    #[serde(with = "stages_by_name")]
+    pub stages: Vec<StageConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            plugins_dir: None,
+            cache_dir: default_cache_dir(),
+            request_timeout_ms: 30_000,
+            max_body_bytes: 1024 * 1024,
+            max_plugin_bytes: 64 * 1024 * 1024,
+            admin_token: None,
+            watch: false,
+            backends: BTreeMap::from([(
+                "echo".to_string(),
+                BackendConfig::of_kind(BackendKind::Echo),
+            )]),
+            routing: RoutingConfig {
+                models: BTreeMap::from([("echo".to_string(), "echo".to_string())]),
+                default: None,
+            },
+            stages: Stage::ALL.map(StageConfig::default_for).to_vec(),
+        }
+    }
+}
+
+impl Config {
+    /// The settings of stage `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageConfig> {
+        self.stages.iter().find(|s| s.name() == name)
+    }
+}
+
+/// `admin_token = "..."`: an empty token is no token.
+fn admin_token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<AdminToken>, D::Error> {
+    Ok(AdminToken::new(String::deserialize(deserializer)?))
+}
+
+/// `Config::stages` as a table keyed by stage name, read back in pipeline
+/// order.
+mod stages_by_name {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    pub fn serialize<S: Serializer>(stages: &[StageConfig], s: S) -> Result<S::Ok, S::Error> {
+        let by_name: BTreeMap<&str, &StageConfig> =
+            stages.iter().map(|stage| (stage.name(), stage)).collect();
+        by_name.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<StageConfig>, D::Error> {
+        let mut by_name = BTreeMap::<String, StageConfig>::deserialize(d)?;
+        let mut stages = Vec::with_capacity(Stage::ALL.len());
+        for stage in Stage::ALL {
+            let mut settings = by_name
+                .remove(stage.name())
+                .ok_or_else(|| D::Error::custom(format!("stage `{stage}` is missing")))?;
+            settings.stage = stage;
+            stages.push(settings);
+        }
+        match by_name.keys().next() {
+            Some(unknown) => Err(D::Error::custom(format!(
+                "`{unknown}` is not a stage; the stages are {}",
+                Stage::names()
+            ))),
+            None => Ok(stages),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! The OpenAI-compatible API (`POST /v1/chat/completions`,
+//! `GET /v1/models`): routes and handlers here, the request's wire types
+//! and validation in [`request`], the answers in [`response`].
+//!
+//! Requests and responses follow the OpenAI Chat Completions API closely
+//! enough for the official SDKs to work unchanged: the same request fields
+//! (unknown ones are ignored, as OpenAI does), the same response objects,
+//! `"stream": true` answered as server-sent events of
+//! `chat.completion.chunk` objects ending with `data: [DONE]`, and errors
+//! in OpenAI's `{"error": {"message", "type", "param", "code"}}` shape.
+//!
+//! Each response also carries an `orchestrator` object (ignored by SDKs)
+//! with the request id, the sources the `rag` stage retrieved and the
+//! stages' metadata notes.
+//!
+//! Status codes: 400 malformed or invalid request; 404 unknown model or
+//! path; 405 wrong method; 411/413 missing or oversized `Content-Length`;
+//! 429 (with `Retry-After`) a stage queue is full; 500 a stage failed;
+//! 502 the inference backend answered with an error; 503 shutting down, a
+//! circuit breaker is open, or the backend is unreachable; 504 the request
+//! deadline passed or the backend timed out. Backend errors name the
+//! backend.
+//!
+//! # Streaming
+//!
+//! With `"stream": true` the answer is sent as the tokens come: the
+//! response (status 200, `text/event-stream`) starts when the generation's
+//! first token has passed the streaming stages, and each piece the last
+//! stage emits is one `chat.completion.chunk`. A failure after that point
+//! can no longer change the status: it is sent as a final
+//! `data: {"error": {...}}` event (which the OpenAI SDKs raise as an
+//! error), followed by `data: [DONE]`. A client that disconnects cancels
+//! the generation (see [`crate::pipeline`]).
+
+pub mod request;
+pub mod response;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use warp::filters::BoxedFilter;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::http::error::{ApiError, json_response};
+use crate::inference::Router;
+use crate::pipeline::{Answer, Pipeline, StreamItem, Streaming};
+use crate::wasm::Envelope;
+use request::parse;
+use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix_now};
+
+/// What the API needs.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The pipeline requests run through.
+    pub pipeline: Pipeline,
+    /// The inference router, for model names.
+    pub router: Router,
+    /// End-to-end deadline of each request.
+    pub request_timeout: Duration,
+    /// Largest accepted body.
+    pub max_body_bytes: u64,
+}
+
+/// The API's routes, with the admin routes (see [`crate::http::admin`])
+/// mounted beside them.
+pub fn routes(
+    state: ApiState,
+    admin: BoxedFilter<(Response,)>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let limit = state.max_body_bytes;
+    let state = warp::any().map(move || state.clone());
+    let completions = warp::path!("v1" / "chat" / "completions")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(limit))
+        .and(warp::body::bytes())
+        .and(state.clone())
+        .then(|body: Bytes, state: ApiState| async move { chat_completions(&state, &body).await });
+    let models = warp::path!("v1" / "models")
+        .and(warp::get())
+        .and(state)
+        .map(|state: ApiState| list_models(&state));
+    completions
+        .or(models)
+        .unify()
+        .or(admin)
+        .unify()
+        .recover(rejection)
+        .unify()
+}
+
+/// A new completion id: unique within the process, and across restarts
+/// (it starts from the start time).
+fn request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(|| {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    format!(
+        "chatcmpl-{start:x}{:08x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn chat_completions(state: &ApiState, body: &[u8]) -> Response {
+    let parsed = match parse(body, &state.router) {
+        Ok(parsed) => parsed,
+        Err(error) => return error.into_response(),
+    };
+    let id = request_id();
+    let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
+    let deadline = Instant::now() + state.request_timeout;
+    if !parsed.stream {
+        return match state.pipeline.run(envelope, deadline).await {
+            Ok(envelope) => json_response(
+                StatusCode::OK,
+                &completion_body(&id, &parsed.model, &envelope),
+            ),
+            Err(error) => run_error(error).into_response(),
+        };
+    }
+    envelope
+        .metadata
+        .push(("request.stream".to_string(), "true".to_string()));
+    let events = ChunkEvents::new(id, parsed.model, parsed.include_usage);
+    match state.pipeline.run_streaming(envelope, deadline).await {
+        Ok(Answer::Done(envelope)) => events.buffered(&envelope),
+        Ok(Answer::Streaming(streaming)) => live_stream(events, streaming),
+        Err(error) => run_error(error).into_response(),
+    }
+}
+
+/// The body of a streaming answer: a channel fed by a task that pulls the
+/// [`Streaming`] request. When the client goes away the body, and with it
+/// the receiver, is dropped; the task sees that and drops the request,
+/// which cancels the generation.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl futures_util::Stream for ChannelBody {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.0.poll_recv(cx).map(|item| item.map(Ok))
+    }
+}
+
+/// Stream `streaming` to the client as its pieces come.
+fn live_stream(events: ChunkEvents, mut streaming: Box<Streaming>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        // A client that stops reading must not hold the request (its
+        // reservations, a backend permit) past its deadline.
+        let deadline = streaming.deadline();
+        let send = |bytes: Bytes| {
+            let tx = tx.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout_at(deadline.into(), tx.send(bytes)).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        if !send(events.first()).await {
+            return;
+        }
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                item = streaming.next() => item,
+            };
+            let event = match item {
+                None => break,
+                Some(Ok(StreamItem::Delta(piece))) => events.delta(&piece),
+                Some(Ok(StreamItem::Done(envelope))) => events.last(&envelope),
+                Some(Err(error)) => events.error(error),
+            };
+            if !send(event).await {
+                return;
+            }
+        }
+        send(Bytes::from_static(DONE)).await;
+    });
+    event_stream(warp::reply::stream(ChannelBody(rx)).into_response())
+}
+
+fn list_models(state: &ApiState) -> Response {
+    let created = unix_now();
+    let data: Vec<Value> = state
+        .router
+        .models()
+        .map(|(model, backend)| json!({"id": model, "object": "model", "created": created, "owned_by": backend}))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+/// Turn warp's rejections into OpenAI-shaped errors.
+async fn rejection(rejection: warp::Rejection) -> Result<Response, Infallible> {
+    let error = if rejection.is_not_found() {
+        ApiError::with_code(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            "no such endpoint",
+        )
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::with_code(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            "the request body is larger than the configured max_body_bytes",
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        ApiError::with_code(
+            StatusCode::LENGTH_REQUIRED,
+            "invalid_request_error",
+            "length_required",
+            "a Content-Length header is required",
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::with_code(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method_not_allowed",
+            "method not allowed on this endpoint",
+        )
+    } else {
+        tracing::debug!(?rejection, "unhandled rejection");
+        ApiError::invalid("bad request", None)
+    };
+    Ok(error.into_response())
+}

@@ -1,0 +1,125 @@
+//! `echo`: the built-in deterministic stand-in for a language model (see
+//! the [module docs](super)). It needs no network and no weights.
+
+use orchestrator_text::{count_tokens, tokens, truncate_tokens};
+
+use super::generation::{Completion, Ending, Event, GenerateRequest};
+use super::protocol::{AttemptError, EventStream, Protocol, SendFuture, UpstreamRequest};
+
+/// The deterministic built-in backend (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct Echo;
+
+impl Echo {
+    /// The text `echo` answers `prompt` with, before the token limit.
+    pub fn answer(prompt: &str) -> &str {
+        let turn = prompt
+            .rfind("User:")
+            .map_or(prompt, |at| &prompt[at + "User:".len()..]);
+        let turn = turn.rfind("\nAssistant:").map_or(turn, |end| &turn[..end]);
+        turn.trim()
+    }
+
+    /// The whole generation for `request`, computed at once.
+    pub fn generate(request: &GenerateRequest) -> Completion {
+        let answer = Echo::answer(&request.prompt);
+        let text = truncate_tokens(answer, request.max_tokens as usize);
+        Completion {
+            finish_reason: if text.len() < answer.len() {
+                "length"
+            } else {
+                "stop"
+            },
+            text: text.to_string(),
+            prompt_tokens: count_tokens(&request.prompt) as u32,
+            completion_tokens: count_tokens(text) as u32,
+        }
+    }
+}
+
+impl Protocol for Echo {
+    fn send(&self, request: &UpstreamRequest) -> SendFuture {
+        let completion = Echo::generate(&request.request);
+        // One delta per token, each with the text up to the next token, so
+        // that the deltas concatenate to exactly the completion.
+        let text = completion.text;
+        let mut starts: Vec<usize> = tokens(&text)
+            .map(|t| t.as_ptr() as usize - text.as_ptr() as usize)
+            .collect();
+        if starts.first() != Some(&0) {
+            starts.insert(0, 0);
+        }
+        starts.push(text.len());
+        let mut events: Vec<Result<Event, AttemptError>> = starts
+            .windows(2)
+            .filter(|w| w[0] < w[1])
+            .map(|w| Ok(Event::Delta(text[w[0]..w[1]].to_string())))
+            .collect();
+        events.push(Ok(Event::End(Ending {
+            finish_reason: Some(completion.finish_reason.to_string()),
+            usage: Some((completion.prompt_tokens, completion.completion_tokens)),
+        })));
+        Box::pin(async move { Ok(Box::pin(futures_util::stream::iter(events)) as EventStream) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn request(prompt: &str, max_tokens: u32) -> GenerateRequest {
+        GenerateRequest::for_test(prompt, max_tokens)
+    }
+
+    #[test]
+    fn echoes_the_last_user_turn() {
+        let prompt =
+            "System: s\n\nUser: first\nAssistant: a\nUser: What is backpressure?\nAssistant:";
+        let out = Echo::generate(&request(prompt, 100));
+        assert_eq!(out.text, "What is backpressure?");
+        assert_eq!(out.finish_reason, "stop");
+        assert_eq!(out.completion_tokens, 4);
+        assert_eq!(out.prompt_tokens as usize, count_tokens(prompt));
+    }
+
+    #[test]
+    fn max_tokens_cuts_with_length() {
+        let out = Echo::generate(&request("User: one two three\nAssistant:", 2));
+        assert_eq!(out.text, "one two");
+        assert_eq!(out.finish_reason, "length");
+        assert_eq!(out.completion_tokens, 2);
+    }
+
+    #[tokio::test]
+    async fn echo_streams_deltas_that_concatenate_to_the_completion() {
+        let r = request("User: Hello,   wide world! How are you?\nAssistant:", 100);
+        let whole = Echo::generate(&r);
+        let mut events = Echo
+            .send(&UpstreamRequest {
+                model: "echo".into(),
+                request: r,
+            })
+            .await
+            .unwrap();
+        let mut text = String::new();
+        let mut deltas = 0;
+        while let Some(event) = events.next().await {
+            match event.unwrap() {
+                Event::Delta(d) => {
+                    text.push_str(&d);
+                    deltas += 1;
+                }
+                Event::End(end) => {
+                    assert_eq!(
+                        end.usage,
+                        Some((whole.prompt_tokens, whole.completion_tokens))
+                    );
+                }
+            }
+        }
+        assert_eq!(text, whole.text);
+        assert!(deltas > 3, "{deltas}");
+    }
+}

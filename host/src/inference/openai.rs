@@ -1,0 +1,147 @@
+//! An OpenAI-compatible `/chat/completions` service (OpenAI, vLLM,
+//! llama.cpp's `llama-server`, Ollama, ...), always asked for a stream.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::protocol::{
+    AttemptError, ERROR_BODY_QUOTE, EventStream, Protocol, SendFuture, UpstreamRequest, quote,
+};
+use super::sse::sse_events;
+
+/// An OpenAI-compatible `/chat/completions` service, spoken to with
+/// `"stream": true` and `stream_options.include_usage`.
+pub struct OpenAi {
+    client: reqwest::Client,
+    url: String,
+    api_key: Option<String>,
+}
+
+impl std::fmt::Debug for OpenAi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenAi")
+            .field("url", &self.url)
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl OpenAi {
+    /// A client for `base_url` (`.../v1`).
+    pub fn new(
+        base_url: &str,
+        api_key: Option<String>,
+        connect_timeout: Duration,
+    ) -> Result<OpenAi, String> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        Ok(OpenAi {
+            client,
+            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+        })
+    }
+
+    /// The JSON body of a request.
+    pub fn body(request: &UpstreamRequest) -> Value {
+        let r = &request.request;
+        let mut body = json!({
+            "model": request.model,
+            "messages": [{"role": "user", "content": r.prompt}],
+            "max_tokens": r.max_tokens,
+            "temperature": r.temperature,
+            "stream": true,
+            "stream_options": {"include_usage": true},
+        });
+        if !r.stop.is_empty() {
+            body["stop"] = json!(r.stop);
+        }
+        body
+    }
+}
+
+impl Protocol for OpenAi {
+    fn send(&self, request: &UpstreamRequest) -> SendFuture {
+        let mut builder = self.client.post(&self.url).json(&OpenAi::body(request));
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key);
+        }
+        Box::pin(async move {
+            let response = builder.send().await.map_err(|e| {
+                // reqwest's messages carry the URL but never headers.
+                AttemptError::Connect(without_url(&e))
+            })?;
+            let status = response.status();
+            if !status.is_success() {
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                // Quote the start of the body; read no more than that.
+                let mut body = Vec::new();
+                let mut response = response;
+                while body.len() < 4 * ERROR_BODY_QUOTE {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                        _ => break,
+                    }
+                }
+                let body = String::from_utf8_lossy(&body);
+                return Err(AttemptError::Status {
+                    status: status.as_u16(),
+                    retry_after,
+                    message: quote(&body),
+                });
+            }
+            let bytes = response.bytes_stream();
+            Ok(Box::pin(sse_events(bytes)) as EventStream)
+        })
+    }
+}
+
+/// The error without reqwest's `for url (...)` suffix: the source chain.
+fn without_url(error: &reqwest::Error) -> String {
+    use std::error::Error as _;
+    let mut message = if error.is_connect() {
+        "cannot connect".to_string()
+    } else if error.is_timeout() {
+        "connect timeout".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::GenerateRequest;
+
+    #[test]
+    fn the_upstream_body_names_model_stop_and_asks_for_usage() {
+        let mut r = GenerateRequest::for_test("User: hi", 9);
+        r.stop = vec!["END".into()];
+        let body = OpenAi::body(&UpstreamRequest {
+            model: "gemma".into(),
+            request: r,
+        });
+        assert_eq!(body["model"], "gemma");
+        assert_eq!(body["stream"], true);
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["stop"], json!(["END"]));
+        assert_eq!(body["max_tokens"], 9);
+        assert_eq!(body["messages"][0]["content"], "User: hi");
+    }
+}

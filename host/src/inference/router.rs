@@ -1,0 +1,175 @@
+//! The [`Router`]: the configured backends and the model → backend
+//! table, and the entry points of a generation ([`Router::stream`],
+//! [`Router::generate`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use orchestrator_text::count_tokens;
+use tokio::sync::{mpsc, oneshot};
+
+use super::backend::{Backend, BackendSetupError, generation};
+use super::echo::Echo;
+use super::generation::{BackendError, Completion, GenerateRequest, TokenStream};
+use crate::config::{BackendKind, Config};
+use crate::metrics::{BreakerState, Metrics, UpstreamOutcome};
+
+struct Inner {
+    backends: BTreeMap<String, Arc<Backend>>,
+    models: BTreeMap<String, String>,
+    default: Option<String>,
+    /// The runtime generations run on; `None`: the caller's.
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+/// The configured backends and the routing table. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("backends", &self.inner.backends.keys().collect::<Vec<_>>())
+            .field("models", &self.inner.models)
+            .finish()
+    }
+}
+
+impl Router {
+    /// Build the backends of `config`. Their generations run on the tokio
+    /// runtime this is called on (the host's main runtime; plugin calls run
+    /// on worker threads with runtimes of their own, which network I/O must
+    /// not depend on), or, outside any runtime, on the caller's.
+    pub fn new(config: &Config, metrics: &Metrics) -> Result<Router, BackendSetupError> {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        let mut backends = BTreeMap::new();
+        for (name, settings) in &config.backends {
+            let backend = Backend::new(name, settings, metrics)?;
+            backends.insert(name.clone(), Arc::new(backend));
+        }
+        Ok(Router {
+            inner: Arc::new(Inner {
+                backends,
+                models: config.routing.models.clone(),
+                default: config.routing.default.clone(),
+                runtime,
+            }),
+        })
+    }
+
+    /// The models clients may ask for, with the backend serving each.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.inner
+            .models
+            .iter()
+            .map(|(model, backend)| (model.as_str(), backend.as_str()))
+    }
+
+    /// The backend serving `model`, if any.
+    pub fn route(&self, model: &str) -> Option<&str> {
+        self.inner
+            .models
+            .get(model)
+            .or(self.inner.default.as_ref())
+            .map(String::as_str)
+    }
+
+    /// `/health`'s view of the backends.
+    pub fn health(&self) -> Vec<BackendHealth> {
+        self.inner
+            .backends
+            .values()
+            .map(|b| BackendHealth {
+                name: b.name.clone(),
+                kind: b.kind.to_string(),
+                circuit: b.breaker.state(),
+                in_flight: b.settings.max_concurrent - b.permits.available_permits(),
+                max_concurrent: b.settings.max_concurrent,
+            })
+            .collect()
+    }
+
+    /// Start a generation: resolves once its first token is in (after
+    /// retries and failover), or with the error that ended it.
+    pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
+        let primary = self
+            .route(&request.model)
+            .and_then(|name| self.inner.backends.get(name))
+            .cloned()
+            .ok_or_else(|| BackendError::UnknownModel(request.model.clone()))?;
+        let failover = primary
+            .settings
+            .failover
+            .as_ref()
+            .and_then(|name| self.inner.backends.get(name))
+            .cloned();
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let (events_tx, events_rx) = mpsc::channel(64);
+        let deadline = request.deadline;
+        let task = generation(primary, failover, request, opened_tx, events_tx);
+        // Detached: dropping this future (the plugin call's deadline) drops
+        // the receiver, which the task notices.
+        drop(match &self.inner.runtime {
+            Some(runtime) => runtime.spawn(task),
+            None => tokio::spawn(task),
+        });
+        match opened_rx.await {
+            Ok(Ok(backend)) => Ok(TokenStream {
+                backend,
+                events: events_rx,
+                deadline,
+            }),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(BackendError::Failed {
+                backend: "?".into(),
+                reason: "the generation task ended unexpectedly".into(),
+            }),
+        }
+    }
+
+    /// Run a whole generation and collect it.
+    pub async fn generate(&self, request: GenerateRequest) -> Result<Completion, BackendError> {
+        if let Some(backend) = self
+            .route(&request.model)
+            .and_then(|name| self.inner.backends.get(name))
+            .filter(|b| b.kind == BackendKind::Echo)
+        {
+            // In process, no I/O, cannot fail: computed here rather than in
+            // a generation task (which costs a task and a channel per
+            // request). The same series are recorded, except inter-token
+            // latency, which a one-piece answer does not have.
+            let started = Instant::now();
+            let completion = Echo::generate(&request);
+            backend
+                .metrics
+                .ttft
+                .observe(started.elapsed().as_secs_f64());
+            backend.metrics.outcome(UpstreamOutcome::Ok).inc();
+            backend
+                .metrics
+                .tokens
+                .inc_by(u64::from(completion.completion_tokens));
+            return Ok(completion);
+        }
+        let prompt_tokens = count_tokens(&request.prompt) as u32;
+        self.stream(request).await?.collect(prompt_tokens).await
+    }
+}
+
+/// `/health`'s view of one backend.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendHealth {
+    /// Its name (the `worker_type` label).
+    pub name: String,
+    /// `echo` or `openai`.
+    pub kind: String,
+    /// Its circuit breaker.
+    pub circuit: BreakerState,
+    /// Generations holding one of its concurrency permits.
+    pub in_flight: usize,
+    /// Its concurrency limit.
+    pub max_concurrent: usize,
+}

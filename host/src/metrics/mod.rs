@@ -1,0 +1,60 @@
+//! Prometheus metrics: the seed guide's names and labels, plus the host's own.
+//!
+//! Owns the registry, the metric definitions and the handles the rest of
+//! the host records through. It must not decide *what* happened (the
+//! pipeline, the wasm runtime and the inference router do that and record
+//! it here), and it knows no stage or backend names: series are created
+//! when their owner resolves its handles, at startup, so they exist (at 0)
+//! before the first request.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `orchestrator_requests_total` | counter | `stage` | plugin calls made by the stage (one per request that reached it) |
+//! | `orchestrator_requests_shed_total` | counter | `stage` | requests refused at ingress because that stage's queue was full |
+//! | `orchestrator_errors_total` | counter | `stage`, `error_type` | failed plugin calls, by cause |
+//! | `orchestrator_tokens_generated_total` | counter | `worker_type` | completion tokens produced by the inference backend (`worker_type` = backend name) |
+//! | `orchestrator_time_to_first_token_seconds` | histogram | `worker_type` | from sending a generation to its first token |
+//! | `orchestrator_inter_token_latency_seconds` | histogram | `worker_type` | between two streamed tokens (chunks) of a generation |
+//! | `orchestrator_upstream_requests_total` | counter | `worker_type`, `outcome` | attempts sent to a backend, by outcome (`ok`, `connect_error`, `rate_limited`, `server_error`, `client_error`, `timeout`, `protocol_error`, `cancelled`, `circuit_open`) |
+//! | `orchestrator_upstream_circuit_state` | gauge | `worker_type` | the backend's circuit breaker: 0 closed, 1 half-open, 2 open |
+//! | `orchestrator_upstream_circuit_transitions_total` | counter | `worker_type`, `to` | backend breaker transitions, by state entered |
+//! | `orchestrator_queue_depth` | gauge | `stage` | requests waiting in the stage's queue |
+//! | `orchestrator_queue_capacity` | gauge | `stage` | the stage's queue bound |
+//! | `orchestrator_stage_duration_seconds` | histogram | `stage` | duration of each plugin call |
+//! | `orchestrator_request_duration_seconds` | histogram | `outcome` | end-to-end duration of each admitted or shed request |
+//! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
+//! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
+//! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
+//! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
+//! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |
+//! | `orchestrator_build_info` | gauge | `version` | always 1 |
+//! | `process_*` | | | CPU, memory, file descriptors of the host process |
+//!
+//! `orchestrator_requests_total{stage}` counts per stage, so summing it over
+//! stages counts each request once per stage. Ratios over *requests* use the
+//! ingress figure instead: `orchestrator_request_duration_seconds_count`,
+//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`, `cancelled`) partitions every
+//! request the API accepted for processing.
+//!
+//! # Handles
+//!
+//! Looking a series up by label values hashes them on every call, so the
+//! pipeline resolves its handles once per stage ([`Metrics::stage`]) and
+//! records through them. The free functions ([`record_throughput`], ...)
+//! are the guide's convenience API over the process-wide [`global`]
+//! registry; they look labels up on every call and are meant for code
+//! outside the hot path.
+
+mod global;
+mod labels;
+mod registry;
+
+pub use global::{
+    gather_metrics, get_metrics_summary, global, record_error, record_queue_depth,
+    record_stage_latency, record_throughput, record_tokens_generated,
+};
+pub use labels::{BreakerState, ErrorType, Outcome, UpstreamOutcome};
+pub use registry::{
+    BackendMetrics, BreakerMetrics, Metrics, MetricsSummary, REQUEST_BUCKETS, RequestMetrics,
+    STAGE_BUCKETS, StageMetrics, TOKEN_BUCKETS,
+};

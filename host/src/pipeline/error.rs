@@ -1,0 +1,53 @@
+//! Why a request got no completion ([`RunError`]).
+
+use std::time::Duration;
+
+use crate::metrics::Outcome;
+use crate::wasm::CallError;
+
+/// Why a request got no completion.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RunError {
+    /// Refused at ingress: the stage's queue was full.
+    #[error("stage `{stage}` is at capacity ({capacity} requests queued); retry later")]
+    Shed {
+        /// The stage whose queue was full.
+        stage: &'static str,
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// A stage's plugin failed.
+    #[error("stage `{stage}` failed: {error}")]
+    Stage {
+        /// The stage.
+        stage: &'static str,
+        /// What happened.
+        error: CallError,
+    },
+    /// A stage's circuit breaker is open: it failed repeatedly and is
+    /// cooling down.
+    #[error("stage `{stage}` is failing and its circuit breaker is open; retry in {} s", .retry_after.as_secs().max(1))]
+    CircuitOpen {
+        /// The stage.
+        stage: &'static str,
+        /// When to retry.
+        retry_after: Duration,
+    },
+    /// The request's deadline passed.
+    #[error("request deadline of {} ms exceeded", .0.as_millis())]
+    Timeout(Duration),
+    /// The host is shutting down and admits nothing new.
+    #[error("the orchestrator is shutting down")]
+    ShuttingDown,
+}
+
+impl RunError {
+    /// The `outcome` label of a request that failed this way.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            RunError::Shed { .. } | RunError::ShuttingDown => Outcome::Shed,
+            RunError::Timeout(_) => Outcome::Timeout,
+            RunError::Stage { .. } | RunError::CircuitOpen { .. } => Outcome::Error,
+        }
+    }
+}

@@ -1,0 +1,349 @@
+//! The pipeline: bounded stage queues, worker threads, admission control,
+//! token streaming.
+//!
+//! Owns the path of a request through the stages: [`admission`], the
+//! stages' queues and shared state ([`stage`]), the [`worker`]s and their
+//! instance policy, and [`streaming`]. It must not parse HTTP or know about
+//! plugin files: it is given loaded plugins and envelopes, and answers with
+//! envelopes, streams or [`RunError`]s.
+//!
+//! ```text
+//!            admit (reserve a slot in every stage queue, or shed)
+//!  request ──────────────┐
+//!                        ▼
+//!      ┌─ rag queue ─┐   ┌─ assemble ─┐   ┌─ inference ─┐   ┌─ post ─┐   ┌─ stream ─┐
+//!      │ W workers   │ → │ W workers  │ → │ W workers   │ → │   …    │ → │    …     │ → reply
+//!      └─────────────┘   └────────────┘   └─────────────┘   └────────┘   └──────────┘
+//! ```
+//!
+//! Each stage has a bounded queue (a crossbeam channel of `queue_capacity`
+//! slots) and `workers` OS threads. Plugin calls are synchronous CPU work
+//! with their own deadlines, so they run on dedicated threads rather than on
+//! the async runtime that serves HTTP; a worker owns one plugin instance at
+//! a time.
+//!
+//! # Admission control
+//!
+//! A request is admitted only if *every* stage has room for it: admission
+//! reserves one slot in each stage's queue, and a reservation is released
+//! when the request leaves that stage. A request that cannot reserve a slot
+//! is refused at once ([`RunError::Shed`], counted in
+//! `orchestrator_requests_shed_total{stage}` under the first stage that was
+//! full) — before any work is done on it. A request is also refused at once
+//! ([`RunError::CircuitOpen`]) while a stage's breaker is open; while it is
+//! half-open, the request may be admitted as a probe. Because every admitted request
+//! holds a slot downstream, handing it to the next stage never blocks and
+//! never fails: nothing is shed after work was done on it.
+//!
+//! # Answers and deadlines
+//!
+//! [`Pipeline::run`] resolves exactly once per admitted request: with the
+//! final envelope, with the error of the stage that failed, or with
+//! [`RunError::Timeout`] when the request's deadline passes (each plugin
+//! call's deadline is also capped by the time the request has left). A
+//! worker that picks up a request whose caller has gone skips it.
+//!
+//! # Token streaming
+//!
+//! When the client asked for a stream ([`Pipeline::run_streaming`]) and a
+//! stage's plugin starts a generation with `inference.generate-stream`, the
+//! request is handed back to the caller as a [`Streaming`] right after that
+//! stage, with its reservations in the later stages still held. The caller
+//! pulls from it ([`Streaming::next`]): each token from the backend is
+//! passed through `process-chunk` of the following stages that are
+//! `streaming-stage` components — as [`Work::Chunk`] items on their queues,
+//! run by their workers on an instance of the version the stream started
+//! on — and what the last of them emits is yielded at once. The first
+//! following stage that is a plain `stage` component ends the streaming
+//! part: the text is collected and it and the stages after it run as usual
+//! once the generation ends. A stage that returns `stop` ends the
+//! generation (the backend request is cancelled). Dropping the `Streaming`
+//! (the client went away) cancels the backend request and releases the
+//! request's reservations at once.
+//!
+//! Each request holds one reservation per stage and has at most one chunk
+//! in flight per stage, so chunk items never overflow a queue. A streamed
+//! request counts once in `orchestrator_requests_total` of each streaming
+//! stage; its `orchestrator_stage_duration_seconds` observation there is
+//! the time spent in that stage's chunk calls, all chunks together. A
+//! request that streams is observed in `orchestrator_request_duration_seconds`
+//! when its stream ends (`cancelled` if the client went away first).
+//!
+//! # Hot swap
+//!
+//! Each stage's plugin is an `ArcSwap`: [`Pipeline::swap`] publishes a new
+//! version atomically. A worker checks the current version when it takes a
+//! request, so a call in progress finishes on the version it started on and
+//! the next call uses the new one; the worker's instance of the old version
+//! is dropped then, and the old version's memory with the last instance.
+
+mod admission;
+mod error;
+mod stage;
+mod streaming;
+mod worker;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{Notify, oneshot};
+
+use crate::config::StageConfig;
+use crate::metrics::{BreakerState, Metrics, Outcome};
+use crate::wasm::{Envelope, Plugin, PluginVersion};
+pub use error::RunError;
+use stage::{Delivery, Inner, StageRuntime, Work};
+pub use streaming::{StreamItem, Streaming};
+pub use worker::IDLE_RECHECK;
+
+/// What an admitted request turns into.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "`Done` is the common case; boxing its envelope would cost an allocation per request"
+)]
+pub enum Answer {
+    /// Every stage ran: the final envelope.
+    Done(Envelope),
+    /// A generation is streaming (see the module docs).
+    Streaming(Box<Streaming>),
+}
+
+/// The running pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Pipeline {
+    inner: Arc<Inner>,
+    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    started: Instant,
+}
+
+/// The pipeline's part of `/health`: is it taking requests?
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthStatus {
+    /// Taking requests, every breaker closed.
+    Ok,
+    /// Taking requests, but a breaker is not closed: requests needing its
+    /// stage (or backend) fail fast.
+    Degraded,
+    /// Shutting down: admitting nothing new.
+    Draining,
+}
+
+/// `/health`'s view of one stage.
+#[derive(Debug, Clone, Serialize)]
+pub struct StageHealth {
+    /// Stage name.
+    pub name: &'static str,
+    /// Whether the stage can take requests.
+    pub ready: bool,
+    /// The plugin version it runs.
+    pub plugin: PluginVersion,
+    /// Requests waiting in its queue.
+    pub queue_depth: i64,
+    /// Its queue bound.
+    pub queue_capacity: usize,
+    /// Admitted requests that have not yet left this stage.
+    pub in_flight: usize,
+    /// Worker threads.
+    pub workers: usize,
+    /// Instance policy.
+    pub instance_mode: String,
+    /// Circuit breaker.
+    pub circuit: BreakerState,
+    /// Live plugin instances.
+    pub instances: i64,
+}
+
+/// The pipeline's `/health` report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Health {
+    /// `ok`; `degraded` while a stage's breaker is not closed; `draining`
+    /// during shutdown.
+    pub status: HealthStatus,
+    /// Host version.
+    pub version: &'static str,
+    /// Seconds since the pipeline started.
+    pub uptime_seconds: u64,
+    /// Requests admitted and not yet answered.
+    pub in_flight: usize,
+    /// Per stage, in pipeline order.
+    pub stages: Vec<StageHealth>,
+}
+
+impl Pipeline {
+    /// Start the workers of each stage. `stages` pairs each stage's settings
+    /// with its loaded plugin, in pipeline order.
+    pub fn start(
+        stages: Vec<(StageConfig, Arc<Plugin>)>,
+        metrics: &Metrics,
+    ) -> std::io::Result<Pipeline> {
+        let inner = Arc::new(Inner {
+            stages: stages
+                .into_iter()
+                .map(|(settings, plugin)| StageRuntime::new(settings, plugin, metrics))
+                .collect(),
+            requests: metrics.requests_by_outcome(),
+            accepting: AtomicBool::new(true),
+            in_flight: AtomicUsize::new(0),
+            drained: Notify::new(),
+        });
+        let workers = worker::spawn(&inner)?;
+        Ok(Pipeline {
+            inner,
+            workers: Arc::new(Mutex::new(workers)),
+            started: Instant::now(),
+        })
+    }
+
+    /// Run one request through every stage, answering by `deadline`. A
+    /// generation a stage streams is collected before the next stage runs.
+    pub async fn run(&self, envelope: Envelope, deadline: Instant) -> Result<Envelope, RunError> {
+        match self.run_observed(envelope, deadline, false).await? {
+            Answer::Done(envelope) => Ok(envelope),
+            // Not handed off when the client did not ask for a stream.
+            Answer::Streaming(streaming) => streaming.collect().await,
+        }
+    }
+
+    /// Run one request for a client that asked for a stream: the final
+    /// envelope, or a [`Streaming`] once a stage started a streaming
+    /// generation.
+    pub async fn run_streaming(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+    ) -> Result<Answer, RunError> {
+        self.run_observed(envelope, deadline, true).await
+    }
+
+    /// Run a request and observe it in the end-to-end histogram (a
+    /// streamed one is observed when its stream ends).
+    async fn run_observed(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+        streaming: bool,
+    ) -> Result<Answer, RunError> {
+        let admitted = Instant::now();
+        let result = self.admit_and_wait(envelope, deadline, streaming).await;
+        let outcome = match &result {
+            Ok(Answer::Streaming(_)) => return result,
+            Ok(Answer::Done(_)) => Outcome::Ok,
+            Err(error) => error.outcome(),
+        };
+        self.inner.requests.observe(outcome, admitted.elapsed());
+        result
+    }
+
+    async fn admit_and_wait(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+        streaming: bool,
+    ) -> Result<Answer, RunError> {
+        let (reply, answer) = oneshot::channel();
+        let job = admission::admit(&self.inner, envelope, deadline, streaming, reply)?;
+        self.inner.stages[0].enqueue(job);
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout_at(deadline.into(), answer).await {
+            Ok(Ok(Ok(Delivery::Done(envelope)))) => Ok(Answer::Done(envelope)),
+            Ok(Ok(Ok(Delivery::Stream(job, tokens)))) => {
+                Ok(Answer::Streaming(Box::new(Streaming::new(*job, tokens))))
+            }
+            Ok(Ok(Err(error))) => Err(error),
+            // The job was dropped without an answer: only possible when the
+            // process is tearing down.
+            Ok(Err(_)) => Err(RunError::ShuttingDown),
+            Err(_) => Err(RunError::Timeout(timeout)),
+        }
+    }
+
+    fn stage(&self, name: &str) -> Option<&StageRuntime> {
+        self.inner.stages.iter().find(|s| s.name() == name)
+    }
+
+    /// Replace `stage`'s plugin. Calls in progress finish on the old
+    /// version; returns the previous version.
+    pub fn swap(&self, stage: &str, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
+        Some(self.stage(stage)?.plugin.swap(plugin))
+    }
+
+    /// The plugin version `stage` runs.
+    pub fn plugin(&self, stage: &str) -> Option<Arc<Plugin>> {
+        Some(self.stage(stage)?.plugin.load_full())
+    }
+
+    /// The pipeline's `/health` report.
+    pub fn health(&self) -> Health {
+        let accepting = self.inner.accepting.load(Ordering::Acquire);
+        let stages: Vec<StageHealth> = self
+            .inner
+            .stages
+            .iter()
+            .map(|stage| {
+                let circuit = stage.breaker.state();
+                StageHealth {
+                    name: stage.name(),
+                    ready: accepting && circuit != BreakerState::Open,
+                    circuit,
+                    instances: stage.metrics.instances.get(),
+                    plugin: stage.plugin.load().describe(),
+                    queue_depth: stage.metrics.queue_depth.get(),
+                    queue_capacity: stage.settings.queue_capacity,
+                    in_flight: stage.reserved.load(Ordering::Acquire),
+                    workers: stage.settings.workers,
+                    instance_mode: stage.settings.instance_mode.to_string(),
+                }
+            })
+            .collect();
+        let degraded = stages.iter().any(|s| s.circuit != BreakerState::Closed);
+        Health {
+            status: match (accepting, degraded) {
+                (false, _) => HealthStatus::Draining,
+                (true, true) => HealthStatus::Degraded,
+                (true, false) => HealthStatus::Ok,
+            },
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            in_flight: self.inner.in_flight.load(Ordering::Acquire),
+            stages,
+        }
+    }
+
+    /// Stop admitting, wait until every admitted request has been answered
+    /// (or `grace` has passed), then stop the workers.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.accepting.store(false, Ordering::Release);
+        let drained = async {
+            loop {
+                let notified = inner.drained.notified();
+                if inner.in_flight.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+                notified.await;
+            }
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!(
+                in_flight = inner.in_flight.load(Ordering::Acquire),
+                "shutdown grace period over with requests in flight"
+            );
+        }
+        for stage in &inner.stages {
+            for _ in 0..stage.settings.workers {
+                let _ = stage.sender.send(Work::Stop);
+            }
+        }
+        let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
+        let _ = tokio::task::spawn_blocking(move || {
+            for handle in handles {
+                let _ = handle.join();
+            }
+        })
+        .await;
+    }
+}

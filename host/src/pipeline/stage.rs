@@ -1,0 +1,245 @@
+//! The pipeline's shared state: each stage's runtime ([`StageRuntime`]: its
+//! plugin version, bounded queue, reservations, breaker and metric
+//! handles) and the work items on its queue ([`Job`], [`ChunkJob`]).
+//!
+//! Owns the invariants that tie them together: a [`Job`] holds one
+//! reservation in each stage it has not yet left, released when it moves
+//! on or is dropped, and settles (or gives back) its breaker probes on
+//! drop. It must not run anything: workers ([`super::worker`]) and the
+//! streaming path ([`super::streaming`]) do.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::{Notify, oneshot};
+
+use super::error::RunError;
+use crate::circuit::{CircuitBreaker, Probe};
+use crate::config::StageConfig;
+use crate::inference::TokenStream;
+use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
+use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin};
+
+/// State shared by the pipeline's handles, workers and requests.
+pub(super) struct Inner {
+    /// The stages, in pipeline order.
+    pub(super) stages: Vec<StageRuntime>,
+    /// `orchestrator_request_duration_seconds{outcome}`.
+    pub(super) requests: RequestMetrics,
+    /// Cleared at shutdown: nothing new is admitted.
+    pub(super) accepting: AtomicBool,
+    /// Requests admitted and not yet answered.
+    pub(super) in_flight: AtomicUsize,
+    /// Notified when `in_flight` drops to 0.
+    pub(super) drained: Notify,
+}
+
+/// One stage at run time: its plugin, queue, breaker and metric handles.
+pub(super) struct StageRuntime {
+    pub(super) settings: StageConfig,
+    /// The version serving now; swapped atomically.
+    pub(super) plugin: ArcSwap<Plugin>,
+    pub(super) sender: Sender<Work>,
+    pub(super) receiver: Receiver<Work>,
+    /// Reservations held (admitted requests that have not left the stage,
+    /// plus chunk items queued): bounded by `queue_capacity`.
+    pub(super) reserved: AtomicUsize,
+    pub(super) breaker: Arc<CircuitBreaker>,
+    pub(super) metrics: StageMetrics,
+}
+
+impl StageRuntime {
+    /// The runtime of stage `settings`, serving `plugin`, with its series
+    /// resolved (and created at 0) in `metrics`.
+    pub(super) fn new(settings: StageConfig, plugin: Arc<Plugin>, metrics: &Metrics) -> Self {
+        let (sender, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
+        let stage_metrics = metrics.stage(settings.name());
+        stage_metrics
+            .queue_capacity
+            .set(settings.queue_capacity as i64);
+        stage_metrics.queue_depth.set(0);
+        metrics.set_plugin_version(settings.name(), plugin.sha256());
+        StageRuntime {
+            plugin: ArcSwap::new(plugin),
+            sender,
+            receiver,
+            reserved: AtomicUsize::new(0),
+            breaker: CircuitBreaker::new(
+                format!("stage {}", settings.name()),
+                settings.breaker_failures,
+                Duration::from_millis(settings.breaker_cooldown_ms),
+                settings.breaker_probes,
+                stage_metrics.breaker.clone(),
+            ),
+            metrics: stage_metrics,
+            settings,
+        }
+    }
+
+    /// The stage's name.
+    pub(super) fn name(&self) -> &'static str {
+        self.settings.name()
+    }
+
+    /// Take one reservation, if the queue has room.
+    pub(super) fn try_reserve(&self) -> bool {
+        let capacity = self.settings.queue_capacity;
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r < capacity).then_some(r + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give one reservation back.
+    pub(super) fn release(&self) {
+        self.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// The error of a request refused because this stage is full.
+    pub(super) fn shed(&self) -> RunError {
+        RunError::Shed {
+            stage: self.name(),
+            capacity: self.settings.queue_capacity,
+        }
+    }
+
+    /// Put `job` on this stage's queue. It holds a reservation here, so
+    /// the queue has room.
+    pub(super) fn enqueue(&self, job: Job) {
+        self.metrics.queue_depth.inc();
+        if let Err(err) = self.sender.try_send(Work::Job(job)) {
+            // Unreachable while reservations bound the queues; answer rather
+            // than lose the request if that invariant is ever broken.
+            self.metrics.queue_depth.dec();
+            if let Work::Job(job) = err.into_inner() {
+                tracing::error!(stage = self.name(), "queue full despite a reservation");
+                job.answer(Err(self.shed()));
+            }
+        }
+    }
+}
+
+/// How a job leaves the stages that run it.
+pub(super) enum Delivery {
+    /// Every stage ran: the final envelope.
+    Done(Envelope),
+    /// A stage started a streaming generation and the client asked for a
+    /// stream: the job (still holding its reservations in the later stages)
+    /// and the generation's tokens.
+    Stream(Box<Job>, TokenStream),
+}
+
+/// Where a job's caller waits for it.
+pub(super) type Reply = oneshot::Sender<Result<Delivery, RunError>>;
+
+/// One request in flight.
+pub(super) struct Job {
+    pub(super) envelope: Envelope,
+    /// Index of the stage the job is in (or queued for). Reservations of
+    /// stages `stage..` are still held.
+    pub(super) stage: usize,
+    pub(super) deadline: Instant,
+    pub(super) reply: Option<Reply>,
+    /// The unsettled breaker probes of the job, by stage index (empty
+    /// unless a breaker is half-open). Dropped with the job, a probe gives
+    /// its slot back.
+    pub(super) probes: Vec<(usize, Probe)>,
+    /// The client asked for a stream.
+    pub(super) streaming: bool,
+    pub(super) admitted: Instant,
+    pub(super) inner: Arc<Inner>,
+}
+
+impl Job {
+    /// Answer the caller (once; later answers are dropped).
+    pub(super) fn answer(mut self, result: Result<Delivery, RunError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
+        }
+    }
+
+    /// Whether the caller has stopped waiting.
+    pub(super) fn caller_gone(&self) -> bool {
+        self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+
+    /// Tell stage `index`'s breaker how the call went: through the job's
+    /// probe of it, if it holds one.
+    pub(super) fn settle(&mut self, index: usize, failed: bool) {
+        match self.probes.iter().position(|(i, _)| *i == index) {
+            Some(at) => self.probes.swap_remove(at).1.settle(failed),
+            None => self.inner.stages[index].breaker.record(failed),
+        }
+    }
+
+    /// Leave the current stage: give its reservation back.
+    pub(super) fn leave_stage(&mut self) {
+        self.inner.stages[self.stage].release();
+        self.stage += 1;
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        for stage in &self.inner.stages[self.stage..] {
+            stage.release();
+        }
+        if self.inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.drained.notify_waiters();
+        }
+    }
+}
+
+/// An item of a stage's queue.
+pub(super) enum Work {
+    /// Run `process` for a request.
+    Job(Job),
+    /// One `process-chunk` call of a streaming request.
+    Chunk(ChunkJob),
+    /// Stop the worker that takes it.
+    Stop,
+}
+
+/// One `process-chunk` call, run by a worker of the stage.
+pub(super) struct ChunkJob {
+    /// The version the stream started on.
+    pub(super) plugin: Arc<Plugin>,
+    pub(super) context: ChunkContext,
+    pub(super) carry: String,
+    pub(super) delta: String,
+    pub(super) last: bool,
+    pub(super) deadline: Instant,
+    /// The result and the time spent in the call.
+    pub(super) reply: oneshot::Sender<(Result<ChunkOutput, CallError>, Duration)>,
+    /// The item's own hold on the stage's queue: a chunk left in the queue
+    /// by a request that went away still counts against its capacity until
+    /// a worker takes it.
+    pub(super) _hold: QueueHold,
+}
+
+/// One more reservation of a stage's queue, released on drop. Taken on top
+/// of the request's own reservation, without a capacity check.
+pub(super) struct QueueHold {
+    inner: Arc<Inner>,
+    index: usize,
+}
+
+impl QueueHold {
+    pub(super) fn new(inner: &Arc<Inner>, index: usize) -> QueueHold {
+        inner.stages[index].reserved.fetch_add(1, Ordering::AcqRel);
+        QueueHold {
+            inner: inner.clone(),
+            index,
+        }
+    }
+}
+
+impl Drop for QueueHold {
+    fn drop(&mut self) {
+        self.inner.stages[self.index].release();
+    }
+}

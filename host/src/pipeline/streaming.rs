@@ -1,0 +1,385 @@
+//! Token streaming: a request whose generation streams ([`Streaming`]),
+//! its tokens passed through the `process-chunk` of the streaming stages
+//! after the one that started it, and what the last of them emits handed
+//! to the client as it comes (see the [module docs](super)).
+//!
+//! Owns the order of chunk calls and the end of a streamed request
+//! (flushing the stages, running the plain stages after them, observing
+//! the request); it must not run plugins itself (chunk calls are work items
+//! on the stages' queues, run by their workers).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use super::error::RunError;
+use super::stage::{ChunkJob, Delivery, Inner, Job, QueueHold, Work};
+use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
+use crate::metrics::Outcome;
+use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin, Usage};
+
+/// Most bytes of deltas passed through the streaming stages as one.
+const MAX_COALESCED_BYTES: usize = 16 * 1024;
+
+/// One streaming stage of a [`Streaming`] request.
+struct ChunkStage {
+    index: usize,
+    plugin: Arc<Plugin>,
+    carry: String,
+    /// Time spent in its chunk calls.
+    spent: Duration,
+}
+
+/// An item of a [`Streaming`] request.
+#[derive(Debug)]
+pub enum StreamItem {
+    /// Text for the client.
+    Delta(String),
+    /// The request is complete: the final envelope (its `completion` is
+    /// everything sent as deltas, unless a plain stage changed it).
+    Done(Box<Envelope>),
+}
+
+/// A request whose generation is streaming (see the module docs). Pull
+/// with [`next`](Self::next); drop to cancel.
+pub struct Streaming {
+    /// `None` once the plain stages after the streaming ones took it.
+    job: Option<Job>,
+    tokens: Option<TokenStream>,
+    /// An event taken from `tokens` ahead of time (while coalescing deltas).
+    lookahead: Option<Result<Event, BackendError>>,
+    /// Index of the stage that started the generation.
+    source: usize,
+    chunk_stages: Vec<ChunkStage>,
+    /// Index of the first stage that does not stream (or the stage count).
+    rest_from: usize,
+    context: ChunkContext,
+    deadline: Instant,
+    admitted: Instant,
+    pending: std::collections::VecDeque<StreamItem>,
+    /// What the streaming stages emitted: the completion so far.
+    text: String,
+    /// The pieces sent to the client.
+    pieces: Vec<String>,
+    ending: Ending,
+    stopped: bool,
+    finished: bool,
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Streaming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Streaming")
+            .field("request_id", &self.context.request_id)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl Streaming {
+    /// The stream of `job`, whose stage `job.stage - 1` started the
+    /// generation `tokens`.
+    pub(super) fn new(job: Job, tokens: TokenStream) -> Streaming {
+        let inner = job.inner.clone();
+        let mut chunk_stages = Vec::new();
+        let mut rest_from = inner.stages.len();
+        for index in job.stage..inner.stages.len() {
+            let stage = &inner.stages[index];
+            let plugin = stage.plugin.load_full();
+            if !plugin.streams() {
+                rest_from = index;
+                break;
+            }
+            stage.metrics.requests.inc();
+            plugin.count_streamed_request();
+            chunk_stages.push(ChunkStage {
+                index,
+                plugin,
+                carry: String::new(),
+                spent: Duration::ZERO,
+            });
+        }
+        Streaming {
+            context: ChunkContext {
+                request_id: job.envelope.request_id.clone(),
+                params: job.envelope.params.clone(),
+            },
+            deadline: job.deadline,
+            admitted: job.admitted,
+            tokens: Some(tokens),
+            lookahead: None,
+            source: job.stage.saturating_sub(1),
+            chunk_stages,
+            rest_from,
+            pending: Default::default(),
+            text: String::new(),
+            pieces: Vec::new(),
+            ending: Ending::default(),
+            stopped: false,
+            finished: false,
+            job: Some(job),
+            inner,
+        }
+    }
+
+    /// When the request must be answered.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    /// The next piece of text for the client, then the final envelope,
+    /// then `None`; or the error that ended the request.
+    pub async fn next(&mut self) -> Option<Result<StreamItem, RunError>> {
+        loop {
+            if let Some(item) = self.pending.pop_front() {
+                return Some(Ok(item));
+            }
+            if self.finished {
+                return None;
+            }
+            let next = match (self.lookahead.take(), self.tokens.as_mut()) {
+                (Some(event), _) => Some(Ok(Some(event))),
+                (None, Some(tokens)) => {
+                    Some(tokio::time::timeout_at(self.deadline.into(), tokens.next()).await)
+                }
+                (None, None) => None,
+            };
+            let step = match next {
+                Some(next) => match next {
+                    Err(_) | Ok(None) => Err(self.timeout()),
+                    Ok(Some(Err(error))) => {
+                        let stage = &self.inner.stages[self.source];
+                        stage.metrics.errors(error.error_type()).inc();
+                        Err(RunError::Stage {
+                            stage: stage.name(),
+                            error: CallError::new(error.error_type(), error.to_string()),
+                        })
+                    }
+                    Ok(Some(Ok(Event::Delta(mut delta)))) => {
+                        // Deltas that have already arrived go through the
+                        // stages together: fewer chunk calls when the
+                        // backend is faster than the stages.
+                        if let Some(tokens) = self.tokens.as_mut() {
+                            while delta.len() < MAX_COALESCED_BYTES {
+                                match tokens.try_next() {
+                                    Some(Ok(Event::Delta(more))) => delta.push_str(&more),
+                                    Some(other) => {
+                                        self.lookahead = Some(other);
+                                        break;
+                                    }
+                                    None => break,
+                                }
+                            }
+                        }
+                        self.push_through(0, vec![delta]).await
+                    }
+                    Ok(Some(Ok(Event::End(ending)))) => {
+                        self.ending = ending;
+                        self.tokens = None;
+                        Ok(())
+                    }
+                },
+                None => self.finish().await,
+            };
+            if let Err(error) = step {
+                self.end(error.outcome());
+                return Some(Err(error));
+            }
+        }
+    }
+
+    fn timeout(&self) -> RunError {
+        RunError::Timeout(self.deadline.saturating_duration_since(self.admitted))
+    }
+
+    /// Pass `pieces` through the streaming stages from `from` on.
+    async fn push_through(&mut self, from: usize, mut pieces: Vec<String>) -> Result<(), RunError> {
+        for k in from..self.chunk_stages.len() {
+            let mut out = Vec::new();
+            for piece in pieces {
+                let output = self.chunk_call(k, piece, false).await?;
+                out.extend(output.emit);
+                if output.stop {
+                    // Cancel the generation; the stages after `k` still get
+                    // what `k` emitted, and every stage is flushed.
+                    self.tokens = None;
+                    self.stopped = true;
+                    break;
+                }
+            }
+            pieces = out;
+        }
+        for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
+            self.text.push_str(&piece);
+            if self.rest_from == self.inner.stages.len() {
+                self.pieces.push(piece.clone());
+                self.pending.push_back(StreamItem::Delta(piece));
+            }
+        }
+        Ok(())
+    }
+
+    /// One `process-chunk` call of streaming stage `k`.
+    async fn chunk_call(
+        &mut self,
+        k: usize,
+        delta: String,
+        last: bool,
+    ) -> Result<ChunkOutput, RunError> {
+        let stage = &mut self.chunk_stages[k];
+        let runtime = &self.inner.stages[stage.index];
+        let name = runtime.name();
+        let (reply, answer) = oneshot::channel();
+        let work = Work::Chunk(ChunkJob {
+            plugin: stage.plugin.clone(),
+            context: self.context.clone(),
+            carry: std::mem::take(&mut stage.carry),
+            delta,
+            last,
+            deadline: self.deadline,
+            reply,
+            _hold: QueueHold::new(&self.inner, stage.index),
+        });
+        runtime.metrics.queue_depth.inc();
+        if runtime.sender.try_send(work).is_err() {
+            runtime.metrics.queue_depth.dec();
+            return Err(runtime.shed());
+        }
+        let (result, spent) = match tokio::time::timeout_at(self.deadline.into(), answer).await {
+            Err(_) => return Err(self.timeout()),
+            Ok(Err(_)) => return Err(RunError::ShuttingDown),
+            Ok(Ok(answer)) => answer,
+        };
+        let stage = &mut self.chunk_stages[k];
+        stage.spent += spent;
+        let index = stage.index;
+        let output = match result {
+            Ok(output) => output,
+            Err(error) => {
+                if error.error_type.counts_against_stage() {
+                    self.settle_breaker(index, true);
+                }
+                return Err(RunError::Stage { stage: name, error });
+            }
+        };
+        self.chunk_stages[k].carry.clone_from(&output.carry);
+        Ok(output)
+    }
+
+    /// Tell stage `index`'s breaker how the stream went there.
+    fn settle_breaker(&mut self, index: usize, failed: bool) {
+        if let Some(job) = self.job.as_mut() {
+            job.settle(index, failed);
+        }
+    }
+
+    /// The generation ended: flush the streaming stages, run the plain
+    /// stages after them, and queue the final envelope.
+    async fn finish(&mut self) -> Result<(), RunError> {
+        for k in 0..self.chunk_stages.len() {
+            let output = self.chunk_call(k, String::new(), true).await?;
+            self.push_through(k + 1, output.emit).await?;
+        }
+        let indices: Vec<usize> = self.chunk_stages.iter().map(|s| s.index).collect();
+        for (stage, index) in self.chunk_stages.iter().zip(&indices) {
+            self.inner.stages[*index]
+                .metrics
+                .duration
+                .observe(stage.spent.as_secs_f64());
+        }
+        for index in indices {
+            self.settle_breaker(index, false);
+        }
+        let Some(mut job) = self.job.take() else {
+            return Err(RunError::ShuttingDown);
+        };
+        let envelope = &mut job.envelope;
+        envelope.completion = std::mem::take(&mut self.text);
+        envelope.finish_reason = if self.stopped {
+            "stop".to_string()
+        } else {
+            finish_reason(self.ending.finish_reason.as_deref()).to_string()
+        };
+        let (prompt_tokens, completion_tokens) = self.ending.usage.unwrap_or_else(|| {
+            (
+                orchestrator_text::count_tokens(&envelope.prompt) as u32,
+                self.pieces.len() as u32,
+            )
+        });
+        envelope.usage = Usage {
+            prompt_tokens,
+            completion_tokens,
+        };
+        // Leave the streaming stages.
+        while job.stage < self.rest_from {
+            job.leave_stage();
+        }
+        let envelope = if self.rest_from < self.inner.stages.len() {
+            // Plain stages follow: run them as usual, then stream their result.
+            let (reply, answer) = oneshot::channel();
+            job.reply = Some(reply);
+            job.streaming = false;
+            self.inner.stages[self.rest_from].enqueue(job);
+            let envelope = match tokio::time::timeout_at(self.deadline.into(), answer).await {
+                Err(_) => return Err(self.timeout()),
+                Ok(Err(_)) => return Err(RunError::ShuttingDown),
+                Ok(Ok(Err(error))) => return Err(error),
+                Ok(Ok(Ok(Delivery::Done(envelope)))) => envelope,
+                // Not handed off: the job no longer asks for a stream.
+                Ok(Ok(Ok(Delivery::Stream(job, tokens)))) => {
+                    Box::pin(Streaming::new(*job, tokens).collect()).await?
+                }
+            };
+            let pieces = if envelope.chunks.is_empty() {
+                vec![envelope.completion.clone()]
+            } else {
+                envelope.chunks.clone()
+            };
+            self.pending.extend(
+                pieces
+                    .into_iter()
+                    .filter(|p| !p.is_empty())
+                    .map(StreamItem::Delta),
+            );
+            envelope
+        } else {
+            let mut envelope = std::mem::replace(&mut job.envelope, Envelope::placeholder());
+            envelope.chunks = std::mem::take(&mut self.pieces);
+            envelope
+        };
+        self.pending.push_back(StreamItem::Done(Box::new(envelope)));
+        self.end(Outcome::Ok);
+        Ok(())
+    }
+
+    fn end(&mut self, outcome: Outcome) {
+        if !self.finished {
+            self.finished = true;
+            self.tokens = None;
+            self.job = None;
+            self.inner
+                .requests
+                .observe(outcome, self.admitted.elapsed());
+        }
+    }
+
+    /// Collect the whole request (for a caller that wants one answer).
+    pub async fn collect(mut self) -> Result<Envelope, RunError> {
+        while let Some(item) = self.next().await {
+            if let StreamItem::Done(envelope) = item? {
+                return Ok(*envelope);
+            }
+        }
+        Err(RunError::ShuttingDown)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        // The client went away before the end: the generation is cancelled
+        // with `tokens`, the reservations released with `job`.
+        self.end(Outcome::Cancelled);
+    }
+}

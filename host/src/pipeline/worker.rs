@@ -1,0 +1,271 @@
+//! Stage workers: the threads that take work from a stage's queue, keep a
+//! plugin instance by the stage's instance policy, call it, record the
+//! stage's metrics and breaker results, and pass each request on.
+//!
+//! Plugin calls are synchronous CPU work with their own deadlines, so they
+//! run on dedicated OS threads rather than on the async runtime that serves
+//! HTTP. The calls themselves are async (see [`crate::wasm`] on deadlines),
+//! driven by a current-thread runtime owned by the worker: the worker
+//! thread blocks on one call at a time, like a synchronous call, while
+//! timers and WASI's async host functions work.
+//!
+//! Owns the instance policy ([`on_instance`]) and the per-call metrics; it
+//! must not admit requests or talk to clients.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::RecvTimeoutError;
+
+use super::error::RunError;
+use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
+use crate::config::{InstanceMode, StageConfig};
+use crate::inference::TokenStream;
+use crate::metrics::ErrorType;
+use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage};
+
+/// How often an idle worker checks whether its instance belongs to a
+/// version that has been swapped out (and drops it, freeing the old
+/// version's memory once no one else uses it).
+pub const IDLE_RECHECK: Duration = Duration::from_millis(250);
+
+/// Start the workers of every stage.
+pub(super) fn spawn(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let mut workers = Vec::new();
+    for (index, stage) in inner.stages.iter().enumerate() {
+        for n in 0..stage.settings.workers {
+            let inner = inner.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("{}-{n}", stage.name()))
+                .spawn(move || work(&inner, index))?;
+            workers.push(handle);
+        }
+    }
+    Ok(workers)
+}
+
+/// A worker of stage `index`: takes work from its queue until told to stop.
+fn work(inner: &Inner, index: usize) {
+    let stage = &inner.stages[index];
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(stage = stage.name(), %error, "cannot start a worker runtime");
+            return;
+        }
+    };
+    let mut instance: Option<Instance> = None;
+    loop {
+        match stage.receiver.recv_timeout(IDLE_RECHECK) {
+            Ok(Work::Job(job)) => {
+                stage.metrics.queue_depth.dec();
+                run_job(inner, index, &runtime, &mut instance, job);
+            }
+            Ok(Work::Chunk(chunk)) => {
+                stage.metrics.queue_depth.dec();
+                run_chunk(stage, &runtime, &mut instance, chunk);
+            }
+            Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
+                // Idle: retire an instance of a version that was swapped out.
+                if instance
+                    .as_ref()
+                    .is_some_and(|i| !Arc::ptr_eq(i.plugin(), &stage.plugin.load()))
+                {
+                    instance = None;
+                }
+            }
+        }
+    }
+}
+
+/// Run `process` of stage `index` for `job`, then pass the job on: to the
+/// next stage, to its caller (done, or handed off to stream), or answer
+/// with the stage's error.
+fn run_job(
+    inner: &Inner,
+    index: usize,
+    runtime: &tokio::runtime::Runtime,
+    instance: &mut Option<Instance>,
+    mut job: Job,
+) {
+    let stage = &inner.stages[index];
+    if job.caller_gone() {
+        return;
+    }
+    let remaining = job.deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        job.answer(Err(RunError::Timeout(Duration::ZERO)));
+        return;
+    }
+    stage.metrics.requests.inc();
+    let started = Instant::now();
+    let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
+    let result = {
+        // A borrowed guard, not a clone: the common case (a warm instance
+        // of the current version) touches no reference count.
+        let current = stage.plugin.load();
+        let envelope = &mut job.envelope;
+        runtime.block_on(on_instance(
+            &stage.settings,
+            instance,
+            &current,
+            async |live: &mut Instance| {
+                live.set_request_deadline(Instant::now() + remaining);
+                live.process(envelope, timeout).await?;
+                // A generation started by a call that then failed is
+                // dropped (cancelled) with it.
+                Ok(live.take_stream())
+            },
+        ))
+    };
+    stage
+        .metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    // A call cut short by the *request's* remaining time, not by the
+    // stage's own deadline, says nothing about the plugin: it neither
+    // counts against the breaker nor settles a probe.
+    let cut_by_request = remaining < Duration::from_millis(stage.settings.timeout_ms)
+        && result
+            .as_ref()
+            .is_err_and(|e| e.error_type == ErrorType::Timeout);
+    if !cut_by_request {
+        let failed = result
+            .as_ref()
+            .is_err_and(|e| e.error_type.counts_against_stage());
+        job.settle(index, failed);
+    }
+    let stream = match result {
+        Ok(stream) => stream,
+        Err(error) => return fail(stage, job, error),
+    };
+    if let Some(tokens) = stream {
+        if job.streaming {
+            job.leave_stage();
+            // A caller that went away has been answered (timed out);
+            // dropping the tokens cancels the generation.
+            if let Some(reply) = job.reply.take().filter(|r| !r.is_closed()) {
+                let _ = reply.send(Ok(Delivery::Stream(Box::new(job), tokens)));
+            }
+            return;
+        }
+        // The client wants one answer: collect the generation here.
+        if let Err(error) = runtime.block_on(collect_generation(&mut job.envelope, tokens)) {
+            return fail(stage, job, error);
+        }
+    }
+    job.leave_stage();
+    match inner.stages.get(job.stage) {
+        Some(next) => next.enqueue(job),
+        None => {
+            let envelope = std::mem::replace(&mut job.envelope, Envelope::placeholder());
+            job.answer(Ok(Delivery::Done(envelope)));
+        }
+    }
+}
+
+/// Count `error` against `stage` and answer `job` with it.
+fn fail(stage: &StageRuntime, job: Job, error: CallError) {
+    stage.metrics.errors(error.error_type).inc();
+    tracing::debug!(stage = stage.name(), request_id = %job.envelope.request_id, %error, "stage failed");
+    job.answer(Err(RunError::Stage {
+        stage: stage.name(),
+        error,
+    }));
+}
+
+/// Run one `process-chunk` call and send its result back.
+fn run_chunk(
+    stage: &StageRuntime,
+    runtime: &tokio::runtime::Runtime,
+    instance: &mut Option<Instance>,
+    chunk: ChunkJob,
+) {
+    if chunk.reply.is_closed() {
+        return;
+    }
+    let remaining = chunk.deadline.saturating_duration_since(Instant::now());
+    let started = Instant::now();
+    let result = if remaining.is_zero() {
+        Err(CallError::new(
+            ErrorType::Timeout,
+            "the request's deadline passed",
+        ))
+    } else {
+        let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
+        runtime.block_on(on_instance(
+            &stage.settings,
+            instance,
+            &chunk.plugin,
+            async |live: &mut Instance| {
+                live.process_chunk(
+                    &chunk.context,
+                    &chunk.carry,
+                    &chunk.delta,
+                    chunk.last,
+                    timeout,
+                )
+                .await
+            },
+        ))
+    };
+    if let Err(error) = &result {
+        stage.metrics.errors(error.error_type).inc();
+        tracing::debug!(stage = stage.name(), request_id = %chunk.context.request_id, %error, "chunk failed");
+    }
+    let _ = chunk.reply.send((result, started.elapsed()));
+}
+
+/// The instance policy: run `call` on the worker's instance of `version`,
+/// making one first if there is none, it is of another version, the stage
+/// makes one per request, or it has served `recycle_after` calls; and drop
+/// it afterwards if the stage makes one per request or the call poisoned
+/// it (see [`CallError::poisons_instance`]).
+async fn on_instance<T>(
+    settings: &StageConfig,
+    slot: &mut Option<Instance>,
+    version: &Arc<Plugin>,
+    call: impl AsyncFnOnce(&mut Instance) -> Result<T, CallError>,
+) -> Result<T, CallError> {
+    let reusable = slot.as_ref().is_some_and(|i| {
+        settings.instance_mode == InstanceMode::Reuse
+            && Arc::ptr_eq(i.plugin(), version)
+            && i.calls() < settings.recycle_after
+    });
+    if !reusable {
+        // Drop the old instance first so its pool slot is free again.
+        *slot = None;
+        *slot = Some(Instance::new(version).await?);
+    }
+    let Some(live) = slot.as_mut() else {
+        return Err(CallError::new(ErrorType::Instantiate, "no instance"));
+    };
+    let result = call(live).await;
+    if settings.instance_mode == InstanceMode::PerRequest
+        || result.as_ref().is_err_and(CallError::poisons_instance)
+    {
+        *slot = None;
+    }
+    result
+}
+
+/// Collect a whole generation into `envelope`.
+async fn collect_generation(envelope: &mut Envelope, tokens: TokenStream) -> Result<(), CallError> {
+    let prompt_tokens = orchestrator_text::count_tokens(&envelope.prompt) as u32;
+    let completion = tokens
+        .collect(prompt_tokens)
+        .await
+        .map_err(|e| CallError::new(e.error_type(), e.to_string()))?;
+    envelope.completion = completion.text;
+    envelope.finish_reason = completion.finish_reason.to_string();
+    envelope.usage = Usage {
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+    };
+    Ok(())
+}

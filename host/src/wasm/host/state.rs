@@ -1,0 +1,166 @@
+//! The data of each plugin store ([`HostState`]) and the limits the host
+//! imports enforce on it: the output budget of a `request`
+//! ([`RequestBudget`]) and the log rate ([`LogBudget`]).
+
+use std::time::Instant;
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::inference::{Router, TokenStream};
+use crate::metrics::ErrorType;
+use crate::wasm::bindings::Envelope;
+use crate::wasm::bindings::orchestrator::pipeline::{streaming, types};
+
+/// The data of each plugin store.
+pub struct HostState {
+    pub(in crate::wasm) wasi: WasiCtx,
+    pub(in crate::wasm) table: ResourceTable,
+    pub(in crate::wasm) limits: StoreLimits,
+    pub(in crate::wasm) stage: &'static str,
+    /// The inference router, for stages granted `inference`.
+    pub(in crate::wasm) router: Option<Router>,
+    pub(in crate::wasm) log_budget: LogBudget,
+    pub(in crate::wasm) deadline: Instant,
+    /// When the request as a whole must be answered, if the caller said:
+    /// a streamed generation outlives the call that started it.
+    pub(in crate::wasm) request_deadline: Option<Instant>,
+    /// A generation started by `generate-stream` in the current call.
+    pub(in crate::wasm) stream: Option<TokenStream>,
+    /// The class of the backend failure the current call saw, if any.
+    pub(in crate::wasm) backend_error: Option<ErrorType>,
+    /// The output budget of the request handed over by handle, during a
+    /// `process` call of a `request-stage` plugin.
+    pub(in crate::wasm) request: Option<RequestBudget>,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl streaming::Host for HostState {}
+
+/// What a stage working through a `request` handle has set, against its
+/// `max_output_bytes`. A by-value stage's cap bounds the envelope it
+/// returns, because all of it is copied out of the guest; through a handle
+/// only what is set is copied out, so the cap bounds the bytes of the
+/// fields set (each counted at its last value) plus all the notes. It is
+/// checked at every setter, so a hostile guest cannot make the host hold
+/// more than the cap (plus the one value being refused).
+pub(in crate::wasm) struct RequestBudget {
+    pub(super) cap: usize,
+    /// Bytes of each field's last value set, by [`Field`].
+    pub(super) set: [usize; Field::COUNT],
+    /// Bytes of all the notes (keys and values), kept up to date by
+    /// `set-note`.
+    pub(super) note_bytes: usize,
+    /// The total of the first setter that went over the cap.
+    pub(in crate::wasm) exceeded: Option<usize>,
+}
+
+/// The envelope fields a `request` handle can set (notes apart).
+#[derive(Clone, Copy)]
+pub(super) enum Field {
+    Messages,
+    Params,
+    Passages,
+    Prompt,
+    Completion,
+    FinishReason,
+    Chunks,
+}
+
+impl Field {
+    const COUNT: usize = 7;
+}
+
+impl RequestBudget {
+    pub(in crate::wasm) fn new(envelope: &Envelope, cap: usize) -> RequestBudget {
+        RequestBudget {
+            cap,
+            set: [0; Field::COUNT],
+            note_bytes: envelope
+                .metadata
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum(),
+            exceeded: None,
+        }
+    }
+
+    /// The bytes counted against the cap if `field` held `size` bytes and
+    /// the notes `note_bytes`.
+    pub(super) fn total_with(&self, field: Option<(Field, usize)>, note_bytes: usize) -> usize {
+        let mut set = self.set;
+        if let Some((field, size)) = field {
+            set[field as usize] = size;
+        }
+        set.iter().sum::<usize>() + note_bytes
+    }
+
+    /// Admit `field` at `size` bytes, or record the excess and return the
+    /// error that ends the call.
+    pub(super) fn admit(&mut self, field: Field, size: usize) -> wasmtime::Result<()> {
+        let total = self.total_with(Some((field, size)), self.note_bytes);
+        if total > self.cap {
+            return Err(self.exceed(total));
+        }
+        self.set[field as usize] = size;
+        Ok(())
+    }
+
+    /// Record `size` as over the cap; the error that ends the call.
+    pub(super) fn exceed(&mut self, size: usize) -> wasmtime::Error {
+        self.exceeded.get_or_insert(size);
+        wasmtime::Error::msg(format!(
+            "the stage set {size} bytes; its max_output_bytes is {}",
+            self.cap
+        ))
+    }
+}
+
+/// A token bucket bounding how fast one instance may log: a chatty plugin
+/// loses its excess records (and the host says how many) instead of
+/// flooding the host's log.
+pub(in crate::wasm) struct LogBudget {
+    pub(super) tokens: f64,
+    last: Instant,
+    dropped: u64,
+}
+
+impl LogBudget {
+    const BURST: f64 = 100.0;
+    const PER_SECOND: f64 = 50.0;
+
+    pub(in crate::wasm) fn new() -> LogBudget {
+        LogBudget {
+            tokens: Self::BURST,
+            last: Instant::now(),
+            dropped: 0,
+        }
+    }
+
+    /// Whether a record may be written now; `Some(n)` carries the count of
+    /// records dropped since the last one written.
+    pub(super) fn take(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * Self::PER_SECOND;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Some(std::mem::take(&mut self.dropped))
+        } else {
+            self.dropped += 1;
+            None
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! A live instance of a plugin version ([`Instance`]) and its calls: how a
+//! call is armed (epoch deadline, fuel), bounded on the host side
+//! ([`within`]), handed the envelope (by value or by handle), capped
+//! (`max_output_bytes`) and classified when it fails ([`CallError`]).
+//!
+//! Owns one store and everything about calling into it; it must not decide
+//! when to make or drop an instance (that is the stage worker's policy, in
+//! [`crate::pipeline`]).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::Resource;
+use wasmtime::{Store, Trap};
+
+use super::bindings::{ChunkContext, ChunkOutput, Envelope, Exports, ProcessArgument, StageError};
+use super::engine::EPOCH_TICK;
+use super::envelope::envelope_bytes;
+use super::error::CallError;
+use super::host::{HostState, RequestBudget};
+use super::plugin::Plugin;
+use crate::inference::TokenStream;
+use crate::metrics::ErrorType;
+
+/// How long past a call's deadline its host-side deadline fires: the epoch
+/// deadline should win for guest code (it reports a precise trap), the
+/// timeout only catches calls stuck in the host.
+const HOST_CALL_GRACE: Duration = Duration::from_millis(20);
+
+/// A live plugin instance with its store.
+pub struct Instance {
+    store: Store<HostState>,
+    exports: Exports,
+    plugin: Arc<Plugin>,
+    calls: u64,
+}
+
+impl Instance {
+    /// Create an instance of `plugin` and run its `init` (lifecycle step 5),
+    /// within the stage's call deadline.
+    pub async fn new(plugin: &Arc<Plugin>) -> Result<Instance, CallError> {
+        let mut store = plugin.store()?;
+        let timeout = Duration::from_millis(plugin.settings.timeout_ms);
+        arm(plugin, &mut store, timeout)?;
+        let deadline = store.data().deadline + HOST_CALL_GRACE;
+        let setup = async {
+            let failed = |e| classify(e, ErrorType::Instantiate, timeout);
+            let instance = plugin
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(failed)?;
+            let exports = plugin
+                .exports
+                .exports(&mut store, &instance)
+                .map_err(failed)?;
+            exports
+                .init(&mut store, &plugin.init_config)
+                .await
+                .map_err(failed)?
+                .map_err(|message| CallError::new(ErrorType::Config, message))?;
+            Ok::<_, CallError>(exports)
+        };
+        let exports = within(deadline, std::pin::pin!(setup))
+            .await
+            .ok_or_else(|| timed_out(timeout))??;
+        plugin.services.instances.inc();
+        Ok(Instance {
+            store,
+            exports,
+            plugin: plugin.clone(),
+            calls: 0,
+        })
+    }
+
+    /// The plugin version it runs.
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.plugin
+    }
+
+    /// Calls served so far.
+    pub fn calls(&self) -> u64 {
+        self.calls
+    }
+
+    /// Call `process` with a deadline of `timeout`.
+    ///
+    /// On success `envelope` holds what the stage made of it. On failure
+    /// its content is unspecified (a stage working through a `request`
+    /// handle may have set some fields before it failed), apart from the
+    /// request id, which no stage can change through a handle.
+    pub async fn process(
+        &mut self,
+        envelope: &mut Envelope,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        self.calls += 1;
+        self.plugin.calls.fetch_add(1, Ordering::Relaxed);
+        arm(&self.plugin, &mut self.store, timeout)?;
+        let cap = self.plugin.settings.max_output_bytes;
+        let state = self.store.data_mut();
+        state.stream = None;
+        state.backend_error = None;
+        let deadline = state.deadline + HOST_CALL_GRACE;
+        // By handle: the envelope moves into the store's resource table for
+        // the call (no copy) and is taken back after it, however it ended.
+        let handle = if self.exports.world().by_handle() {
+            let envelope = std::mem::replace(envelope, Envelope::placeholder());
+            state.request = Some(RequestBudget::new(&envelope, cap));
+            let handle = state.table.push(envelope).map_err(|e| {
+                CallError::new(
+                    ErrorType::Trap,
+                    format!("cannot hand over the request: {e}"),
+                )
+            })?;
+            Some(handle)
+        } else {
+            None
+        };
+        let argument = match &handle {
+            Some(handle) => ProcessArgument::Handle(Resource::new_borrow(handle.rep())),
+            None => ProcessArgument::Value(envelope),
+        };
+        let result = {
+            let call = self.exports.process(&mut self.store, argument);
+            within(deadline, std::pin::pin!(call)).await
+        };
+        let mut over_cap = None;
+        if let Some(handle) = handle {
+            let state = self.store.data_mut();
+            over_cap = state.request.take().and_then(|budget| budget.exceeded);
+            *envelope = state.table.delete(handle).map_err(|e| {
+                CallError::new(
+                    ErrorType::Trap,
+                    format!("cannot take back the request: {e}"),
+                )
+            })?;
+        }
+        if let Some(size) = over_cap {
+            return Err(CallError::new(
+                ErrorType::OutputTooLarge,
+                format!("the stage set {size} bytes; its max_output_bytes is {cap}"),
+            ));
+        }
+        match result {
+            None => return Err(timed_out(timeout)),
+            Some(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
+            Some(Ok(Err(error))) => return Err(self.stage_error(error)),
+            Some(Ok(Ok(Some(output)))) => *envelope = output,
+            // By handle: checked as it was set.
+            Some(Ok(Ok(None))) => return Ok(()),
+        }
+        let size = envelope_bytes(envelope);
+        if size > cap {
+            return Err(CallError::new(
+                ErrorType::OutputTooLarge,
+                format!("the stage returned {size} bytes; its max_output_bytes is {cap}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The [`CallError`] of a stage's typed error. An `upstream` error
+    /// takes the class of the backend failure behind it, if there was one.
+    fn stage_error(&mut self, error: StageError) -> CallError {
+        match error {
+            StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
+            StageError::Config(m) => CallError::new(ErrorType::Config, m),
+            StageError::Upstream(m) => {
+                let class = self.store.data_mut().backend_error.take();
+                CallError::new(class.unwrap_or(ErrorType::Upstream), m)
+            }
+            StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
+        }
+    }
+
+    /// Tell the instance when the request being processed must be
+    /// answered: a generation started with `generate-stream` may run until
+    /// then (by default, until the call's own deadline).
+    pub fn set_request_deadline(&mut self, deadline: Instant) {
+        self.store.data_mut().request_deadline = Some(deadline);
+    }
+
+    /// The generation the last `process` call started with
+    /// `inference.generate-stream`, if any.
+    pub fn take_stream(&mut self) -> Option<TokenStream> {
+        self.store.data_mut().stream.take()
+    }
+
+    /// Call `process-chunk` with a deadline of `timeout`. The emitted text
+    /// and the carry count against the stage's `max_output_bytes`.
+    pub async fn process_chunk(
+        &mut self,
+        context: &ChunkContext,
+        carry: &str,
+        delta: &str,
+        last: bool,
+        timeout: Duration,
+    ) -> Result<ChunkOutput, CallError> {
+        self.calls += 1;
+        arm(&self.plugin, &mut self.store, timeout)?;
+        let state = self.store.data_mut();
+        state.backend_error = None;
+        let deadline = state.deadline + HOST_CALL_GRACE;
+        let result = {
+            let call = self
+                .exports
+                .process_chunk(&mut self.store, context, carry, delta, last);
+            within(deadline, std::pin::pin!(call)).await
+        };
+        let output = match result {
+            None => return Err(timed_out(timeout)),
+            Some(None) => {
+                return Err(CallError::new(
+                    ErrorType::PluginError,
+                    "the stage's plugin does not export process-chunk",
+                ));
+            }
+            Some(Some(Err(error))) => return Err(classify(error, ErrorType::Trap, timeout)),
+            Some(Some(Ok(Err(error)))) => return Err(self.stage_error(error)),
+            Some(Some(Ok(Ok(output)))) => output,
+        };
+        // Generations start only in `process`; one started here is cancelled.
+        self.store.data_mut().stream = None;
+        let size = output.carry.len() + output.emit.iter().map(String::len).sum::<usize>();
+        let cap = self.plugin.settings.max_output_bytes;
+        if size > cap {
+            return Err(CallError::new(
+                ErrorType::OutputTooLarge,
+                format!(
+                    "the stage returned {size} bytes for one chunk; its max_output_bytes is {cap}"
+                ),
+            ));
+        }
+        Ok(output)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.plugin.services.instances.dec();
+    }
+}
+
+/// Arm the epoch deadline and the fuel budget for one call.
+fn arm(plugin: &Plugin, store: &mut Store<HostState>, timeout: Duration) -> Result<(), CallError> {
+    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+    // One extra tick: the ticker may advance right after arming.
+    store.set_epoch_deadline(ticks + 1);
+    store.epoch_deadline_trap();
+    store.data_mut().deadline = Instant::now() + timeout;
+    if plugin.fuel {
+        store
+            .set_fuel(plugin.settings.fuel.unwrap_or(u64::MAX))
+            .map_err(|e| CallError::new(ErrorType::Instantiate, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Run `future` until it finishes or `deadline` passes (then `None`).
+///
+/// Like `tokio::time::timeout_at`, except that the timer is created only
+/// when `future` first returns `Pending`: a future that completes on its
+/// first poll (every call of a stage that does not wait on the host) costs
+/// no timer registration and no allocation. `future` is taken pinned
+/// (`std::pin::pin!` at the caller) so that it is not moved again: a
+/// component call's future is large enough for the copies to show.
+async fn within<F: Future + Unpin>(deadline: Instant, mut future: F) -> Option<F::Output> {
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = Pin::new(&mut future).poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())))
+            .as_mut()
+            .poll(cx)
+            .map(|()| None)
+    })
+    .await
+}
+
+fn timed_out(timeout: Duration) -> CallError {
+    CallError::new(
+        ErrorType::Timeout,
+        format!("deadline of {} ms exceeded", timeout.as_millis()),
+    )
+}
+
+/// Map a wasmtime error from a call into a [`CallError`].
+fn classify(error: wasmtime::Error, default: ErrorType, timeout: Duration) -> CallError {
+    let message = format!("{error:#}");
+    let error_type = match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return timed_out(timeout),
+        Some(Trap::OutOfFuel) => return CallError::new(ErrorType::Fuel, "fuel budget exhausted"),
+        Some(_) => ErrorType::Trap,
+        None if message.contains("forcing trap when growing memory")
+            || message.contains("forcing a memory growth failure") =>
+        {
+            ErrorType::Memory
+        }
+        None => default,
+    };
+    CallError::new(error_type, message)
+}
