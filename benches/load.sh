@@ -2,6 +2,7 @@
 # End-to-end load test over HTTP on loopback, and startup time.
 #
 #   bash benches/load.sh            # DURATION=10 seconds per run by default
+#   BIN=path/to/orchestrator bash benches/load.sh   # measure that binary (no build)
 #
 # Builds the release host, starts it with the bundled plugins and a fresh
 # artifact cache, then:
@@ -15,8 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}
 command -v wrk >/dev/null || { echo "wrk is required: apt-get install wrk" >&2; exit 1; }
-cargo build --release -q -p orchestrator
-BIN=target/release/orchestrator
+if [ -z "${BIN:-}" ]; then
+    cargo build --release -q -p orchestrator
+    BIN=target/release/orchestrator
+fi
 CACHE=$(mktemp -d)
 OUT=$(mktemp)
 PID=""

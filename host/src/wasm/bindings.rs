@@ -57,14 +57,6 @@ pub enum World {
 }
 
 impl World {
-    /// Every world.
-    pub const ALL: [World; 4] = [
-        World::Stage,
-        World::StreamingStage,
-        World::RequestStage,
-        World::StreamingRequestStage,
-    ];
-
     /// Its WIT name.
     pub fn name(self) -> &'static str {
         match self {
@@ -116,16 +108,14 @@ pub struct ExportIndices {
 
 impl ExportIndices {
     /// Find the stage exports of `pre`'s component and check their types.
-    /// The error says what is missing or mistyped, which worlds are
-    /// accepted, and what the component exports.
+    /// The error says what is missing or mistyped, and what the component
+    /// exports.
     pub fn new<T>(pre: &InstancePre<T>) -> Result<ExportIndices, String> {
         let component = pre.component();
         let instance_type = pre.instance_type();
         let refuse = |what: String| {
-            let accepted = World::ALL.map(World::name).join(", ");
             format!(
-                "{what}. A stage plugin implements one of the orchestrator:pipeline worlds \
-                 {accepted}; this component exports: {}",
+                "{what}; the component exports {}",
                 export_names(component, pre.engine())
             )
         };
