@@ -19,6 +19,8 @@
 //! them together from a [`Config`]; the `orchestrator` binary is a thin
 //! command line over it.
 
+#![warn(missing_docs)]
+
 pub mod bundled;
 pub mod circuit;
 pub mod config;

@@ -1,8 +1,8 @@
 //! Inference backends: what answers a plugin's `inference.generate` and
 //! `inference.generate-stream` calls.
 //!
-//! Owns the configured backends ([`backend`]), their protocols ([`echo`],
-//! [`openai`] with its [`sse`] parser) and the [`Router`] that picks one by
+//! Owns the configured backends (`backend`), their protocols (`echo`,
+//! `openai` with its `sse` parser) and the [`Router`] that picks one by
 //! model name. It must not know about stages, plugins or HTTP clients of
 //! the host: the wasm runtime calls [`Router::generate`] and
 //! [`Router::stream`] on a plugin's behalf, and the pipeline consumes the

@@ -1,9 +1,9 @@
 //! The pipeline: bounded stage queues, worker threads, admission control,
 //! token streaming.
 //!
-//! Owns the path of a request through the stages: [`admission`], the
-//! stages' queues and shared state ([`stage`]), the [`worker`]s and their
-//! instance policy, and [`streaming`]. It must not parse HTTP or know about
+//! Owns the path of a request through the stages: `admission`, the
+//! stages' queues and shared state (`stage`), the `worker`s and their
+//! instance policy, and `streaming`. It must not parse HTTP or know about
 //! plugin files: it is given loaded plugins and envelopes, and answers with
 //! envelopes, streams or [`RunError`]s.
 //!
@@ -51,7 +51,7 @@
 //! stage, with its reservations in the later stages still held. The caller
 //! pulls from it ([`Streaming::next`]): each token from the backend is
 //! passed through `process-chunk` of the following stages that are
-//! `streaming-stage` components — as [`Work::Chunk`] items on their queues,
+//! `streaming-stage` components — as `Work::Chunk` items on their queues,
 //! run by their workers on an instance of the version the stream started
 //! on — and what the last of them emits is yielded at once. The first
 //! following stage that is a plain `stage` component ends the streaming

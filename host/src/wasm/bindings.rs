@@ -20,27 +20,32 @@ use wasmtime::component::{
 };
 use wasmtime::{AsContextMut, Store};
 
-wasmtime::component::bindgen!({
-    // The world that imports every interface: its generated modules hold
-    // the types and host traits of all four worlds.
-    world: "streaming-request-stage",
-    path: "../wit",
-    imports: {
-        // The inference functions wait for the network.
-        "orchestrator:pipeline/inference": async,
-        // A request method called with a handle that is not the one the
-        // call was given traps instead of answering.
-        "orchestrator:pipeline/request": trappable,
-    },
-    with: {
-        // The host keeps the request as the envelope itself, in the store's
-        // resource table for the duration of a call.
-        "orchestrator:pipeline/request.request": crate::wasm::bindings::orchestrator::pipeline::types::Envelope,
-    },
-});
+/// What `bindgen!` generates (undocumented: the WIT holds the docs).
+#[allow(missing_docs)]
+mod generated {
+    wasmtime::component::bindgen!({
+        // The world that imports every interface: its generated modules hold
+        // the types and host traits of all four worlds.
+        world: "streaming-request-stage",
+        path: "../wit",
+        imports: {
+            // The inference functions wait for the network.
+            "orchestrator:pipeline/inference": async,
+            // A request method called with a handle that is not the one the
+            // call was given traps instead of answering.
+            "orchestrator:pipeline/request": trappable,
+        },
+        with: {
+            // The host keeps the request as the envelope itself, in the store's
+            // resource table for the duration of a call.
+            "orchestrator:pipeline/request.request": crate::wasm::bindings::generated::orchestrator::pipeline::types::Envelope,
+        },
+    });
+}
 
-// The world `use`s `chunk-context`, `chunk-output` and `stage-error`, so
-// bindgen defines them at this level already.
+pub use generated::orchestrator;
+pub use generated::{ChunkContext, ChunkOutput, StageError};
+
 pub use orchestrator::pipeline::types::{Envelope, GenerationParams, Message, Passage, Usage};
 
 /// The worlds a stage component may implement, told apart by its exports.

@@ -3,10 +3,10 @@
 //! stage worlds.
 //!
 //! Owns everything between a component's bytes and a finished call:
-//! [`engine`] (the wasmtime engine, pooling, epochs), [`cache`] (compiled
-//! artifacts), [`load`] (checks, linking, world detection), [`plugin`] (a
-//! loaded version and its sandbox), [`instance`] (calls and deadlines),
-//! [`host`] (one file per import: `request`, `log`, `inference`) and
+//! `engine` (the wasmtime engine, pooling, epochs), `cache` (compiled
+//! artifacts), `load` (checks, linking, world detection), `plugin` (a
+//! loaded version and its sandbox), `instance` (calls and deadlines),
+//! `host` (one file per import: `request`, `log`, `inference`) and
 //! [`bindings`] (the WIT types and the worlds). It must not know about
 //! queues, workers or HTTP: the pipeline decides when to instantiate and
 //! call.
@@ -53,7 +53,7 @@
 //! interruption traps a guest that computes past its deadline (an endless
 //! loop), but cannot stop a guest blocked *inside a host call* — a WASI
 //! sleep, say. So calls are made with wasmtime's async API and bounded by a
-//! host-side deadline as well ([`within`]): when it passes, the call's
+//! host-side deadline as well (`within`): when it passes, the call's
 //! future is dropped, which abandons the blocked host call. Either way the
 //! call fails with `timeout` and the instance is discarded. The host-side
 //! timer is armed only if the call actually waits on the host (its future
@@ -77,7 +77,7 @@
 //! Loading fails with a [`LoadError`] that says what is wrong with the bytes
 //! (not wasm, a core module instead of a component, wrong world, missing
 //! grant, failing `init`), with wasmtime's error as its source. A call fails with a [`CallError`] whose
-//! [`ErrorType`] is the `error_type` metric label; after a host-side failure
+//! [`ErrorType`](crate::metrics::ErrorType) is the `error_type` metric label; after a host-side failure
 //! (trap, timeout, memory cap) the instance is poisoned and must be dropped.
 
 pub mod bindings;

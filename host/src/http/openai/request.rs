@@ -1,5 +1,5 @@
 //! The request of `POST /v1/chat/completions`: its wire types and their
-//! validation into what the pipeline takes ([`parse`]).
+//! validation into what the pipeline takes (`parse`).
 //!
 //! Unknown fields are ignored, as OpenAI does; everything the host cannot
 //! honour (`n` > 1, non-text content parts, an unknown model) is refused

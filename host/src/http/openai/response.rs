@@ -1,5 +1,5 @@
 //! The answers of `POST /v1/chat/completions`: a `chat.completion` object,
-//! the events of a `chat.completion.chunk` stream ([`ChunkEvents`], one
+//! the events of a `chat.completion.chunk` stream (`ChunkEvents`, one
 //! builder for buffered and live streams), and the HTTP form of a pipeline
 //! failure ([`run_error`]).
 

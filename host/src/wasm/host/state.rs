@@ -15,13 +15,19 @@ use crate::wasm::bindings::orchestrator::pipeline::{streaming, types};
 
 /// The data of each plugin store.
 pub struct HostState {
+    /// WASI p2: exactly the stage's grants.
     pub(in crate::wasm) wasi: WasiCtx,
+    /// WASI's resources, and the `request` lent for a `process` call.
     pub(in crate::wasm) table: ResourceTable,
+    /// Memory, table and instance caps.
     pub(in crate::wasm) limits: StoreLimits,
+    /// The stage the instance serves (for its log records).
     pub(in crate::wasm) stage: &'static str,
     /// The inference router, for stages granted `inference`.
     pub(in crate::wasm) router: Option<Router>,
+    /// The instance's log rate.
     pub(in crate::wasm) log_budget: LogBudget,
+    /// When the current call must end.
     pub(in crate::wasm) deadline: Instant,
     /// When the request as a whole must be answered, if the caller said:
     /// a streamed generation outlives the call that started it.
