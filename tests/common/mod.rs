@@ -100,7 +100,7 @@ impl Host {
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut err_pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = err_pipe.read(&mut buf) {
                 if n == 0 {
@@ -139,8 +139,9 @@ impl Host {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                // Let the reader thread collect the rest.
-                std::thread::sleep(Duration::from_millis(50));
+                // The process is gone, so its stderr is at EOF: once the
+                // reader has seen that, it has collected everything.
+                let _ = reader.join();
                 Err(stderr.lock().unwrap().clone())
             }
         }
