@@ -83,6 +83,48 @@ fn config_errors_name_the_key() {
     assert!(stderr.contains("stages.post.queue_capacity"), "{stderr}");
 }
 
+/// Files the host is pointed at are read only if they are regular files
+/// of bounded size: a device is not read without end, a FIFO does not hang
+/// startup, an absurd bound does not allocate.
+#[test]
+fn devices_fifos_and_unbounded_values_are_refused_at_startup() {
+    let stderr = Host::try_start(&["--config", "/dev/zero"])
+        .err()
+        .expect("refused");
+    assert!(
+        stderr.contains("/dev/zero") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    let stderr = Host::try_with_config("[stages.post]\nplugin = \"/dev/zero\"\n")
+        .err()
+        .expect("refused");
+    assert!(
+        stderr.contains("stage `post`") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("post.wasm");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+    let stderr = Host::try_start(&["--plugins", dir.path().to_str().unwrap()])
+        .err()
+        .expect("refused");
+    assert!(
+        stderr.contains("stage `post`") && stderr.contains("not a regular file"),
+        "{stderr}"
+    );
+    let stderr = Host::try_with_config("[stages.rag]\nqueue_capacity = 1000000000000\n")
+        .err()
+        .expect("refused");
+    assert!(
+        stderr.contains("stages.rag.queue_capacity") && stderr.contains("between 1 and 65536"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn plugins_from_a_directory_replace_the_bundled_ones() {
     let dir = tempfile::tempdir().unwrap();

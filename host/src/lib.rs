@@ -12,7 +12,7 @@
 //! Modules depend on each other one way, from the leaves up:
 //!
 //! ```text
-//! config, metrics, bundled → circuit → inference → wasm → pipeline → control → http
+//! config, metrics, bundled, files → circuit → inference → wasm → pipeline → control → http
 //! ```
 //!
 //! (`tests/layout.rs` fails on any cycle.) [`Orchestrator::start`] wires
@@ -25,6 +25,7 @@ pub mod bundled;
 pub mod circuit;
 pub mod config;
 pub mod control;
+pub mod files;
 pub mod http;
 pub mod inference;
 pub mod metrics;
@@ -210,7 +211,7 @@ async fn load_stage(
         source_name: source.to_string(),
         error,
     };
-    let bytes = PluginBytes::read(&source).map_err(fail)?;
+    let bytes = PluginBytes::read(&source, config.max_plugin_bytes).map_err(fail)?;
     let (plugin, _) = runtime
         .load(stage, source.clone(), bytes, services)
         .await

@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use super::backend::BackendKind;
+use crate::files::read_bounded;
+
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
 use super::settings::{Config, ConfigError};
 use super::stage::{Stage, StageConfig};
 
@@ -11,10 +15,13 @@ impl Config {
     /// Read `path` over the defaults. Relative paths in the file are
     /// resolved against the file's directory.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let bytes = read_bounded(path, MAX_CONFIG_BYTES).map_err(read_error)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         Config::from_toml(&text, base).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
@@ -60,15 +67,13 @@ impl Config {
     /// Check ranges. Called by the loaders; call it again after changing
     /// fields by hand.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let at_least_one = [
-            ("request_timeout_ms", self.request_timeout_ms),
-            ("max_body_bytes", self.max_body_bytes),
-            ("max_plugin_bytes", self.max_plugin_bytes),
+        let bounds = [
+            ("request_timeout_ms", self.request_timeout_ms, 1, MAX_MS),
+            ("max_body_bytes", self.max_body_bytes, 1, GIB),
+            ("max_plugin_bytes", self.max_plugin_bytes, 1, GIB),
         ];
-        for (key, value) in at_least_one {
-            if value == 0 {
-                return invalid(key.into(), "must be at least 1");
-            }
+        for (key, value, min, max) in bounds {
+            within(key.into(), value, min, max)?;
         }
         if self.watch && self.plugins_dir.is_none() {
             return invalid(
@@ -110,16 +115,32 @@ impl Config {
                 }
                 _ => {}
             }
-            for (field, value) in [
-                ("request_timeout_ms", backend.request_timeout_ms),
-                ("connect_timeout_ms", backend.connect_timeout_ms),
-                ("max_concurrent", backend.max_concurrent as u64),
-                ("breaker_failures", u64::from(backend.breaker_failures)),
-                ("breaker_probes", u64::from(backend.breaker_probes)),
+            for (field, value, min, max) in [
+                ("request_timeout_ms", backend.request_timeout_ms, 1, MAX_MS),
+                ("connect_timeout_ms", backend.connect_timeout_ms, 1, MAX_MS),
+                ("max_concurrent", backend.max_concurrent as u64, 1, 100_000),
+                ("max_retries", u64::from(backend.max_retries), 0, 100),
+                ("retry_backoff_ms", backend.retry_backoff_ms, 0, MAX_MS),
+                (
+                    "breaker_failures",
+                    u64::from(backend.breaker_failures),
+                    1,
+                    u64::from(u32::MAX),
+                ),
+                (
+                    "breaker_cooldown_ms",
+                    backend.breaker_cooldown_ms,
+                    0,
+                    MAX_MS,
+                ),
+                (
+                    "breaker_probes",
+                    u64::from(backend.breaker_probes),
+                    1,
+                    10_000,
+                ),
             ] {
-                if value == 0 {
-                    return invalid(key(field), "must be at least 1");
-                }
+                within(key(field), value, min, max)?;
             }
             if let Some(other) = &backend.failover
                 && (other == name || !self.backends.contains_key(other))
@@ -157,6 +178,23 @@ impl Config {
     }
 }
 
+/// Longest duration any `*_ms` setting may have: a day.
+const MAX_MS: u64 = 24 * 60 * 60 * 1000;
+const GIB: u64 = 1 << 30;
+
+/// Check that `value` of `key` is in `min..=max`.
+fn within(key: String, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        let message = match (min, max) {
+            (1, u64::MAX) => "must be at least 1".to_string(),
+            (min, u64::MAX) => format!("must be at least {min}"),
+            (min, max) => format!("must be between {min} and {max}"),
+        };
+        return invalid(key, &message);
+    }
+    Ok(())
+}
+
 fn invalid(key: String, message: &str) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid {
         key,
@@ -166,23 +204,36 @@ fn invalid(key: String, message: &str) -> Result<(), ConfigError> {
 
 fn validate_stage(stage: &StageConfig) -> Result<(), ConfigError> {
     let key = |field: &str| format!("stages.{}.{field}", stage.name());
-    if stage.workers == 0 || stage.workers > 256 {
-        return invalid(key("workers"), "must be between 1 and 256");
-    }
-    for (field, value) in [
-        ("queue_capacity", stage.queue_capacity as u64),
-        ("recycle_after", stage.recycle_after),
-        ("timeout_ms", stage.timeout_ms),
+    for (field, value, min, max) in [
+        ("workers", stage.workers as u64, 1, 256),
+        // The queue's slots are allocated up front.
+        ("queue_capacity", stage.queue_capacity as u64, 1, 65_536),
+        ("recycle_after", stage.recycle_after, 1, u64::MAX),
+        ("timeout_ms", stage.timeout_ms, 1, MAX_MS),
+        // One wasm page to the whole 32-bit address space.
+        (
+            "max_memory_bytes",
+            stage.max_memory_bytes as u64,
+            65_536,
+            4 * GIB,
+        ),
+        (
+            "max_output_bytes",
+            stage.max_output_bytes as u64,
+            1,
+            4 * GIB,
+        ),
+        ("fuel", stage.fuel.unwrap_or(1), 1, u64::MAX),
+        (
+            "breaker_failures",
+            u64::from(stage.breaker_failures),
+            1,
+            u64::from(u32::MAX),
+        ),
+        ("breaker_cooldown_ms", stage.breaker_cooldown_ms, 0, MAX_MS),
+        ("breaker_probes", u64::from(stage.breaker_probes), 1, 10_000),
     ] {
-        if value == 0 {
-            return invalid(key(field), "must be at least 1");
-        }
-    }
-    if stage.max_memory_bytes < 64 * 1024 {
-        return invalid(
-            key("max_memory_bytes"),
-            "must be at least 65536 (one wasm page)",
-        );
+        within(key(field), value, min, max)?;
     }
     for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
         if !dir.guest.starts_with('/') {

@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use super::swap::HotSwap;
 use crate::config::{Config, PluginSource};
+use crate::files::read_bounded;
 
 /// Poll interval.
 pub const POLL: Duration = Duration::from_millis(200);
@@ -45,6 +46,7 @@ struct Watched {
 
 /// Start watching every stage's plugin file; runs until the runtime stops.
 pub fn spawn(config: &Config, swap: Arc<HotSwap>) -> tokio::task::JoinHandle<()> {
+    let max_bytes = config.max_plugin_bytes;
     let mut files: Vec<Watched> = config
         .stages
         .iter()
@@ -78,7 +80,11 @@ pub fn spawn(config: &Config, swap: Arc<HotSwap>) -> tokio::task::JoinHandle<()>
                     continue;
                 }
                 file.handled = now;
-                let bytes = match tokio::fs::read(&file.path).await {
+                let path = file.path.clone();
+                let read = tokio::task::spawn_blocking(move || read_bounded(&path, max_bytes))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                let bytes = match read {
                     Ok(bytes) => bytes,
                     Err(error) => {
                         tracing::warn!(stage = file.stage, path = %file.path.display(), %error, "cannot read the changed plugin");

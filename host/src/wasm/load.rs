@@ -24,6 +24,7 @@ use super::instance::Instance;
 use super::plugin::{HostServices, Plugin};
 use crate::bundled;
 use crate::config::{PluginSource, StageConfig};
+use crate::files::read_bounded;
 use crate::metrics::ErrorType;
 
 /// Interface name prefix of this package's imports.
@@ -43,15 +44,18 @@ impl PluginBytes {
         PluginBytes { bytes, sha256 }
     }
 
-    /// Read a bundled component or a file. An upload has nothing to read:
+    /// Read a bundled component, or a file of at most `max_bytes` (a
+    /// regular file: see [`read_bounded`]). An upload has nothing to read:
     /// its bytes come with the request.
-    pub fn read(source: &PluginSource) -> Result<PluginBytes, LoadError> {
+    pub fn read(source: &PluginSource, max_bytes: u64) -> Result<PluginBytes, LoadError> {
         let bytes = match source {
             PluginSource::Bundled(stage) => bundled::component(*stage).to_vec(),
-            PluginSource::File(path) => std::fs::read(path).map_err(|source| LoadError::Read {
-                path: path.clone(),
-                source,
-            })?,
+            PluginSource::File(path) => {
+                read_bounded(path, max_bytes).map_err(|source| LoadError::Read {
+                    path: path.clone(),
+                    source,
+                })?
+            }
             PluginSource::Upload => {
                 return Err(LoadError::Read {
                     path: "<upload>".into(),
@@ -227,14 +231,15 @@ mod tests {
 
     #[test]
     fn an_upload_has_no_source_to_read_and_bundled_stages_do() {
-        let error = PluginBytes::read(&PluginSource::Upload).unwrap_err();
+        let error = PluginBytes::read(&PluginSource::Upload, 1 << 20).unwrap_err();
         assert!(matches!(error, LoadError::Read { .. }));
         assert!(
             error.report().contains("come with its request"),
             "{}",
             error.report()
         );
-        let rag = PluginBytes::read(&PluginSource::Bundled(crate::config::Stage::Rag)).unwrap();
+        let rag =
+            PluginBytes::read(&PluginSource::Bundled(crate::config::Stage::Rag), 1 << 20).unwrap();
         assert_eq!(rag.sha256().len(), 64);
     }
 }
