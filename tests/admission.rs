@@ -146,3 +146,41 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
     assert_eq!(in_flight.await.unwrap().expect("answered before exit"), 200);
     assert!(exited_cleanly);
 }
+
+/// One client's pathological input must not open a stage's breaker for
+/// everyone: `rag` once deduplicated query terms with a list (quadratic),
+/// so a few questions of 80,000 distinct words hit its 5 s deadline and
+/// the timeouts opened its breaker (503 `circuit_open` for every client).
+#[tokio::test(flavor = "multi_thread")]
+async fn many_distinct_query_terms_cost_linear_time_and_open_no_breaker() {
+    let host = Host::start(&[]);
+    // 80,000 distinct lowercase words of four letters or more (~500 KB).
+    let words: Vec<String> = (0..80_000u32)
+        .map(|n| {
+            let mut word = String::from("q");
+            let mut n = n;
+            for _ in 0..4 {
+                word.push(char::from(b'a' + (n % 26) as u8));
+                n /= 26;
+            }
+            word
+        })
+        .collect();
+    let body = ask(&words.join(" "));
+    let requests = (0..6).map(|_| host.chat(&body));
+    for (status, body) in futures_util::future::join_all(requests).await {
+        assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
+    }
+    let (status, body) = host.chat(&ask("What is backpressure?")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        host.metric("orchestrator_circuit_state{stage=\"rag\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        host.metric("orchestrator_errors_total{error_type=\"timeout\",stage=\"rag\"}")
+            .await,
+        0.0
+    );
+}

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::Stage;
 
@@ -33,15 +34,29 @@ pub fn component(stage: Stage) -> &'static [u8] {
 /// already there with the same content are left alone; other files in
 /// `dir` are not touched.
 pub fn install_corpus(dir: &Path) -> io::Result<()> {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     std::fs::create_dir_all(dir)?;
     for (name, contents) in generated::CORPUS {
         let path = dir.join(name);
-        if std::fs::read(&path).is_ok_and(|existing| existing == *contents) {
+        let installed = || std::fs::read(&path).is_ok_and(|existing| existing == *contents);
+        if installed() {
             continue;
         }
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // A temporary name of its own, even for hosts started at once in
+        // one process.
+        let tmp = dir.join(format!(
+            ".{name}.{}.{}.tmp",
+            std::process::id(),
+            WRITES.fetch_add(1, Ordering::Relaxed)
+        ));
         std::fs::write(&tmp, contents)?;
-        std::fs::rename(&tmp, &path)?;
+        if let Err(error) = std::fs::rename(&tmp, &path) {
+            let _ = std::fs::remove_file(&tmp);
+            // Another host may have put the same file there meanwhile.
+            if !installed() {
+                return Err(error);
+            }
+        }
     }
     Ok(())
 }

@@ -41,25 +41,13 @@ impl Config {
         };
         let mut file: toml::Table = toml::from_str(text).map_err(|e| parse_error(e.to_string()))?;
         prepare_stages(&mut file)?;
+        resolve_paths(&mut file, base)?;
         let mut merged = toml::Table::try_from(Config::default())
             .map_err(|e| parse_error(format!("the defaults cannot be laid out: {e}")))?;
         overlay(&mut merged, file);
-        let mut config: Config = merged
+        let config: Config = merged
             .try_into()
             .map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
-        let resolve = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        config.plugins_dir.as_mut().map(resolve);
-        config.cache_dir.as_mut().map(resolve);
-        for stage in &mut config.stages {
-            stage.plugin.as_mut().map(resolve);
-            for dir in &mut stage.capabilities.dirs {
-                resolve(&mut dir.host);
-            }
-        }
         config.validate()?;
         Ok(config)
     }
@@ -259,6 +247,59 @@ fn overlay(defaults: &mut toml::Table, file: toml::Table) {
     }
 }
 
+/// Make the relative paths the file gives (`plugins_dir`, `cache_dir`, a
+/// stage's `plugin` and its `dirs` grants) relative to `base`, the file's
+/// directory. Only the file's own paths: the defaults are left as they are.
+fn resolve_paths(file: &mut toml::Table, base: &Path) -> Result<(), ConfigError> {
+    let resolve = |key: String, value: &mut toml::Value| -> Result<(), ConfigError> {
+        let toml::Value::String(text) = value else {
+            return Ok(()); // the wrong type is reported by deserialization
+        };
+        if Path::new(text.as_str()).is_relative() {
+            *text = base
+                .join(text.as_str())
+                .into_os_string()
+                .into_string()
+                .map_err(|_| ConfigError::Invalid {
+                    key,
+                    message: "resolves to a path that is not UTF-8".into(),
+                })?;
+        }
+        Ok(())
+    };
+    for key in ["plugins_dir", "cache_dir"] {
+        if let Some(value) = file.get_mut(key) {
+            resolve(key.into(), value)?;
+        }
+    }
+    let Some(toml::Value::Table(stages)) = file.get_mut("stages") else {
+        return Ok(());
+    };
+    for (name, stage) in stages.iter_mut() {
+        let toml::Value::Table(stage) = stage else {
+            continue;
+        };
+        if let Some(plugin) = stage.get_mut("plugin") {
+            resolve(format!("stages.{name}.plugin"), plugin)?;
+        }
+        let dirs = match stage.get_mut("capabilities") {
+            Some(toml::Value::Table(capabilities)) => capabilities.get_mut("dirs"),
+            _ => None,
+        };
+        let Some(toml::Value::Array(dirs)) = dirs else {
+            continue;
+        };
+        for (n, dir) in dirs.iter_mut().enumerate() {
+            if let toml::Value::Table(dir) = dir
+                && let Some(host) = dir.get_mut("host")
+            {
+                resolve(format!("stages.{name}.capabilities.dirs[{n}].host"), host)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Check the file's `[stages.*]` names, and turn the values of each
 /// stage's `config` table into the strings `init` receives.
 fn prepare_stages(file: &mut toml::Table) -> Result<(), ConfigError> {
@@ -333,6 +374,22 @@ mod tests {
         assert_eq!(post.instance_mode, InstanceMode::PerRequest);
         assert_eq!(post.fuel, Some(1000));
         assert_eq!(config.stages[3].stage, Stage::Post, "pipeline order");
+    }
+
+    #[test]
+    fn only_the_files_own_relative_paths_are_rebased() {
+        let config = parse("plugins_dir = \"p\"\ncache_dir = \"/abs/cache\"").unwrap();
+        assert_eq!(
+            config.plugins_dir.as_deref(),
+            Some(Path::new("/etc/orchestrator/p"))
+        );
+        assert_eq!(config.cache_dir.as_deref(), Some(Path::new("/abs/cache")));
+        let defaults = Config::default();
+        assert_eq!(
+            config.stage("rag").unwrap().capabilities.dirs,
+            defaults.stage("rag").unwrap().capabilities.dirs,
+            "a default grant is kept as it is"
+        );
     }
 
     #[test]

@@ -116,10 +116,12 @@ fn run_job(
             &current,
             async |live: &mut Instance| {
                 live.set_request_deadline(Instant::now() + remaining);
-                live.process(envelope, timeout).await?;
-                // A generation started by a call that then failed is
-                // dropped (cancelled) with it.
-                Ok(live.take_stream())
+                let result = live.process(envelope, timeout).await;
+                // Taken whatever the result: a generation started by a call
+                // that then failed is dropped (cancelled) with it here, not
+                // left running in the instance until its next call.
+                let stream = live.take_stream();
+                result.map(|()| stream)
             },
         ))
     };
