@@ -117,7 +117,7 @@ async fn an_expired_request_gets_504_and_the_host_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
-    let host = slow_post_host(4, 800, "");
+    let host = slow_post_host(4, 2000, "");
     let url = format!("{}/v1/chat/completions", host.api);
     let in_flight = tokio::spawn(async move {
         crate::common::client()
@@ -137,6 +137,31 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
         assert!(
             std::time::Instant::now() < deadline,
             "request never admitted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // From the signal on, /health says draining (503) while the request
+    // in flight goes on.
+    host.send_sigterm();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = crate::common::client()
+            .get(format!("{}/health", host.metrics))
+            .send()
+            .await
+            .expect("/health answers during the drain");
+        if response.status() == 503 {
+            let health: Value = response.json().await.unwrap();
+            assert_eq!(health["status"], "draining");
+            assert!(
+                !in_flight.is_finished(),
+                "draining only after the request in flight was answered"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/health never said draining"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

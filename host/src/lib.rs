@@ -192,6 +192,10 @@ impl Orchestrator {
         if let Some(watcher) = &self.watcher {
             watcher.abort();
         }
+        // Draining from the first moment: `/health` answers 503 (so a load
+        // balancer stops sending) and nothing new is admitted, while the
+        // requests in flight go on.
+        self.pipeline.stop_admitting();
         let _ = tokio::time::timeout(grace, self.api.shutdown()).await;
         self.pipeline.shutdown(grace).await;
         self.ops.shutdown().await;

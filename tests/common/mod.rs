@@ -177,9 +177,14 @@ impl Host {
 
     /// Send SIGTERM and wait for exit; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
+        self.send_sigterm();
+        self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Send SIGTERM without waiting for the process to exit.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
     /// The current `/metrics` text.

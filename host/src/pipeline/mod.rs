@@ -313,11 +313,17 @@ impl Pipeline {
         }
     }
 
+    /// Admit nothing new (answering [`RunError::ShuttingDown`]); `/health`
+    /// says `draining`. Requests already admitted go on.
+    pub fn stop_admitting(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+    }
+
     /// Stop admitting, wait until every admitted request has been answered
     /// (or `grace` has passed), then stop the workers.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
-        inner.accepting.store(false, Ordering::Release);
+        self.stop_admitting();
         let drained = async {
             loop {
                 let notified = inner.drained.notified();
