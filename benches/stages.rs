@@ -65,7 +65,7 @@ impl Bench {
                 .enable_all()
                 .build()
                 .unwrap(),
-            runtime: Runtime::new(&settings).unwrap(),
+            runtime: Runtime::new(&settings, &metrics).unwrap(),
             router: Router::new(&Config::default(), &metrics).unwrap(),
             metrics,
         }

@@ -142,56 +142,119 @@ fn plugins_from_a_directory_replace_the_bundled_ones() {
     assert_eq!(health["stages"][0]["plugin"]["source"], "bundled");
 }
 
-/// A corrupt or foreign artifact-cache entry is detected and recompiled,
-/// never loaded.
+/// The artifact cache runs only what this host compiled for exactly that
+/// component: entries swapped, patched, planted, linked or piped in are
+/// refused (logged, counted) and recompiled, never loaded.
 #[test]
-fn corrupt_cache_entries_are_recompiled_not_trusted() {
-    use sha2::Digest;
+fn tampered_cache_entries_are_recompiled_not_trusted() {
+    let base = tempfile::tempdir().unwrap();
+    let cache = base.path().join("cache");
+    let entries = |cache: &Path| {
+        let mut entries: Vec<_> = std::fs::read_dir(cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect();
+        entries.sort();
+        entries
+    };
+    let sha_of = |stage: &str| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            std::fs::read(bundled_wasm(stage)).unwrap(),
+        ))
+    };
+    let entry_of = |stage: &str| {
+        let sha = sha_of(stage);
+        entries(&cache)
+            .into_iter()
+            .find(|p| p.file_name().unwrap().to_str().unwrap().starts_with(&sha))
+            .expect("an entry per bundled plugin")
+    };
+    drop(Host::start_with(&[], &[], &cache));
+    assert_eq!(entries(&cache).len(), 5, "one entry per bundled plugin");
+    assert!(
+        base.path().join("cache.key").is_file(),
+        "the key is outside the cache"
+    );
 
-    let cache = tempfile::tempdir().unwrap();
-    let host = Host::start_with(&[], &[], cache.path());
-    drop(host);
-    let mut entries: Vec<_> = std::fs::read_dir(cache.path())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
-        .collect();
-    entries.sort();
-    assert_eq!(entries.len(), 5, "one entry per bundled plugin");
-    for (n, entry) in entries.iter().enumerate() {
-        let data = std::fs::read(entry).unwrap();
-        if n % 2 == 0 {
-            // Truncated: the checksum no longer matches.
-            std::fs::write(entry, &data[..data.len() / 2]).unwrap();
-        } else {
-            // Garbage under a valid checksum: wasmtime refuses it.
-            let garbage = vec![0x5a; 4096];
-            let mut file = sha2::Sha256::digest(&garbage).to_vec();
-            file.extend_from_slice(&garbage);
-            std::fs::write(entry, file).unwrap();
-        }
-    }
-    let host = Host::start_with(&[], &[], cache.path());
+    // 1. `stream`'s entry under `post`'s name: valid code, wrong component.
+    std::fs::copy(entry_of("stream"), entry_of("post")).unwrap();
+    // 2. A patched artifact (one byte flipped near the end).
+    let rag = entry_of("rag");
+    let mut data = std::fs::read(&rag).unwrap();
+    let at = data.len() - 100;
+    data[at] ^= 0x01;
+    std::fs::write(&rag, data).unwrap();
+    // 3. A link to a device that never ends.
+    let assemble = entry_of("assemble");
+    std::fs::remove_file(&assemble).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &assemble).unwrap();
+    // 4. A FIFO, which would block a reader forever.
+    let inference = entry_of("inference");
+    std::fs::remove_file(&inference).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&inference)
+        .status()
+        .expect("mkfifo runs");
+    assert!(made.success());
+
+    let host = Host::start_with(&[], &[], &cache);
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (status, text) = runtime.block_on(host.chat(&crate::common::ask("still correct?")));
+    // `post` still redacts: its own code runs, not `stream`'s.
+    let (status, text) =
+        runtime.block_on(host.chat(&crate::common::ask("Write to alice@example.com please")));
     assert_eq!(status, 200, "{text}");
+    assert!(!text.contains("alice@example.com"), "{text}");
+    assert!(text.contains("[redacted email]"), "{text}");
+    let metrics = runtime.block_on(host.metrics_text());
+    let refused = |reason: &str| {
+        crate::common::metric_value(
+            &metrics,
+            &format!("orchestrator_artifact_cache_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(refused("bad_mac"), 2.0, "{metrics}");
+    assert_eq!(refused("unsafe_file"), 2.0, "{metrics}");
     let log = host.stderr();
     assert_eq!(
-        log.matches("corrupt artifact cache entry; recompiling")
+        log.matches("artifact cache entry refused; recompiling")
             .count(),
-        3,
+        4,
         "{log}"
+    );
+    // The rewritten entries are trusted again, and are plain files.
+    drop(host);
+    assert!(!std::fs::symlink_metadata(&assemble).unwrap().is_symlink());
+    let host = Host::start_with(&[], &[], &cache);
+    assert!(!host.stderr().contains("refused"), "{}", host.stderr());
+}
+
+/// A cache directory that others may write to is not used at all; the
+/// host runs without it and says so.
+#[test]
+fn a_cache_directory_others_can_write_is_not_used() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let base = tempfile::tempdir().unwrap();
+    let cache = base.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let host = Host::start_with(&[], &[], &cache);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (status, text) = runtime.block_on(host.chat(&crate::common::ask("still served?")));
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        host.stderr()
+            .contains("not using the artifact cache directory"),
+        "{}",
+        host.stderr()
     );
     assert_eq!(
-        log.matches("stale artifact cache entry; recompiling")
-            .count(),
-        2,
-        "{log}"
+        std::fs::read_dir(&cache).unwrap().count(),
+        0,
+        "nothing written"
     );
-    // The rewritten entries are good again.
-    drop(host);
-    let host = Host::start_with(&[], &[], cache.path());
-    assert!(!host.stderr().contains("recompiling"), "{}", host.stderr());
 }
 
 /// Command-line flags win over the file: the file's addresses cannot be
@@ -235,8 +298,7 @@ async fn a_copied_binary_serves_the_bundled_corpus_from_any_directory() {
     );
     let corpus = cache_home
         .path()
-        .join("orchestrator")
-        .join(format!("corpus-{}", env!("CARGO_PKG_VERSION")));
+        .join(format!("orchestrator-corpus-{}", env!("CARGO_PKG_VERSION")));
     assert!(
         corpus.join("backpressure.md").is_file(),
         "the corpus was written to {}",

@@ -108,7 +108,10 @@ impl Orchestrator {
         // Bind first: an address in use fails at once, before any compiling.
         let api_listener = server::bind(config.listen).await?;
         let ops_listener = server::bind(config.metrics_listen).await?;
-        let runtime = Arc::new(Runtime::new(&EngineSettings::for_config(&config))?);
+        let runtime = Arc::new(Runtime::new(
+            &EngineSettings::for_config(&config),
+            &metrics,
+        )?);
         let router = Router::new(&config, &metrics)?;
         install_default_corpus(&config)?;
         let mut stages = Vec::new();

@@ -72,6 +72,30 @@ impl Config {
         self.validate_backends()?;
         for stage in &self.stages {
             validate_stage(stage)?;
+            self.validate_grants(stage)?;
+        }
+        Ok(())
+    }
+
+    /// A stage may not be granted the artifact cache (native code the host
+    /// runs), its key (a sibling), or a directory holding them.
+    fn validate_grants(&self, stage: &StageConfig) -> Result<(), ConfigError> {
+        let Some(cache) = &self.cache_dir else {
+            return Ok(());
+        };
+        let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let cache = canonical(cache);
+        for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
+            let host = canonical(&dir.host);
+            if host.starts_with(&cache) || cache.starts_with(&host) {
+                return invalid(
+                    format!("stages.{}.capabilities.dirs[{n}].host", stage.name()),
+                    &format!(
+                        "would expose the compiled-artifact cache ({}) to the plugin",
+                        cache.display()
+                    ),
+                );
+            }
         }
         Ok(())
     }

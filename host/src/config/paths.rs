@@ -6,12 +6,16 @@ use std::path::PathBuf;
 /// directory the host writes the corpus embedded in its binary to at
 /// startup (see [`crate::bundled::install_corpus`]), so that an installed
 /// or copied binary needs no file from its source tree.
-/// `<cache base>/orchestrator/corpus-<version>`, or under the system's
-/// temporary directory when neither `$XDG_CACHE_HOME` nor `$HOME` is set.
+/// `<cache base>/orchestrator-corpus-<version>` (`~/.cache/...`), or
+/// under the system's temporary directory when neither `$XDG_CACHE_HOME`
+/// nor `$HOME` is set.
 pub fn default_corpus_dir() -> PathBuf {
-    default_cache_dir()
-        .unwrap_or_else(|| std::env::temp_dir().join("orchestrator"))
-        .join(format!("corpus-{}", env!("CARGO_PKG_VERSION")))
+    // Beside the artifact cache, not in it: a grant of a directory inside
+    // the cache would expose compiled code to the plugin (and is refused).
+    let base = default_cache_dir()
+        .and_then(|cache| cache.parent().map(PathBuf::from))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join(format!("orchestrator-corpus-{}", env!("CARGO_PKG_VERSION")))
 }
 
 /// `$XDG_CACHE_HOME/orchestrator` or `$HOME/.cache/orchestrator`.

@@ -209,3 +209,40 @@ impl BreakerState {
         }
     }
 }
+
+/// Why an artifact cache entry (or the cache directory) was not used: the
+/// `reason` label of `orchestrator_artifact_cache_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheRefusal {
+    /// The cache directory is not a directory owned by the host's user, or
+    /// others may write to it: the host runs without a cache.
+    UnsafeDirectory,
+    /// The entry is a link, a FIFO or device, not the host's, writable by
+    /// others, or too large.
+    UnsafeFile,
+    /// The entry's MAC does not prove it is this host's compilation of this
+    /// component (planted, swapped, patched or truncated).
+    BadMac,
+    /// wasmtime refused to deserialize it (another version or setting).
+    Incompatible,
+}
+
+impl CacheRefusal {
+    /// Every reason, in label order.
+    pub const ALL: [CacheRefusal; 4] = [
+        CacheRefusal::UnsafeDirectory,
+        CacheRefusal::UnsafeFile,
+        CacheRefusal::BadMac,
+        CacheRefusal::Incompatible,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheRefusal::UnsafeDirectory => "unsafe_directory",
+            CacheRefusal::UnsafeFile => "unsafe_file",
+            CacheRefusal::BadMac => "bad_mac",
+            CacheRefusal::Incompatible => "incompatible",
+        }
+    }
+}

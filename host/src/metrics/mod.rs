@@ -27,6 +27,7 @@
 //! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
 //! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
 //! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |
+//! | `orchestrator_artifact_cache_refused_total` | counter | `reason` | compiled-artifact cache entries refused (`unsafe_directory`, `unsafe_file`, `bad_mac`, `incompatible`) and recompiled |
 //! | `orchestrator_build_info` | gauge | `version` | always 1 |
 //! | `process_*` | | | CPU, memory, file descriptors of the host process |
 //!
@@ -53,8 +54,8 @@ pub use global::{
     gather_metrics, get_metrics_summary, global, record_error, record_queue_depth,
     record_stage_latency, record_throughput, record_tokens_generated,
 };
-pub use labels::{BreakerState, ErrorType, Outcome, UpstreamOutcome};
+pub use labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
 pub use registry::{
-    BackendMetrics, BreakerMetrics, Metrics, MetricsSummary, REQUEST_BUCKETS, RequestMetrics,
-    STAGE_BUCKETS, StageMetrics, TOKEN_BUCKETS,
+    BackendMetrics, BreakerMetrics, CacheMetrics, Metrics, MetricsSummary, REQUEST_BUCKETS,
+    RequestMetrics, STAGE_BUCKETS, StageMetrics, TOKEN_BUCKETS,
 };

@@ -11,7 +11,7 @@ use prometheus::{
 };
 use serde::Serialize;
 
-use super::labels::{BreakerState, ErrorType, Outcome, UpstreamOutcome};
+use super::labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
 
 /// Buckets of `orchestrator_stage_duration_seconds`: from 50 µs, where warm
 /// wasm calls live, to 10 s.
@@ -56,6 +56,7 @@ pub struct Metrics {
     upstream_requests: IntCounterVec,
     upstream_circuit_state: IntGaugeVec,
     upstream_circuit_transitions: IntCounterVec,
+    artifact_cache_refused: IntCounterVec,
 }
 
 /// A circuit breaker's series (see [`crate::circuit`]).
@@ -121,6 +122,19 @@ impl StageMetrics {
             .position(|t| *t == error_type)
             .unwrap_or_default();
         &self.errors[index]
+    }
+}
+
+/// Handles of `orchestrator_artifact_cache_refused_total{reason}`.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    refused: Arc<[IntCounter; 4]>,
+}
+
+impl CacheMetrics {
+    /// The counter of entries refused for `reason`.
+    pub fn refused(&self, reason: CacheRefusal) -> &IntCounter {
+        &self.refused[reason as usize]
     }
 }
 
@@ -295,6 +309,11 @@ impl Metrics {
                 "Backend circuit breaker transitions, by the state entered.",
                 &["worker_type", "to"],
             ),
+            artifact_cache_refused: counter(
+                "orchestrator_artifact_cache_refused_total",
+                "Compiled-artifact cache entries (or the cache directory) refused, by reason; each entry refused is recompiled.",
+                &["reason"],
+            ),
             registry: registry.clone(),
             stage_order: Mutex::new(Vec::new()),
         };
@@ -304,6 +323,7 @@ impl Metrics {
             .register(Box::new(process))
             .expect("process collector registers once");
         metrics.requests_by_outcome();
+        metrics.cache();
         metrics
     }
 
@@ -342,6 +362,16 @@ impl Metrics {
             self.reloads.with_label_values(&[stage, "success"]),
             self.reloads.with_label_values(&[stage, "error"]),
         )
+    }
+
+    /// Resolve (and create) the artifact cache's series.
+    pub fn cache(&self) -> CacheMetrics {
+        CacheMetrics {
+            refused: Arc::new(CacheRefusal::ALL.map(|reason| {
+                self.artifact_cache_refused
+                    .with_label_values(&[reason.label()])
+            })),
+        }
     }
 
     /// Resolve the end-to-end histogram's series.

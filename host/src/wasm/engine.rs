@@ -16,6 +16,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::ArtifactCache;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// How often the epoch ticker advances the engine's epoch: the resolution
 /// of plugin-call deadlines.
@@ -76,7 +77,7 @@ pub struct Runtime {
 
 impl Runtime {
     /// Create the engine (see the module docs for its configuration).
-    pub fn new(settings: &EngineSettings) -> Result<Runtime, EngineError> {
+    pub fn new(settings: &EngineSettings, metrics: &Metrics) -> Result<Runtime, EngineError> {
         let mut pool = PoolingAllocationConfig::new();
         pool.total_component_instances(settings.max_instances)
             .total_core_instances(settings.max_instances * 4)
@@ -127,7 +128,7 @@ impl Runtime {
                 }
             })
             .map_err(EngineError::Ticker)?;
-        let cache = ArtifactCache::new(settings.cache_dir.clone(), &engine);
+        let cache = ArtifactCache::new(settings.cache_dir.clone(), &engine, metrics.cache());
         Ok(Runtime {
             engine,
             cache: Arc::new(cache),
