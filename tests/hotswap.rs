@@ -366,6 +366,27 @@ async fn the_admin_api_is_off_without_a_token_and_locked_with_one() {
         assert_eq!(response.headers()["www-authenticate"], "Bearer");
     }
     assert_eq!(active_sha(&host, "post").await, before, "nothing changed");
+    // Each refusal is counted and logged (with the peer, not the value).
+    assert_eq!(
+        host.metric("orchestrator_admin_auth_failures_total").await,
+        4.0
+    );
+    assert_eq!(
+        host.stderr().matches("admin authentication failed").count(),
+        4,
+        "{}",
+        host.stderr()
+    );
+    // The scheme is case-insensitive (RFC 9110): authenticated, then the
+    // probe bytes are refused as a plugin.
+    let response = client()
+        .put(format!("{}/admin/stages/post", host.api))
+        .header("authorization", format!("bearer {TOKEN}"))
+        .body(probe.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
     assert!(!host.stderr().contains(TOKEN), "the token is never logged");
     let health = reqwest::get(format!("{}/health", host.metrics))
         .await
@@ -374,6 +395,22 @@ async fn the_admin_api_is_off_without_a_token_and_locked_with_one() {
         .await
         .unwrap();
     assert!(!health.contains(TOKEN));
+}
+
+/// An upload over `max_plugin_bytes` gets 413 naming that setting (not the
+/// API's `max_body_bytes`), before the body is read.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oversized_upload_names_max_plugin_bytes() {
+    let host = Host::try_with_config_env(
+        "max_plugin_bytes = 1000\n",
+        &[("ORCHESTRATOR_ADMIN_TOKEN", TOKEN)],
+    )
+    .unwrap();
+    let (status, body) = put(&host, "post", vec![0; 1001]).await;
+    assert_eq!(status, 413, "{body}");
+    assert_eq!(body["error"]["code"], "body_too_large");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("max_plugin_bytes"), "{message}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -149,6 +149,7 @@ impl Orchestrator {
                     hot_swap.clone(),
                     config.admin_token.clone(),
                     config.max_plugin_bytes,
+                    metrics.admin_auth_failures(),
                 ),
             ),
         )?;

@@ -9,16 +9,20 @@
 //!   their calls.
 //! - `POST /admin/stages/{stage}/rollback` — back to the previous version.
 //!
-//! Every request needs `Authorization: Bearer <token>`; a missing or wrong
-//! token gets 401 and changes nothing. Tokens are compared in constant time
+//! Every request needs `Authorization: Bearer <token>` (the scheme in any
+//! case); a missing or wrong token gets 401 and changes nothing, and is
+//! logged (with the peer's address, never what it presented) and counted in
+//! `orchestrator_admin_auth_failures_total`. Tokens are compared in constant time
 //! ([`AdminToken::matches`]) and never logged: its `Debug` prints `***`.
 //!
 //! Owns the admin API's HTTP surface: authentication, routes and answers.
 //! Swapping is [`crate::control`]'s.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prometheus::IntCounter;
 use serde_json::json;
 use warp::Filter;
 use warp::filters::BoxedFilter;
@@ -38,6 +42,7 @@ pub fn routes(
     swap: Arc<HotSwap>,
     token: Option<AdminToken>,
     max_plugin_bytes: u64,
+    failures: IntCounter,
 ) -> BoxedFilter<(Response,)> {
     let Some(token) = token else {
         return warp::path("admin")
@@ -45,11 +50,20 @@ pub fn routes(
             .boxed();
     };
     let auth = warp::header::optional::<String>("authorization")
-        .and_then(move |value: Option<String>| {
+        .and(warp::addr::remote())
+        .and_then(move |value: Option<String>, peer: Option<SocketAddr>| {
+            // `Bearer <token>`; the scheme is case-insensitive (RFC 9110).
             let ok = value
                 .as_deref()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .is_some_and(|presented| token.matches(presented.trim()));
+                .and_then(|v| v.trim_start().split_once(' '))
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+                .is_some_and(|(_, presented)| token.matches(presented.trim()));
+            if !ok {
+                failures.inc();
+                // Never the presented value: it may be a mistyped token.
+                let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                tracing::warn!(%peer, "admin authentication failed");
+            }
             async move {
                 if ok {
                     Ok(())
@@ -94,12 +108,14 @@ pub fn routes(
         .unify()
         .or(rollback)
         .unify()
-        .recover(unauthorized)
+        .recover(refusal)
         .unify()
         .boxed()
 }
 
-async fn unauthorized(rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
+/// The admin routes' own refusals: 401 without a valid token, and 413
+/// naming the setting that bounds an upload.
+async fn refusal(rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
     if rejection.find::<Unauthorized>().is_some() {
         let mut response = ApiError::with_code(
             StatusCode::UNAUTHORIZED,
@@ -113,6 +129,15 @@ async fn unauthorized(rejection: warp::Rejection) -> Result<Response, warp::Reje
             header::HeaderValue::from_static("Bearer"),
         );
         return Ok(response);
+    }
+    if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        return Ok(ApiError::with_code(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "body_too_large",
+            "the plugin is larger than the configured max_plugin_bytes",
+        )
+        .into_response());
     }
     Err(rejection)
 }

@@ -57,6 +57,7 @@ pub struct Metrics {
     upstream_circuit_state: IntGaugeVec,
     upstream_circuit_transitions: IntCounterVec,
     artifact_cache_refused: IntCounterVec,
+    admin_auth_failures: IntCounter,
 }
 
 /// A circuit breaker's series (see [`crate::circuit`]).
@@ -314,6 +315,17 @@ impl Metrics {
                 "Compiled-artifact cache entries (or the cache directory) refused, by reason; each entry refused is recompiled.",
                 &["reason"],
             ),
+            admin_auth_failures: {
+                let metric = IntCounter::new(
+                    "orchestrator_admin_auth_failures_total",
+                    "Admin API requests refused for a missing or wrong token.",
+                )
+                .expect("valid metric definition");
+                registry
+                    .register(Box::new(metric.clone()))
+                    .expect("unique metric");
+                metric
+            },
             registry: registry.clone(),
             stage_order: Mutex::new(Vec::new()),
         };
@@ -362,6 +374,11 @@ impl Metrics {
             self.reloads.with_label_values(&[stage, "success"]),
             self.reloads.with_label_values(&[stage, "error"]),
         )
+    }
+
+    /// `orchestrator_admin_auth_failures_total`.
+    pub fn admin_auth_failures(&self) -> IntCounter {
+        self.admin_auth_failures.clone()
     }
 
     /// Resolve (and create) the artifact cache's series.
