@@ -177,6 +177,14 @@ fn tampered_cache_entries_are_recompiled_not_trusted() {
         base.path().join("cache.key").is_file(),
         "the key is outside the cache"
     );
+    // Private whatever the umask: the directory 0700, key and entries 0600.
+    let mode =
+        |p: &Path| std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(p).unwrap()) & 0o777;
+    assert_eq!(mode(&cache), 0o700);
+    assert_eq!(mode(&base.path().join("cache.key")), 0o600);
+    for entry in entries(&cache) {
+        assert_eq!(mode(&entry), 0o600, "{}", entry.display());
+    }
 
     // 1. `stream`'s entry under `post`'s name: valid code, wrong component.
     std::fs::copy(entry_of("stream"), entry_of("post")).unwrap();
