@@ -687,3 +687,51 @@ async fn a_request_the_upstream_refuses_is_not_retried_failed_over_or_held_again
         3.0
     );
 }
+
+/// Shutdown has one deadline (`shutdown_grace_ms`): a stream still open
+/// near it ends with an `error` event and `[DONE]` rather than just
+/// stopping, and a client that never finishes a request on the metrics
+/// port does not keep the process alive.
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_open_streams_with_an_error_event_and_exits() {
+    use tokio::io::AsyncWriteExt;
+
+    let upstream = Upstream::start(Script::Endless).await;
+    let mut host = Host::with_config(&format!(
+        "shutdown_grace_ms = 2000\n[backends.up]\nkind = \"openai\"\nbase_url = \"{}\"\n[routing.models]\nup = \"up\"\n",
+        upstream.base_url
+    ));
+    let mut response = host.post(&up("talk forever", true)).await;
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    while seen.matches("word").count() < 3 {
+        let chunk = response.chunk().await.unwrap().expect("more events");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // Half a request on the metrics port, never finished.
+    let metrics_addr = host.metrics.trim_start_matches("http://").to_string();
+    let mut partial = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
+    partial
+        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+
+    host.send_sigterm();
+    // The stream goes on during the drain, then ends with an error event
+    // and [DONE].
+    while let Some(chunk) = response.chunk().await.expect("the stream ends cleanly") {
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.contains("\"code\":\"shutting_down\""), "{seen}");
+    assert!(seen.ends_with("data: [DONE]\n\n"), "{seen}");
+    // And the process exits, despite the half request (its drain deadline
+    // is 2 s; a minute is only a bound for a test that would otherwise hang).
+    let exited = tokio::task::spawn_blocking(move || {
+        let exited = host.wait_for_exit(Duration::from_secs(60));
+        (exited, host)
+    })
+    .await
+    .unwrap();
+    assert_eq!(exited.0, Some(true), "{}", exited.1.stderr());
+    drop(partial);
+}

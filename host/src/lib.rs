@@ -94,6 +94,8 @@ pub enum StartError {
 /// A running host: the pipeline and its two HTTP servers.
 pub struct Orchestrator {
     pipeline: Pipeline,
+    /// Set at shutdown to end the streams still open.
+    cut_streams: tokio::sync::watch::Sender<bool>,
     hot_swap: Arc<HotSwap>,
     api: ServerHandle,
     ops: ServerHandle,
@@ -136,11 +138,13 @@ impl Orchestrator {
         if let Some(dir) = &config.plugins_dir {
             warn_unknown_plugins(dir);
         }
+        let (cut_streams, streams_cut) = tokio::sync::watch::channel(false);
         let api = server::spawn(
             api_listener,
             http::openai::routes(
                 http::openai::ApiState {
                     pipeline: pipeline.clone(),
+                    shutdown: streams_cut,
                     router: router.clone(),
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
                     max_body_bytes: config.max_body_bytes,
@@ -162,6 +166,7 @@ impl Orchestrator {
             .then(|| control::watch::spawn(&config, hot_swap.clone()));
         Ok(Orchestrator {
             pipeline,
+            cut_streams,
             hot_swap,
             api,
             ops,
@@ -189,22 +194,46 @@ impl Orchestrator {
         &self.hot_swap
     }
 
-    /// Graceful shutdown: stop accepting API connections and let the
-    /// requests in progress finish (up to `grace`), stop the pipeline, then
-    /// the metrics server.
+    /// Graceful shutdown within one deadline, `grace` from now:
+    ///
+    /// 1. stop admitting at once (`/health` answers 503 `draining`, a new
+    ///    request 503 `shutting_down`), while requests in flight go on;
+    /// 2. stop accepting API connections and let the requests in progress
+    ///    finish; streams still open [`STREAM_CUT_MARGIN`] before the
+    ///    deadline are ended with an `error` event (`shutting_down`) and
+    ///    `[DONE]`, so no client sees a stream merely stop;
+    /// 3. stop the pipeline's workers, with whatever time is left;
+    /// 4. stop the metrics server, waiting at most [`OPS_STOP`] for a
+    ///    request on it (a client that never finishes its request does not
+    ///    hold the exit).
     pub async fn shutdown(self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
         if let Some(watcher) = &self.watcher {
             watcher.abort();
         }
-        // Draining from the first moment: `/health` answers 503 (so a load
-        // balancer stops sending) and nothing new is admitted, while the
-        // requests in flight go on.
         self.pipeline.stop_admitting();
-        let _ = tokio::time::timeout(grace, self.api.shutdown()).await;
-        self.pipeline.shutdown(grace).await;
-        self.ops.shutdown().await;
+        let cut = deadline
+            .checked_sub(STREAM_CUT_MARGIN.min(grace / 2))
+            .unwrap_or(deadline);
+        let cut_streams = self.cut_streams;
+        let cutter = tokio::spawn(async move {
+            tokio::time::sleep_until(cut).await;
+            let _ = cut_streams.send(true);
+        });
+        let _ = tokio::time::timeout_at(deadline, self.api.shutdown()).await;
+        cutter.abort();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.pipeline.shutdown(left).await;
+        let _ = tokio::time::timeout(OPS_STOP, self.ops.shutdown()).await;
     }
 }
+
+/// How long before the drain deadline open streams are ended (with an
+/// error event), so that the event reaches the client before the exit.
+pub const STREAM_CUT_MARGIN: Duration = Duration::from_secs(1);
+
+/// How long the metrics server may take to stop once everything else has.
+pub const OPS_STOP: Duration = Duration::from_secs(1);
 
 /// Load the plugin of `stage` from its source.
 async fn load_stage(

@@ -18,9 +18,6 @@ use clap::Parser;
 use orchestrator::config::AdminToken;
 use orchestrator::{Config, Orchestrator, metrics};
 
-/// How long a graceful shutdown waits for requests in progress.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(25);
-
 /// A WebAssembly-plugin orchestration host for LLM request pipelines.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -112,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let config = load_config(&args)?;
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
     let host = Orchestrator::start(config, metrics::global().clone())
         .await
         .context("the orchestrator could not start")?;
@@ -123,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(api = %host.api_addr(), metrics = %host.metrics_addr(), "ready");
     shutdown_signal().await;
     tracing::info!("shutting down: draining requests in flight");
-    host.shutdown(SHUTDOWN_GRACE).await;
+    host.shutdown(grace).await;
     tracing::info!("stopped");
     Ok(())
 }

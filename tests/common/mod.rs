@@ -181,6 +181,21 @@ impl Host {
         self.child.wait().map(|s| s.success()).unwrap_or(false)
     }
 
+    /// Wait up to `limit` for the process to exit; whether it exited
+    /// cleanly, or `None` if it is still running.
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<bool> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.success());
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Send SIGTERM without waiting for the process to exit.
     pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();

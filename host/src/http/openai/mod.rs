@@ -48,7 +48,7 @@ use warp::{Filter, Reply};
 
 use crate::http::error::{ApiError, json_response};
 use crate::inference::Router;
-use crate::pipeline::{Answer, Pipeline, StreamItem, Streaming};
+use crate::pipeline::{Answer, Pipeline, RunError, StreamItem, Streaming};
 use crate::wasm::Envelope;
 use request::parse;
 use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix_now};
@@ -64,6 +64,9 @@ pub struct ApiState {
     pub request_timeout: Duration,
     /// Largest accepted body.
     pub max_body_bytes: u64,
+    /// Becomes `true` when the host's drain deadline nears: open streams
+    /// end with an `error` event (`shutting_down`) and `[DONE]`.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The API's routes, with the admin routes (see [`crate::http::admin`])
@@ -132,7 +135,7 @@ async fn chat_completions(state: &ApiState, body: &[u8]) -> Response {
     let events = ChunkEvents::new(id, parsed.model, parsed.include_usage);
     match state.pipeline.run_streaming(envelope, deadline).await {
         Ok(Answer::Done(envelope)) => events.buffered(&envelope),
-        Ok(Answer::Streaming(streaming)) => live_stream(events, streaming),
+        Ok(Answer::Streaming(streaming)) => live_stream(events, streaming, state.shutdown.clone()),
         Err(error) => run_error(error).into_response(),
     }
 }
@@ -155,7 +158,11 @@ impl futures_util::Stream for ChannelBody {
 }
 
 /// Stream `streaming` to the client as its pieces come.
-fn live_stream(events: ChunkEvents, mut streaming: Box<Streaming>) -> Response {
+fn live_stream(
+    events: ChunkEvents,
+    mut streaming: Box<Streaming>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         // A client that stops reading must not hold the request (its
@@ -177,16 +184,20 @@ fn live_stream(events: ChunkEvents, mut streaming: Box<Streaming>) -> Response {
             let item = tokio::select! {
                 biased;
                 () = tx.closed() => return,
+                _ = shutdown.wait_for(|cut| *cut) => Some(Err(RunError::ShuttingDown)),
                 item = streaming.next() => item,
             };
-            let event = match item {
+            let (event, end) = match item {
                 None => break,
-                Some(Ok(StreamItem::Delta(piece))) => events.delta(&piece),
-                Some(Ok(StreamItem::Done(envelope))) => events.last(&envelope),
-                Some(Err(error)) => events.error(error),
+                Some(Ok(StreamItem::Delta(piece))) => (events.delta(&piece), false),
+                Some(Ok(StreamItem::Done(envelope))) => (events.last(&envelope), false),
+                Some(Err(error)) => (events.error(error), true),
             };
             if !send(event).await {
                 return;
+            }
+            if end {
+                break;
             }
         }
         send(Bytes::from_static(DONE)).await;
