@@ -300,6 +300,19 @@ fn upstream_host(base_url: &str, extra: &str) -> Host {
     ))
 }
 
+/// Ask the `Endless` upstream for a stream and read until three of its
+/// words arrived: the response (still open) and what was read.
+async fn endless_stream_started(host: &Host) -> (reqwest::Response, String) {
+    let mut response = host.post(&up("talk forever", true)).await;
+    assert_eq!(response.status(), 200);
+    let mut seen = String::new();
+    while seen.matches("word").count() < 3 {
+        let chunk = response.chunk().await.unwrap().expect("more events");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (response, seen)
+}
+
 fn up(question: &str, stream: bool) -> Value {
     json!({"model": "up", "messages": [{"role": "user", "content": question}], "stream": stream})
 }
@@ -343,13 +356,7 @@ async fn a_split_email_address_is_redacted_while_streaming() {
 async fn a_client_that_hangs_up_cancels_the_upstream_request() {
     let upstream = Upstream::start(Script::Endless).await;
     let host = upstream_host(&upstream.base_url, "");
-    let mut response = host.post(&up("talk forever", true)).await;
-    assert_eq!(response.status(), 200);
-    let mut seen = String::new();
-    while seen.matches("word").count() < 3 {
-        let chunk = response.chunk().await.unwrap().expect("more events");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (response, _) = endless_stream_started(&host).await;
     drop(response);
     tokio::time::timeout(Duration::from_secs(10), upstream.cancelled.notified())
         .await
@@ -701,13 +708,7 @@ async fn shutdown_ends_open_streams_with_an_error_event_and_exits() {
         "shutdown_grace_ms = 2000\n[backends.up]\nkind = \"openai\"\nbase_url = \"{}\"\n[routing.models]\nup = \"up\"\n",
         upstream.base_url
     ));
-    let mut response = host.post(&up("talk forever", true)).await;
-    assert_eq!(response.status(), 200);
-    let mut seen = String::new();
-    while seen.matches("word").count() < 3 {
-        let chunk = response.chunk().await.unwrap().expect("more events");
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (mut response, mut seen) = endless_stream_started(&host).await;
     // Half a request on the metrics port, never finished.
     let metrics_addr = host.metrics.trim_start_matches("http://").to_string();
     let mut partial = tokio::net::TcpStream::connect(&metrics_addr).await.unwrap();
