@@ -99,6 +99,11 @@ use stage::{Delivery, Inner, StageRuntime, Work};
 pub use streaming::{StreamItem, Streaming};
 pub use worker::IDLE_RECHECK;
 
+/// How long [`Pipeline::shutdown`] waits for the workers to stop once the
+/// drain is over: idle workers stop at once; one still in a plugin call is
+/// not waited for past this.
+pub const WORKER_STOP: Duration = Duration::from_secs(1);
+
 /// What an admitted request turns into.
 #[expect(
     clippy::large_enum_variant,
@@ -320,7 +325,8 @@ impl Pipeline {
     }
 
     /// Stop admitting, wait until every admitted request has been answered
-    /// (or `grace` has passed), then stop the workers.
+    /// (or `grace` has passed), then stop the workers, waiting at most
+    /// [`WORKER_STOP`] for those still in a plugin call.
     pub async fn shutdown(&self, grace: Duration) {
         let inner = &self.inner;
         self.stop_admitting();
@@ -341,15 +347,21 @@ impl Pipeline {
         }
         for stage in &inner.stages {
             for _ in 0..stage.settings.workers {
-                let _ = stage.sender.send(Work::Stop);
+                // Never blocks: a worker that misses its stop because the
+                // queue is full is not waited for below.
+                let _ = stage.sender.try_send(Work::Stop);
             }
         }
         let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
-        let _ = tokio::task::spawn_blocking(move || {
+        let joined = tokio::task::spawn_blocking(move || {
             for handle in handles {
                 let _ = handle.join();
             }
-        })
-        .await;
+        });
+        if tokio::time::timeout(WORKER_STOP, joined).await.is_err() {
+            tracing::warn!(
+                "stage workers still busy at the end of the drain; not waiting for them"
+            );
+        }
     }
 }
