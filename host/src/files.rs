@@ -13,12 +13,19 @@ use std::path::Path;
 /// Read `path` whole if it is a regular file (or a link to one) of at most
 /// `cap` bytes.
 pub fn read_bounded(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
-    let metadata = std::fs::metadata(path)?;
+    // Checked before opening: opening a FIFO blocks.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(not_regular());
+    }
+    read_capped(File::open(path)?, cap)
+}
+
+/// Read an open `file` whole if it is a regular file of at most `cap`
+/// bytes (also when it grows while it is read).
+pub fn read_capped(file: File, cap: u64) -> io::Result<Vec<u8>> {
+    let metadata = file.metadata()?;
     if !metadata.is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file",
-        ));
+        return Err(not_regular());
     }
     let too_large = || {
         io::Error::new(
@@ -30,13 +37,15 @@ pub fn read_bounded(path: &Path, cap: u64) -> io::Result<Vec<u8>> {
         return Err(too_large());
     }
     let mut bytes = Vec::with_capacity(metadata.len() as usize);
-    File::open(path)?
-        .take(cap.saturating_add(1))
-        .read_to_end(&mut bytes)?;
+    file.take(cap.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > cap {
         return Err(too_large());
     }
     Ok(bytes)
+}
+
+fn not_regular() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "not a regular file")
 }
 
 #[cfg(test)]

@@ -59,11 +59,6 @@ impl ApiError {
         self
     }
 
-    /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
     /// The JSON body (also sent as the last event of a broken stream).
     pub fn body(&self) -> serde_json::Value {
         json!({

@@ -50,6 +50,7 @@ use wasmtime::Engine;
 use wasmtime::component::Component;
 
 use super::error::LoadError;
+use crate::files::read_capped;
 use crate::metrics::{CacheMetrics, CacheRefusal};
 
 /// Largest cache entry read.
@@ -360,17 +361,8 @@ fn read_entry(path: &Path) -> io::Result<Option<Vec<u8>>> {
         // A link (O_NOFOLLOW: ELOOP), a FIFO or device, ...
         Err(error) => return Err(error),
     };
-    let metadata = file.metadata()?;
-    check_owned(&metadata, 0o022, "writable by others")?;
-    if metadata.len() > MAX_ENTRY_BYTES {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("larger than {MAX_ENTRY_BYTES} bytes"),
-        ));
-    }
-    let mut data = Vec::with_capacity(metadata.len() as usize);
-    file.take(MAX_ENTRY_BYTES + 1).read_to_end(&mut data)?;
-    Ok(Some(data))
+    check_owned(&file.metadata()?, 0o022, "writable by others")?;
+    read_capped(file, MAX_ENTRY_BYTES).map(Some)
 }
 
 #[cfg(test)]
@@ -395,6 +387,31 @@ mod tests {
         )
         .unwrap();
         assert!(load_or_create_key(&key_path(&dir)).is_err());
+    }
+
+    /// Without a usable key file the key is per process: the cache serves
+    /// the process that wrote it, and another refuses its entries.
+    #[test]
+    fn without_a_key_file_entries_serve_only_their_process() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("cache");
+        std::fs::create_dir(base.path().join("cache.key")).unwrap(); // unusable
+        let engine = Engine::default();
+        let metrics = crate::metrics::Metrics::new();
+        let bytes = crate::bundled::component(crate::config::Stage::Post);
+        let sha = hex::encode(Sha256::digest(bytes));
+        let first = ArtifactCache::new(Some(dir.clone()), &engine, metrics.cache());
+        assert!(
+            !first.component(&engine, bytes, &sha).unwrap().1,
+            "compiled"
+        );
+        assert!(first.component(&engine, bytes, &sha).unwrap().1, "cached");
+        let second = ArtifactCache::new(Some(dir), &engine, metrics.cache());
+        assert!(
+            !second.component(&engine, bytes, &sha).unwrap().1,
+            "refused"
+        );
+        assert_eq!(metrics.cache().refused(CacheRefusal::BadMac).get(), 1);
     }
 
     #[test]
