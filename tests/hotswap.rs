@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, ask, bundled_wasm, client, metric_value, target_dir, test_plugin};
+use crate::common::{
+    Host, ask, bundled_wasm, client, metric_value, sha_of, target_dir, test_plugin,
+};
 
 const TOKEN: &str = "test-admin-token-0123456789";
 
@@ -58,11 +60,6 @@ async fn active_sha(host: &Host, stage: &str) -> String {
         .as_str()
         .unwrap()
         .to_string()
-}
-
-fn sha_of(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 /// Which post version produced a response: `Some(true)` for shout,
@@ -164,8 +161,8 @@ async fn fifty_swaps_under_load_lose_nothing() {
             "init_failed",
         ),
         (
-            "import not granted",
-            std::fs::read(bundled_wasm("inference")).unwrap(),
+            "import no host provides",
+            std::fs::read(test_plugin("foreign-import")).unwrap(),
             "not_granted",
         ),
     ];

@@ -6,6 +6,7 @@ mod common;
 
 mod admission;
 mod api;
+mod authoring;
 mod docs;
 mod hotswap;
 mod layout;

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::common::{Host, ask, get_json, metric_value, test_plugin};
+use crate::common::{Host, ask, bundled_wasm, get_json, metric_value, test_plugin};
 
 /// A host whose `post` stage is the rogue in `mode`: one worker, a 400 ms
 /// call deadline, and the `key = value` lines of `stage_extra` on top.
@@ -220,15 +220,38 @@ async fn a_log_flood_is_rate_limited() {
     );
 }
 
-#[test]
-fn a_plugin_that_imports_sockets_is_refused_at_load() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(test_plugin("sockets"), dir.path().join("post.wasm")).unwrap();
-    let stderr = Host::try_start(&["--plugins", dir.path().to_str().unwrap()])
-        .err()
-        .expect("refused");
-    assert!(stderr.contains("wasi:sockets/"), "{stderr}");
-    assert!(stderr.contains("plugins get no network access"), "{stderr}");
+/// A plugin may import `wasi:sockets` (Python and JavaScript toolchains
+/// always do), but every socket call is denied: it loads, and its connect
+/// fails inside the sandbox.
+#[tokio::test]
+async fn a_plugin_that_imports_sockets_loads_but_gets_no_network() {
+    // Something listens, so a permitted connect would succeed.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\nconfig = {{ addr = \"{addr}\" }}\n",
+        test_plugin("sockets").display().to_string()
+    ));
+    let (status, text) = host.chat(&ask("hello")).await;
+    assert_eq!(status, 200, "{text}");
+    let body: Value = serde_json::from_str(&text).unwrap();
+    let completion = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(completion.starts_with("no network:"), "{completion}");
+    drop(listener);
+}
+
+/// A stage not granted `inference` may import it (componentize-js imports
+/// every interface of the world) but cannot generate: the call fails.
+#[tokio::test]
+async fn an_ungranted_inference_import_loads_but_cannot_generate() {
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\n",
+        bundled_wasm("inference").display().to_string()
+    ));
+    let (status, text) = host.chat(&ask("hello")).await;
+    assert_eq!(status, 502, "{text}");
+    assert!(text.contains("inference is not granted"), "{text}");
+    assert!(host.stderr().contains("not granted"), "{}", host.stderr());
 }
 
 #[test]
@@ -365,4 +388,17 @@ async fn a_flaky_plugin_under_load_hurts_only_its_own_requests() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert_eq!(other_errors, 0.0, "other stages unaffected");
+}
+
+/// A panic in a call reaches the client's error and the host's log with
+/// its message (through the SDK's panic hook), not just as a wasm trap.
+#[tokio::test]
+async fn a_panic_in_process_is_reported_with_its_message() {
+    let host = guest_host("sdk-panic", "process-panics", "");
+    let (status, text) = host.chat(&ask("hello")).await;
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains("deliberate panic: in process"), "{text}");
+    assert!(text.contains("\"code\":\"trap\""), "{text}");
+    let (status, text) = host.chat(&ask("again")).await;
+    assert_eq!(status, 500, "a fresh instance panics again: {text}");
 }

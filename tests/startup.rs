@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::common::{Host, ask, bundled_wasm, get_json, test_plugin};
+use crate::common::{Host, ask, bundled_wasm, cached, get_json, sha_of, test_plugin};
 
 /// Start with `post.wasm` = `bytes` in a plugins directory; return stderr
 /// and the file's path (inside the returned directory, kept alive).
@@ -46,17 +46,71 @@ fn a_component_of_the_wrong_world_is_refused() {
     assert_names(
         &stderr,
         &path,
-        "does not implement the orchestrator:pipeline/stage world",
+        "implements none of the stage worlds of orchestrator:pipeline",
+    );
+    // The accepted worlds, and what the component has instead.
+    assert!(
+        stderr.contains("`streaming-request-stage`") && stderr.contains("it exports `run`"),
+        "{stderr}"
     );
 }
 
 #[test]
-fn an_import_the_stage_is_not_granted_is_refused_at_load() {
-    // The inference plugin imports `inference`, which `post` is not granted.
-    let bytes = std::fs::read(bundled_wasm("inference")).unwrap();
+fn a_native_binary_is_refused_with_the_build_command() {
+    let (stderr, path, _dir) = start_with_post(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    assert_names(&stderr, &path, "an ELF executable or library");
+    assert!(stderr.contains("--target wasm32-wasip2"), "{stderr}");
+}
+
+#[test]
+fn an_import_no_host_provides_is_refused_before_compiling() {
+    let bytes = std::fs::read(test_plugin("foreign-import")).unwrap();
     let (stderr, path, _dir) = start_with_post(&bytes);
-    assert_names(&stderr, &path, "orchestrator:pipeline/inference");
-    assert!(stderr.contains("inference = true"), "{stderr}");
+    assert_names(&stderr, &path, "test:foreign/telemetry");
+    assert!(stderr.contains("only WASI 0.2"), "{stderr}");
+}
+
+/// Nothing a refused plugin was compiled into stays in the artifact cache,
+/// whether it was refused before compiling (its world, its imports) or
+/// after (its `init`).
+#[test]
+fn a_refused_plugin_leaves_nothing_in_the_artifact_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let cache = cache.path().join("cache");
+    for name in ["foreign-import", "wrong-world", "broken-init"] {
+        let bytes = std::fs::read(test_plugin(name)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("post.wasm"), &bytes).unwrap();
+        let plugins = dir.path().to_str().unwrap();
+        let stderr = Host::try_start_with_cache(&["--plugins", plugins], &cache)
+            .err()
+            .expect("refused");
+        assert!(stderr.contains("stage `post`"), "{name}: {stderr}");
+        assert!(
+            !cached(&cache, &sha_of(&bytes)),
+            "{name} left a cache entry"
+        );
+    }
+    // A plugin that loads is cached (the check above can fail).
+    let _host = Host::try_start_with_cache(&[], &cache).expect("starts");
+    let post = std::fs::read(bundled_wasm("post")).unwrap();
+    assert!(cached(&cache, &sha_of(&post)));
+}
+
+#[test]
+fn a_panic_in_init_is_reported_with_its_message() {
+    let stderr = Host::try_with_config(&format!(
+        "[stages.post]\nplugin = {:?}\nconfig = {{ mode = \"init-panics\" }}\n",
+        test_plugin("sdk-panic").display().to_string()
+    ))
+    .err()
+    .expect("refused");
+    assert!(
+        stderr.contains("init failed")
+            && stderr.contains("panicked at")
+            && stderr.contains("deliberate panic: in init"),
+        "{stderr}"
+    );
 }
 
 #[test]

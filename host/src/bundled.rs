@@ -9,7 +9,7 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::Stage;
+use crate::config::{self, Config, Stage};
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
@@ -59,6 +59,19 @@ pub fn install_corpus(dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The default corpus directory, if a stage's grant in `config` names it:
+/// then [`install_corpus`] must write the corpus there before that stage
+/// loads.
+pub fn default_corpus_in_use(config: &Config) -> Option<std::path::PathBuf> {
+    let dir = config::default_corpus_dir();
+    let used = config
+        .stages
+        .iter()
+        .flat_map(|s| &s.capabilities.dirs)
+        .any(|grant| grant.host == dir);
+    used.then_some(dir)
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authoring;
 pub mod bundled;
 pub mod circuit;
 pub mod config;
@@ -259,13 +260,7 @@ async fn load_stage(
 /// Write the bundled corpus where a stage's grant expects it, if any grant
 /// names [`config::default_corpus_dir`].
 fn install_default_corpus(config: &Config) -> Result<(), StartError> {
-    let dir = config::default_corpus_dir();
-    let used = config
-        .stages
-        .iter()
-        .flat_map(|s| &s.capabilities.dirs)
-        .any(|grant| grant.host == dir);
-    if used {
+    if let Some(dir) = bundled::default_corpus_in_use(config) {
         bundled::install_corpus(&dir).map_err(|source| StartError::Corpus { dir, source })?;
     }
     Ok(())

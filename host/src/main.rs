@@ -1,26 +1,109 @@
-//! `orchestrator`: run the host.
+//! `orchestrator`: run the host, or work on a plugin.
 //!
 //! ```text
 //! orchestrator [--config orchestrator.toml] [--plugins DIR]
 //!              [--listen ADDR] [--metrics-listen ADDR] [--cache-dir DIR | --no-cache] [--watch]
+//! orchestrator plugin new NAME --stage STAGE [--streaming] [--dir DIR] [--sdk-path P | --sdk-git URL [--sdk-rev R]]
+//! orchestrator plugin check FILE --stage STAGE [--config F]
+//! orchestrator plugin run FILE --stage STAGE [--input ENVELOPE.json] [--delta TEXT]... [--config F]
 //! ```
 //!
-//! Prints one line to stdout once both addresses are bound:
+//! Serving prints one line to stdout once both addresses are bound:
 //! `orchestrator listening api=http://ADDR metrics=http://ADDR`.
-//! Logs go to stderr (`RUST_LOG` filters them; default `info`).
+//! Logs go to stderr (`RUST_LOG` filters them; default `info`, `warn` for
+//! the plugin subcommands).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
-use orchestrator::config::AdminToken;
+use clap::{Parser, Subcommand};
+use orchestrator::authoring::{self, Scaffold, SdkSource, Session};
+use orchestrator::config::{AdminToken, Stage};
 use orchestrator::{Config, Orchestrator, metrics};
 
 /// A WebAssembly-plugin orchestration host for LLM request pipelines.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Write, check and try stage plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum PluginCommand {
+    /// Write a new plugin crate (builds with `cargo build --target
+    /// wasm32-wasip2` and with `cargo component build`).
+    New {
+        /// The crate's name (`word-mask`).
+        name: String,
+        /// The stage position it is written for.
+        #[arg(long, value_parser = parse_stage)]
+        stage: Stage,
+        /// Implement the chunk path too (the streaming-request-stage world).
+        #[arg(long)]
+        streaming: bool,
+        /// Where to create the crate's directory (default: the current one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The SDK as a path dependency (default: the SDK of the source
+        /// tree this binary was built from).
+        #[arg(long, conflicts_with = "sdk_git")]
+        sdk_path: Option<PathBuf>,
+        /// The SDK from a git repository of the orchestrator.
+        #[arg(long)]
+        sdk_git: Option<String>,
+        /// The revision of `--sdk-git`.
+        #[arg(long, requires = "sdk_git")]
+        sdk_rev: Option<String>,
+    },
+    /// Load a plugin exactly as startup and hot swap do, and describe it.
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The stage whose grants, limits and config apply.
+        #[arg(long, value_parser = parse_stage)]
+        stage: Stage,
+        /// Configuration file (TOML); without one, built-in defaults apply.
+        #[arg(long, env = "ORCHESTRATOR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Load a plugin and call it once; print the result as JSON.
+    Run {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The stage whose grants, limits and config apply.
+        #[arg(long, value_parser = parse_stage)]
+        stage: Stage,
+        /// The envelope to process, as JSON (any field may be left out).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Feed this delta through the chunk path (repeat for a sequence;
+        /// the final call follows) instead of calling `process`.
+        #[arg(long)]
+        delta: Vec<String>,
+        /// Configuration file (TOML); without one, built-in defaults apply.
+        #[arg(long, env = "ORCHESTRATOR_CONFIG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn parse_stage(name: &str) -> Result<Stage, String> {
+    Stage::from_name(name).ok_or_else(|| format!("not a stage; the stages are {}", Stage::names()))
+}
+
+/// Serve: the host's own flags.
+#[derive(clap::Args, Debug)]
 struct Args {
     /// Configuration file (TOML). Without one, built-in defaults apply.
     #[arg(long, env = "ORCHESTRATOR_CONFIG")]
@@ -98,16 +181,119 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn config_file(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    Ok(match path {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    })
+}
+
+async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::New {
+            name,
+            stage,
+            streaming,
+            dir,
+            sdk_path,
+            sdk_git,
+            sdk_rev,
+        } => {
+            let sdk = match (sdk_path, sdk_git) {
+                (Some(path), _) => SdkSource::Path(std::path::absolute(path)?),
+                (None, Some(url)) => SdkSource::Git { url, rev: sdk_rev },
+                (None, None) => SdkSource::built_in().context(
+                    "the SDK of the source tree this binary was built from is gone: \
+                     give --sdk-path or --sdk-git",
+                )?,
+            };
+            let scaffold = Scaffold {
+                name,
+                stage: stage.name().to_string(),
+                streaming,
+                sdk,
+            };
+            let dir = dir
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(&scaffold.name);
+            scaffold.write(&dir)?;
+            println!(
+                "created {} (see its README.md)\n  cd {}\n  cargo build --release --target wasm32-wasip2\n  orchestrator plugin check target/wasm32-wasip2/release/{}.wasm --stage {}",
+                dir.display(),
+                dir.display(),
+                scaffold.file_stem(),
+                scaffold.stage
+            );
+        }
+        PluginCommand::Check {
+            file,
+            stage,
+            config,
+        } => {
+            let session = Session::new(&config_file(config.as_ref())?, stage)?;
+            let (_, report) = session.load(&file).await?;
+            print!("{report}");
+        }
+        PluginCommand::Run {
+            file,
+            stage,
+            input,
+            delta,
+            config,
+        } => {
+            let session = Session::new(&config_file(config.as_ref())?, stage)?;
+            let (plugin, _) = session.load(&file).await?;
+            let input = match &input {
+                Some(path) => {
+                    let text = orchestrator::files::read_bounded(path, 16 << 20)
+                        .with_context(|| format!("cannot read {}", path.display()))?;
+                    serde_json::from_slice(&text)
+                        .with_context(|| format!("{} is not JSON", path.display()))?
+                }
+                None => serde_json::json!({}),
+            };
+            let envelope = authoring::run::envelope_from_json(input)?;
+            let output = if delta.is_empty() {
+                serde_json::to_value(authoring::run::process(&plugin, envelope).await?)?
+            } else {
+                let steps = authoring::run::chunks(&plugin, &envelope, &delta).await?;
+                let emitted: String = steps
+                    .iter()
+                    .flat_map(|s| s.emit.iter().map(String::as_str))
+                    .collect();
+                serde_json::json!({ "chunks": steps, "emitted": emitted })
+            };
+            println!("{}", serde_json::to_string_pretty(&output)?);
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_filter = if cli.command.is_some() {
+        "warn"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    let args = Args::parse();
+    if let Some(Command::Plugin(command)) = cli.command {
+        // An author's mistake is reported as one message, not a backtrace.
+        if let Err(error) = plugin_command(command).await {
+            eprintln!("error: {error:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let args = cli.serve;
     let config = load_config(&args)?;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     let host = Orchestrator::start(config, metrics::global().clone())

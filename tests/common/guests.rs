@@ -52,3 +52,21 @@ pub fn test_plugin(name: &str) -> PathBuf {
     assert!(path.exists(), "no test plugin {}", path.display());
     path
 }
+
+/// Hex sha256 of `bytes`: a plugin's identity in `/health`, the admin API
+/// and the artifact cache's entry names.
+pub fn sha_of(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Whether the artifact cache `dir` has an entry for the component `sha256`.
+pub fn cached(dir: &Path, sha256: &str) -> bool {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(Result::ok)
+                .any(|e| e.file_name().to_string_lossy().starts_with(sha256))
+        })
+        .unwrap_or(false)
+}

@@ -20,7 +20,7 @@ use serde_json::Value;
 /// components).
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
-pub use guests::{bundled_wasm, target_dir, test_plugin};
+pub use guests::{bundled_wasm, cached, sha_of, target_dir, test_plugin};
 
 /// A running `orchestrator` process.
 pub struct Host {
@@ -52,6 +52,12 @@ impl Host {
     pub fn start_with(args: &[&str], env: &[(&str, &str)], cache: &Path) -> Host {
         Host::launch(args, env, cache)
             .unwrap_or_else(|stderr| panic!("orchestrator failed to start:\n{stderr}"))
+    }
+
+    /// Start the binary with the given artifact cache directory;
+    /// `Err(stderr)` if it exits before listening.
+    pub fn try_start_with_cache(args: &[&str], cache: &Path) -> Result<Host, String> {
+        Host::launch(args, &[], cache)
     }
 
     /// Start a copy of the binary at `program`, from the working directory

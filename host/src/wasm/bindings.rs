@@ -28,6 +28,8 @@ mod generated {
         // the types and host traits of all four worlds.
         world: "streaming-request-stage",
         path: "../wit",
+        // `orchestrator plugin run` reads and prints envelopes as JSON.
+        additional_derives: [serde::Serialize, serde::Deserialize],
         imports: {
             // The inference functions wait for the network.
             "orchestrator:pipeline/inference": async,

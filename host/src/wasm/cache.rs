@@ -149,17 +149,18 @@ impl ArtifactCache {
         mac
     }
 
-    /// The compiled component, and whether it came from the cache.
+    /// The compiled component; with the artifact to [`store`](Self::store)
+    /// if it was compiled now rather than read from the cache.
     pub(super) fn component(
         &self,
         engine: &Engine,
         bytes: &[u8],
         sha256: &str,
-    ) -> Result<(Component, bool), LoadError> {
+    ) -> Result<(Component, Option<Vec<u8>>), LoadError> {
         if let Some(path) = self.path(sha256)
             && let Some(component) = self.read(engine, &path, sha256)
         {
-            return Ok((component, true));
+            return Ok((component, None));
         }
         let artifact = engine
             .precompile_component(bytes)
@@ -167,12 +168,18 @@ impl ArtifactCache {
         // SAFETY: the artifact was produced just now by this engine.
         let component = unsafe { Component::deserialize(engine, &artifact) }
             .map_err(|e| LoadError::Compile(e.into()))?;
+        Ok((component, Some(artifact)))
+    }
+
+    /// Write `artifact`, compiled from the component `sha256` by
+    /// [`component`](Self::component), as its entry (if there is a cache).
+    /// A failure is logged: it costs only a compilation at the next load.
+    pub(super) fn store(&self, sha256: &str, artifact: &[u8]) {
         if let Some(path) = self.path(sha256)
-            && let Err(error) = self.write(&path, sha256, &artifact)
+            && let Err(error) = self.write(&path, sha256, artifact)
         {
             tracing::warn!(path = %path.display(), %error, "cannot write the artifact cache");
         }
-        Ok((component, false))
     }
 
     /// The component in entry `path`, if it is there and trusted.
@@ -401,14 +408,18 @@ mod tests {
         let bytes = crate::bundled::component(crate::config::Stage::Post);
         let sha = hex::encode(Sha256::digest(bytes));
         let first = ArtifactCache::new(Some(dir.clone()), &engine, metrics.cache());
+        let artifact = first.component(&engine, bytes, &sha).unwrap().1;
+        let artifact = artifact.expect("compiled, not cached");
+        // Nothing is written until the loader says the plugin passed.
+        assert!(first.component(&engine, bytes, &sha).unwrap().1.is_some());
+        first.store(&sha, &artifact);
         assert!(
-            !first.component(&engine, bytes, &sha).unwrap().1,
-            "compiled"
+            first.component(&engine, bytes, &sha).unwrap().1.is_none(),
+            "cached"
         );
-        assert!(first.component(&engine, bytes, &sha).unwrap().1, "cached");
         let second = ArtifactCache::new(Some(dir), &engine, metrics.cache());
         assert!(
-            !second.component(&engine, bytes, &sha).unwrap().1,
+            second.component(&engine, bytes, &sha).unwrap().1.is_some(),
             "refused"
         );
         assert_eq!(metrics.cache().refused(CacheRefusal::BadMac).get(), 1);

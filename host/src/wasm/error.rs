@@ -23,6 +23,12 @@ pub enum LoadError {
     /// The bytes are not WebAssembly.
     #[error("not a WebAssembly file (it starts with {0:02x?}, not \\0asm)")]
     NotWasm(Vec<u8>),
+    /// The file is a native executable or library: built for the host
+    /// rather than for WebAssembly.
+    #[error(
+        "{0}, not a WebAssembly component: build the plugin with `cargo build --release --target wasm32-wasip2` and use target/wasm32-wasip2/release/<crate>.wasm"
+    )]
+    NativeBinary(&'static str),
     /// A core module was given where a component is needed.
     #[error(
         "a core WebAssembly module, not a component: build the plugin with `cargo build --target wasm32-wasip2` (or wrap it with `wasm-tools component new`)"
@@ -41,12 +47,16 @@ pub enum LoadError {
     },
     /// The component implements none of the stage worlds.
     #[error(
-        "the component does not implement the orchestrator:pipeline/stage world \
-         (nor streaming-stage, request-stage or streaming-request-stage): {reason}"
+        "the component implements none of the stage worlds of orchestrator:pipeline \
+         (`stage`, `request-stage`: exports init and process; `streaming-stage`, \
+         `streaming-request-stage`: also process-chunk): {reason}; it exports {}",
+        list_exports(exports)
     )]
     WrongWorld {
         /// What is missing or mistyped.
         reason: String,
+        /// What the component exports instead.
+        exports: Vec<String>,
         /// The linker's error, when linking its imports failed.
         source: Option<BoxError>,
     },
@@ -56,6 +66,18 @@ pub enum LoadError {
     /// The plugin's `init` refused the configuration or failed.
     #[error("init failed: {0}")]
     Init(String),
+}
+
+/// `exports` as `` `a`, `b` ``, or `nothing`.
+fn list_exports(exports: &[String]) -> String {
+    if exports.is_empty() {
+        return "nothing".into();
+    }
+    exports
+        .iter()
+        .map(|e| format!("`{e}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl LoadError {
@@ -78,6 +100,7 @@ impl LoadError {
         match self {
             LoadError::Read { .. } => "unreadable",
             LoadError::NotWasm(_) => "not_wasm",
+            LoadError::NativeBinary(_) => "native_binary",
             LoadError::CoreModule => "core_module",
             LoadError::Compile(_) => "invalid_component",
             LoadError::NotGranted { .. } => "not_granted",

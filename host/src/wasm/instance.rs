@@ -31,6 +31,14 @@ use crate::metrics::ErrorType;
 /// timeout only catches calls stuck in the host.
 const HOST_CALL_GRACE: Duration = Duration::from_millis(20);
 
+/// Why [`Instance::start`] failed, and whether in `init`.
+pub(in crate::wasm) struct StartFailure {
+    /// The failure happened in (or while waiting for) `init`.
+    pub(in crate::wasm) in_init: bool,
+    /// The failure.
+    pub(in crate::wasm) error: CallError,
+}
+
 /// A live plugin instance with its store.
 pub struct Instance {
     store: Store<HostState>,
@@ -43,31 +51,52 @@ impl Instance {
     /// Create an instance of `plugin` and run its `init` (lifecycle step 5),
     /// within the stage's call deadline.
     pub async fn new(plugin: &Arc<Plugin>) -> Result<Instance, CallError> {
-        let mut store = plugin.store()?;
+        Instance::start(plugin)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// [`Instance::new`], saying which step failed: loading reports a
+    /// failure in `init` (a refused configuration, a panic) as
+    /// `init_failed`, anything before it as `instantiate_failed`.
+    pub(in crate::wasm) async fn start(plugin: &Arc<Plugin>) -> Result<Instance, StartFailure> {
+        let before_init = |error| StartFailure {
+            in_init: false,
+            error,
+        };
+        let mut store = plugin.store().map_err(before_init)?;
         let timeout = Duration::from_millis(plugin.settings.timeout_ms);
-        arm(plugin, &mut store, timeout)?;
+        arm(plugin, &mut store, timeout).map_err(before_init)?;
         let deadline = store.data().deadline + HOST_CALL_GRACE;
         let setup = async {
-            let failed = |e| classify(e, ErrorType::Instantiate, timeout);
             let instance = plugin
                 .pre
                 .instantiate_async(&mut store)
                 .await
-                .map_err(failed)?;
+                .map_err(|e| before_init(classify(e, ErrorType::Instantiate, timeout, None)))?;
             let exports = plugin
                 .exports
                 .exports(&mut store, &instance)
-                .map_err(failed)?;
-            exports
-                .init(&mut store, &plugin.init_config)
-                .await
-                .map_err(failed)?
-                .map_err(|message| CallError::new(ErrorType::Config, message))?;
-            Ok::<_, CallError>(exports)
+                .map_err(|e| before_init(classify(e, ErrorType::Instantiate, timeout, None)))?;
+            let in_init = |error| StartFailure {
+                in_init: true,
+                error,
+            };
+            match exports.init(&mut store, &plugin.init_config).await {
+                Ok(Ok(())) => Ok(exports),
+                Ok(Err(message)) => Err(in_init(CallError::new(ErrorType::Config, message))),
+                Err(e) => {
+                    let panic = store.data_mut().panic.take();
+                    Err(in_init(classify(e, ErrorType::Instantiate, timeout, panic)))
+                }
+            }
         };
         let exports = within(deadline, std::pin::pin!(setup))
             .await
-            .ok_or_else(|| timed_out(timeout))??;
+            .ok_or_else(|| StartFailure {
+                in_init: true,
+                error: timed_out(timeout),
+            })??;
         plugin.services.instances.inc();
         Ok(Instance {
             store,
@@ -80,6 +109,15 @@ impl Instance {
     /// The plugin version it runs.
     pub fn plugin(&self) -> &Arc<Plugin> {
         &self.plugin
+    }
+
+    /// Fuel left after the last call, when the engine meters fuel (the
+    /// call used its stage's `fuel` budget minus this).
+    pub fn fuel_left(&self) -> Option<u64> {
+        self.plugin
+            .fuel
+            .then(|| self.store.get_fuel().ok())
+            .flatten()
     }
 
     /// Calls served so far.
@@ -148,7 +186,10 @@ impl Instance {
         }
         match result {
             None => return Err(timed_out(timeout)),
-            Some(Err(error)) => return Err(classify(error, ErrorType::Trap, timeout)),
+            Some(Err(error)) => {
+                let panic = self.store.data_mut().panic.take();
+                return Err(classify(error, ErrorType::Trap, timeout, panic));
+            }
             Some(Ok(Err(error))) => return Err(self.stage_error(error)),
             Some(Ok(Ok(Some(output)))) => *envelope = output,
             // By handle: checked as it was set.
@@ -220,7 +261,10 @@ impl Instance {
                     "the stage's plugin does not export process-chunk",
                 ));
             }
-            Some(Some(Err(error))) => return Err(classify(error, ErrorType::Trap, timeout)),
+            Some(Some(Err(error))) => {
+                let panic = self.store.data_mut().panic.take();
+                return Err(classify(error, ErrorType::Trap, timeout, panic));
+            }
             Some(Some(Ok(Err(error)))) => return Err(self.stage_error(error)),
             Some(Some(Ok(Ok(output)))) => output,
         };
@@ -292,18 +336,31 @@ fn timed_out(timeout: Duration) -> CallError {
 }
 
 /// Map a wasmtime error from a call into a [`CallError`].
-fn classify(error: wasmtime::Error, default: ErrorType, timeout: Duration) -> CallError {
+fn classify(
+    error: wasmtime::Error,
+    default: ErrorType,
+    timeout: Duration,
+    panic: Option<String>,
+) -> CallError {
     let message = format!("{error:#}");
-    let error_type = match error.downcast_ref::<Trap>() {
-        Some(Trap::Interrupt) => return timed_out(timeout),
-        Some(Trap::OutOfFuel) => return CallError::new(ErrorType::Fuel, "fuel budget exhausted"),
-        Some(_) => ErrorType::Trap,
-        None if message.contains("forcing trap when growing memory")
-            || message.contains("forcing a memory growth failure") =>
+    let error_type = match (error.downcast_ref::<Trap>(), panic) {
+        (Some(Trap::Interrupt), _) => return timed_out(timeout),
+        (Some(Trap::OutOfFuel), _) => {
+            return CallError::new(ErrorType::Fuel, "fuel budget exhausted");
+        }
+        // The panic's own message says what went wrong; the trap and its
+        // wasm backtrace only that the guest aborted.
+        (Some(trap), Some(panic)) => {
+            return CallError::new(ErrorType::Trap, format!("{panic} (then wasm trap: {trap})"));
+        }
+        (Some(_), None) => ErrorType::Trap,
+        (None, _)
+            if message.contains("forcing trap when growing memory")
+                || message.contains("forcing a memory growth failure") =>
         {
             ErrorType::Memory
         }
-        None => default,
+        (None, _) => default,
     };
     CallError::new(error_type, message)
 }

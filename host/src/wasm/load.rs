@@ -12,16 +12,16 @@ use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
-use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{HasSelf, Linker};
 
 use super::bindings::ExportIndices;
 use super::bindings::orchestrator::pipeline::{inference, log, request};
 use super::engine::Runtime;
 use super::error::{CallError, LoadError};
 use super::host::HostState;
+use super::inspect::{Inspection, inspect};
 use super::instance::Instance;
-use super::plugin::{HostServices, Plugin};
+use super::plugin::{HostServices, Plugin, StoreShape};
 use crate::bundled;
 use crate::config::{PluginSource, StageConfig};
 use crate::files::read_bounded;
@@ -73,11 +73,29 @@ impl PluginBytes {
     pub fn sha256(&self) -> &str {
         &self.sha256
     }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Their number.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
 }
 
 impl Runtime {
     /// Prepare, link and validate a plugin for `stage` (lifecycle steps
-    /// 2–4). Compilation runs on the blocking thread pool. Returns the
+    /// 2–4). What can be refused without compiling is refused first
+    /// ([`inspect`]); compilation runs on the blocking thread pool, and its
+    /// artifact is written to the cache only once the plugin has passed
+    /// every check, so a refused plugin leaves nothing there. Returns the
     /// plugin and whether its compiled artifact came from the cache.
     pub async fn load(
         &self,
@@ -88,25 +106,28 @@ impl Runtime {
     ) -> Result<(Arc<Plugin>, bool), LoadError> {
         let started = Instant::now();
         let PluginBytes { bytes, sha256 } = bytes;
-        check_header(&bytes)?;
+        let inspection = inspect(&bytes)?;
+        check_world(&inspection)?;
+        check_imports(&inspection, stage)?;
         let (engine, cache, key) = (self.engine.clone(), self.cache.clone(), sha256.clone());
-        let (component, cached) =
+        let (component, fresh) =
             tokio::task::spawn_blocking(move || cache.component(&engine, &bytes, &key))
                 .await
                 .map_err(|e| LoadError::Compile(e.into()))??;
-        check_imports(&component, &self.engine, stage)?;
 
-        let linker = linker(&self.engine, stage.capabilities.inference).map_err(|e| {
+        let linker = linker(&self.engine).map_err(|e| {
             LoadError::Instantiate(CallError::new(ErrorType::Instantiate, format!("{e:#}")))
         })?;
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| LoadError::WrongWorld {
                 reason: "its imports cannot be linked".into(),
+                exports: inspection.exports.clone(),
                 source: Some(e.into()),
             })?;
         let exports = ExportIndices::new(&pre).map_err(|reason| LoadError::WrongWorld {
             reason,
+            exports: inspection.exports.clone(),
             source: None,
         })?;
         let calls = services.ledger.counter(&sha256);
@@ -126,14 +147,30 @@ impl Runtime {
             services: services.clone(),
             fuel: self.fuel,
             calls,
+            shape: StoreShape::of(&inspection),
         });
         // Validation: one instance must come up and accept its config.
-        Instance::new(&plugin)
-            .await
-            .map_err(|e| match e.error_type {
-                ErrorType::Config => LoadError::Init(e.message),
-                _ => LoadError::Instantiate(e),
-            })?;
+        Instance::start(&plugin).await.map_err(|failure| {
+            if failure.in_init {
+                LoadError::Init(failure.error.message)
+            } else {
+                LoadError::Instantiate(failure.error)
+            }
+        })?;
+        let cached = fresh.is_none();
+        if let Some(artifact) = fresh {
+            let (cache, key) = (self.cache.clone(), plugin.sha256.clone());
+            // A failed write is logged by the cache and costs only a
+            // compilation at the next start.
+            let _ = tokio::task::spawn_blocking(move || cache.store(&key, &artifact)).await;
+        }
+        if inference_ungranted(&inspection, stage) {
+            tracing::warn!(
+                stage = stage.name(),
+                "the plugin imports orchestrator:pipeline/inference, which this stage is not \
+                 granted: its calls to generate will fail"
+            );
+        }
         tracing::info!(
             stage = stage.name(),
             source = %plugin.source,
@@ -147,64 +184,83 @@ impl Runtime {
     }
 }
 
-/// The linker of a stage: WASI p2, `log` and the `request` resource for
-/// every stage, `inference` only for a stage granted it.
-fn linker(engine: &Engine, inference: bool) -> wasmtime::Result<Linker<HostState>> {
+/// The linker every stage gets: WASI 0.2 (sockets included, every socket
+/// call denied by the store's [`WasiCtx`](wasmtime_wasi::WasiCtx)), `log`,
+/// the `request` resource, and `inference`, whose calls fail unless the
+/// stage is granted it (the store of an ungranted stage holds no router).
+fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker: Linker<HostState> = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
     log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     request::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-    if inference {
-        inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-    }
+    inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     Ok(linker)
 }
 
-fn check_header(bytes: &[u8]) -> Result<(), LoadError> {
-    if !bytes.starts_with(b"\0asm") {
-        return Err(LoadError::NotWasm(bytes.iter().take(4).copied().collect()));
+/// The exports every stage world has, and the one the streaming worlds add.
+const STAGE_EXPORTS: [&str; 2] = ["init", "process"];
+
+/// Refuse a component that lacks the stage worlds' exports, listing the
+/// worlds and what it exports instead. Their types are checked once it is
+/// compiled.
+fn check_world(inspection: &Inspection) -> Result<(), LoadError> {
+    match STAGE_EXPORTS
+        .iter()
+        .find(|name| !inspection.exports.iter().any(|e| e == *name))
+    {
+        Some(missing) => Err(LoadError::WrongWorld {
+            reason: format!("it has no export `{missing}`"),
+            exports: inspection.exports.clone(),
+            source: None,
+        }),
+        None => Ok(()),
     }
-    // Bytes 4..8: version and layer; layer 0 is a core module.
-    if bytes.get(6..8) == Some(&[0, 0]) {
-        return Err(LoadError::CoreModule);
-    }
-    Ok(())
 }
 
-/// Refuse imports the stage's grants cannot satisfy, naming the grant.
-fn check_imports(
-    component: &Component,
-    engine: &Engine,
-    stage: &StageConfig,
-) -> Result<(), LoadError> {
-    for (name, item) in component.component_type().imports(engine) {
-        // A type (the `request` resource that a `request-stage` world's
-        // export names) grants nothing.
-        if matches!(item.ty, ComponentItem::Type(_) | ComponentItem::Resource(_)) {
-            continue;
-        }
+/// Whether the component imports `inference` although the stage is not
+/// granted it: allowed (toolchains such as componentize-js import every
+/// interface of the world), but its calls fail.
+fn inference_ungranted(inspection: &Inspection, stage: &StageConfig) -> bool {
+    !stage.capabilities.inference
+        && inspection
+            .imports
+            .iter()
+            .any(|name| name.split('@').next() == Some(INFERENCE))
+}
+
+/// The inference interface's name, without version.
+const INFERENCE: &str = "orchestrator:pipeline/inference";
+
+/// Refuse imports the host does not provide, naming what is missing.
+///
+/// Every stage is linked with all of WASI 0.2 and this package, so an
+/// import is refused only when nothing could satisfy it: WASI HTTP (the
+/// host does not link it), or an interface of another package. What a
+/// stage may *do* with what it imports is the grants' business, checked at
+/// each call: the WASI context has only the granted directories and
+/// environment variables and denies every socket, and `inference` answers
+/// only a stage granted it.
+fn check_imports(inspection: &Inspection, stage: &StageConfig) -> Result<(), LoadError> {
+    for name in &inspection.imports {
         let interface = name.split('@').next().unwrap_or(name);
-        let refusal = if interface == format!("{PACKAGE}inference") && !stage.capabilities.inference
-        {
-            Some(format!(
-                "set `capabilities = {{ inference = true }}` under [stages.{}] to grant it",
-                stage.name()
-            ))
-        } else if interface.starts_with("wasi:sockets/") && interface != "wasi:sockets/network" {
-            Some("plugins get no network access".to_string())
-        } else if interface.starts_with("wasi:http/") {
-            Some("plugins get no HTTP access".to_string())
-        } else if !interface.starts_with("wasi:") && !interface.starts_with(PACKAGE) {
+        let refusal = if interface.starts_with("wasi:http/") {
             Some(
-                "the host provides only WASI 0.2 and the orchestrator:pipeline interfaces"
+                "the host does not link WASI HTTP: plugins get no HTTP access (with \
+                 componentize-js, build with `-d http`)"
                     .to_string(),
             )
+        } else if !interface.starts_with("wasi:") && !interface.starts_with(PACKAGE) {
+            Some(format!(
+                "the host provides only WASI 0.2 and the orchestrator:pipeline interfaces \
+                 to stage `{}`",
+                stage.name()
+            ))
         } else {
             None
         };
         if let Some(remedy) = refusal {
             return Err(LoadError::NotGranted {
-                import: name.to_string(),
+                import: name.clone(),
                 remedy,
             });
         }
@@ -215,19 +271,6 @@ fn check_imports(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_checks() {
-        assert!(matches!(
-            check_header(b"hello world"),
-            Err(LoadError::NotWasm(_))
-        ));
-        assert!(matches!(
-            check_header(b"\0asm\x01\0\0\0"),
-            Err(LoadError::CoreModule)
-        ));
-        assert!(check_header(b"\0asm\x0d\0\x01\0").is_ok());
-    }
 
     #[test]
     fn an_upload_has_no_source_to_read_and_bundled_stages_do() {

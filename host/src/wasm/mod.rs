@@ -86,6 +86,7 @@ mod engine;
 mod envelope;
 mod error;
 mod host;
+mod inspect;
 mod instance;
 mod load;
 mod plugin;
@@ -97,6 +98,7 @@ pub use bindings::{
 pub use engine::{EPOCH_TICK, EngineError, EngineSettings, Runtime};
 pub use envelope::envelope_bytes;
 pub use error::{BoxError, CallError, LoadError};
+pub use inspect::{Inspection, inspect};
 pub use instance::Instance;
 pub use load::PluginBytes;
 pub use plugin::{CallLedger, HostServices, Plugin, PluginVersion};

@@ -20,6 +20,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 use super::bindings::{ExportIndices, World};
 use super::error::CallError;
 use super::host::{HostState, LogBudget};
+use super::inspect::Inspection;
 use crate::config::{PluginSource, StageConfig};
 use crate::inference::Router;
 use crate::metrics::ErrorType;
@@ -87,6 +88,34 @@ pub struct Plugin {
     pub(super) services: HostServices,
     pub(super) fuel: bool,
     pub(super) calls: Arc<AtomicU64>,
+    /// What one instance needs of the store's limits.
+    pub(super) shape: StoreShape,
+}
+
+/// The store limits on core instances, tables and memories, derived from
+/// the component ([`Inspection`]): exactly what one instantiation
+/// creates, and never less than the limits every plugin had before they
+/// were derived (32 instances, 32 tables, 4 memories). They bound what a
+/// component can make at run time, not what it declares: a component is
+/// compiled and checked by the host before any instance exists, so its
+/// declared shape is the host's to allow. An 18 MB componentize-py
+/// component needs more than 32 core instances.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct StoreShape {
+    pub(super) core_instances: usize,
+    pub(super) tables: usize,
+    pub(super) memories: usize,
+}
+
+impl StoreShape {
+    pub(super) fn of(inspection: &Inspection) -> StoreShape {
+        let count = |n: u32, floor: usize| usize::try_from(n).unwrap_or(usize::MAX).max(floor);
+        StoreShape {
+            core_instances: count(inspection.core_instances, 32),
+            tables: count(inspection.core_tables, 32),
+            memories: count(inspection.core_memories, 4),
+        }
+    }
 }
 
 impl fmt::Debug for Plugin {
@@ -104,6 +133,11 @@ impl Plugin {
     /// The stage it serves.
     pub fn stage(&self) -> &'static str {
         self.stage
+    }
+
+    /// The stage settings its instances get.
+    pub fn settings(&self) -> &StageConfig {
+        &self.settings
     }
 
     /// The world its component implements.
@@ -145,9 +179,9 @@ impl Plugin {
         let limits = StoreLimitsBuilder::new()
             .memory_size(self.settings.max_memory_bytes)
             .trap_on_grow_failure(true)
-            .instances(32)
-            .tables(32)
-            .memories(4)
+            .instances(self.shape.core_instances)
+            .tables(self.shape.tables)
+            .memories(self.shape.memories)
             .table_elements(100_000)
             .build();
         let state = HostState {
@@ -162,6 +196,7 @@ impl Plugin {
             stream: None,
             backend_error: None,
             request: None,
+            panic: None,
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.limits);

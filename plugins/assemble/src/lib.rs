@@ -7,8 +7,9 @@
 //! remains of the budget goes first to passages (best first, whole
 //! passages only), then to earlier chat turns (newest first).
 
-#[cfg(target_arch = "wasm32")]
-mod component;
+mod stage;
+
+pub use stage::Assemble;
 
 use orchestrator_text::count_tokens;
 

@@ -7,14 +7,15 @@
 //! deterministic `echo`, or an upstream service) is the host's choice.
 //!
 //! When the client asked for a stream (the envelope's metadata has
-//! [`STREAM_KEY`] set to `true`), the stage starts a streaming generation
+//! `request.stream` set to `true`, see the SDK's `Request::stream_requested`), the stage starts a streaming generation
 //! with `inference.generate-stream` instead and returns the envelope
 //! unchanged: the host then feeds the tokens through the streaming stages
 //! that follow and fills in the completion, finish reason and usage when
 //! the generation ends (see [`run_request`]).
 
-#[cfg(target_arch = "wasm32")]
-mod component;
+mod stage;
+
+pub use stage::Inference;
 
 /// A completion as the stage records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,17 +55,6 @@ pub fn run(
     Ok(completion)
 }
 
-/// The metadata key the host sets to `true` when the client asked for a
-/// stream.
-pub const STREAM_KEY: &str = "request.stream";
-
-/// Whether the client asked for a stream, given the value of the
-/// [`STREAM_KEY`] note: exactly `true`. Any other value, or no such note,
-/// means a whole completion.
-pub fn stream_requested(note: Option<&str>) -> bool {
-    note == Some("true")
-}
-
 /// What [`run_request`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -76,7 +66,7 @@ pub enum Outcome {
 }
 
 /// Run one request: check the prompt, then, if the client asked for a
-/// stream (`stream`, see [`stream_requested`]), start one with
+/// stream (`stream`), start one with
 /// `generate_stream`, otherwise generate the whole completion with
 /// `generate` as [`run`] does. Exactly one of the two is called, and
 /// neither for an empty prompt.
@@ -130,14 +120,6 @@ mod tests {
             run("p", |_| Err("down".into())),
             Err(Failure::Backend("down".into()))
         );
-    }
-
-    #[test]
-    fn stream_requested_only_by_request_stream_true() {
-        assert!(stream_requested(Some("true")));
-        assert!(!stream_requested(None));
-        assert!(!stream_requested(Some("false")));
-        assert!(!stream_requested(Some("TRUE ")));
     }
 
     #[test]

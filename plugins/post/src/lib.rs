@@ -21,8 +21,9 @@
 //! `clean(completion, stop).text`, and it reports `stop` exactly when
 //! [`clean`] reports `stopped` (this is property-tested).
 
-#[cfg(target_arch = "wasm32")]
-mod component;
+mod stage;
+
+pub use stage::Post;
 
 use std::fmt;
 

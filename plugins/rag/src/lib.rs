@@ -11,8 +11,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-#[cfg(target_arch = "wasm32")]
-mod component;
+mod stage;
+
+pub use stage::Rag;
 
 /// BM25 term-frequency saturation.
 const K1: f32 = 1.2;

@@ -17,8 +17,9 @@
 //!   chunk_tokens)` (this is property-tested). With `chunk_tokens = 1` a
 //!   token goes out as soon as the next one starts.
 
-#[cfg(target_arch = "wasm32")]
-mod component;
+mod stage;
+
+pub use stage::Stream;
 
 /// Default number of tokens per chunk.
 pub const DEFAULT_CHUNK_TOKENS: usize = 4;

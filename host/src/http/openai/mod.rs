@@ -129,9 +129,10 @@ async fn chat_completions(state: &ApiState, body: &[u8]) -> Response {
             Err(error) => run_error(error).into_response(),
         };
     }
-    envelope
-        .metadata
-        .push(("request.stream".to_string(), "true".to_string()));
+    envelope.metadata.push((
+        orchestrator_plugin::STREAM_NOTE.to_string(),
+        "true".to_string(),
+    ));
     let events = ChunkEvents::new(id, parsed.model, parsed.include_usage);
     match state.pipeline.run_streaming(envelope, deadline).await {
         Ok(Answer::Done(envelope)) => events.buffered(&envelope),

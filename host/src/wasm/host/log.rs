@@ -1,11 +1,30 @@
 //! The `log` import: a plugin's structured records, written to the host's
 //! log under the `plugin` target with the stage's name, at a bounded rate.
 
+use orchestrator_plugin::log::PANIC_FIELD;
+
 use super::state::HostState;
 use crate::wasm::bindings::orchestrator::pipeline::log;
 
+/// The longest panic message kept for the error report, in bytes.
+const PANIC_MESSAGE_CAP: usize = 2048;
+
 impl log::Host for HostState {
     fn emit(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {
+        // A panic's record is kept whatever the log rate: the trap that
+        // follows it is reported with its message.
+        if fields.iter().any(|(key, _)| key == PANIC_FIELD) {
+            let mut text = message.clone();
+            if text.len() > PANIC_MESSAGE_CAP {
+                let mut end = PANIC_MESSAGE_CAP;
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                text.truncate(end);
+                text.push_str("...");
+            }
+            self.panic = Some(text);
+        }
         let Some(dropped) = self.log_budget.take() else {
             return;
         };

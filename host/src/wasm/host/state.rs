@@ -39,6 +39,9 @@ pub struct HostState {
     /// The output budget of the request handed over by handle, during a
     /// `process` call of a `request-stage` plugin.
     pub(in crate::wasm) request: Option<RequestBudget>,
+    /// The message of the last panic the plugin logged (a record with the
+    /// SDK's panic field): reported with the trap that follows it.
+    pub(in crate::wasm) panic: Option<String>,
 }
 
 impl WasiView for HostState {

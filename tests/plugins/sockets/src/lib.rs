@@ -1,18 +1,30 @@
 //! A stage that wants the network: it imports wasi:sockets (through
-//! `std::net`), which no stage is ever granted.
+//! `std::net`) and connects to its config's `addr` in every call. The host
+//! links sockets but denies every socket call, so the completion always
+//! reads `no network: ...`.
+
+use std::sync::OnceLock;
 
 wit_bindgen::generate!({ world: "stage", path: "../../../wit" });
+
+static ADDR: OnceLock<String> = OnceLock::new();
 
 struct Component;
 
 impl Guest for Component {
-    fn init(_config: Vec<(String, String)>) -> Result<(), String> {
+    fn init(config: Vec<(String, String)>) -> Result<(), String> {
+        let addr = config
+            .into_iter()
+            .find(|(k, _)| k == "addr")
+            .map_or_else(|| "127.0.0.1:9".to_string(), |(_, v)| v);
+        let _ = ADDR.set(addr);
         Ok(())
     }
 
     fn process(mut request: Envelope) -> Result<Envelope, StageError> {
-        match std::net::TcpStream::connect("127.0.0.1:9") {
-            Ok(_) => request.completion = "connected".into(),
+        let addr = ADDR.get().map_or("127.0.0.1:9", String::as_str);
+        match std::net::TcpStream::connect(addr) {
+            Ok(_) => request.completion = format!("connected to {addr}"),
             Err(e) => request.completion = format!("no network: {e}"),
         }
         Ok(request)

@@ -1,21 +1,35 @@
-//! WebAssembly glue: the `request-stage` world's exports for the `rag`
-//! stage.
+//! The stage itself: an [`Index`] of the corpus, searched for each
+//! request's question.
 
-use std::sync::OnceLock;
+use orchestrator_plugin::{InitError, Passage, Request, Stage, StageError, log};
+use serde::Deserialize;
 
 use crate::{Index, query_of};
 
-wit_bindgen::generate!({ world: "request-stage", path: "../../wit" });
+/// The `rag` stage's configuration.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// The corpus directory, as the plugin sees it (the host grants it).
+    pub corpus_dir: String,
+    /// Passages retrieved per request.
+    pub top_k: usize,
+}
 
-use orchestrator::pipeline::log::{Level, emit};
-use orchestrator::pipeline::types::Passage;
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            corpus_dir: "/corpus".into(),
+            top_k: 3,
+        }
+    }
+}
 
-struct Rag {
+/// The `rag` stage: the corpus, indexed once per instance at `init`.
+pub struct Rag {
     index: Index,
     top_k: usize,
 }
-
-static STATE: OnceLock<Rag> = OnceLock::new();
 
 /// Read every `.md` / `.txt` file under `dir`, recursively, sorted by path.
 fn read_corpus(dir: &str) -> Result<Vec<(String, String)>, String> {
@@ -48,46 +62,23 @@ fn read_corpus(dir: &str) -> Result<Vec<(String, String)>, String> {
     Ok(documents)
 }
 
-struct Component;
+impl Stage for Rag {
+    type Config = Config;
 
-impl Guest for Component {
-    fn init(config: Vec<(String, String)>) -> Result<(), String> {
-        let mut dir = "/corpus".to_string();
-        let mut top_k = 3usize;
-        for (key, value) in config {
-            match key.as_str() {
-                "corpus_dir" => dir = value,
-                "top_k" => {
-                    top_k = value
-                        .parse()
-                        .map_err(|_| format!("top_k must be a whole number, got {value:?}"))?
-                }
-                other => {
-                    return Err(format!(
-                        "unknown config key {other:?} (expected corpus_dir, top_k)"
-                    ));
-                }
-            }
-        }
-        let documents = read_corpus(&dir)?;
+    fn init(config: Config) -> Result<Self, InitError> {
+        let documents = read_corpus(&config.corpus_dir)?;
         let index = Index::build(documents.iter().map(|(s, t)| (s.as_str(), t.as_str())));
-        emit(
-            Level::Info,
+        log::info(
             "corpus indexed",
-            &[
-                ("documents".into(), documents.len().to_string()),
-                ("passages".into(), index.len().to_string()),
-            ],
+            &[("documents", &documents.len()), ("passages", &index.len())],
         );
-        STATE
-            .set(Rag { index, top_k })
-            .map_err(|_| "init called twice".to_string())
+        Ok(Rag {
+            index,
+            top_k: config.top_k,
+        })
     }
 
-    fn process(request: &Request) -> Result<(), StageError> {
-        let state = STATE
-            .get()
-            .ok_or_else(|| StageError::Config("process called before init".into()))?;
+    fn process(&self, request: &dyn Request) -> Result<(), StageError> {
         let messages = request.messages();
         let query = query_of(
             messages
@@ -95,8 +86,8 @@ impl Guest for Component {
                 .map(|m| (m.role.as_str(), m.content.as_str())),
         )
         .ok_or_else(|| StageError::InvalidInput("no user message to retrieve for".into()))?;
-        let hits = state.index.search(query, state.top_k);
-        request.set_note("rag.passages", &hits.len().to_string());
+        let hits = self.index.search(query, self.top_k);
+        request.set_notes(&[("rag.passages", &hits.len())]);
         // After any passages an earlier stage put there.
         let mut passages = request.passages();
         passages.extend(hits.into_iter().map(|hit| Passage {
@@ -109,4 +100,4 @@ impl Guest for Component {
     }
 }
 
-export!(Component);
+orchestrator_plugin::export_stage!(Rag);

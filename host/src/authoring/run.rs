@@ -1,0 +1,218 @@
+//! `orchestrator plugin run`: one call of a loaded plugin, on an envelope
+//! given as JSON, or a sequence of deltas through its chunk path.
+//!
+//! The input is the envelope of the WIT (`orchestrator:pipeline/types`)
+//! in JSON, with Rust field names; every field may be left out:
+//!
+//! ```json
+//! {
+//!   "messages": [{"role": "user", "content": "What is a pipeline?"}],
+//!   "params": {"model": "echo", "max_tokens": 64, "stop": ["END"]},
+//!   "completion": "mail me at ann@example.com END",
+//!   "metadata": [["request.stream", "false"]]
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::error::AuthoringError;
+use crate::wasm::{ChunkContext, Envelope, GenerationParams, Instance, Plugin};
+
+/// The result of one `process` call.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// The envelope as the stage left it.
+    pub envelope: Envelope,
+    /// The call's duration, in microseconds (a fresh instance, so this
+    /// includes cold caches; the host's warm calls are faster).
+    pub duration_us: f64,
+    /// Fuel the call used.
+    pub fuel_used: Option<u64>,
+}
+
+/// One call of the chunk path.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChunkStep {
+    /// The delta given.
+    pub delta: String,
+    /// Whether it was the final call.
+    pub last: bool,
+    /// What the stage emitted.
+    pub emit: Vec<String>,
+    /// What it carried to the next call.
+    pub carry: String,
+    /// Whether it ended the completion.
+    pub stop: bool,
+    /// The call's duration, in microseconds.
+    pub duration_us: f64,
+    /// Fuel the call used.
+    pub fuel_used: Option<u64>,
+}
+
+/// The envelope `input` describes: its fields over an empty envelope with
+/// id `chatcmpl-plugin-run` and model `echo`.
+///
+/// # Errors
+///
+/// [`AuthoringError::Input`] naming what does not fit the envelope.
+pub fn envelope_from_json(input: Value) -> Result<Envelope, AuthoringError> {
+    let Value::Object(fields) = input else {
+        return Err(AuthoringError::Input("must be a JSON object".into()));
+    };
+    let mut base = Envelope::new(
+        "chatcmpl-plugin-run".into(),
+        Vec::new(),
+        GenerationParams {
+            model: "echo".into(),
+            max_tokens: 256,
+            temperature: 1.0,
+            stop: Vec::new(),
+        },
+    );
+    base.finish_reason = "stop".into();
+    let Ok(Value::Object(mut merged)) = serde_json::to_value(&base) else {
+        return Err(AuthoringError::Input(
+            "cannot build the base envelope".into(),
+        ));
+    };
+    for (key, value) in fields {
+        match (merged.get_mut(&key), value) {
+            (None, _) => {
+                return Err(AuthoringError::Input(format!(
+                    "unknown field `{key}`; the envelope has {}",
+                    names(&merged)
+                )));
+            }
+            // `params` and `usage` may be given in part.
+            (Some(Value::Object(inner)), Value::Object(given)) => {
+                for (name, value) in given {
+                    if !inner.contains_key(&name) {
+                        return Err(AuthoringError::Input(format!(
+                            "unknown field `{key}.{name}`; it has {}",
+                            names(inner)
+                        )));
+                    }
+                    inner.insert(name, value);
+                }
+            }
+            (Some(slot), value) => *slot = value,
+        }
+    }
+    serde_json::from_value(Value::Object(merged)).map_err(|e| AuthoringError::Input(e.to_string()))
+}
+
+fn names(map: &Map<String, Value>) -> String {
+    map.keys()
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Fuel used by the last call of `instance`, given the budget it started
+/// with.
+fn fuel_used(instance: &Instance, budget: Option<u64>) -> Option<u64> {
+    Some(budget?.saturating_sub(instance.fuel_left()?))
+}
+
+/// Call `process` once, on a fresh instance.
+///
+/// # Errors
+///
+/// The instance cannot be created, or the call fails.
+pub async fn process(
+    plugin: &Arc<Plugin>,
+    envelope: Envelope,
+) -> Result<RunReport, AuthoringError> {
+    let mut instance = Instance::new(plugin).await?;
+    let timeout = Duration::from_millis(plugin.settings().timeout_ms);
+    let budget = plugin.settings().fuel;
+    let mut envelope = envelope;
+    let started = Instant::now();
+    instance.process(&mut envelope, timeout).await?;
+    let duration_us = started.elapsed().as_secs_f64() * 1e6;
+    Ok(RunReport {
+        envelope,
+        duration_us,
+        fuel_used: fuel_used(&instance, budget),
+    })
+}
+
+/// Feed `deltas` through the chunk path, then the final call, carrying
+/// each call's `carry` to the next as the host does; stop early when the
+/// stage does.
+///
+/// # Errors
+///
+/// The instance cannot be created, or a call fails.
+pub async fn chunks(
+    plugin: &Arc<Plugin>,
+    envelope: &Envelope,
+    deltas: &[String],
+) -> Result<Vec<ChunkStep>, AuthoringError> {
+    let mut instance = Instance::new(plugin).await?;
+    let timeout = Duration::from_millis(plugin.settings().timeout_ms);
+    let budget = plugin.settings().fuel;
+    let context = ChunkContext {
+        request_id: envelope.request_id.clone(),
+        params: envelope.params.clone(),
+    };
+    let mut steps = Vec::new();
+    let mut carry = String::new();
+    let calls = deltas
+        .iter()
+        .map(|d| (d.as_str(), false))
+        .chain(std::iter::once(("", true)));
+    for (delta, last) in calls {
+        let started = Instant::now();
+        let output = instance
+            .process_chunk(&context, &carry, delta, last, timeout)
+            .await?;
+        let duration_us = started.elapsed().as_secs_f64() * 1e6;
+        carry.clone_from(&output.carry);
+        let stop = output.stop;
+        steps.push(ChunkStep {
+            delta: delta.to_string(),
+            last,
+            emit: output.emit,
+            carry: output.carry,
+            stop,
+            duration_us,
+            fuel_used: fuel_used(&instance, budget),
+        });
+        if stop {
+            break;
+        }
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_is_built_from_partial_json() {
+        let envelope = envelope_from_json(serde_json::json!({
+            "completion": "hi",
+            "params": {"stop": ["END"]},
+            "metadata": [["a", "b"]],
+        }))
+        .unwrap();
+        assert_eq!(envelope.completion, "hi");
+        assert_eq!(envelope.params.stop, ["END"]);
+        assert_eq!(envelope.params.model, "echo");
+        assert_eq!(envelope.metadata, [("a".to_string(), "b".to_string())]);
+        let error = envelope_from_json(serde_json::json!({"completon": "x"})).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `completon`"),
+            "{error}"
+        );
+        let error = envelope_from_json(serde_json::json!({"params": {"stops": []}})).unwrap_err();
+        assert!(error.to_string().contains("`params.stops`"), "{error}");
+        assert!(envelope_from_json(serde_json::json!([])).is_err());
+    }
+}

@@ -1,0 +1,249 @@
+//! Plugin authoring: `orchestrator plugin new` writes a crate outside the
+//! repository that builds both with `cargo build --target wasm32-wasip2`
+//! and with `cargo component build`; each build loads into a running host
+//! and a request shows it ran; `plugin check` and `plugin run` describe
+//! good plugins and refuse bad ones with the host's reasons.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value, json};
+
+use crate::common::{Host, bundled_wasm, target_dir, test_plugin, tool_missing};
+
+fn orchestrator(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(args)
+        .output()
+        .expect("the orchestrator binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A cargo command for a crate outside this workspace: the flags of the
+/// host's build (coverage, wrappers) must not leak into it.
+fn cargo(dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO"));
+    command
+        .current_dir(dir)
+        .args(args)
+        // One target directory for every run, so rebuilds are incremental
+        // and the SDK is compiled once.
+        .env("CARGO_TARGET_DIR", target_dir().join("authoring"));
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "CARGO_BUILD_TARGET",
+    ] {
+        command.env_remove(var);
+    }
+    command.output().expect("cargo runs")
+}
+
+fn succeeded(what: &str, output: &Output) {
+    assert!(
+        output.status.success(),
+        "{what} failed:\n{}\n{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// The text of a streamed answer: its deltas, concatenated.
+fn streamed_text(body: &str) -> String {
+    body.lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .filter_map(|event| {
+            event["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(String::from)
+        })
+        .collect()
+}
+
+/// Serve with `wasm` as the `post` stage and check that it masks, plain
+/// and streamed.
+async fn serves_as_post(wasm: &Path) {
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\nconfig = {{ words = \"darn, heck\" }}\n",
+        wasm.display().to_string()
+    ));
+    let (status, body) = host
+        .chat(&json!({"model": "echo", "messages": [{"role": "user", "content": "oh darn, what the HECK"}]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        body["choices"][0]["message"]["content"], "oh ****, what the ****",
+        "{body}"
+    );
+    assert_eq!(
+        body["orchestrator"]["metadata"]["word-mask.masked"], "2",
+        "{body}"
+    );
+    let (status, body) = host
+        .chat(&json!({"model": "echo", "stream": true,
+            "messages": [{"role": "user", "content": "darn it, heck yes"}]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(streamed_text(&body), "**** it, **** yes", "{body}");
+}
+
+/// Generate the crate into a directory outside the repository.
+fn generate(root: &Path) -> PathBuf {
+    let output = orchestrator(&[
+        "plugin",
+        "new",
+        "word-mask",
+        "--stage",
+        "post",
+        "--streaming",
+        "--dir",
+        root.to_str().unwrap(),
+    ]);
+    succeeded("plugin new", &output);
+    let dir = root.join("word-mask");
+    assert!(dir.join("README.md").is_file());
+    // A second `new` into the same place is refused, not merged.
+    let again = orchestrator(&[
+        "plugin",
+        "new",
+        "word-mask",
+        "--stage",
+        "post",
+        "--dir",
+        root.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again.stderr)
+    );
+    dir
+}
+
+#[tokio::test]
+async fn a_generated_plugin_builds_with_cargo_and_runs_in_the_host() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = generate(root.path());
+    // Its own native unit tests pass.
+    succeeded("cargo test", &cargo(&dir, &["test", "--quiet"]));
+    succeeded(
+        "cargo build --target wasm32-wasip2",
+        &cargo(&dir, &["build", "--release", "--target", "wasm32-wasip2"]),
+    );
+    let wasm = target_dir().join("authoring/wasm32-wasip2/release/word_mask.wasm");
+    serves_as_post(&wasm).await;
+
+    // `plugin check` describes it, `plugin run` calls it.
+    let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
+    succeeded("plugin check", &output);
+    let report = text(&output.stdout);
+    assert!(
+        report.contains("world:     orchestrator:pipeline/streaming-request-stage"),
+        "{report}"
+    );
+    assert!(
+        report.contains("exports:   init, process, process-chunk"),
+        "{report}"
+    );
+    let input = root.path().join("envelope.json");
+    std::fs::write(
+        &input,
+        r#"{"completion": "well, darn", "params": {"stop": []}}"#,
+    )
+    .unwrap();
+    let output = orchestrator(&[
+        "plugin",
+        "run",
+        wasm.to_str().unwrap(),
+        "--stage",
+        "post",
+        "--input",
+        input.to_str().unwrap(),
+    ]);
+    succeeded("plugin run", &output);
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(run["envelope"]["completion"], "well, ****", "{run}");
+    assert!(run["fuel_used"].as_u64().unwrap() > 0, "{run}");
+    let output = orchestrator(&[
+        "plugin",
+        "run",
+        wasm.to_str().unwrap(),
+        "--stage",
+        "post",
+        "--delta",
+        "oh da",
+        "--delta",
+        "rn it",
+    ]);
+    succeeded("plugin run --delta", &output);
+    let run: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(run["emitted"], "oh **** it", "{run}");
+    assert_eq!(run["chunks"][0]["carry"], "da", "{run}");
+}
+
+#[tokio::test]
+async fn a_generated_plugin_builds_with_cargo_component_and_runs_in_the_host() {
+    if tool_missing("cargo-component") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let dir = generate(root.path());
+    succeeded(
+        "cargo component build",
+        &cargo(&dir, &["component", "build", "--release"]),
+    );
+    let wasm = target_dir().join("authoring/wasm32-wasip1/release/word_mask.wasm");
+    serves_as_post(&wasm).await;
+}
+
+#[test]
+fn plugin_check_refuses_what_the_host_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let elf = dir.path().join("native.wasm");
+    std::fs::write(&elf, b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0").unwrap();
+    let cases: [(PathBuf, &str, &str); 4] = [
+        (
+            test_plugin("wrong-world"),
+            "post",
+            "implements none of the stage worlds",
+        ),
+        (
+            test_plugin("broken-init"),
+            "post",
+            "init failed: broken-init refuses",
+        ),
+        (
+            test_plugin("foreign-import"),
+            "post",
+            "test:foreign/telemetry",
+        ),
+        (
+            PathBuf::from(env!("CARGO_BIN_EXE_orchestrator")),
+            "post",
+            "an ELF executable",
+        ),
+    ];
+    for (file, stage, reason) in cases {
+        let output = orchestrator(&["plugin", "check", file.to_str().unwrap(), "--stage", stage]);
+        assert!(!output.status.success(), "{}", file.display());
+        let stderr = text(&output.stderr);
+        assert!(stderr.starts_with("error: "), "{stderr}");
+        assert!(stderr.contains(reason), "{reason:?} not in {stderr}");
+        assert!(!stderr.contains("Stack backtrace"), "{stderr}");
+    }
+    // The bundled stages pass, each at its own position.
+    for stage in ["rag", "assemble", "inference", "post", "stream"] {
+        let wasm = bundled_wasm(stage);
+        let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", stage]);
+        succeeded(&format!("plugin check {stage}"), &output);
+    }
+}
