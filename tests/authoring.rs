@@ -203,6 +203,27 @@ async fn a_generated_plugin_builds_with_cargo_component_and_runs_in_the_host() {
     );
     let wasm = target_dir().join("authoring/wasm32-wasip1/release/word_mask.wasm");
     serves_as_post(&wasm).await;
+
+    // A bundled plugin, from the workspace, builds the same way and still
+    // redacts.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    succeeded(
+        "cargo component build -p orchestrator-post",
+        &cargo(
+            &root,
+            &["component", "build", "-p", "orchestrator-post", "--release"],
+        ),
+    );
+    let wasm = target_dir().join("authoring/wasm32-wasip1/release/orchestrator_post.wasm");
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\n",
+        wasm.display().to_string()
+    ));
+    let (status, body) = host
+        .chat(&json!({"model": "echo", "messages": [{"role": "user", "content": "write to ann@example.com"}]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("write to [redacted email]"), "{body}");
 }
 
 #[test]
@@ -226,11 +247,7 @@ fn plugin_check_refuses_what_the_host_refuses() {
             "post",
             "test:foreign/telemetry",
         ),
-        (
-            PathBuf::from(env!("CARGO_BIN_EXE_orchestrator")),
-            "post",
-            "an ELF executable",
-        ),
+        (elf, "post", "an ELF executable"),
     ];
     for (file, stage, reason) in cases {
         let output = orchestrator(&["plugin", "check", file.to_str().unwrap(), "--stage", stage]);

@@ -454,6 +454,24 @@ async fn watch_swaps_a_replaced_file_and_ignores_a_half_written_one() {
     let (status, text) = host.chat(&ask("watched")).await;
     assert_eq!(status, 200);
     assert!(text.contains("WATCHED"), "{text}");
+
+    // What is not swapped is logged: a file that names no stage, a removed
+    // watched file (the running version stays).
+    std::fs::write(dir.path().join("Post.wasm"), &shout).unwrap();
+    wait_for_log(&host, "ignoring a .wasm file that names no stage").await;
+    assert!(host.stderr().contains("Post.wasm"), "{}", host.stderr());
+    std::fs::remove_file(dir.path().join("post.wasm")).unwrap();
+    wait_for_log(&host, "watched plugin file removed").await;
+    assert_eq!(active_sha(&host, "post").await, sha_of(&shout));
+}
+
+/// Wait until the host's log has `line` (the watcher polls every 200 ms).
+async fn wait_for_log(host: &Host, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !host.stderr().contains(line) {
+        assert!(Instant::now() < deadline, "never logged: {line}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// In process, through the library: a version that is neither active nor

@@ -34,7 +34,7 @@ pub mod pipeline;
 pub mod wasm;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ pub use config::Config;
 pub use metrics::Metrics;
 pub use pipeline::Pipeline;
 
-use crate::config::{Stage, StageConfig};
+use crate::config::StageConfig;
 use crate::control::HotSwap;
 use crate::http::server::{self, BindError, ServerHandle};
 use crate::inference::Router;
@@ -137,7 +137,13 @@ impl Orchestrator {
             services,
         ));
         if let Some(dir) = &config.plugins_dir {
-            warn_unknown_plugins(dir);
+            match control::watch::unknown_plugins(dir) {
+                Some(files) => control::watch::warn_unknown(&files),
+                None => tracing::warn!(
+                    dir = %dir.display(),
+                    "plugins directory cannot be read; using bundled plugins"
+                ),
+            }
         }
         let (cut_streams, streams_cut) = tokio::sync::watch::channel(false);
         let api = server::spawn(
@@ -264,24 +270,4 @@ fn install_default_corpus(config: &Config) -> Result<(), StartError> {
         bundled::install_corpus(&dir).map_err(|source| StartError::Corpus { dir, source })?;
     }
     Ok(())
-}
-
-/// Warn about `.wasm` files in the plugins directory that match no stage
-/// (a typo such as `Post.wasm` would otherwise silently leave the bundled
-/// plugin in place).
-fn warn_unknown_plugins(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        tracing::warn!(dir = %dir.display(), "plugins directory cannot be read; using bundled plugins");
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let stem = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default();
-        if path.extension().is_some_and(|e| e == "wasm") && Stage::from_name(stem).is_none() {
-            tracing::warn!(file = %path.display(), "ignoring a .wasm file that names no stage");
-        }
-    }
 }
