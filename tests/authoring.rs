@@ -68,8 +68,8 @@ fn streamed_text(body: &str) -> String {
 }
 
 /// Serve with `wasm` as the `post` stage and check that it masks, plain
-/// and streamed.
-async fn serves_as_post(wasm: &Path) {
+/// and streamed, and notes the count under `note`.
+async fn serves_as_post(wasm: &Path, note: &str) {
     let host = Host::with_config(&format!(
         "[stages.post]\nplugin = {:?}\nconfig = {{ words = \"darn, heck\" }}\n",
         wasm.display().to_string()
@@ -83,10 +83,7 @@ async fn serves_as_post(wasm: &Path) {
         body["choices"][0]["message"]["content"], "oh ****, what the ****",
         "{body}"
     );
-    assert_eq!(
-        body["orchestrator"]["metadata"]["word-mask.masked"], "2",
-        "{body}"
-    );
+    assert_eq!(body["orchestrator"]["metadata"][note], "2", "{body}");
     let (status, body) = host
         .chat(&json!({"model": "echo", "stream": true,
             "messages": [{"role": "user", "content": "darn it, heck yes"}]}))
@@ -140,7 +137,7 @@ async fn a_generated_plugin_builds_with_cargo_and_runs_in_the_host() {
         &cargo(&dir, &["build", "--release", "--target", "wasm32-wasip2"]),
     );
     let wasm = target_dir().join("authoring/wasm32-wasip2/release/word_mask.wasm");
-    serves_as_post(&wasm).await;
+    serves_as_post(&wasm, "word-mask.masked").await;
 
     // `plugin check` describes it, `plugin run` calls it.
     let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
@@ -202,7 +199,7 @@ async fn a_generated_plugin_builds_with_cargo_component_and_runs_in_the_host() {
         &cargo(&dir, &["component", "build", "--release"]),
     );
     let wasm = target_dir().join("authoring/wasm32-wasip1/release/word_mask.wasm");
-    serves_as_post(&wasm).await;
+    serves_as_post(&wasm, "word-mask.masked").await;
 
     // A bundled plugin, from the workspace, builds the same way and still
     // redacts.
@@ -263,4 +260,58 @@ fn plugin_check_refuses_what_the_host_refuses() {
         let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", stage]);
         succeeded(&format!("plugin check {stage}"), &output);
     }
+}
+
+/// Build an example plugin of `examples/plugins/<language>` with its
+/// `build.sh` into a temporary directory.
+fn build_example(language: &str, out: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/plugins")
+        .join(language)
+        .join("build.sh");
+    let output = Command::new("bash")
+        .arg(&script)
+        .env("OUT", out)
+        .output()
+        .expect("bash runs");
+    succeeded(&format!("{language}/build.sh"), &output);
+}
+
+/// The Python example (componentize-py: CPython inside the component,
+/// importing wasi:sockets and inference, which the host links and denies)
+/// loads, passes `plugin check`, and masks plain and streamed answers.
+#[tokio::test]
+async fn the_python_example_plugin_runs_in_the_host() {
+    if tool_missing("componentize-py") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("word_mask.wasm");
+    build_example("python", &wasm);
+    let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
+    succeeded("plugin check", &output);
+    let report = text(&output.stdout);
+    assert!(report.contains("wasi:sockets/tcp"), "{report}");
+    assert!(report.contains("every socket call is denied"), "{report}");
+    serves_as_post(&wasm, "profanity.masked").await;
+}
+
+/// The JavaScript example (componentize-js) loads and masks plain and
+/// streamed answers; its inference import, never granted, stays unusable.
+#[tokio::test]
+async fn the_javascript_example_plugin_runs_in_the_host() {
+    if tool_missing("npm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("word_mask.wasm");
+    build_example("js", &wasm);
+    let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
+    succeeded("plugin check", &output);
+    assert!(
+        text(&output.stdout).contains("NOT granted"),
+        "{}",
+        text(&output.stdout)
+    );
+    serves_as_post(&wasm, "profanity.masked").await;
 }

@@ -5,7 +5,7 @@
 //!              [--listen ADDR] [--metrics-listen ADDR] [--cache-dir DIR | --no-cache] [--watch]
 //! orchestrator plugin new NAME --stage STAGE [--streaming] [--dir DIR] [--sdk-path P | --sdk-git URL [--sdk-rev R]]
 //! orchestrator plugin check FILE --stage STAGE [--config F]
-//! orchestrator plugin run FILE --stage STAGE [--input ENVELOPE.json] [--delta TEXT]... [--config F]
+//! orchestrator plugin run FILE --stage STAGE [--input ENVELOPE.json] [--delta TEXT]... [--repeat N] [--config F]
 //! ```
 //!
 //! Serving prints one line to stdout once both addresses are bound:
@@ -92,6 +92,10 @@ enum PluginCommand {
         /// the final call follows) instead of calling `process`.
         #[arg(long)]
         delta: Vec<String>,
+        /// Call `process` this many times on the same instance and input,
+        /// and report the warm calls' median, minimum and maximum.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        repeat: u32,
         /// Configuration file (TOML); without one, built-in defaults apply.
         #[arg(long, env = "ORCHESTRATOR_CONFIG")]
         config: Option<PathBuf>,
@@ -239,6 +243,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             stage,
             input,
             delta,
+            repeat,
             config,
         } => {
             let session = Session::new(&config_file(config.as_ref())?, stage)?;
@@ -254,7 +259,8 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             };
             let envelope = authoring::run::envelope_from_json(input)?;
             let output = if delta.is_empty() {
-                serde_json::to_value(authoring::run::process(&plugin, envelope).await?)?
+                let calls = usize::try_from(repeat).unwrap_or(1);
+                serde_json::to_value(authoring::run::process(&plugin, envelope, calls).await?)?
             } else {
                 let steps = authoring::run::chunks(&plugin, &envelope, &delta).await?;
                 let emitted: String = steps

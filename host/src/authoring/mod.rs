@@ -25,5 +25,5 @@ pub mod scaffold;
 
 pub use check::{CheckReport, Session};
 pub use error::AuthoringError;
-pub use run::{ChunkStep, RunReport};
+pub use run::{ChunkStep, RunReport, Warm};
 pub use scaffold::{Scaffold, ScaffoldError, SdkSource};

@@ -22,16 +22,46 @@ use serde_json::{Map, Value};
 use super::error::AuthoringError;
 use crate::wasm::{ChunkContext, Envelope, GenerationParams, Instance, Plugin};
 
-/// The result of one `process` call.
+/// The result of `process` calls.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunReport {
     /// The envelope as the stage left it.
     pub envelope: Envelope,
-    /// The call's duration, in microseconds (a fresh instance, so this
-    /// includes cold caches; the host's warm calls are faster).
+    /// The first call's duration, in microseconds: a fresh instance, so
+    /// this includes cold caches and lazy initialisation.
     pub duration_us: f64,
-    /// Fuel the call used.
+    /// Fuel the first call used.
     pub fuel_used: Option<u64>,
+    /// The calls after the first, on the same instance and the same input
+    /// (`--repeat`): what the host's reused instances cost per request.
+    pub warm: Option<Warm>,
+    /// Linear memory the instance holds after the calls, in bytes.
+    pub memory_bytes: usize,
+}
+
+/// Durations of the warm calls, in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Warm {
+    /// How many.
+    pub calls: usize,
+    /// The median.
+    pub median_us: f64,
+    /// The fastest.
+    pub min_us: f64,
+    /// The slowest.
+    pub max_us: f64,
+}
+
+impl Warm {
+    fn of(mut durations: Vec<f64>) -> Option<Warm> {
+        durations.sort_by(f64::total_cmp);
+        Some(Warm {
+            calls: durations.len(),
+            median_us: *durations.get(durations.len() / 2)?,
+            min_us: *durations.first()?,
+            max_us: *durations.last()?,
+        })
+    }
 }
 
 /// One call of the chunk path.
@@ -118,26 +148,38 @@ fn fuel_used(instance: &Instance, budget: Option<u64>) -> Option<u64> {
     Some(budget?.saturating_sub(instance.fuel_left()?))
 }
 
-/// Call `process` once, on a fresh instance.
+/// Call `process` on a fresh instance, `calls` times (at least once), each
+/// time on `input`; report the first call's result.
 ///
 /// # Errors
 ///
-/// The instance cannot be created, or the call fails.
+/// The instance cannot be created, or a call fails.
 pub async fn process(
     plugin: &Arc<Plugin>,
-    envelope: Envelope,
+    input: Envelope,
+    calls: usize,
 ) -> Result<RunReport, AuthoringError> {
     let mut instance = Instance::new(plugin).await?;
     let timeout = Duration::from_millis(plugin.settings().timeout_ms);
     let budget = plugin.settings().fuel;
-    let mut envelope = envelope;
+    let mut envelope = input.clone();
     let started = Instant::now();
     instance.process(&mut envelope, timeout).await?;
     let duration_us = started.elapsed().as_secs_f64() * 1e6;
+    let fuel_used = fuel_used(&instance, budget);
+    let mut warm = Vec::with_capacity(calls.saturating_sub(1));
+    for _ in 1..calls {
+        let mut again = input.clone();
+        let started = Instant::now();
+        instance.process(&mut again, timeout).await?;
+        warm.push(started.elapsed().as_secs_f64() * 1e6);
+    }
     Ok(RunReport {
         envelope,
         duration_us,
-        fuel_used: fuel_used(&instance, budget),
+        fuel_used,
+        warm: Warm::of(warm),
+        memory_bytes: instance.memory_bytes(),
     })
 }
 

@@ -120,6 +120,11 @@ impl Instance {
             .flatten()
     }
 
+    /// Bytes of linear memory the instance holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.store.data().limits.memory_bytes()
+    }
+
     /// Calls served so far.
     pub fn calls(&self) -> u64 {
         self.calls

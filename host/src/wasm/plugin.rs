@@ -19,7 +19,7 @@ use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{ExportIndices, World};
 use super::error::CallError;
-use super::host::{HostState, LogBudget};
+use super::host::{HostState, Limits, LogBudget};
 use super::inspect::Inspection;
 use crate::config::{PluginSource, StageConfig};
 use crate::inference::Router;
@@ -187,7 +187,7 @@ impl Plugin {
         let state = HostState {
             wasi: self.wasi_ctx()?,
             table: ResourceTable::new(),
-            limits,
+            limits: Limits::new(limits),
             stage: self.stage,
             router: self.services.router.clone(),
             log_budget: LogBudget::new(),

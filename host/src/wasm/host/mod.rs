@@ -12,5 +12,5 @@ mod log;
 mod request;
 mod state;
 
-pub use state::HostState;
+pub use state::{HostState, Limits};
 pub(in crate::wasm) use state::{LogBudget, RequestBudget};

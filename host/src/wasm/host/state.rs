@@ -4,8 +4,8 @@
 
 use std::time::Instant;
 
-use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, StoreLimits};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::inference::{Router, TokenStream};
@@ -20,7 +20,7 @@ pub struct HostState {
     /// WASI's resources, and the `request` lent for a `process` call.
     pub(in crate::wasm) table: ResourceTable,
     /// Memory, table and instance caps.
-    pub(in crate::wasm) limits: StoreLimits,
+    pub(in crate::wasm) limits: Limits,
     /// The stage the instance serves (for its log records).
     pub(in crate::wasm) stage: &'static str,
     /// The inference router, for stages granted `inference`.
@@ -42,6 +42,72 @@ pub struct HostState {
     /// The message of the last panic the plugin logged (a record with the
     /// SDK's panic field): reported with the trap that follows it.
     pub(in crate::wasm) panic: Option<String>,
+}
+
+/// The store's [`StoreLimits`], counting the linear memory its instance
+/// holds (what `orchestrator plugin run` reports).
+pub struct Limits {
+    limits: StoreLimits,
+    memory_bytes: usize,
+}
+
+impl Limits {
+    /// Enforce `limits`.
+    pub fn new(limits: StoreLimits) -> Limits {
+        Limits {
+            limits,
+            memory_bytes: 0,
+        }
+    }
+
+    /// Bytes of linear memory the store's memories hold now.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory_bytes
+    }
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.memory_bytes = (self.memory_bytes + desired).saturating_sub(current);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
+    }
 }
 
 impl WasiView for HostState {
