@@ -209,3 +209,65 @@ async fn many_distinct_query_terms_cost_linear_time_and_open_no_breaker() {
         0.0
     );
 }
+
+/// A client that stops reading a large stream is cut after
+/// `stream_stall_ms`, which frees its queue reservations: without the cut
+/// it would hold the only `post` slot, and everyone else would get 429,
+/// until its 60 s deadline.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_a_stream_frees_its_slots() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let host = Host::with_config(
+        "request_timeout_ms = 60000\nstream_stall_ms = 500\n\
+         [stages.post]\nqueue_capacity = 1\n\
+         [stages.stream.config]\nchunk_tokens = 1\n",
+    );
+    // ~120,000 tokens echoed back one event each: far more than the
+    // loopback socket buffers hold.
+    let question = "word ".repeat(120_000);
+    let body = serde_json::json!({
+        "model": "echo", "stream": true, "max_tokens": 1_000_000,
+        "messages": [{"role": "user", "content": question}],
+    })
+    .to_string();
+    let addr = host.api.trim_start_matches("http://").to_string();
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // It reads the start of its answer (the stream runs, holding the only
+    // `post` slot), then nothing more...
+    let mut head = [0u8; 64];
+    let read = stalled.read(&mut head).await.unwrap();
+    assert!(head[..read].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..read]);
+    let (status, text) = host.chat(&ask("a normal question")).await;
+    assert_eq!(status, 429, "the stalled stream holds the slot: {text}");
+    // ... until it is cut.
+    let started = std::time::Instant::now();
+    loop {
+        let (status, text) = host.chat(&ask("a normal question")).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 429, "{text}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the stalled stream still holds the slot after 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        host.stderr().contains("a streaming client stopped reading"),
+        "{}",
+        host.stderr()
+    );
+    drop(stalled);
+}

@@ -154,6 +154,7 @@ impl Orchestrator {
                     shutdown: streams_cut,
                     router: router.clone(),
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
+                    stream_stall: Duration::from_millis(config.stream_stall_ms),
                     max_body_bytes: config.max_body_bytes,
                 },
                 http::admin::routes(

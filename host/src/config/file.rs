@@ -57,6 +57,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bounds = [
             ("request_timeout_ms", self.request_timeout_ms, 1, MAX_MS),
+            ("stream_stall_ms", self.stream_stall_ms, 1, MAX_MS),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 1, MAX_MS),
             ("max_body_bytes", self.max_body_bytes, 1, GIB),
             ("max_plugin_bytes", self.max_plugin_bytes, 1, GIB),

@@ -90,6 +90,11 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// End-to-end deadline of one request (504 when it expires).
     pub request_timeout_ms: u64,
+    /// How long a streamed answer waits for a client that does not read
+    /// before it is cut: the generation is cancelled and the request's
+    /// queue reservations and backend permit are freed (a client that
+    /// stops reading must not hold admission slots until its deadline).
+    pub stream_stall_ms: u64,
     /// The whole drain on SIGTERM: requests in flight get until then, and
     /// streams still open near its end are ended with an error event. Keep
     /// it below the orchestrator's own kill deadline (Kubernetes:
@@ -121,6 +126,7 @@ impl Default for Config {
             plugins_dir: None,
             cache_dir: default_cache_dir(),
             request_timeout_ms: 30_000,
+            stream_stall_ms: 10_000,
             shutdown_grace_ms: 25_000,
             max_body_bytes: 1024 * 1024,
             max_plugin_bytes: 64 * 1024 * 1024,

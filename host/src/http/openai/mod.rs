@@ -62,6 +62,8 @@ pub struct ApiState {
     pub router: Router,
     /// End-to-end deadline of each request.
     pub request_timeout: Duration,
+    /// How long a stream waits for a client that does not read.
+    pub stream_stall: Duration,
     /// Largest accepted body.
     pub max_body_bytes: u64,
     /// Becomes `true` when the host's drain deadline nears: open streams
@@ -136,7 +138,12 @@ async fn chat_completions(state: &ApiState, body: &[u8]) -> Response {
     let events = ChunkEvents::new(id, parsed.model, parsed.include_usage);
     match state.pipeline.run_streaming(envelope, deadline).await {
         Ok(Answer::Done(envelope)) => events.buffered(&envelope),
-        Ok(Answer::Streaming(streaming)) => live_stream(events, streaming, state.shutdown.clone()),
+        Ok(Answer::Streaming(streaming)) => live_stream(
+            events,
+            streaming,
+            state.shutdown.clone(),
+            state.stream_stall,
+        ),
         Err(error) => run_error(error).into_response(),
     }
 }
@@ -158,24 +165,39 @@ impl futures_util::Stream for ChannelBody {
     }
 }
 
+/// Events buffered per streamed answer beyond what the connection's
+/// socket holds: what a client that stops reading can pin.
+const STREAM_BUFFER: usize = 16;
+
 /// Stream `streaming` to the client as its pieces come.
 fn live_stream(
     events: ChunkEvents,
     mut streaming: Box<Streaming>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    stall: Duration,
 ) -> Response {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
     tokio::spawn(async move {
         // A client that stops reading must not hold the request (its
-        // reservations, a backend permit) past its deadline.
+        // reservations, a backend permit): after `stall` without taking an
+        // event (or at its deadline, if sooner) the stream is cut, which
+        // drops the request and cancels its generation.
         let deadline = streaming.deadline();
         let send = |bytes: Bytes| {
             let tx = tx.clone();
             async move {
-                matches!(
-                    tokio::time::timeout_at(deadline.into(), tx.send(bytes)).await,
+                let until = deadline.min(Instant::now() + stall);
+                let sent = matches!(
+                    tokio::time::timeout_at(until.into(), tx.send(bytes)).await,
                     Ok(Ok(()))
-                )
+                );
+                if !sent && !tx.is_closed() {
+                    tracing::warn!(
+                        stall_ms = stall.as_millis() as u64,
+                        "a streaming client stopped reading; its stream is cut"
+                    );
+                }
+                sent
             }
         };
         if !send(events.first()).await {
