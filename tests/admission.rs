@@ -247,7 +247,11 @@ async fn a_client_that_stops_reading_a_stream_frees_its_slots() {
     // `post` slot), then nothing more...
     let mut head = [0u8; 64];
     let read = stalled.read(&mut head).await.unwrap();
-    assert!(head[..read].starts_with(b"HTTP/1.1 200"), "{:?}", &head[..read]);
+    assert!(
+        head[..read].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        &head[..read]
+    );
     let (status, text) = host.chat(&ask("a normal question")).await;
     assert_eq!(status, 429, "the stalled stream holds the slot: {text}");
     // ... until it is cut.

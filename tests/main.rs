@@ -7,6 +7,7 @@ mod common;
 mod admission;
 mod api;
 mod authoring;
+mod connections;
 mod docs;
 mod hotswap;
 mod layout;

@@ -164,10 +164,17 @@ impl Orchestrator {
                     metrics.admin_auth_failures(),
                 ),
             ),
+            api_limits(&config),
+            metrics.connections("api"),
         )?;
         let ops = server::spawn(
             ops_listener,
-            http::ops::routes(metrics, Some(pipeline.clone()), Some(router)),
+            http::ops::routes(metrics.clone(), Some(pipeline.clone()), Some(router)),
+            server::Limits {
+                max_connections: http::ops::MAX_CONNECTIONS,
+                ..api_limits(&config)
+            },
+            metrics.connections("ops"),
         )?;
         let watcher = config
             .watch
@@ -266,6 +273,18 @@ async fn load_stage(
 
 /// Write the bundled corpus where a stage's grant expects it, if any grant
 /// names [`config::default_corpus_dir`].
+/// The API listener's limits (see [`server`]): the configured connection
+/// limit, kept 256 below the file-descriptor limit; the header timeout;
+/// the request deadline plus a second for the handler to answer it.
+fn api_limits(config: &Config) -> server::Limits {
+    server::Limits {
+        max_connections: config.max_connections,
+        header_read: Duration::from_millis(config.header_read_timeout_ms),
+        request: Duration::from_millis(config.request_timeout_ms) + Duration::from_secs(1),
+    }
+    .within_fd_limit(256)
+}
+
 fn install_default_corpus(config: &Config) -> Result<(), StartError> {
     if let Some(dir) = bundled::default_corpus_in_use(config) {
         bundled::install_corpus(&dir).map_err(|source| StartError::Corpus { dir, source })?;

@@ -58,9 +58,16 @@ impl Config {
         let bounds = [
             ("request_timeout_ms", self.request_timeout_ms, 1, MAX_MS),
             ("stream_stall_ms", self.stream_stall_ms, 1, MAX_MS),
+            (
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                1,
+                MAX_MS,
+            ),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 1, MAX_MS),
             ("max_body_bytes", self.max_body_bytes, 1, GIB),
             ("max_plugin_bytes", self.max_plugin_bytes, 1, GIB),
+            ("max_connections", self.max_connections as u64, 1, 1_000_000),
         ];
         for (key, value, min, max) in bounds {
             within(key.into(), value, min, max)?;

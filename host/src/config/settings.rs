@@ -102,6 +102,13 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Largest accepted request body.
     pub max_body_bytes: u64,
+    /// Open connections the API accepts at once; more are closed at once.
+    /// Lowered at startup, if needed, to leave 256 of the process's file
+    /// descriptors for everything else.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (on a new connection
+    /// and between requests on a kept-alive one).
+    pub header_read_timeout_ms: u64,
     /// Largest plugin accepted by `PUT /admin/stages/{stage}`.
     pub max_plugin_bytes: u64,
     /// Bearer token of the admin API; the API is off without one.
@@ -129,6 +136,8 @@ impl Default for Config {
             stream_stall_ms: 10_000,
             shutdown_grace_ms: 25_000,
             max_body_bytes: 1024 * 1024,
+            max_connections: 10_000,
+            header_read_timeout_ms: 10_000,
             max_plugin_bytes: 64 * 1024 * 1024,
             admin_token: None,
             watch: false,

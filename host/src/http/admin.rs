@@ -18,7 +18,6 @@
 //! Owns the admin API's HTTP surface: authentication, routes and answers.
 //! Swapping is [`crate::control`]'s.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -32,6 +31,7 @@ use warp::reply::Response;
 use crate::config::{AdminToken, PluginSource};
 use crate::control::{HotSwap, SwapError, SwapReport};
 use crate::http::error::{ApiError, json_response};
+use crate::http::server::ClientAddr;
 
 #[derive(Debug)]
 struct Unauthorized;
@@ -50,8 +50,9 @@ pub fn routes(
             .boxed();
     };
     let auth = warp::header::optional::<String>("authorization")
-        .and(warp::addr::remote())
-        .and_then(move |value: Option<String>, peer: Option<SocketAddr>| {
+        .and(warp::ext::optional::<ClientAddr>())
+        .and_then(move |value: Option<String>, peer: Option<ClientAddr>| {
+            let peer = peer.map(|ClientAddr(addr)| addr);
             // `Bearer <token>`; the scheme is case-insensitive (RFC 9110).
             let ok = value
                 .as_deref()

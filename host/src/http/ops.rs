@@ -97,10 +97,25 @@ pub fn routes(
         .unify()
 }
 
+/// Open connections the metrics listener accepts at once: scrapers and
+/// probes need a handful; the limit keeps a flood on this port from
+/// taking the process's file descriptors.
+pub const MAX_CONNECTIONS: usize = 64;
+
 /// Serve the process-wide registry ([`global`]) on `addr` — the seed
 /// guide's `metrics_server::start_server`. Must be called within a tokio
 /// runtime.
 pub async fn start_server(addr: SocketAddr) -> Result<ServerHandle, BindError> {
     let listener = server::bind(addr).await?;
-    server::spawn(listener, routes(global().clone(), None, None))
+    let limits = server::Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read: std::time::Duration::from_secs(10),
+        request: std::time::Duration::from_secs(30),
+    };
+    server::spawn(
+        listener,
+        routes(global().clone(), None, None),
+        limits,
+        global().connections("ops"),
+    )
 }

@@ -48,6 +48,7 @@
 //! outside the hot path.
 
 mod global;
+mod handles;
 mod labels;
 mod registry;
 
@@ -55,8 +56,8 @@ pub use global::{
     gather_metrics, get_metrics_summary, global, record_error, record_queue_depth,
     record_stage_latency, record_throughput, record_tokens_generated,
 };
-pub use labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
-pub use registry::{
-    BackendMetrics, BreakerMetrics, CacheMetrics, Metrics, MetricsSummary, REQUEST_BUCKETS,
-    RequestMetrics, STAGE_BUCKETS, StageMetrics, TOKEN_BUCKETS,
+pub use handles::{
+    BackendMetrics, BreakerMetrics, CacheMetrics, ConnectionMetrics, RequestMetrics, StageMetrics,
 };
+pub use labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
+pub use registry::{Metrics, MetricsSummary, REQUEST_BUCKETS, STAGE_BUCKETS, TOKEN_BUCKETS};

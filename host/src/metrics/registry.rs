@@ -2,15 +2,17 @@
 //! of one stage, backend or outcome set, resolved once.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 use serde::Serialize;
 
+use super::handles::{
+    BackendMetrics, BreakerMetrics, CacheMetrics, ConnectionMetrics, RequestMetrics, StageMetrics,
+};
 use super::labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
 
 /// Buckets of `orchestrator_stage_duration_seconds`: from 50 µs, where warm
@@ -58,102 +60,8 @@ pub struct Metrics {
     upstream_circuit_transitions: IntCounterVec,
     artifact_cache_refused: IntCounterVec,
     admin_auth_failures: IntCounter,
-}
-
-/// A circuit breaker's series (see [`crate::circuit`]).
-#[derive(Clone)]
-pub struct BreakerMetrics {
-    /// The state gauge: 0 closed, 1 half-open, 2 open.
-    pub state: IntGauge,
-    /// Transitions into each state, indexed by [`BreakerState`].
-    pub transitions: Arc<[IntCounter; 3]>,
-}
-
-/// Handles of one backend's series, resolved when the backend is built.
-#[derive(Clone)]
-pub struct BackendMetrics {
-    /// `orchestrator_tokens_generated_total{worker_type}`.
-    pub tokens: IntCounter,
-    /// `orchestrator_time_to_first_token_seconds{worker_type}`.
-    pub ttft: Histogram,
-    /// `orchestrator_inter_token_latency_seconds{worker_type}`.
-    pub itl: Histogram,
-    /// The backend's breaker series.
-    pub breaker: BreakerMetrics,
-    outcomes: Arc<[IntCounter; 9]>,
-}
-
-impl BackendMetrics {
-    /// The `orchestrator_upstream_requests_total{worker_type,outcome}` handle.
-    pub fn outcome(&self, outcome: UpstreamOutcome) -> &IntCounter {
-        let index = UpstreamOutcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or_default();
-        &self.outcomes[index]
-    }
-}
-
-/// Handles of one stage's series, resolved once.
-#[derive(Clone)]
-pub struct StageMetrics {
-    /// `orchestrator_requests_total{stage}`.
-    pub requests: IntCounter,
-    /// `orchestrator_requests_shed_total{stage}`.
-    pub shed: IntCounter,
-    /// `orchestrator_queue_depth{stage}`.
-    pub queue_depth: IntGauge,
-    /// `orchestrator_queue_capacity{stage}`.
-    pub queue_capacity: IntGauge,
-    /// `orchestrator_stage_duration_seconds{stage}`.
-    pub duration: Histogram,
-    /// `orchestrator_plugin_instances{stage}`.
-    pub instances: IntGauge,
-    /// `orchestrator_circuit_state{stage}` and
-    /// `orchestrator_circuit_transitions_total{stage,to}`.
-    pub breaker: BreakerMetrics,
-    errors: Arc<[IntCounter; 12]>,
-}
-
-impl StageMetrics {
-    /// The `orchestrator_errors_total{stage, error_type}` handle.
-    pub fn errors(&self, error_type: ErrorType) -> &IntCounter {
-        let index = ErrorType::ALL
-            .iter()
-            .position(|t| *t == error_type)
-            .unwrap_or_default();
-        &self.errors[index]
-    }
-}
-
-/// Handles of `orchestrator_artifact_cache_refused_total{reason}`.
-#[derive(Clone)]
-pub struct CacheMetrics {
-    refused: Arc<[IntCounter; 4]>,
-}
-
-impl CacheMetrics {
-    /// The counter of entries refused for `reason`.
-    pub fn refused(&self, reason: CacheRefusal) -> &IntCounter {
-        &self.refused[reason as usize]
-    }
-}
-
-/// Handles of `orchestrator_request_duration_seconds{outcome}`.
-#[derive(Clone)]
-pub struct RequestMetrics {
-    histograms: Arc<[Histogram; 5]>,
-}
-
-impl RequestMetrics {
-    /// Record one request's end.
-    pub fn observe(&self, outcome: Outcome, elapsed: Duration) {
-        let index = Outcome::ALL
-            .iter()
-            .position(|o| *o == outcome)
-            .unwrap_or_default();
-        self.histograms[index].observe(elapsed.as_secs_f64());
-    }
+    connections: IntGaugeVec,
+    connections_refused: IntCounterVec,
 }
 
 /// Totals, for logs and the `metrics_demo` example (the guide's
@@ -326,6 +234,16 @@ impl Metrics {
                     .expect("unique metric");
                 metric
             },
+            connections: gauge(
+                "orchestrator_http_connections",
+                "Open HTTP connections, by listener (api, ops).",
+                &["listener"],
+            ),
+            connections_refused: counter(
+                "orchestrator_http_connections_refused_total",
+                "HTTP connections closed at once because the listener was at its connection limit.",
+                &["listener"],
+            ),
             registry: registry.clone(),
             stage_order: Mutex::new(Vec::new()),
         };
@@ -379,6 +297,14 @@ impl Metrics {
     /// `orchestrator_admin_auth_failures_total`.
     pub fn admin_auth_failures(&self) -> IntCounter {
         self.admin_auth_failures.clone()
+    }
+
+    /// Resolve (and create) the connection series of `listener`.
+    pub fn connections(&self, listener: &str) -> ConnectionMetrics {
+        ConnectionMetrics {
+            open: self.connections.with_label_values(&[listener]),
+            refused: self.connections_refused.with_label_values(&[listener]),
+        }
     }
 
     /// Resolve (and create) the artifact cache's series.
