@@ -224,3 +224,23 @@ async fn bad_requests_get_openai_shaped_errors() {
     let models = get_json(&format!("{}/v1/models", host.api)).await;
     assert_eq!(models["data"][0]["id"], "echo");
 }
+
+/// `max_tokens` is bounded per backend (`max_tokens_limit`, 32768 by
+/// default): a request above it is refused with 400 naming the limit,
+/// before any work, rather than costing memory and CPU in proportion.
+#[tokio::test]
+async fn max_tokens_above_the_backends_limit_is_refused() {
+    let host = Host::with_config("[backends.echo]\nkind = \"echo\"\nmax_tokens_limit = 100\n");
+    let mut body = ask("hello");
+    body["max_tokens"] = serde_json::json!(4_294_967_295u64);
+    let (status, text) = host.chat(&body).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("above the limit of 100 for model `echo`")
+            && text.contains("max_tokens_limit"),
+        "{text}"
+    );
+    body["max_tokens"] = serde_json::json!(100);
+    let (status, text) = host.chat(&body).await;
+    assert_eq!(status, 200, "{text}");
+}

@@ -67,6 +67,11 @@ pub struct BackendConfig {
     /// Probe requests let through at once while half-open.
     #[serde(default = "defaults::breaker_probes")]
     pub breaker_probes: u32,
+    /// The largest `max_tokens` a request to this backend may ask for; a
+    /// larger one is refused with 400. A generation's cost (and `echo`'s
+    /// answer) grows with it, so it is bounded for every backend.
+    #[serde(default = "defaults::max_tokens_limit")]
+    pub max_tokens_limit: u32,
     /// Another backend to try when this one fails before the first token
     /// (after its retries) or its breaker is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +104,9 @@ mod defaults {
     }
     pub fn breaker_probes() -> u32 {
         1
+    }
+    pub fn max_tokens_limit() -> u32 {
+        32_768
     }
 }
 

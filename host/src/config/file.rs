@@ -141,6 +141,12 @@ impl Config {
                 ("connect_timeout_ms", backend.connect_timeout_ms, 1, MAX_MS),
                 ("max_concurrent", backend.max_concurrent as u64, 1, 100_000),
                 ("max_retries", u64::from(backend.max_retries), 0, 100),
+                (
+                    "max_tokens_limit",
+                    u64::from(backend.max_tokens_limit),
+                    1,
+                    u64::from(u32::MAX),
+                ),
                 ("retry_backoff_ms", backend.retry_backoff_ms, 0, MAX_MS),
                 (
                     "breaker_failures",

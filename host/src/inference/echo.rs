@@ -4,7 +4,7 @@
 use orchestrator_text::{count_tokens, tokens, truncate_tokens};
 
 use super::generation::{Completion, Ending, Event, GenerateRequest};
-use super::protocol::{AttemptError, EventStream, Protocol, SendFuture, UpstreamRequest};
+use super::protocol::{EventStream, Protocol, SendFuture, UpstreamRequest};
 
 /// The deterministic built-in backend (see the module docs).
 #[derive(Debug, Clone, Default)]
@@ -40,26 +40,49 @@ impl Echo {
 impl Protocol for Echo {
     fn send(&self, request: &UpstreamRequest) -> SendFuture {
         let completion = Echo::generate(&request.request);
-        // One delta per token, each with the text up to the next token, so
-        // that the deltas concatenate to exactly the completion.
-        let text = completion.text;
-        let mut starts: Vec<usize> = tokens(&text)
-            .map(|t| t.as_ptr() as usize - text.as_ptr() as usize)
-            .collect();
-        if starts.first() != Some(&0) {
-            starts.insert(0, 0);
-        }
-        starts.push(text.len());
-        let mut events: Vec<Result<Event, AttemptError>> = starts
-            .windows(2)
-            .filter(|w| w[0] < w[1])
-            .map(|w| Ok(Event::Delta(text[w[0]..w[1]].to_string())))
-            .collect();
-        events.push(Ok(Event::End(Ending {
+        let ending = Ending {
             finish_reason: Some(completion.finish_reason.to_string()),
             usage: Some((completion.prompt_tokens, completion.completion_tokens)),
-        })));
+        };
+        // The deltas are cut from the text as they are pulled, not built up
+        // front: what a generation holds is its text (at most the prompt's
+        // size) whatever `max_tokens` says.
+        let deltas = Deltas {
+            text: completion.text,
+            at: 0,
+        }
+        .map(|delta| Ok(Event::Delta(delta)));
+        let events = deltas.chain(std::iter::once(Ok(Event::End(ending))));
         Box::pin(async move { Ok(Box::pin(futures_util::stream::iter(events)) as EventStream) })
+    }
+}
+
+/// The deltas of `echo`'s answer: one per token, each with the text up to
+/// the next token, so that they concatenate to exactly the text.
+struct Deltas {
+    text: String,
+    /// Where the next delta starts.
+    at: usize,
+}
+
+impl Iterator for Deltas {
+    type Item = String;
+
+    fn next(&mut self) -> Option<String> {
+        let rest = self.text.get(self.at..).filter(|rest| !rest.is_empty())?;
+        // The next delta ends where the token after the first one of `rest`
+        // starts; whitespace before the first token of the text is a delta
+        // of its own.
+        let mut starts = tokens(rest).map(|t| t.as_ptr() as usize - rest.as_ptr() as usize);
+        let first = starts.next().unwrap_or(rest.len());
+        let end = if first > 0 {
+            first
+        } else {
+            starts.next().unwrap_or(rest.len())
+        };
+        let delta = rest[..end].to_string();
+        self.at += end;
+        Some(delta)
     }
 }
 
@@ -121,5 +144,24 @@ mod tests {
         }
         assert_eq!(text, whole.text);
         assert!(deltas > 3, "{deltas}");
+    }
+
+    #[test]
+    fn deltas_are_cut_lazily_one_token_each() {
+        for text in ["", "   ", "  lead", "a b  c\n", "Grüße, jörg! — ok.", "x"] {
+            let deltas: Vec<String> = Deltas {
+                text: text.to_string(),
+                at: 0,
+            }
+            .collect();
+            assert_eq!(deltas.concat(), text, "{text:?}");
+            assert!(deltas.iter().all(|d| !d.is_empty()), "{deltas:?}");
+            // One per token, plus leading whitespace as a delta of its own.
+            let expected = match tokens(text).count() {
+                0 => usize::from(!text.is_empty()),
+                n => n + usize::from(text.starts_with(char::is_whitespace)),
+            };
+            assert_eq!(deltas.len(), expected, "{text:?}: {deltas:?}");
+        }
     }
 }

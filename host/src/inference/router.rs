@@ -77,6 +77,14 @@ impl Router {
             .map(String::as_str)
     }
 
+    /// The largest `max_tokens` the backend serving `model` accepts, with
+    /// that backend's name.
+    pub fn max_tokens_limit(&self, model: &str) -> Option<(u32, &str)> {
+        let name = self.route(model)?;
+        let backend = self.inner.backends.get(name)?;
+        Some((backend.settings.max_tokens_limit, name))
+    }
+
     /// `/health`'s view of the backends.
     pub fn health(&self) -> Vec<BackendHealth> {
         self.inner

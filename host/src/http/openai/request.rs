@@ -182,6 +182,18 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
             Some("max_tokens"),
         ));
     }
+    if let Some((limit, backend)) = router.max_tokens_limit(&request.model)
+        && max_tokens > limit
+    {
+        return Err(ApiError::invalid(
+            format!(
+                "`max_tokens` {max_tokens} is above the limit of {limit} for model `{}` \
+                 (backend `{backend}`'s max_tokens_limit)",
+                request.model
+            ),
+            Some("max_tokens"),
+        ));
+    }
     let temperature = request.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(
