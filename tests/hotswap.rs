@@ -392,6 +392,39 @@ async fn the_admin_api_is_off_without_a_token_and_locked_with_one() {
         .await
         .unwrap();
     assert!(!health.contains(TOKEN));
+
+    // Guessing is limited: after 10 failures within a minute (4 above, 6
+    // more here) the address gets 429, even with the right token, until
+    // the minute ends.
+    for _ in 0..6 {
+        let response = client()
+            .get(format!("{}/admin/stages", host.api))
+            .bearer_auth("guess")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    let response = client()
+        .get(format!("{}/admin/stages", host.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_failed_attempts", "{body}");
+    // A lockout is not another failure: the counter stays at 10.
+    assert_eq!(
+        host.metric("orchestrator_admin_auth_failures_total").await,
+        10.0
+    );
 }
 
 /// An upload over `max_plugin_bytes` gets 413 naming that setting (not the

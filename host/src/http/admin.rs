@@ -12,13 +12,19 @@
 //! Every request needs `Authorization: Bearer <token>` (the scheme in any
 //! case); a missing or wrong token gets 401 and changes nothing, and is
 //! logged (with the peer's address, never what it presented) and counted in
-//! `orchestrator_admin_auth_failures_total`. Tokens are compared in constant time
+//! `orchestrator_admin_auth_failures_total`. A client address with
+//! [`MAX_FAILURES`] failures within [`LOCKOUT`] is refused with 429 (and
+//! `Retry-After`) before its token is even compared, until that window
+//! ends: guessing the token is limited to a few tries a minute per address. Tokens are compared in constant time
 //! ([`AdminToken::matches`]) and never logged: its `Debug` prints `***`.
 //!
 //! Owns the admin API's HTTP surface: authentication, routes and answers.
 //! Swapping is [`crate::control`]'s.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus::IntCounter;
@@ -37,6 +43,50 @@ use crate::http::server::ClientAddr;
 struct Unauthorized;
 impl warp::reject::Reject for Unauthorized {}
 
+#[derive(Debug)]
+struct LockedOut(Duration);
+impl warp::reject::Reject for LockedOut {}
+
+/// Failed attempts that lock a client address out.
+pub const MAX_FAILURES: u32 = 10;
+/// The window they are counted in, and the lockout that follows.
+pub const LOCKOUT: Duration = Duration::from_secs(60);
+/// Addresses remembered at most; beyond it, expired entries are dropped
+/// first, then all (a flood of addresses cannot grow the map without end).
+const TRACKED: usize = 10_000;
+
+/// Failed authentications per client address, in the current window.
+#[derive(Default)]
+struct Failures {
+    recent: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl Failures {
+    /// How long `ip` is still locked out, if it is.
+    fn locked(&self, ip: IpAddr) -> Option<Duration> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (since, count) = recent.get(&ip)?;
+        let left = LOCKOUT.checked_sub(since.elapsed())?;
+        (*count >= MAX_FAILURES).then_some(left)
+    }
+
+    /// Count a failure of `ip`.
+    fn failed(&self, ip: IpAddr) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= TRACKED {
+            recent.retain(|_, (since, _)| since.elapsed() < LOCKOUT);
+            if recent.len() >= TRACKED {
+                recent.clear();
+            }
+        }
+        let entry = recent.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= LOCKOUT {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+    }
+}
+
 /// The admin routes: disabled (rejecting with "not found") without a token.
 pub fn routes(
     swap: Arc<HotSwap>,
@@ -49,10 +99,17 @@ pub fn routes(
             .and_then(|| async { Err::<Response, _>(warp::reject::not_found()) })
             .boxed();
     };
+    let tries = Arc::new(Failures::default());
     let auth = warp::header::optional::<String>("authorization")
         .and(warp::ext::optional::<ClientAddr>())
         .and_then(move |value: Option<String>, peer: Option<ClientAddr>| {
             let peer = peer.map(|ClientAddr(addr)| addr);
+            let locked = peer.and_then(|p| tries.locked(p.ip()));
+            if let Some(left) = locked {
+                return futures_util::future::Either::Left(async move {
+                    Err(warp::reject::custom(LockedOut(left)))
+                });
+            }
             // `Bearer <token>`; the scheme is case-insensitive (RFC 9110).
             let ok = value
                 .as_deref()
@@ -61,17 +118,20 @@ pub fn routes(
                 .is_some_and(|(_, presented)| token.matches(presented.trim()));
             if !ok {
                 failures.inc();
+                if let Some(p) = peer {
+                    tries.failed(p.ip());
+                }
                 // Never the presented value: it may be a mistyped token.
                 let peer = peer.map_or_else(|| "unknown".to_string(), |p| p.to_string());
                 tracing::warn!(%peer, "admin authentication failed");
             }
-            async move {
+            futures_util::future::Either::Right(async move {
                 if ok {
                     Ok(())
                 } else {
                     Err(warp::reject::custom(Unauthorized))
                 }
-            }
+            })
         })
         .untuple_one();
     let swap = warp::any().map(move || swap.clone());
@@ -117,6 +177,22 @@ pub fn routes(
 /// The admin routes' own refusals: 401 without a valid token, and 413
 /// naming the setting that bounds an upload.
 async fn refusal(rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
+    if let Some(LockedOut(left)) = rejection.find::<LockedOut>() {
+        let seconds = left.as_secs().max(1);
+        let mut response = ApiError::with_code(
+            StatusCode::TOO_MANY_REQUESTS,
+            "authentication_error",
+            "too_many_failed_attempts",
+            format!(
+                "too many failed admin authentications from this address; retry in {seconds} s"
+            ),
+        )
+        .into_response();
+        if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return Ok(response);
+    }
     if rejection.find::<Unauthorized>().is_some() {
         let mut response = ApiError::with_code(
             StatusCode::UNAUTHORIZED,
