@@ -33,6 +33,12 @@
 //!   place: concurrent hosts never see half an entry, and nothing planted
 //!   at a predictable name is followed.
 //!
+//! **Pruning.** Every swap of a new version adds an entry, and entries of
+//! earlier engines (another host version) are never read again, so after
+//! each write the directory keeps only the [`MAX_ENTRIES`] entries used
+//! most recently (by modification time, which a cache hit refreshes) and
+//! removes the rest. Only files named like entries are touched.
+//!
 //! Every entry refused is logged and counted in
 //! `orchestrator_artifact_cache_refused_total{reason}`, then recompiled and
 //! rewritten. wasmtime additionally checks an artifact's version and
@@ -55,6 +61,10 @@ use crate::metrics::{CacheMetrics, CacheRefusal};
 
 /// Largest cache entry read.
 pub const MAX_ENTRY_BYTES: u64 = 512 << 20;
+
+/// Entries kept in the directory; the least recently used beyond it are
+/// removed after each write.
+pub const MAX_ENTRIES: usize = 64;
 
 /// Domain separation of the MAC input (and its format's version).
 const MAC_DOMAIN: &[u8] = b"orchestrator artifact cache v2\0";
@@ -175,10 +185,18 @@ impl ArtifactCache {
     /// [`component`](Self::component), as its entry (if there is a cache).
     /// A failure is logged: it costs only a compilation at the next load.
     pub(super) fn store(&self, sha256: &str, artifact: &[u8]) {
-        if let Some(path) = self.path(sha256)
-            && let Err(error) = self.write(&path, sha256, artifact)
-        {
-            tracing::warn!(path = %path.display(), %error, "cannot write the artifact cache");
+        let Some(path) = self.path(sha256) else {
+            return;
+        };
+        match self.write(&path, sha256, artifact) {
+            Ok(()) => {
+                if let Some(dir) = &self.dir {
+                    prune(dir, MAX_ENTRIES);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "cannot write the artifact cache");
+            }
         }
     }
 
@@ -217,7 +235,13 @@ impl ArtifactCache {
         // same compatibility hash, for exactly this component; wasmtime
         // still checks its version and settings and refuses a mismatch.
         match unsafe { Component::deserialize(engine, artifact) } {
-            Ok(component) => Some(component),
+            Ok(component) => {
+                // Recently used: keep it when the directory is pruned.
+                if let Ok(file) = File::options().append(true).open(path) {
+                    let _ = file.set_modified(std::time::SystemTime::now());
+                }
+                Some(component)
+            }
             Err(error) => {
                 refuse(CacheRefusal::Incompatible, &error);
                 None
@@ -372,6 +396,45 @@ fn read_entry(path: &Path) -> io::Result<Option<Vec<u8>>> {
     read_capped(file, MAX_ENTRY_BYTES).map(Some)
 }
 
+/// Whether `name` is an entry's file name: `<64 hex>-<16 hex>.cwasm`.
+fn is_entry_name(name: &str) -> bool {
+    name.strip_suffix(".cwasm")
+        .and_then(|stem| stem.split_once('-'))
+        .is_some_and(|(sha, engine)| {
+            sha.len() == 64
+                && engine.len() == 16
+                && sha
+                    .chars()
+                    .chain(engine.chars())
+                    .all(|c| c.is_ascii_hexdigit())
+        })
+}
+
+/// Keep the `keep` most recently modified entries of `dir`; remove the
+/// others. Errors (an entry removed meanwhile by another host) are ignored.
+fn prune(dir: &Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(is_entry_name))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((meta.modified().ok()?, e.path()))
+        })
+        .collect();
+    if found.len() <= keep {
+        return;
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    for (_, path) in found.into_iter().skip(keep) {
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::info!(path = %path.display(), "artifact cache entry pruned");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -433,5 +496,33 @@ mod tests {
         assert!(read_entry(&link).is_err());
         assert!(read_entry(Path::new("/dev/zero")).is_err());
         assert!(read_entry(&dir.path().join("absent")).unwrap().is_none());
+    }
+
+    #[test]
+    fn pruning_keeps_the_most_recently_used_entries_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = std::time::SystemTime::now() - std::time::Duration::from_secs(10_000);
+        for n in 0..70u64 {
+            let path = dir.path().join(format!("{n:064x}-{:016x}.cwasm", 7));
+            std::fs::write(&path, b"entry").unwrap();
+            let file = File::options().append(true).open(&path).unwrap();
+            file.set_modified(base + std::time::Duration::from_secs(n))
+                .unwrap();
+        }
+        std::fs::write(dir.path().join("notes.txt"), b"not an entry").unwrap();
+        prune(dir.path(), 64);
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left.len(), 65, "64 entries and the other file");
+        assert!(left.contains(&"notes.txt".to_string()));
+        // The six oldest went.
+        for n in 0..6u64 {
+            assert!(!left.contains(&format!("{n:064x}-{:016x}.cwasm", 7)));
+        }
+        assert!(is_entry_name(&format!("{:064x}-{:016x}.cwasm", 1, 2)));
+        assert!(!is_entry_name("x-y.cwasm") && !is_entry_name(".tmp.cwasm"));
     }
 }
