@@ -427,7 +427,7 @@ fn prune(dir: &Path, keep: usize) {
     if found.len() <= keep {
         return;
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|(modified, _)| std::cmp::Reverse(*modified));
     for (_, path) in found.into_iter().skip(keep) {
         if std::fs::remove_file(&path).is_ok() {
             tracing::info!(path = %path.display(), "artifact cache entry pruned");
