@@ -148,6 +148,7 @@ impl Instance {
         let state = self.store.data_mut();
         state.stream = None;
         state.backend_error = None;
+        state.panic = None;
         let deadline = state.deadline + HOST_CALL_GRACE;
         // By handle: the envelope moves into the store's resource table for
         // the call (no copy) and is taken back after it, however it ended.
@@ -251,6 +252,7 @@ impl Instance {
         arm(&self.plugin, &mut self.store, timeout)?;
         let state = self.store.data_mut();
         state.backend_error = None;
+        state.panic = None;
         let deadline = state.deadline + HOST_CALL_GRACE;
         let result = {
             let call = self
