@@ -564,3 +564,44 @@ async fn retired_versions_are_freed() {
     assert_eq!(response.status(), 200);
     host.shutdown(Duration::from_secs(5)).await;
 }
+
+/// With `--admin-listen`, the admin API is served there only: the public
+/// API's `/admin/...` paths answer 404, as without a token.
+#[tokio::test]
+async fn the_admin_api_can_have_a_listener_of_its_own() {
+    let host = admin_host(&["--admin-listen", "127.0.0.1:0"]);
+    let admin = host.admin.clone().expect("the admin address is printed");
+    assert_ne!(admin, host.api);
+    let on_api = client()
+        .get(format!("{}/admin/stages", host.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_api.status(), 404);
+    let on_admin = client()
+        .get(format!("{admin}/admin/stages"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(on_admin.status(), 200);
+    let body: Value = on_admin.json().await.unwrap();
+    assert!(body["stages"].is_array(), "{body}");
+    // Still authenticated there, and nothing else is served.
+    let anonymous = client()
+        .get(format!("{admin}/admin/stages"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
+    let chat = client()
+        .get(format!("{admin}/v1/models"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 404);
+    // The public API still answers.
+    let (status, _) = host.chat(&ask("hello")).await;
+    assert_eq!(status, 200);
+}

@@ -100,6 +100,8 @@ pub struct Orchestrator {
     hot_swap: Arc<HotSwap>,
     api: ServerHandle,
     ops: ServerHandle,
+    /// The admin API's own listener, when `admin_listen` is set.
+    admin: Option<ServerHandle>,
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -111,6 +113,10 @@ impl Orchestrator {
         // Bind first: an address in use fails at once, before any compiling.
         let api_listener = server::bind(config.listen).await?;
         let ops_listener = server::bind(config.metrics_listen).await?;
+        let admin_listener = match config.admin_listen {
+            Some(addr) => Some(server::bind(addr).await?),
+            None => None,
+        };
         let runtime = Arc::new(Runtime::new(
             &EngineSettings::for_config(&config),
             &metrics,
@@ -146,6 +152,36 @@ impl Orchestrator {
             }
         }
         let (cut_streams, streams_cut) = tokio::sync::watch::channel(false);
+        let admin_routes = || {
+            http::admin::routes(
+                hot_swap.clone(),
+                config.admin_token.clone(),
+                config.max_plugin_bytes,
+                metrics.admin_auth_failures(),
+            )
+        };
+        // With a listener of its own, the admin API is off on the API's.
+        let (api_admin, admin) = match admin_listener {
+            None => (admin_routes(), None),
+            Some(listener) => {
+                let admin = server::spawn(
+                    listener,
+                    http::admin::standalone(admin_routes()),
+                    server::Limits {
+                        max_connections: http::ops::MAX_CONNECTIONS,
+                        ..api_limits(&config)
+                    },
+                    metrics.connections("admin"),
+                )?;
+                let off = http::admin::routes(
+                    hot_swap.clone(),
+                    None,
+                    config.max_plugin_bytes,
+                    metrics.admin_auth_failures(),
+                );
+                (off, Some(admin))
+            }
+        };
         let api = server::spawn(
             api_listener,
             http::openai::routes(
@@ -157,12 +193,7 @@ impl Orchestrator {
                     stream_stall: Duration::from_millis(config.stream_stall_ms),
                     max_body_bytes: config.max_body_bytes,
                 },
-                http::admin::routes(
-                    hot_swap.clone(),
-                    config.admin_token.clone(),
-                    config.max_plugin_bytes,
-                    metrics.admin_auth_failures(),
-                ),
+                api_admin,
             ),
             api_limits(&config),
             metrics.connections("api"),
@@ -185,6 +216,7 @@ impl Orchestrator {
             hot_swap,
             api,
             ops,
+            admin,
             watcher,
         })
     }
@@ -197,6 +229,11 @@ impl Orchestrator {
     /// The metrics/health address.
     pub fn metrics_addr(&self) -> SocketAddr {
         self.ops.addr()
+    }
+
+    /// The admin API's own address, when it has one (`admin_listen`).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(ServerHandle::addr)
     }
 
     /// The pipeline.
@@ -239,6 +276,9 @@ impl Orchestrator {
         cutter.abort();
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         self.pipeline.shutdown(left).await;
+        if let Some(admin) = self.admin {
+            let _ = tokio::time::timeout(OPS_STOP, admin.shutdown()).await;
+        }
         let _ = tokio::time::timeout(OPS_STOP, self.ops.shutdown()).await;
     }
 }

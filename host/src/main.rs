@@ -2,14 +2,16 @@
 //!
 //! ```text
 //! orchestrator [--config orchestrator.toml] [--plugins DIR]
-//!              [--listen ADDR] [--metrics-listen ADDR] [--cache-dir DIR | --no-cache] [--watch]
+//!              [--listen ADDR] [--metrics-listen ADDR] [--admin-listen ADDR]
+//!              [--cache-dir DIR | --no-cache] [--watch]
 //! orchestrator plugin new NAME --stage STAGE [--streaming] [--dir DIR] [--sdk-path P | --sdk-git URL [--sdk-rev R]]
 //! orchestrator plugin check FILE --stage STAGE [--config F]
 //! orchestrator plugin run FILE --stage STAGE [--input ENVELOPE.json] [--delta TEXT]... [--repeat N] [--config F]
 //! ```
 //!
 //! Serving prints one line to stdout once both addresses are bound:
-//! `orchestrator listening api=http://ADDR metrics=http://ADDR`.
+//! `orchestrator listening api=http://ADDR metrics=http://ADDR` (and
+//! ` admin=http://ADDR` with `--admin-listen`).
 //! Logs go to stderr (`RUST_LOG` filters them; default `info`, `warn` for
 //! the plugin subcommands).
 
@@ -121,6 +123,9 @@ struct Args {
     /// Address of /metrics and /health (port 0 picks a free port).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the admin API on this address instead of the API's.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
     /// Directory of the compiled-plugin cache.
     #[arg(long, conflicts_with = "no_cache")]
     cache_dir: Option<PathBuf>,
@@ -145,6 +150,9 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     if let Some(addr) = args.metrics_listen {
         config.metrics_listen = addr;
+    }
+    if let Some(addr) = args.admin_listen {
+        config.admin_listen = Some(addr);
     }
     if let Some(dir) = &args.cache_dir {
         config.cache_dir = Some(dir.clone());
@@ -305,11 +313,18 @@ async fn main() -> anyhow::Result<()> {
     let host = Orchestrator::start(config, metrics::global().clone())
         .await
         .context("the orchestrator could not start")?;
-    println!(
-        "orchestrator listening api=http://{} metrics=http://{}",
-        host.api_addr(),
-        host.metrics_addr()
-    );
+    match host.admin_addr() {
+        None => println!(
+            "orchestrator listening api=http://{} metrics=http://{}",
+            host.api_addr(),
+            host.metrics_addr()
+        ),
+        Some(admin) => println!(
+            "orchestrator listening api=http://{} metrics=http://{} admin=http://{admin}",
+            host.api_addr(),
+            host.metrics_addr()
+        ),
+    }
     tracing::info!(api = %host.api_addr(), metrics = %host.metrics_addr(), "ready");
     shutdown_signal().await;
     tracing::info!("shutting down: draining requests in flight");

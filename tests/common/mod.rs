@@ -29,6 +29,8 @@ pub struct Host {
     pub api: String,
     /// `http://127.0.0.1:PORT` of /metrics and /health.
     pub metrics: String,
+    /// `http://127.0.0.1:PORT` of the admin API's own listener, if any.
+    pub admin: Option<String>,
     stderr: Arc<Mutex<String>>,
     /// The directory of a config file written for this host, if any.
     config_dir: Option<tempfile::TempDir>,
@@ -134,9 +136,14 @@ impl Host {
                         .expect("address printed")
                         .to_string()
                 };
+                let admin = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("admin="))
+                    .map(String::from);
                 Ok(Host {
                     api: field("api="),
                     metrics: field("metrics="),
+                    admin,
                     child,
                     stderr,
                     config_dir: None,

@@ -82,6 +82,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Address of `/metrics` and `/health`.
     pub metrics_listen: SocketAddr,
+    /// Address of the admin API, if it should not share the API's: then
+    /// the API's `/admin/...` paths answer 404, and the admin API is served
+    /// only here (keep it on a private interface).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
     /// Directory searched for `<stage>.wasm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugins_dir: Option<PathBuf>,
@@ -130,6 +135,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            admin_listen: None,
             plugins_dir: None,
             cache_dir: default_cache_dir(),
             request_timeout_ms: 30_000,

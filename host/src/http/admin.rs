@@ -1,5 +1,5 @@
-//! The admin API, on the API address: hot-swap and roll back stage
-//! plugins. Off unless a token is configured (`admin_token` in the config
+//! The admin API, on the API address or on its own (`admin_listen`):
+//! hot-swap and roll back stage plugins. Off unless a token is configured (`admin_token` in the config
 //! file, or the `ORCHESTRATOR_ADMIN_TOKEN` environment variable); without
 //! one these paths answer 404 like any unknown path.
 //!
@@ -172,6 +172,23 @@ pub fn routes(
         .recover(refusal)
         .unify()
         .boxed()
+}
+
+/// The admin routes on a listener of their own: anything else is 404.
+pub fn standalone(
+    admin: BoxedFilter<(Response,)>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    admin
+        .or(warp::any().map(|| {
+            ApiError::with_code(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                "this is the admin listener: /admin/stages[/{stage}[/rollback]]",
+            )
+            .into_response()
+        }))
+        .unify()
 }
 
 /// The admin routes' own refusals: 401 without a valid token, and 413
