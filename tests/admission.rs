@@ -220,6 +220,7 @@ async fn a_client_that_stops_reading_a_stream_frees_its_slots() {
 
     let host = Host::with_config(
         "request_timeout_ms = 60000\nstream_stall_ms = 500\n\
+         [backends.echo]\nkind = \"echo\"\nmax_tokens_limit = 1000000\n\
          [stages.post]\nqueue_capacity = 1\n\
          [stages.stream.config]\nchunk_tokens = 1\n",
     );

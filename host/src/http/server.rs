@@ -164,12 +164,13 @@ where
                 continue;
             };
             metrics.open.inc();
-            let service = service.clone();
+            // One adapter per connection; each call clones the filter once
+            // (inside the adapter), as warp's own loop does.
+            let service = TowerToHyperService::new(service.clone());
             let handler = hyper::service::service_fn(move |mut request| {
                 request.extensions_mut().insert(ClientAddr(peer));
-                let service = TowerToHyperService::new(service.clone());
+                let response = hyper::service::Service::call(&service, request);
                 async move {
-                    let response = hyper::service::Service::call(&service, request);
                     match tokio::time::timeout(limits.request, response).await {
                         Ok(response) => response,
                         Err(_) => Ok::<_, Infallible>(request_timeout()),
