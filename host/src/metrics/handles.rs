@@ -25,7 +25,8 @@ pub struct ConnectionMetrics {
 pub struct BreakerMetrics {
     /// The state gauge: 0 closed, 1 half-open, 2 open.
     pub state: IntGauge,
-    /// Transitions into each state, indexed by [`BreakerState`].
+    /// Transitions into each state, indexed by
+    /// [`BreakerState`](super::labels::BreakerState).
     pub transitions: Arc<[IntCounter; 3]>,
 }
 
