@@ -262,19 +262,25 @@ fn plugin_check_refuses_what_the_host_refuses() {
     }
 }
 
-/// Build an example plugin of `examples/plugins/<language>` with its
-/// `build.sh` into a temporary directory.
-fn build_example(language: &str, out: &Path) {
+/// Build the example plugin of `examples/plugins/<language>` with its
+/// `build.sh` into a temporary directory, and `plugin check` it; return
+/// the directory (keep it), the component and the check's report.
+fn build_and_check_example(language: &str) -> (tempfile::TempDir, PathBuf, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("word_mask.wasm");
     let script = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../examples/plugins")
         .join(language)
         .join("build.sh");
     let output = Command::new("bash")
         .arg(&script)
-        .env("OUT", out)
+        .env("OUT", &wasm)
         .output()
         .expect("bash runs");
     succeeded(&format!("{language}/build.sh"), &output);
+    let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
+    succeeded("plugin check", &output);
+    (dir, wasm, text(&output.stdout))
 }
 
 /// The Python example (componentize-py: CPython inside the component,
@@ -285,12 +291,7 @@ async fn the_python_example_plugin_runs_in_the_host() {
     if tool_missing("componentize-py") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let wasm = dir.path().join("word_mask.wasm");
-    build_example("python", &wasm);
-    let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
-    succeeded("plugin check", &output);
-    let report = text(&output.stdout);
+    let (_dir, wasm, report) = build_and_check_example("python");
     assert!(report.contains("wasi:sockets/tcp"), "{report}");
     assert!(report.contains("every socket call is denied"), "{report}");
     serves_as_post(&wasm, "profanity.masked").await;
@@ -303,15 +304,7 @@ async fn the_javascript_example_plugin_runs_in_the_host() {
     if tool_missing("npm") {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let wasm = dir.path().join("word_mask.wasm");
-    build_example("js", &wasm);
-    let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
-    succeeded("plugin check", &output);
-    assert!(
-        text(&output.stdout).contains("NOT granted"),
-        "{}",
-        text(&output.stdout)
-    );
+    let (_dir, wasm, report) = build_and_check_example("js");
+    assert!(report.contains("NOT granted"), "{report}");
     serves_as_post(&wasm, "profanity.masked").await;
 }

@@ -33,14 +33,19 @@ async fn put(host: &Host, stage: &str, bytes: Vec<u8>) -> (u16, Value) {
 }
 
 async fn stages(host: &Host) -> Value {
-    let response = client()
-        .get(format!("{}/admin/stages", host.api))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let response = list_stages(&host.api, TOKEN).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
+}
+
+/// `GET {base}/admin/stages` with `token`.
+async fn list_stages(base: &str, token: &str) -> reqwest::Response {
+    client()
+        .get(format!("{base}/admin/stages"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
 }
 
 /// `GET /admin/stages`' entry for `stage`.
@@ -397,20 +402,9 @@ async fn the_admin_api_is_off_without_a_token_and_locked_with_one() {
     // more here) the address gets 429, even with the right token, until
     // the minute ends.
     for _ in 0..6 {
-        let response = client()
-            .get(format!("{}/admin/stages", host.api))
-            .bearer_auth("guess")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 401);
+        assert_eq!(list_stages(&host.api, "guess").await.status(), 401);
     }
-    let response = client()
-        .get(format!("{}/admin/stages", host.api))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let response = list_stages(&host.api, TOKEN).await;
     assert_eq!(response.status(), 429);
     let retry: u64 = response.headers()["retry-after"]
         .to_str()
@@ -572,19 +566,8 @@ async fn the_admin_api_can_have_a_listener_of_its_own() {
     let host = admin_host(&["--admin-listen", "127.0.0.1:0"]);
     let admin = host.admin.clone().expect("the admin address is printed");
     assert_ne!(admin, host.api);
-    let on_api = client()
-        .get(format!("{}/admin/stages", host.api))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(on_api.status(), 404);
-    let on_admin = client()
-        .get(format!("{admin}/admin/stages"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(list_stages(&host.api, TOKEN).await.status(), 404);
+    let on_admin = list_stages(&admin, TOKEN).await;
     assert_eq!(on_admin.status(), 200);
     let body: Value = on_admin.json().await.unwrap();
     assert!(body["stages"].is_array(), "{body}");

@@ -476,10 +476,22 @@ mod tests {
         // Nothing is written until the loader says the plugin passed.
         assert!(first.component(&engine, bytes, &sha).unwrap().1.is_some());
         first.store(&sha, &artifact);
+        // A hit refreshes the entry's modification time (what pruning
+        // keeps by).
+        let entry = first.path(&sha).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        File::options()
+            .append(true)
+            .open(&entry)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
         assert!(
             first.component(&engine, bytes, &sha).unwrap().1.is_none(),
             "cached"
         );
+        let touched = std::fs::metadata(&entry).unwrap().modified().unwrap();
+        assert!(touched > old + std::time::Duration::from_secs(60));
         let second = ArtifactCache::new(Some(dir), &engine, metrics.cache());
         assert!(
             second.component(&engine, bytes, &sha).unwrap().1.is_some(),

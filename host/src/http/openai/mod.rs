@@ -191,11 +191,16 @@ fn live_stream(
                     tokio::time::timeout_at(until.into(), tx.send(bytes)).await,
                     Ok(Ok(()))
                 );
+                // (A closed channel is a client that left: nothing to say.)
                 if !sent && !tx.is_closed() {
-                    tracing::warn!(
-                        stall_ms = stall.as_millis() as u64,
-                        "a streaming client stopped reading; its stream is cut"
-                    );
+                    if Instant::now() >= deadline {
+                        tracing::warn!("a stream reached its request deadline; it is cut");
+                    } else {
+                        tracing::warn!(
+                            stall_ms = stall.as_millis() as u64,
+                            "a streaming client stopped reading; its stream is cut"
+                        );
+                    }
                 }
                 sent
             }
