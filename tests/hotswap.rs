@@ -373,11 +373,13 @@ async fn the_admin_api_is_off_without_a_token_and_locked_with_one() {
         host.metric("orchestrator_admin_auth_failures_total").await,
         4.0
     );
+    // (The line is written before the answer, but read from the pipe
+    // after it may arrive: wait for it rather than sample.)
+    let log = host.wait_for_log("admin authentication failed", 4).await;
     assert_eq!(
-        host.stderr().matches("admin authentication failed").count(),
+        log.matches("admin authentication failed").count(),
         4,
-        "{}",
-        host.stderr()
+        "{log}"
     );
     // The scheme is case-insensitive (RFC 9110): authenticated, then the
     // probe bytes are refused as a plugin.
@@ -485,20 +487,13 @@ async fn watch_swaps_a_replaced_file_and_ignores_a_half_written_one() {
     // What is not swapped is logged: a file that names no stage, a removed
     // watched file (the running version stays).
     std::fs::write(dir.path().join("Post.wasm"), &shout).unwrap();
-    wait_for_log(&host, "ignoring a .wasm file that names no stage").await;
-    assert!(host.stderr().contains("Post.wasm"), "{}", host.stderr());
+    let log = host
+        .wait_for_log("ignoring a .wasm file that names no stage", 1)
+        .await;
+    assert!(log.contains("Post.wasm"), "{log}");
     std::fs::remove_file(dir.path().join("post.wasm")).unwrap();
-    wait_for_log(&host, "watched plugin file removed").await;
+    host.wait_for_log("watched plugin file removed", 1).await;
     assert_eq!(active_sha(&host, "post").await, sha_of(&shout));
-}
-
-/// Wait until the host's log has `line` (the watcher polls every 200 ms).
-async fn wait_for_log(host: &Host, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !host.stderr().contains(line) {
-        assert!(Instant::now() < deadline, "never logged: {line}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// In process, through the library: a version that is neither active nor

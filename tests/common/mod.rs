@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -22,6 +22,39 @@ const START_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub use guests::{bundled_wasm, cached, sha_of, target_dir, test_plugin};
 
+/// What a host wrote to stderr, appended by a reader thread that wakes
+/// waiters at each read.
+#[derive(Default)]
+struct Log {
+    bytes: Mutex<Vec<u8>>,
+    grew: Condvar,
+}
+
+impl Log {
+    fn append(&self, chunk: &[u8]) {
+        self.bytes.lock().unwrap().extend_from_slice(chunk);
+        self.grew.notify_all();
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.bytes.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, needle: &str, count: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut bytes = self.bytes.lock().unwrap();
+        loop {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            if text.matches(needle).count() >= count {
+                return text;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "never logged {count}× {needle:?}:\n{text}");
+            bytes = self.grew.wait_timeout(bytes, left).unwrap().0;
+        }
+    }
+}
+
 /// A running `orchestrator` process.
 pub struct Host {
     child: Child,
@@ -31,7 +64,7 @@ pub struct Host {
     pub metrics: String,
     /// `http://127.0.0.1:PORT` of the admin API's own listener, if any.
     pub admin: Option<String>,
-    stderr: Arc<Mutex<String>>,
+    stderr: Arc<Log>,
     /// The directory of a config file written for this host, if any.
     config_dir: Option<tempfile::TempDir>,
 }
@@ -105,7 +138,7 @@ impl Host {
             .stderr(Stdio::piped())
             .spawn()
             .expect("the orchestrator binary runs");
-        let stderr = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Log::default());
         let mut err_pipe = child.stderr.take().expect("piped");
         let sink = stderr.clone();
         let reader = std::thread::spawn(move || {
@@ -114,9 +147,7 @@ impl Host {
                 if n == 0 {
                     break;
                 }
-                sink.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.append(&buf[..n]);
             }
         });
         let stdout = child.stdout.take().expect("piped");
@@ -155,7 +186,7 @@ impl Host {
                 // The process is gone, so its stderr is at EOF: once the
                 // reader has seen that, it has collected everything.
                 let _ = reader.join();
-                Err(stderr.lock().unwrap().clone())
+                Err(stderr.text())
             }
         }
     }
@@ -183,9 +214,22 @@ impl Host {
         Host::try_with_config_env(toml, &[])
     }
 
-    /// What the host logged so far.
+    /// What the host logged so far. A line the host writes just before
+    /// answering may not have been read from the pipe yet when the answer
+    /// arrives: to assert on such a line, use [`Host::wait_for_log`].
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.text()
+    }
+
+    /// Wait (up to 30 s, woken by each read from the pipe, never polling)
+    /// until the log holds `needle` at least `count` times; returns the
+    /// log. Panics with the log if it never does.
+    pub async fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        let log = self.stderr.clone();
+        let needle = needle.to_string();
+        tokio::task::spawn_blocking(move || log.wait_for(&needle, count))
+            .await
+            .expect("the log waiter")
     }
 
     /// Send SIGTERM and wait for exit; returns whether it exited cleanly.
