@@ -23,6 +23,12 @@
 //!   and `noop/fresh_drop`, the instance without the call.
 //! - `overhead`: the metric updates one request costs, and one queue hop
 //!   between worker threads.
+//! - `linear`: each bundled stage's logic (natively) on pathological input
+//!   of size n and 2n, the kinds that once were quadratic: a question of
+//!   distinct words (`rag`), a long question (`assemble`), unbroken runs of
+//!   `.`, of a letter and of spaces streamed in 4-byte deltas (`post` and
+//!   `stream`, chunk path), and the whole-mode `post` in wasm on a run of
+//!   `.`. Linear work shows as a time ratio of about 2 between the two.
 
 #[path = "../tests/common/guests.rs"]
 mod guests;
@@ -224,7 +230,7 @@ fn stages_vs_native(c: &mut Criterion) {
     let index =
         orchestrator_rag::Index::build(documents.iter().map(|(s, t)| (s.as_str(), t.as_str())));
     group.bench_function("rag/native", |b| {
-        b.iter(|| black_box(index.search(black_box(QUESTION), 3).len()))
+        b.iter(|| black_box(index.search(black_box(QUESTION), 3, 4096).map(|h| h.len())))
     });
     let mut rag_input = envelope.clone();
     rag_input.passages.clear();
@@ -383,9 +389,80 @@ fn overheads(c: &mut Criterion) {
     group.finish();
 }
 
+/// Stream `text` through a chunk function in 4-byte deltas (cut at
+/// character boundaries), then the final call, as the host does.
+fn stream_through(text: &str, mut call: impl FnMut(&str, &str, bool) -> String) -> usize {
+    let cuts = (0..text.len()).step_by(4);
+    let deltas = orchestrator_text::split_at_offsets(text, cuts);
+    let mut carry = String::new();
+    let mut longest = 0;
+    for (delta, last) in deltas.iter().map(|d| (*d, false)).chain([("", true)]) {
+        carry = call(&carry, delta, last);
+        longest = longest.max(carry.len());
+    }
+    longest
+}
+
+fn linear_in_input(c: &mut Criterion) {
+    let bench = Bench::new();
+    let mut group = c.benchmark_group("linear");
+    let index = orchestrator_rag::Index::build([("a.md", "queue backpressure worker stage")]);
+    let settings = orchestrator_assemble::Settings {
+        max_question_tokens: usize::MAX,
+        ..Default::default()
+    };
+    let stop = vec!["\n\nUser:".to_string()];
+    for n in [100_000, 200_000] {
+        let words: String = (0..n / 6).map(|i| format!("w{i:04x} ")).collect();
+        group.bench_function(format!("rag/distinct_words/{n}"), |b| {
+            b.iter(|| {
+                index
+                    .search(black_box(&words), 3, usize::MAX)
+                    .map(|h| h.len())
+            })
+        });
+        let question = "why ".repeat(n / 4);
+        group.bench_function(format!("assemble/question/{n}"), |b| {
+            b.iter(|| {
+                orchestrator_assemble::assemble(&settings, &[], &[("user", black_box(&question))])
+                    .map(|a| a.prompt_tokens)
+            })
+        });
+        for (name, unit) in [("dots", "."), ("letters", "a"), ("spaces", " ")] {
+            let text = format!("start {}end", unit.repeat(n));
+            group.bench_function(format!("post/chunks/{name}/{n}"), |b| {
+                b.iter(|| {
+                    stream_through(&text, |carry, delta, last| {
+                        orchestrator_post::process_chunk(&stop, carry, delta, last)
+                            .map(|out| out.carry)
+                            .unwrap_or_default()
+                    })
+                })
+            });
+            group.bench_function(format!("stream/chunks/{name}/{n}"), |b| {
+                b.iter(|| {
+                    stream_through(&text, |carry, delta, last| {
+                        orchestrator_stream::process_chunk(1, carry, delta, last).carry
+                    })
+                })
+            });
+        }
+        let mut envelope = small();
+        envelope.completion = ".".repeat(n);
+        let mut post = bench.instance(&bench.load(Stage::Post, bundled("post")));
+        bench.bench_call(
+            &mut group,
+            &format!("post/wasm/dots/{n}"),
+            &mut post,
+            &envelope,
+        );
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(30).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = call_layers, stages_vs_native, instance_cost, overheads
+    targets = call_layers, stages_vs_native, instance_cost, overheads, linear_in_input
 }
 criterion_main!(benches);

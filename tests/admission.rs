@@ -172,15 +172,9 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
     assert!(exited_cleanly);
 }
 
-/// One client's pathological input must not open a stage's breaker for
-/// everyone: `rag` once deduplicated query terms with a list (quadratic),
-/// so a few questions of 80,000 distinct words hit its 5 s deadline and
-/// the timeouts opened its breaker (503 `circuit_open` for every client).
-#[tokio::test(flavor = "multi_thread")]
-async fn many_distinct_query_terms_cost_linear_time_and_open_no_breaker() {
-    let host = Host::start(&[]);
-    // 80,000 distinct lowercase words of four letters or more (~500 KB).
-    let words: Vec<String> = (0..80_000u32)
+/// `n` distinct lowercase words of five letters (80,000 make ~500 KB).
+fn distinct_words(n: u32) -> String {
+    (0..n)
         .map(|n| {
             let mut word = String::from("q");
             let mut n = n;
@@ -190,8 +184,33 @@ async fn many_distinct_query_terms_cost_linear_time_and_open_no_breaker() {
             }
             word
         })
-        .collect();
-    let body = ask(&words.join(" "));
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// One client's pathological input must not open a stage's breaker for
+/// everyone: `rag` once deduplicated query terms with a list (quadratic),
+/// so a few questions of 80,000 distinct words hit its 5 s deadline and
+/// the timeouts opened its breaker (503 `circuit_open` for every client).
+/// Now such a question gets 400 naming the cap, and with the cap raised it
+/// is answered (the search is linear).
+#[tokio::test(flavor = "multi_thread")]
+async fn many_distinct_query_terms_are_capped_and_cost_linear_time() {
+    let body = ask(&distinct_words(80_000));
+    let host = Host::start(&[]);
+    let (status, text) = host.chat(&body).await;
+    assert_eq!(status, 400, "{}", &text[..text.len().min(300)]);
+    assert!(text.contains("max_query_terms"), "{text}");
+    assert_eq!(
+        host.metric("orchestrator_errors_total{error_type=\"invalid_input\",stage=\"rag\"}")
+            .await,
+        1.0
+    );
+
+    let host = Host::with_config(
+        "[stages.rag.config]\nmax_query_terms = 100000\n\
+         [stages.assemble.config]\nmax_question_tokens = 100000\n",
+    );
     let requests = (0..6).map(|_| host.chat(&body));
     for (status, body) in futures_util::future::join_all(requests).await {
         assert_eq!(status, 200, "{}", &body[..body.len().min(300)]);
@@ -210,6 +229,44 @@ async fn many_distinct_query_terms_cost_linear_time_and_open_no_breaker() {
     );
 }
 
+/// A timeout on an input far above what the stage usually gets is the
+/// request's failure, not the plugin's: it does not count against the
+/// breaker. The same timeout on a usual input does.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_timeout_on_input_far_above_the_norm_does_not_open_the_breaker() {
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\ntimeout_ms = 300\nbreaker_failures = 2\n\
+         [stages.post.config]\nmode = \"loop\"\n",
+        test_plugin("rogue").display().to_string()
+    ));
+    let open = "orchestrator_circuit_state{stage=\"post\"}";
+    // The norm: a usual request.
+    let (status, text) = host.chat(&ask("a usual question")).await;
+    assert_eq!(status, 200, "{text}");
+    // ~100 KB questions that make the guest loop: three timeouts in a row,
+    // more than `breaker_failures`, and the breaker stays closed.
+    let huge = format!("rogue {}", "filler ".repeat(15_000));
+    for _ in 0..3 {
+        let (status, text) = host.chat(&ask(&huge)).await;
+        assert_eq!(status, 500, "{}", &text[..text.len().min(300)]);
+        assert!(text.contains("timeout"), "{}", &text[..text.len().min(300)]);
+    }
+    assert_eq!(host.metric(open).await, 0.0);
+    host.wait_for_log("far above this stage's recent inputs", 3)
+        .await;
+    let (status, text) = host.chat(&ask("a usual question")).await;
+    assert_eq!(status, 200, "{text}");
+    // Usual-sized inputs that time out are the plugin's: two open it.
+    for _ in 0..2 {
+        let (status, text) = host.chat(&ask("a rogue question")).await;
+        assert_eq!(status, 500, "{text}");
+    }
+    assert_eq!(host.metric(open).await, 2.0);
+    let (status, text) = host.chat(&ask("a usual question")).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("circuit_open"), "{text}");
+}
+
 /// A client that stops reading a large stream is cut after
 /// `stream_stall_ms`, which frees its queue reservations: without the cut
 /// it would hold the only `post` slot, and everyone else would get 429,
@@ -221,6 +278,7 @@ async fn a_client_that_stops_reading_a_stream_frees_its_slots() {
     let host = Host::with_config(
         "request_timeout_ms = 60000\nstream_stall_ms = 500\n\
          [backends.echo]\nkind = \"echo\"\nmax_tokens_limit = 1000000\n\
+         [stages.assemble.config]\nmax_question_tokens = 200000\n\
          [stages.post]\nqueue_capacity = 1\n\
          [stages.stream.config]\nchunk_tokens = 1\n",
     );
@@ -250,8 +308,8 @@ async fn a_client_that_stops_reading_a_stream_frees_its_slots() {
     let read = stalled.read(&mut head).await.unwrap();
     assert!(
         head[..read].starts_with(b"HTTP/1.1 200"),
-        "{:?}",
-        &head[..read]
+        "{}",
+        String::from_utf8_lossy(&head[..read])
     );
     let (status, text) = host.chat(&ask("a normal question")).await;
     assert_eq!(status, 429, "the stalled stream holds the slot: {text}");

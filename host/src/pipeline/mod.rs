@@ -79,6 +79,7 @@
 
 mod admission;
 mod error;
+mod norm;
 mod stage;
 mod streaming;
 mod worker;

@@ -17,6 +17,7 @@ use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::{Notify, oneshot};
 
 use super::error::RunError;
+use super::norm::InputNorm;
 use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::StageConfig;
 use crate::inference::TokenStream;
@@ -48,6 +49,8 @@ pub(super) struct StageRuntime {
     /// plus chunk items queued): bounded by `queue_capacity`.
     pub(super) reserved: AtomicUsize,
     pub(super) breaker: Arc<CircuitBreaker>,
+    /// Recent successful input sizes: what the breaker excuses.
+    pub(super) inputs: InputNorm,
     pub(super) metrics: StageMetrics,
 }
 
@@ -74,6 +77,7 @@ impl StageRuntime {
                 settings.breaker_probes,
                 stage_metrics.breaker.clone(),
             ),
+            inputs: InputNorm::default(),
             metrics: stage_metrics,
             settings,
         }

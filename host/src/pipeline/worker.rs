@@ -23,7 +23,7 @@ use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
 use crate::config::{InstanceMode, StageConfig};
 use crate::inference::TokenStream;
 use crate::metrics::ErrorType;
-use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage};
+use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
 
 /// How often an idle worker checks whether its instance belongs to a
 /// version that has been swapped out (and drops it, freeing the old
@@ -103,6 +103,7 @@ fn run_job(
         return;
     }
     stage.metrics.requests.inc();
+    let input_bytes = envelope_bytes(&job.envelope);
     let started = Instant::now();
     let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
     let result = {
@@ -136,7 +137,25 @@ fn run_job(
         && result
             .as_ref()
             .is_err_and(|e| e.error_type == ErrorType::Timeout);
-    if !cut_by_request {
+    // A resource-limit failure on an input far above the stage's norm is
+    // the request's (see `norm`): it does not count either.
+    let excused = match &result {
+        Ok(_) => {
+            stage.inputs.record(input_bytes);
+            None
+        }
+        Err(e) => stage.inputs.excuses(e.error_type, input_bytes),
+    };
+    if let Some(norm) = excused {
+        tracing::warn!(
+            stage = stage.name(),
+            request_id = %job.envelope.request_id,
+            input_bytes,
+            norm_bytes = norm,
+            "a call failed on an input far above this stage's recent inputs; the breaker does not count it"
+        );
+    }
+    if !cut_by_request && excused.is_none() {
         let failed = result
             .as_ref()
             .is_err_and(|e| e.error_type.counts_against_stage());

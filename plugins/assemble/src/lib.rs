@@ -6,6 +6,11 @@
 //! alone exceeds the budget (the stage then reports `over_budget`). What
 //! remains of the budget goes first to passages (best first, whole
 //! passages only), then to earlier chat turns (newest first).
+//!
+//! Cost cap: a question longer than `max_question_tokens` is refused
+//! ([`AssembleError::QuestionTooLong`], HTTP 400), so what one request can
+//! make this stage and the model behind it do is bounded. The work is
+//! linear in the conversation and the passages.
 
 mod stage;
 
@@ -20,6 +25,8 @@ pub struct Settings {
     pub system_prompt: String,
     /// Token budget for the whole prompt.
     pub max_prompt_tokens: usize,
+    /// The longest question (last user message) taken, in tokens.
+    pub max_question_tokens: usize,
 }
 
 impl Default for Settings {
@@ -27,6 +34,7 @@ impl Default for Settings {
         Settings {
             system_prompt: "You are a helpful assistant. Answer the user's question using the context when it is relevant, and cite the sources in brackets.".into(),
             max_prompt_tokens: 1024,
+            max_question_tokens: 32_768,
         }
     }
 }
@@ -48,15 +56,56 @@ pub struct Assembled {
     pub over_budget: bool,
 }
 
+/// Why [`assemble`] built no prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssembleError {
+    /// The conversation has no user message.
+    NoUserMessage,
+    /// The question has more than `limit` (`max_question_tokens`)
+    /// tokens. (Counting stops there.)
+    QuestionTooLong {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+impl std::fmt::Display for AssembleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AssembleError::NoUserMessage => write!(f, "no user message in the conversation"),
+            AssembleError::QuestionTooLong { limit } => write!(
+                f,
+                "the question has more than {limit} tokens, the most the assemble stage takes (config key `max_question_tokens`)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AssembleError {}
+
 /// Build the prompt. `passages` are `(source, text)` best first; `messages`
-/// are `(role, content)` in order. Returns `None` when there is no user
-/// message.
+/// are `(role, content)` in order.
+///
+/// # Errors
+///
+/// [`AssembleError`] when there is no user message, or the question is
+/// over `max_question_tokens`.
 pub fn assemble(
     settings: &Settings,
     passages: &[(&str, &str)],
     messages: &[(&str, &str)],
-) -> Option<Assembled> {
-    let last_user = messages.iter().rposition(|(role, _)| *role == "user")?;
+) -> Result<Assembled, AssembleError> {
+    let last_user = messages
+        .iter()
+        .rposition(|(role, _)| *role == "user")
+        .ok_or(AssembleError::NoUserMessage)?;
+    let limit = settings.max_question_tokens;
+    let tokens = orchestrator_text::tokens(messages[last_user].1)
+        .take(limit.saturating_add(1))
+        .count();
+    if tokens > limit {
+        return Err(AssembleError::QuestionTooLong { limit });
+    }
     let system = format!("System: {}\n", settings.system_prompt);
     let question = format!("User: {}\nAssistant:", messages[last_user].1);
     let mut used = count_tokens(&system) + count_tokens(&question);
@@ -102,7 +151,7 @@ pub fn assemble(
     prompt.push('\n');
     history.iter().for_each(|line| prompt.push_str(line));
     prompt.push_str(&question);
-    Some(Assembled {
+    Ok(Assembled {
         prompt_tokens: count_tokens(&prompt),
         prompt,
         passages_used,
@@ -128,6 +177,7 @@ mod tests {
         Settings {
             system_prompt: "Be brief.".into(),
             max_prompt_tokens: budget,
+            max_question_tokens: 1000,
         }
     }
 
@@ -176,7 +226,20 @@ mod tests {
     }
 
     #[test]
-    fn no_user_message_is_none() {
-        assert!(assemble(&settings(10), &[], &[("system", "x")]).is_none());
+    fn no_user_message_is_an_error() {
+        assert_eq!(
+            assemble(&settings(10), &[], &[("system", "x")]),
+            Err(AssembleError::NoUserMessage)
+        );
+    }
+
+    #[test]
+    fn a_question_over_the_cap_is_refused() {
+        let at_cap = "why ".repeat(1000);
+        assert!(assemble(&settings(10), &[], &[("user", &at_cap)]).is_ok());
+        let over = "why ".repeat(5000);
+        let err = assemble(&settings(10), &[], &[("user", &over)]).unwrap_err();
+        assert_eq!(err, AssembleError::QuestionTooLong { limit: 1000 });
+        assert!(err.to_string().contains("max_question_tokens"), "{err}");
     }
 }

@@ -14,6 +14,9 @@ pub struct Config {
     pub system_prompt: Option<String>,
     /// Token budget for the whole prompt.
     pub max_prompt_tokens: Option<usize>,
+    /// The longest question taken, in tokens; a longer one is refused
+    /// with `invalid_input` (HTTP 400).
+    pub max_question_tokens: Option<usize>,
 }
 
 /// The `assemble` stage.
@@ -32,6 +35,9 @@ impl Stage for Assemble {
                 max_prompt_tokens: config
                     .max_prompt_tokens
                     .unwrap_or(defaults.max_prompt_tokens),
+                max_question_tokens: config
+                    .max_question_tokens
+                    .unwrap_or(defaults.max_question_tokens),
             },
         })
     }
@@ -46,9 +52,8 @@ impl Stage for Assemble {
             .iter()
             .map(|m| (m.role.as_str(), m.content.as_str()))
             .collect();
-        let out = assemble(&self.settings, &passages, &messages).ok_or_else(|| {
-            StageError::InvalidInput("no user message in the conversation".into())
-        })?;
+        let out = assemble(&self.settings, &passages, &messages)
+            .map_err(|e| StageError::InvalidInput(e.to_string()))?;
         request.set_notes(&[
             ("assemble.prompt_tokens", &out.prompt_tokens),
             ("assemble.passages_used", &out.passages_used),

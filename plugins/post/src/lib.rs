@@ -6,6 +6,20 @@
 //! API keys or tokens (`[redacted key]`). What changed is reported in
 //! [`Cleaned`] and, by the glue, in the envelope's metadata.
 //!
+//! Every rule looks only a bounded distance ahead, so both modes take time
+//! linear in the completion, whatever its text (a megabyte of `.` or of
+//! one unbroken word included):
+//!
+//! - an e-mail address has a local part of at most [`MAX_LOCAL_PART`]
+//!   bytes (RFC 5321), and its domain is read from at most [`MAX_DOMAIN`]
+//!   bytes;
+//! - a word (`[A-Za-z0-9_-]+`) is a key if its first [`MAX_WORD`] bytes
+//!   make it one (a known prefix and 16 more characters, or 32 characters
+//!   with a letter and a digit), and is then redacted whole. Each word of a
+//!   dotted token is judged on its own, so all three parts of a JWT go;
+//! - at most [`MAX_TRAILING_SPACE`] bytes of trailing whitespace are
+//!   trimmed (leading whitespace is all trimmed).
+//!
 //! The stage works in two modes, which give the same text:
 //!
 //! - whole mode, [`clean`]: the completion at once (the `process` export);
@@ -65,8 +79,8 @@ pub struct Cleaned {
     pub keys: usize,
 }
 
-/// Clean `completion` (see the module docs). Empty stop sequences are
-/// ignored.
+/// Clean `completion` (see the module docs for the rules and their
+/// bounds). Empty stop sequences are ignored.
 pub fn clean(completion: &str, stop: &[String]) -> Cleaned {
     let cut = stop
         .iter()
@@ -74,19 +88,21 @@ pub fn clean(completion: &str, stop: &[String]) -> Cleaned {
         .filter_map(|s| completion.find(s.as_str()))
         .min();
     let text = cut.map_or(completion, |at| &completion[..at]);
-    let trimmed = text.trim();
-    let mut out = Cleaned {
-        stopped: cut.is_some(),
-        trimmed_chars: text.chars().count() - trimmed.chars().count(),
-        ..Cleaned::default()
-    };
+    let body = text.trim_start();
+    let content = body.trim_end();
+    let trailing = &body[content.len()..];
+    let kept = &trailing[..kept_trailing(trailing)];
     let mut counts = Counts::default();
-    let mut redacted = String::with_capacity(trimmed.len());
-    redact_into(trimmed, false, &mut redacted, &mut counts);
-    out.text = redacted;
-    out.emails = counts.emails;
-    out.keys = counts.keys;
-    out
+    let mut redacted = String::with_capacity(body.len());
+    redact_into(content, false, Scan::Boundary, &mut redacted, &mut counts);
+    redacted.push_str(kept);
+    Cleaned {
+        text: redacted,
+        stopped: cut.is_some(),
+        trimmed_chars: text.chars().count() - content.chars().count() - kept.chars().count(),
+        emails: counts.emails,
+        keys: counts.keys,
+    }
 }
 
 /// What [`process_chunk`] makes of one chunk of a streamed completion
@@ -129,11 +145,27 @@ impl std::error::Error for BadCarry {}
 /// Carry tag: no non-whitespace text has been committed yet, so leading
 /// whitespace is still being dropped. An empty carry means the same.
 const TAG_LEADING: char = 'L';
-/// Carry tag: the text has started; whitespace is kept unless it turns
-/// out to be trailing.
-const TAG_BODY: char = 'B';
 /// Carry tag (the whole carry): a stop sequence has ended the completion.
 const TAG_STOPPED: char = 'S';
+
+/// The most trailing whitespace [`clean`] trims, in bytes. Of a longer
+/// trailing run, the bytes before its last `MAX_TRAILING_SPACE` are kept
+/// (from the first character boundary on): this is what lets the chunk
+/// path pass a long run of whitespace on instead of holding it whole.
+pub const MAX_TRAILING_SPACE: usize = 1024;
+/// A word (a run of `[A-Za-z0-9_-]`) is judged a key, or not, by its first
+/// `MAX_WORD` bytes; a key is redacted whole, however long.
+pub const MAX_WORD: usize = 256;
+/// The longest local part of an e-mail address (RFC 5321): a longer run
+/// before an `@` is not an address.
+pub const MAX_LOCAL_PART: usize = 64;
+/// The longest domain of an e-mail address (RFC 1035): a longer run of
+/// domain characters is judged by its first `MAX_DOMAIN` bytes.
+pub const MAX_DOMAIN: usize = 255;
+/// The longest carry [`process_chunk`] returns, stop sequences aside: the
+/// tag and the longest text it holds back (trailing whitespace; a pending
+/// address or word is shorter).
+pub const MAX_HELD: usize = 1 + MAX_TRAILING_SPACE;
 
 /// Clean one chunk of a streamed completion: the chunk path of the stage,
 /// equivalent to [`clean`] on the whole completion.
@@ -148,10 +180,13 @@ const TAG_STOPPED: char = 'S';
 /// The text is emitted as soon as it is final, already redacted. Held back
 /// are only:
 ///
-/// - a trailing run of non-whitespace characters that may still become (or
-///   be part of) an e-mail address or a key, for instance `jo` (may become
-///   `john.doe@example.com`) or `sk-abc` (may become a key);
-/// - trailing whitespace, which [`clean`] drops if nothing follows it;
+/// - a word or an address that is still undecided: up to
+///   [`MAX_WORD`] bytes of a word that may still become a key (`sk-abc`),
+///   or up to `64 + 1 + 255` bytes of what may still become an e-mail
+///   address (`jo`, `john.doe@exam`);
+/// - trailing whitespace, which [`clean`] drops if nothing follows it (at
+///   most [`MAX_TRAILING_SPACE`] bytes: what comes before that in a run is
+///   final);
 /// - a tail that is a proper prefix of a stop sequence (`ST` when `STOP`
 ///   is one).
 ///
@@ -159,14 +194,14 @@ const TAG_STOPPED: char = 'S';
 /// of a stop sequence, such as `\n\n`).
 ///
 /// The carry is one ASCII tag character (the stage's state: leading
-/// whitespace still dropped, text started, or stopped) followed by that
-/// held-back raw text, so its length in bytes is at most `1 + r + p`,
-/// where `r` is the longest run of whitespace or of non-whitespace
-/// characters in the completion and `p` the length of the longest stop
-/// sequence minus one (0 without stop sequences). For prose, that is a few
-/// dozen bytes; a long unbroken word (a hash, a long identifier) is held
-/// whole, because it may still turn out to be a key, or an `@` and a
-/// domain may still follow it. The held-back text is not redacted yet: it
+/// whitespace still dropped, or where the scan stands in the text, or
+/// stopped) followed by that held-back raw text, so its length in bytes is
+/// at most [`MAX_HELD`] `+ p`, where `p` is the length of the longest stop
+/// sequence minus one (0 without stop sequences), and never more than the
+/// longest run of whitespace or non-whitespace in the completion plus
+/// `1 + p`. For prose, that is a few dozen bytes. Each call's work is
+/// linear in the carry and the delta, so a stream costs time linear in its
+/// length whatever the text. The held-back text is not redacted yet: it
 /// is state for this stage, never output, and should be handled as
 /// confidentially as the raw completion.
 ///
@@ -182,21 +217,23 @@ pub fn process_chunk(
     delta: &str,
     last: bool,
 ) -> Result<ChunkOut, BadCarry> {
-    let (started, held) = if carry.is_empty() {
-        (false, "")
-    } else if let Some(held) = carry.strip_prefix(TAG_LEADING) {
-        (false, held)
-    } else if let Some(held) = carry.strip_prefix(TAG_BODY) {
-        (true, held)
-    } else if carry.strip_prefix(TAG_STOPPED) == Some("") {
-        return Ok(ChunkOut {
-            emit: String::new(),
-            carry: carry.to_string(),
-            stop: true,
-        });
-    } else {
-        return Err(BadCarry { len: carry.len() });
+    let mut tag = carry.chars();
+    let (started, scan) = match tag.next() {
+        None => (false, Scan::Boundary),
+        Some(TAG_LEADING) => (false, Scan::Boundary),
+        Some(TAG_STOPPED) if carry.len() == 1 => {
+            return Ok(ChunkOut {
+                emit: String::new(),
+                carry: carry.to_string(),
+                stop: true,
+            });
+        }
+        Some(t) => match Scan::from_tag(t) {
+            Some(scan) => (true, scan),
+            None => return Err(BadCarry { len: carry.len() }),
+        },
     };
+    let held = tag.as_str();
     let mut buf = String::with_capacity(held.len() + delta.len());
     buf.push_str(held);
     buf.push_str(delta);
@@ -209,7 +246,8 @@ pub fn process_chunk(
     let done = stopped || last;
     let committed = &buf[..end];
 
-    // 2. Trimming: drop leading whitespace, hold back trailing whitespace.
+    // 2. Trimming: drop leading whitespace, hold back trailing whitespace
+    // (no more of it than `clean` may trim).
     let lead = if started {
         0
     } else {
@@ -218,21 +256,27 @@ pub fn process_chunk(
     let body = &committed[lead..];
     let started = started || !body.is_empty();
     let content = body.trim_end();
+    let trailing = &body[content.len()..];
 
     // 3. Redaction of what is final. `content` may still continue only if
     // nothing (no whitespace) follows it yet.
-    let open = !done && content.len() == body.len();
-    let mut emit = String::with_capacity(content.len());
-    let consumed = redact_into(content, open, &mut emit, &mut Counts::default());
+    let open = !done && trailing.is_empty();
+    let mut emit = String::with_capacity(body.len());
+    let (consumed, mut scan) = redact_into(content, open, scan, &mut emit, &mut Counts::default());
+    let kept = kept_trailing(trailing);
+    emit.push_str(&trailing[..kept]);
+    if kept > 0 {
+        scan = Scan::Boundary;
+    }
 
     let carry = if stopped {
         TAG_STOPPED.to_string()
     } else if done {
         String::new()
     } else {
-        let rest = &buf[lead + consumed..];
+        let rest = &buf[lead + consumed + kept..];
         let mut carry = String::with_capacity(1 + rest.len());
-        carry.push(if started { TAG_BODY } else { TAG_LEADING });
+        carry.push(if started { scan.tag() } else { TAG_LEADING });
         carry.push_str(rest);
         carry
     };
@@ -241,6 +285,19 @@ pub fn process_chunk(
         carry,
         stop: stopped,
     })
+}
+
+/// How many leading bytes of `trailing`, a run of whitespace that ends the
+/// text so far, are final whatever follows: all but its last
+/// [`MAX_TRAILING_SPACE`] bytes, up to the next character boundary.
+fn kept_trailing(trailing: &str) -> usize {
+    let Some(mut at) = trailing.len().checked_sub(MAX_TRAILING_SPACE) else {
+        return 0;
+    };
+    while !trailing.is_char_boundary(at) {
+        at += 1;
+    }
+    at
 }
 
 /// What [`stop_cut`] decided about a buffer of streamed text.
@@ -315,6 +372,63 @@ fn is_email_domain(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '-')
 }
 
+/// Where the redaction scan stands: what the character before the current
+/// position allows to start there. The chunk path keeps it in the carry's
+/// tag, so a scan resumes mid-run exactly as the whole-mode scan goes on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Scan {
+    /// At the start, or after a character that cannot be part of an e-mail
+    /// address: an address or a word may start here.
+    Boundary,
+    /// After an address character that is not a word character (`.`, `+`,
+    /// `%`, a non-ASCII letter): a word may start here, an address may not.
+    AfterLocal,
+    /// Inside a word already passed on (or right after an address): word
+    /// characters continue it.
+    InWord,
+    /// Inside a word redacted as a key: its further word characters are
+    /// dropped.
+    InKey,
+}
+
+impl Scan {
+    /// The carry tag of this state (the text has started).
+    fn tag(self) -> char {
+        match self {
+            Scan::Boundary => 'B',
+            Scan::AfterLocal => 'A',
+            Scan::InWord => 'W',
+            Scan::InKey => 'K',
+        }
+    }
+
+    fn from_tag(tag: char) -> Option<Scan> {
+        Some(match tag {
+            'B' => Scan::Boundary,
+            'A' => Scan::AfterLocal,
+            'W' => Scan::InWord,
+            'K' => Scan::InKey,
+            _ => return None,
+        })
+    }
+
+    /// The state after passing `c` outside a word start or an address.
+    fn after(self, c: char) -> Scan {
+        if is_word_char(c) {
+            // Only reached inside a word: it goes on (redacted or not).
+            if self == Scan::InKey {
+                Scan::InKey
+            } else {
+                Scan::InWord
+            }
+        } else if is_email_local(c) {
+            Scan::AfterLocal
+        } else {
+            Scan::Boundary
+        }
+    }
+}
+
 /// What [`email_at`] found.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Found {
@@ -329,8 +443,22 @@ enum Found {
 /// Whether an e-mail address starts at `text[0]`, and how long it is. With
 /// `open`, `text` may continue beyond what is known, so an address that
 /// runs to its end is [`Found::Pending`].
+///
+/// The local part is at most [`MAX_LOCAL_PART`] bytes, and the domain is
+/// read from at most [`MAX_DOMAIN`] bytes of domain characters, so the
+/// decision never needs more than `64 + 1 + 255` bytes of text.
 fn email_at(text: &str, open: bool) -> Found {
-    let Some(local) = text.find(|c| !is_email_local(c)) else {
+    let mut local = None;
+    for (at, c) in text.char_indices() {
+        if !is_email_local(c) {
+            local = Some(at);
+            break;
+        }
+        if at + c.len_utf8() > MAX_LOCAL_PART {
+            return Found::No;
+        }
+    }
+    let Some(local) = local else {
         // The local part runs to the end: an `@` may still follow.
         return if open && !text.is_empty() {
             Found::Pending
@@ -343,12 +471,16 @@ fn email_at(text: &str, open: bool) -> Found {
     }
     let domain_start = local + 1;
     let rest = &text[domain_start..];
-    let mut domain = match rest.find(|c| !is_email_domain(c)) {
+    let run = rest
+        .bytes()
+        .take(MAX_DOMAIN)
+        .position(|b| !is_email_domain(char::from(b)));
+    let mut domain = match run {
         Some(end) => end,
         // The domain runs to the end: it may still grow (`example.c` ->
         // `example.com`).
-        None if open => return Found::Pending,
-        None => rest.len(),
+        None if open && rest.len() < MAX_DOMAIN => return Found::Pending,
+        None => rest.len().min(MAX_DOMAIN),
     };
     // A sentence may end right after the address.
     while domain > 0 && matches!(rest.as_bytes()[domain - 1], b'.' | b'-') {
@@ -365,8 +497,10 @@ fn email_at(text: &str, open: bool) -> Found {
     }
 }
 
-/// Whether `word` (a run of `[A-Za-z0-9_-]`) looks like a credential.
+/// Whether `word` (a run of `[A-Za-z0-9_-]`) looks like a credential,
+/// judged by its first [`MAX_WORD`] bytes.
 fn is_key(word: &str) -> bool {
+    let word = &word[..word.len().min(MAX_WORD)];
     let known = KEY_PREFIXES
         .iter()
         .any(|p| word.starts_with(p) && word.len() >= p.len() + 16);
@@ -376,79 +510,70 @@ fn is_key(word: &str) -> bool {
     known || generic
 }
 
-/// Redact `text` into `out`, counting what was redacted; return how many
-/// bytes of `text` were consumed.
+/// Redact `text` into `out`, counting what was redacted, starting in state
+/// `scan`; return how many bytes of `text` were consumed and the state
+/// there.
 ///
-/// The scan goes left to right. At a word boundary (the start, or after a
-/// character that cannot be part of an e-mail address's local part) it
-/// replaces an e-mail address, or a word that is a key, by its marker;
-/// everything else is copied.
+/// The scan goes left to right. At a boundary (see [`Scan`]) it replaces an
+/// e-mail address by its marker; at the start of a word (a word character
+/// after anything but a word character) it replaces the word by its marker
+/// if the word is a key; everything else is copied. So each segment of a
+/// dotted token (`eyJ….eyJ….sig`) is judged on its own.
 ///
 /// Without `open`, `text` is complete (or known to be followed by
 /// whitespace, which ends addresses and words alike): all of it is
 /// consumed. With `open`, more text may follow, so the scan stops where a
-/// decision needs it, and also backs up to the last offset from which a
-/// fresh scan of the remaining text (starting at a boundary) gives the same
-/// output: the offset returned. `out` and the counters then cover exactly
-/// `text[..returned]`.
-fn redact_into(text: &str, open: bool, out: &mut String, counts: &mut Counts) -> usize {
-    // The last resumable offset, with the output length and counters there.
-    let mut resume = (0, out.len(), *counts);
+/// decision needs it: before an undecided address or word, which is left
+/// unconsumed. Everything consumed is final, and resuming at the returned
+/// offset in the returned state gives what scanning on would.
+fn redact_into(
+    text: &str,
+    open: bool,
+    mut scan: Scan,
+    out: &mut String,
+    counts: &mut Counts,
+) -> (usize, Scan) {
     let mut i = 0;
     while let Some(c) = text[i..].chars().next() {
         let rest = &text[i..];
-        // Only start a match at a word boundary.
-        let boundary = text[..i]
-            .chars()
-            .next_back()
-            .is_none_or(|p| !is_email_local(p));
-        // A fresh scan may restart at a boundary, or before a character
-        // that is copied whether or not it is at one.
-        if open && (boundary || !is_email_local(c)) {
-            resume = (i, out.len(), *counts);
-        }
-        if boundary {
+        if scan == Scan::Boundary {
             match email_at(rest, open) {
                 Found::Yes(len) => {
                     out.push_str(EMAIL_MARKER);
                     counts.emails += 1;
                     i += len;
+                    // An address ends with a letter of its domain.
+                    scan = Scan::InWord;
                     continue;
                 }
-                // `resume` is this very offset.
-                Found::Pending => return i,
+                Found::Pending => return (i, scan),
                 Found::No => {}
             }
-            let word = rest.find(|c| !is_word_char(c)).unwrap_or(rest.len());
-            if word > 0 {
-                if open && word == rest.len() {
-                    // The word may still grow into a key. (Unreachable in
-                    // practice: `email_at` is pending first.)
-                    return i;
-                }
-                if is_key(&rest[..word]) {
-                    out.push_str(KEY_MARKER);
-                    counts.keys += 1;
-                } else {
-                    out.push_str(&rest[..word]);
-                }
-                i += word;
-                continue;
-            }
         }
-        out.push(c);
+        if is_word_char(c) && matches!(scan, Scan::Boundary | Scan::AfterLocal) {
+            let word = rest.find(|c| !is_word_char(c)).unwrap_or(rest.len());
+            if open && word == rest.len() && word < MAX_WORD {
+                // The word may still grow into a key.
+                return (i, scan);
+            }
+            if is_key(&rest[..word]) {
+                out.push_str(KEY_MARKER);
+                counts.keys += 1;
+                scan = Scan::InKey;
+            } else {
+                out.push_str(&rest[..word]);
+                scan = Scan::InWord;
+            }
+            i += word;
+            continue;
+        }
+        if !(scan == Scan::InKey && is_word_char(c)) {
+            out.push(c);
+        }
+        scan = scan.after(c);
         i += c.len_utf8();
     }
-    let boundary_at_end = text.chars().next_back().is_none_or(|p| !is_email_local(p));
-    if !open || boundary_at_end {
-        return i;
-    }
-    // The text ends inside a run that the next characters may continue,
-    // and a fresh scan would start it at a boundary, which it is not.
-    let (at, len, saved) = resume;
-    out.truncate(len);
-    *counts = saved;
-    at
+    (i, scan)
 }
 
 #[cfg(test)]
@@ -704,6 +829,98 @@ mod tests {
         );
     }
 
+    #[test]
+    fn every_part_of_a_jwt_is_redacted() {
+        let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIn0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c";
+        let text = format!("token: {jwt}.");
+        let whole = clean(&text, &[]);
+        assert_eq!(
+            whole.text,
+            "token: [redacted key].[redacted key].[redacted key]."
+        );
+        assert_eq!(whole.keys, 3);
+        let deltas: Vec<&str> = text
+            .as_bytes()
+            .chunks(5)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        assert_eq!(stream(&[], &deltas).text(), whole.text);
+    }
+
+    #[test]
+    fn the_bounded_rules() {
+        // A local part over 64 bytes is not an address's.
+        let long_local = format!("{}@example.com", "a".repeat(65));
+        assert_eq!(clean(&long_local, &[]).emails, 0);
+        assert_eq!(
+            clean(&format!("{}@example.com", "a".repeat(64)), &[]).emails,
+            1
+        );
+        // Punctuation run on after a domain does not hide the address.
+        let dashes = format!("mail john@example.com{} now", "-".repeat(300));
+        assert_eq!(
+            clean(&dashes, &[]).text,
+            format!("mail [redacted email]{} now", "-".repeat(300))
+        );
+        // A word is judged by its first 256 bytes, and a key goes whole.
+        let late_digit = format!("{}1", "a".repeat(300));
+        assert_eq!(clean(&late_digit, &[]).text, late_digit);
+        let long_key = format!("sk-{}", "abc123".repeat(1000));
+        assert_eq!(
+            clean(&format!("{long_key} ok"), &[]).text,
+            "[redacted key] ok"
+        );
+        // At most 1024 bytes of trailing whitespace are trimmed.
+        let spaces = format!("x{}", " ".repeat(3000));
+        let cleaned = clean(&spaces, &[]);
+        assert_eq!(
+            cleaned.text,
+            format!("x{}", " ".repeat(3000 - MAX_TRAILING_SPACE))
+        );
+        assert_eq!(cleaned.trimmed_chars, MAX_TRAILING_SPACE);
+    }
+
+    /// Inputs that once made the chunk path quadratic (an unbroken run was
+    /// held whole and rescanned at each delta), and others like them: the
+    /// chunk path equals whole mode, and its carry (hence each call's work)
+    /// does not grow when the input doubles.
+    #[test]
+    fn long_runs_stream_with_a_bounded_carry() {
+        let stop = stops(&["STOP", "\n\n"]);
+        let runs: [(&str, &str); 8] = [
+            (".", ""),
+            ("a", ""),
+            ("é", ""),
+            ("a.", ""),
+            (" ", "x"),
+            ("\n ", "x"),
+            ("abc123", " ok"),
+            ("x@a.", "com"),
+        ];
+        for (unit, tail) in runs {
+            let mut carries = Vec::new();
+            for n in [4_000, 8_000] {
+                let text = format!("start {}{tail}", unit.repeat(n));
+                let whole = clean(&text, &stop);
+                // Deltas of 1 to 7 bytes, cut at character boundaries.
+                let cuts = (0..text.len()).step_by(3).chain([text.len()]);
+                let deltas = orchestrator_text::split_at_offsets(&text, cuts);
+                let streamed = stream(&stop, &deltas);
+                assert_eq!(streamed.text(), whole.text, "{unit:?} × {n}");
+                assert!(
+                    streamed.max_carry <= MAX_HELD + 3,
+                    "{unit:?} × {n}: carry {}",
+                    streamed.max_carry
+                );
+                carries.push(streamed.max_carry);
+            }
+            assert_eq!(
+                carries[0], carries[1],
+                "{unit:?}: the carry grew with the input"
+            );
+        }
+    }
+
     /// Pieces of text that exercise every rule, including their edges.
     fn fragment() -> impl Strategy<Value = String> {
         prop_oneof![
@@ -788,7 +1005,7 @@ mod tests {
         ) {
             let whole = clean(&text, &stop);
             let longest_stop = stop.iter().map(String::len).max().unwrap_or(0);
-            let bound = 1 + longest_run(&text) + longest_stop.saturating_sub(1);
+            let bound = 1 + longest_run(&text).min(MAX_HELD - 1) + longest_stop.saturating_sub(1);
 
             let streamed = stream(&stop, &split(&text, &cuts));
             prop_assert_eq!(streamed.text(), whole.text.clone());
@@ -802,6 +1019,23 @@ mod tests {
             prop_assert_eq!(streamed.text(), whole.text);
             prop_assert_eq!(streamed.stopped, whole.stopped);
             prop_assert!(streamed.max_carry <= bound, "carry {} > bound {}", streamed.max_carry, bound);
+        }
+
+        /// Long runs (past every bound: local part, domain, word, trailing
+        /// whitespace) stream to whole mode too.
+        #[test]
+        fn chunked_equals_whole_on_long_runs(
+            parts in prop::collection::vec((text(), "[a.@ 1-]", 60..1300usize), 1..4),
+            stop in stop_list(),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..40),
+        ) {
+            let text: String = parts.iter().map(|(t, unit, n)| format!("{t}{}", unit.repeat(*n))).collect();
+            let whole = clean(&text, &stop);
+            let longest_stop = stop.iter().map(String::len).max().unwrap_or(0);
+            let streamed = stream(&stop, &split(&text, &cuts));
+            prop_assert_eq!(streamed.text(), whole.text);
+            prop_assert_eq!(streamed.stopped, whole.stopped);
+            prop_assert!(streamed.max_carry <= MAX_HELD + longest_stop.saturating_sub(1));
         }
 
         /// The one-delta stream is whole mode too.

@@ -100,7 +100,19 @@ impl Index {
 
     /// The `k` best passages for `query`, best first. Passages that share no
     /// term with the query are never returned; ties keep corpus order.
-    pub fn search(&self, query: &str, k: usize) -> Vec<Hit<'_>> {
+    ///
+    /// The work is linear in the query and in the postings of its terms.
+    ///
+    /// # Errors
+    ///
+    /// [`TooManyTerms`] if the query has more than `max_terms` distinct
+    /// terms (found as soon as term `max_terms + 1` is seen).
+    pub fn search(
+        &self,
+        query: &str,
+        k: usize,
+        max_terms: usize,
+    ) -> Result<Vec<Hit<'_>>, TooManyTerms> {
         let n = self.passages.len() as f32;
         let mut scores: HashMap<u32, f32> = HashMap::new();
         // A set, not a list: a query of n distinct terms must cost O(n),
@@ -109,6 +121,9 @@ impl Index {
         for term in orchestrator_text::terms(query) {
             if seen.contains(&term) {
                 continue;
+            }
+            if seen.len() == max_terms {
+                return Err(TooManyTerms { limit: max_terms });
             }
             let postings = self.postings.get(&term);
             seen.insert(term);
@@ -126,16 +141,35 @@ impl Index {
         }
         let mut ranked: Vec<(u32, f32)> = scores.into_iter().filter(|(_, s)| *s > 0.0).collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        ranked
+        Ok(ranked
             .into_iter()
             .take(k)
             .map(|(id, score)| Hit {
                 passage: &self.passages[id as usize],
                 score,
             })
-            .collect()
+            .collect())
     }
 }
+
+/// A query with more distinct terms than [`Index::search`] was allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyTerms {
+    /// The limit it exceeded.
+    pub limit: usize,
+}
+
+impl std::fmt::Display for TooManyTerms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the question has more than {} distinct terms",
+            self.limit
+        )
+    }
+}
+
+impl std::error::Error for TooManyTerms {}
 
 /// Paragraphs of `text` (split at blank lines), with short ones (headings)
 /// merged into the paragraph that follows them.
@@ -189,7 +223,7 @@ mod tests {
     fn finds_the_relevant_passage_first() {
         let index = corpus();
         assert_eq!(index.len(), 3);
-        let hits = index.search("What is backpressure?", 2);
+        let hits = index.search("What is backpressure?", 2, 100).unwrap();
         assert_eq!(hits[0].passage.source, "backpressure.md");
         assert!(hits[0].passage.text.starts_with("# Backpressure\n"));
         assert!(hits.iter().all(|h| h.score > 0.0));
@@ -197,13 +231,36 @@ mod tests {
 
     #[test]
     fn unrelated_queries_find_nothing() {
-        assert!(corpus().search("zebra giraffe", 3).is_empty());
-        assert!(Index::build([]).search("anything", 3).is_empty());
+        assert!(corpus().search("zebra giraffe", 3, 100).unwrap().is_empty());
+        assert!(
+            Index::build([])
+                .search("anything", 3, 100)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn k_bounds_the_result() {
-        assert_eq!(corpus().search("the component sandbox queue", 1).len(), 1);
+        assert_eq!(
+            corpus()
+                .search("the component sandbox queue", 1, 100)
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn distinct_terms_are_capped_repeats_are_not() {
+        let index = corpus();
+        let repeated = "queue ".repeat(10_000);
+        assert!(index.search(&repeated, 3, 2).is_ok());
+        assert!(index.search("one two", 3, 2).is_ok());
+        assert_eq!(
+            index.search("one two three", 3, 2).unwrap_err(),
+            TooManyTerms { limit: 2 }
+        );
     }
 
     #[test]

@@ -14,6 +14,10 @@ pub struct Config {
     pub corpus_dir: String,
     /// Passages retrieved per request.
     pub top_k: usize,
+    /// The most distinct terms a question may have: a longer one is
+    /// refused with `invalid_input` (HTTP 400), so the search's cost per
+    /// request is bounded. 4096 is about a 20,000-word document.
+    pub max_query_terms: usize,
 }
 
 impl Default for Config {
@@ -21,6 +25,7 @@ impl Default for Config {
         Config {
             corpus_dir: "/corpus".into(),
             top_k: 3,
+            max_query_terms: 4096,
         }
     }
 }
@@ -29,6 +34,7 @@ impl Default for Config {
 pub struct Rag {
     index: Index,
     top_k: usize,
+    max_query_terms: usize,
 }
 
 /// Read every `.md` / `.txt` file under `dir`, recursively, sorted by path.
@@ -66,6 +72,9 @@ impl Stage for Rag {
     type Config = Config;
 
     fn init(config: Config) -> Result<Self, InitError> {
+        if config.max_query_terms == 0 {
+            return Err("config key `max_query_terms`: must be at least 1".into());
+        }
         let documents = read_corpus(&config.corpus_dir)?;
         let index = Index::build(documents.iter().map(|(s, t)| (s.as_str(), t.as_str())));
         log::info(
@@ -75,6 +84,7 @@ impl Stage for Rag {
         Ok(Rag {
             index,
             top_k: config.top_k,
+            max_query_terms: config.max_query_terms,
         })
     }
 
@@ -86,7 +96,15 @@ impl Stage for Rag {
                 .map(|m| (m.role.as_str(), m.content.as_str())),
         )
         .ok_or_else(|| StageError::InvalidInput("no user message to retrieve for".into()))?;
-        let hits = self.index.search(query, self.top_k);
+        let hits = self
+            .index
+            .search(query, self.top_k, self.max_query_terms)
+            .map_err(|e| {
+                StageError::InvalidInput(format!(
+                    "{e}: the rag stage searches with at most {} (config key `max_query_terms`)",
+                    e.limit
+                ))
+            })?;
         request.set_notes(&[("rag.passages", &hits.len())]);
         // After any passages an earlier stage put there.
         let mut passages = request.passages();

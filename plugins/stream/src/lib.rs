@@ -3,7 +3,11 @@
 //!
 //! Each chunk holds up to `chunk_tokens` tokens (see `orchestrator-text`)
 //! and the whitespace that follows them, so that concatenating the chunks
-//! gives back the completion exactly.
+//! gives back the completion exactly. A chunk also ends once it reaches
+//! [`MAX_PIECE_BYTES`] (after a token or inside a run of whitespace), and
+//! the next one counts its tokens afresh: so the chunk path never holds
+//! more than that much text back, and its work is linear in the
+//! completion whatever the text (a megabyte of spaces included).
 //!
 //! The stage works in two modes, which give the same pieces:
 //!
@@ -24,27 +28,61 @@ pub use stage::Stream;
 /// Default number of tokens per chunk.
 pub const DEFAULT_CHUNK_TOKENS: usize = 4;
 
-/// Split `text` into chunks of at most `chunk_tokens` tokens (at least 1).
-/// `chunks(text).concat() == text` always holds.
+/// A piece ends once it holds this many bytes (or a few more: it never
+/// cuts a token or a character), whatever `chunk_tokens` says.
+pub const MAX_PIECE_BYTES: usize = 1024;
+
+/// Split `text` into chunks of at most `chunk_tokens` tokens (at least 1)
+/// and about [`MAX_PIECE_BYTES`]. `chunks(text).concat() == text` always
+/// holds.
 pub fn chunks(text: &str, chunk_tokens: usize) -> Vec<String> {
-    let chunk_tokens = chunk_tokens.max(1);
-    let base = text.as_ptr() as usize;
-    // Start offsets of every `chunk_tokens`-th token after the first chunk.
-    let starts = orchestrator_text::tokens(text)
-        .map(|token| token.as_ptr() as usize - base)
-        .enumerate()
-        .filter(|(n, _)| *n > 0 && n % chunk_tokens == 0)
-        .map(|(_, offset)| offset);
     let mut out = Vec::new();
-    let mut from = 0;
-    for start in starts {
-        out.push(text[from..start].to_string());
-        from = start;
-    }
-    if from < text.len() {
-        out.push(text[from..].to_string());
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (piece, tail) = rest.split_at(piece_len(rest, chunk_tokens.max(1)));
+        out.push(piece.to_string());
+        rest = tail;
     }
     out
+}
+
+/// The length of the piece that starts `text` (non-empty): its tokens and
+/// the whitespace after them, ended by the start of token
+/// `chunk_tokens + 1` or by reaching [`MAX_PIECE_BYTES`]. It depends only
+/// on the text up to its end, so a piece that ends before the end of the
+/// text known so far is final.
+fn piece_len(text: &str, chunk_tokens: usize) -> usize {
+    let mut at = 0;
+    let mut count = 0;
+    while at < text.len() {
+        let rest = &text[at..];
+        let space = rest.len() - rest.trim_start().len();
+        if space > 0 {
+            // Whitespace, up to the cap.
+            let room = MAX_PIECE_BYTES.saturating_sub(at);
+            if space >= room {
+                let mut end = at + room;
+                while !text.is_char_boundary(end) {
+                    end += 1;
+                }
+                return end.max(1);
+            }
+            at += space;
+            continue;
+        }
+        if count == chunk_tokens {
+            return at;
+        }
+        let token = orchestrator_text::tokens(rest)
+            .next()
+            .map_or(rest.len(), str::len);
+        count += 1;
+        at += token;
+        if at >= MAX_PIECE_BYTES {
+            return at;
+        }
+    }
+    at
 }
 
 /// What [`process_chunk`] makes of one chunk of a streamed completion
@@ -56,7 +94,8 @@ pub struct ChunkOut {
     pub emit: Vec<String>,
     /// The piece still being filled, to hand back as `carry` with the next
     /// chunk of the same request: raw text holding at most `chunk_tokens`
-    /// tokens (and the whitespace after them). Empty after the `last` call.
+    /// tokens (and the whitespace after them), and at most
+    /// [`MAX_PIECE_BYTES`] plus one token. Empty after the `last` call.
     pub carry: String,
 }
 
@@ -68,13 +107,12 @@ pub struct ChunkOut {
 /// marks the final call, which emits everything still held (its `delta` is
 /// normally empty, but a non-empty one is processed too).
 ///
-/// The carry always starts where a piece of [`chunks`] starts (the start
-/// of the completion, or a token whose index is a multiple of
-/// `chunk_tokens`), so tokenizing from it gives the same token boundaries
-/// as tokenizing the whole completion. Every piece of `chunks(carry +
-/// delta)` but the last is complete: it ends where a later token starts,
-/// whatever text comes next. The last one may still grow and is carried
-/// over, unless `last`.
+/// The carry always starts where a piece of [`chunks`] starts, and a
+/// piece depends only on the text from its start, so splitting from the
+/// carry gives the same pieces as splitting the whole completion. Every
+/// piece of `chunks(carry + delta)` but the last is complete: it ends
+/// where a later token starts or at the size cap, whatever text comes
+/// next. The last one may still grow and is carried over, unless `last`.
 pub fn process_chunk(chunk_tokens: usize, carry: &str, delta: &str, last: bool) -> ChunkOut {
     let mut buf = String::with_capacity(carry.len() + delta.len());
     buf.push_str(carry);
@@ -174,6 +212,29 @@ mod tests {
         assert_eq!(carries, ["one", "two", "three", ""]);
     }
 
+    /// Inputs that once made the chunk path quadratic (a run held whole
+    /// and rescanned at each delta): the carry does not grow when the
+    /// input doubles.
+    #[test]
+    fn long_runs_stream_with_a_bounded_carry() {
+        for unit in [" ", "a", "é", "\n\t", "a "] {
+            let mut longest = Vec::new();
+            for n in [5_000, 10_000] {
+                let text = format!("start {}", unit.repeat(n));
+                let cuts = (0..text.len()).step_by(3);
+                let deltas = orchestrator_text::split_at_offsets(&text, cuts);
+                let (pieces, carries) = stream(1, &deltas);
+                assert_eq!(pieces, chunks(&text, 1), "{unit:?} × {n}");
+                longest.push(carries.iter().map(String::len).max().unwrap_or(0));
+            }
+            assert!(longest[0] <= MAX_PIECE_BYTES + 64, "{unit:?}: {longest:?}");
+            assert_eq!(
+                longest[0], longest[1],
+                "{unit:?}: the carry grew with the input"
+            );
+        }
+    }
+
     fn text() -> impl Strategy<Value = String> {
         prop::collection::vec(
             prop_oneof![
@@ -186,6 +247,16 @@ mod tests {
             0..24,
         )
         .prop_map(|f| f.concat())
+    }
+
+    /// Text with runs past the token and piece caps.
+    fn long_text() -> impl Strategy<Value = String> {
+        prop::collection::vec((text(), "[a \n.é]", 30..1500usize), 1..4).prop_map(|parts| {
+            parts
+                .iter()
+                .map(|(t, unit, n)| format!("{t}{}", unit.repeat(*n)))
+                .collect()
+        })
     }
 
     /// `text` cut at the char boundaries nearest to `cuts` (which may
@@ -217,6 +288,21 @@ mod tests {
                 }
                 prop_assert_eq!(carries.last().map(String::as_str), Some(""));
             }
+        }
+
+        /// Long runs of one character stream to whole mode too, and the
+        /// carry stays within a piece and a token.
+        #[test]
+        fn chunked_equals_whole_on_long_runs(
+            text in long_text(),
+            chunk_tokens in 1_usize..6,
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..40),
+        ) {
+            let whole = chunks(&text, chunk_tokens);
+            let (pieces, carries) = stream(chunk_tokens, &split(&text, &cuts));
+            prop_assert_eq!(&pieces, &whole);
+            let bound = MAX_PIECE_BYTES + orchestrator_text::MAX_TOKEN_BYTES;
+            prop_assert!(carries.iter().all(|c| c.len() <= bound));
         }
     }
 }

@@ -3,9 +3,15 @@
 //! The bundled pipeline needs one notion of "token" that the `assemble`
 //! stage (token budget), the host's `echo` backend (usage figures) and the
 //! `stream` stage (chunking) agree on. This is not a BPE tokenizer: a token
-//! here is a run of alphanumeric characters or a single other
-//! non-whitespace character. It is deterministic, allocation-free when
-//! counting, and close enough to real tokenizers for budgeting.
+//! here is a run of alphanumeric characters (at most [`MAX_TOKEN_BYTES`]
+//! bytes of it: a longer run is several tokens, as it is for real
+//! tokenizers) or a single other non-whitespace character. It is
+//! deterministic, allocation-free when counting, and close enough to real
+//! tokenizers for budgeting.
+
+/// The longest token, in bytes. Bounding it keeps what a streaming stage
+/// must hold back for an unfinished token bounded too.
+pub const MAX_TOKEN_BYTES: usize = 64;
 
 /// An iterator over the tokens of a string, as `&str` slices.
 pub fn tokens(text: &str) -> Tokens<'_> {
@@ -31,7 +37,7 @@ impl<'a> Iterator for Tokens<'a> {
         let (_, first) = chars.next()?;
         let end = if first.is_alphanumeric() {
             chars
-                .find(|(_, c)| !c.is_alphanumeric())
+                .find(|&(i, c)| !c.is_alphanumeric() || i + c.len_utf8() > MAX_TOKEN_BYTES)
                 .map_or(trimmed.len(), |(i, _)| i)
         } else {
             first.len_utf8()
@@ -111,6 +117,18 @@ mod tests {
         assert_eq!(t, ["Hello", ",", "wörld", "!", "a1b2", "x"]);
         assert_eq!(count_tokens(""), 0);
         assert_eq!(count_tokens("   \n"), 0);
+    }
+
+    #[test]
+    fn a_long_run_is_several_tokens() {
+        let run = "é".repeat(100);
+        let t: Vec<_> = tokens(&run).collect();
+        assert_eq!(
+            t.iter().map(|t| t.len()).collect::<Vec<_>>(),
+            [64, 64, 64, 8]
+        );
+        assert_eq!(t.concat(), run);
+        assert_eq!(count_tokens(&"a".repeat(129)), 3);
     }
 
     #[test]
