@@ -15,6 +15,9 @@ use crate::wasm::{GenerationParams, Message};
 /// Default `max_tokens` when the client gives none.
 pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
+/// The longest stop sequence accepted, in bytes.
+const MAX_STOP_BYTES: usize = 256;
+
 #[derive(Debug, Deserialize)]
 struct ChatRequest {
     model: String,
@@ -209,6 +212,14 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
             return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
         }
     };
+    // A streaming stage may hold back the longest stop sequence's prefix at
+    // every delta: bounding it bounds that work.
+    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            format!("a stop sequence may be at most {MAX_STOP_BYTES} bytes"),
+            Some("stop"),
+        ));
+    }
     Ok(Parsed {
         params: GenerationParams {
             model: request.model.clone(),
@@ -321,6 +332,18 @@ mod tests {
             let error = parse_str(&body).err().unwrap();
             assert_eq!(error.status, StatusCode::BAD_REQUEST);
         }
+    }
+
+    #[test]
+    fn a_stop_sequence_over_256_bytes_is_refused() {
+        let ok = json!({"model": "echo", "stop": "x".repeat(256),
+                        "messages": [{"role": "user", "content": "q"}]});
+        assert!(parse_str(&ok.to_string()).is_ok());
+        let long = json!({"model": "echo", "stop": ["a", "x".repeat(257)],
+                          "messages": [{"role": "user", "content": "q"}]});
+        let error = parse_str(&long.to_string()).err().unwrap();
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert!(error.message.contains("256 bytes"), "{}", error.message);
     }
 
     /// A valid request, as JSON, to mutate.
