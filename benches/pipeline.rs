@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use orchestrator::trace::Trace;
 use orchestrator::wasm::{Envelope, GenerationParams, Message};
 use orchestrator::{Config, Metrics, Orchestrator, Pipeline};
 
@@ -50,7 +51,11 @@ async fn drive(pipeline: &Pipeline, total: u64) -> Duration {
                         break;
                     }
                     let result = pipeline
-                        .run(envelope(n), Instant::now() + Duration::from_secs(30))
+                        .run(
+                            envelope(n),
+                            Instant::now() + Duration::from_secs(30),
+                            Trace::off(),
+                        )
                         .await;
                     assert!(result.is_ok(), "{result:?}");
                 }

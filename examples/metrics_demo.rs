@@ -14,6 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use orchestrator::trace::Trace;
 use orchestrator::wasm::{Envelope, GenerationParams, Message};
 use orchestrator::{Config, Orchestrator, metrics};
 
@@ -75,7 +76,11 @@ async fn main() -> anyhow::Result<()> {
                     },
                 );
                 let _ = pipeline
-                    .run(envelope, Instant::now() + Duration::from_secs(5))
+                    .run(
+                        envelope,
+                        Instant::now() + Duration::from_secs(5),
+                        Trace::off(),
+                    )
                     .await;
             }
         }));

@@ -16,4 +16,5 @@ mod ops;
 mod sandbox;
 mod sdk;
 mod startup;
+mod traces;
 mod upstream;

@@ -31,6 +31,7 @@ pub mod http;
 pub mod inference;
 pub mod metrics;
 pub mod pipeline;
+pub mod trace;
 pub mod wasm;
 
 use std::net::SocketAddr;
@@ -90,6 +91,9 @@ pub enum StartError {
     /// Worker threads could not be started.
     #[error("cannot start worker threads")]
     Threads(#[from] std::io::Error),
+    /// Trace export could not start.
+    #[error(transparent)]
+    Tracing(#[from] trace::TraceError),
 }
 
 /// A running host: the pipeline and its two HTTP servers.
@@ -103,6 +107,8 @@ pub struct Orchestrator {
     /// The admin API's own listener, when `admin_listen` is set.
     admin: Option<ServerHandle>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    /// The tracer, when `[tracing]` is enabled: flushed at shutdown.
+    traces: Option<trace::Traces>,
 }
 
 impl Orchestrator {
@@ -122,6 +128,7 @@ impl Orchestrator {
             &metrics,
         )?);
         let router = Router::new(&config, &metrics)?;
+        let traces = trace::Traces::start(&config.tracing, &metrics)?;
         install_default_corpus(&config)?;
         let mut stages = Vec::new();
         let mut services = Vec::new();
@@ -192,6 +199,7 @@ impl Orchestrator {
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
                     stream_stall: Duration::from_millis(config.stream_stall_ms),
                     max_body_bytes: config.max_body_bytes,
+                    traces: traces.clone(),
                 },
                 api_admin,
             ),
@@ -218,6 +226,7 @@ impl Orchestrator {
             ops,
             admin,
             watcher,
+            traces,
         })
     }
 
@@ -257,7 +266,9 @@ impl Orchestrator {
     /// 3. stop the pipeline's workers, with whatever time is left;
     /// 4. stop the metrics server, waiting at most [`OPS_STOP`] for a
     ///    request on it (a client that never finishes its request does not
-    ///    hold the exit).
+    ///    hold the exit);
+    /// 5. with tracing on, export the spans still queued, for at most
+    ///    [`OPS_STOP`].
     pub async fn shutdown(self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         if let Some(watcher) = &self.watcher {
@@ -280,6 +291,10 @@ impl Orchestrator {
             let _ = tokio::time::timeout(OPS_STOP, admin.shutdown()).await;
         }
         let _ = tokio::time::timeout(OPS_STOP, self.ops.shutdown()).await;
+        if let Some(traces) = self.traces {
+            // The spans of the last requests: at most OPS_STOP more.
+            let _ = tokio::task::spawn_blocking(move || traces.shutdown(OPS_STOP)).await;
+        }
     }
 }
 

@@ -7,8 +7,8 @@
 //! `text/event-stream` of `chat.completion.chunk` events, closing the
 //! connection at the end.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
@@ -46,6 +46,8 @@ pub struct Upstream {
     pub requests: Arc<AtomicUsize>,
     /// Notified when an `Endless` stream's client went away.
     pub cancelled: Arc<Notify>,
+    /// The `traceparent` header of each request that had one, in order.
+    pub traceparents: Arc<Mutex<Vec<String>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -62,15 +64,19 @@ impl Upstream {
         let base_url = format!("http://{}/v1", listener.local_addr().expect("addr"));
         let requests = Arc::new(AtomicUsize::new(0));
         let cancelled = Arc::new(Notify::new());
-        let (count, notify) = (requests.clone(), cancelled.clone());
+        let traceparents = Arc::new(Mutex::new(Vec::new()));
+        let (count, notify, seen) = (requests.clone(), cancelled.clone(), traceparents.clone());
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
                 let Ok((mut socket, _)) = listener.accept().await else {
                     return;
                 };
-                if read_request(&mut socket).await.is_none() {
+                let Some(head) = read_request(&mut socket).await else {
                     continue;
+                };
+                if let Some(value) = head.lines().find_map(|l| l.strip_prefix("traceparent:")) {
+                    seen.lock().unwrap().push(value.trim().to_string());
                 }
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 match script.clone() {
@@ -121,13 +127,15 @@ impl Upstream {
             base_url,
             requests,
             cancelled,
+            traceparents,
             task,
         }
     }
 }
 
-/// Read one request; `None` if the connection ends first.
-async fn read_request(socket: &mut TcpStream) -> Option<Vec<u8>> {
+/// Read one request (its body too); its head, lower-cased, or `None` if
+/// the connection ends first.
+async fn read_request(socket: &mut TcpStream) -> Option<String> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -150,7 +158,7 @@ async fn read_request(socket: &mut TcpStream) -> Option<Vec<u8>> {
                 }
                 buffer.extend_from_slice(&chunk[..n]);
             }
-            return Some(buffer[end + 4..].to_vec());
+            return Some(head);
         }
     }
 }

@@ -79,6 +79,7 @@ impl Config {
             );
         }
         self.validate_backends()?;
+        self.validate_tracing()?;
         for stage in &self.stages {
             validate_stage(stage)?;
             self.validate_grants(stage)?;
@@ -105,6 +106,36 @@ impl Config {
                     ),
                 );
             }
+        }
+        Ok(())
+    }
+
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        let tracing = &self.tracing;
+        within(
+            "tracing.max_queued_spans".into(),
+            tracing.max_queued_spans as u64,
+            1,
+            1_000_000,
+        )?;
+        within(
+            "tracing.export_timeout_ms".into(),
+            tracing.export_timeout_ms,
+            1,
+            MAX_MS,
+        )?;
+        if let Some(ratio) = tracing.sampling_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return invalid("tracing.sampling_ratio".into(), "must be between 0 and 1");
+        }
+        if let Some(endpoint) = &tracing.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return invalid(
+                "tracing.endpoint".into(),
+                "must be an http:// or https:// URL (OTLP/HTTP)",
+            );
         }
         Ok(())
     }

@@ -46,8 +46,10 @@ mod file;
 mod paths;
 mod settings;
 mod stage;
+mod traces;
 
 pub use backend::{BackendConfig, BackendKind, RoutingConfig};
 pub use paths::default_corpus_dir;
 pub use settings::{AdminToken, Config, ConfigError};
 pub use stage::{Capabilities, DirGrant, InstanceMode, PluginSource, Stage, StageConfig};
+pub use traces::TracingConfig;

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 use super::backend::{BackendConfig, BackendKind, RoutingConfig};
 use super::paths::default_cache_dir;
 use super::stage::{Stage, StageConfig};
+use super::traces::TracingConfig;
 
 /// A configuration error, naming the offending key where there is one.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +129,9 @@ pub struct Config {
     /// Every stage, in pipeline order (a table by stage name in the file).
     #[serde(with = "stages_by_name")]
     pub stages: Vec<StageConfig>,
+    /// OpenTelemetry trace export (`[tracing]`).
+    #[serde(default)]
+    pub tracing: TracingConfig,
 }
 
 impl Default for Config {
@@ -156,6 +160,7 @@ impl Default for Config {
                 default: None,
             },
             stages: Stage::ALL.map(StageConfig::default_for).to_vec(),
+            tracing: TracingConfig::default(),
         }
     }
 }

@@ -12,12 +12,13 @@ use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::echo::Echo;
-use super::generation::{BackendError, Event, GenerateRequest};
+use super::generation::{BackendError, Ending, Event, GenerateRequest};
 use super::openai::OpenAi;
 use super::protocol::{AttemptError, EventStream, Protocol, UpstreamRequest};
 use crate::circuit::{Admission, CircuitBreaker};
 use crate::config::{BackendConfig, BackendKind};
 use crate::metrics::{BackendMetrics, Metrics, UpstreamOutcome};
+use crate::trace::{Attribute, Kind, Trace};
 
 /// An error building the backends.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,8 @@ struct StartedStream {
     events: EventStream,
     first: Event,
     last_event: Instant,
+    /// The attempt's span, ended with the generation.
+    trace: Trace,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -235,13 +238,14 @@ impl Backend {
                     reason: "shutting down".into(),
                 })
             })?;
-        let upstream_request = UpstreamRequest {
+        let mut upstream_request = UpstreamRequest {
             model: self
                 .settings
                 .model
                 .clone()
                 .unwrap_or_else(|| request.model.clone()),
             request: request.clone(),
+            trace_headers: Vec::new(),
         };
         let mut attempt = 0u32;
         loop {
@@ -250,6 +254,8 @@ impl Backend {
                     self.timeout_error("no time left for an attempt"),
                 ));
             };
+            let span = self.attempt_span(&upstream_request, attempt);
+            upstream_request.trace_headers = span.headers();
             let started = Instant::now();
             let result = tokio::time::timeout(timeout, async {
                 let mut events = self.protocol.send(&upstream_request).await?;
@@ -268,16 +274,24 @@ impl Backend {
             });
             let error = match result {
                 Ok((events, first)) => {
-                    self.metrics.ttft.observe(started.elapsed().as_secs_f64());
+                    let ttft = started.elapsed().as_secs_f64();
+                    self.metrics.ttft.observe(ttft);
+                    span.event(
+                        "gen_ai.first_token",
+                        vec![Attribute::new("gen_ai.server.time_to_first_token", ttft)],
+                    );
                     return Ok(StartedStream {
                         events,
                         first,
                         last_event: Instant::now(),
+                        trace: span,
                         _permit: permit,
                     });
                 }
                 Err(error) => error,
             };
+            span.fail(error.outcome().label(), format!("{error:?}"));
+            span.end();
             self.metrics.outcome(error.outcome()).inc();
             let backoff = self.backoff(attempt, &error);
             let retry = error.retryable()
@@ -300,6 +314,53 @@ impl Backend {
             }
             attempt += 1;
         }
+    }
+
+    /// The span of attempt `attempt` (0 for the first) at `request`, in the
+    /// OpenTelemetry GenAI conventions.
+    fn attempt_span(&self, request: &UpstreamRequest, attempt: u32) -> Trace {
+        let trace = &request.request.trace;
+        if !trace.is_recording() {
+            return Trace::off();
+        }
+        let provider = match self.settings.kind {
+            BackendKind::Echo => "orchestrator.echo",
+            BackendKind::Openai => "openai",
+        };
+        let mut attributes = vec![
+            Attribute::new("gen_ai.operation.name", "chat"),
+            Attribute::new("gen_ai.provider.name", provider),
+            Attribute::new("gen_ai.request.model", request.model.clone()),
+            Attribute::new(
+                "gen_ai.request.max_tokens",
+                i64::from(request.request.max_tokens),
+            ),
+            Attribute::new(
+                "gen_ai.request.temperature",
+                f64::from(request.request.temperature),
+            ),
+            Attribute::new("gen_ai.request.stream", true),
+            Attribute::new("orchestrator.backend", self.name.clone()),
+            Attribute::new("orchestrator.breaker.state", self.breaker.state().label()),
+        ];
+        if attempt > 0 {
+            attributes.push(Attribute::new(
+                "http.request.resend_count",
+                i64::from(attempt),
+            ));
+        }
+        if trace.records_content() {
+            attributes.push(Attribute::new(
+                "gen_ai.prompt",
+                request.request.prompt.clone(),
+            ));
+        }
+        trace.child(
+            format!("chat {}", request.model),
+            Kind::Client,
+            None,
+            attributes,
+        )
     }
 
     /// Exponential backoff with full jitter, or what `Retry-After` asked
@@ -328,12 +389,17 @@ impl Backend {
         events: mpsc::Sender<Result<Event, BackendError>>,
     ) {
         let mut chunks = 0u64;
+        let trace = open.trace.clone();
+        // Only with `record_content`: the completion, for the span.
+        let mut completion = trace.records_content().then(String::new);
         let mut next = Some(Ok(open.first.clone()));
         loop {
             let item = match next.take() {
                 Some(item) => item,
                 None => {
                     let Some(timeout) = self.request_timeout(request.deadline) else {
+                        trace.fail("timeout", "the request's deadline passed");
+                        trace.end();
                         self.end(UpstreamOutcome::Timeout, chunks, None);
                         let _ = events
                             .send(Err(self.timeout_error("the request's deadline passed")))
@@ -343,6 +409,8 @@ impl Backend {
                     tokio::select! {
                         biased;
                         () = events.closed() => {
+                            trace.set([Attribute::new("orchestrator.outcome", "cancelled")]);
+                            trace.end();
                             self.end(UpstreamOutcome::Cancelled, chunks, None);
                             return;
                         }
@@ -365,18 +433,26 @@ impl Backend {
                     }
                     open.last_event = Instant::now();
                     chunks += 1;
+                    if let Some(completion) = &mut completion {
+                        completion.push_str(&text);
+                    }
                     if events.send(Ok(Event::Delta(text))).await.is_err() {
+                        trace.set([Attribute::new("orchestrator.outcome", "cancelled")]);
+                        trace.end();
                         self.end(UpstreamOutcome::Cancelled, chunks, None);
                         return;
                     }
                 }
                 Ok(Event::End(ending)) => {
                     let tokens = ending.usage.map_or(chunks, |(_, c)| u64::from(c));
+                    trace_ending(&trace, &ending, tokens, completion.take());
                     self.end(UpstreamOutcome::Ok, tokens, Some(false));
                     let _ = events.send(Ok(Event::End(ending))).await;
                     return;
                 }
                 Err(error) => {
+                    trace.fail(error.outcome().label(), format!("{error:?}"));
+                    trace.end();
                     self.end(error.outcome(), chunks, Some(true));
                     let _ = events.send(Err(error.into_backend_error(&self.name))).await;
                     return;
@@ -395,4 +471,37 @@ impl Backend {
             self.breaker.record(failed);
         }
     }
+}
+
+/// Finish an attempt's span with what the upstream said at the end.
+fn trace_ending(trace: &Trace, ending: &Ending, tokens: u64, completion: Option<String>) {
+    if !trace.is_recording() {
+        return;
+    }
+    let mut attributes = vec![
+        Attribute::new("orchestrator.outcome", "ok"),
+        Attribute::new("gen_ai.usage.output_tokens", tokens as i64),
+    ];
+    if let Some(reason) = &ending.finish_reason {
+        attributes.push(Attribute::new(
+            "gen_ai.response.finish_reasons",
+            opentelemetry::Value::Array(
+                vec![opentelemetry::StringValue::from(reason.clone())].into(),
+            ),
+        ));
+    }
+    if let Some((input, _)) = ending.usage {
+        attributes.push(Attribute::new(
+            "gen_ai.usage.input_tokens",
+            i64::from(input),
+        ));
+    }
+    if let Some(id) = &ending.response_id {
+        attributes.push(Attribute::new("gen_ai.response.id", id.clone()));
+    }
+    if let Some(completion) = completion {
+        attributes.push(Attribute::new("gen_ai.completion", completion));
+    }
+    trace.set(attributes);
+    trace.end();
 }

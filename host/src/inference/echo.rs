@@ -43,6 +43,7 @@ impl Protocol for Echo {
         let ending = Ending {
             finish_reason: Some(completion.finish_reason.to_string()),
             usage: Some((completion.prompt_tokens, completion.completion_tokens)),
+            response_id: None,
         };
         // The deltas are cut from the text as they are pulled, not built up
         // front: what a generation holds is its text (at most the prompt's
@@ -121,6 +122,7 @@ mod tests {
         let whole = Echo::generate(&r);
         let mut events = Echo
             .send(&UpstreamRequest {
+                trace_headers: Vec::new(),
                 model: "echo".into(),
                 request: r,
             })

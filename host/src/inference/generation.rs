@@ -2,6 +2,7 @@
 //! ([`GenerateRequest`]), its events ([`Event`]) as a [`TokenStream`], the
 //! whole of it ([`Completion`]), and how it fails ([`BackendError`]).
 
+use crate::trace::Trace;
 use std::time::Instant;
 
 use tokio::sync::mpsc;
@@ -23,6 +24,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// The generation must end by then.
     pub deadline: Instant,
+    /// The span of the stage that asked: each upstream attempt is a child
+    /// of it.
+    pub trace: Trace,
 }
 
 #[cfg(test)]
@@ -36,6 +40,7 @@ impl GenerateRequest {
             temperature: 0.0,
             stop: Vec::new(),
             deadline: Instant::now() + std::time::Duration::from_secs(5),
+            trace: Trace::off(),
         }
     }
 }
@@ -56,6 +61,8 @@ pub struct Ending {
     pub finish_reason: Option<String>,
     /// `(prompt_tokens, completion_tokens)`, if the upstream reported them.
     pub usage: Option<(u32, u32)>,
+    /// The upstream's id of its answer (`chatcmpl-...`), if it gave one.
+    pub response_id: Option<String>,
 }
 
 /// A whole generation.

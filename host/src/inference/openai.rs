@@ -70,6 +70,9 @@ impl Protocol for OpenAi {
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key);
         }
+        for (name, value) in &request.trace_headers {
+            builder = builder.header(name, value);
+        }
         Box::pin(async move {
             let response = builder.send().await.map_err(|e| {
                 // reqwest's messages carry the URL but never headers.
@@ -134,6 +137,7 @@ mod tests {
         let mut r = GenerateRequest::for_test("User: hi", 9);
         r.stop = vec!["END".into()];
         let body = OpenAi::body(&UpstreamRequest {
+            trace_headers: Vec::new(),
             model: "gemma".into(),
             request: r,
         });

@@ -90,6 +90,9 @@ pub struct UpstreamRequest {
     pub model: String,
     /// The plugin's request.
     pub request: GenerateRequest,
+    /// Trace context headers (`traceparent`, `tracestate`) of the attempt,
+    /// sent upstream so a traced backend joins the request's trace.
+    pub trace_headers: Vec<(String, String)>,
 }
 
 /// The protocol of a kind of backend: one attempt at a generation.

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
+use tracing::Instrument;
 
 use orchestrator_text::count_tokens;
 use tokio::sync::{mpsc, oneshot};
@@ -117,7 +118,8 @@ impl Router {
         let (opened_tx, opened_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(64);
         let deadline = request.deadline;
-        let task = generation(primary, failover, request, opened_tx, events_tx);
+        // Its log lines carry the request's (the caller's log span).
+        let task = generation(primary, failover, request, opened_tx, events_tx).in_current_span();
         // Detached: dropping this future (the plugin call's deadline) drops
         // the receiver, which the task notices.
         drop(match &self.inner.runtime {

@@ -66,6 +66,7 @@ pub struct SseParser {
     data: String,
     finish_reason: Option<String>,
     usage: Option<(u32, u32)>,
+    response_id: Option<String>,
     ended: bool,
 }
 
@@ -129,6 +130,7 @@ impl SseParser {
             Ok(Event::End(Ending {
                 finish_reason: self.finish_reason.take(),
                 usage: self.usage,
+                response_id: self.response_id.take(),
             }))
         } else {
             Err(AttemptError::Protocol(
@@ -143,6 +145,7 @@ impl SseParser {
             return vec![Ok(Event::End(Ending {
                 finish_reason: self.finish_reason.take(),
                 usage: self.usage,
+                response_id: self.response_id.take(),
             }))];
         }
         let value: Value = match serde_json::from_str(data) {
@@ -164,6 +167,11 @@ impl SseParser {
                 "error in stream: {}",
                 quote(&message)
             )))];
+        }
+        if self.response_id.is_none()
+            && let Some(id) = value.get("id").and_then(Value::as_str)
+        {
+            self.response_id = Some(id.chars().take(128).collect());
         }
         if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
             let field = |name| {
@@ -201,7 +209,7 @@ mod tests {
         let stream = concat!(
             ": comment\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null}}]}\n\n",
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n",
+            "data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo é\"}}]}\n\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
             "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2}}\n\n",
@@ -221,6 +229,7 @@ mod tests {
                     Event::End(Ending {
                         finish_reason: Some("length".into()),
                         usage: Some((7, 2)),
+                        response_id: Some("chatcmpl-1".into()),
                     }),
                 ],
                 "split at {split}"

@@ -29,6 +29,7 @@
 //! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |
 //! | `orchestrator_artifact_cache_refused_total` | counter | `reason` | compiled-artifact cache entries refused (`unsafe_directory`, `unsafe_file`, `bad_mac`, `incompatible`) and recompiled |
 //! | `orchestrator_admin_auth_failures_total` | counter | | admin API requests refused for a missing or wrong token |
+//! | `orchestrator_trace_spans_dropped_total` | counter | `reason` | trace spans not exported (`queue_full`, `export_failed`); 0 with tracing off |
 //! | `orchestrator_build_info` | gauge | `version` | always 1 |
 //! | `process_*` | | | CPU, memory, file descriptors of the host process |
 //!

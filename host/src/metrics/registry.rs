@@ -60,6 +60,7 @@ pub struct Metrics {
     upstream_circuit_transitions: IntCounterVec,
     artifact_cache_refused: IntCounterVec,
     admin_auth_failures: IntCounter,
+    trace_spans_dropped: IntCounterVec,
     connections: IntGaugeVec,
     connections_refused: IntCounterVec,
 }
@@ -234,6 +235,19 @@ impl Metrics {
                     .expect("unique metric");
                 metric
             },
+            trace_spans_dropped: {
+                let metric = counter(
+                    "orchestrator_trace_spans_dropped_total",
+                    "Trace spans not exported: the export queue was full (queue_full) or their export failed (export_failed).",
+                    &["reason"],
+                );
+                // Exposed at 0 with tracing off too, so a dashboard or an
+                // alert on it needs no special case.
+                for reason in ["queue_full", "export_failed"] {
+                    metric.with_label_values(&[reason]);
+                }
+                metric
+            },
             connections: gauge(
                 "orchestrator_http_connections",
                 "Open HTTP connections, by listener (api, ops).",
@@ -297,6 +311,16 @@ impl Metrics {
     /// `orchestrator_admin_auth_failures_total`.
     pub fn admin_auth_failures(&self) -> IntCounter {
         self.admin_auth_failures.clone()
+    }
+
+    /// `orchestrator_trace_spans_dropped_total{reason}` for `queue_full`
+    /// and `export_failed`.
+    pub fn trace_spans_dropped(&self) -> (IntCounter, IntCounter) {
+        (
+            self.trace_spans_dropped.with_label_values(&["queue_full"]),
+            self.trace_spans_dropped
+                .with_label_values(&["export_failed"]),
+        )
     }
 
     /// Resolve (and create) the connection series of `listener`.

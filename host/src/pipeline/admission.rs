@@ -11,6 +11,7 @@ use std::time::Instant;
 use super::error::RunError;
 use super::stage::{Inner, Job, Reply};
 use crate::circuit::Admission;
+use crate::trace::Trace;
 use crate::wasm::Envelope;
 
 /// Admit a request: ask every stage's breaker (taking a probe where one is
@@ -23,6 +24,7 @@ pub(super) fn admit(
     envelope: Envelope,
     deadline: Instant,
     streaming: bool,
+    trace: Trace,
     reply: Reply,
 ) -> Result<Job, RunError> {
     if !inner.accepting.load(Ordering::Acquire) {
@@ -57,6 +59,8 @@ pub(super) fn admit(
         probes,
         streaming,
         admitted: Instant::now(),
+        queued: Instant::now(),
+        trace,
         inner: inner.clone(),
     })
 }

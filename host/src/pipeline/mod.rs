@@ -94,6 +94,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::config::StageConfig;
 use crate::metrics::{BreakerState, Metrics, Outcome};
+use crate::trace::Trace;
 use crate::wasm::{Envelope, Plugin, PluginVersion};
 pub use error::RunError;
 use stage::{Delivery, Inner, StageRuntime, Work};
@@ -206,8 +207,15 @@ impl Pipeline {
 
     /// Run one request through every stage, answering by `deadline`. A
     /// generation a stage streams is collected before the next stage runs.
-    pub async fn run(&self, envelope: Envelope, deadline: Instant) -> Result<Envelope, RunError> {
-        match self.run_observed(envelope, deadline, false).await? {
+    /// Each stage the request reaches gets a child span of `trace`
+    /// ([`Trace::off`] for none).
+    pub async fn run(
+        &self,
+        envelope: Envelope,
+        deadline: Instant,
+        trace: Trace,
+    ) -> Result<Envelope, RunError> {
+        match self.run_observed(envelope, deadline, false, trace).await? {
             Answer::Done(envelope) => Ok(envelope),
             // Not handed off when the client did not ask for a stream.
             Answer::Streaming(streaming) => streaming.collect().await,
@@ -221,8 +229,9 @@ impl Pipeline {
         &self,
         envelope: Envelope,
         deadline: Instant,
+        trace: Trace,
     ) -> Result<Answer, RunError> {
-        self.run_observed(envelope, deadline, true).await
+        self.run_observed(envelope, deadline, true, trace).await
     }
 
     /// Run a request and observe it in the end-to-end histogram (a
@@ -232,9 +241,12 @@ impl Pipeline {
         envelope: Envelope,
         deadline: Instant,
         streaming: bool,
+        trace: Trace,
     ) -> Result<Answer, RunError> {
         let admitted = Instant::now();
-        let result = self.admit_and_wait(envelope, deadline, streaming).await;
+        let result = self
+            .admit_and_wait(envelope, deadline, streaming, trace)
+            .await;
         let outcome = match &result {
             Ok(Answer::Streaming(_)) => return result,
             Ok(Answer::Done(_)) => Outcome::Ok,
@@ -249,9 +261,10 @@ impl Pipeline {
         envelope: Envelope,
         deadline: Instant,
         streaming: bool,
+        trace: Trace,
     ) -> Result<Answer, RunError> {
         let (reply, answer) = oneshot::channel();
-        let job = admission::admit(&self.inner, envelope, deadline, streaming, reply)?;
+        let job = admission::admit(&self.inner, envelope, deadline, streaming, trace, reply)?;
         self.inner.stages[0].enqueue(job);
         let timeout = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout_at(deadline.into(), answer).await {

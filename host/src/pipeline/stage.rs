@@ -22,6 +22,7 @@ use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::StageConfig;
 use crate::inference::TokenStream;
 use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
+use crate::trace::Trace;
 use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin};
 
 /// State shared by the pipeline's handles, workers and requests.
@@ -113,7 +114,8 @@ impl StageRuntime {
 
     /// Put `job` on this stage's queue. It holds a reservation here, so
     /// the queue has room.
-    pub(super) fn enqueue(&self, job: Job) {
+    pub(super) fn enqueue(&self, mut job: Job) {
+        job.queued = Instant::now();
         self.metrics.queue_depth.inc();
         if let Err(err) = self.sender.try_send(Work::Job(job)) {
             // Unreachable while reservations bound the queues; answer rather
@@ -155,6 +157,10 @@ pub(super) struct Job {
     /// The client asked for a stream.
     pub(super) streaming: bool,
     pub(super) admitted: Instant,
+    /// When the job was queued for its current stage.
+    pub(super) queued: Instant,
+    /// The request's trace (its server span), parent of its stage spans.
+    pub(super) trace: Trace,
     pub(super) inner: Arc<Inner>,
 }
 

@@ -18,6 +18,7 @@ use super::error::RunError;
 use super::stage::{ChunkJob, Delivery, Inner, Job, QueueHold, Work};
 use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
 use crate::metrics::Outcome;
+use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin, Usage};
 
 /// Most bytes of deltas passed through the streaming stages as one.
@@ -30,6 +31,29 @@ struct ChunkStage {
     carry: String,
     /// Time spent in its chunk calls.
     spent: Duration,
+    /// Its span: the chunk calls summarised (no span per chunk).
+    trace: Trace,
+    /// Chunk calls, bytes passed in (deltas) and out (emitted).
+    chunks: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl ChunkStage {
+    /// End the stage's span with the summary of its chunk calls.
+    fn close_span(&self) {
+        self.trace.set([
+            Attribute::new("orchestrator.chunks", self.chunks as i64),
+            Attribute::new("orchestrator.chunk_bytes_in", self.bytes_in as i64),
+            Attribute::new("orchestrator.chunk_bytes_out", self.bytes_out as i64),
+            Attribute::new(
+                "orchestrator.chunk_call_ms",
+                self.spent.as_secs_f64() * 1000.0,
+            ),
+            Attribute::new("orchestrator.held_back_bytes", self.carry.len() as i64),
+        ]);
+        self.trace.end();
+    }
 }
 
 /// An item of a [`Streaming`] request.
@@ -94,11 +118,34 @@ impl Streaming {
             }
             stage.metrics.requests.inc();
             plugin.count_streamed_request();
+            let trace = if job.trace.is_recording() {
+                job.trace.child(
+                    format!("stage {}", stage.name()),
+                    Kind::Internal,
+                    None,
+                    vec![
+                        Attribute::new("orchestrator.stage", stage.name()),
+                        Attribute::new("orchestrator.plugin.sha256", plugin.sha256().to_string()),
+                        Attribute::new(
+                            "orchestrator.instance_mode",
+                            stage.settings.instance_mode.to_string(),
+                        ),
+                        Attribute::new("orchestrator.streaming", true),
+                        Attribute::new("orchestrator.request_id", job.envelope.request_id.clone()),
+                    ],
+                )
+            } else {
+                Trace::off()
+            };
             chunk_stages.push(ChunkStage {
                 index,
                 plugin,
                 carry: String::new(),
                 spent: Duration::ZERO,
+                trace,
+                chunks: 0,
+                bytes_in: 0,
+                bytes_out: 0,
             });
         }
         Streaming {
@@ -229,6 +276,8 @@ impl Streaming {
         last: bool,
     ) -> Result<ChunkOutput, RunError> {
         let stage = &mut self.chunk_stages[k];
+        stage.chunks += 1;
+        stage.bytes_in += delta.len() as u64;
         let runtime = &self.inner.stages[stage.index];
         let name = runtime.name();
         let (reply, answer) = oneshot::channel();
@@ -258,12 +307,16 @@ impl Streaming {
         let output = match result {
             Ok(output) => output,
             Err(error) => {
+                stage
+                    .trace
+                    .fail(error.error_type.label(), error.to_string());
                 if error.error_type.counts_against_stage() {
                     self.settle_breaker(index, true);
                 }
                 return Err(RunError::Stage { stage: name, error });
             }
         };
+        stage.bytes_out += output.emit.iter().map(|e| e.len() as u64).sum::<u64>();
         self.chunk_stages[k].carry.clone_from(&output.carry);
         Ok(output)
     }
@@ -288,6 +341,10 @@ impl Streaming {
                 .metrics
                 .duration
                 .observe(stage.spent.as_secs_f64());
+            stage
+                .trace
+                .set([Attribute::new("orchestrator.outcome", "ok")]);
+            stage.close_span();
         }
         for index in indices {
             self.settle_breaker(index, false);
@@ -357,6 +414,9 @@ impl Streaming {
     fn end(&mut self, outcome: Outcome) {
         if !self.finished {
             self.finished = true;
+            for stage in &self.chunk_stages {
+                stage.close_span();
+            }
             self.tokens = None;
             self.job = None;
             self.inner

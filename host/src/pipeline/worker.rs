@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::RecvTimeoutError;
 
@@ -23,6 +23,7 @@ use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
 use crate::config::{InstanceMode, StageConfig};
 use crate::inference::TokenStream;
 use crate::metrics::ErrorType;
+use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
 
 /// How often an idle worker checks whether its instance belongs to a
@@ -83,6 +84,34 @@ fn work(inner: &Inner, index: usize) {
     }
 }
 
+/// The span of `job`'s call to `stage`: from when it was queued there,
+/// with the queue wait (the call starts at `started`).
+fn stage_span(stage: &StageRuntime, job: &Job, started: Instant) -> Trace {
+    if !job.trace.is_recording() {
+        return Trace::off();
+    }
+    let waited = started.saturating_duration_since(job.queued);
+    let queued_at = SystemTime::now() - job.queued.elapsed();
+    job.trace.child(
+        format!("stage {}", stage.name()),
+        Kind::Internal,
+        Some(queued_at),
+        vec![
+            Attribute::new("orchestrator.stage", stage.name()),
+            Attribute::new(
+                "orchestrator.plugin.sha256",
+                stage.plugin.load().sha256().to_string(),
+            ),
+            Attribute::new(
+                "orchestrator.instance_mode",
+                stage.settings.instance_mode.to_string(),
+            ),
+            Attribute::new("orchestrator.queue_wait_ms", waited.as_secs_f64() * 1000.0),
+            Attribute::new("orchestrator.request_id", job.envelope.request_id.clone()),
+        ],
+    )
+}
+
 /// Run `process` of stage `index` for `job`, then pass the job on: to the
 /// next stage, to its caller (done, or handed off to stream), or answer
 /// with the stage's error.
@@ -106,17 +135,30 @@ fn run_job(
     let input_bytes = envelope_bytes(&job.envelope);
     let started = Instant::now();
     let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
+    // Log lines about this call carry the request (and trace) id.
+    let log_span = tracing::info_span!(
+        "request",
+        id = %job.envelope.request_id,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(id) = job.trace.trace_id() {
+        log_span.record("trace_id", id);
+    }
+    let _log = log_span.enter();
+    let span = stage_span(stage, &job, started);
     let result = {
         // A borrowed guard, not a clone: the common case (a warm instance
         // of the current version) touches no reference count.
         let current = stage.plugin.load();
         let envelope = &mut job.envelope;
+        let span = &span;
         runtime.block_on(on_instance(
             &stage.settings,
             instance,
             &current,
             async |live: &mut Instance| {
                 live.set_request_deadline(Instant::now() + remaining);
+                live.set_trace(span.clone());
                 let result = live.process(envelope, timeout).await;
                 // Taken whatever the result: a generation started by a call
                 // that then failed is dropped (cancelled) with it here, not
@@ -161,6 +203,14 @@ fn run_job(
             .is_err_and(|e| e.error_type.counts_against_stage());
         job.settle(index, failed);
     }
+    match &result {
+        Ok(_) => span.set([Attribute::new("orchestrator.outcome", "ok")]),
+        Err(error) => {
+            span.set([Attribute::new("orchestrator.outcome", "error")]);
+            span.fail(error.error_type.label(), error.to_string());
+        }
+    }
+    span.end();
     let stream = match result {
         Ok(stream) => stream,
         Err(error) => return fail(stage, job, error),

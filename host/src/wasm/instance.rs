@@ -25,6 +25,7 @@ use super::host::{HostState, RequestBudget};
 use super::plugin::Plugin;
 use crate::inference::TokenStream;
 use crate::metrics::ErrorType;
+use crate::trace::Trace;
 
 /// How long past a call's deadline its host-side deadline fires: the epoch
 /// deadline should win for guest code (it reports a precise trap), the
@@ -230,6 +231,12 @@ impl Instance {
     /// then (by default, until the call's own deadline).
     pub fn set_request_deadline(&mut self, deadline: Instant) {
         self.store.data_mut().request_deadline = Some(deadline);
+    }
+
+    /// The span of the calls to come (until set again): the plugin's log
+    /// records become its events, and its generations its children.
+    pub fn set_trace(&mut self, trace: Trace) {
+        self.store.data_mut().trace = trace;
     }
 
     /// The generation the last `process` call started with

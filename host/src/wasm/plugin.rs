@@ -24,6 +24,7 @@ use super::inspect::Inspection;
 use crate::config::{PluginSource, StageConfig};
 use crate::inference::Router;
 use crate::metrics::ErrorType;
+use crate::trace::Trace;
 
 /// What the host provides to a stage's instances: the backends behind the
 /// `inference` import (for stages granted it), the metric its instances
@@ -193,6 +194,7 @@ impl Plugin {
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
             request_deadline: None,
+            trace: Trace::off(),
             stream: None,
             backend_error: None,
             request: None,

@@ -41,14 +41,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
+use tracing::Instrument;
 use warp::filters::BoxedFilter;
-use warp::http::StatusCode;
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::http::error::{ApiError, json_response};
 use crate::inference::Router;
 use crate::pipeline::{Answer, Pipeline, RunError, StreamItem, Streaming};
+use crate::trace::{Attribute, Trace, Traces};
 use crate::wasm::Envelope;
 use request::parse;
 use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix_now};
@@ -69,6 +71,8 @@ pub struct ApiState {
     /// Becomes `true` when the host's drain deadline nears: open streams
     /// end with an `error` event (`shutting_down`) and `[DONE]`.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The tracer, when `[tracing]` is enabled.
+    pub traces: Option<Traces>,
 }
 
 /// The API's routes, with the admin routes (see [`crate::http::admin`])
@@ -83,8 +87,13 @@ pub fn routes(
         .and(warp::post())
         .and(warp::body::content_length_limit(limit))
         .and(warp::body::bytes())
+        .and(warp::header::headers_cloned())
         .and(state.clone())
-        .then(|body: Bytes, state: ApiState| async move { chat_completions(&state, &body).await });
+        .then(
+            |body: Bytes, headers: HeaderMap, state: ApiState| async move {
+                traced(&state, &headers, &body).await
+            },
+        );
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(state)
@@ -114,37 +123,101 @@ fn request_id() -> String {
     )
 }
 
-async fn chat_completions(state: &ApiState, body: &[u8]) -> Response {
+/// The name of the response header that carries the request's trace id.
+pub const TRACE_ID_HEADER: &str = "x-trace-id";
+
+/// A completion request in its server span (when tracing is on): the
+/// span continues the caller's `traceparent`, the answer carries the trace
+/// id, and the span ends with the answer (a stream's, when it ends).
+async fn traced(state: &ApiState, headers: &HeaderMap, body: &[u8]) -> Response {
+    let trace = state.traces.as_ref().map_or_else(Trace::off, |traces| {
+        traces.server_span(
+            headers,
+            "POST /v1/chat/completions",
+            vec![
+                Attribute::new("http.request.method", "POST"),
+                Attribute::new("http.route", "/v1/chat/completions"),
+                Attribute::new("url.path", "/v1/chat/completions"),
+            ],
+        )
+    });
+    let trace_id = trace.trace_id();
+    let log_span = tracing::info_span!(
+        "request",
+        id = tracing::field::Empty,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(id) = &trace_id {
+        log_span.record("trace_id", id.as_str());
+    }
+    let (mut response, streaming) = chat_completions(state, body, &trace)
+        .instrument(log_span)
+        .await;
+    if let Some(id) = trace_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+        response.headers_mut().insert(TRACE_ID_HEADER, id);
+    }
+    let status = response.status();
+    trace.set([Attribute::new(
+        "http.response.status_code",
+        i64::from(status.as_u16()),
+    )]);
+    if status.is_server_error() {
+        trace.fail(status.as_str(), format!("answered {status}"));
+    }
+    if !streaming {
+        trace.end();
+    }
+    response
+}
+
+/// Answer a completion request; `true` with the response of a live stream
+/// (whose task ends `trace`).
+async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Response, bool) {
     let parsed = match parse(body, &state.router) {
         Ok(parsed) => parsed,
-        Err(error) => return error.into_response(),
+        Err(error) => return (error.into_response(), false),
     };
     let id = request_id();
+    trace.set([
+        Attribute::new("gen_ai.request.model", parsed.model.clone()),
+        Attribute::new("orchestrator.request_id", id.clone()),
+        Attribute::new("orchestrator.stream", parsed.stream),
+    ]);
+    tracing::Span::current().record("id", id.as_str());
     let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
-        return match state.pipeline.run(envelope, deadline).await {
+        let response = match state.pipeline.run(envelope, deadline, trace.clone()).await {
             Ok(envelope) => json_response(
                 StatusCode::OK,
                 &completion_body(&id, &parsed.model, &envelope),
             ),
             Err(error) => run_error(error).into_response(),
         };
+        return (response, false);
     }
     envelope.metadata.push((
         orchestrator_plugin::STREAM_NOTE.to_string(),
         "true".to_string(),
     ));
     let events = ChunkEvents::new(id, parsed.model, parsed.include_usage);
-    match state.pipeline.run_streaming(envelope, deadline).await {
-        Ok(Answer::Done(envelope)) => events.buffered(&envelope),
-        Ok(Answer::Streaming(streaming)) => live_stream(
-            events,
-            streaming,
-            state.shutdown.clone(),
-            state.stream_stall,
+    match state
+        .pipeline
+        .run_streaming(envelope, deadline, trace.clone())
+        .await
+    {
+        Ok(Answer::Done(envelope)) => (events.buffered(&envelope), false),
+        Ok(Answer::Streaming(streaming)) => (
+            live_stream(
+                events,
+                streaming,
+                state.shutdown.clone(),
+                state.stream_stall,
+                trace.clone(),
+            ),
+            true,
         ),
-        Err(error) => run_error(error).into_response(),
+        Err(error) => (run_error(error).into_response(), false),
     }
 }
 
@@ -175,9 +248,11 @@ fn live_stream(
     mut streaming: Box<Streaming>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     stall: Duration,
+    trace: Trace,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STREAM_BUFFER);
-    tokio::spawn(async move {
+    let span = trace.clone();
+    let task = async move {
         // A client that stops reading must not hold the request (its
         // reservations, a backend permit): after `stall` without taking an
         // event (or at its deadline, if sooner) the stream is cut, which
@@ -219,7 +294,10 @@ fn live_stream(
                 None => break,
                 Some(Ok(StreamItem::Delta(piece))) => (events.delta(&piece), false),
                 Some(Ok(StreamItem::Done(envelope))) => (events.last(&envelope), false),
-                Some(Err(error)) => (events.error(error), true),
+                Some(Err(error)) => {
+                    trace.fail(error.outcome().label(), error.to_string());
+                    (events.error(error), true)
+                }
             };
             if !send(event).await {
                 return;
@@ -229,7 +307,16 @@ fn live_stream(
             }
         }
         send(Bytes::from_static(DONE)).await;
-    });
+    };
+    // The stream's log lines carry the request; its span ends with it
+    // (also when the client leaves: the task returns, dropping `trace`).
+    tokio::spawn(
+        async move {
+            task.await;
+            span.end();
+        }
+        .in_current_span(),
+    );
     event_stream(warp::reply::stream(ChannelBody(rx)).into_response())
 }
 

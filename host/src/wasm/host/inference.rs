@@ -41,6 +41,7 @@ impl HostState {
                 temperature: params.temperature,
                 stop: params.stop,
                 deadline,
+                trace: self.trace.clone(),
             },
         ))
     }

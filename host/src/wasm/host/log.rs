@@ -4,6 +4,7 @@
 use orchestrator_plugin::log::PANIC_FIELD;
 
 use super::state::HostState;
+use crate::trace::Attribute;
 use crate::wasm::bindings::orchestrator::pipeline::log;
 
 /// The longest panic message kept for the error report, in bytes.
@@ -28,6 +29,18 @@ impl log::Host for HostState {
         let Some(dropped) = self.log_budget.take() else {
             return;
         };
+        if self.trace.is_recording() {
+            let mut attributes = vec![
+                Attribute::new("log.severity", format!("{level:?}").to_lowercase()),
+                Attribute::new("orchestrator.log.dropped", dropped as i64),
+            ];
+            attributes.extend(
+                fields
+                    .iter()
+                    .map(|(k, v)| Attribute::new(format!("plugin.{k}"), v.clone())),
+            );
+            self.trace.event(message.clone(), attributes);
+        }
         let stage = self.stage;
         let fields = fields
             .iter()

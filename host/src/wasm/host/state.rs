@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
+use crate::trace::Trace;
 use crate::wasm::bindings::Envelope;
 use crate::wasm::bindings::orchestrator::pipeline::{streaming, types};
 
@@ -32,6 +33,9 @@ pub struct HostState {
     /// When the request as a whole must be answered, if the caller said:
     /// a streamed generation outlives the call that started it.
     pub(in crate::wasm) request_deadline: Option<Instant>,
+    /// The span of the current call's stage: its log records become
+    /// events of it, and its generations' upstream attempts its children.
+    pub(in crate::wasm) trace: Trace,
     /// A generation started by `generate-stream` in the current call.
     pub(in crate::wasm) stream: Option<TokenStream>,
     /// The class of the backend failure the current call saw, if any.
