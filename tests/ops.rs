@@ -142,6 +142,14 @@ fn the_dashboard_uses_a_datasource_variable_and_a_stable_uid() {
     assert!(provider.contains("path: /var/lib/grafana/dashboards"));
     assert!(compose.contains("./grafana/dashboards:/var/lib/grafana/dashboards:ro"));
     assert!(compose.contains("./grafana/provisioning:/etc/grafana/provisioning:ro"));
+    // Traces: the host exports to the compose Jaeger over OTLP/HTTP, and
+    // Grafana has Jaeger as a datasource.
+    assert!(compose.contains("ORCHESTRATOR_TRACE_ENDPOINT: http://jaeger:4318/v1/traces"));
+    assert!(compose.contains("image: jaegertracing/all-in-one"));
+    assert!(compose.contains("\"4318:4318\""));
+    let jaeger =
+        std::fs::read_to_string(ops("grafana/provisioning/datasources/jaeger.yml")).unwrap();
+    assert!(jaeger.contains("type: jaeger") && jaeger.contains("url: http://jaeger:16686"));
 }
 
 /// `node ops/check/<script>`; needs `npm ci --prefix ops/check` first.

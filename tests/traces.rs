@@ -460,3 +460,38 @@ async fn plugin_logs_are_span_events_and_content_is_opt_in() {
     );
     assert_eq!(attempt.attr("gen_ai.completion"), "fine");
 }
+
+/// `--trace-endpoint URL` (or `ORCHESTRATOR_TRACE_ENDPOINT`) turns tracing
+/// on without a config file: what the compose file uses.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_trace_endpoint_flag_turns_tracing_on() {
+    let receiver = Receiver::start().await;
+    let host = Host::start(&["--trace-endpoint", &receiver.endpoint]);
+    let response = client()
+        .post(format!("{}/v1/chat/completions", host.api))
+        .json(&ask("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let trace_id = response.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let spans = receiver
+        .trace(&trace_id, |s| named(s, "chat echo").len() == 1)
+        .await;
+    assert_eq!(
+        one(&spans, "chat echo").attr("gen_ai.provider.name"),
+        "orchestrator.echo"
+    );
+    // Without tracing, no trace id header.
+    let plain = Host::start(&[]);
+    let response = client()
+        .post(format!("{}/v1/chat/completions", plain.api))
+        .json(&ask("hi"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers().get("x-trace-id").is_none());
+}

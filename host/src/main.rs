@@ -135,6 +135,10 @@ struct Args {
     /// Swap in `<plugins dir>/<stage>.wasm` whenever it changes.
     #[arg(long)]
     watch: bool,
+    /// Export traces to this OTLP/HTTP traces URL (`[tracing] enabled =
+    /// true` with this `endpoint`).
+    #[arg(long, env = "ORCHESTRATOR_TRACE_ENDPOINT")]
+    trace_endpoint: Option<String>,
 }
 
 fn load_config(args: &Args) -> anyhow::Result<Config> {
@@ -162,6 +166,10 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     }
     if args.watch {
         config.watch = true;
+    }
+    if let Some(endpoint) = &args.trace_endpoint {
+        config.tracing.enabled = true;
+        config.tracing.endpoint = Some(endpoint.clone());
     }
     // The environment wins over the file, so the token need not be written
     // to disk. It is never logged.

@@ -254,7 +254,8 @@ impl Backend {
                     self.timeout_error("no time left for an attempt"),
                 ));
             };
-            let span = self.attempt_span(&upstream_request, attempt);
+            // Upstream requests are always streamed (SSE).
+            let span = self.attempt_span(request, &upstream_request.model, attempt, true);
             upstream_request.trace_headers = span.headers();
             let started = Instant::now();
             let result = tokio::time::timeout(timeout, async {
@@ -316,10 +317,17 @@ impl Backend {
         }
     }
 
-    /// The span of attempt `attempt` (0 for the first) at `request`, in the
+    /// The span of attempt `attempt` (0 for the first) at `request`, sent
+    /// upstream for `model` (as a stream of events, or not), in the
     /// OpenTelemetry GenAI conventions.
-    fn attempt_span(&self, request: &UpstreamRequest, attempt: u32) -> Trace {
-        let trace = &request.request.trace;
+    pub(super) fn attempt_span(
+        &self,
+        request: &GenerateRequest,
+        model: &str,
+        attempt: u32,
+        stream: bool,
+    ) -> Trace {
+        let trace = &request.trace;
         if !trace.is_recording() {
             return Trace::off();
         }
@@ -330,16 +338,10 @@ impl Backend {
         let mut attributes = vec![
             Attribute::new("gen_ai.operation.name", "chat"),
             Attribute::new("gen_ai.provider.name", provider),
-            Attribute::new("gen_ai.request.model", request.model.clone()),
-            Attribute::new(
-                "gen_ai.request.max_tokens",
-                i64::from(request.request.max_tokens),
-            ),
-            Attribute::new(
-                "gen_ai.request.temperature",
-                f64::from(request.request.temperature),
-            ),
-            Attribute::new("gen_ai.request.stream", true),
+            Attribute::new("gen_ai.request.model", model.to_string()),
+            Attribute::new("gen_ai.request.max_tokens", i64::from(request.max_tokens)),
+            Attribute::new("gen_ai.request.temperature", f64::from(request.temperature)),
+            Attribute::new("gen_ai.request.stream", stream),
             Attribute::new("orchestrator.backend", self.name.clone()),
             Attribute::new("orchestrator.breaker.state", self.breaker.state().label()),
         ];
@@ -350,17 +352,9 @@ impl Backend {
             ));
         }
         if trace.records_content() {
-            attributes.push(Attribute::new(
-                "gen_ai.prompt",
-                request.request.prompt.clone(),
-            ));
+            attributes.push(Attribute::new("gen_ai.prompt", request.prompt.clone()));
         }
-        trace.child(
-            format!("chat {}", request.model),
-            Kind::Client,
-            None,
-            attributes,
-        )
+        trace.child(format!("chat {model}"), Kind::Client, None, attributes)
     }
 
     /// Exponential backoff with full jitter, or what `Retry-After` asked
@@ -474,7 +468,12 @@ impl Backend {
 }
 
 /// Finish an attempt's span with what the upstream said at the end.
-fn trace_ending(trace: &Trace, ending: &Ending, tokens: u64, completion: Option<String>) {
+pub(super) fn trace_ending(
+    trace: &Trace,
+    ending: &Ending,
+    tokens: u64,
+    completion: Option<String>,
+) {
     if !trace.is_recording() {
         return;
     }

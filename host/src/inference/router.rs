@@ -10,11 +10,12 @@ use tracing::Instrument;
 use orchestrator_text::count_tokens;
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::{Backend, BackendSetupError, generation};
+use super::backend::{Backend, BackendSetupError, generation, trace_ending};
 use super::echo::Echo;
-use super::generation::{BackendError, Completion, GenerateRequest, TokenStream};
+use super::generation::{BackendError, Completion, Ending, GenerateRequest, TokenStream};
 use crate::config::{BackendKind, Config};
 use crate::metrics::{BreakerState, Metrics, UpstreamOutcome};
+use crate::trace::Attribute;
 
 struct Inner {
     backends: BTreeMap<String, Arc<Backend>>,
@@ -152,7 +153,29 @@ impl Router {
             // request). The same series are recorded, except inter-token
             // latency, which a one-piece answer does not have.
             let started = Instant::now();
+            let span = backend.attempt_span(&request, &request.model, 0, false);
             let completion = Echo::generate(&request);
+            if span.is_recording() {
+                span.event(
+                    "gen_ai.first_token",
+                    vec![Attribute::new(
+                        "gen_ai.server.time_to_first_token",
+                        started.elapsed().as_secs_f64(),
+                    )],
+                );
+                let ending = Ending {
+                    finish_reason: Some(completion.finish_reason.to_string()),
+                    usage: Some((completion.prompt_tokens, completion.completion_tokens)),
+                    response_id: None,
+                };
+                let text = span.records_content().then(|| completion.text.clone());
+                trace_ending(
+                    &span,
+                    &ending,
+                    u64::from(completion.completion_tokens),
+                    text,
+                );
+            }
             backend
                 .metrics
                 .ttft
