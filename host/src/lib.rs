@@ -7,12 +7,13 @@
 //! OpenAI-compatible chat completion. Every plugin call is timed and counted
 //! in Prometheus metrics ([`metrics`]), served with `/health` on a separate
 //! address. A stage's plugin can be swapped while traffic flows
-//! ([`control`]).
+//! ([`control`]), and each request can be exported as an OpenTelemetry
+//! trace ([`trace`]).
 //!
 //! Modules depend on each other one way, from the leaves up:
 //!
 //! ```text
-//! config, metrics, bundled, files → circuit → inference → wasm → pipeline → control → http
+//! config, metrics, bundled, files → trace, circuit → inference → wasm → pipeline → control → http
 //! ```
 //!
 //! (`tests/layout.rs` fails on any cycle.) [`Orchestrator::start`] wires
