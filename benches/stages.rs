@@ -271,6 +271,7 @@ fn stages_vs_native(c: &mut Criterion) {
                     temperature: 0.0,
                     stop: Vec::new(),
                     deadline: Instant::now() + Duration::from_secs(5),
+                    request_id: String::new(),
                     trace: orchestrator::trace::Trace::off(),
                 };
                 bench

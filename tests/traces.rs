@@ -453,6 +453,14 @@ async fn plugin_logs_are_span_events_and_content_is_opt_in() {
         .count();
     // The log rate limit applies to events too (10,000 records a call).
     assert!((50..=400).contains(&logged), "{logged} events");
+    // The log lines carry the request id and the trace id.
+    let log = host.wait_for_log(&format!("trace_id={trace_id}"), 1).await;
+    assert!(
+        log.lines().any(|l| l.contains("rogue log flood")
+            && l.contains("request_id=\"chatcmpl-")
+            && l.contains(&format!("trace_id={trace_id}"))),
+        "{log}"
+    );
     let attempt = one(&spans, "chat up");
     assert!(
         attempt.attr("gen_ai.prompt").contains("flood the log"),

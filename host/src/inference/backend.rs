@@ -123,9 +123,9 @@ pub(super) async fn generation(
             Err(failure) => {
                 let error = failure.error;
                 if let Some(first) = &first_error {
-                    tracing::warn!(backend = %backend.name, %error, after = %first, "failover backend failed too");
+                    tracing::warn!(backend = %backend.name, request_id = %request.request_id, trace_id = %request.trace, %error, after = %first, "failover backend failed too");
                 } else {
-                    tracing::warn!(backend = %backend.name, %error, "backend failed");
+                    tracing::warn!(backend = %backend.name, request_id = %request.request_id, trace_id = %request.trace, %error, "backend failed");
                 }
                 first_error.get_or_insert(error);
                 if !failure.backend_at_fault {
@@ -298,7 +298,7 @@ impl Backend {
             let retry = error.retryable()
                 && attempt < self.settings.max_retries
                 && backoff.is_some_and(|b| Instant::now() + b < deadline);
-            tracing::debug!(backend = %self.name, attempt, ?error, retry, "attempt failed");
+            tracing::debug!(backend = %self.name, request_id = %request.request_id, trace_id = %request.trace, attempt, ?error, retry, "attempt failed");
             if !retry {
                 // A 4xx other than 429 refuses the request, not the backend.
                 let backend_at_fault = !matches!(

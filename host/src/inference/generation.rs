@@ -24,6 +24,8 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// The generation must end by then.
     pub deadline: Instant,
+    /// The request it serves (for log lines; may be empty).
+    pub request_id: String,
     /// The span of the stage that asked: each upstream attempt is a child
     /// of it.
     pub trace: Trace,
@@ -40,6 +42,7 @@ impl GenerateRequest {
             temperature: 0.0,
             stop: Vec::new(),
             deadline: Instant::now() + std::time::Duration::from_secs(5),
+            request_id: String::new(),
             trace: Trace::off(),
         }
     }

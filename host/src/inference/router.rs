@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::Instrument;
 
 use orchestrator_text::count_tokens;
 use tokio::sync::{mpsc, oneshot};
@@ -119,8 +118,7 @@ impl Router {
         let (opened_tx, opened_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(64);
         let deadline = request.deadline;
-        // Its log lines carry the request's (the caller's log span).
-        let task = generation(primary, failover, request, opened_tx, events_tx).in_current_span();
+        let task = generation(primary, failover, request, opened_tx, events_tx);
         // Detached: dropping this future (the plugin call's deadline) drops
         // the receiver, which the task notices.
         drop(match &self.inner.runtime {

@@ -223,6 +223,8 @@ pub(super) struct ChunkJob {
     pub(super) delta: String,
     pub(super) last: bool,
     pub(super) deadline: Instant,
+    /// The stage's span for this stream (its log records' events).
+    pub(super) trace: Trace,
     /// The result and the time spent in the call.
     pub(super) reply: oneshot::Sender<(Result<ChunkOutput, CallError>, Duration)>,
     /// The item's own hold on the stage's queue: a chunk left in the queue

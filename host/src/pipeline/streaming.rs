@@ -176,6 +176,11 @@ impl Streaming {
         self.deadline
     }
 
+    /// The request's id.
+    pub fn request_id(&self) -> &str {
+        &self.context.request_id
+    }
+
     /// The next piece of text for the client, then the final envelope,
     /// then `None`; or the error that ended the request.
     pub async fn next(&mut self) -> Option<Result<StreamItem, RunError>> {
@@ -288,6 +293,7 @@ impl Streaming {
             delta,
             last,
             deadline: self.deadline,
+            trace: stage.trace.clone(),
             reply,
             _hold: QueueHold::new(&self.inner, stage.index),
         });

@@ -135,16 +135,6 @@ fn run_job(
     let input_bytes = envelope_bytes(&job.envelope);
     let started = Instant::now();
     let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
-    // Log lines about this call carry the request (and trace) id.
-    let log_span = tracing::info_span!(
-        "request",
-        id = %job.envelope.request_id,
-        trace_id = tracing::field::Empty
-    );
-    if let Some(id) = job.trace.trace_id() {
-        log_span.record("trace_id", id);
-    }
-    let _log = log_span.enter();
     let span = stage_span(stage, &job, started);
     let result = {
         // A borrowed guard, not a clone: the common case (a warm instance
@@ -158,7 +148,7 @@ fn run_job(
             &current,
             async |live: &mut Instance| {
                 live.set_request_deadline(Instant::now() + remaining);
-                live.set_trace(span.clone());
+                live.set_request(&envelope.request_id, span.clone());
                 let result = live.process(envelope, timeout).await;
                 // Taken whatever the result: a generation started by a call
                 // that then failed is dropped (cancelled) with it here, not
@@ -192,6 +182,7 @@ fn run_job(
         tracing::warn!(
             stage = stage.name(),
             request_id = %job.envelope.request_id,
+            trace_id = %job.trace,
             input_bytes,
             norm_bytes = norm,
             "a call failed on an input far above this stage's recent inputs; the breaker does not count it"
@@ -243,7 +234,7 @@ fn run_job(
 /// Count `error` against `stage` and answer `job` with it.
 fn fail(stage: &StageRuntime, job: Job, error: CallError) {
     stage.metrics.errors(error.error_type).inc();
-    tracing::debug!(stage = stage.name(), request_id = %job.envelope.request_id, %error, "stage failed");
+    tracing::debug!(stage = stage.name(), request_id = %job.envelope.request_id, trace_id = %job.trace, %error, "stage failed");
     job.answer(Err(RunError::Stage {
         stage: stage.name(),
         error,
@@ -274,6 +265,7 @@ fn run_chunk(
             instance,
             &chunk.plugin,
             async |live: &mut Instance| {
+                live.set_request(&chunk.context.request_id, chunk.trace.clone());
                 live.process_chunk(
                     &chunk.context,
                     &chunk.carry,
@@ -287,7 +279,7 @@ fn run_chunk(
     };
     if let Err(error) = &result {
         stage.metrics.errors(error.error_type).inc();
-        tracing::debug!(stage = stage.name(), request_id = %chunk.context.request_id, %error, "chunk failed");
+        tracing::debug!(stage = stage.name(), request_id = %chunk.context.request_id, trace_id = %chunk.trace, %error, "chunk failed");
     }
     let _ = chunk.reply.send((result, started.elapsed()));
 }

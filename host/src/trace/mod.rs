@@ -198,6 +198,17 @@ struct Active {
     record_content: bool,
 }
 
+/// The trace id (32 hex digits), or nothing when tracing is off: for log
+/// fields (`trace_id = %trace`).
+impl std::fmt::Display for Trace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.trace_id() {
+            Some(id) => f.write_str(&id),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Two traces are equal when they are the same span (or both off).
 impl PartialEq for Trace {
     fn eq(&self, other: &Trace) -> bool {

@@ -233,10 +233,14 @@ impl Instance {
         self.store.data_mut().request_deadline = Some(deadline);
     }
 
-    /// The span of the calls to come (until set again): the plugin's log
-    /// records become its events, and its generations its children.
-    pub fn set_trace(&mut self, trace: Trace) {
-        self.store.data_mut().trace = trace;
+    /// The request the calls to come serve (until set again): its id and
+    /// the stage's span. The plugin's log records carry both (and become
+    /// events of the span), and its generations are children of the span.
+    pub fn set_request(&mut self, request_id: &str, trace: Trace) {
+        let state = self.store.data_mut();
+        state.request_id.clear();
+        state.request_id.push_str(request_id);
+        state.trace = trace;
     }
 
     /// The generation the last `process` call started with

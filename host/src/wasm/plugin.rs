@@ -194,6 +194,7 @@ impl Plugin {
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
             request_deadline: None,
+            request_id: String::new(),
             trace: Trace::off(),
             stream: None,
             backend_error: None,

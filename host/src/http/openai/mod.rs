@@ -41,7 +41,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use tracing::Instrument;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -141,19 +140,11 @@ async fn traced(state: &ApiState, headers: &HeaderMap, body: &[u8]) -> Response 
             ],
         )
     });
-    let trace_id = trace.trace_id();
-    let log_span = tracing::info_span!(
-        "request",
-        id = tracing::field::Empty,
-        trace_id = tracing::field::Empty
-    );
-    if let Some(id) = &trace_id {
-        log_span.record("trace_id", id.as_str());
-    }
-    let (mut response, streaming) = chat_completions(state, body, &trace)
-        .instrument(log_span)
-        .await;
-    if let Some(id) = trace_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
+    let (mut response, streaming) = chat_completions(state, body, &trace).await;
+    if let Some(id) = trace
+        .trace_id()
+        .and_then(|id| HeaderValue::from_str(&id).ok())
+    {
         response.headers_mut().insert(TRACE_ID_HEADER, id);
     }
     let status = response.status();
@@ -183,7 +174,6 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
         Attribute::new("orchestrator.request_id", id.clone()),
         Attribute::new("orchestrator.stream", parsed.stream),
     ]);
-    tracing::Span::current().record("id", id.as_str());
     let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
@@ -258,8 +248,10 @@ fn live_stream(
         // event (or at its deadline, if sooner) the stream is cut, which
         // drops the request and cancels its generation.
         let deadline = streaming.deadline();
+        let request_id = streaming.request_id().to_string();
         let send = |bytes: Bytes| {
             let tx = tx.clone();
+            let (request_id, trace) = (&request_id, &trace);
             async move {
                 let until = deadline.min(Instant::now() + stall);
                 let sent = matches!(
@@ -269,9 +261,15 @@ fn live_stream(
                 // (A closed channel is a client that left: nothing to say.)
                 if !sent && !tx.is_closed() {
                     if Instant::now() >= deadline {
-                        tracing::warn!("a stream reached its request deadline; it is cut");
+                        tracing::warn!(
+                            %request_id,
+                            trace_id = %trace,
+                            "a stream reached its request deadline; it is cut"
+                        );
                     } else {
                         tracing::warn!(
+                            %request_id,
+                            trace_id = %trace,
                             stall_ms = stall.as_millis() as u64,
                             "a streaming client stopped reading; its stream is cut"
                         );
@@ -308,15 +306,12 @@ fn live_stream(
         }
         send(Bytes::from_static(DONE)).await;
     };
-    // The stream's log lines carry the request; its span ends with it
-    // (also when the client leaves: the task returns, dropping `trace`).
-    tokio::spawn(
-        async move {
-            task.await;
-            span.end();
-        }
-        .in_current_span(),
-    );
+    // Its span ends with it (also when the client leaves: the task
+    // returns).
+    tokio::spawn(async move {
+        task.await;
+        span.end();
+    });
     event_stream(warp::reply::stream(ChannelBody(rx)).into_response())
 }
 

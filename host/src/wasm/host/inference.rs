@@ -41,6 +41,7 @@ impl HostState {
                 temperature: params.temperature,
                 stop: params.stop,
                 deadline,
+                request_id: self.request_id.clone(),
                 trace: self.trace.clone(),
             },
         ))

@@ -41,7 +41,7 @@ impl log::Host for HostState {
             );
             self.trace.event(message.clone(), attributes);
         }
-        let stage = self.stage;
+        let (stage, request_id, trace) = (self.stage, self.request_id.as_str(), &self.trace);
         let fields = fields
             .iter()
             .map(|(k, v)| format!("{k}={v:?}"))
@@ -49,19 +49,19 @@ impl log::Host for HostState {
             .join(" ");
         match level {
             log::Level::Trace => {
-                tracing::trace!(target: "plugin", stage, dropped, %fields, "{message}")
+                tracing::trace!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Debug => {
-                tracing::debug!(target: "plugin", stage, dropped, %fields, "{message}")
+                tracing::debug!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Info => {
-                tracing::info!(target: "plugin", stage, dropped, %fields, "{message}")
+                tracing::info!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Warn => {
-                tracing::warn!(target: "plugin", stage, dropped, %fields, "{message}")
+                tracing::warn!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Error => {
-                tracing::error!(target: "plugin", stage, dropped, %fields, "{message}")
+                tracing::error!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
             }
         }
     }

@@ -33,6 +33,9 @@ pub struct HostState {
     /// When the request as a whole must be answered, if the caller said:
     /// a streamed generation outlives the call that started it.
     pub(in crate::wasm) request_deadline: Option<Instant>,
+    /// The request the current call serves (for log records and
+    /// generations; empty outside a request).
+    pub(in crate::wasm) request_id: String,
     /// The span of the current call's stage: its log records become
     /// events of it, and its generations' upstream attempts its children.
     pub(in crate::wasm) trace: Trace,
