@@ -366,7 +366,11 @@ fn overheads(c: &mut Criterion) {
                 stage.requests.inc();
                 stage.duration.observe(black_box(0.000_2));
             }
-            requests.observe(Outcome::Ok, black_box(Duration::from_micros(900)));
+            requests.observe(
+                Outcome::Ok,
+                black_box(Duration::from_micros(900)),
+                black_box(Duration::from_micros(300)),
+            );
         })
     });
     // One hop between two worker threads through a bounded stage queue,

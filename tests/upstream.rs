@@ -736,3 +736,36 @@ async fn shutdown_ends_open_streams_with_an_error_event_and_exits() {
     assert_eq!(exited.0, Some(true), "{}", exited.1.stderr());
     drop(partial);
 }
+
+/// `orchestrator_overhead_seconds` is the request's duration minus its wait
+/// for the backend: the upstream paces its five deltas 10 ms apart (at
+/// least 50 ms per answer, by its own sleeps), and that time is in the
+/// end-to-end histogram but not in the overhead, plain and streamed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_overhead_histogram_leaves_out_the_wait_for_the_backend() {
+    let upstream = Upstream::start(Script::Deltas(vec!["a ", "b ", "c ", "d ", "e"])).await;
+    let host = upstream_host(&upstream.base_url, "");
+    for stream in [false, true] {
+        let response = host.post(&up("hi", stream)).await;
+        assert_eq!(response.status(), 200);
+        let text = response.text().await.unwrap();
+        assert!(text.contains('e'), "{text}");
+    }
+    let series = |name: &str| format!("{name}{{outcome=\"ok\"}}");
+    let requests = host
+        .metric(&series("orchestrator_overhead_seconds_count"))
+        .await;
+    assert_eq!(requests, 2.0);
+    let total = host
+        .metric(&series("orchestrator_request_duration_seconds_sum"))
+        .await;
+    let overhead = host
+        .metric(&series("orchestrator_overhead_seconds_sum"))
+        .await;
+    assert!(overhead > 0.0, "{overhead}");
+    assert!(
+        total - overhead >= 2.0 * 0.05,
+        "backend wait {} s of {total} s",
+        total - overhead
+    );
+}

@@ -100,19 +100,23 @@ impl CacheMetrics {
     }
 }
 
-/// Handles of `orchestrator_request_duration_seconds{outcome}`.
+/// Handles of `orchestrator_request_duration_seconds{outcome}` and
+/// `orchestrator_overhead_seconds{outcome}`.
 #[derive(Clone)]
 pub struct RequestMetrics {
     pub(super) histograms: Arc<[Histogram; 5]>,
+    pub(super) overhead: Arc<[Histogram; 5]>,
 }
 
 impl RequestMetrics {
-    /// Record one request's end.
-    pub fn observe(&self, outcome: Outcome, elapsed: Duration) {
+    /// Record one request's end: it took `elapsed`, of which it waited
+    /// `backend` for the inference backend.
+    pub fn observe(&self, outcome: Outcome, elapsed: Duration, backend: Duration) {
         let index = Outcome::ALL
             .iter()
             .position(|o| *o == outcome)
             .unwrap_or_default();
         self.histograms[index].observe(elapsed.as_secs_f64());
+        self.overhead[index].observe(elapsed.saturating_sub(backend).as_secs_f64());
     }
 }

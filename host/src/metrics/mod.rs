@@ -22,6 +22,7 @@
 //! | `orchestrator_queue_capacity` | gauge | `stage` | the stage's queue bound |
 //! | `orchestrator_stage_duration_seconds` | histogram | `stage` | duration of each plugin call |
 //! | `orchestrator_request_duration_seconds` | histogram | `outcome` | end-to-end duration of each admitted or shed request |
+//! | `orchestrator_overhead_seconds` | histogram | `outcome` | that duration minus the time the request waited for the inference backend |
 //! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
 //! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
 //! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |

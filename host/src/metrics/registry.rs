@@ -22,6 +22,12 @@ pub const STAGE_BUCKETS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Buckets of `orchestrator_overhead_seconds`: 10 µs to 1 s.
+pub const OVERHEAD_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
 /// Buckets of `orchestrator_request_duration_seconds`: 100 µs to 30 s.
 pub const REQUEST_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -48,6 +54,7 @@ pub struct Metrics {
     queue_capacity: IntGaugeVec,
     pub(super) stage_duration: HistogramVec,
     request_duration: HistogramVec,
+    overhead: HistogramVec,
     plugin_info: IntGaugeVec,
     instances: IntGaugeVec,
     circuit_state: IntGaugeVec,
@@ -166,6 +173,12 @@ impl Metrics {
                 "End-to-end duration of each request, by outcome (ok, error, timeout, shed, cancelled).",
                 &["outcome"],
                 REQUEST_BUCKETS,
+            ),
+            overhead: histogram(
+                "orchestrator_overhead_seconds",
+                "Time each request spent in the host itself: its end-to-end duration minus the time it waited for the inference backend, by outcome.",
+                &["outcome"],
+                OVERHEAD_BUCKETS,
             ),
             plugin_info: gauge(
                 "orchestrator_plugin_info",
@@ -347,6 +360,7 @@ impl Metrics {
             histograms: Arc::new(
                 Outcome::ALL.map(|o| self.request_duration.with_label_values(&[o.label()])),
             ),
+            overhead: Arc::new(Outcome::ALL.map(|o| self.overhead.with_label_values(&[o.label()]))),
         }
     }
 

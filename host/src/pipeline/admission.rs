@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::error::RunError;
-use super::stage::{Inner, Job, Reply};
+use super::stage::{BackendWait, Inner, Job, Reply};
 use crate::circuit::Admission;
 use crate::trace::Trace;
 use crate::wasm::Envelope;
@@ -25,6 +25,7 @@ pub(super) fn admit(
     deadline: Instant,
     streaming: bool,
     trace: Trace,
+    backend_wait: BackendWait,
     reply: Reply,
 ) -> Result<Job, RunError> {
     if !inner.accepting.load(Ordering::Acquire) {
@@ -61,6 +62,7 @@ pub(super) fn admit(
         admitted: Instant::now(),
         queued: Instant::now(),
         trace,
+        backend_wait,
         inner: inner.clone(),
     })
 }

@@ -97,7 +97,7 @@ use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
 use crate::wasm::{Envelope, Plugin, PluginVersion};
 pub use error::RunError;
-use stage::{Delivery, Inner, StageRuntime, Work};
+use stage::{BackendWait, Delivery, Inner, StageRuntime, Work};
 pub use streaming::{StreamItem, Streaming};
 pub use worker::IDLE_RECHECK;
 
@@ -244,15 +244,18 @@ impl Pipeline {
         trace: Trace,
     ) -> Result<Answer, RunError> {
         let admitted = Instant::now();
+        let backend_wait = BackendWait::default();
         let result = self
-            .admit_and_wait(envelope, deadline, streaming, trace)
+            .admit_and_wait(envelope, deadline, streaming, trace, backend_wait.clone())
             .await;
         let outcome = match &result {
             Ok(Answer::Streaming(_)) => return result,
             Ok(Answer::Done(_)) => Outcome::Ok,
             Err(error) => error.outcome(),
         };
-        self.inner.requests.observe(outcome, admitted.elapsed());
+        self.inner
+            .requests
+            .observe(outcome, admitted.elapsed(), backend_wait.total());
         result
     }
 
@@ -262,9 +265,18 @@ impl Pipeline {
         deadline: Instant,
         streaming: bool,
         trace: Trace,
+        backend_wait: BackendWait,
     ) -> Result<Answer, RunError> {
         let (reply, answer) = oneshot::channel();
-        let job = admission::admit(&self.inner, envelope, deadline, streaming, trace, reply)?;
+        let job = admission::admit(
+            &self.inner,
+            envelope,
+            deadline,
+            streaming,
+            trace,
+            backend_wait,
+            reply,
+        )?;
         self.inner.stages[0].enqueue(job);
         let timeout = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout_at(deadline.into(), answer).await {

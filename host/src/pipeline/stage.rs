@@ -9,7 +9,7 @@
 //! streaming path ([`super::streaming`]) do.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -139,6 +139,23 @@ pub(super) enum Delivery {
     Stream(Box<Job>, TokenStream),
 }
 
+/// The time a request has spent waiting for the inference backend, added
+/// to by each call and stream that serves it: what
+/// `orchestrator_overhead_seconds` subtracts from its duration.
+#[derive(Clone, Debug, Default)]
+pub(super) struct BackendWait(Arc<AtomicU64>);
+
+impl BackendWait {
+    pub(super) fn add(&self, waited: Duration) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.0.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    pub(super) fn total(&self) -> Duration {
+        Duration::from_nanos(self.0.load(Ordering::Relaxed))
+    }
+}
+
 /// Where a job's caller waits for it.
 pub(super) type Reply = oneshot::Sender<Result<Delivery, RunError>>;
 
@@ -161,6 +178,8 @@ pub(super) struct Job {
     pub(super) queued: Instant,
     /// The request's trace (its server span), parent of its stage spans.
     pub(super) trace: Trace,
+    /// Its time waiting for the backend so far.
+    pub(super) backend_wait: BackendWait,
     pub(super) inner: Arc<Inner>,
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::error::RunError;
-use super::stage::{ChunkJob, Delivery, Inner, Job, QueueHold, Work};
+use super::stage::{BackendWait, ChunkJob, Delivery, Inner, Job, QueueHold, Work};
 use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
 use crate::metrics::Outcome;
 use crate::trace::{Attribute, Kind, Trace};
@@ -82,6 +82,8 @@ pub struct Streaming {
     context: ChunkContext,
     deadline: Instant,
     admitted: Instant,
+    /// The request's time waiting for the backend (for the overhead).
+    backend_wait: BackendWait,
     pending: std::collections::VecDeque<StreamItem>,
     /// What the streaming stages emitted: the completion so far.
     text: String,
@@ -155,6 +157,7 @@ impl Streaming {
             },
             deadline: job.deadline,
             admitted: job.admitted,
+            backend_wait: job.backend_wait.clone(),
             tokens: Some(tokens),
             lookahead: None,
             source: job.stage.saturating_sub(1),
@@ -194,7 +197,10 @@ impl Streaming {
             let next = match (self.lookahead.take(), self.tokens.as_mut()) {
                 (Some(event), _) => Some(Ok(Some(event))),
                 (None, Some(tokens)) => {
-                    Some(tokio::time::timeout_at(self.deadline.into(), tokens.next()).await)
+                    let waiting = Instant::now();
+                    let next = tokio::time::timeout_at(self.deadline.into(), tokens.next()).await;
+                    self.backend_wait.add(waiting.elapsed());
+                    Some(next)
                 }
                 (None, None) => None,
             };
@@ -425,9 +431,11 @@ impl Streaming {
             }
             self.tokens = None;
             self.job = None;
-            self.inner
-                .requests
-                .observe(outcome, self.admitted.elapsed());
+            self.inner.requests.observe(
+                outcome,
+                self.admitted.elapsed(),
+                self.backend_wait.total(),
+            );
         }
     }
 

@@ -141,6 +141,7 @@ fn run_job(
         // of the current version) touches no reference count.
         let current = stage.plugin.load();
         let envelope = &mut job.envelope;
+        let backend_wait = &job.backend_wait;
         let span = &span;
         runtime.block_on(on_instance(
             &stage.settings,
@@ -150,6 +151,7 @@ fn run_job(
                 live.set_request_deadline(Instant::now() + remaining);
                 live.set_request(&envelope.request_id, span.clone());
                 let result = live.process(envelope, timeout).await;
+                backend_wait.add(live.take_backend_wait());
                 // Taken whatever the result: a generation started by a call
                 // that then failed is dropped (cancelled) with it here, not
                 // left running in the instance until its next call.
@@ -217,7 +219,10 @@ fn run_job(
             return;
         }
         // The client wants one answer: collect the generation here.
-        if let Err(error) = runtime.block_on(collect_generation(&mut job.envelope, tokens)) {
+        let collecting = Instant::now();
+        let collected = runtime.block_on(collect_generation(&mut job.envelope, tokens));
+        job.backend_wait.add(collecting.elapsed());
+        if let Err(error) = collected {
             return fail(stage, job, error);
         }
     }

@@ -243,6 +243,13 @@ impl Instance {
         state.trace = trace;
     }
 
+    /// How long the calls since the last time this was asked waited for
+    /// the inference backend (`generate`, and `generate-stream` up to its
+    /// first token).
+    pub fn take_backend_wait(&mut self) -> Duration {
+        std::mem::take(&mut self.store.data_mut().backend_wait)
+    }
+
     /// The generation the last `process` call started with
     /// `inference.generate-stream`, if any.
     pub fn take_stream(&mut self) -> Option<TokenStream> {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntGauge;
 use wasmtime::component::{InstancePre, ResourceTable};
@@ -196,6 +196,7 @@ impl Plugin {
             request_deadline: None,
             request_id: String::new(),
             trace: Trace::off(),
+            backend_wait: Duration::ZERO,
             stream: None,
             backend_error: None,
             request: None,

@@ -55,7 +55,10 @@ impl inference::Host for HostState {
         params: GenerationParams,
     ) -> Result<inference::Generation, String> {
         let (router, request) = self.generation_request(prompt, params, self.backend_deadline())?;
-        let completion = router.generate(request).await.map_err(|e| {
+        let started = Instant::now();
+        let completion = router.generate(request).await;
+        self.backend_wait += started.elapsed();
+        let completion = completion.map_err(|e| {
             self.backend_error = Some(e.error_type());
             e.to_string()
         })?;
@@ -82,6 +85,7 @@ impl inference::Host for HostState {
         let deadline = self.request_deadline.unwrap_or(self.deadline);
         let (router, request) = self.generation_request(prompt, params, deadline)?;
         let backend = router.route(&request.model).unwrap_or("?").to_string();
+        let asked = Instant::now();
         let started =
             tokio::time::timeout_at(self.backend_deadline().into(), router.stream(request))
                 .await
@@ -91,6 +95,7 @@ impl inference::Host for HostState {
                         reason: "no first token within the inference stage's deadline".into(),
                     })
                 });
+        self.backend_wait += asked.elapsed();
         let stream = started.map_err(|e| {
             self.backend_error = Some(e.error_type());
             e.to_string()

@@ -2,7 +2,7 @@
 //! imports enforce on it: the output budget of a `request`
 //! ([`RequestBudget`]) and the log rate ([`LogBudget`]).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::{ResourceLimiter, StoreLimits};
@@ -39,6 +39,9 @@ pub struct HostState {
     /// The span of the current call's stage: its log records become
     /// events of it, and its generations' upstream attempts its children.
     pub(in crate::wasm) trace: Trace,
+    /// Time the calls spent waiting for the inference backend (taken by
+    /// the worker after each call).
+    pub(in crate::wasm) backend_wait: Duration,
     /// A generation started by `generate-stream` in the current call.
     pub(in crate::wasm) stream: Option<TokenStream>,
     /// The class of the backend failure the current call saw, if any.
