@@ -3,13 +3,19 @@
 //! epoch interruption advanced by a ticker thread every [`EPOCH_TICK`].
 //!
 //! Owns the engine's configuration and the ticker's life (it stops when the
-//! runtime is dropped). Loading plugins into the runtime is
-//! [`super::load`]'s.
+//! runtime is dropped). The ticker runs only while plugin code may run: a
+//! call holds an [`EpochTicker::busy`] guard, and after
+//! [`TICKER_IDLE_PARK`] without any, the ticker parks until the next call
+//! (an idle host wakes no thread 200 times a second). Deadlines are
+//! counted in ticks from the call's start, and the ticker is running from
+//! then on, so parking never lengthens one. Loading plugins into the
+//! runtime is [`super::load`]'s.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::Thread;
 use std::time::Duration;
 
 use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -21,6 +27,77 @@ use crate::metrics::Metrics;
 /// How often the epoch ticker advances the engine's epoch: the resolution
 /// of plugin-call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// How long the ticker keeps ticking with no call in progress before it
+/// parks.
+pub const TICKER_IDLE_PARK: Duration = Duration::from_millis(100);
+
+/// The epoch ticker's shared state: calls in progress, and whether it is
+/// parked (see the module docs).
+#[derive(Debug)]
+pub struct EpochTicker {
+    active: AtomicUsize,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<Thread>,
+}
+
+/// Held for the length of a plugin call: the ticker runs while any is.
+#[derive(Debug)]
+pub struct Ticking(Arc<EpochTicker>);
+
+impl Drop for Ticking {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl EpochTicker {
+    /// A plugin call starts: wake the ticker if it is parked.
+    pub fn busy(self: &Arc<Self>) -> Ticking {
+        // SeqCst with the ticker's `parked` store then `active` load: either
+        // this sees it parked (and unparks it; an unpark before its park is
+        // not lost) or it sees this call and does not park.
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst)
+            && let Some(thread) = self.thread.get()
+        {
+            thread.unpark();
+        }
+        Ticking(self.clone())
+    }
+
+    /// The ticker thread's loop.
+    fn run(&self, engine: &Engine) {
+        let idle_limit = TICKER_IDLE_PARK.as_nanos() / EPOCH_TICK.as_nanos();
+        let mut idle_ticks = 0u128;
+        while !self.stop.load(Ordering::Relaxed) {
+            std::thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+            if self.active.load(Ordering::SeqCst) > 0 {
+                idle_ticks = 0;
+                continue;
+            }
+            idle_ticks += 1;
+            if idle_ticks < idle_limit {
+                continue;
+            }
+            self.parked.store(true, Ordering::SeqCst);
+            while self.active.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::Relaxed) {
+                std::thread::park();
+            }
+            self.parked.store(false, Ordering::SeqCst);
+            idle_ticks = 0;
+        }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
 
 /// Why the engine could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +148,7 @@ impl EngineSettings {
 pub struct Runtime {
     pub(super) engine: Engine,
     pub(super) cache: Arc<ArtifactCache>,
-    ticker_stop: Arc<AtomicBool>,
+    pub(super) ticker: Arc<EpochTicker>,
     pub(super) fuel: bool,
 }
 
@@ -117,22 +194,23 @@ impl Runtime {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(|e| EngineError::Engine(e.into()))?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let (ticker_engine, stop) = (engine.clone(), ticker_stop.clone());
-        std::thread::Builder::new()
+        let ticker = Arc::new(EpochTicker {
+            active: AtomicUsize::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let (ticker_engine, state) = (engine.clone(), ticker.clone());
+        let thread = std::thread::Builder::new()
             .name("epoch-ticker".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
-                }
-            })
+            .spawn(move || state.run(&ticker_engine))
             .map_err(EngineError::Ticker)?;
+        let _ = ticker.thread.set(thread.thread().clone());
         let cache = ArtifactCache::new(settings.cache_dir.clone(), &engine, metrics.cache());
         Ok(Runtime {
             engine,
             cache: Arc::new(cache),
-            ticker_stop,
+            ticker,
             fuel: settings.fuel,
         })
     }
@@ -140,7 +218,7 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -149,5 +227,41 @@ impl fmt::Debug for Runtime {
         f.debug_struct("Runtime")
             .field("cache", &self.cache)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Wait (polling: the ticker exposes no signal) until it is `parked`.
+    fn until_parked(ticker: &EpochTicker, parked: bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while ticker.parked.load(Ordering::SeqCst) != parked {
+            assert!(std::time::Instant::now() < deadline, "parked stayed {}", !parked);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_ticker_parks_when_idle_and_runs_during_calls() {
+        let settings = EngineSettings {
+            max_instances: 4,
+            max_memory_bytes: 1 << 20,
+            cache_dir: None,
+            fuel: false,
+        };
+        let runtime = Runtime::new(&settings, &Metrics::new()).expect("engine");
+        let ticker = runtime.ticker.clone();
+        until_parked(&ticker, true);
+        let call = ticker.busy();
+        until_parked(&ticker, false);
+        // A second call and the end of the first keep it running.
+        let other = ticker.busy();
+        drop(call);
+        std::thread::sleep(TICKER_IDLE_PARK * 2);
+        assert!(!ticker.parked.load(Ordering::SeqCst), "parked during a call");
+        drop(other);
+        until_parked(&ticker, true);
     }
 }

@@ -18,7 +18,7 @@ use wasmtime::component::Resource;
 use wasmtime::{Store, Trap};
 
 use super::bindings::{ChunkContext, ChunkOutput, Envelope, Exports, ProcessArgument, StageError};
-use super::engine::EPOCH_TICK;
+use super::engine::{EPOCH_TICK, Ticking};
 use super::envelope::envelope_bytes;
 use super::error::CallError;
 use super::host::{HostState, RequestBudget};
@@ -67,7 +67,7 @@ impl Instance {
         };
         let mut store = plugin.store().map_err(before_init)?;
         let timeout = Duration::from_millis(plugin.settings.timeout_ms);
-        arm(plugin, &mut store, timeout).map_err(before_init)?;
+        let _ticking = arm(plugin, &mut store, timeout).map_err(before_init)?;
         let deadline = store.data().deadline + HOST_CALL_GRACE;
         let setup = async {
             let instance = plugin
@@ -144,7 +144,7 @@ impl Instance {
     ) -> Result<(), CallError> {
         self.calls += 1;
         self.plugin.calls.fetch_add(1, Ordering::Relaxed);
-        arm(&self.plugin, &mut self.store, timeout)?;
+        let _ticking = arm(&self.plugin, &mut self.store, timeout)?;
         let cap = self.plugin.settings.max_output_bytes;
         let state = self.store.data_mut();
         state.stream = None;
@@ -267,7 +267,7 @@ impl Instance {
         timeout: Duration,
     ) -> Result<ChunkOutput, CallError> {
         self.calls += 1;
-        arm(&self.plugin, &mut self.store, timeout)?;
+        let _ticking = arm(&self.plugin, &mut self.store, timeout)?;
         let state = self.store.data_mut();
         state.backend_error = None;
         state.panic = None;
@@ -315,8 +315,14 @@ impl Drop for Instance {
     }
 }
 
-/// Arm the epoch deadline and the fuel budget for one call.
-fn arm(plugin: &Plugin, store: &mut Store<HostState>, timeout: Duration) -> Result<(), CallError> {
+/// Arm the epoch deadline and the fuel budget for one call; the guard keeps
+/// the epoch ticker running until the call ends.
+fn arm(
+    plugin: &Plugin,
+    store: &mut Store<HostState>,
+    timeout: Duration,
+) -> Result<Ticking, CallError> {
+    let ticking = plugin.ticker.busy();
     let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
     // One extra tick: the ticker may advance right after arming.
     store.set_epoch_deadline(ticks + 1);
@@ -327,7 +333,7 @@ fn arm(plugin: &Plugin, store: &mut Store<HostState>, timeout: Duration) -> Resu
             .set_fuel(plugin.settings.fuel.unwrap_or(u64::MAX))
             .map_err(|e| CallError::new(ErrorType::Instantiate, e.to_string()))?;
     }
-    Ok(())
+    Ok(ticking)
 }
 
 /// Run `future` until it finishes or `deadline` passes (then `None`).

@@ -146,6 +146,7 @@ impl Runtime {
                 .collect(),
             services: services.clone(),
             fuel: self.fuel,
+            ticker: self.ticker.clone(),
             calls,
             shape: StoreShape::of(&inspection),
         });

@@ -18,6 +18,7 @@ use wasmtime::{Store, StoreLimitsBuilder};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{ExportIndices, World};
+use super::engine::EpochTicker;
 use super::error::CallError;
 use super::host::{HostState, Limits, LogBudget};
 use super::inspect::Inspection;
@@ -88,6 +89,8 @@ pub struct Plugin {
     pub(super) init_config: Vec<(String, String)>,
     pub(super) services: HostServices,
     pub(super) fuel: bool,
+    /// The engine's epoch ticker, kept running during this plugin's calls.
+    pub(super) ticker: Arc<EpochTicker>,
     pub(super) calls: Arc<AtomicU64>,
     /// What one instance needs of the store's limits.
     pub(super) shape: StoreShape,
