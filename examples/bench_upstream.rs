@@ -14,8 +14,8 @@
 //! each, then a `finish_reason` chunk, a usage chunk if
 //! `stream_options.include_usage` is true, and `data: [DONE]`. There is no
 //! artificial delay: the whole stream is sent as one body. It listens on
-//! the address given as the first argument (default `127.0.0.1:0`) and
-//! prints `listening on http://ADDR` once bound.
+//! the address given as the first argument (default `127.0.0.1:0`: a free
+//! port) and prints `listening on http://ADDR` once bound.
 
 use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -35,42 +35,53 @@ fn answer_words(prompt: &str, n: usize) -> Vec<&str> {
 
 /// The text of the last user message (a string, or the text parts of a list).
 fn last_user_text(body: &Value) -> String {
-    let messages = body["messages"]
-        .as_array()
-        .map(Vec::as_slice)
-        .unwrap_or(&[]);
+    let messages = body["messages"].as_array().map_or(&[][..], Vec::as_slice);
     let Some(message) = messages.iter().rev().find(|m| m["role"] == "user") else {
         return String::new();
     };
     match &message["content"] {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p["text"].as_str())
-            .collect::<Vec<_>>()
-            .join(" "),
+        Value::Array(parts) => {
+            let texts: Vec<&str> = parts.iter().filter_map(|p| p["text"].as_str()).collect();
+            texts.join(" ")
+        }
         _ => String::new(),
     }
 }
 
-fn respond(body: &Value) -> Response<String> {
+fn reply(status: StatusCode, content_type: &str, body: String) -> Response<String> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
+        .expect("a valid response")
+}
+
+fn handle(bytes: bytes::Bytes) -> Response<String> {
+    let body: Value = match serde_json::from_slice(&bytes) {
+        Ok(body) => body,
+        Err(e) => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                "text/plain",
+                format!("invalid JSON: {e}"),
+            );
+        }
+    };
     let model = body["model"].as_str().unwrap_or("bench-upstream");
     let n = body["max_tokens"]
         .as_u64()
         .or_else(|| body["max_completion_tokens"].as_u64())
         .map_or(DEFAULT_TOKENS, |n| n as usize);
-    let prompt = last_user_text(body);
+    let prompt = last_user_text(&body);
     let words = answer_words(&prompt, n);
-    let usage = json!({
-        "prompt_tokens": prompt.split_whitespace().count(),
-        "completion_tokens": words.len(),
-        "total_tokens": prompt.split_whitespace().count() + words.len(),
-    });
+    let prompt_tokens = prompt.split_whitespace().count();
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": words.len(),
+        "total_tokens": prompt_tokens + words.len()});
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let id = format!("chatcmpl-bench-{created}");
-    let builder = Response::builder().status(StatusCode::OK);
     if body["stream"] != true {
         let completion = json!({
             "id": id, "object": "chat.completion", "created": created, "model": model,
@@ -78,65 +89,58 @@ fn respond(body: &Value) -> Response<String> {
                 "message": {"role": "assistant", "content": words.join(" ")}}],
             "usage": usage,
         });
-        return builder
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(completion.to_string())
-            .expect("a valid response");
+        return reply(StatusCode::OK, "application/json", completion.to_string());
     }
-    let chunk = |delta: Value, finish: Value| {
+    let chunk = |choices: Value| {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            "choices": choices})
     };
-    let mut out = String::with_capacity(160 * (words.len() + 3));
-    let mut event = |v: &Value| out.push_str(&format!("data: {v}\n\n"));
+    let mut out = String::with_capacity(200 * (words.len() + 3));
+    let mut event = |v: Value| out.push_str(&format!("data: {v}\n\n"));
     for (i, word) in words.iter().enumerate() {
-        let text = if i == 0 {
-            word.to_string()
-        } else {
-            format!(" {word}")
-        };
         let delta = if i == 0 {
-            json!({"role": "assistant", "content": text})
+            json!({"role": "assistant", "content": word})
         } else {
-            json!({"content": text})
+            json!({"content": format!(" {word}")})
         };
-        event(&chunk(delta, Value::Null));
+        event(chunk(
+            json!([{"index": 0, "delta": delta, "finish_reason": null}]),
+        ));
     }
-    event(&chunk(json!({}), json!("length")));
+    event(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": "length"}]),
+    ));
     if body["stream_options"]["include_usage"] == true {
-        event(
-            &json!({"id": id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [], "usage": usage}),
-        );
+        let mut last = chunk(json!([]));
+        last["usage"] = usage;
+        event(last);
     }
     out.push_str("data: [DONE]\n\n");
-    builder
-        .header(header::CONTENT_TYPE, "text/event-stream")
-        .header(header::CACHE_CONTROL, "no-cache")
-        .body(out)
-        .expect("a valid response")
+    reply(StatusCode::OK, "text/event-stream", out)
 }
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
+    let addr: std::net::SocketAddr = std::env::args()
         .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:0".into());
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+        .unwrap_or_else(|| "127.0.0.1:0".into())
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // Accepted connections inherit TCP_NODELAY: no Nagle delay on answers.
+    socket.set_nodelay(true)?;
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(1024)?;
     let path = warp::path!("v1" / "chat" / "completions").or(warp::path!("chat" / "completions"));
-    let route =
-        warp::post()
-            .and(path.unify())
-            .and(warp::body::bytes())
-            .map(
-                |bytes: bytes::Bytes| match serde_json::from_slice::<Value>(&bytes) {
-                    Ok(body) => respond(&body),
-                    Err(e) => Response::builder()
-                        .status(StatusCode::BAD_REQUEST)
-                        .body(format!("invalid JSON: {e}"))
-                        .expect("a valid response"),
-                },
-            );
+    let route = warp::post()
+        .and(path.unify())
+        .and(warp::body::bytes())
+        .map(handle);
     let mut stdout = std::io::stdout();
     writeln!(stdout, "listening on http://{}", listener.local_addr()?)?;
     stdout.flush()?;

@@ -16,8 +16,8 @@
 //!      └─────────────┘   └────────────┘   └─────────────┘   └────────┘   └──────────┘
 //! ```
 //!
-//! Each stage has a bounded queue (a crossbeam channel of `queue_capacity`
-//! slots) and `workers` OS threads. Plugin calls are synchronous CPU work
+//! Each stage has a bounded queue (`queue`: `queue_capacity` slots, idle
+//! workers parked on a condition variable) and `workers` OS threads. Plugin calls are synchronous CPU work
 //! with their own deadlines, so they run on dedicated threads rather than on
 //! the async runtime that serves HTTP; a worker owns one plugin instance at
 //! a time.
@@ -80,6 +80,7 @@
 mod admission;
 mod error;
 mod norm;
+mod queue;
 mod stage;
 mod streaming;
 mod worker;
@@ -97,7 +98,7 @@ use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
 use crate::wasm::{Envelope, Plugin, PluginVersion};
 pub use error::RunError;
-use stage::{BackendWait, Delivery, Inner, StageRuntime, Work};
+use stage::{BackendWait, Delivery, Inner, StageRuntime};
 pub use streaming::{StreamItem, Streaming};
 pub use worker::IDLE_RECHECK;
 
@@ -375,7 +376,7 @@ impl Pipeline {
             for _ in 0..stage.settings.workers {
                 // Never blocks: a worker that misses its stop because the
                 // queue is full is not waited for below.
-                let _ = stage.sender.try_send(Work::Stop);
+                stage.queue.push_stop();
             }
         }
         let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));

@@ -16,8 +16,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::RecvTimeoutError;
-
 use super::error::RunError;
 use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
 use crate::config::{InstanceMode, StageConfig};
@@ -61,17 +59,17 @@ fn work(inner: &Inner, index: usize) {
     };
     let mut instance: Option<Instance> = None;
     loop {
-        match stage.receiver.recv_timeout(IDLE_RECHECK) {
-            Ok(Work::Job(job)) => {
+        match stage.queue.pop_timeout(IDLE_RECHECK) {
+            Some(Work::Job(job)) => {
                 stage.metrics.queue_depth.dec();
                 run_job(inner, index, &runtime, &mut instance, job);
             }
-            Ok(Work::Chunk(chunk)) => {
+            Some(Work::Chunk(chunk)) => {
                 stage.metrics.queue_depth.dec();
                 run_chunk(stage, &runtime, &mut instance, chunk);
             }
-            Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => break,
-            Err(RecvTimeoutError::Timeout) => {
+            Some(Work::Stop) => break,
+            None => {
                 // Idle: retire an instance of a version that was swapped out.
                 if instance
                     .as_ref()

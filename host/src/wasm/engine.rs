@@ -238,7 +238,11 @@ mod tests {
     fn until_parked(ticker: &EpochTicker, parked: bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while ticker.parked.load(Ordering::SeqCst) != parked {
-            assert!(std::time::Instant::now() < deadline, "parked stayed {}", !parked);
+            assert!(
+                std::time::Instant::now() < deadline,
+                "parked stayed {}",
+                !parked
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -260,7 +264,10 @@ mod tests {
         let other = ticker.busy();
         drop(call);
         std::thread::sleep(TICKER_IDLE_PARK * 2);
-        assert!(!ticker.parked.load(Ordering::SeqCst), "parked during a call");
+        assert!(
+            !ticker.parked.load(Ordering::SeqCst),
+            "parked during a call"
+        );
         drop(other);
         until_parked(&ticker, true);
     }
