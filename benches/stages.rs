@@ -21,7 +21,8 @@
 //!   a by-handle one that does nothing (`touch`), the same without Rust's
 //!   `std` and so without any WASI import (`lean`) and the bundled `post`;
 //!   and `noop/fresh_drop`, the instance without the call.
-//! - `overhead`: the metric updates one request costs.
+//! - `overhead`: the metric updates one request costs, and one queue hop
+//!   between worker threads.
 //! - `linear`: each bundled stage's logic (natively) on pathological input
 //!   of size n and 2n, the kinds that once were quadratic: a question of
 //!   distinct words (`rag`), a long question (`assemble`), unbroken runs of
@@ -372,6 +373,25 @@ fn overheads(c: &mut Criterion) {
             );
         })
     });
+    // One hop between two worker threads through a bounded stage queue,
+    // measured as half a round trip.
+    let (to_worker, worker_rx) = crossbeam_channel::bounded::<u64>(1024);
+    let (to_main, main_rx) = crossbeam_channel::bounded::<u64>(1024);
+    let echo = std::thread::spawn(move || {
+        while let Ok(n) = worker_rx.recv() {
+            if to_main.send(n).is_err() {
+                break;
+            }
+        }
+    });
+    group.bench_function("queue_hop_round_trip", |b| {
+        b.iter(|| {
+            to_worker.send(1).unwrap();
+            black_box(main_rx.recv().unwrap())
+        })
+    });
+    drop(to_worker);
+    let _ = echo.join();
     group.finish();
 }
 

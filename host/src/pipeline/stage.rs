@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use crossbeam_channel::{Receiver, Sender};
 use tokio::sync::{Notify, oneshot};
 
 use super::error::RunError;
 use super::norm::InputNorm;
-use super::queue::WorkQueue;
 use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::StageConfig;
 use crate::inference::TokenStream;
@@ -44,8 +44,8 @@ pub(super) struct StageRuntime {
     pub(super) settings: StageConfig,
     /// The version serving now; swapped atomically.
     pub(super) plugin: ArcSwap<Plugin>,
-    /// Its queue, taken from by its workers.
-    pub(super) queue: WorkQueue,
+    pub(super) sender: Sender<Work>,
+    pub(super) receiver: Receiver<Work>,
     /// Reservations held (admitted requests that have not left the stage,
     /// plus chunk items queued): bounded by `queue_capacity`.
     pub(super) reserved: AtomicUsize,
@@ -59,6 +59,7 @@ impl StageRuntime {
     /// The runtime of stage `settings`, serving `plugin`, with its series
     /// resolved (and created at 0) in `metrics`.
     pub(super) fn new(settings: StageConfig, plugin: Arc<Plugin>, metrics: &Metrics) -> Self {
+        let (sender, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
         let stage_metrics = metrics.stage(settings.name());
         stage_metrics
             .queue_capacity
@@ -67,7 +68,8 @@ impl StageRuntime {
         metrics.set_plugin_version(settings.name(), plugin.sha256());
         StageRuntime {
             plugin: ArcSwap::new(plugin),
-            queue: WorkQueue::new(settings.queue_capacity),
+            sender,
+            receiver,
             reserved: AtomicUsize::new(0),
             breaker: CircuitBreaker::new(
                 format!("stage {}", settings.name()),
@@ -115,11 +117,11 @@ impl StageRuntime {
     pub(super) fn enqueue(&self, mut job: Job) {
         job.queued = Instant::now();
         self.metrics.queue_depth.inc();
-        if let Err(work) = self.queue.try_push(Work::Job(job)) {
+        if let Err(err) = self.sender.try_send(Work::Job(job)) {
             // Unreachable while reservations bound the queues; answer rather
             // than lose the request if that invariant is ever broken.
             self.metrics.queue_depth.dec();
-            if let Work::Job(job) = work {
+            if let Work::Job(job) = err.into_inner() {
                 tracing::error!(stage = self.name(), "queue full despite a reservation");
                 job.answer(Err(self.shed()));
             }

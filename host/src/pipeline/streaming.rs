@@ -304,7 +304,7 @@ impl Streaming {
             _hold: QueueHold::new(&self.inner, stage.index),
         });
         runtime.metrics.queue_depth.inc();
-        if runtime.queue.try_push(work).is_err() {
+        if runtime.sender.try_send(work).is_err() {
             runtime.metrics.queue_depth.dec();
             return Err(runtime.shed());
         }

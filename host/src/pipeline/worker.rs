@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
+use crossbeam_channel::RecvTimeoutError;
+
 use super::error::RunError;
 use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
 use crate::config::{InstanceMode, StageConfig};
@@ -59,17 +61,17 @@ fn work(inner: &Inner, index: usize) {
     };
     let mut instance: Option<Instance> = None;
     loop {
-        match stage.queue.pop_timeout(IDLE_RECHECK) {
-            Some(Work::Job(job)) => {
+        match stage.receiver.recv_timeout(IDLE_RECHECK) {
+            Ok(Work::Job(job)) => {
                 stage.metrics.queue_depth.dec();
                 run_job(inner, index, &runtime, &mut instance, job);
             }
-            Some(Work::Chunk(chunk)) => {
+            Ok(Work::Chunk(chunk)) => {
                 stage.metrics.queue_depth.dec();
                 run_chunk(stage, &runtime, &mut instance, chunk);
             }
-            Some(Work::Stop) => break,
-            None => {
+            Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) => {
                 // Idle: retire an instance of a version that was swapped out.
                 if instance
                     .as_ref()
