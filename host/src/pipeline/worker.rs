@@ -28,8 +28,10 @@ use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
 
 /// How often an idle worker checks whether its instance belongs to a
 /// version that has been swapped out (and drops it, freeing the old
-/// version's memory once no one else uses it).
-pub const IDLE_RECHECK: Duration = Duration::from_millis(250);
+/// version's memory once no one else uses it). Each check wakes the
+/// worker (and its channel's receive spins and yields before parking
+/// again), so it is not more often than it needs to be.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Start the workers of every stage.
 pub(super) fn spawn(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
