@@ -156,14 +156,14 @@ impl Traces {
     }
 
     /// Open the server span of a request, continuing the trace of the
-    /// caller's `traceparent` (and `tracestate`) when `headers` has one.
+    /// caller's `traceparent` (and `tracestate`) when it sent one.
     pub fn server_span(
         &self,
-        headers: &warp::http::HeaderMap,
+        caller: &TraceHeaders,
         name: &'static str,
         attributes: Vec<KeyValue>,
     ) -> Trace {
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let parent = TraceContextPropagator::new().extract(caller);
         let span = self
             .tracer
             .span_builder(name)
@@ -362,16 +362,33 @@ fn parent_based(root: Sampler) -> Sampler {
     Sampler::ParentBased(Box::new(root))
 }
 
-/// Reads `traceparent` and `tracestate` from request headers.
-struct HeaderExtractor<'a>(&'a warp::http::HeaderMap);
+/// The W3C trace context headers a request came with.
+#[derive(Debug, Default, Clone)]
+pub struct TraceHeaders {
+    /// `traceparent`, if sent.
+    pub traceparent: Option<String>,
+    /// `tracestate`, if sent.
+    pub tracestate: Option<String>,
+}
 
-impl Extractor for HeaderExtractor<'_> {
+impl Extractor for TraceHeaders {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        match key {
+            "traceparent" => self.traceparent.as_deref(),
+            "tracestate" => self.tracestate.as_deref(),
+            _ => None,
+        }
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(|k| k.as_str()).collect()
+        let mut keys = Vec::new();
+        if self.traceparent.is_some() {
+            keys.push("traceparent");
+        }
+        if self.tracestate.is_some() {
+            keys.push("tracestate");
+        }
+        keys
     }
 }
 

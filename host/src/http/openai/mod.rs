@@ -42,14 +42,14 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use serde_json::{Value, json};
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderMap, HeaderValue, StatusCode};
+use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::http::error::{ApiError, json_response};
 use crate::inference::Router;
 use crate::pipeline::{Answer, Pipeline, RunError, StreamItem, Streaming};
-use crate::trace::{Attribute, Trace, Traces};
+use crate::trace::{Attribute, Trace, TraceHeaders, Traces};
 use crate::wasm::Envelope;
 use request::parse;
 use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix_now};
@@ -82,17 +82,28 @@ pub fn routes(
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let limit = state.max_body_bytes;
     let state = warp::any().map(move || state.clone());
-    let completions = warp::path!("v1" / "chat" / "completions")
-        .and(warp::post())
-        .and(warp::body::content_length_limit(limit))
-        .and(warp::body::bytes())
-        .and(warp::header::headers_cloned())
-        .and(state.clone())
-        .then(
-            |body: Bytes, headers: HeaderMap, state: ApiState| async move {
-                traced(&state, &headers, &body).await
-            },
-        );
+    let completions =
+        warp::path!("v1" / "chat" / "completions")
+            .and(warp::post())
+            .and(warp::body::content_length_limit(limit))
+            .and(warp::body::bytes())
+            // Only these two headers, and copied only when present: not the
+            // whole header map of every request.
+            .and(warp::header::optional::<String>("traceparent"))
+            .and(warp::header::optional::<String>("tracestate"))
+            .and(state.clone())
+            .then(
+                |body: Bytes,
+                 parent: Option<String>,
+                 state_header: Option<String>,
+                 state: ApiState| async move {
+                    let caller = TraceHeaders {
+                        traceparent: parent,
+                        tracestate: state_header,
+                    };
+                    traced(&state, &caller, &body).await
+                },
+            );
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(state)
@@ -128,7 +139,7 @@ pub const TRACE_ID_HEADER: &str = "x-trace-id";
 /// A completion request in its server span (when tracing is on): the
 /// span continues the caller's `traceparent`, the answer carries the trace
 /// id, and the span ends with the answer (a stream's, when it ends).
-async fn traced(state: &ApiState, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn traced(state: &ApiState, headers: &TraceHeaders, body: &[u8]) -> Response {
     let trace = state.traces.as_ref().map_or_else(Trace::off, |traces| {
         traces.server_span(
             headers,
@@ -169,11 +180,13 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
         Err(error) => return (error.into_response(), false),
     };
     let id = request_id();
-    trace.set([
-        Attribute::new("gen_ai.request.model", parsed.model.clone()),
-        Attribute::new("orchestrator.request_id", id.clone()),
-        Attribute::new("orchestrator.stream", parsed.stream),
-    ]);
+    if trace.is_recording() {
+        trace.set([
+            Attribute::new("gen_ai.request.model", parsed.model.clone()),
+            Attribute::new("orchestrator.request_id", id.clone()),
+            Attribute::new("orchestrator.stream", parsed.stream),
+        ]);
+    }
     let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
