@@ -191,6 +191,17 @@ impl Receiver {
     }
 }
 
+/// Ask `host` for `body`: the (200) response and its trace id.
+async fn traced_answer(host: &Host, body: &serde_json::Value) -> (reqwest::Response, String) {
+    let response = host.post(body).await;
+    assert_eq!(response.status(), 200);
+    let trace_id = response.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (response, trace_id)
+}
+
 fn named<'a>(spans: &'a [Span], name: &str) -> Vec<&'a Span> {
     spans.iter().filter(|s| s.name == name).collect()
 }
@@ -312,18 +323,12 @@ async fn each_request_is_one_trace_with_stage_and_attempt_spans() {
     assert!(receiver.auth.lock().unwrap().iter().all(|a| a == "s3cret"));
 
     // Streamed, no traceparent: a new trace, streaming stages summarised.
-    let response = client()
-        .post(format!("{}/v1/chat/completions", host.api))
-        .json(&json!({"model": "up", "stream": true,
-                      "messages": [{"role": "user", "content": "hi"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let trace_id = response.headers()["x-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let (response, trace_id) = traced_answer(
+        &host,
+        &json!({"model": "up", "stream": true,
+                "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(trace_id.len(), 32);
     let body = response.text().await.unwrap();
     assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
@@ -429,17 +434,11 @@ async fn plugin_logs_are_span_events_and_content_is_opt_in() {
             test_plugin("rogue").display().to_string()
         ),
     );
-    let response = client()
-        .post(format!("{}/v1/chat/completions", host.api))
-        .json(&json!({"model": "up", "messages": [{"role": "user", "content": "flood the log, rogue"}]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let trace_id = response.headers()["x-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let (_, trace_id) = traced_answer(
+        &host,
+        &json!({"model": "up", "messages": [{"role": "user", "content": "flood the log, rogue"}]}),
+    )
+    .await;
     let spans = receiver
         .trace(&trace_id, |s| {
             !named(s, "stage post").is_empty() && !named(s, "chat up").is_empty()
@@ -475,17 +474,7 @@ async fn plugin_logs_are_span_events_and_content_is_opt_in() {
 async fn the_trace_endpoint_flag_turns_tracing_on() {
     let receiver = Receiver::start().await;
     let host = Host::start(&["--trace-endpoint", &receiver.endpoint]);
-    let response = client()
-        .post(format!("{}/v1/chat/completions", host.api))
-        .json(&ask("hi"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let trace_id = response.headers()["x-trace-id"]
-        .to_str()
-        .unwrap()
-        .to_string();
+    let (_, trace_id) = traced_answer(&host, &ask("hi")).await;
     let spans = receiver
         .trace(&trace_id, |s| named(s, "chat echo").len() == 1)
         .await;
@@ -495,11 +484,7 @@ async fn the_trace_endpoint_flag_turns_tracing_on() {
     );
     // Without tracing, no trace id header.
     let plain = Host::start(&[]);
-    let response = client()
-        .post(format!("{}/v1/chat/completions", plain.api))
-        .json(&ask("hi"))
-        .send()
-        .await
-        .unwrap();
+    let response = plain.post(&ask("hi")).await;
+    assert_eq!(response.status(), 200);
     assert!(response.headers().get("x-trace-id").is_none());
 }
