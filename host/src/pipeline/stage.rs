@@ -22,7 +22,7 @@ use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::StageConfig;
 use crate::inference::TokenStream;
 use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
-use crate::trace::Trace;
+use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin};
 
 /// State shared by the pipeline's handles, workers and requests.
@@ -87,6 +87,38 @@ impl StageRuntime {
     /// The stage's name.
     pub(super) fn name(&self) -> &'static str {
         self.settings.name()
+    }
+
+    /// Open this stage's span for request `request_id` under `parent`
+    /// (started at `start`, or now), running `plugin`, with one attribute
+    /// of the caller's besides the common ones; off when `parent` does not
+    /// record.
+    pub(super) fn open_span(
+        &self,
+        parent: &Trace,
+        plugin: &Plugin,
+        request_id: &str,
+        start: Option<std::time::SystemTime>,
+        extra: Attribute,
+    ) -> Trace {
+        if !parent.is_recording() {
+            return Trace::off();
+        }
+        parent.child(
+            format!("stage {}", self.name()),
+            Kind::Internal,
+            start,
+            vec![
+                Attribute::new("orchestrator.stage", self.name()),
+                Attribute::new("orchestrator.plugin.sha256", plugin.sha256().to_string()),
+                Attribute::new(
+                    "orchestrator.instance_mode",
+                    self.settings.instance_mode.to_string(),
+                ),
+                Attribute::new("orchestrator.request_id", request_id.to_string()),
+                extra,
+            ],
+        )
     }
 
     /// Take one reservation, if the queue has room.

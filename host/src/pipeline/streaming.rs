@@ -18,7 +18,7 @@ use super::error::RunError;
 use super::stage::{BackendWait, ChunkJob, Delivery, Inner, Job, QueueHold, Work};
 use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
 use crate::metrics::Outcome;
-use crate::trace::{Attribute, Kind, Trace};
+use crate::trace::{Attribute, Trace};
 use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin, Usage};
 
 /// Most bytes of deltas passed through the streaming stages as one.
@@ -120,25 +120,13 @@ impl Streaming {
             }
             stage.metrics.requests.inc();
             plugin.count_streamed_request();
-            let trace = if job.trace.is_recording() {
-                job.trace.child(
-                    format!("stage {}", stage.name()),
-                    Kind::Internal,
-                    None,
-                    vec![
-                        Attribute::new("orchestrator.stage", stage.name()),
-                        Attribute::new("orchestrator.plugin.sha256", plugin.sha256().to_string()),
-                        Attribute::new(
-                            "orchestrator.instance_mode",
-                            stage.settings.instance_mode.to_string(),
-                        ),
-                        Attribute::new("orchestrator.streaming", true),
-                        Attribute::new("orchestrator.request_id", job.envelope.request_id.clone()),
-                    ],
-                )
-            } else {
-                Trace::off()
-            };
+            let trace = stage.open_span(
+                &job.trace,
+                &plugin,
+                &job.envelope.request_id,
+                None,
+                Attribute::new("orchestrator.streaming", true),
+            );
             chunk_stages.push(ChunkStage {
                 index,
                 plugin,

@@ -23,7 +23,7 @@ use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
 use crate::config::{InstanceMode, StageConfig};
 use crate::inference::TokenStream;
 use crate::metrics::ErrorType;
-use crate::trace::{Attribute, Kind, Trace};
+use crate::trace::{Attribute, Trace};
 use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
 
 /// How often an idle worker checks whether its instance belongs to a
@@ -94,23 +94,12 @@ fn stage_span(stage: &StageRuntime, job: &Job, started: Instant) -> Trace {
     }
     let waited = started.saturating_duration_since(job.queued);
     let queued_at = SystemTime::now() - job.queued.elapsed();
-    job.trace.child(
-        format!("stage {}", stage.name()),
-        Kind::Internal,
+    stage.open_span(
+        &job.trace,
+        &stage.plugin.load(),
+        &job.envelope.request_id,
         Some(queued_at),
-        vec![
-            Attribute::new("orchestrator.stage", stage.name()),
-            Attribute::new(
-                "orchestrator.plugin.sha256",
-                stage.plugin.load().sha256().to_string(),
-            ),
-            Attribute::new(
-                "orchestrator.instance_mode",
-                stage.settings.instance_mode.to_string(),
-            ),
-            Attribute::new("orchestrator.queue_wait_ms", waited.as_secs_f64() * 1000.0),
-            Attribute::new("orchestrator.request_id", job.envelope.request_id.clone()),
-        ],
+        Attribute::new("orchestrator.queue_wait_ms", waited.as_secs_f64() * 1000.0),
     )
 }
 
