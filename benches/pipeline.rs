@@ -50,8 +50,12 @@ async fn drive(pipeline: &Pipeline, total: u64) -> Duration {
                     if n >= total {
                         break;
                     }
+                    let generation = pipeline.generation();
+                    let route = generation.route("echo").expect("echo routes");
                     let result = pipeline
                         .run(
+                            &generation,
+                            &route,
                             envelope(n),
                             Instant::now() + Duration::from_secs(30),
                             Trace::off(),

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use orchestrator::config::{Config, PluginSource, Stage, StageConfig};
+use orchestrator::config::{Bundled as Stage, Config, PluginSource, StageConfig};
 use orchestrator::inference::{GenerateRequest, Router};
 use orchestrator::metrics::{Metrics, Outcome};
 use orchestrator::wasm::{
@@ -84,7 +84,7 @@ impl Bench {
 
     /// Load `bytes` as stage `stage` with `config` as its config table.
     fn load_with(&self, stage: Stage, bytes: Vec<u8>, config: &[(&str, &str)]) -> Arc<Plugin> {
-        let mut settings = StageConfig::default_for(stage);
+        let mut settings = StageConfig::bundled_default(stage);
         settings.config = config
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -354,7 +354,10 @@ fn instance_cost(c: &mut Criterion) {
 
 fn overheads(c: &mut Criterion) {
     let metrics = Metrics::new();
-    let stages: Vec<_> = Stage::ALL.iter().map(|s| metrics.stage(s.name())).collect();
+    let stages: Vec<_> = Stage::DEFAULT_PIPELINE
+        .iter()
+        .map(|s| metrics.stage(s.name()))
+        .collect();
     let requests = metrics.requests_by_outcome();
     let mut group = c.benchmark_group("overhead");
     // Exactly what the pipeline records for one successful request.

@@ -75,8 +75,14 @@ async fn main() -> anyhow::Result<()> {
                         stop: Vec::new(),
                     },
                 );
+                let generation = pipeline.generation();
+                let Some(route) = generation.route(model) else {
+                    continue;
+                };
                 let _ = pipeline
                     .run(
+                        &generation,
+                        &route,
                         envelope,
                         Instant::now() + Duration::from_secs(5),
                         Trace::off(),

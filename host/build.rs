@@ -12,11 +12,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The bundled stages, in pipeline order: crate suffix = stage name. The
-/// host's own list is `config::Stage`; a stage added there needs its crate
-/// here (the generated constants are named after it, so a mismatch fails
-/// the host's build).
-const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
+/// The bundled plugins: crate suffix = plugin name. The host's own list is
+/// `config::Bundled`; a plugin added there needs its crate here (the
+/// generated constants are named after it, so a mismatch fails the host's
+/// build).
+const STAGES: [&str; 6] = ["rag", "assemble", "inference", "post", "stream", "guard"];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

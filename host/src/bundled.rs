@@ -9,20 +9,21 @@ use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::{self, Config, Stage};
+use crate::config::{self, Bundled, Config};
 
 mod generated {
     include!(concat!(env!("OUT_DIR"), "/bundled.rs"));
 }
 
-/// The bundled component of `stage`.
-pub fn component(stage: Stage) -> &'static [u8] {
-    match stage {
-        Stage::Rag => generated::RAG,
-        Stage::Assemble => generated::ASSEMBLE,
-        Stage::Inference => generated::INFERENCE,
-        Stage::Post => generated::POST,
-        Stage::Stream => generated::STREAM,
+/// The component of the bundled plugin `plugin`.
+pub fn component(plugin: Bundled) -> &'static [u8] {
+    match plugin {
+        Bundled::Rag => generated::RAG,
+        Bundled::Assemble => generated::ASSEMBLE,
+        Bundled::Inference => generated::INFERENCE,
+        Bundled::Post => generated::POST,
+        Bundled::Stream => generated::STREAM,
+        Bundled::Guard => generated::GUARD,
     }
 }
 
@@ -80,7 +81,7 @@ mod tests {
 
     #[test]
     fn every_stage_has_a_component_and_the_corpus_installs() {
-        for stage in Stage::ALL {
+        for stage in Bundled::ALL {
             assert!(component(stage).starts_with(b"\0asm"), "{stage}");
         }
         let dir = tempfile::tempdir().unwrap();

@@ -44,13 +44,9 @@ pub use config::Config;
 pub use metrics::Metrics;
 pub use pipeline::Pipeline;
 
-use crate::config::StageConfig;
-use crate::control::HotSwap;
+use crate::control::{ConfigSource, HotSwap, Reloader};
 use crate::http::server::{self, BindError, ServerHandle};
-use crate::inference::Router;
-use crate::wasm::{
-    EngineError, EngineSettings, HostServices, LoadError, Plugin, PluginBytes, Runtime,
-};
+use crate::wasm::{EngineError, EngineSettings, Runtime};
 
 /// Why the host could not start. The lower-level error, if any, is its
 /// [`source`](std::error::Error::source).
@@ -59,17 +55,9 @@ pub enum StartError {
     /// The wasm engine could not be created.
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// A stage's plugin could not be loaded.
-    #[error("stage `{stage}`: plugin {source_name}")]
-    Plugin {
-        /// The stage.
-        stage: &'static str,
-        /// Where the plugin came from.
-        source_name: String,
-        /// What is wrong with it.
-        #[source]
-        error: LoadError,
-    },
+    /// A stage's plugin could not be loaded, or a pipeline cannot run.
+    #[error(transparent)]
+    Plan(#[from] control::PlanError),
     /// The bundled `rag` corpus could not be written where the default
     /// grant expects it.
     #[error(
@@ -86,9 +74,6 @@ pub enum StartError {
     /// An address could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
-    /// An inference backend could not be set up.
-    #[error(transparent)]
-    Backend(#[from] inference::BackendSetupError),
     /// Worker threads could not be started.
     #[error("cannot start worker threads")]
     Threads(#[from] std::io::Error),
@@ -108,6 +93,7 @@ pub struct Orchestrator {
     /// The admin API's own listener, when `admin_listen` is set.
     admin: Option<ServerHandle>,
     watcher: Option<tokio::task::JoinHandle<()>>,
+    reloader: Arc<Reloader>,
     /// The tracer, when `[tracing]` is enabled: flushed at shutdown.
     traces: Option<trace::Traces>,
 }
@@ -115,8 +101,18 @@ pub struct Orchestrator {
 impl Orchestrator {
     /// Load every stage's plugin, start the pipeline, and bind the API and
     /// metrics addresses. Must be called within a multi-threaded tokio
-    /// runtime.
+    /// runtime. Without a configuration file: see [`start_with`](Self::start_with).
     pub async fn start(config: Config, metrics: Arc<Metrics>) -> Result<Orchestrator, StartError> {
+        Orchestrator::start_with(config, metrics, None).await
+    }
+
+    /// [`start`](Self::start), with where the configuration came from: a
+    /// host with a `source` can reload it ([`Reloader`]).
+    pub async fn start_with(
+        config: Config,
+        metrics: Arc<Metrics>,
+        source: Option<ConfigSource>,
+    ) -> Result<Orchestrator, StartError> {
         // Bind first: an address in use fails at once, before any compiling.
         let api_listener = server::bind(config.listen).await?;
         let ops_listener = server::bind(config.metrics_listen).await?;
@@ -128,31 +124,27 @@ impl Orchestrator {
             &EngineSettings::for_config(&config),
             &metrics,
         )?);
-        let router = Router::new(&config, &metrics)?;
         let traces = trace::Traces::start(&config.tracing, &metrics)?;
         install_default_corpus(&config)?;
-        let mut stages = Vec::new();
-        let mut services = Vec::new();
-        for stage in &config.stages {
-            let stage_services = HostServices {
-                router: stage.capabilities.inference.then(|| router.clone()),
-                instances: metrics.stage(stage.name()).instances,
-                ledger: Arc::default(),
-            };
-            let plugin = load_stage(&runtime, stage, &config, &stage_services).await?;
-            stages.push((stage.clone(), plugin));
-            services.push((stage.clone(), stage_services));
-        }
-        let pipeline = Pipeline::start(stages, &metrics)?;
+        let planned = control::plan(&runtime, &config, &metrics, None).await?;
+        let pipeline = Pipeline::start(planned.plan, &metrics)?;
         let hot_swap = Arc::new(HotSwap::new(
-            runtime,
+            runtime.clone(),
             pipeline.clone(),
             metrics.clone(),
-            services,
+            planned.services,
+        ));
+        let reloader = Arc::new(Reloader::new(
+            runtime,
+            metrics.clone(),
+            pipeline.clone(),
+            hot_swap.clone(),
+            config.clone(),
+            source,
         ));
         if let Some(dir) = &config.plugins_dir {
-            match control::watch::unknown_plugins(dir) {
-                Some(files) => control::watch::warn_unknown(&files),
+            match control::watch::unknown_plugins(dir, &config) {
+                Some(files) => control::watch::warn_unknown(&files, &config),
                 None => tracing::warn!(
                     dir = %dir.display(),
                     "plugins directory cannot be read; using bundled plugins"
@@ -163,6 +155,7 @@ impl Orchestrator {
         let admin_routes = || {
             http::admin::routes(
                 hot_swap.clone(),
+                reloader.clone(),
                 config.admin_token.clone(),
                 config.max_plugin_bytes,
                 metrics.admin_auth_failures(),
@@ -183,6 +176,7 @@ impl Orchestrator {
                 )?;
                 let off = http::admin::routes(
                     hot_swap.clone(),
+                    reloader.clone(),
                     None,
                     config.max_plugin_bytes,
                     metrics.admin_auth_failures(),
@@ -196,7 +190,6 @@ impl Orchestrator {
                 http::openai::ApiState {
                     pipeline: pipeline.clone(),
                     shutdown: streams_cut,
-                    router: router.clone(),
                     request_timeout: Duration::from_millis(config.request_timeout_ms),
                     stream_stall: Duration::from_millis(config.stream_stall_ms),
                     max_body_bytes: config.max_body_bytes,
@@ -209,7 +202,7 @@ impl Orchestrator {
         )?;
         let ops = server::spawn(
             ops_listener,
-            http::ops::routes(metrics.clone(), Some(pipeline.clone()), Some(router)),
+            http::ops::routes(metrics.clone(), Some(pipeline.clone())),
             server::Limits {
                 max_connections: http::ops::MAX_CONNECTIONS,
                 ..api_limits(&config)
@@ -218,7 +211,7 @@ impl Orchestrator {
         )?;
         let watcher = config
             .watch
-            .then(|| control::watch::spawn(&config, hot_swap.clone()));
+            .then(|| control::watch::spawn(&config, hot_swap.clone(), reloader.clone()));
         Ok(Orchestrator {
             pipeline,
             cut_streams,
@@ -227,6 +220,7 @@ impl Orchestrator {
             ops,
             admin,
             watcher,
+            reloader,
             traces,
         })
     }
@@ -254,6 +248,11 @@ impl Orchestrator {
     /// The stages' plugin versions (hot swap and rollback).
     pub fn hot_swap(&self) -> &Arc<HotSwap> {
         &self.hot_swap
+    }
+
+    /// Configuration reload.
+    pub fn reloader(&self) -> &Arc<Reloader> {
+        &self.reloader
     }
 
     /// Graceful shutdown within one deadline, `grace` from now:
@@ -305,27 +304,6 @@ pub const STREAM_CUT_MARGIN: Duration = Duration::from_secs(1);
 
 /// How long the metrics server may take to stop once everything else has.
 pub const OPS_STOP: Duration = Duration::from_secs(1);
-
-/// Load the plugin of `stage` from its source.
-async fn load_stage(
-    runtime: &Runtime,
-    stage: &StageConfig,
-    config: &Config,
-    services: &HostServices,
-) -> Result<Arc<Plugin>, StartError> {
-    let source = stage.source(config.plugins_dir.as_deref());
-    let fail = |error| StartError::Plugin {
-        stage: stage.name(),
-        source_name: source.to_string(),
-        error,
-    };
-    let bytes = PluginBytes::read(&source, config.max_plugin_bytes).map_err(fail)?;
-    let (plugin, _) = runtime
-        .load(stage, source.clone(), bytes, services)
-        .await
-        .map_err(fail)?;
-    Ok(plugin)
-}
 
 /// Write the bundled corpus where a stage's grant expects it, if any grant
 /// names [`config::default_corpus_dir`].

@@ -22,7 +22,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use orchestrator::authoring::{self, Scaffold, SdkSource, Session};
-use orchestrator::config::{AdminToken, Stage};
+use orchestrator::config::{AdminToken, ConfigError, valid_name};
+use orchestrator::control::ConfigSource;
 use orchestrator::{Config, Orchestrator, metrics};
 
 /// A WebAssembly-plugin orchestration host for LLM request pipelines.
@@ -51,7 +52,7 @@ enum PluginCommand {
         name: String,
         /// The stage position it is written for.
         #[arg(long, value_parser = parse_stage)]
-        stage: Stage,
+        stage: String,
         /// Implement the chunk path too (the streaming-request-stage world).
         #[arg(long)]
         streaming: bool,
@@ -75,7 +76,7 @@ enum PluginCommand {
         file: PathBuf,
         /// The stage whose grants, limits and config apply.
         #[arg(long, value_parser = parse_stage)]
-        stage: Stage,
+        stage: String,
         /// Configuration file (TOML); without one, built-in defaults apply.
         #[arg(long, env = "ORCHESTRATOR_CONFIG")]
         config: Option<PathBuf>,
@@ -86,7 +87,7 @@ enum PluginCommand {
         file: PathBuf,
         /// The stage whose grants, limits and config apply.
         #[arg(long, value_parser = parse_stage)]
-        stage: Stage,
+        stage: String,
         /// The envelope to process, as JSON (any field may be left out).
         #[arg(long)]
         input: Option<PathBuf>,
@@ -104,8 +105,12 @@ enum PluginCommand {
     },
 }
 
-fn parse_stage(name: &str) -> Result<Stage, String> {
-    Stage::from_name(name).ok_or_else(|| format!("not a stage; the stages are {}", Stage::names()))
+fn parse_stage(name: &str) -> Result<String, String> {
+    if valid_name(name) {
+        Ok(name.to_string())
+    } else {
+        Err("stage names use 1 to 64 lower-case ASCII letters, digits, `-` and `_`".into())
+    }
 }
 
 /// Serve: the host's own flags.
@@ -141,7 +146,9 @@ struct Args {
     trace_endpoint: Option<String>,
 }
 
-fn load_config(args: &Args) -> anyhow::Result<Config> {
+/// The file (if any) with the command line's overrides: at startup and at
+/// every reload.
+fn load_config(args: &Args) -> Result<Config, ConfigError> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -176,8 +183,31 @@ fn load_config(args: &Args) -> anyhow::Result<Config> {
     if let Ok(token) = std::env::var("ORCHESTRATOR_ADMIN_TOKEN") {
         config.admin_token = AdminToken::new(token);
     }
+    if config.watch && config.plugins_dir.is_none() && args.config.is_none() {
+        return Err(ConfigError::Invalid {
+            key: "watch".into(),
+            message: "needs a plugins directory (`plugins_dir` or --plugins) or a --config file"
+                .into(),
+        });
+    }
     config.validate()?;
     Ok(config)
+}
+
+/// Reload the configuration on each `SIGHUP` (until the process ends).
+#[cfg(unix)]
+fn reload_on_sighup(reloader: std::sync::Arc<orchestrator::control::Reloader>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the admin API instead");
+        return;
+    };
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            // Logged and counted by the reloader, success or not.
+            let _ = reloader.reload("sighup").await;
+        }
+    });
 }
 
 async fn shutdown_signal() {
@@ -229,7 +259,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             };
             let scaffold = Scaffold {
                 name,
-                stage: stage.name().to_string(),
+                stage: stage.clone(),
                 streaming,
                 sdk,
             };
@@ -250,7 +280,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             stage,
             config,
         } => {
-            let session = Session::new(&config_file(config.as_ref())?, stage)?;
+            let session = Session::new(&config_file(config.as_ref())?, &stage)?;
             let (_, report) = session.load(&file).await?;
             print!("{report}");
         }
@@ -262,7 +292,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             repeat,
             config,
         } => {
-            let session = Session::new(&config_file(config.as_ref())?, stage)?;
+            let session = Session::new(&config_file(config.as_ref())?, &stage)?;
             let (plugin, _) = session.load(&file).await?;
             let input = match &input {
                 Some(path) => {
@@ -318,9 +348,15 @@ async fn main() -> anyhow::Result<()> {
     let args = cli.serve;
     let config = load_config(&args)?;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
-    let host = Orchestrator::start(config, metrics::global().clone())
+    let source = args.config.clone().map(|path| ConfigSource {
+        path,
+        read: Box::new(move || load_config(&args)),
+    });
+    let host = Orchestrator::start_with(config, metrics::global().clone(), source)
         .await
         .context("the orchestrator could not start")?;
+    #[cfg(unix)]
+    reload_on_sighup(host.reloader().clone());
     match host.admin_addr() {
         None => println!(
             "orchestrator listening api=http://{} metrics=http://{}",

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::error::AuthoringError;
 use crate::bundled;
-use crate::config::{Config, ConfigError, PluginSource, Stage, StageConfig};
+use crate::config::{Config, ConfigError, PluginSource, StageConfig};
 use crate::inference::Router;
 use crate::metrics::Metrics;
 use crate::wasm::{EngineSettings, HostServices, Plugin, PluginBytes, Runtime, inspect};
@@ -36,15 +36,19 @@ impl Session {
     ///
     /// The engine or the configured backends cannot be set up, or the
     /// bundled corpus cannot be installed for a stage granted it.
-    pub fn new(config: &Config, stage: Stage) -> Result<Session, AuthoringError> {
+    pub fn new(config: &Config, stage: &str) -> Result<Session, AuthoringError> {
         let mut config = config.clone();
+        let declared: Vec<&str> = config.stages.iter().map(|s| s.name()).collect();
+        let declared = declared.join(", ");
         let settings = config
             .stages
             .iter_mut()
-            .find(|s| s.stage == stage)
+            .find(|s| s.name() == stage)
             .ok_or_else(|| ConfigError::Invalid {
-                key: format!("stages.{}", stage.name()),
-                message: "is not configured".into(),
+                key: format!("stages.{stage}"),
+                message: format!(
+                    "is not configured (declare it in the --config file; the stages are {declared})"
+                ),
             })?;
         settings.fuel = Some(settings.fuel.unwrap_or(RUN_FUEL));
         let stage_config = settings.clone();
@@ -60,7 +64,7 @@ impl Session {
         Ok(Session {
             services: HostServices {
                 router: stage_config.capabilities.inference.then_some(router),
-                instances: metrics.stage(stage.name()).instances,
+                instances: metrics.stage(stage).instances,
                 ledger: Arc::default(),
             },
             stage: stage_config,

@@ -5,6 +5,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::pipeline::ModelRoute;
+
 /// What protocol a backend speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -124,15 +126,19 @@ impl BackendConfig {
     }
 }
 
-/// Which backend serves which model (`[routing]`).
+/// Which backend and pipeline serve which model (`[routing]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
-    /// Model name (as clients send it) → backend name. Listed by
-    /// `GET /v1/models`.
+    /// Model name (as clients send it) → backend (and pipeline). Listed
+    /// by `GET /v1/models`.
     #[serde(default)]
-    pub models: BTreeMap<String, String>,
+    pub models: BTreeMap<String, ModelRoute>,
     /// Backend for models not in `models`; without one they get 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<String>,
+    /// Pipeline of the models not in `models` (with `default`); `None`:
+    /// the pipeline named `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_pipeline: Option<String>,
 }

@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::backend::BackendKind;
 use crate::files::read_bounded;
 
 /// Largest config file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 use super::settings::{Config, ConfigError};
-use super::stage::{Stage, StageConfig};
+use super::stage::{Bundled, StageConfig, valid_name};
+use super::validate::invalid;
 
 impl Config {
     /// Read `path` over the defaults. Relative paths in the file are
@@ -41,265 +41,77 @@ impl Config {
         };
         let mut file: toml::Table = toml::from_str(text).map_err(|e| parse_error(e.to_string()))?;
         prepare_stages(&mut file)?;
+        let declared: Vec<String> = match file.get("stages") {
+            Some(toml::Value::Table(stages)) => stages.keys().cloned().collect(),
+            _ => Vec::new(),
+        };
         resolve_paths(&mut file, base)?;
         let mut merged = toml::Table::try_from(Config::default())
             .map_err(|e| parse_error(format!("the defaults cannot be laid out: {e}")))?;
+        declare_stages(&mut merged, &file)?;
         overlay(&mut merged, file);
         let config: Config = merged
             .try_into()
             .map_err(|e: toml::de::Error| parse_error(e.to_string()))?;
         config.validate()?;
+        // A stage the file declares but no pipeline runs is most likely a
+        // typo (`[stages.ragg]`): say so rather than ignore it.
+        for name in declared {
+            if !config.pipelines.values().any(|p| p.stages.contains(&name)) {
+                let pipelines: Vec<String> = config
+                    .pipelines
+                    .iter()
+                    .map(|(n, p)| format!("{n} = [{}]", p.stages.join(", ")))
+                    .collect();
+                return invalid(
+                    format!("stages.{name}"),
+                    &format!(
+                        "is declared, but no pipeline runs it; add it to a pipeline's `stages` \
+                         (pipelines: {})",
+                        pipelines.join("; ")
+                    ),
+                )
+                .map(|()| config);
+            }
+        }
         Ok(config)
     }
+}
 
-    /// Check ranges. Called by the loaders; call it again after changing
-    /// fields by hand.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bounds = [
-            ("request_timeout_ms", self.request_timeout_ms, 1, MAX_MS),
-            ("stream_stall_ms", self.stream_stall_ms, 1, MAX_MS),
-            (
-                "header_read_timeout_ms",
-                self.header_read_timeout_ms,
-                1,
-                MAX_MS,
-            ),
-            ("shutdown_grace_ms", self.shutdown_grace_ms, 1, MAX_MS),
-            ("max_body_bytes", self.max_body_bytes, 1, GIB),
-            ("max_plugin_bytes", self.max_plugin_bytes, 1, GIB),
-            ("max_connections", self.max_connections as u64, 1, 1_000_000),
-        ];
-        for (key, value, min, max) in bounds {
-            within(key.into(), value, min, max)?;
+/// Give each stage the file declares that the defaults lack the defaults
+/// of its bundled plugin (`bundled = "..."`, or the one it is named
+/// after), or the plain defaults, so the file's keys overlay them.
+fn declare_stages(merged: &mut toml::Table, file: &toml::Table) -> Result<(), ConfigError> {
+    let Some(toml::Value::Table(declared)) = file.get("stages") else {
+        return Ok(());
+    };
+    let Some(toml::Value::Table(stages)) = merged.get_mut("stages") else {
+        return Ok(());
+    };
+    for (name, stage) in declared {
+        if stages.contains_key(name) {
+            continue;
         }
-        if self.watch && self.plugins_dir.is_none() {
-            return invalid(
-                "watch".into(),
-                "needs a plugins directory (`plugins_dir` or --plugins)",
-            );
-        }
-        self.validate_backends()?;
-        self.validate_tracing()?;
-        for stage in &self.stages {
-            validate_stage(stage)?;
-            self.validate_grants(stage)?;
-        }
-        Ok(())
-    }
-
-    /// A stage may not be granted the artifact cache (native code the host
-    /// runs), its key (a sibling), or a directory holding them.
-    fn validate_grants(&self, stage: &StageConfig) -> Result<(), ConfigError> {
-        let Some(cache) = &self.cache_dir else {
-            return Ok(());
-        };
-        let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-        let cache = canonical(cache);
-        for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
-            let host = canonical(&dir.host);
-            if host.starts_with(&cache) || cache.starts_with(&host) {
-                return invalid(
-                    format!("stages.{}.capabilities.dirs[{n}].host", stage.name()),
-                    &format!(
-                        "would expose the compiled-artifact cache ({}) to the plugin",
-                        cache.display()
+        let bundled = match stage.get("bundled") {
+            Some(toml::Value::String(plugin)) => Some(Bundled::from_name(plugin).ok_or_else(
+                || ConfigError::Invalid {
+                    key: format!("stages.{name}.bundled"),
+                    message: format!(
+                        "`{plugin}` is not a bundled plugin; they are {}",
+                        Bundled::names()
                     ),
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn validate_tracing(&self) -> Result<(), ConfigError> {
-        let tracing = &self.tracing;
-        within(
-            "tracing.max_queued_spans".into(),
-            tracing.max_queued_spans as u64,
-            1,
-            1_000_000,
-        )?;
-        within(
-            "tracing.export_timeout_ms".into(),
-            tracing.export_timeout_ms,
-            1,
-            MAX_MS,
-        )?;
-        if let Some(ratio) = tracing.sampling_ratio
-            && !(0.0..=1.0).contains(&ratio)
-        {
-            return invalid("tracing.sampling_ratio".into(), "must be between 0 and 1");
-        }
-        if let Some(endpoint) = &tracing.endpoint
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-        {
-            return invalid(
-                "tracing.endpoint".into(),
-                "must be an http:// or https:// URL (OTLP/HTTP)",
-            );
-        }
-        Ok(())
-    }
-
-    fn validate_backends(&self) -> Result<(), ConfigError> {
-        for (name, backend) in &self.backends {
-            let key = |field: &str| format!("backends.{name}.{field}");
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return invalid(
-                    format!("backends.{name}"),
-                    "names may use only ASCII letters, digits, `-` and `_`",
-                );
-            }
-            match (backend.kind, &backend.base_url) {
-                (BackendKind::Openai, None) => {
-                    return invalid(key("base_url"), "is required for kind \"openai\"");
-                }
-                (BackendKind::Openai, Some(url))
-                    if !(url.starts_with("http://") || url.starts_with("https://")) =>
-                {
-                    return invalid(
-                        key("base_url"),
-                        &format!("must be an http:// or https:// URL, got {url:?}"),
-                    );
-                }
-                _ => {}
-            }
-            for (field, value, min, max) in [
-                ("request_timeout_ms", backend.request_timeout_ms, 1, MAX_MS),
-                ("connect_timeout_ms", backend.connect_timeout_ms, 1, MAX_MS),
-                ("max_concurrent", backend.max_concurrent as u64, 1, 100_000),
-                ("max_retries", u64::from(backend.max_retries), 0, 100),
-                (
-                    "max_tokens_limit",
-                    u64::from(backend.max_tokens_limit),
-                    1,
-                    u64::from(u32::MAX),
-                ),
-                ("retry_backoff_ms", backend.retry_backoff_ms, 0, MAX_MS),
-                (
-                    "breaker_failures",
-                    u64::from(backend.breaker_failures),
-                    1,
-                    u64::from(u32::MAX),
-                ),
-                (
-                    "breaker_cooldown_ms",
-                    backend.breaker_cooldown_ms,
-                    0,
-                    MAX_MS,
-                ),
-                (
-                    "breaker_probes",
-                    u64::from(backend.breaker_probes),
-                    1,
-                    10_000,
-                ),
-            ] {
-                within(key(field), value, min, max)?;
-            }
-            if let Some(other) = &backend.failover
-                && (other == name || !self.backends.contains_key(other))
-            {
-                return invalid(
-                    key("failover"),
-                    &format!("names {other:?}, which is not another configured backend"),
-                );
-            }
-        }
-        let routes = self
-            .routing
-            .models
-            .iter()
-            .map(|(model, backend)| (format!("routing.models.{model}"), backend))
-            .chain(
-                self.routing
-                    .default
-                    .iter()
-                    .map(|backend| ("routing.default".to_string(), backend)),
-            );
-        for (key, backend) in routes {
-            if !self.backends.contains_key(backend) {
-                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
-                return invalid(
-                    key,
-                    &format!(
-                        "names backend {backend:?}, which is not configured (backends: {})",
-                        known.join(", ")
-                    ),
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Longest duration any `*_ms` setting may have: a day.
-const MAX_MS: u64 = 24 * 60 * 60 * 1000;
-const GIB: u64 = 1 << 30;
-
-/// Check that `value` of `key` is in `min..=max`.
-fn within(key: String, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
-    if value < min || value > max {
-        let message = match (min, max) {
-            (1, u64::MAX) => "must be at least 1".to_string(),
-            (min, u64::MAX) => format!("must be at least {min}"),
-            (min, max) => format!("must be between {min} and {max}"),
+                },
+            )?),
+            _ => Bundled::from_name(name),
         };
-        return invalid(key, &message);
-    }
-    Ok(())
-}
-
-fn invalid(key: String, message: &str) -> Result<(), ConfigError> {
-    Err(ConfigError::Invalid {
-        key,
-        message: message.into(),
-    })
-}
-
-fn validate_stage(stage: &StageConfig) -> Result<(), ConfigError> {
-    let key = |field: &str| format!("stages.{}.{field}", stage.name());
-    for (field, value, min, max) in [
-        ("workers", stage.workers as u64, 1, 256),
-        // The queue's slots are allocated up front.
-        ("queue_capacity", stage.queue_capacity as u64, 1, 65_536),
-        ("recycle_after", stage.recycle_after, 1, u64::MAX),
-        ("timeout_ms", stage.timeout_ms, 1, MAX_MS),
-        // One wasm page to the whole 32-bit address space.
-        (
-            "max_memory_bytes",
-            stage.max_memory_bytes as u64,
-            65_536,
-            4 * GIB,
-        ),
-        (
-            "max_output_bytes",
-            stage.max_output_bytes as u64,
-            1,
-            4 * GIB,
-        ),
-        ("fuel", stage.fuel.unwrap_or(1), 1, u64::MAX),
-        (
-            "breaker_failures",
-            u64::from(stage.breaker_failures),
-            1,
-            u64::from(u32::MAX),
-        ),
-        ("breaker_cooldown_ms", stage.breaker_cooldown_ms, 0, MAX_MS),
-        ("breaker_probes", u64::from(stage.breaker_probes), 1, 10_000),
-    ] {
-        within(key(field), value, min, max)?;
-    }
-    for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
-        if !dir.guest.starts_with('/') {
-            return invalid(
-                key(&format!("capabilities.dirs[{n}].guest")),
-                "must be an absolute guest path such as \"/corpus\"",
-            );
-        }
+        let defaults =
+            toml::Table::try_from(StageConfig::default_for(name, bundled)).map_err(|e| {
+                ConfigError::Invalid {
+                    key: format!("stages.{name}"),
+                    message: format!("its defaults cannot be laid out: {e}"),
+                }
+            })?;
+        stages.insert(name.clone(), toml::Value::Table(defaults));
     }
     Ok(())
 }
@@ -377,10 +189,11 @@ fn prepare_stages(file: &mut toml::Table) -> Result<(), ConfigError> {
         return Ok(());
     };
     for (name, stage) in stages.iter_mut() {
-        if Stage::from_name(name).is_none() {
+        if !valid_name(name) {
             return Err(ConfigError::Invalid {
                 key: format!("stages.{name}"),
-                message: format!("is not a stage; the stages are {}", Stage::names()),
+                message: "stage names use 1 to 64 lower-case ASCII letters, digits, `-` and `_`"
+                    .into(),
             });
         }
         let Some(toml::Value::Table(config)) = stage.get_mut("config") else {
@@ -407,6 +220,7 @@ fn prepare_stages(file: &mut toml::Table) -> Result<(), ConfigError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::backend::BackendKind;
     use super::super::stage::InstanceMode;
     use super::*;
 
@@ -443,7 +257,7 @@ mod tests {
         let post = config.stage("post").unwrap();
         assert_eq!(post.instance_mode, InstanceMode::PerRequest);
         assert_eq!(post.fuel, Some(1000));
-        assert_eq!(config.stages[3].stage, Stage::Post, "pipeline order");
+        assert_eq!(config.stages[3].name(), "post", "pipeline order");
     }
 
     #[test]
@@ -491,8 +305,8 @@ mod tests {
         assert_eq!(llama.api_key_env.as_deref(), Some("LLAMA_KEY"));
         assert_eq!(llama.max_retries, 0);
         assert_eq!(llama.request_timeout_ms, 30_000, "defaults filled in");
-        assert_eq!(config.routing.models["gemma"], "llama");
-        assert_eq!(config.routing.models["echo"], "echo");
+        assert_eq!(config.routing.models["gemma"], "llama".into());
+        assert_eq!(config.routing.models["echo"], "echo".into());
         assert_eq!(config.routing.default.as_deref(), Some("llama"));
         assert!(config.admin_token.is_some_and(|t| t.matches("t")));
         assert!(parse("admin_token = \" \"").unwrap().admin_token.is_none());
@@ -530,7 +344,7 @@ mod tests {
 
         #[test]
         fn arbitrary_stage_sections_never_panic(
-            stage in proptest::sample::select(Stage::ALL.map(Stage::name).to_vec()),
+            stage in proptest::sample::select(vec!["rag", "post", "guard", "custom"]),
             key in "[a-z_]{1,20}",
             value in proptest::prop_oneof![
                 "-?[0-9]{1,22}",

@@ -44,12 +44,17 @@
 mod backend;
 mod file;
 mod paths;
+mod pipeline;
 mod settings;
 mod stage;
 mod traces;
+mod validate;
 
 pub use backend::{BackendConfig, BackendKind, RoutingConfig};
 pub use paths::default_corpus_dir;
+pub use pipeline::{DEFAULT_PIPELINE, ModelRoute, PipelineConfig};
 pub use settings::{AdminToken, Config, ConfigError};
-pub use stage::{Capabilities, DirGrant, InstanceMode, PluginSource, Stage, StageConfig};
+pub use stage::{
+    Bundled, Capabilities, DirGrant, InstanceMode, PluginSource, StageConfig, intern, valid_name,
+};
 pub use traces::TracingConfig;

@@ -12,7 +12,8 @@ use sha2::{Digest, Sha256};
 
 use super::backend::{BackendConfig, BackendKind, RoutingConfig};
 use super::paths::default_cache_dir;
-use super::stage::{Stage, StageConfig};
+use super::pipeline::{ModelRoute, PipelineConfig, default_pipelines};
+use super::stage::{Bundled, StageConfig, intern, valid_name};
 use super::traces::TracingConfig;
 
 /// A configuration error, naming the offending key where there is one.
@@ -126,9 +127,13 @@ pub struct Config {
     pub backends: BTreeMap<String, BackendConfig>,
     /// Model → backend routing.
     pub routing: RoutingConfig,
-    /// Every stage, in pipeline order (a table by stage name in the file).
+    /// Every declared stage (a table by stage name in the file): the five
+    /// defaults first, in the default pipeline's order, then the others by
+    /// name.
     #[serde(with = "stages_by_name")]
     pub stages: Vec<StageConfig>,
+    /// The pipelines by name (`default` is the five default stages).
+    pub pipelines: BTreeMap<String, PipelineConfig>,
     /// OpenTelemetry trace export (`[tracing]`).
     #[serde(default)]
     pub tracing: TracingConfig,
@@ -156,10 +161,14 @@ impl Default for Config {
                 BackendConfig::of_kind(BackendKind::Echo),
             )]),
             routing: RoutingConfig {
-                models: BTreeMap::from([("echo".to_string(), "echo".to_string())]),
+                models: BTreeMap::from([("echo".to_string(), ModelRoute::from("echo"))]),
                 default: None,
+                default_pipeline: None,
             },
-            stages: Stage::ALL.map(StageConfig::default_for).to_vec(),
+            stages: Bundled::DEFAULT_PIPELINE
+                .map(StageConfig::bundled_default)
+                .to_vec(),
+            pipelines: default_pipelines(),
             tracing: TracingConfig::default(),
         }
     }
@@ -169,6 +178,36 @@ impl Config {
     /// The settings of stage `name`.
     pub fn stage(&self, name: &str) -> Option<&StageConfig> {
         self.stages.iter().find(|s| s.name() == name)
+    }
+
+    /// The stages some pipeline names, in order of first appearance (the
+    /// default pipeline's first): the stages the host loads and runs. A
+    /// declared stage no pipeline names is not loaded.
+    pub fn stages_in_use(&self) -> Vec<&StageConfig> {
+        let mut names: Vec<&str> = Vec::new();
+        let default = self.pipelines.get(super::pipeline::DEFAULT_PIPELINE);
+        let others = self
+            .pipelines
+            .iter()
+            .filter(|(name, _)| *name != super::pipeline::DEFAULT_PIPELINE)
+            .map(|(_, p)| p);
+        for pipeline in default.into_iter().chain(others) {
+            for stage in &pipeline.stages {
+                if !names.contains(&stage.as_str()) {
+                    names.push(stage);
+                }
+            }
+        }
+        names.into_iter().filter_map(|n| self.stage(n)).collect()
+    }
+
+    /// A digest of the configuration (its canonical TOML form, without
+    /// the admin token): 16 hex digits, in `/health` and
+    /// `orchestrator_config_info{hash}`.
+    pub fn hash(&self) -> String {
+        let text = toml::to_string(self).unwrap_or_default();
+        let digest = Sha256::digest(text.as_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -192,20 +231,22 @@ mod stages_by_name {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<StageConfig>, D::Error> {
         let mut by_name = BTreeMap::<String, StageConfig>::deserialize(d)?;
-        let mut stages = Vec::with_capacity(Stage::ALL.len());
-        for stage in Stage::ALL {
-            let mut settings = by_name
-                .remove(stage.name())
-                .ok_or_else(|| D::Error::custom(format!("stage `{stage}` is missing")))?;
-            settings.stage = stage;
+        let mut stages = Vec::with_capacity(by_name.len());
+        for bundled in Bundled::DEFAULT_PIPELINE {
+            if let Some(mut settings) = by_name.remove(bundled.name()) {
+                settings.name = bundled.name();
+                stages.push(settings);
+            }
+        }
+        for (name, mut settings) in by_name {
+            if !valid_name(&name) {
+                return Err(D::Error::custom(format!(
+                    "stage name `{name}`: use 1 to 64 lower-case ASCII letters, digits, `-` and `_`"
+                )));
+            }
+            settings.name = intern(&name);
             stages.push(settings);
         }
-        match by_name.keys().next() {
-            Some(unknown) => Err(D::Error::custom(format!(
-                "`{unknown}` is not a stage; the stages are {}",
-                Stage::names()
-            ))),
-            None => Ok(stages),
-        }
+        Ok(stages)
     }
 }

@@ -9,11 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use super::paths::default_corpus_dir;
 
-/// The stages of the pipeline, in order. This is the one place the list is
-/// spelled out (`host/build.rs` builds the matching `plugins/<stage>`
-/// crates); the rest of the host iterates [`Stage::ALL`].
+/// The plugins bundled in the host binary. This is the one place the list
+/// is spelled out (`host/build.rs` builds the matching `plugins/<name>`
+/// crates). A stage named after one of them uses it unless it says
+/// otherwise; any stage may name one with `bundled = "<name>"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Stage {
+pub enum Bundled {
     /// Retrieval: adds passages from a corpus.
     Rag,
     /// Prompt assembly.
@@ -24,44 +25,107 @@ pub enum Stage {
     Post,
     /// Splitting the completion into chunks for streaming.
     Stream,
+    /// Refusing prompts that match configured patterns (before inference).
+    Guard,
 }
 
-impl Stage {
-    /// Every stage, in pipeline order.
-    pub const ALL: [Stage; 5] = [
-        Stage::Rag,
-        Stage::Assemble,
-        Stage::Inference,
-        Stage::Post,
-        Stage::Stream,
+impl Bundled {
+    /// Every bundled plugin.
+    pub const ALL: [Bundled; 6] = [
+        Bundled::Rag,
+        Bundled::Assemble,
+        Bundled::Inference,
+        Bundled::Post,
+        Bundled::Stream,
+        Bundled::Guard,
     ];
 
-    /// The stage's name: its config key, metric label and plugin file stem.
+    /// The stages declared when the configuration declares none, in the
+    /// order of the default pipeline.
+    pub const DEFAULT_PIPELINE: [Bundled; 5] = [
+        Bundled::Rag,
+        Bundled::Assemble,
+        Bundled::Inference,
+        Bundled::Post,
+        Bundled::Stream,
+    ];
+
+    /// The plugin's name: the name of the default stage that runs it.
     pub fn name(self) -> &'static str {
         match self {
-            Stage::Rag => "rag",
-            Stage::Assemble => "assemble",
-            Stage::Inference => "inference",
-            Stage::Post => "post",
-            Stage::Stream => "stream",
+            Bundled::Rag => "rag",
+            Bundled::Assemble => "assemble",
+            Bundled::Inference => "inference",
+            Bundled::Post => "post",
+            Bundled::Stream => "stream",
+            Bundled::Guard => "guard",
         }
     }
 
-    /// The stage called `name`, if there is one.
-    pub fn from_name(name: &str) -> Option<Stage> {
-        Stage::ALL.into_iter().find(|s| s.name() == name)
+    /// The bundled plugin called `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<Bundled> {
+        Bundled::ALL.into_iter().find(|s| s.name() == name)
     }
 
-    /// The stage names, comma-separated, for messages.
+    /// The bundled plugins' names, comma-separated, for messages.
     pub fn names() -> String {
-        Stage::ALL.map(Stage::name).join(", ")
+        Bundled::ALL.map(Bundled::name).join(", ")
     }
 }
 
-impl fmt::Display for Stage {
+impl fmt::Display for Bundled {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
     }
+}
+
+impl Serialize for Bundled {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for Bundled {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Bundled, D::Error> {
+        let name = String::deserialize(d)?;
+        Bundled::from_name(&name).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "`{name}` is not a bundled plugin; they are {}",
+                Bundled::names()
+            ))
+        })
+    }
+}
+
+/// The `&'static str` for the stage name `name`: stage names are metric
+/// labels, error fields and thread names all over the host, and they are
+/// few (bounded by the configurations loaded), so each distinct name is
+/// leaked once and shared from then on.
+pub fn intern(name: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(known) = names.get(name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.insert(leaked);
+    leaked
+}
+
+/// Whether `name` may name a stage or a pipeline: 1 to 64 ASCII
+/// lower-case letters, digits, `-` and `_` (it becomes a metric label
+/// value, a file stem and part of a URL path).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// How a stage's workers use plugin instances.
@@ -116,8 +180,8 @@ pub struct Capabilities {
 /// Where a stage's plugin comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PluginSource {
-    /// The component of this stage embedded in the host binary.
-    Bundled(Stage),
+    /// A plugin embedded in the host binary.
+    Bundled(Bundled),
     /// A component file.
     File(PathBuf),
     /// Bytes uploaded through the admin API.
@@ -127,6 +191,8 @@ pub enum PluginSource {
 impl fmt::Display for PluginSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            // Kept as it was when each stage had exactly one bundled plugin:
+            // `/health` and the admin API report it.
             PluginSource::Bundled(_) => f.write_str("bundled"),
             PluginSource::File(path) => write!(f, "{}", path.display()),
             PluginSource::Upload => f.write_str("upload"),
@@ -135,17 +201,24 @@ impl fmt::Display for PluginSource {
 }
 
 /// One stage's settings (`[stages.<name>]`). In the file every key is
-/// optional and overlays the stage's defaults ([`StageConfig::default_for`]).
+/// optional and overlays the stage's defaults ([`StageConfig::default_for`]:
+/// those of its bundled plugin, if it runs one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StageConfig {
-    /// Which stage.
-    #[serde(skip, default = "placeholder_stage")]
-    pub stage: Stage,
-    /// An explicit plugin file; `None` means `<plugins dir>/<stage>.wasm` if
-    /// that exists, else the bundled plugin.
+    /// The stage's name: its config key, metric label, admin path and
+    /// plugin file stem (set from the table's key).
+    #[serde(skip)]
+    pub name: &'static str,
+    /// An explicit plugin file; `None` means `<plugins dir>/<name>.wasm` if
+    /// that exists, else the bundled plugin `bundled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin: Option<PathBuf>,
+    /// The bundled plugin the stage runs when no file is found. A stage
+    /// named after a bundled plugin defaults to it; any other stage has
+    /// none unless it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundled: Option<Bundled>,
     /// Bound of the stage's queue; admission control refuses requests
     /// beyond it.
     pub queue_capacity: usize,
@@ -177,17 +250,14 @@ pub struct StageConfig {
     pub config: BTreeMap<String, String>,
 }
 
-fn placeholder_stage() -> Stage {
-    Stage::Rag
-}
-
 impl StageConfig {
-    /// The defaults of `stage`.
-    pub fn default_for(stage: Stage) -> StageConfig {
+    /// The defaults of the stage `name`, running the bundled plugin
+    /// `bundled` (whose grants and config it takes) if any.
+    pub fn default_for(name: &str, bundled: Option<Bundled>) -> StageConfig {
         let mut capabilities = Capabilities::default();
         let mut config = BTreeMap::new();
-        match stage {
-            Stage::Rag => {
+        match bundled {
+            Some(Bundled::Rag) => {
                 capabilities.dirs.push(DirGrant {
                     host: default_corpus_dir(),
                     guest: "/corpus".into(),
@@ -195,18 +265,19 @@ impl StageConfig {
                 });
                 config.insert("corpus_dir".into(), "/corpus".into());
             }
-            Stage::Inference => capabilities.inference = true,
-            Stage::Assemble | Stage::Post | Stage::Stream => {}
+            Some(Bundled::Inference) => capabilities.inference = true,
+            _ => {}
         }
         StageConfig {
-            stage,
+            name: intern(name),
             plugin: None,
+            bundled,
             queue_capacity: 1024,
             workers: 2,
             instance_mode: InstanceMode::Reuse,
             recycle_after: 10_000,
             // A generation may take as long as the whole request may.
-            timeout_ms: if stage == Stage::Inference {
+            timeout_ms: if capabilities.inference {
                 30_000
             } else {
                 5_000
@@ -222,19 +293,26 @@ impl StageConfig {
         }
     }
 
-    /// The stage's name.
-    pub fn name(&self) -> &'static str {
-        self.stage.name()
+    /// The defaults of the default stage running `bundled`.
+    pub fn bundled_default(bundled: Bundled) -> StageConfig {
+        StageConfig::default_for(bundled.name(), Some(bundled))
     }
 
-    /// Where this stage's plugin comes from, given the plugins directory.
-    pub fn source(&self, plugins_dir: Option<&Path>) -> PluginSource {
+    /// The stage's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Where this stage's plugin comes from, given the plugins directory:
+    /// its `plugin` file, else `<plugins dir>/<name>.wasm` if that exists,
+    /// else its bundled plugin; `None` when it has none of them.
+    pub fn source(&self, plugins_dir: Option<&Path>) -> Option<PluginSource> {
         if let Some(path) = &self.plugin {
-            return PluginSource::File(path.clone());
+            return Some(PluginSource::File(path.clone()));
         }
         match plugins_dir.map(|dir| dir.join(format!("{}.wasm", self.name()))) {
-            Some(path) if path.exists() => PluginSource::File(path),
-            _ => PluginSource::Bundled(self.stage),
+            Some(path) if path.exists() => Some(PluginSource::File(path)),
+            _ => self.bundled.map(PluginSource::Bundled),
         }
     }
 }

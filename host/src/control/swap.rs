@@ -25,8 +25,9 @@
 //!    dropped: workers drop an outdated instance at their next call, or
 //!    within [`crate::pipeline::IDLE_RECHECK`] when idle.
 //!
-//! Swaps of one stage are serialized; swaps of different stages run
-//! independently. Installing the bytes of the version already active is a
+//! Swaps, rollbacks and configuration reloads ([`super::reload`]) are
+//! serialized: a swap never publishes a version loaded for settings a
+//! reload has just replaced. Installing the bytes of the version already active is a
 //! no-op (`unchanged: true`): nothing is reloaded and the rollback target is
 //! kept.
 //!
@@ -110,7 +111,7 @@ pub struct SwapReport {
     pub unchanged: bool,
 }
 
-struct Entry {
+pub(super) struct Entry {
     settings: StageConfig,
     services: HostServices,
     /// Serializes swaps of this stage; holds the previous version.
@@ -124,7 +125,10 @@ pub struct HotSwap {
     runtime: Arc<Runtime>,
     pipeline: Pipeline,
     metrics: Arc<Metrics>,
-    entries: Vec<Entry>,
+    /// One entry per stage in use; replaced by a reload.
+    entries: std::sync::RwLock<Vec<Arc<Entry>>>,
+    /// Held by each swap, rollback and reload.
+    pub(super) serial: tokio::sync::Mutex<()>,
 }
 
 fn info(plugin: &Plugin, ledger: &CallLedger) -> VersionInfo {
@@ -143,31 +147,59 @@ impl HotSwap {
         metrics: Arc<Metrics>,
         stages: Vec<(StageConfig, HostServices)>,
     ) -> HotSwap {
-        let entries = stages
+        let swap = HotSwap {
+            runtime,
+            pipeline,
+            metrics,
+            entries: std::sync::RwLock::new(Vec::new()),
+            serial: tokio::sync::Mutex::new(()),
+        };
+        swap.sync(stages);
+        swap
+    }
+
+    /// Take the stages of a new configuration: a stage whose settings are
+    /// unchanged keeps its entry (its previous version for rollback, its
+    /// call ledger); the others get new ones. Called by a reload, holding
+    /// `serial`.
+    pub(super) fn sync(&self, stages: Vec<(StageConfig, HostServices)>) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let next = stages
             .into_iter()
             .map(|(settings, services)| {
-                let (ok, error) = metrics.reloads(settings.name());
-                Entry {
+                if let Some(kept) = entries.iter().find(|e| e.settings == settings) {
+                    return kept.clone();
+                }
+                let (ok, error) = self.metrics.reloads(settings.name());
+                Arc::new(Entry {
                     settings,
                     services,
                     previous: tokio::sync::Mutex::new(None),
                     reload_ok: ok,
                     reload_error: error,
-                }
+                })
             })
             .collect();
-        HotSwap {
-            runtime,
-            pipeline,
-            metrics,
-            entries,
-        }
+        *entries = next;
     }
 
-    fn entry(&self, stage: &str) -> Result<&Entry, SwapError> {
-        self.entries
+    /// The services stage `name`'s plugins are loaded with, if it is in
+    /// use with exactly `settings` (a reload loads with them, so the call
+    /// ledger carries on).
+    pub(super) fn services(&self, settings: &StageConfig) -> Option<HostServices> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .iter()
+            .find(|e| e.settings == *settings)
+            .map(|e| e.services.clone())
+    }
+
+    fn entry(&self, stage: &str) -> Result<Arc<Entry>, SwapError> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
             .iter()
             .find(|e| e.settings.name() == stage)
+            .cloned()
             .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))
     }
 
@@ -179,10 +211,11 @@ impl HotSwap {
         bytes: Vec<u8>,
     ) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
+        let _serial = self.serial.lock().await;
         let entry = self.entry(stage)?;
         let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
-        let active = self.active(name);
+        let active = self.active(name)?;
         let bytes = PluginBytes::new(bytes);
         if bytes.sha256() == active.sha256() {
             return Ok(SwapReport {
@@ -206,7 +239,7 @@ impl HotSwap {
                 return Err(SwapError::Invalid { stage: name, error });
             }
         };
-        let old = self.publish(name, plugin.clone());
+        let old = self.publish(name, plugin.clone())?;
         entry.reload_ok.inc();
         let report = SwapReport {
             stage: name,
@@ -225,11 +258,12 @@ impl HotSwap {
     /// compilation, no validation needed).
     pub async fn rollback(&self, stage: &str) -> Result<SwapReport, SwapError> {
         let started = Instant::now();
+        let _serial = self.serial.lock().await;
         let entry = self.entry(stage)?;
         let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
         let target = previous.take().ok_or(SwapError::NoPrevious(name))?;
-        let old = self.publish(name, target.clone());
+        let old = self.publish(name, target.clone())?;
         entry.reload_ok.inc();
         *previous = Some(old.clone());
         tracing::info!(stage = name, sha256 = %target.sha256(), "plugin rolled back");
@@ -243,25 +277,35 @@ impl HotSwap {
         })
     }
 
-    fn active(&self, stage: &str) -> Arc<Plugin> {
+    fn active(&self, stage: &str) -> Result<Arc<Plugin>, SwapError> {
         self.pipeline
             .plugin(stage)
-            .expect("every registry entry is a pipeline stage")
+            .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))
     }
 
-    fn publish(&self, stage: &'static str, plugin: Arc<Plugin>) -> Arc<Plugin> {
-        self.metrics.set_plugin_version(stage, plugin.sha256());
-        self.pipeline
+    fn publish(&self, stage: &'static str, plugin: Arc<Plugin>) -> Result<Arc<Plugin>, SwapError> {
+        let sha256 = plugin.sha256().to_string();
+        let old = self
+            .pipeline
             .swap(stage, plugin)
-            .expect("every registry entry is a pipeline stage")
+            .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))?;
+        self.metrics.set_plugin_version(stage, &sha256);
+        Ok(old)
     }
 
     /// Every stage's active and previous versions.
     pub async fn status(&self) -> Vec<StageVersions> {
-        let mut out = Vec::with_capacity(self.entries.len());
-        for entry in &self.entries {
+        let entries = self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in &entries {
             let ledger = &entry.services.ledger;
-            let active = self.active(entry.settings.name());
+            let Ok(active) = self.active(entry.settings.name()) else {
+                continue;
+            };
             let previous = entry.previous.lock().await;
             out.push(StageVersions {
                 stage: entry.settings.name(),

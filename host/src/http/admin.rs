@@ -1,5 +1,5 @@
 //! The admin API, on the API address or on its own (`admin_listen`):
-//! hot-swap and roll back stage plugins. Off unless a token is configured (`admin_token` in the config
+//! hot-swap and roll back stage plugins, reload the configuration. Off unless a token is configured (`admin_token` in the config
 //! file, or the `ORCHESTRATOR_ADMIN_TOKEN` environment variable); without
 //! one these paths answer 404 like any unknown path.
 //!
@@ -8,6 +8,10 @@
 //! - `GET /admin/stages` — per stage the active and previous versions with
 //!   their calls.
 //! - `POST /admin/stages/{stage}/rollback` — back to the previous version.
+//! - `POST /admin/config/reload` — read the configuration file again and
+//!   switch to it (see [`crate::control::reload`]): 200 with the new and
+//!   previous hash (`result` `ok` or `unchanged`), or 422 with the reason
+//!   it was refused (409 when the host has no file).
 //!
 //! Every request needs `Authorization: Bearer <token>` (the scheme in any
 //! case); a missing or wrong token gets 401 and changes nothing, and is
@@ -35,7 +39,7 @@ use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
 use crate::config::{AdminToken, PluginSource};
-use crate::control::{HotSwap, SwapError, SwapReport};
+use crate::control::{HotSwap, ReloadError, Reloader, SwapError, SwapReport};
 use crate::http::error::{ApiError, json_response};
 use crate::http::server::ClientAddr;
 
@@ -90,6 +94,7 @@ impl Failures {
 /// The admin routes: disabled (rejecting with "not found") without a token.
 pub fn routes(
     swap: Arc<HotSwap>,
+    reloader: Arc<Reloader>,
     token: Option<AdminToken>,
     max_plugin_bytes: u64,
     failures: IntCounter,
@@ -160,14 +165,39 @@ pub fn routes(
         );
     let rollback = warp::path!("admin" / "stages" / String / "rollback")
         .and(warp::post())
-        .and(auth)
+        .and(auth.clone())
         .and(swap)
         .then(|stage: String, swap: Arc<HotSwap>| async move {
             swap_reply(swap.rollback(&stage).await)
         });
+    let reload = warp::path!("admin" / "config" / "reload")
+        .and(warp::post())
+        .and(auth)
+        .and(warp::any().map(move || reloader.clone()))
+        .then(|reloader: Arc<Reloader>| async move {
+            match reloader.reload("admin").await {
+                Ok(report) => json_response(StatusCode::OK, &report),
+                Err(error) => {
+                    let (status, code) = match &error {
+                        ReloadError::NoFile => (StatusCode::CONFLICT, "no_config_file"),
+                        ReloadError::Fixed(_) => {
+                            (StatusCode::UNPROCESSABLE_ENTITY, "needs_restart")
+                        }
+                        ReloadError::Threads(_) => {
+                            (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+                        }
+                        _ => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config"),
+                    };
+                    ApiError::with_code(status, "invalid_request_error", code, error.report())
+                        .into_response()
+                }
+            }
+        });
     list.or(install)
         .unify()
         .or(rollback)
+        .unify()
+        .or(reload)
         .unify()
         .recover(refusal)
         .unify()
@@ -184,7 +214,7 @@ pub fn standalone(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "not_found",
-                "this is the admin listener: /admin/stages[/{stage}[/rollback]]",
+                "this is the admin listener: /admin/stages[/{stage}[/rollback]], /admin/config/reload",
             )
             .into_response()
         }))

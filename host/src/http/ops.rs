@@ -22,7 +22,7 @@ use warp::reply::Response;
 
 use crate::http::error::json_response;
 use crate::http::server::{self, BindError, ServerHandle};
-use crate::inference::{BackendHealth, Router};
+use crate::inference::BackendHealth;
 use crate::metrics::{BreakerState, Metrics, global};
 use crate::pipeline::{Health, HealthStatus, Pipeline};
 
@@ -35,14 +35,37 @@ pub struct HealthReport {
     pub pipeline: Health,
     /// The inference backends.
     pub backends: Vec<BackendHealth>,
+    /// Each model clients may ask for: its backend and pipeline.
+    pub models: Vec<ModelHealth>,
+}
+
+/// `/health`'s view of one model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelHealth {
+    /// The model name clients send.
+    pub model: String,
+    /// The backend serving it.
+    pub backend: String,
+    /// The pipeline its requests run through.
+    pub pipeline: String,
 }
 
 impl HealthReport {
-    /// The report of `pipeline` and the backends of `router`.
-    pub fn new(pipeline: &Pipeline, router: Option<&Router>) -> HealthReport {
+    /// The report of `pipeline` and the backends of its configuration.
+    pub fn new(pipeline: &Pipeline) -> HealthReport {
+        let generation = pipeline.generation();
+        let router = generation.router();
         let mut report = HealthReport {
             pipeline: pipeline.health(),
-            backends: router.map(Router::health).unwrap_or_default(),
+            backends: router.health(),
+            models: router
+                .models()
+                .map(|(model, backend, pipeline)| ModelHealth {
+                    model: model.to_string(),
+                    backend: backend.to_string(),
+                    pipeline: pipeline.to_string(),
+                })
+                .collect(),
         };
         if report.pipeline.status == HealthStatus::Ok
             && report
@@ -60,7 +83,6 @@ impl HealthReport {
 pub fn routes(
     metrics: Arc<Metrics>,
     pipeline: Option<Pipeline>,
-    router: Option<Router>,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let metrics_route = warp::path!("metrics").and(warp::get()).map(move || {
         let mut response = Response::new(metrics.gather().into());
@@ -73,7 +95,7 @@ pub fn routes(
     let health_route = warp::path!("health").and(warp::get()).map(move || {
         match &pipeline {
             Some(pipeline) => {
-                let report = HealthReport::new(pipeline, router.as_ref());
+                let report = HealthReport::new(pipeline);
                 // Degraded still answers 200: the process is alive and
                 // serves what it can; only draining takes it out of rotation.
                 let status = if report.pipeline.status == HealthStatus::Draining {
@@ -114,7 +136,7 @@ pub async fn start_server(addr: SocketAddr) -> Result<ServerHandle, BindError> {
     };
     server::spawn(
         listener,
-        routes(global().clone(), None, None),
+        routes(global().clone(), None),
         limits,
         global().connections("ops"),
     )

@@ -12,14 +12,16 @@ use tokio::sync::{mpsc, oneshot};
 use super::backend::{Backend, BackendSetupError, generation, trace_ending};
 use super::echo::Echo;
 use super::generation::{BackendError, Completion, Ending, GenerateRequest, TokenStream};
-use crate::config::{BackendKind, Config};
+use crate::config::{BackendKind, Config, DEFAULT_PIPELINE, ModelRoute};
 use crate::metrics::{BreakerState, Metrics, UpstreamOutcome};
 use crate::trace::Attribute;
 
 struct Inner {
     backends: BTreeMap<String, Arc<Backend>>,
-    models: BTreeMap<String, String>,
+    models: BTreeMap<String, ModelRoute>,
     default: Option<String>,
+    /// Pipeline of the models served by `default`.
+    default_pipeline: String,
     /// The runtime generations run on; `None`: the caller's.
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -34,7 +36,7 @@ impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Router")
             .field("backends", &self.inner.backends.keys().collect::<Vec<_>>())
-            .field("models", &self.inner.models)
+            .field("models", &self.inner.models.keys().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -45,37 +47,76 @@ impl Router {
     /// on worker threads with runtimes of their own, which network I/O must
     /// not depend on), or, outside any runtime, on the caller's.
     pub fn new(config: &Config, metrics: &Metrics) -> Result<Router, BackendSetupError> {
+        Router::reusing(config, metrics, None)
+    }
+
+    /// Like [`new`](Self::new), but keeping each backend of `previous`
+    /// whose settings are unchanged (its connections, breaker and
+    /// concurrency permits carry on): what a configuration reload builds.
+    pub fn reusing(
+        config: &Config,
+        metrics: &Metrics,
+        previous: Option<&Router>,
+    ) -> Result<Router, BackendSetupError> {
         let runtime = tokio::runtime::Handle::try_current().ok();
         let mut backends = BTreeMap::new();
         for (name, settings) in &config.backends {
-            let backend = Backend::new(name, settings, metrics)?;
-            backends.insert(name.clone(), Arc::new(backend));
+            let kept = previous
+                .and_then(|p| p.inner.backends.get(name))
+                .filter(|b| b.settings == *settings);
+            let backend = match kept {
+                Some(backend) => backend.clone(),
+                None => Arc::new(Backend::new(name, settings, metrics)?),
+            };
+            backends.insert(name.clone(), backend);
         }
         Ok(Router {
             inner: Arc::new(Inner {
                 backends,
                 models: config.routing.models.clone(),
                 default: config.routing.default.clone(),
+                default_pipeline: config
+                    .routing
+                    .default_pipeline
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_PIPELINE.to_string()),
                 runtime,
             }),
         })
     }
 
-    /// The models clients may ask for, with the backend serving each.
-    pub fn models(&self) -> impl Iterator<Item = (&str, &str)> {
+    /// Whether `other` is this very router (a clone of it).
+    pub fn same_as(&self, other: &Router) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The models clients may ask for, with the backend and the pipeline
+    /// serving each.
+    pub fn models(&self) -> impl Iterator<Item = (&str, &str, &str)> {
         self.inner
             .models
             .iter()
-            .map(|(model, backend)| (model.as_str(), backend.as_str()))
+            .map(|(model, route)| (model.as_str(), route.backend.as_str(), route.pipeline()))
     }
 
     /// The backend serving `model`, if any.
     pub fn route(&self, model: &str) -> Option<&str> {
-        self.inner
-            .models
-            .get(model)
-            .or(self.inner.default.as_ref())
-            .map(String::as_str)
+        match self.inner.models.get(model) {
+            Some(route) => Some(&route.backend),
+            None => self.inner.default.as_deref(),
+        }
+    }
+
+    /// The pipeline `model`'s requests run through, if it routes anywhere.
+    pub fn pipeline(&self, model: &str) -> Option<&str> {
+        match self.inner.models.get(model) {
+            Some(route) => Some(route.pipeline()),
+            None => self
+                .inner
+                .default
+                .as_ref()
+                .map(|_| self.inner.default_pipeline.as_str()),
+        }
     }
 
     /// The largest `max_tokens` the backend serving `model` accepts, with

@@ -67,6 +67,8 @@ pub struct Metrics {
     upstream_circuit_transitions: IntCounterVec,
     artifact_cache_refused: IntCounterVec,
     admin_auth_failures: IntCounter,
+    config_reloads: IntCounterVec,
+    config_info: IntGaugeVec,
     trace_spans_dropped: IntCounterVec,
     connections: IntGaugeVec,
     connections_refused: IntCounterVec,
@@ -248,6 +250,16 @@ impl Metrics {
                     .expect("unique metric");
                 metric
             },
+            config_reloads: counter(
+                "orchestrator_config_reloads_total",
+                "Configuration reloads: applied (ok), refused with the running configuration kept (error), or the same configuration again (unchanged).",
+                &["result"],
+            ),
+            config_info: gauge(
+                "orchestrator_config_info",
+                "1 for the digest of the configuration serving new requests.",
+                &["hash"],
+            ),
             trace_spans_dropped: {
                 let metric = counter(
                     "orchestrator_trace_spans_dropped_total",
@@ -319,6 +331,18 @@ impl Metrics {
             self.reloads.with_label_values(&[stage, "success"]),
             self.reloads.with_label_values(&[stage, "error"]),
         )
+    }
+
+    /// `orchestrator_config_reloads_total{result}`: `ok`, `error` or
+    /// `unchanged`.
+    pub fn config_reload(&self, result: &str) -> IntCounter {
+        self.config_reloads.with_label_values(&[result])
+    }
+
+    /// Set `orchestrator_config_info{hash}` to 1 for `hash` only.
+    pub fn set_config_hash(&self, hash: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[hash]).set(1);
     }
 
     /// `orchestrator_admin_auth_failures_total`.

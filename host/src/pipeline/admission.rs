@@ -1,5 +1,6 @@
-//! Admission control: a request is admitted only if no stage's breaker is
-//! open and *every* stage has room for it.
+//! Admission control: a request is admitted only if no breaker of its
+//! pipeline's stages is open and *every* stage of its pipeline has room
+//! for it.
 //!
 //! Owns the decision to admit or refuse, made before any work is done on a
 //! request; it must not queue or run anything.
@@ -9,7 +10,8 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::error::RunError;
-use super::stage::{BackendWait, Inner, Job, Reply};
+use super::stage::{BackendWait, Job, Reply};
+use super::stage::{Generation, Route};
 use crate::circuit::Admission;
 use crate::trace::Trace;
 use crate::wasm::Envelope;
@@ -19,8 +21,13 @@ use crate::wasm::Envelope;
 /// gives back everything taken so far: reservations explicitly, probes by
 /// being dropped. A request refused for a full queue is counted in that
 /// stage's `orchestrator_requests_shed_total`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parts of a job, moved in once"
+)]
 pub(super) fn admit(
-    inner: &Arc<Inner>,
+    generation: &Arc<Generation>,
+    route: &Arc<Route>,
     envelope: Envelope,
     deadline: Instant,
     streaming: bool,
@@ -28,11 +35,12 @@ pub(super) fn admit(
     backend_wait: BackendWait,
     reply: Reply,
 ) -> Result<Job, RunError> {
-    if !inner.accepting.load(Ordering::Acquire) {
+    let shared = &generation.shared;
+    if !shared.accepting.load(Ordering::Acquire) {
         return Err(RunError::ShuttingDown);
     }
     let mut probes = Vec::new();
-    for (index, stage) in inner.stages.iter().enumerate() {
+    for (index, stage) in route.stages.iter().enumerate() {
         match stage.breaker.admit() {
             Admission::Pass => {}
             Admission::Probe(probe) => probes.push((index, probe)),
@@ -44,14 +52,14 @@ pub(super) fn admit(
             }
         }
     }
-    for (index, stage) in inner.stages.iter().enumerate() {
+    for (index, stage) in route.stages.iter().enumerate() {
         if !stage.try_reserve() {
-            inner.stages[..index].iter().for_each(|s| s.release());
+            route.stages[..index].iter().for_each(|s| s.release());
             stage.metrics.shed.inc();
             return Err(stage.shed());
         }
     }
-    inner.in_flight.fetch_add(1, Ordering::AcqRel);
+    shared.in_flight.fetch_add(1, Ordering::AcqRel);
     Ok(Job {
         envelope,
         stage: 0,
@@ -63,6 +71,7 @@ pub(super) fn admit(
         queued: Instant::now(),
         trace,
         backend_wait,
-        inner: inner.clone(),
+        route: route.clone(),
+        generation: generation.clone(),
     })
 }

@@ -84,6 +84,7 @@
 
 mod admission;
 mod error;
+mod generation;
 mod norm;
 mod stage;
 mod streaming;
@@ -91,18 +92,21 @@ mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::{Notify, oneshot};
 
-use crate::config::StageConfig;
 use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
 use crate::wasm::{Envelope, Plugin, PluginVersion};
 pub use error::RunError;
-use stage::{BackendWait, Delivery, Inner, StageRuntime, Work};
+pub use generation::{Plan, RouteRef};
+pub use stage::Generation;
+use stage::{BackendWait, Delivery, Shared, StageRuntime};
 pub use streaming::{StreamItem, Streaming};
 pub use worker::IDLE_RECHECK;
 
@@ -123,11 +127,15 @@ pub enum Answer {
     Streaming(Box<Streaming>),
 }
 
-/// The running pipeline. Cheap to clone.
+/// The running pipelines: the current [`Generation`] and the state every
+/// generation shares. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
+    current: Arc<ArcSwap<Generation>>,
     workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    /// Serializes [`Pipeline::install`]s.
+    installing: Arc<Mutex<()>>,
     started: Instant,
 }
 
@@ -181,46 +189,100 @@ pub struct Health {
     pub uptime_seconds: u64,
     /// Requests admitted and not yet answered.
     pub in_flight: usize,
-    /// Per stage, in pipeline order.
+    /// Per stage in use, in order of first appearance in the pipelines
+    /// (the default pipeline's first).
     pub stages: Vec<StageHealth>,
+    /// Per pipeline, its stages.
+    pub pipelines: Vec<PipelineHealth>,
+    /// The digest of the configuration serving new requests.
+    pub config_hash: String,
+}
+
+/// `/health`'s view of one pipeline.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineHealth {
+    /// Its name.
+    pub name: &'static str,
+    /// Its stages, in order.
+    pub stages: Vec<&'static str>,
 }
 
 impl Pipeline {
-    /// Start the workers of each stage. `stages` pairs each stage's settings
-    /// with its loaded plugin, in pipeline order.
-    pub fn start(
-        stages: Vec<(StageConfig, Arc<Plugin>)>,
-        metrics: &Metrics,
-    ) -> std::io::Result<Pipeline> {
-        let inner = Arc::new(Inner {
-            stages: stages
-                .into_iter()
-                .map(|(settings, plugin)| StageRuntime::new(settings, plugin, metrics))
-                .collect(),
+    /// Start the pipelines of `plan`: each stage's workers, then the
+    /// generation that routes requests to them.
+    pub fn start(plan: Plan, metrics: &Metrics) -> std::io::Result<Pipeline> {
+        let shared = Arc::new(Shared {
             requests: metrics.requests_by_outcome(),
             accepting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
         });
-        let workers = worker::spawn(&inner)?;
+        let (generation, started) = Generation::build(plan, None, &shared, metrics);
+        let mut workers = Vec::new();
+        for stage in &started {
+            workers.extend(worker::spawn(stage)?);
+        }
         Ok(Pipeline {
-            inner,
+            shared,
+            current: Arc::new(ArcSwap::from_pointee(generation)),
             workers: Arc::new(Mutex::new(workers)),
+            installing: Arc::new(Mutex::new(())),
             started: Instant::now(),
         })
     }
 
-    /// Run one request through every stage, answering by `deadline`. A
-    /// generation a stage streams is collected before the next stage runs.
-    /// Each stage the request reaches gets a child span of `trace`
-    /// ([`Trace::off`] for none).
+    /// Switch to the pipelines of `plan` (a configuration reload): stages
+    /// whose settings are unchanged keep running (a new plugin version is
+    /// swapped in), changed and new ones start, and the new generation is
+    /// published for new requests. Requests in flight finish on the
+    /// generation they were admitted under; its stages that the new one
+    /// lacks stop when the last of those requests is done (see
+    /// [`Generation`]). On failure (a worker thread cannot start) nothing
+    /// changes.
+    pub fn install(&self, plan: Plan, metrics: &Metrics) -> std::io::Result<()> {
+        let _serial = self.installing.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.current.load_full();
+        let (generation, started) = Generation::build(plan, Some(&previous), &self.shared, metrics);
+        let mut spawned = Vec::new();
+        for stage in &started {
+            match worker::spawn(stage) {
+                Ok(handles) => spawned.extend(handles),
+                Err(error) => {
+                    // `generation` is dropped: the stages it started stop.
+                    return Err(error);
+                }
+            }
+        }
+        self.current.store(Arc::new(generation));
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers.retain(|handle| !handle.is_finished());
+        workers.extend(spawned);
+        Ok(())
+    }
+
+    /// The configuration serving new requests: take it once per request,
+    /// and pass it to [`run`](Self::run).
+    pub fn generation(&self) -> Arc<Generation> {
+        self.current.load_full()
+    }
+
+    /// Run one request through the stages of `route` (of `generation`),
+    /// answering by `deadline`. A generation a stage streams is collected
+    /// before the next stage runs. Each stage the request reaches gets a
+    /// child span of `trace` ([`Trace::off`] for none).
     pub async fn run(
         &self,
+        generation: &Arc<Generation>,
+        route: &RouteRef,
         envelope: Envelope,
         deadline: Instant,
         trace: Trace,
     ) -> Result<Envelope, RunError> {
-        match self.run_observed(envelope, deadline, false, trace).await? {
+        let routed = (generation, route);
+        match self
+            .run_observed(routed, envelope, deadline, false, trace)
+            .await?
+        {
             Answer::Done(envelope) => Ok(envelope),
             // Not handed off when the client did not ask for a stream.
             Answer::Streaming(streaming) => streaming.collect().await,
@@ -232,17 +294,21 @@ impl Pipeline {
     /// generation.
     pub async fn run_streaming(
         &self,
+        generation: &Arc<Generation>,
+        route: &RouteRef,
         envelope: Envelope,
         deadline: Instant,
         trace: Trace,
     ) -> Result<Answer, RunError> {
-        self.run_observed(envelope, deadline, true, trace).await
+        self.run_observed((generation, route), envelope, deadline, true, trace)
+            .await
     }
 
     /// Run a request and observe it in the end-to-end histogram (a
     /// streamed one is observed when its stream ends).
     async fn run_observed(
         &self,
+        routed: (&Arc<Generation>, &RouteRef),
         envelope: Envelope,
         deadline: Instant,
         streaming: bool,
@@ -251,14 +317,21 @@ impl Pipeline {
         let admitted = Instant::now();
         let backend_wait = BackendWait::default();
         let result = self
-            .admit_and_wait(envelope, deadline, streaming, trace, backend_wait.clone())
+            .admit_and_wait(
+                routed,
+                envelope,
+                deadline,
+                streaming,
+                trace,
+                backend_wait.clone(),
+            )
             .await;
         let outcome = match &result {
             Ok(Answer::Streaming(_)) => return result,
             Ok(Answer::Done(_)) => Outcome::Ok,
             Err(error) => error.outcome(),
         };
-        self.inner
+        self.shared
             .requests
             .observe(outcome, admitted.elapsed(), backend_wait.total());
         result
@@ -266,6 +339,7 @@ impl Pipeline {
 
     async fn admit_and_wait(
         &self,
+        (generation, route): (&Arc<Generation>, &RouteRef),
         envelope: Envelope,
         deadline: Instant,
         streaming: bool,
@@ -274,7 +348,8 @@ impl Pipeline {
     ) -> Result<Answer, RunError> {
         let (reply, answer) = oneshot::channel();
         let job = admission::admit(
-            &self.inner,
+            generation,
+            &route.0,
             envelope,
             deadline,
             streaming,
@@ -282,7 +357,7 @@ impl Pipeline {
             backend_wait,
             reply,
         )?;
-        self.inner.stages[0].enqueue(job);
+        route.0.stages[0].enqueue(job);
         let timeout = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(Ok(Delivery::Done(envelope)))) => Ok(Answer::Done(envelope)),
@@ -297,12 +372,17 @@ impl Pipeline {
         }
     }
 
-    fn stage(&self, name: &str) -> Option<&StageRuntime> {
-        self.inner.stages.iter().find(|s| s.name() == name)
+    fn stage(&self, name: &str) -> Option<Arc<StageRuntime>> {
+        self.current
+            .load()
+            .stages
+            .iter()
+            .find(|s| s.name() == name)
+            .cloned()
     }
 
-    /// Replace `stage`'s plugin. Calls in progress finish on the old
-    /// version; returns the previous version.
+    /// Replace `stage`'s plugin (in the current configuration). Calls in
+    /// progress finish on the old version; returns the previous version.
     pub fn swap(&self, stage: &str, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
         Some(self.stage(stage)?.plugin.swap(plugin))
     }
@@ -312,11 +392,11 @@ impl Pipeline {
         Some(self.stage(stage)?.plugin.load_full())
     }
 
-    /// The pipeline's `/health` report.
+    /// The pipelines' `/health` report.
     pub fn health(&self) -> Health {
-        let accepting = self.inner.accepting.load(Ordering::Acquire);
-        let stages: Vec<StageHealth> = self
-            .inner
+        let accepting = self.shared.accepting.load(Ordering::Acquire);
+        let generation = self.current.load_full();
+        let stages: Vec<StageHealth> = generation
             .stages
             .iter()
             .map(|stage| {
@@ -344,27 +424,35 @@ impl Pipeline {
             },
             version: env!("CARGO_PKG_VERSION"),
             uptime_seconds: self.started.elapsed().as_secs(),
-            in_flight: self.inner.in_flight.load(Ordering::Acquire),
+            in_flight: self.shared.in_flight.load(Ordering::Acquire),
             stages,
+            pipelines: generation
+                .routes()
+                .map(|route| PipelineHealth {
+                    name: route.name(),
+                    stages: route.stage_names().collect(),
+                })
+                .collect(),
+            config_hash: generation.hash().to_string(),
         }
     }
 
     /// Admit nothing new (answering [`RunError::ShuttingDown`]); `/health`
     /// says `draining`. Requests already admitted go on.
     pub fn stop_admitting(&self) {
-        self.inner.accepting.store(false, Ordering::Release);
+        self.shared.accepting.store(false, Ordering::Release);
     }
 
     /// Stop admitting, wait until every admitted request has been answered
     /// (or `grace` has passed), then stop the workers, waiting at most
     /// [`WORKER_STOP`] for those still in a plugin call.
     pub async fn shutdown(&self, grace: Duration) {
-        let inner = &self.inner;
+        let shared = &self.shared;
         self.stop_admitting();
         let drained = async {
             loop {
-                let notified = inner.drained.notified();
-                if inner.in_flight.load(Ordering::Acquire) == 0 {
+                let notified = shared.drained.notified();
+                if shared.in_flight.load(Ordering::Acquire) == 0 {
                     break;
                 }
                 notified.await;
@@ -372,16 +460,15 @@ impl Pipeline {
         };
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!(
-                in_flight = inner.in_flight.load(Ordering::Acquire),
+                in_flight = shared.in_flight.load(Ordering::Acquire),
                 "shutdown grace period over with requests in flight"
             );
         }
-        for stage in &inner.stages {
-            for _ in 0..stage.settings.workers {
-                // Never blocks: a worker that misses its stop because the
-                // queue is full is not waited for below.
-                let _ = stage.sender.try_send(Work::Stop);
-            }
+        // Never blocks: a worker that misses its stop because the queue
+        // is full is not waited for below. (Stages of older generations
+        // stop as those are dropped, with their last requests.)
+        for stage in &self.current.load().stages {
+            stage.stop_workers();
         }
         let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
         let joined = tokio::task::spawn_blocking(move || {

@@ -8,6 +8,7 @@
 //! drop. It must not run anything: workers ([`super::worker`]) and the
 //! streaming path ([`super::streaming`]) do.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,23 +21,66 @@ use super::error::RunError;
 use super::norm::InputNorm;
 use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::StageConfig;
-use crate::inference::TokenStream;
+use crate::inference::{Router, TokenStream};
 use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
 use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin};
 
-/// State shared by the pipeline's handles, workers and requests.
-pub(super) struct Inner {
-    /// The stages, in pipeline order.
-    pub(super) stages: Vec<StageRuntime>,
+/// State shared by every generation: what admission and the drain need.
+pub(super) struct Shared {
     /// `orchestrator_request_duration_seconds{outcome}`.
     pub(super) requests: RequestMetrics,
     /// Cleared at shutdown: nothing new is admitted.
     pub(super) accepting: AtomicBool,
-    /// Requests admitted and not yet answered.
+    /// Requests admitted and not yet answered, under any generation.
     pub(super) in_flight: AtomicUsize,
     /// Notified when `in_flight` drops to 0.
     pub(super) drained: Notify,
+}
+
+impl Shared {
+    /// A request was answered (or dropped).
+    pub(super) fn left(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_waiters();
+        }
+    }
+}
+
+/// One pipeline of a generation: the stages its requests pass through.
+pub(super) struct Route {
+    /// The pipeline's name.
+    pub(super) name: &'static str,
+    /// Its stages, in order.
+    pub(super) stages: Vec<Arc<StageRuntime>>,
+    /// Their names, comma-separated (the `x-orchestrator-stages` header).
+    pub(super) stage_list: String,
+}
+
+/// One configuration at run time (see the module docs). Cheap to hold:
+/// the HTTP layer takes the current one per request.
+pub struct Generation {
+    /// Every stage in use, in `/health` order.
+    pub(super) stages: Vec<Arc<StageRuntime>>,
+    /// The pipelines by name.
+    pub(super) routes: BTreeMap<&'static str, Arc<Route>>,
+    pub(super) router: Router,
+    pub(super) hash: String,
+    pub(super) shared: Arc<Shared>,
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        for stage in &self.stages {
+            if stage.generations.fetch_sub(1, Ordering::AcqRel) == 1 {
+                tracing::info!(
+                    stage = stage.name(),
+                    "stage no longer configured; its workers stop"
+                );
+                stage.stop_workers();
+            }
+        }
+    }
 }
 
 /// One stage at run time: its plugin, queue, breaker and metric handles.
@@ -53,6 +97,11 @@ pub(super) struct StageRuntime {
     /// Recent successful input sizes: what the breaker excuses.
     pub(super) inputs: InputNorm,
     pub(super) metrics: StageMetrics,
+    /// The generations (configurations) that include this stage; its
+    /// workers stop when the last of them is dropped.
+    pub(super) generations: AtomicUsize,
+    /// Set when the workers are told to stop.
+    pub(super) stopping: AtomicBool,
 }
 
 impl StageRuntime {
@@ -81,6 +130,23 @@ impl StageRuntime {
             inputs: InputNorm::default(),
             metrics: stage_metrics,
             settings,
+            generations: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Tell the stage's workers to stop (once): idle ones stop at once,
+    /// busy ones after their call. Called when no configuration includes
+    /// the stage any more, so no request can reach its queue.
+    pub(super) fn stop_workers(&self) {
+        if self.stopping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for _ in 0..self.settings.workers {
+            // Best effort: a worker that misses its `Stop` because the
+            // queue is full of abandoned chunk items sees `stopping` at
+            // its next idle check.
+            let _ = self.sender.try_send(Work::Stop);
         }
     }
 
@@ -212,7 +278,11 @@ pub(super) struct Job {
     pub(super) trace: Trace,
     /// Its time waiting for the backend so far.
     pub(super) backend_wait: BackendWait,
-    pub(super) inner: Arc<Inner>,
+    /// Its pipeline: the stages it passes through.
+    pub(super) route: Arc<Route>,
+    /// The configuration it was admitted under (its backends; holding it
+    /// keeps that configuration's stages running until the job is done).
+    pub(super) generation: Arc<Generation>,
 }
 
 impl Job {
@@ -233,29 +303,31 @@ impl Job {
     pub(super) fn settle(&mut self, index: usize, failed: bool) {
         match self.probes.iter().position(|(i, _)| *i == index) {
             Some(at) => self.probes.swap_remove(at).1.settle(failed),
-            None => self.inner.stages[index].breaker.record(failed),
+            None => self.route.stages[index].breaker.record(failed),
         }
     }
 
     /// Leave the current stage: give its reservation back.
     pub(super) fn leave_stage(&mut self) {
-        self.inner.stages[self.stage].release();
+        self.route.stages[self.stage].release();
         self.stage += 1;
     }
 }
 
 impl Drop for Job {
     fn drop(&mut self) {
-        for stage in &self.inner.stages[self.stage..] {
+        for stage in &self.route.stages[self.stage..] {
             stage.release();
         }
-        if self.inner.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.drained.notify_waiters();
-        }
+        self.generation.shared.left();
     }
 }
 
 /// An item of a stage's queue.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "jobs are the common item; boxing one would cost an allocation per request"
+)]
 pub(super) enum Work {
     /// Run `process` for a request.
     Job(Job),
@@ -286,23 +358,17 @@ pub(super) struct ChunkJob {
 
 /// One more reservation of a stage's queue, released on drop. Taken on top
 /// of the request's own reservation, without a capacity check.
-pub(super) struct QueueHold {
-    inner: Arc<Inner>,
-    index: usize,
-}
+pub(super) struct QueueHold(Arc<StageRuntime>);
 
 impl QueueHold {
-    pub(super) fn new(inner: &Arc<Inner>, index: usize) -> QueueHold {
-        inner.stages[index].reserved.fetch_add(1, Ordering::AcqRel);
-        QueueHold {
-            inner: inner.clone(),
-            index,
-        }
+    pub(super) fn new(stage: &Arc<StageRuntime>) -> QueueHold {
+        stage.reserved.fetch_add(1, Ordering::AcqRel);
+        QueueHold(stage.clone())
     }
 }
 
 impl Drop for QueueHold {
     fn drop(&mut self) {
-        self.inner.stages[self.index].release();
+        self.0.release();
     }
 }

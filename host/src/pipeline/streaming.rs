@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::error::RunError;
-use super::stage::{BackendWait, ChunkJob, Delivery, Inner, Job, QueueHold, Work};
+use super::stage::{BackendWait, ChunkJob, Delivery, Job, QueueHold, Work};
+use super::stage::{Route, Shared};
 use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
 use crate::metrics::Outcome;
 use crate::trace::{Attribute, Trace};
@@ -92,7 +93,9 @@ pub struct Streaming {
     ending: Ending,
     stopped: bool,
     finished: bool,
-    inner: Arc<Inner>,
+    /// The request's pipeline.
+    route: Arc<Route>,
+    shared: Arc<Shared>,
 }
 
 impl fmt::Debug for Streaming {
@@ -108,11 +111,12 @@ impl Streaming {
     /// The stream of `job`, whose stage `job.stage - 1` started the
     /// generation `tokens`.
     pub(super) fn new(job: Job, tokens: TokenStream) -> Streaming {
-        let inner = job.inner.clone();
+        let route = job.route.clone();
+        let shared = job.generation.shared.clone();
         let mut chunk_stages = Vec::new();
-        let mut rest_from = inner.stages.len();
-        for index in job.stage..inner.stages.len() {
-            let stage = &inner.stages[index];
+        let mut rest_from = route.stages.len();
+        for index in job.stage..route.stages.len() {
+            let stage = &route.stages[index];
             let plugin = stage.plugin.load_full();
             if !plugin.streams() {
                 rest_from = index;
@@ -158,7 +162,8 @@ impl Streaming {
             stopped: false,
             finished: false,
             job: Some(job),
-            inner,
+            route,
+            shared,
         }
     }
 
@@ -196,7 +201,7 @@ impl Streaming {
                 Some(next) => match next {
                     Err(_) | Ok(None) => Err(self.timeout()),
                     Ok(Some(Err(error))) => {
-                        let stage = &self.inner.stages[self.source];
+                        let stage = &self.route.stages[self.source];
                         stage.metrics.errors(error.error_type()).inc();
                         Err(RunError::Stage {
                             stage: stage.name(),
@@ -259,7 +264,7 @@ impl Streaming {
         }
         for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
             self.text.push_str(&piece);
-            if self.rest_from == self.inner.stages.len() {
+            if self.rest_from == self.route.stages.len() {
                 self.pieces.push(piece.clone());
                 self.pending.push_back(StreamItem::Delta(piece));
             }
@@ -277,7 +282,7 @@ impl Streaming {
         let stage = &mut self.chunk_stages[k];
         stage.chunks += 1;
         stage.bytes_in += delta.len() as u64;
-        let runtime = &self.inner.stages[stage.index];
+        let runtime = &self.route.stages[stage.index];
         let name = runtime.name();
         let (reply, answer) = oneshot::channel();
         let work = Work::Chunk(ChunkJob {
@@ -289,7 +294,7 @@ impl Streaming {
             deadline: self.deadline,
             trace: stage.trace.clone(),
             reply,
-            _hold: QueueHold::new(&self.inner, stage.index),
+            _hold: QueueHold::new(&self.route.stages[stage.index]),
         });
         runtime.metrics.queue_depth.inc();
         if runtime.sender.try_send(work).is_err() {
@@ -337,7 +342,7 @@ impl Streaming {
         }
         let indices: Vec<usize> = self.chunk_stages.iter().map(|s| s.index).collect();
         for (stage, index) in self.chunk_stages.iter().zip(&indices) {
-            self.inner.stages[*index]
+            self.route.stages[*index]
                 .metrics
                 .duration
                 .observe(stage.spent.as_secs_f64());
@@ -373,12 +378,12 @@ impl Streaming {
         while job.stage < self.rest_from {
             job.leave_stage();
         }
-        let envelope = if self.rest_from < self.inner.stages.len() {
+        let envelope = if self.rest_from < self.route.stages.len() {
             // Plain stages follow: run them as usual, then stream their result.
             let (reply, answer) = oneshot::channel();
             job.reply = Some(reply);
             job.streaming = false;
-            self.inner.stages[self.rest_from].enqueue(job);
+            self.route.stages[self.rest_from].enqueue(job);
             let envelope = match tokio::time::timeout_at(self.deadline.into(), answer).await {
                 Err(_) => return Err(self.timeout()),
                 Ok(Err(_)) => return Err(RunError::ShuttingDown),
@@ -419,7 +424,7 @@ impl Streaming {
             }
             self.tokens = None;
             self.job = None;
-            self.inner.requests.observe(
+            self.shared.requests.observe(
                 outcome,
                 self.admitted.elapsed(),
                 self.backend_wait.total(),

@@ -13,13 +13,14 @@
 //! must not admit requests or talk to clients.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::RecvTimeoutError;
 
 use super::error::RunError;
-use super::stage::{ChunkJob, Delivery, Inner, Job, StageRuntime, Work};
+use super::stage::{ChunkJob, Delivery, Job, StageRuntime, Work};
 use crate::config::{InstanceMode, StageConfig};
 use crate::inference::TokenStream;
 use crate::metrics::ErrorType;
@@ -33,24 +34,28 @@ use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
 /// again), so it is not more often than it needs to be.
 pub const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
-/// Start the workers of every stage.
-pub(super) fn spawn(inner: &Arc<Inner>) -> std::io::Result<Vec<JoinHandle<()>>> {
+/// Start the workers of `stage`. If one cannot be started, those started
+/// are told to stop.
+pub(super) fn spawn(stage: &Arc<StageRuntime>) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut workers = Vec::new();
-    for (index, stage) in inner.stages.iter().enumerate() {
-        for n in 0..stage.settings.workers {
-            let inner = inner.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("{}-{n}", stage.name()))
-                .spawn(move || work(&inner, index))?;
-            workers.push(handle);
+    for n in 0..stage.settings.workers {
+        let runtime = stage.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{}-{n}", stage.name()))
+            .spawn(move || work(&runtime));
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(error) => {
+                stage.stop_workers();
+                return Err(error);
+            }
         }
     }
     Ok(workers)
 }
 
-/// A worker of stage `index`: takes work from its queue until told to stop.
-fn work(inner: &Inner, index: usize) {
-    let stage = &inner.stages[index];
+/// A worker of `stage`: takes work from its queue until told to stop.
+fn work(stage: &StageRuntime) {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -66,13 +71,14 @@ fn work(inner: &Inner, index: usize) {
         match stage.receiver.recv_timeout(IDLE_RECHECK) {
             Ok(Work::Job(job)) => {
                 stage.metrics.queue_depth.dec();
-                run_job(inner, index, &runtime, &mut instance, job);
+                run_job(stage, &runtime, &mut instance, job);
             }
             Ok(Work::Chunk(chunk)) => {
                 stage.metrics.queue_depth.dec();
                 run_chunk(stage, &runtime, &mut instance, chunk);
             }
             Ok(Work::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Err(RecvTimeoutError::Timeout) if stage.stopping.load(Ordering::Acquire) => break,
             Err(RecvTimeoutError::Timeout) => {
                 // Idle: retire an instance of a version that was swapped out.
                 if instance
@@ -103,17 +109,17 @@ fn stage_span(stage: &StageRuntime, job: &Job, started: Instant) -> Trace {
     )
 }
 
-/// Run `process` of stage `index` for `job`, then pass the job on: to the
-/// next stage, to its caller (done, or handed off to stream), or answer
-/// with the stage's error.
+/// Run `process` of `stage` for `job`, then pass the job on: to the
+/// next stage of its pipeline, to its caller (done, or handed off to
+/// stream), or answer with the stage's error.
 fn run_job(
-    inner: &Inner,
-    index: usize,
+    stage: &StageRuntime,
     runtime: &tokio::runtime::Runtime,
     instance: &mut Option<Instance>,
     mut job: Job,
 ) {
-    let stage = &inner.stages[index];
+    // The job's position in its pipeline (for its breaker probes).
+    let index = job.stage;
     if job.caller_gone() {
         return;
     }
@@ -133,6 +139,7 @@ fn run_job(
         let current = stage.plugin.load();
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
+        let router = job.generation.router();
         let span = &span;
         runtime.block_on(on_instance(
             &stage.settings,
@@ -141,6 +148,7 @@ fn run_job(
             async |live: &mut Instance| {
                 live.set_request_deadline(Instant::now() + remaining);
                 live.set_request(&envelope.request_id, span.clone());
+                live.set_router(router);
                 let result = live.process(envelope, timeout).await;
                 backend_wait.add(live.take_backend_wait());
                 // Taken whatever the result: a generation started by a call
@@ -218,7 +226,7 @@ fn run_job(
         }
     }
     job.leave_stage();
-    match inner.stages.get(job.stage) {
+    match job.route.stages.get(job.stage).cloned() {
         Some(next) => next.enqueue(job),
         None => {
             let envelope = std::mem::replace(&mut job.envelope, Envelope::placeholder());

@@ -468,7 +468,7 @@ mod tests {
         std::fs::create_dir(base.path().join("cache.key")).unwrap(); // unusable
         let engine = Engine::default();
         let metrics = crate::metrics::Metrics::new();
-        let bytes = crate::bundled::component(crate::config::Stage::Post);
+        let bytes = crate::bundled::component(crate::config::Bundled::Post);
         let sha = hex::encode(Sha256::digest(bytes));
         let first = ArtifactCache::new(Some(dir.clone()), &engine, metrics.cache());
         let artifact = first.component(&engine, bytes, &sha).unwrap().1;

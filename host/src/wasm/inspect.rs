@@ -111,7 +111,7 @@ pub fn inspect(bytes: &[u8]) -> Result<Inspection, LoadError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Stage;
+    use crate::config::Bundled as Stage;
 
     #[test]
     fn what_is_not_a_component_is_named() {

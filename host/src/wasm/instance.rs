@@ -23,7 +23,7 @@ use super::envelope::envelope_bytes;
 use super::error::CallError;
 use super::host::{HostState, RequestBudget};
 use super::plugin::Plugin;
-use crate::inference::TokenStream;
+use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
 use crate::trace::Trace;
 
@@ -241,6 +241,19 @@ impl Instance {
         state.request_id.clear();
         state.request_id.push_str(request_id);
         state.trace = trace;
+    }
+
+    /// The backends the calls to come generate through: those of the
+    /// configuration the request was admitted under (a reload changes
+    /// them between requests). Ignored by a stage not granted `inference`,
+    /// whose store holds no router.
+    pub fn set_router(&mut self, router: &Router) {
+        let state = self.store.data_mut();
+        if let Some(current) = &mut state.router
+            && !current.same_as(router)
+        {
+            *current = router.clone();
+        }
     }
 
     /// How long the calls since the last time this was asked waited for

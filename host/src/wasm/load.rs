@@ -282,8 +282,8 @@ mod tests {
             "{}",
             error.report()
         );
-        let rag =
-            PluginBytes::read(&PluginSource::Bundled(crate::config::Stage::Rag), 1 << 20).unwrap();
+        let rag = PluginBytes::read(&PluginSource::Bundled(crate::config::Bundled::Rag), 1 << 20)
+            .unwrap();
         assert_eq!(rag.sha256().len(), 64);
     }
 }

@@ -47,8 +47,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::http::error::{ApiError, json_response};
-use crate::inference::Router;
-use crate::pipeline::{Answer, Pipeline, RunError, StreamItem, Streaming};
+use crate::pipeline::{Answer, Pipeline, RouteRef, RunError, StreamItem, Streaming};
 use crate::trace::{Attribute, Trace, TraceHeaders, Traces};
 use crate::wasm::Envelope;
 use request::parse;
@@ -57,10 +56,9 @@ use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix
 /// What the API needs.
 #[derive(Clone)]
 pub struct ApiState {
-    /// The pipeline requests run through.
+    /// The pipelines requests run through (and, in their current
+    /// configuration, the routing of model names).
     pub pipeline: Pipeline,
-    /// The inference router, for model names.
-    pub router: Router,
     /// End-to-end deadline of each request.
     pub request_timeout: Duration,
     /// How long a stream waits for a client that does not read.
@@ -175,9 +173,25 @@ async fn traced(state: &ApiState, headers: &TraceHeaders, body: &[u8]) -> Respon
 /// Answer a completion request; `true` with the response of a live stream
 /// (whose task ends `trace`).
 async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Response, bool) {
-    let parsed = match parse(body, &state.router) {
+    // One configuration for the whole request, even if a reload lands
+    // meanwhile.
+    let generation = state.pipeline.generation();
+    let parsed = match parse(body, generation.router()) {
         Ok(parsed) => parsed,
         Err(error) => return (error.into_response(), false),
+    };
+    // `parse` refused a model that routes nowhere.
+    let Some(route) = generation.route(&parsed.model) else {
+        return (
+            ApiError::with_code(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("model {:?} routes to no pipeline", parsed.model),
+            )
+            .into_response(),
+            false,
+        );
     };
     let id = request_id();
     if trace.is_recording() {
@@ -190,25 +204,27 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
     let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
-        let response = match state.pipeline.run(envelope, deadline, trace.clone()).await {
+        let run = state
+            .pipeline
+            .run(&generation, &route, envelope, deadline, trace.clone());
+        let response = match run.await {
             Ok(envelope) => json_response(
                 StatusCode::OK,
-                &completion_body(&id, &parsed.model, &envelope),
+                &completion_body(&id, &parsed.model, &envelope, &route),
             ),
             Err(error) => run_error(error).into_response(),
         };
-        return (response, false);
+        return (with_route(response, &route), false);
     }
     envelope.metadata.push((
         orchestrator_plugin::STREAM_NOTE.to_string(),
         "true".to_string(),
     ));
-    let events = ChunkEvents::new(id, parsed.model, parsed.include_usage);
-    match state
+    let events = ChunkEvents::new(id, parsed.model, parsed.include_usage, Some(route.clone()));
+    let run = state
         .pipeline
-        .run_streaming(envelope, deadline, trace.clone())
-        .await
-    {
+        .run_streaming(&generation, &route, envelope, deadline, trace.clone());
+    let (response, live) = match run.await {
         Ok(Answer::Done(envelope)) => (events.buffered(&envelope), false),
         Ok(Answer::Streaming(streaming)) => (
             live_stream(
@@ -221,7 +237,22 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
             true,
         ),
         Err(error) => (run_error(error).into_response(), false),
+    };
+    (with_route(response, &route), live)
+}
+
+/// Name the pipeline that served (or refused) the request in the
+/// `x-orchestrator-pipeline` and `x-orchestrator-stages` headers.
+fn with_route(mut response: Response, route: &RouteRef) -> Response {
+    let headers = response.headers_mut();
+    headers.insert(
+        "x-orchestrator-pipeline",
+        HeaderValue::from_static(route.name()),
+    );
+    if let Ok(stages) = HeaderValue::from_str(route.stage_list()) {
+        headers.insert("x-orchestrator-stages", stages);
     }
+    response
 }
 
 /// The body of a streaming answer: a channel fed by a task that pulls the
@@ -330,10 +361,11 @@ fn live_stream(
 
 fn list_models(state: &ApiState) -> Response {
     let created = unix_now();
-    let data: Vec<Value> = state
-        .router
+    let generation = state.pipeline.generation();
+    let data: Vec<Value> = generation
+        .router()
         .models()
-        .map(|(model, backend)| json!({"id": model, "object": "model", "created": created, "owned_by": backend}))
+        .map(|(model, backend, pipeline)| json!({"id": model, "object": "model", "created": created, "owned_by": backend, "pipeline": pipeline}))
         .collect();
     json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
 }

@@ -159,7 +159,7 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
         ));
     }
     if router.route(&request.model).is_none() {
-        let models: Vec<&str> = router.models().map(|(model, _)| model).collect();
+        let models: Vec<&str> = router.models().map(|(model, _, _)| model).collect();
         return Err(ApiError::with_code(
             StatusCode::NOT_FOUND,
             "invalid_request_error",

@@ -15,7 +15,7 @@ use warp::reply::Response;
 use crate::http::error::ApiError;
 use crate::inference::finish_reason;
 use crate::metrics::ErrorType;
-use crate::pipeline::RunError;
+use crate::pipeline::{RouteRef, RunError};
 use crate::wasm::Envelope;
 
 /// The last event of every stream.
@@ -29,19 +29,25 @@ pub(super) fn unix_now() -> u64 {
 }
 
 /// The `orchestrator` object every answer carries (ignored by SDKs): the
-/// request id, the sources `rag` retrieved and the stages' notes.
-fn orchestrator_extension(envelope: &Envelope) -> Value {
+/// request id, the sources `rag` retrieved, the stages' notes and (in a
+/// plain answer) the pipeline that ran.
+fn orchestrator_extension(envelope: &Envelope, route: Option<&RouteRef>) -> Value {
     let metadata: BTreeMap<&str, &str> = envelope
         .metadata
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    json!({
+    let mut extension = json!({
         "request_id": envelope.request_id,
         "sources": envelope.passages.iter().map(|p| json!({"source": p.source, "score": p.score})).collect::<Vec<_>>(),
         "chunks": envelope.chunks.len(),
         "metadata": metadata,
-    })
+    });
+    if let Some(route) = route {
+        extension["pipeline"] = json!(route.name());
+        extension["stages"] = json!(route.stage_names().collect::<Vec<_>>());
+    }
+    extension
 }
 
 fn usage(envelope: &Envelope) -> Value {
@@ -59,7 +65,12 @@ fn finish(envelope: &Envelope) -> &'static str {
 }
 
 /// The body of a non-streamed answer.
-pub(super) fn completion_body(id: &str, model: &str, envelope: &Envelope) -> Value {
+pub(super) fn completion_body(
+    id: &str,
+    model: &str,
+    envelope: &Envelope,
+    route: &RouteRef,
+) -> Value {
     json!({
         "id": id,
         "object": "chat.completion",
@@ -72,7 +83,7 @@ pub(super) fn completion_body(id: &str, model: &str, envelope: &Envelope) -> Val
             "finish_reason": finish(envelope),
         }],
         "usage": usage(envelope),
-        "orchestrator": orchestrator_extension(envelope),
+        "orchestrator": orchestrator_extension(envelope, Some(route)),
     })
 }
 
@@ -97,17 +108,26 @@ pub(super) struct ChunkEvents {
     model: String,
     created: u64,
     include_usage: bool,
+    /// The pipeline that runs the request (named in the last chunk).
+    route: Option<RouteRef>,
 }
 
 impl ChunkEvents {
-    /// The events of answer `id` for `model`; with `include_usage`, every
-    /// chunk has `"usage": null` and a usage chunk closes the stream.
-    pub(super) fn new(id: String, model: String, include_usage: bool) -> ChunkEvents {
+    /// The events of answer `id` for `model`, run through `route`; with
+    /// `include_usage`, every chunk has `"usage": null` and a usage chunk
+    /// closes the stream.
+    pub(super) fn new(
+        id: String,
+        model: String,
+        include_usage: bool,
+        route: Option<RouteRef>,
+    ) -> ChunkEvents {
         ChunkEvents {
             id,
             model,
             created: unix_now(),
             include_usage,
+            route,
         }
     }
 
@@ -143,7 +163,7 @@ impl ChunkEvents {
         let mut last = self.chunk(vec![
             json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish(envelope)}),
         ]);
-        last.orchestrator = Some(orchestrator_extension(envelope));
+        last.orchestrator = Some(orchestrator_extension(envelope, self.route.as_ref()));
         let mut events = sse_event(&last).to_vec();
         if self.include_usage {
             let mut tail = self.chunk(Vec::new());

@@ -1,0 +1,341 @@
+//! Range and consistency checks of a whole configuration ([`Config::validate`]).
+
+use std::path::Path;
+
+use super::backend::BackendKind;
+use super::pipeline::DEFAULT_PIPELINE;
+use super::settings::{Config, ConfigError};
+use super::stage::{StageConfig, valid_name};
+
+impl Config {
+    /// Check ranges. Called by the loaders; call it again after changing
+    /// fields by hand.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bounds = [
+            ("request_timeout_ms", self.request_timeout_ms, 1, MAX_MS),
+            ("stream_stall_ms", self.stream_stall_ms, 1, MAX_MS),
+            (
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                1,
+                MAX_MS,
+            ),
+            ("shutdown_grace_ms", self.shutdown_grace_ms, 1, MAX_MS),
+            ("max_body_bytes", self.max_body_bytes, 1, GIB),
+            ("max_plugin_bytes", self.max_plugin_bytes, 1, GIB),
+            ("max_connections", self.max_connections as u64, 1, 1_000_000),
+        ];
+        for (key, value, min, max) in bounds {
+            within(key.into(), value, min, max)?;
+        }
+        self.validate_backends()?;
+        self.validate_pipelines()?;
+        self.validate_tracing()?;
+        for stage in &self.stages {
+            validate_stage(stage)?;
+            self.validate_grants(stage)?;
+        }
+        Ok(())
+    }
+
+    /// The rules of [`super::pipeline`]'s module docs that need no plugin
+    /// loaded, and that every route names a pipeline.
+    fn validate_pipelines(&self) -> Result<(), ConfigError> {
+        if !self.pipelines.contains_key(DEFAULT_PIPELINE) {
+            return invalid(
+                format!("pipelines.{DEFAULT_PIPELINE}"),
+                "is required: models without a pipeline of their own use it",
+            );
+        }
+        let declared = || {
+            self.stages
+                .iter()
+                .map(|s| s.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        for (name, pipeline) in &self.pipelines {
+            let key = format!("pipelines.{name}.stages");
+            if !valid_name(name) {
+                return invalid(
+                    format!("pipelines.{name}"),
+                    "pipeline names use 1 to 64 lower-case ASCII letters, digits, `-` and `_`",
+                );
+            }
+            if pipeline.stages.is_empty() {
+                return invalid(key, "must name at least one stage");
+            }
+            let mut generating: Option<&str> = None;
+            for (n, stage) in pipeline.stages.iter().enumerate() {
+                let Some(settings) = self.stage(stage) else {
+                    return invalid(
+                        key,
+                        &format!(
+                            "names stage `{stage}`, which is not declared (declare it as                              [stages.{stage}]; the declared stages are {})",
+                            declared()
+                        ),
+                    );
+                };
+                if pipeline.stages[..n].contains(stage) {
+                    return invalid(
+                        key,
+                        &format!(
+                            "names stage `{stage}` twice; to run a plugin twice, declare a                              second stage running it"
+                        ),
+                    );
+                }
+                if settings.capabilities.inference {
+                    if let Some(first) = generating {
+                        return invalid(
+                            key,
+                            &format!(
+                                "has two stages granted inference (`{first}` and `{stage}`):                                  a pipeline has at most one stage that starts the generation"
+                            ),
+                        );
+                    }
+                    generating = Some(stage);
+                }
+            }
+        }
+        let routes = self
+            .routing
+            .models
+            .iter()
+            .map(|(model, route)| (format!("routing.models.{model}"), route.pipeline()))
+            .chain(
+                self.routing
+                    .default_pipeline
+                    .iter()
+                    .map(|p| ("routing.default_pipeline".to_string(), p.as_str())),
+            );
+        for (key, pipeline) in routes {
+            if !self.pipelines.contains_key(pipeline) {
+                let known: Vec<&str> = self.pipelines.keys().map(String::as_str).collect();
+                return invalid(
+                    key,
+                    &format!(
+                        "names pipeline {pipeline:?}, which is not configured (pipelines: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A stage may not be granted the artifact cache (native code the host
+    /// runs), its key (a sibling), or a directory holding them.
+    fn validate_grants(&self, stage: &StageConfig) -> Result<(), ConfigError> {
+        let Some(cache) = &self.cache_dir else {
+            return Ok(());
+        };
+        let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let cache = canonical(cache);
+        for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
+            let host = canonical(&dir.host);
+            if host.starts_with(&cache) || cache.starts_with(&host) {
+                return invalid(
+                    format!("stages.{}.capabilities.dirs[{n}].host", stage.name()),
+                    &format!(
+                        "would expose the compiled-artifact cache ({}) to the plugin",
+                        cache.display()
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        let tracing = &self.tracing;
+        within(
+            "tracing.max_queued_spans".into(),
+            tracing.max_queued_spans as u64,
+            1,
+            1_000_000,
+        )?;
+        within(
+            "tracing.export_timeout_ms".into(),
+            tracing.export_timeout_ms,
+            1,
+            MAX_MS,
+        )?;
+        if let Some(ratio) = tracing.sampling_ratio
+            && !(0.0..=1.0).contains(&ratio)
+        {
+            return invalid("tracing.sampling_ratio".into(), "must be between 0 and 1");
+        }
+        if let Some(endpoint) = &tracing.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            return invalid(
+                "tracing.endpoint".into(),
+                "must be an http:// or https:// URL (OTLP/HTTP)",
+            );
+        }
+        Ok(())
+    }
+
+    fn validate_backends(&self) -> Result<(), ConfigError> {
+        for (name, backend) in &self.backends {
+            let key = |field: &str| format!("backends.{name}.{field}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return invalid(
+                    format!("backends.{name}"),
+                    "names may use only ASCII letters, digits, `-` and `_`",
+                );
+            }
+            match (backend.kind, &backend.base_url) {
+                (BackendKind::Openai, None) => {
+                    return invalid(key("base_url"), "is required for kind \"openai\"");
+                }
+                (BackendKind::Openai, Some(url))
+                    if !(url.starts_with("http://") || url.starts_with("https://")) =>
+                {
+                    return invalid(
+                        key("base_url"),
+                        &format!("must be an http:// or https:// URL, got {url:?}"),
+                    );
+                }
+                _ => {}
+            }
+            for (field, value, min, max) in [
+                ("request_timeout_ms", backend.request_timeout_ms, 1, MAX_MS),
+                ("connect_timeout_ms", backend.connect_timeout_ms, 1, MAX_MS),
+                ("max_concurrent", backend.max_concurrent as u64, 1, 100_000),
+                ("max_retries", u64::from(backend.max_retries), 0, 100),
+                (
+                    "max_tokens_limit",
+                    u64::from(backend.max_tokens_limit),
+                    1,
+                    u64::from(u32::MAX),
+                ),
+                ("retry_backoff_ms", backend.retry_backoff_ms, 0, MAX_MS),
+                (
+                    "breaker_failures",
+                    u64::from(backend.breaker_failures),
+                    1,
+                    u64::from(u32::MAX),
+                ),
+                (
+                    "breaker_cooldown_ms",
+                    backend.breaker_cooldown_ms,
+                    0,
+                    MAX_MS,
+                ),
+                (
+                    "breaker_probes",
+                    u64::from(backend.breaker_probes),
+                    1,
+                    10_000,
+                ),
+            ] {
+                within(key(field), value, min, max)?;
+            }
+            if let Some(other) = &backend.failover
+                && (other == name || !self.backends.contains_key(other))
+            {
+                return invalid(
+                    key("failover"),
+                    &format!("names {other:?}, which is not another configured backend"),
+                );
+            }
+        }
+        let routes = self
+            .routing
+            .models
+            .iter()
+            .map(|(model, route)| (format!("routing.models.{model}"), &route.backend))
+            .chain(
+                self.routing
+                    .default
+                    .iter()
+                    .map(|backend| ("routing.default".to_string(), backend)),
+            );
+        for (key, backend) in routes {
+            if !self.backends.contains_key(backend) {
+                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+                return invalid(
+                    key,
+                    &format!(
+                        "names backend {backend:?}, which is not configured (backends: {})",
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Longest duration any `*_ms` setting may have: a day.
+const MAX_MS: u64 = 24 * 60 * 60 * 1000;
+const GIB: u64 = 1 << 30;
+
+/// Check that `value` of `key` is in `min..=max`.
+fn within(key: String, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        let message = match (min, max) {
+            (1, u64::MAX) => "must be at least 1".to_string(),
+            (min, u64::MAX) => format!("must be at least {min}"),
+            (min, max) => format!("must be between {min} and {max}"),
+        };
+        return invalid(key, &message);
+    }
+    Ok(())
+}
+
+pub(super) fn invalid(key: String, message: &str) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid {
+        key,
+        message: message.into(),
+    })
+}
+
+fn validate_stage(stage: &StageConfig) -> Result<(), ConfigError> {
+    let key = |field: &str| format!("stages.{}.{field}", stage.name());
+    for (field, value, min, max) in [
+        ("workers", stage.workers as u64, 1, 256),
+        // The queue's slots are allocated up front.
+        ("queue_capacity", stage.queue_capacity as u64, 1, 65_536),
+        ("recycle_after", stage.recycle_after, 1, u64::MAX),
+        ("timeout_ms", stage.timeout_ms, 1, MAX_MS),
+        // One wasm page to the whole 32-bit address space.
+        (
+            "max_memory_bytes",
+            stage.max_memory_bytes as u64,
+            65_536,
+            4 * GIB,
+        ),
+        (
+            "max_output_bytes",
+            stage.max_output_bytes as u64,
+            1,
+            4 * GIB,
+        ),
+        ("fuel", stage.fuel.unwrap_or(1), 1, u64::MAX),
+        (
+            "breaker_failures",
+            u64::from(stage.breaker_failures),
+            1,
+            u64::from(u32::MAX),
+        ),
+        ("breaker_cooldown_ms", stage.breaker_cooldown_ms, 0, MAX_MS),
+        ("breaker_probes", u64::from(stage.breaker_probes), 1, 10_000),
+    ] {
+        within(key(field), value, min, max)?;
+    }
+    for (n, dir) in stage.capabilities.dirs.iter().enumerate() {
+        if !dir.guest.starts_with('/') {
+            return invalid(
+                key(&format!("capabilities.dirs[{n}].guest")),
+                "must be an absolute guest path such as \"/corpus\"",
+            );
+        }
+    }
+    Ok(())
+}

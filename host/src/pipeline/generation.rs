@@ -1,0 +1,155 @@
+//! Configurations at run time: a [`Generation`] is one configuration's
+//! stages, pipelines ([`Route`]s) and backends ([`Router`]); the state
+//! shared by every generation is [`Shared`].
+//!
+//! # Lifecycle of a generation
+//!
+//! 1. **Plan** — the caller loads a configuration's plugins and gives a
+//!    [`Plan`]: each stage's settings and plugin, each pipeline's stage
+//!    names, the router.
+//! 2. **Build** — [`Generation::build`] makes a runtime for each stage,
+//!    *reusing* the runtime of the generation before it when the stage's
+//!    settings are unchanged: then its queue, workers, instances and
+//!    breaker carry on, and a different plugin is swapped in as a hot swap
+//!    would. A stage whose settings changed gets a new runtime (queue,
+//!    workers, breaker), started before the generation is published.
+//! 3. **Publish** — the pipeline swaps its current generation atomically.
+//!    New requests are admitted under the new one; a request keeps the
+//!    generation it was admitted under (its [`Job`](super::stage::Job)
+//!    holds it), so it finishes on the stages and backends it started
+//!    with.
+//! 4. **Retire** — when the last holder of an old generation lets go, each
+//!    of its stages that no later generation includes tells its workers to
+//!    stop. Nothing waits for that: a request never waits for a reload,
+//!    and a reload never waits for requests.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::stage::{Generation, Route, Shared, StageRuntime};
+use crate::config::StageConfig;
+use crate::inference::Router;
+use crate::metrics::Metrics;
+use crate::wasm::Plugin;
+
+/// What a configuration runs: the input of [`Generation::build`].
+pub struct Plan {
+    /// Every stage some pipeline names, with its loaded plugin, in the
+    /// order `/health` lists them.
+    pub stages: Vec<(StageConfig, Arc<Plugin>)>,
+    /// Each pipeline's stage names, in order (validated by the
+    /// configuration: every name is in `stages`).
+    pub pipelines: BTreeMap<String, Vec<String>>,
+    /// The backends and the model → backend and pipeline table.
+    pub router: Router,
+    /// The configuration's digest (see [`crate::Config::hash`]).
+    pub hash: String,
+}
+
+/// Which pipeline a request runs through, chosen by its model
+/// ([`Generation::route`]).
+#[derive(Clone)]
+pub struct RouteRef(pub(super) Arc<Route>);
+
+impl RouteRef {
+    /// The pipeline's name.
+    pub fn name(&self) -> &'static str {
+        self.0.name
+    }
+
+    /// Its stages' names, comma-separated, in order.
+    pub fn stage_list(&self) -> &str {
+        &self.0.stage_list
+    }
+
+    /// Its stages' names, in order.
+    pub fn stage_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.0.stages.iter().map(|s| s.name())
+    }
+}
+
+impl Generation {
+    /// Build the generation of `plan`, reusing the stage runtimes of
+    /// `previous` whose settings are unchanged. Returns it with the new
+    /// runtimes, whose workers the caller starts.
+    pub(super) fn build(
+        plan: Plan,
+        previous: Option<&Generation>,
+        shared: &Arc<Shared>,
+        metrics: &Metrics,
+    ) -> (Generation, Vec<Arc<StageRuntime>>) {
+        let mut stages = Vec::with_capacity(plan.stages.len());
+        let mut started = Vec::new();
+        for (settings, plugin) in plan.stages {
+            let reusable = previous.and_then(|p| {
+                p.stages
+                    .iter()
+                    .find(|s| s.name() == settings.name() && s.settings == settings)
+            });
+            let runtime = match reusable {
+                Some(runtime) => {
+                    if !Arc::ptr_eq(&runtime.plugin.load(), &plugin) {
+                        metrics.set_plugin_version(runtime.name(), plugin.sha256());
+                        runtime.plugin.store(plugin);
+                    }
+                    runtime.clone()
+                }
+                None => {
+                    let runtime = Arc::new(StageRuntime::new(settings, plugin, metrics));
+                    started.push(runtime.clone());
+                    runtime
+                }
+            };
+            runtime.generations.fetch_add(1, Ordering::AcqRel);
+            stages.push(runtime);
+        }
+        let routes = plan
+            .pipelines
+            .into_iter()
+            .map(|(name, names)| {
+                let route_stages: Vec<Arc<StageRuntime>> = names
+                    .iter()
+                    .filter_map(|n| stages.iter().find(|s| s.name() == n).cloned())
+                    .collect();
+                let name = crate::config::intern(&name);
+                let route = Route {
+                    name,
+                    stage_list: names.join(","),
+                    stages: route_stages,
+                };
+                (name, Arc::new(route))
+            })
+            .collect();
+        let generation = Generation {
+            stages,
+            routes,
+            router: plan.router,
+            hash: plan.hash,
+            shared: shared.clone(),
+        };
+        (generation, started)
+    }
+
+    /// The backends and routing table of this configuration.
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// The configuration's digest.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// The pipeline requests for `model` run through, if the model routes
+    /// anywhere.
+    pub fn route(&self, model: &str) -> Option<RouteRef> {
+        let name = self.router.pipeline(model)?;
+        self.routes.get(name).cloned().map(RouteRef)
+    }
+
+    /// The pipelines, by name.
+    pub fn routes(&self) -> impl Iterator<Item = RouteRef> + '_ {
+        self.routes.values().cloned().map(RouteRef)
+    }
+}
