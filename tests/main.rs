@@ -7,6 +7,7 @@ mod common;
 mod admission;
 mod api;
 mod authoring;
+mod composition;
 mod connections;
 mod docs;
 mod hotswap;

@@ -1,14 +1,15 @@
 //! A WebAssembly-plugin orchestration host for LLM request pipelines.
 //!
-//! A request enters over HTTP ([`http`]), flows through the pipeline
-//! `rag → assemble → inference → post → stream` ([`pipeline`]), where every
+//! A request enters over HTTP ([`http`]), flows through the pipeline its
+//! model routes to — by default `rag → assemble → inference → post →
+//! stream`, or any configured stages in any order ([`pipeline`]) — where every
 //! stage is a sandboxed WebAssembly component ([`wasm`]) whose generations
 //! go to an inference backend ([`inference`]), and leaves as an
 //! OpenAI-compatible chat completion. Every plugin call is timed and counted
 //! in Prometheus metrics ([`metrics`]), served with `/health` on a separate
-//! address. A stage's plugin can be swapped while traffic flows
-//! ([`control`]), and each request can be exported as an OpenTelemetry
-//! trace ([`trace`]).
+//! address. A stage's plugin can be swapped, and the whole configuration
+//! reloaded, while traffic flows ([`control`]), and each request can be
+//! exported as an OpenTelemetry trace ([`trace`]).
 //!
 //! Modules depend on each other one way, from the leaves up:
 //!

@@ -348,3 +348,12 @@ pub fn tool_missing(tool: &str) -> bool {
     }
     missing
 }
+
+impl Host {
+    /// Send SIGHUP (a host started with `--config` reloads the file).
+    pub fn send_sighup(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -HUP {pid} failed");
+    }
+}

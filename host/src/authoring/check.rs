@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::error::AuthoringError;
 use crate::bundled;
-use crate::config::{Config, ConfigError, PluginSource, StageConfig};
+use crate::config::{Bundled, Config, ConfigError, PluginSource, StageConfig};
 use crate::inference::Router;
 use crate::metrics::Metrics;
 use crate::wasm::{EngineSettings, HostServices, Plugin, PluginBytes, Runtime, inspect};
@@ -38,17 +38,21 @@ impl Session {
     /// bundled corpus cannot be installed for a stage granted it.
     pub fn new(config: &Config, stage: &str) -> Result<Session, AuthoringError> {
         let mut config = config.clone();
-        let declared: Vec<&str> = config.stages.iter().map(|s| s.name()).collect();
-        let declared = declared.join(", ");
+        // A stage the configuration does not declare is checked as a new
+        // stage would run: with the defaults of the bundled plugin it is
+        // named after, or the plain defaults.
+        if config.stage(stage).is_none() {
+            config
+                .stages
+                .push(StageConfig::default_for(stage, Bundled::from_name(stage)));
+        }
         let settings = config
             .stages
             .iter_mut()
             .find(|s| s.name() == stage)
             .ok_or_else(|| ConfigError::Invalid {
                 key: format!("stages.{stage}"),
-                message: format!(
-                    "is not configured (declare it in the --config file; the stages are {declared})"
-                ),
+                message: "is not configured".into(),
             })?;
         settings.fuel = Some(settings.fuel.unwrap_or(RUN_FUEL));
         let stage_config = settings.clone();

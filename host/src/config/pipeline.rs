@@ -126,3 +126,134 @@ pub fn default_pipelines() -> BTreeMap<String, PipelineConfig> {
         PipelineConfig::default_stages(),
     )])
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, PluginSource};
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::from_toml(text, Path::new("/etc/orchestrator")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_default_pipeline_is_the_five_and_models_use_it() {
+        let config = parse("").unwrap();
+        assert_eq!(
+            config.pipelines[DEFAULT_PIPELINE].stages,
+            ["rag", "assemble", "inference", "post", "stream"]
+        );
+        assert_eq!(config.routing.models["echo"].pipeline(), DEFAULT_PIPELINE);
+        let names: Vec<&str> = config.stages_in_use().iter().map(|s| s.name()).collect();
+        assert_eq!(names, ["rag", "assemble", "inference", "post", "stream"]);
+    }
+
+    #[test]
+    fn a_new_stage_takes_the_defaults_of_the_plugin_it_runs() {
+        let config = parse(
+            "[stages.guard]\nconfig = { deny = 'x' }\n\
+             [stages.second-post]\nbundled = \"post\"\nworkers = 1\n\
+             [stages.mine]\nplugin = \"mine.wasm\"\n\
+             [stages.gen]\nbundled = \"inference\"\n\
+             [pipelines.default]\nstages = [\"guard\", \"assemble\", \"inference\", \"post\", \"second-post\", \"mine\", \"stream\"]\n\
+             [pipelines.other]\nstages = [\"assemble\", \"gen\"]\n\
+             [routing]\nmodels = { a = { backend = \"echo\", pipeline = \"other\" }, b = \"echo\" }",
+        )
+        .unwrap();
+        let guard = config.stage("guard").unwrap();
+        assert_eq!(guard.bundled, Some(Bundled::Guard));
+        assert_eq!(guard.config["deny"], "x");
+        let second = config.stage("second-post").unwrap();
+        assert_eq!((second.bundled, second.workers), (Some(Bundled::Post), 1));
+        assert_eq!(
+            second.source(None),
+            Some(PluginSource::Bundled(Bundled::Post))
+        );
+        let mine = config.stage("mine").unwrap();
+        assert_eq!(mine.bundled, None);
+        assert_eq!(
+            mine.source(None),
+            Some(PluginSource::File("/etc/orchestrator/mine.wasm".into()))
+        );
+        let generating = config.stage("gen").unwrap();
+        assert!(generating.capabilities.inference, "inference's grant");
+        assert_eq!(generating.timeout_ms, 30_000);
+        assert_eq!(config.routing.models["a"].pipeline(), "other");
+        assert_eq!(config.routing.models["b"].pipeline(), DEFAULT_PIPELINE);
+        // `rag` is declared (a default) but unused: not loaded.
+        let in_use: Vec<&str> = config.stages_in_use().iter().map(|s| s.name()).collect();
+        assert_eq!(
+            in_use,
+            [
+                "guard",
+                "assemble",
+                "inference",
+                "post",
+                "second-post",
+                "mine",
+                "stream",
+                "gen"
+            ]
+        );
+        assert_ne!(config.hash(), parse("").unwrap().hash());
+        assert_eq!(config.hash().len(), 16);
+    }
+
+    #[test]
+    fn a_pipeline_that_breaks_a_rule_is_refused_by_name() {
+        let cases = [
+            (
+                "[pipelines.chat]\nstages = [\"rag\", \"nope\"]",
+                &["pipelines.chat.stages", "`nope`", "not declared"][..],
+            ),
+            ("[pipelines.chat]\nstages = []", &["at least one stage"]),
+            (
+                "[pipelines.chat]\nstages = [\"post\", \"post\"]",
+                &["`post` twice"],
+            ),
+            (
+                "[stages.gen]\nbundled = \"inference\"\n[pipelines.chat]\nstages = [\"inference\", \"gen\"]",
+                &["two stages granted inference", "`inference`", "`gen`"],
+            ),
+            (
+                "[routing]\nmodels = { m = { backend = \"echo\", pipeline = \"none\" } }",
+                &["routing.models.m", "\"none\""],
+            ),
+            (
+                "[routing]\nmodels = { m = { pipeline = \"default\" } }",
+                &["routing.models", "backend"],
+            ),
+            ("[pipelines.Chat]\nstages = [\"rag\"]", &["pipelines.Chat"]),
+            ("[stages.Bad]\nworkers = 1", &["stages.Bad"]),
+            (
+                "[stages.x]\nbundled = \"nope\"",
+                &["stages.x.bundled", "guard"],
+            ),
+            (
+                "[stages.ragg]\nworkers = 4",
+                &["stages.ragg", "no pipeline runs it"],
+            ),
+        ];
+        for (text, needles) in cases {
+            let err = parse(text).expect_err(text);
+            for needle in needles {
+                assert!(err.contains(needle), "{text}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pipeline_may_be_longer_than_eight_stages() {
+        let mut text = String::new();
+        let mut stages = vec!["assemble".to_string(), "inference".to_string()];
+        for n in 0..12 {
+            text.push_str(&format!("[stages.post-{n}]\nbundled = \"post\"\n"));
+            stages.push(format!("post-{n}"));
+        }
+        text.push_str(&format!("[pipelines.long]\nstages = {stages:?}\n"));
+        let config = parse(&text).unwrap();
+        assert_eq!(config.pipelines["long"].stages.len(), 14);
+    }
+}

@@ -1,11 +1,18 @@
-//! The pipeline: bounded stage queues, worker threads, admission control,
-//! token streaming.
+//! The pipelines: bounded stage queues, worker threads, admission control,
+//! token streaming, and the configurations they run ([`Generation`]).
 //!
-//! Owns the path of a request through the stages: `admission`, the
-//! stages' queues and shared state (`stage`), the `worker`s and their
-//! instance policy, and `streaming`. It must not parse HTTP or know about
-//! plugin files: it is given loaded plugins and envelopes, and answers with
+//! Owns the path of a request through the stages of its pipeline:
+//! `admission`, the stages' queues and shared state (`stage`), the
+//! `worker`s and their instance policy, `streaming`, and the switch from
+//! one configuration to the next (`generation`). It must not parse HTTP or
+//! know about plugin files: it is given a [`Plan`] (loaded plugins, the
+//! pipelines' stage lists, the router) and envelopes, and answers with
 //! envelopes, streams or [`RunError`]s.
+//!
+//! A request runs through one pipeline (a [`RouteRef`], chosen by its
+//! model): any stages in any order. The diagram shows the default one; a
+//! stage that several pipelines name is one stage (one queue, one set of
+//! workers) shared by them.
 //!
 //! ```text
 //!            admit (reserve a slot in every stage queue, or shed)
@@ -29,8 +36,9 @@
 //!
 //! # Admission control
 //!
-//! A request is admitted only if *every* stage has room for it: admission
-//! reserves one slot in each stage's queue, and a reservation is released
+//! A request is admitted only if *every* stage of its pipeline has room for
+//! it: admission reserves one slot in each of those stages' queues, and a
+//! reservation is released
 //! when the request leaves that stage. A request that cannot reserve a slot
 //! is refused at once ([`RunError::Shed`], counted in
 //! `orchestrator_requests_shed_total{stage}` under the first stage that was
@@ -73,6 +81,11 @@
 //! the time spent in that stage's chunk calls, all chunks together. A
 //! request that streams is observed in `orchestrator_request_duration_seconds`
 //! when its stream ends (`cancelled` if the client went away first).
+//!
+//! # Configuration reload
+//!
+//! [`Pipeline::install`] switches to a new configuration's [`Plan`]; see
+//! `generation`'s docs for what carries over and when retired stages stop.
 //!
 //! # Hot swap
 //!

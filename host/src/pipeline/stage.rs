@@ -113,7 +113,8 @@ impl StageRuntime {
         stage_metrics
             .queue_capacity
             .set(settings.queue_capacity as i64);
-        stage_metrics.queue_depth.set(0);
+        // `queue_depth` is not reset: a reload may start this runtime while
+        // the one it replaces still has requests queued on the same series.
         metrics.set_plugin_version(settings.name(), plugin.sha256());
         StageRuntime {
             plugin: ArcSwap::new(plugin),
