@@ -769,3 +769,39 @@ async fn the_overhead_histogram_leaves_out_the_wait_for_the_backend() {
         total - overhead
     );
 }
+
+/// A plain request (one answer, no stream) holds the inference stage's
+/// worker only until its generation's first token: the host collects the
+/// rest off the worker. With one inference worker, four plain requests
+/// still reach the backend at once; the scripted upstream finishes none of
+/// them until all four are in flight, so holding the worker for a whole
+/// generation would leave them waiting until their deadline (504).
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_requests_do_not_hold_the_inference_worker_for_the_whole_generation() {
+    let upstream = Upstream::start(Script::Gate {
+        open_at: 4,
+        first: "all",
+        then: " together",
+    })
+    .await;
+    let host = upstream_host(
+        &upstream.base_url,
+        "[stages.inference]\nworkers = 1\n[stages.stream]\nworkers = 1\n",
+    );
+    let asks = (0..4).map(|n| {
+        let host = &host;
+        async move { host.chat(&up(&format!("question {n}"), false)).await }
+    });
+    for (status, body) in futures_util::future::join_all(asks).await {
+        assert_eq!(status, 200, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            answer["choices"][0]["message"]["content"], "all together",
+            "{body}"
+        );
+    }
+    assert_eq!(
+        upstream.requests.load(std::sync::atomic::Ordering::SeqCst),
+        4
+    );
+}

@@ -36,6 +36,14 @@ pub enum Script {
     Stall,
     /// Stream a delta every 10 ms until the client goes away.
     Endless,
+    /// Stream the delta `first` at once, then hold each answer until
+    /// `open_at` requests have arrived, then finish with `then`: answers
+    /// complete only if that many generations are in flight at once.
+    Gate {
+        open_at: usize,
+        first: &'static str,
+        then: &'static str,
+    },
 }
 
 /// A running scripted upstream.
@@ -66,6 +74,7 @@ impl Upstream {
         let cancelled = Arc::new(Notify::new());
         let traceparents = Arc::new(Mutex::new(Vec::new()));
         let (count, notify, seen) = (requests.clone(), cancelled.clone(), traceparents.clone());
+        let (arrived, arrivals) = tokio::sync::watch::channel(0usize);
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
             loop {
@@ -79,6 +88,7 @@ impl Upstream {
                     seen.lock().unwrap().push(value.trim().to_string());
                 }
                 let n = count.fetch_add(1, Ordering::SeqCst);
+                arrived.send_replace(n + 1);
                 match script.clone() {
                     Script::FailThen {
                         status,
@@ -111,6 +121,21 @@ impl Upstream {
                     Script::Broken(deltas) => {
                         tokio::spawn(async move {
                             let _ = serve_deltas(&mut socket, &deltas, false).await;
+                        });
+                    }
+                    Script::Gate {
+                        open_at,
+                        first,
+                        then,
+                    } => {
+                        let mut arrivals = arrivals.clone();
+                        tokio::spawn(async move {
+                            let _ = socket.write_all(HEAD).await;
+                            let _ = stream_deltas(&mut socket, &[first]).await;
+                            if arrivals.wait_for(|&n| n >= open_at).await.is_ok() {
+                                let _ = stream_deltas(&mut socket, &[then]).await;
+                                let _ = finish_stream(&mut socket, 2).await;
+                            }
                         });
                     }
                     Script::Endless => {
@@ -177,6 +202,14 @@ async fn serve_deltas(
     finish: bool,
 ) -> std::io::Result<()> {
     socket.write_all(HEAD).await?;
+    stream_deltas(socket, deltas).await?;
+    if !finish {
+        return socket.shutdown().await;
+    }
+    finish_stream(socket, deltas.len()).await
+}
+
+async fn stream_deltas(socket: &mut TcpStream, deltas: &[&str]) -> std::io::Result<()> {
     for text in deltas {
         socket.write_all(delta(text).as_bytes()).await?;
         socket.flush().await?;
@@ -185,12 +218,13 @@ async fn serve_deltas(
         // together through the stages as one).
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    if !finish {
-        return socket.shutdown().await;
-    }
+    Ok(())
+}
+
+/// End a stream of `tokens` deltas: `stop`, usage, `[DONE]`.
+async fn finish_stream(socket: &mut TcpStream, tokens: usize) -> std::io::Result<()> {
     let end = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]});
-    let usage =
-        json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": deltas.len()}});
+    let usage = json!({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": tokens}});
     socket
         .write_all(format!("data: {end}\n\ndata: {usage}\n\ndata: [DONE]\n\n").as_bytes())
         .await?;

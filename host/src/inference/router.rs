@@ -85,6 +85,11 @@ impl Router {
         })
     }
 
+    /// The runtime generations run on (`None`: the caller's).
+    pub fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.inner.runtime.as_ref()
+    }
+
     /// Whether `other` is this very router (a clone of it).
     pub fn same_as(&self, other: &Router) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)

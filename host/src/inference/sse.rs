@@ -1,6 +1,7 @@
 //! The server-sent-event stream of an OpenAI chat completion, parsed into
 //! [`Event`]s incrementally, whatever the byte boundaries.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 
 use futures_util::{Stream, StreamExt};
@@ -44,7 +45,7 @@ where
                 return None;
             }
             match state.bytes.next().await {
-                Some(Ok(chunk)) => state.queue.extend(state.parser.feed(chunk.as_ref())),
+                Some(Ok(chunk)) => state.parser.feed(chunk.as_ref(), &mut state.queue),
                 Some(Err(e)) => {
                     state
                         .queue
@@ -60,6 +61,12 @@ where
 }
 
 /// Incremental parser of an OpenAI chat-completion SSE stream.
+///
+/// Lines are cut from the bytes as they come (a partial line is kept in a
+/// buffer that keeps its capacity), and each event's JSON is read into
+/// borrowed typed fields: only `id`, `choices[0].delta.content`,
+/// `choices[0].finish_reason`, `usage` and `error` are looked at, and a
+/// delta's text is copied once, into the [`Event`].
 #[derive(Debug, Default)]
 pub struct SseParser {
     line: Vec<u8>,
@@ -74,64 +81,113 @@ pub struct SseParser {
 /// never sends a newline).
 const MAX_SSE_LINE: usize = 4 * 1024 * 1024;
 
+/// The fields of a `chat.completion.chunk` the host reads.
+#[derive(serde::Deserialize)]
+struct ChunkFields<'a> {
+    #[serde(borrow, default)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    choices: Option<Vec<ChoiceFields<'a>>>,
+    #[serde(default)]
+    usage: Option<UsageFields>,
+    /// Rare, and its shape varies (an object with a message, a string).
+    #[serde(default)]
+    error: Option<Value>,
+}
+
+#[derive(serde::Deserialize)]
+struct ChoiceFields<'a> {
+    #[serde(borrow, default)]
+    delta: Option<DeltaFields<'a>>,
+    #[serde(borrow, default)]
+    finish_reason: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct DeltaFields<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
+}
+
+#[derive(serde::Deserialize)]
+struct UsageFields {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+type Item = Result<Event, AttemptError>;
+
 impl SseParser {
-    /// Feed bytes; returns the events they complete.
-    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Result<Event, AttemptError>> {
-        let mut out = Vec::new();
-        for &byte in bytes {
-            if self.ended {
-                break;
-            }
-            if byte != b'\n' {
-                self.line.push(byte);
+    /// Feed bytes; the events they complete are added to `out`.
+    pub fn feed(&mut self, mut bytes: &[u8], out: &mut impl Extend<Item>) {
+        while !self.ended && !bytes.is_empty() {
+            let Some(at) = bytes.iter().position(|&b| b == b'\n') else {
+                self.line.extend_from_slice(bytes);
                 if self.line.len() > MAX_SSE_LINE {
-                    self.ended = true;
-                    out.push(Err(AttemptError::Protocol(
-                        "an event line longer than 4 MiB".into(),
-                    )));
+                    self.fail(out, "an event line longer than 4 MiB");
                 }
-                continue;
+                return;
+            };
+            let (head, rest) = bytes.split_at(at);
+            bytes = &rest[1..];
+            if self.line.is_empty() {
+                self.line_done(head, out);
+            } else {
+                let mut line = std::mem::take(&mut self.line);
+                line.extend_from_slice(head);
+                self.line_done(&line, out);
+                line.clear();
+                self.line = line;
             }
-            let line = std::mem::take(&mut self.line);
-            let line = String::from_utf8_lossy(&line);
-            let line = line.strip_suffix('\r').unwrap_or(&line);
-            if line.is_empty() {
-                if !self.data.is_empty() {
-                    let data = std::mem::take(&mut self.data);
-                    out.extend(self.event(&data));
-                }
-            } else if let Some(value) = line.strip_prefix("data:") {
-                if !self.data.is_empty() {
-                    self.data.push('\n');
-                }
-                self.data.push_str(value.strip_prefix(' ').unwrap_or(value));
-                if self.data.len() > MAX_SSE_LINE {
-                    self.ended = true;
-                    out.push(Err(AttemptError::Protocol(
-                        "an event longer than 4 MiB".into(),
-                    )));
-                }
-            }
-            // Comments (`:`), `event:`, `id:` and `retry:` lines carry
-            // nothing a chat completion needs.
         }
-        out
+    }
+
+    /// One complete line (without its `\n`).
+    fn line_done(&mut self, line: &[u8], out: &mut impl Extend<Item>) {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            if !self.data.is_empty() {
+                let data = std::mem::take(&mut self.data);
+                self.event(&data, out);
+                self.data = data;
+                self.data.clear();
+            }
+        } else if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if !self.data.is_empty() {
+                self.data.push('\n');
+            }
+            match std::str::from_utf8(value) {
+                Ok(text) => self.data.push_str(text),
+                Err(_) => self.data.push_str(&String::from_utf8_lossy(value)),
+            }
+            if self.data.len() > MAX_SSE_LINE {
+                self.fail(out, "an event longer than 4 MiB");
+            }
+        }
+        // Comments (`:`), `event:`, `id:` and `retry:` lines carry
+        // nothing a chat completion needs.
+    }
+
+    fn fail(&mut self, out: &mut impl Extend<Item>, message: &str) {
+        self.ended = true;
+        out.extend([Err(AttemptError::Protocol(message.into()))]);
     }
 
     /// The byte stream ended: an `End` if the generation had finished.
     pub fn finish(&mut self) -> Result<Event, AttemptError> {
         if !self.data.is_empty() {
             let data = std::mem::take(&mut self.data);
-            if let Some(event) = self.event(&data).into_iter().find(|e| e.is_err()) {
-                return event;
+            let mut last = Vec::new();
+            self.event(&data, &mut last);
+            if let Some(error) = last.into_iter().find(|e| e.is_err()) {
+                return error;
             }
         }
         if self.ended || self.finish_reason.is_some() {
-            Ok(Event::End(Ending {
-                finish_reason: self.finish_reason.take(),
-                usage: self.usage,
-                response_id: self.response_id.take(),
-            }))
+            Ok(Event::End(self.ending()))
         } else {
             Err(AttemptError::Protocol(
                 "the stream ended before the generation finished".into(),
@@ -139,64 +195,55 @@ impl SseParser {
         }
     }
 
-    fn event(&mut self, data: &str) -> Vec<Result<Event, AttemptError>> {
+    fn ending(&mut self) -> Ending {
+        Ending {
+            finish_reason: self.finish_reason.take(),
+            usage: self.usage,
+            response_id: self.response_id.take(),
+        }
+    }
+
+    fn event(&mut self, data: &str, out: &mut impl Extend<Item>) {
         if data.trim() == "[DONE]" {
             self.ended = true;
-            return vec![Ok(Event::End(Ending {
-                finish_reason: self.finish_reason.take(),
-                usage: self.usage,
-                response_id: self.response_id.take(),
-            }))];
+            let end = self.ending();
+            out.extend([Ok(Event::End(end))]);
+            return;
         }
-        let value: Value = match serde_json::from_str(data) {
-            Ok(value) => value,
+        let chunk: ChunkFields<'_> = match serde_json::from_str(data) {
+            Ok(chunk) => chunk,
             Err(e) => {
-                self.ended = true;
-                return vec![Err(AttemptError::Protocol(format!(
-                    "an event is not JSON: {e}"
-                )))];
+                return self.fail(out, &format!("an event is not a completion chunk: {e}"));
             }
         };
-        if let Some(error) = value.get("error") {
-            self.ended = true;
+        if let Some(error) = chunk.error {
             let message = error
                 .get("message")
                 .and_then(Value::as_str)
                 .map_or_else(|| error.to_string(), str::to_string);
-            return vec![Err(AttemptError::Protocol(format!(
-                "error in stream: {}",
-                quote(&message)
-            )))];
+            return self.fail(out, &format!("error in stream: {}", quote(&message)));
         }
         if self.response_id.is_none()
-            && let Some(id) = value.get("id").and_then(Value::as_str)
+            && let Some(id) = chunk.id
         {
             self.response_id = Some(id.chars().take(128).collect());
         }
-        if let Some(usage) = value.get("usage").filter(|u| !u.is_null()) {
-            let field = |name| {
-                usage
-                    .get(name)
-                    .and_then(Value::as_u64)
-                    .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
-            };
-            self.usage = Some((field("prompt_tokens"), field("completion_tokens")));
+        if let Some(usage) = chunk.usage {
+            let count = |n: Option<u64>| n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
+            self.usage = Some((count(usage.prompt_tokens), count(usage.completion_tokens)));
         }
-        let mut out = Vec::new();
-        if let Some(choice) = value.get("choices").and_then(|c| c.get(0)) {
+        if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
             if let Some(text) = choice
-                .get("delta")
-                .and_then(|d| d.get("content"))
-                .and_then(Value::as_str)
+                .delta
+                .and_then(|d| d.content)
                 .filter(|t| !t.is_empty())
             {
-                out.push(Ok(Event::Delta(text.to_string())));
+                out.extend([Ok(Event::Delta(text.into_owned()))]);
             }
-            if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-                self.finish_reason = Some(reason.to_string());
+            if let Some(reason) = choice.finish_reason {
+                self.finish_reason = Some(reason.into_owned());
             }
         }
-        out
     }
 }
 
@@ -218,8 +265,9 @@ mod tests {
         .as_bytes();
         for split in 1..stream.len() {
             let mut parser = SseParser::default();
-            let mut events = parser.feed(&stream[..split]);
-            events.extend(parser.feed(&stream[split..]));
+            let mut events = Vec::new();
+            parser.feed(&stream[..split], &mut events);
+            parser.feed(&stream[split..], &mut events);
             let events: Vec<Event> = events.into_iter().map(Result::unwrap).collect();
             assert_eq!(
                 events,
@@ -239,18 +287,33 @@ mod tests {
 
     #[test]
     fn sse_parser_reports_errors_and_early_ends() {
-        let mut parser = SseParser::default();
-        let events = parser.feed(b"data: {\"error\":{\"message\":\"model overloaded\"}}\n\n");
+        let feed = |bytes: &[u8]| {
+            let mut parser = SseParser::default();
+            let mut events = Vec::new();
+            parser.feed(bytes, &mut events);
+            (parser, events)
+        };
+        let (_, events) = feed(b"data: {\"error\":{\"message\":\"model overloaded\"}}\n\n");
         assert!(
             matches!(&events[..], [Err(AttemptError::Protocol(m))] if m.contains("model overloaded"))
         );
-        let mut parser = SseParser::default();
-        parser.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
+        let (_, events) = feed(b"data: {\"error\":\"plain text\"}\n\n");
+        assert!(
+            matches!(&events[..], [Err(AttemptError::Protocol(m))] if m.contains("plain text"))
+        );
+        let (mut parser, _) = feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"x\"}}]}\n\n");
         assert!(parser.finish().is_err(), "no finish_reason and no [DONE]");
-        let mut parser = SseParser::default();
-        assert!(matches!(
-            &parser.feed(b"data: not json\n\n")[..],
-            [Err(AttemptError::Protocol(_))]
-        ));
+        for bad in [&b"data: not json\n\n"[..], b"data: {\"choices\":7}\n\n"] {
+            let (_, events) = feed(bad);
+            assert!(matches!(&events[..], [Err(AttemptError::Protocol(_))]));
+        }
+        // An escaped delta is unescaped; extra fields are ignored.
+        let (_, events) = feed(
+            b"data: {\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"logprobs\":null,\"delta\":{\"content\":\"a\\n\\\"b\\u00e9\"}}],\"usage\":null}\n\n",
+        );
+        assert_eq!(
+            events.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+            [Event::Delta("a\n\"b\u{e9}".into())]
+        );
     }
 }

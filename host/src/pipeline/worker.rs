@@ -217,14 +217,31 @@ fn run_job(
             }
             return;
         }
-        // The client wants one answer: collect the generation here.
-        let collecting = Instant::now();
-        let collected = runtime.block_on(collect_generation(&mut job.envelope, tokens));
-        job.backend_wait.add(collecting.elapsed());
-        if let Err(error) = collected {
-            return fail(stage, job, error);
+        // The client wants one answer: collect the generation on the
+        // runtime generations run on, not on this worker, which takes its
+        // next request meanwhile (the job keeps its reservation here until
+        // the generation is in, so `queue_capacity` still bounds them).
+        match job.generation.router().runtime().cloned() {
+            Some(handle) => {
+                let stage = job.route.stages[job.stage].clone();
+                drop(handle.spawn(collect_then_forward(stage, job, tokens)));
+            }
+            None => {
+                let collected = runtime.block_on(collect_timed(&mut job, tokens));
+                match collected {
+                    Ok(()) => forward(job),
+                    Err(error) => fail(stage, job, error),
+                }
+            }
         }
+        return;
     }
+    forward(job);
+}
+
+/// Pass `job` on from its current stage: to the next stage of its
+/// pipeline, or to its caller when that was the last.
+fn forward(mut job: Job) {
     job.leave_stage();
     match job.route.stages.get(job.stage).cloned() {
         Some(next) => next.enqueue(job),
@@ -233,6 +250,24 @@ fn run_job(
             job.answer(Ok(Delivery::Done(envelope)));
         }
     }
+}
+
+/// Collect the generation `tokens` that `stage` started for `job`, then
+/// pass the job on (or answer with the failure).
+async fn collect_then_forward(stage: Arc<StageRuntime>, mut job: Job, tokens: TokenStream) {
+    match collect_timed(&mut job, tokens).await {
+        Ok(()) => forward(job),
+        Err(error) => fail(&stage, job, error),
+    }
+}
+
+/// Collect a whole generation into `job`'s envelope, counting the wait as
+/// the backend's.
+async fn collect_timed(job: &mut Job, tokens: TokenStream) -> Result<(), CallError> {
+    let collecting = Instant::now();
+    let collected = collect_generation(&mut job.envelope, tokens).await;
+    job.backend_wait.add(collecting.elapsed());
+    collected
 }
 
 /// Count `error` against `stage` and answer `job` with it.

@@ -1,17 +1,19 @@
 //! The `inference` stage: sends the assembled prompt to the host's
-//! inference backend (the `inference.generate` import, granted to this
-//! stage by the host configuration) and records the completion and token
-//! usage in the envelope.
+//! inference backend (the `inference` import, granted to this stage by the
+//! host configuration).
 //!
 //! The stage itself holds no model: which backend answers (the built-in
 //! deterministic `echo`, or an upstream service) is the host's choice.
 //!
-//! When the client asked for a stream (the envelope's metadata has
-//! `request.stream` set to `true`, see the SDK's `Request::stream_requested`), the stage starts a streaming generation
-//! with `inference.generate-stream` instead and returns the envelope
-//! unchanged: the host then feeds the tokens through the streaming stages
-//! that follow and fills in the completion, finish reason and usage when
-//! the generation ends (see [`run_request`]).
+//! The bundled stage always starts a streaming generation with
+//! `inference.generate-stream` and returns the envelope unchanged: the host
+//! then feeds the tokens through the streaming stages that follow (a client
+//! that asked for a stream) or collects them (one that wants one answer),
+//! and fills in the completion, finish reason and usage when the generation
+//! ends. Either way the stage's worker is free again at the first token.
+//! [`run_request`] with `stream = false` calls `inference.generate`
+//! instead, which returns the whole completion to the plugin (and holds the
+//! worker until then): the way for a stage that must see the text.
 
 mod stage;
 

@@ -19,9 +19,13 @@ impl Stage for Inference {
 
     fn process(&self, request: &dyn Request) -> Result<(), StageError> {
         let params = request.params();
+        // Always a streamed generation, also for a client that wants one
+        // answer: the host then collects it off this stage's worker, so a
+        // slow backend holds no worker thread for a whole generation (a
+        // `generate` call would hold it until the last token).
         let outcome = run_request(
             &request.prompt(),
-            request.stream_requested(),
+            true,
             |prompt| {
                 generate(prompt, &params).map(|g| Completion {
                     text: g.text,
