@@ -25,6 +25,9 @@
 #       (by default it is made in a temporary directory and removed)
 #   BIN=path/to/orchestrator UPSTREAM_BIN=path/to/bench_upstream bash benches/gateways.sh
 #       measure those binaries (no build)
+#   BASELINE_BIN=path/to/older/orchestrator bash benches/gateways.sh
+#       also measure another build of ours ("baseline"), interleaved with
+#       the others: a regression check between two commits
 #   RATES="50 100 200" bash benches/gateways.sh    # oha's rates, requests/s
 #   KEEP=1 bash benches/gateways.sh                 # keep the work directory (logs)
 #
@@ -58,6 +61,7 @@
 set -euo pipefail
 [ -n "${BIN:-}" ] && BIN=$(realpath "$BIN")
 [ -n "${UPSTREAM_BIN:-}" ] && UPSTREAM_BIN=$(realpath "$UPSTREAM_BIN")
+[ -n "${BASELINE_BIN:-}" ] && BASELINE_BIN=$(realpath "$BASELINE_BIN")
 [ -n "${VENV:-}" ] && VENV=$(realpath -m "$VENV")
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -151,6 +155,17 @@ wait_for 120 "$LAST_PID" grep -q 'orchestrator listening' "$WORK/ours.out" ||
     { log "orchestrator did not start:"; tail -20 "$WORK/ours.out" >&2; exit 1; }
 URL[ours]=$(grep 'orchestrator listening' "$WORK/ours.out" | grep -o 'api=[^ ]*' | cut -d= -f2)/v1/chat/completions
 MODEL[ours]=up
+if [ -n "${BASELINE_BIN:-}" ]; then
+    spawn "$WORK/baseline.out" "$BASELINE_BIN" --config "$WORK/ours.toml" --listen 127.0.0.1:0 \
+        --metrics-listen 127.0.0.1:0 --cache-dir "$WORK/cache-baseline"
+    PID[baseline]=$LAST_PID
+    wait_for 120 "$LAST_PID" grep -q 'orchestrator listening' "$WORK/baseline.out" ||
+        { log "the baseline orchestrator did not start:"; tail -20 "$WORK/baseline.out" >&2; exit 1; }
+    URL[baseline]=$(grep 'orchestrator listening' "$WORK/baseline.out" | grep -o 'api=[^ ]*' | cut -d= -f2)/v1/chat/completions
+    MODEL[baseline]=up
+else
+    SKIP[baseline]="no BASELINE_BIN"
+fi
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -242,7 +257,8 @@ assert json.load(open(sys.argv[1]))["choices"][0]["message"]["content"]' "$WORK/
     fi
 }
 NAMES=""
-for name in upstream ours tensorzero litellm; do
+for name in upstream ours baseline tensorzero litellm; do
+    if [ "$name" = baseline ] && [ -z "${BASELINE_BIN:-}" ]; then continue; fi
     if [ -n "${SKIP[$name]:-}" ]; then
         log "SKIPPING $name: ${SKIP[$name]}"
         continue
@@ -250,7 +266,7 @@ for name in upstream ours tensorzero litellm; do
     problem=$(check "$name")
     if [ -n "$problem" ]; then
         case $name in
-        upstream | ours) log "$name fails: $problem"; exit 1 ;;
+        upstream | ours | baseline) log "$name fails: $problem"; exit 1 ;;
         *) SKIP[$name]=$problem; log "SKIPPING $name: $problem"; continue ;;
         esac
     fi
@@ -414,6 +430,7 @@ def show(values, fmt):
     return f"{fmt(m)} ({lo}-{hi})"
 
 label = {"upstream": "upstream alone", "ours": "ours (orchestrator)",
+         "baseline": "ours, baseline build (BASELINE_BIN)",
          "tensorzero": "TensorZero", "litellm": "LiteLLM (2 workers)"}
 print("| gateway | plain req/s @64 | streamed req/s @64 | CPU µs/request @64 | p50 plain @1 | p50 streamed @1 "
       "| added p50 plain | added p50 streamed | errors |")

@@ -121,6 +121,8 @@ pub struct Reloader {
     source: Option<ConfigSource>,
     /// The configuration serving now.
     current: tokio::sync::Mutex<Config>,
+    /// Bumped by each reload that applied a configuration.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 impl Reloader {
@@ -145,7 +147,14 @@ impl Reloader {
             hot_swap,
             source,
             current: tokio::sync::Mutex::new(config),
+            applied: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many reloads have applied a configuration so far: a watcher
+    /// compares it to notice reloads made by others.
+    pub fn applied(&self) -> u64 {
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The configuration file, if the host was started with one.
@@ -232,6 +241,8 @@ impl Reloader {
         self.hot_swap.sync(planned.services);
         self.metrics.set_config_hash(&hash);
         *current = config;
+        self.applied
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(ReloadReport {
             result: "ok",
             hash,

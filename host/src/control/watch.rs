@@ -170,6 +170,7 @@ pub fn spawn(
         .map(|(stage, path)| (stage, Watched::new(path)))
         .collect();
     let mut config_file = reloader.path().map(|p| Watched::new(p.to_path_buf()));
+    let mut applied = reloader.applied();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(POLL);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -177,8 +178,14 @@ pub fn spawn(
             interval.tick().await;
             if let Some(file) = &mut config_file
                 && let Change::Settled = file.poll()
-                && reloader.reload("watch").await.is_ok()
             {
+                // Logged and counted by the reloader either way.
+                let _ = reloader.reload("watch").await;
+            }
+            // Follow every applied reload, this watcher's or another's
+            // (`SIGHUP`, the admin API).
+            if reloader.applied() != applied {
+                applied = reloader.applied();
                 config = reloader.config().await;
                 // Follow the new stages; files already watched keep
                 // their state, new ones start from what they are now.
