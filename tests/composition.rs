@@ -856,3 +856,92 @@ async fn a_change_that_needs_a_restart_is_refused() {
     assert_eq!(report["previous_hash"], before.as_str(), "{report}");
     assert_eq!(status_of(&host, "fresh").await, 200);
 }
+
+/// Any stage takes part in everything the five defaults do: a pipeline of
+/// ten stages (six of them copies of the bundled `post`) answers plain and
+/// streamed; a declared stage's series exist under its configured name; it
+/// can be hot-swapped by name through the admin API and its plugin file
+/// taken from the plugins directory (`--plugins DIR` with `<name>.wasm`).
+#[tokio::test(flavor = "multi_thread")]
+async fn any_stage_counts_swaps_and_loads_like_the_five() {
+    let plugins = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        test_plugin("profanity"),
+        plugins.path().join("profanity.wasm"),
+    )
+    .unwrap();
+    let mut long = vec!["rag", "assemble", "inference"];
+    let copies: Vec<String> = (1..=6).map(|n| format!("post-{n}")).collect();
+    long.extend(copies.iter().map(String::as_str));
+    long.push("stream");
+    let mut toml = format!(
+        "admin_token = \"{TOKEN}\"\nplugins_dir = \"{}\"\n",
+        plugins.path().display()
+    );
+    for copy in &copies {
+        toml.push_str(&format!("[stages.{copy}]\nbundled = \"post\"\n"));
+    }
+    toml.push_str("[stages.profanity]\nconfig = { words = \"darn\" }\n");
+    toml.push_str(&pipeline("long", &long));
+    toml.push_str(&pipeline("default", &WITH_PROFANITY));
+    toml.push_str("[routing]\nmodels = { long = { backend = \"echo\", pipeline = \"long\" } }\n");
+    let host = Host::with_config(&toml);
+
+    for stream in [false, true] {
+        let answer = send(&host, &chat_request("long", "ten stages ran", stream))
+            .await
+            .unwrap();
+        assert_eq!(answer.stages, long, "{answer:?}");
+        assert!(answer.content.contains("ten stages ran"), "{answer:?}");
+    }
+    let metrics = host.metrics_text().await;
+    for copy in &copies {
+        let series = format!("orchestrator_requests_total{{stage=\"{copy}\"}}");
+        assert_eq!(metric_value(&metrics, &series), 2.0, "{series}");
+    }
+
+    // `profanity` came from the plugins directory; swap it by name for
+    // `shout` (a plain stage) and back.
+    let masked = send(&host, &chat_request("echo", "darn it", false))
+        .await
+        .unwrap();
+    assert!(masked.content.contains("**** it"), "{masked:?}");
+    let put = |bytes: Vec<u8>| {
+        let host = &host;
+        async move {
+            client()
+                .put(format!("{}/admin/stages/profanity", host.api))
+                .bearer_auth(TOKEN)
+                .body(bytes)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let swapped = put(std::fs::read(test_plugin("shout")).unwrap()).await;
+    assert_eq!(swapped.status(), 200, "{}", swapped.text().await.unwrap());
+    let shouted = send(&host, &chat_request("echo", "darn it", false))
+        .await
+        .unwrap();
+    assert!(shouted.content.contains("DARN IT"), "{shouted:?}");
+    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let stage = health["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "profanity")
+        .cloned()
+        .unwrap();
+    assert_eq!(stage["plugin"]["source"], "upload", "{stage}");
+    let back = client()
+        .post(format!("{}/admin/stages/profanity/rollback", host.api))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(back.status(), 200);
+    let masked = send(&host, &chat_request("echo", "darn it", false))
+        .await
+        .unwrap();
+    assert!(masked.content.contains("**** it"), "{masked:?}");
+}
