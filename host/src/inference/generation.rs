@@ -155,7 +155,10 @@ impl TokenStream {
 
     /// Collect the rest of the generation into one completion.
     /// `prompt_tokens` is used when the backend reports no usage.
-    pub async fn collect(mut self, prompt_tokens: u32) -> Result<Completion, BackendError> {
+    pub async fn collect(
+        mut self,
+        prompt_tokens: impl FnOnce() -> u32,
+    ) -> Result<Completion, BackendError> {
         let mut text = String::new();
         let mut chunks = 0u32;
         while let Some(event) = self.next().await {
@@ -165,7 +168,9 @@ impl TokenStream {
                     chunks += 1;
                 }
                 Event::End(ending) => {
-                    let (prompt, completion) = ending.usage.unwrap_or((prompt_tokens, chunks));
+                    // Counted only when the backend reports no usage.
+                    let (prompt, completion) =
+                        ending.usage.unwrap_or_else(|| (prompt_tokens(), chunks));
                     return Ok(Completion {
                         text,
                         finish_reason: finish_reason(ending.finish_reason.as_deref()),

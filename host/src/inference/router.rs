@@ -231,8 +231,11 @@ impl Router {
                 .inc_by(u64::from(completion.completion_tokens));
             return Ok(completion);
         }
-        let prompt_tokens = count_tokens(&request.prompt) as u32;
-        self.stream(request).await?.collect(prompt_tokens).await
+        let prompt = request.prompt.clone();
+        self.stream(request)
+            .await?
+            .collect(|| count_tokens(&prompt) as u32)
+            .await
     }
 }
 

@@ -358,9 +358,9 @@ async fn on_instance<T>(
 
 /// Collect a whole generation into `envelope`.
 async fn collect_generation(envelope: &mut Envelope, tokens: TokenStream) -> Result<(), CallError> {
-    let prompt_tokens = orchestrator_text::count_tokens(&envelope.prompt) as u32;
+    let prompt = &envelope.prompt;
     let completion = tokens
-        .collect(prompt_tokens)
+        .collect(|| orchestrator_text::count_tokens(prompt) as u32)
         .await
         .map_err(|e| CallError::new(e.error_type(), e.to_string()))?;
     envelope.completion = completion.text;
