@@ -1,6 +1,6 @@
 //! The control plane: changing what the running pipeline runs, without a
 //! restart — a stage's plugin swapped in or rolled back ([`swap`]), the
-//! whole configuration reloaded ([`reload`], from a [`plan`] built as at
+//! whole configuration reloaded ([`reload`], from a [`mod@plan`] built as at
 //! startup), through the admin API, `SIGHUP`, or when a file changes on
 //! disk ([`watch`]).
 //!

@@ -33,7 +33,8 @@ use crate::inference::Router;
 use crate::metrics::Metrics;
 use crate::wasm::Plugin;
 
-/// What a configuration runs: the input of [`Generation::build`].
+/// What a configuration runs: the input of [`Pipeline::start`](super::Pipeline::start)
+/// and [`Pipeline::install`](super::Pipeline::install).
 pub struct Plan {
     /// Every stage some pipeline names, with its loaded plugin, in the
     /// order `/health` lists them.
