@@ -945,3 +945,39 @@ async fn any_stage_counts_swaps_and_loads_like_the_five() {
         .unwrap();
     assert!(masked.content.contains("**** it"), "{masked:?}");
 }
+
+/// A reload cannot resize the wasm engine: a configuration that needs fuel
+/// metering (off at startup), more instance slots than the pool has, or a
+/// larger memory cap is refused with what it needs, and a mistyped key in
+/// a model's route is refused, not ignored; the running configuration
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_the_engine_cannot_take_is_refused_with_what_it_needs() {
+    let head = format!("admin_token = \"{TOKEN}\"\n");
+    let (_dir, path) = config_file(&head);
+    let host = Host::start(&["--config", path.to_str().unwrap()]);
+    let before = config_hash(&host).await;
+    let cases = [
+        ("[stages.post]\nfuel = 1000000\n", "fuel metering was off"),
+        ("[stages.rag]\nworkers = 200\n", "instance slots"),
+        (
+            "[stages.post]\nmax_memory_bytes = 2147483648\n",
+            "max_memory_bytes",
+        ),
+        (
+            "[routing]\nmodels = { m = { backend = \"echo\", pipelne = \"default\" } }\n",
+            "no other keys",
+        ),
+    ];
+    for (change, reason) in cases {
+        std::fs::write(&path, format!("{head}{change}")).unwrap();
+        let (status, body) = reload(&host).await;
+        assert_eq!(status, 422, "{change}: {body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(reason), "{change}: {message}");
+        assert_eq!(status_of(&host, "echo").await, 200);
+    }
+    assert_eq!(config_hash(&host).await, before);
+    let metrics = host.metrics_text().await;
+    assert_eq!(reloads(&metrics, "error"), 4.0);
+}

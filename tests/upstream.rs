@@ -805,3 +805,25 @@ async fn plain_requests_do_not_hold_the_inference_worker_for_the_whole_generatio
         4
     );
 }
+
+/// A client that hangs up while its one-piece (not streamed) answer is
+/// being generated cancels the generation too: the upstream connection is
+/// closed and the request's admission slots are freed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hangs_up_on_a_plain_request_cancels_the_generation() {
+    let upstream = Upstream::start(Script::Endless).await;
+    let host = upstream_host(&upstream.base_url, "");
+    let url = format!("{}/v1/chat/completions", host.api);
+    let body = up("talk forever", false);
+    // The answer never comes (the upstream never finishes): give up once
+    // the upstream has the request.
+    let waiting = tokio::spawn(async move { client().post(url).json(&body).send().await });
+    while upstream.requests.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        tokio::task::yield_now().await;
+    }
+    waiting.abort();
+    tokio::time::timeout(Duration::from_secs(10), upstream.cancelled.notified())
+        .await
+        .expect("the upstream connection was closed");
+    assert_idle(&host).await;
+}

@@ -10,10 +10,11 @@
 //!   request once.
 //! - At most one of its stages is granted `inference`: that stage starts
 //!   the request's generation; a second one would start another.
-//! - (Checked once the plugins are loaded, see `Orchestrator`: in the
-//!   stages after the generating one, a streaming stage may not follow a
-//!   plain one, since a streamed request's text reaches the stages after a
-//!   plain stage only once the generation has ended.)
+//! - (Warned of once the plugins are loaded, see `control::plan`: in the
+//!   stages after the generating one, a streaming stage that follows a
+//!   plain one no longer streams, since a streamed request's text reaches
+//!   the stages after a plain stage only once the generation has ended. A
+//!   valid pipeline, and a hot swap can make the same arrangement.)
 //!
 //! A stage may appear in several pipelines. It is then one stage: one
 //! queue, one set of workers and instances, one breaker and one set of
@@ -81,21 +82,26 @@ impl From<&str> for ModelRoute {
 #[serde(untagged)]
 enum RouteForm {
     Backend(String),
-    Full {
-        backend: String,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        pipeline: Option<String>,
-    },
+    Full(RouteTable),
+}
+
+/// The table form; a mistyped key (`pipelne`) is an error, not ignored.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTable {
+    backend: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pipeline: Option<String>,
 }
 
 impl Serialize for ModelRoute {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match &self.pipeline {
             None => RouteForm::Backend(self.backend.clone()),
-            Some(pipeline) => RouteForm::Full {
+            Some(pipeline) => RouteForm::Full(RouteTable {
                 backend: self.backend.clone(),
                 pipeline: Some(pipeline.clone()),
-            },
+            }),
         }
         .serialize(s)
     }
@@ -106,7 +112,8 @@ impl<'de> Deserialize<'de> for ModelRoute {
         // Untagged enums lose the inner error; say what the two forms are.
         let form = RouteForm::deserialize(d).map_err(|_| {
             serde::de::Error::custom(
-                "a model routes to \"<backend>\" or { backend = \"<backend>\", pipeline = \"<pipeline>\" }",
+                "a model routes to \"<backend>\" or { backend = \"<backend>\", pipeline = \"<pipeline>\" } \
+                 (no other keys)",
             )
         })?;
         Ok(match form {
@@ -114,7 +121,7 @@ impl<'de> Deserialize<'de> for ModelRoute {
                 backend,
                 pipeline: None,
             },
-            RouteForm::Full { backend, pipeline } => ModelRoute { backend, pipeline },
+            RouteForm::Full(RouteTable { backend, pipeline }) => ModelRoute { backend, pipeline },
         })
     }
 }
@@ -224,6 +231,10 @@ mod tests {
             (
                 "[routing]\nmodels = { m = { pipeline = \"default\" } }",
                 &["routing.models", "backend"],
+            ),
+            (
+                "[routing]\nmodels = { m = { backend = \"echo\", pipelne = \"default\" } }",
+                &["routing.models", "no other keys"],
             ),
             ("[pipelines.Chat]\nstages = [\"rag\"]", &["pipelines.Chat"]),
             ("[stages.Bad]\nworkers = 1", &["stages.Bad"]),

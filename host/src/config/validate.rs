@@ -71,7 +71,7 @@ impl Config {
                     return invalid(
                         key,
                         &format!(
-                            "names stage `{stage}`, which is not declared (declare it as                              [stages.{stage}]; the declared stages are {})",
+                            "names stage `{stage}`, which is not declared (declare it as [stages.{stage}]; the declared stages are {})",
                             declared()
                         ),
                     );
@@ -80,7 +80,7 @@ impl Config {
                     return invalid(
                         key,
                         &format!(
-                            "names stage `{stage}` twice; to run a plugin twice, declare a                              second stage running it"
+                            "names stage `{stage}` twice; to run a plugin twice, declare a second stage running it"
                         ),
                     );
                 }
@@ -89,7 +89,7 @@ impl Config {
                         return invalid(
                             key,
                             &format!(
-                                "has two stages granted inference (`{first}` and `{stage}`):                                  a pipeline has at most one stage that starts the generation"
+                                "has two stages granted inference (`{first}` and `{stage}`): a pipeline has at most one stage that starts the generation"
                             ),
                         );
                     }

@@ -12,6 +12,11 @@
 //!    limits, the trace exporter and `watch` are fixed when the host
 //!    starts. A new configuration that changes one of them is refused,
 //!    naming the key ("needs a restart"), rather than half applied.
+//!    So is what the wasm engine was sized for: a configuration whose
+//!    stages need more instance slots than the pool has (2 × their
+//!    workers + 16; the pool has at least 64), a larger `max_memory_bytes`,
+//!    or fuel metering when the engine was started without it, is refused
+//!    with what it needs.
 //! 3. **Plan** — every stage in use is loaded as at startup (compiled,
 //!    or taken from the artifact cache, and `init` run with its new
 //!    settings), except a stage whose settings and plugin bytes are
@@ -44,7 +49,7 @@ use super::swap::HotSwap;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::wasm::Runtime;
+use crate::wasm::{EngineSettings, Runtime};
 
 /// How to read the configuration again: the file, and the command line's
 /// overrides laid over it.
@@ -67,6 +72,10 @@ pub enum ReloadError {
     /// A setting that is fixed at startup changed.
     #[error("`{0}` changed, and it cannot change while the host runs: restart to apply it")]
     Fixed(&'static str),
+    /// The new stages need more of the wasm engine than it was sized for
+    /// at startup (instance slots, memory, fuel metering).
+    #[error("{0}; restart to apply it")]
+    Engine(String),
     /// A stage, a pipeline or a backend of the new configuration cannot run.
     #[error(transparent)]
     Plan(#[from] PlanError),
@@ -172,10 +181,7 @@ impl Reloader {
     pub async fn reload(&self, trigger: &'static str) -> Result<ReloadReport, ReloadError> {
         let result = match &self.source {
             None => Err(ReloadError::NoFile),
-            Some(source) => match (source.read)() {
-                Ok(config) => self.apply(config).await,
-                Err(error) => Err(error.into()),
-            },
+            Some(source) => self.apply(source).await,
         };
         match &result {
             Ok(report) => {
@@ -205,12 +211,18 @@ impl Reloader {
         result
     }
 
-    /// Switch to `config` (validated already by its loader).
-    async fn apply(&self, config: Config) -> Result<ReloadReport, ReloadError> {
+    /// Read `source` and switch to it. The file is read under the lock,
+    /// so reloads apply in the order they read the file: the last one
+    /// applies what the file says last.
+    async fn apply(&self, source: &ConfigSource) -> Result<ReloadReport, ReloadError> {
         let started = Instant::now();
         let mut current = self.current.lock().await;
         let _serial = self.hot_swap.serial.lock().await;
+        let config = (source.read)()?;
         fixed_settings_unchanged(&current, &config)?;
+        let mut needed = EngineSettings::for_config(&config);
+        needed.max_instances = EngineSettings::needed_slots(&config);
+        self.runtime.fits(&needed).map_err(ReloadError::Engine)?;
         let previous_hash = current.hash();
         let hash = config.hash();
         let planned = plan(

@@ -176,11 +176,16 @@ pub fn spawn(
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            if let Some(file) = &mut config_file
-                && let Change::Settled = file.poll()
-            {
-                // Logged and counted by the reloader either way.
-                let _ = reloader.reload("watch").await;
+            if let Some(file) = &mut config_file {
+                match file.poll() {
+                    Change::None => {}
+                    Change::Removed => tracing::warn!(
+                        path = %file.path.display(),
+                        "watched configuration file removed; the running configuration keeps serving"
+                    ),
+                    // Logged and counted by the reloader either way.
+                    Change::Settled => drop(reloader.reload("watch").await),
+                }
             }
             // Follow every applied reload, this watcher's or another's
             // (`SIGHUP`, the admin API).

@@ -140,6 +140,27 @@ pub enum Answer {
     Streaming(Box<Streaming>),
 }
 
+/// A request whose caller may stop waiting before it is answered: observed
+/// as `cancelled` in the end-to-end histograms if it is dropped armed.
+struct Unanswered<'a> {
+    shared: &'a Shared,
+    admitted: Instant,
+    backend_wait: &'a BackendWait,
+    armed: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.shared.requests.observe(
+                Outcome::Cancelled,
+                self.admitted.elapsed(),
+                self.backend_wait.total(),
+            );
+        }
+    }
+}
+
 /// The running pipelines: the current [`Generation`] and the state every
 /// generation shares. Cheap to clone.
 #[derive(Clone)]
@@ -329,6 +350,14 @@ impl Pipeline {
     ) -> Result<Answer, RunError> {
         let admitted = Instant::now();
         let backend_wait = BackendWait::default();
+        // Dropped with this future if the caller stops waiting (the client
+        // went away): the request is then observed as `cancelled`.
+        let mut unanswered = Unanswered {
+            shared: &self.shared,
+            admitted,
+            backend_wait: &backend_wait,
+            armed: true,
+        };
         let result = self
             .admit_and_wait(
                 routed,
@@ -339,6 +368,7 @@ impl Pipeline {
                 backend_wait.clone(),
             )
             .await;
+        unanswered.armed = false;
         let outcome = match &result {
             Ok(Answer::Streaming(_)) => return result,
             Ok(Answer::Done(_)) => Outcome::Ok,

@@ -253,11 +253,33 @@ fn forward(mut job: Job) {
 }
 
 /// Collect the generation `tokens` that `stage` started for `job`, then
-/// pass the job on (or answer with the failure).
+/// pass the job on (or answer with the failure). A caller that goes away
+/// meanwhile cancels the generation: the job (its reservations, the
+/// backend's permit) is dropped at once, as a stream's would be.
 async fn collect_then_forward(stage: Arc<StageRuntime>, mut job: Job, tokens: TokenStream) {
-    match collect_timed(&mut job, tokens).await {
-        Ok(()) => forward(job),
-        Err(error) => fail(&stage, job, error),
+    let collecting = Instant::now();
+    let collected = {
+        let Job {
+            envelope, reply, ..
+        } = &mut job;
+        let collect = collect_generation(envelope, tokens);
+        match reply.as_mut() {
+            Some(reply) => tokio::select! {
+                collected = collect => Some(collected),
+                () = reply.closed() => None,
+            },
+            None => None,
+        }
+    };
+    job.backend_wait.add(collecting.elapsed());
+    match collected {
+        Some(Ok(())) => forward(job),
+        Some(Err(error)) => fail(&stage, job, error),
+        None => tracing::debug!(
+            stage = stage.name(),
+            request_id = %job.envelope.request_id,
+            "the caller went away; its generation is cancelled"
+        ),
     }
 }
 

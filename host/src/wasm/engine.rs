@@ -111,6 +111,10 @@ pub enum EngineError {
     Ticker(#[source] std::io::Error),
 }
 
+/// The fewest pool slots the engine is made with (address space only
+/// until used): room for a reload to add stages to the default five.
+pub const MIN_INSTANCE_SLOTS: u32 = 64;
+
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
@@ -125,13 +129,14 @@ pub struct EngineSettings {
 }
 
 impl EngineSettings {
-    /// Settings sized for `config`: twice the workers (so a hot-swapped
-    /// version's instances can coexist with the old ones) plus headroom for
-    /// validation instances.
+    /// Settings sized for `config`: twice the workers of its stages (so a
+    /// hot-swapped version's instances can coexist with the old ones) plus
+    /// headroom for validation instances, and never fewer than
+    /// 64 (`MIN_INSTANCE_SLOTS`), so that a configuration reload can add
+    /// stages (it cannot resize the pool; see [`Runtime::fits`]).
     pub fn for_config(config: &Config) -> EngineSettings {
-        let workers: usize = config.stages.iter().map(|s| s.workers).sum();
         EngineSettings {
-            max_instances: u32::try_from(workers * 2 + 16).unwrap_or(u32::MAX),
+            max_instances: Self::needed_slots(config).max(MIN_INSTANCE_SLOTS),
             max_memory_bytes: config
                 .stages
                 .iter()
@@ -142,6 +147,12 @@ impl EngineSettings {
             fuel: config.stages.iter().any(|s| s.fuel.is_some()),
         }
     }
+
+    /// The pool slots `config`'s stages need: twice their workers, plus 16.
+    pub fn needed_slots(config: &Config) -> u32 {
+        let workers: usize = config.stages.iter().map(|s| s.workers).sum();
+        u32::try_from(workers * 2 + 16).unwrap_or(u32::MAX)
+    }
 }
 
 /// The wasmtime engine, its epoch ticker and the artifact cache.
@@ -150,6 +161,8 @@ pub struct Runtime {
     pub(super) cache: Arc<ArtifactCache>,
     pub(super) ticker: Arc<EpochTicker>,
     pub(super) fuel: bool,
+    /// What the engine was sized for ([`Runtime::fits`]).
+    sized_for: EngineSettings,
 }
 
 impl Runtime {
@@ -212,7 +225,35 @@ impl Runtime {
             cache: Arc::new(cache),
             ticker,
             fuel: settings.fuel,
+            sized_for: settings.clone(),
         })
+    }
+
+    /// Whether stages that need `needed` fit the engine as it was sized
+    /// at startup (a configuration reload cannot resize it); if not, what
+    /// they lack.
+    pub fn fits(&self, needed: &EngineSettings) -> Result<(), String> {
+        let sized = &self.sized_for;
+        if needed.max_instances > sized.max_instances {
+            return Err(format!(
+                "the stages need {} plugin instance slots (twice their workers, plus 16), \
+                 and the engine has {} since startup",
+                needed.max_instances, sized.max_instances
+            ));
+        }
+        if needed.max_memory_bytes > sized.max_memory_bytes {
+            return Err(format!(
+                "a stage's `max_memory_bytes` ({}) is above the largest at startup ({})",
+                needed.max_memory_bytes, sized.max_memory_bytes
+            ));
+        }
+        if needed.fuel && !sized.fuel {
+            return Err(
+                "a stage sets `fuel`, and fuel metering was off at startup (no stage set it)"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 }
 
