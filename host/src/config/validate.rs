@@ -30,6 +30,7 @@ impl Config {
         }
         self.validate_backends()?;
         self.validate_pipelines()?;
+        self.validate_routes()?;
         self.validate_tracing()?;
         for stage in &self.stages {
             validate_stage(stage)?;
@@ -39,7 +40,7 @@ impl Config {
     }
 
     /// The rules of [`super::pipeline`]'s module docs that need no plugin
-    /// loaded, and that every route names a pipeline.
+    /// loaded.
     fn validate_pipelines(&self) -> Result<(), ConfigError> {
         if !self.pipelines.contains_key(DEFAULT_PIPELINE) {
             return invalid(
@@ -95,29 +96,6 @@ impl Config {
                     }
                     generating = Some(stage);
                 }
-            }
-        }
-        let routes = self
-            .routing
-            .models
-            .iter()
-            .map(|(model, route)| (format!("routing.models.{model}"), route.pipeline()))
-            .chain(
-                self.routing
-                    .default_pipeline
-                    .iter()
-                    .map(|p| ("routing.default_pipeline".to_string(), p.as_str())),
-            );
-        for (key, pipeline) in routes {
-            if !self.pipelines.contains_key(pipeline) {
-                let known: Vec<&str> = self.pipelines.keys().map(String::as_str).collect();
-                return invalid(
-                    key,
-                    &format!(
-                        "names pipeline {pipeline:?}, which is not configured (pipelines: {})",
-                        known.join(", ")
-                    ),
-                );
             }
         }
         Ok(())
@@ -245,24 +223,41 @@ impl Config {
                 );
             }
         }
-        let routes = self
-            .routing
-            .models
-            .iter()
-            .map(|(model, route)| (format!("routing.models.{model}"), &route.backend))
-            .chain(
-                self.routing
-                    .default
-                    .iter()
-                    .map(|backend| ("routing.default".to_string(), backend)),
-            );
-        for (key, backend) in routes {
-            if !self.backends.contains_key(backend) {
-                let known: Vec<&str> = self.backends.keys().map(String::as_str).collect();
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Every route names a configured backend and pipeline.
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        let routing = &self.routing;
+        let models = routing.models.iter().flat_map(|(model, route)| {
+            let key = format!("routing.models.{model}");
+            [
+                (key.clone(), "backend", route.backend.as_str()),
+                (key, "pipeline", route.pipeline()),
+            ]
+        });
+        let defaults = [
+            ("routing.default", "backend", routing.default.as_deref()),
+            (
+                "routing.default_pipeline",
+                "pipeline",
+                routing.default_pipeline.as_deref(),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(key, kind, name)| Some((key.to_string(), kind, name?)));
+        for (key, kind, name) in models.chain(defaults) {
+            let known: Vec<&str> = match kind {
+                "backend" => self.backends.keys().map(String::as_str).collect(),
+                _ => self.pipelines.keys().map(String::as_str).collect(),
+            };
+            if !known.contains(&name) {
                 return invalid(
                     key,
                     &format!(
-                        "names backend {backend:?}, which is not configured (backends: {})",
+                        "names {kind} {name:?}, which is not configured ({kind}s: {})",
                         known.join(", ")
                     ),
                 );

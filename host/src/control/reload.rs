@@ -80,7 +80,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     /// Worker threads for a new stage could not be started.
-    #[error("cannot start worker threads: {0}")]
+    #[error("cannot start worker threads")]
     Threads(#[from] std::io::Error),
 }
 
@@ -93,11 +93,8 @@ impl ReloadError {
                 let mut text = other.to_string();
                 let mut source = std::error::Error::source(other);
                 while let Some(error) = source {
-                    let next = error.to_string();
-                    if !text.contains(&next) {
-                        text.push_str(": ");
-                        text.push_str(&next);
-                    }
+                    text.push_str(": ");
+                    text.push_str(&error.to_string());
                     source = error.source();
                 }
                 text

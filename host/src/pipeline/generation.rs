@@ -59,9 +59,10 @@ impl RouteRef {
         self.0.name
     }
 
-    /// Its stages' names, comma-separated, in order.
-    pub fn stage_list(&self) -> &str {
-        &self.0.stage_list
+    /// Its stages' names, comma-separated, in order (interned like stage
+    /// names: a response header borrows it without a copy).
+    pub fn stage_list(&self) -> &'static str {
+        self.0.stage_list
     }
 
     /// Its stages' names, in order.
@@ -116,7 +117,7 @@ impl Generation {
                 let name = crate::config::intern(&name);
                 let route = Route {
                     name,
-                    stage_list: names.join(","),
+                    stage_list: crate::config::intern(&names.join(",")),
                     stages: route_stages,
                 };
                 (name, Arc::new(route))

@@ -54,7 +54,7 @@ pub(super) struct Route {
     /// Its stages, in order.
     pub(super) stages: Vec<Arc<StageRuntime>>,
     /// Their names, comma-separated (the `x-orchestrator-stages` header).
-    pub(super) stage_list: String,
+    pub(super) stage_list: &'static str,
 }
 
 /// One configuration at run time (see the module docs). Cheap to hold:
