@@ -376,25 +376,6 @@ fn overheads(c: &mut Criterion) {
             );
         })
     });
-    // One hop between two worker threads through a bounded stage queue,
-    // measured as half a round trip.
-    let (to_worker, worker_rx) = crossbeam_channel::bounded::<u64>(1024);
-    let (to_main, main_rx) = crossbeam_channel::bounded::<u64>(1024);
-    let echo = std::thread::spawn(move || {
-        while let Ok(n) = worker_rx.recv() {
-            if to_main.send(n).is_err() {
-                break;
-            }
-        }
-    });
-    group.bench_function("queue_hop_round_trip", |b| {
-        b.iter(|| {
-            to_worker.send(1).unwrap();
-            black_box(main_rx.recv().unwrap())
-        })
-    });
-    drop(to_worker);
-    let _ = echo.join();
     group.finish();
 }
 

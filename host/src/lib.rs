@@ -75,9 +75,6 @@ pub enum StartError {
     /// An address could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
-    /// Worker threads could not be started.
-    #[error("cannot start worker threads")]
-    Threads(#[from] std::io::Error),
     /// Trace export could not start.
     #[error(transparent)]
     Tracing(#[from] trace::TraceError),
@@ -128,7 +125,7 @@ impl Orchestrator {
         let traces = trace::Traces::start(&config.tracing, &metrics)?;
         install_default_corpus(&config)?;
         let planned = control::plan(&runtime, &config, &metrics, None).await?;
-        let pipeline = Pipeline::start(planned.plan, &metrics)?;
+        let pipeline = Pipeline::start(planned.plan, &metrics);
         let hot_swap = Arc::new(HotSwap::new(
             runtime.clone(),
             pipeline.clone(),

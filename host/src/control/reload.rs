@@ -79,9 +79,6 @@ pub enum ReloadError {
     /// A stage, a pipeline or a backend of the new configuration cannot run.
     #[error(transparent)]
     Plan(#[from] PlanError),
-    /// Worker threads for a new stage could not be started.
-    #[error("cannot start worker threads")]
-    Threads(#[from] std::io::Error),
 }
 
 impl ReloadError {
@@ -246,7 +243,7 @@ impl Reloader {
             // Idempotent: present unless the operator removed it.
             let _ = crate::bundled::install_corpus(&dir);
         }
-        self.pipeline.install(planned.plan, &self.metrics)?;
+        self.pipeline.install(planned.plan, &self.metrics);
         self.hot_swap.sync(planned.services);
         self.metrics.set_config_hash(&hash);
         *current = config;

@@ -17,13 +17,13 @@
 //!    `orchestrator_plugin_reloads_total{stage,result="error"}` moves.
 //! 2. **Publish** — the stage's [`Pipeline::swap`] replaces the active
 //!    version atomically. Calls already running finish on the version they
-//!    started on; each worker's next call uses the new version. Nothing
+//!    started on; every call after the swap uses the new version. Nothing
 //!    pauses, and other stages are not touched.
 //! 3. **Retire** — the previous version is kept for
 //!    [`rollback`](HotSwap::rollback); the one before it is released. Its
 //!    compiled code and pool slots are freed when its last instance is
-//!    dropped: workers drop an outdated instance at their next call, or
-//!    within [`crate::pipeline::IDLE_RECHECK`] when idle.
+//!    dropped: the stage's idle instances of it at the swap, those in a
+//!    call when the call ends.
 //!
 //! Swaps, rollbacks and configuration reloads ([`super::reload`]) are
 //! serialized: a swap never publishes a version loaded for settings a

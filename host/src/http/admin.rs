@@ -183,9 +183,6 @@ pub fn routes(
                         ReloadError::Fixed(_) => {
                             (StatusCode::UNPROCESSABLE_ENTITY, "needs_restart")
                         }
-                        ReloadError::Threads(_) => {
-                            (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
-                        }
                         _ => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config"),
                     };
                     ApiError::with_code(status, "invalid_request_error", code, error.report())

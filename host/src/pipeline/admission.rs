@@ -3,28 +3,24 @@
 //! for it.
 //!
 //! Owns the decision to admit or refuse, made before any work is done on a
-//! request; it must not queue or run anything.
+//! request; it must not run anything.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use super::error::RunError;
-use super::stage::{BackendWait, Job, Reply};
+use super::stage::{BackendWait, Job};
 use super::stage::{Generation, Route};
 use crate::circuit::Admission;
 use crate::trace::Trace;
 use crate::wasm::Envelope;
 
 /// Admit a request: ask every stage's breaker (taking a probe where one is
-/// half-open), then reserve one slot in every stage's queue. A refusal
+/// half-open), then reserve one of the `queue_capacity` slots of every stage. A refusal
 /// gives back everything taken so far: reservations explicitly, probes by
 /// being dropped. A request refused for a full queue is counted in that
 /// stage's `orchestrator_requests_shed_total`.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parts of a job, moved in once"
-)]
 pub(super) fn admit(
     generation: &Arc<Generation>,
     route: &Arc<Route>,
@@ -33,7 +29,6 @@ pub(super) fn admit(
     streaming: bool,
     trace: Trace,
     backend_wait: BackendWait,
-    reply: Reply,
 ) -> Result<Job, RunError> {
     let shared = &generation.shared;
     if !shared.accepting.load(Ordering::Acquire) {
@@ -64,7 +59,6 @@ pub(super) fn admit(
         envelope,
         stage: 0,
         deadline,
-        reply: Some(reply),
         probes,
         streaming,
         admitted: Instant::now(),

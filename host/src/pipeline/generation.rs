@@ -9,23 +9,22 @@
 //!    names, the router.
 //! 2. **Build** — [`Generation::build`] makes a runtime for each stage,
 //!    *reusing* the runtime of the generation before it when the stage's
-//!    settings are unchanged: then its queue, workers, instances and
-//!    breaker carry on, and a different plugin is swapped in as a hot swap
-//!    would. A stage whose settings changed gets a new runtime (queue,
-//!    workers, breaker), started before the generation is published.
+//!    settings are unchanged: then its reservations, permits, idle
+//!    instances and breaker carry on, and a different plugin is swapped in
+//!    as a hot swap would. A stage whose settings changed gets a new
+//!    runtime (reservations, permits, breaker).
 //! 3. **Publish** — the pipeline swaps its current generation atomically.
 //!    New requests are admitted under the new one; a request keeps the
 //!    generation it was admitted under (its [`Job`](super::stage::Job)
 //!    holds it), so it finishes on the stages and backends it started
 //!    with.
 //! 4. **Retire** — when the last holder of an old generation lets go, each
-//!    of its stages that no later generation includes tells its workers to
-//!    stop. Nothing waits for that: a request never waits for a reload,
-//!    and a reload never waits for requests.
+//!    of its stages that no later generation includes is dropped, with its
+//!    idle instances. Nothing waits for that: a request never waits for a
+//!    reload, and a reload never waits for requests.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use super::stage::{Generation, Route, Shared, StageRuntime};
 use crate::config::StageConfig;
@@ -73,16 +72,14 @@ impl RouteRef {
 
 impl Generation {
     /// Build the generation of `plan`, reusing the stage runtimes of
-    /// `previous` whose settings are unchanged. Returns it with the new
-    /// runtimes, whose workers the caller starts.
+    /// `previous` whose settings are unchanged.
     pub(super) fn build(
         plan: Plan,
         previous: Option<&Generation>,
         shared: &Arc<Shared>,
         metrics: &Metrics,
-    ) -> (Generation, Vec<Arc<StageRuntime>>) {
+    ) -> Generation {
         let mut stages = Vec::with_capacity(plan.stages.len());
-        let mut started = Vec::new();
         for (settings, plugin) in plan.stages {
             let reusable = previous.and_then(|p| {
                 p.stages
@@ -91,19 +88,14 @@ impl Generation {
             });
             let runtime = match reusable {
                 Some(runtime) => {
-                    if !Arc::ptr_eq(&runtime.plugin.load(), &plugin) {
+                    if !Arc::ptr_eq(&runtime.plugin(), &plugin) {
                         metrics.set_plugin_version(runtime.name(), plugin.sha256());
-                        runtime.plugin.store(plugin);
+                        runtime.publish(plugin);
                     }
                     runtime.clone()
                 }
-                None => {
-                    let runtime = Arc::new(StageRuntime::new(settings, plugin, metrics));
-                    started.push(runtime.clone());
-                    runtime
-                }
+                None => Arc::new(StageRuntime::new(settings, plugin, metrics)),
             };
-            runtime.generations.fetch_add(1, Ordering::AcqRel);
             stages.push(runtime);
         }
         let routes = plan
@@ -123,14 +115,13 @@ impl Generation {
                 (name, Arc::new(route))
             })
             .collect();
-        let generation = Generation {
+        Generation {
             stages,
             routes,
             router: plan.router,
             hash: plan.hash,
             shared: shared.clone(),
-        };
-        (generation, started)
+        }
     }
 
     /// The backends and routing table of this configuration.

@@ -1,52 +1,55 @@
-//! The pipelines: bounded stage queues, worker threads, admission control,
-//! token streaming, and the configurations they run ([`Generation`]).
+//! The pipelines: admission control, stage calls run to completion on the
+//! request's own task, token streaming, and the configurations they run
+//! ([`Generation`]).
 //!
 //! Owns the path of a request through the stages of its pipeline:
-//! `admission`, the stages' queues and shared state (`stage`), the
-//! `worker`s and their instance policy, `streaming`, and the switch from
-//! one configuration to the next (`generation`). It must not parse HTTP or
-//! know about plugin files: it is given a [`Plan`] (loaded plugins, the
-//! pipelines' stage lists, the router) and envelopes, and answers with
-//! envelopes, streams or [`RunError`]s.
+//! `admission`, the stages' shared state (`stage`), the `call`s and their
+//! instance policy, `streaming`, and the switch from one configuration to
+//! the next (`generation`). It must not parse HTTP or know about plugin
+//! files: it is given a [`Plan`] (loaded plugins, the pipelines' stage
+//! lists, the router) and envelopes, and answers with envelopes, streams
+//! or [`RunError`]s.
 //!
 //! A request runs through one pipeline (a [`RouteRef`], chosen by its
 //! model): any stages in any order. The diagram shows the default one; a
-//! stage that several pipelines name is one stage (one queue, one set of
-//! workers) shared by them.
+//! stage that several pipelines name is one stage (one set of permits, one
+//! pool of instances) shared by them.
 //!
 //! ```text
-//!            admit (reserve a slot in every stage queue, or shed)
-//!  request ──────────────┐
-//!                        ▼
-//!      ┌─ rag queue ─┐   ┌─ assemble ─┐   ┌─ inference ─┐   ┌─ post ─┐   ┌─ stream ─┐
-//!      │ W workers   │ → │ W workers  │ → │ W workers   │ → │   …    │ → │    …     │ → reply
-//!      └─────────────┘   └────────────┘   └─────────────┘   └────────┘   └──────────┘
+//!          admit (reserve a slot in every stage, or shed)
+//!  request ─────┐
+//!               ▼   the request's task, start to end:
+//!      rag ──────→ assemble ──→ inference ──→ post ──→ stream ──→ reply
+//!      permit      permit       permit        …        …
+//!      + instance  + instance   + instance
 //! ```
 //!
-//! Each stage has a bounded queue (a crossbeam channel of `queue_capacity`
-//! slots) and `workers` OS threads. (An idle worker's receive spins, calls
-//! `sched_yield` a few times, then parks: under load that shows as
-//! `sched_yield` in profiles. Measured against it on 2 cores, interleaved: a
-//! mutex-and-condvar queue that parks at once cost ~11 µs more CPU per
-//! request, and one that spins without yielding before parking ~35 µs; the
-//! yields let the producing thread run. So the channel stays.) Plugin calls are synchronous CPU work
-//! with their own deadlines, so they run on dedicated threads rather than on
-//! the async runtime that serves HTTP; a worker owns one plugin instance at
-//! a time.
+//! # Run to completion
+//!
+//! A request runs its stages one after the other on the tokio task that
+//! serves it. For each stage it waits for one of the stage's `workers`
+//! permits (FIFO; a request waiting counts in `orchestrator_queue_depth`),
+//! takes an idle instance from the stage's pool (or makes one), calls it,
+//! and gives both back. Plugin calls are async wasmtime calls that yield to
+//! the runtime at every epoch tick, so a long call cannot hold a runtime
+//! thread, and one waiting on the host is an ordinary pending future (see
+//! `call`). Nothing hands a request from thread to thread: that hand-off
+//! (a queue per stage and a worker thread per permit) was 35–40 % of the
+//! host's CPU under load before, measured with `perf`.
 //!
 //! # Admission control
 //!
 //! A request is admitted only if *every* stage of its pipeline has room for
-//! it: admission reserves one slot in each of those stages' queues, and a
-//! reservation is released
-//! when the request leaves that stage. A request that cannot reserve a slot
+//! it: admission reserves one of the `queue_capacity` slots of each of
+//! those stages, and a reservation is released when the request leaves
+//! that stage. A request that cannot reserve a slot
 //! is refused at once ([`RunError::Shed`], counted in
 //! `orchestrator_requests_shed_total{stage}` under the first stage that was
 //! full) — before any work is done on it. A request is also refused at once
 //! ([`RunError::CircuitOpen`]) while a stage's breaker is open; while it is
 //! half-open, the request may be admitted as a probe. Because every admitted request
-//! holds a slot downstream, handing it to the next stage never blocks and
-//! never fails: nothing is shed after work was done on it.
+//! holds a slot downstream, moving on to the next stage never fails:
+//! nothing is shed after work was done on it.
 //!
 //! # Answers and deadlines
 //!
@@ -54,7 +57,9 @@
 //! final envelope, with the error of the stage that failed, or with
 //! [`RunError::Timeout`] when the request's deadline passes (each plugin
 //! call's deadline is also capped by the time the request has left). A
-//! worker that picks up a request whose caller has gone skips it.
+//! caller that stops waiting (the client went away) drops the request's
+//! future: its call in progress is abandoned with its instance, and its
+//! reservations are released.
 //!
 //! # Token streaming
 //!
@@ -64,9 +69,9 @@
 //! stage, with its reservations in the later stages still held. The caller
 //! pulls from it ([`Streaming::next`]): each token from the backend is
 //! passed through `process-chunk` of the following stages that are
-//! `streaming-stage` components — as `Work::Chunk` items on their queues,
-//! run by their workers on an instance of the version the stream started
-//! on — and what the last of them emits is yielded at once. The first
+//! `streaming-stage` components — each chunk call taking one of the stage's
+//! permits and an instance of the version the stream started on — and
+//! what the last of them emits is yielded at once. The first
 //! following stage that is a plain `stage` component ends the streaming
 //! part: the text is collected and it and the stages after it run as usual
 //! once the generation ends. A stage that returns `stop` ends the
@@ -74,8 +79,7 @@
 //! (the client went away) cancels the backend request and releases the
 //! request's reservations at once.
 //!
-//! Each request holds one reservation per stage and has at most one chunk
-//! in flight per stage, so chunk items never overflow a queue. A streamed
+//! A streamed
 //! request counts once in `orchestrator_requests_total` of each streaming
 //! stage; its `orchestrator_stage_duration_seconds` observation there is
 //! the time spent in that stage's chunk calls, all chunks together. A
@@ -90,28 +94,28 @@
 //! # Hot swap
 //!
 //! Each stage's plugin is an `ArcSwap`: [`Pipeline::swap`] publishes a new
-//! version atomically. A worker checks the current version when it takes a
-//! request, so a call in progress finishes on the version it started on and
-//! the next call uses the new one; the worker's instance of the old version
-//! is dropped then, and the old version's memory with the last instance.
+//! version atomically. A call takes the current version when it starts, so
+//! a call in progress finishes on the version it started on and the next
+//! call uses the new one. The stage's idle instances of the old version are
+//! dropped at the swap, those in a call when it ends, and the old version's
+//! memory with the last of them.
 
 mod admission;
+mod call;
 mod error;
 mod generation;
 mod norm;
 mod stage;
 mod streaming;
-mod worker;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::Notify;
 
 use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
@@ -121,12 +125,6 @@ pub use generation::{Plan, RouteRef};
 pub use stage::Generation;
 use stage::{BackendWait, Delivery, Shared, StageRuntime};
 pub use streaming::{StreamItem, Streaming};
-pub use worker::IDLE_RECHECK;
-
-/// How long [`Pipeline::shutdown`] waits for the workers to stop once the
-/// drain is over: idle workers stop at once; one still in a plugin call is
-/// not waited for past this.
-pub const WORKER_STOP: Duration = Duration::from_secs(1);
 
 /// What an admitted request turns into.
 #[expect(
@@ -167,7 +165,6 @@ impl Drop for Unanswered<'_> {
 pub struct Pipeline {
     shared: Arc<Shared>,
     current: Arc<ArcSwap<Generation>>,
-    workers: Arc<Mutex<Vec<JoinHandle<()>>>>,
     /// Serializes [`Pipeline::install`]s.
     installing: Arc<Mutex<()>>,
     started: Instant,
@@ -195,13 +192,13 @@ pub struct StageHealth {
     pub ready: bool,
     /// The plugin version it runs.
     pub plugin: PluginVersion,
-    /// Requests waiting in its queue.
+    /// Requests waiting for one of its permits.
     pub queue_depth: i64,
-    /// Its queue bound.
+    /// Most admitted requests that may hold a slot in it at once.
     pub queue_capacity: usize,
     /// Admitted requests that have not yet left this stage.
     pub in_flight: usize,
-    /// Worker threads.
+    /// Most calls it runs at once (its permits).
     pub workers: usize,
     /// Instance policy.
     pub instance_mode: String,
@@ -242,56 +239,35 @@ pub struct PipelineHealth {
 }
 
 impl Pipeline {
-    /// Start the pipelines of `plan`: each stage's workers, then the
-    /// generation that routes requests to them.
-    pub fn start(plan: Plan, metrics: &Metrics) -> std::io::Result<Pipeline> {
+    /// Start the pipelines of `plan`.
+    pub fn start(plan: Plan, metrics: &Metrics) -> Pipeline {
         let shared = Arc::new(Shared {
             requests: metrics.requests_by_outcome(),
             accepting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
         });
-        let (generation, started) = Generation::build(plan, None, &shared, metrics);
-        let mut workers = Vec::new();
-        for stage in &started {
-            workers.extend(worker::spawn(stage)?);
-        }
-        Ok(Pipeline {
+        let generation = Generation::build(plan, None, &shared, metrics);
+        Pipeline {
             shared,
             current: Arc::new(ArcSwap::from_pointee(generation)),
-            workers: Arc::new(Mutex::new(workers)),
             installing: Arc::new(Mutex::new(())),
             started: Instant::now(),
-        })
+        }
     }
 
     /// Switch to the pipelines of `plan` (a configuration reload): stages
-    /// whose settings are unchanged keep running (a new plugin version is
-    /// swapped in), changed and new ones start, and the new generation is
-    /// published for new requests. Requests in flight finish on the
-    /// generation they were admitted under; its stages that the new one
-    /// lacks stop when the last of those requests is done (see
-    /// [`Generation`]). On failure (a worker thread cannot start) nothing
-    /// changes.
-    pub fn install(&self, plan: Plan, metrics: &Metrics) -> std::io::Result<()> {
+    /// whose settings are unchanged keep their state (a new plugin version
+    /// is swapped in), changed and new ones start afresh, and the new
+    /// generation is published for new requests. Requests in flight finish
+    /// on the generation they were admitted under; its stages that the new
+    /// one lacks are freed with the last of those requests (see
+    /// [`Generation`]).
+    pub fn install(&self, plan: Plan, metrics: &Metrics) {
         let _serial = self.installing.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.current.load_full();
-        let (generation, started) = Generation::build(plan, Some(&previous), &self.shared, metrics);
-        let mut spawned = Vec::new();
-        for stage in &started {
-            match worker::spawn(stage) {
-                Ok(handles) => spawned.extend(handles),
-                Err(error) => {
-                    // `generation` is dropped: the stages it started stop.
-                    return Err(error);
-                }
-            }
-        }
+        let generation = Generation::build(plan, Some(&previous), &self.shared, metrics);
         self.current.store(Arc::new(generation));
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers.retain(|handle| !handle.is_finished());
-        workers.extend(spawned);
-        Ok(())
     }
 
     /// The configuration serving new requests: take it once per request,
@@ -389,7 +365,6 @@ impl Pipeline {
         trace: Trace,
         backend_wait: BackendWait,
     ) -> Result<Answer, RunError> {
-        let (reply, answer) = oneshot::channel();
         let job = admission::admit(
             generation,
             &route.0,
@@ -398,19 +373,14 @@ impl Pipeline {
             streaming,
             trace,
             backend_wait,
-            reply,
         )?;
-        route.0.stages[0].enqueue(job);
         let timeout = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(Ok(Delivery::Done(envelope)))) => Ok(Answer::Done(envelope)),
-            Ok(Ok(Ok(Delivery::Stream(job, tokens)))) => {
+        match tokio::time::timeout_at(deadline.into(), call::run_stages(job)).await {
+            Ok(Ok(Delivery::Done(envelope))) => Ok(Answer::Done(envelope)),
+            Ok(Ok(Delivery::Stream(job, tokens))) => {
                 Ok(Answer::Streaming(Box::new(Streaming::new(*job, tokens))))
             }
-            Ok(Ok(Err(error))) => Err(error),
-            // The job was dropped without an answer: only possible when the
-            // process is tearing down.
-            Ok(Err(_)) => Err(RunError::ShuttingDown),
+            Ok(Err(error)) => Err(error),
             Err(_) => Err(RunError::Timeout(timeout)),
         }
     }
@@ -427,12 +397,12 @@ impl Pipeline {
     /// Replace `stage`'s plugin (in the current configuration). Calls in
     /// progress finish on the old version; returns the previous version.
     pub fn swap(&self, stage: &str, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
-        Some(self.stage(stage)?.plugin.swap(plugin))
+        Some(self.stage(stage)?.publish(plugin))
     }
 
     /// The plugin version `stage` runs.
     pub fn plugin(&self, stage: &str) -> Option<Arc<Plugin>> {
-        Some(self.stage(stage)?.plugin.load_full())
+        Some(self.stage(stage)?.plugin_owned())
     }
 
     /// The pipelines' `/health` report.
@@ -449,7 +419,7 @@ impl Pipeline {
                     ready: accepting && circuit != BreakerState::Open,
                     circuit,
                     instances: stage.metrics.instances.get(),
-                    plugin: stage.plugin.load().describe(),
+                    plugin: stage.plugin().describe(),
                     queue_depth: stage.metrics.queue_depth.get(),
                     queue_capacity: stage.settings.queue_capacity,
                     in_flight: stage.reserved.load(Ordering::Acquire),
@@ -486,9 +456,9 @@ impl Pipeline {
         self.shared.accepting.store(false, Ordering::Release);
     }
 
-    /// Stop admitting, wait until every admitted request has been answered
-    /// (or `grace` has passed), then stop the workers, waiting at most
-    /// [`WORKER_STOP`] for those still in a plugin call.
+    /// Stop admitting and wait until every admitted request has been
+    /// answered (or `grace` has passed). Requests still running then are
+    /// dropped with the runtime.
     pub async fn shutdown(&self, grace: Duration) {
         let shared = &self.shared;
         self.stop_admitting();
@@ -505,23 +475,6 @@ impl Pipeline {
             tracing::warn!(
                 in_flight = shared.in_flight.load(Ordering::Acquire),
                 "shutdown grace period over with requests in flight"
-            );
-        }
-        // Never blocks: a worker that misses its stop because the queue
-        // is full is not waited for below. (Stages of older generations
-        // stop as those are dropped, with their last requests.)
-        for stage in &self.current.load().stages {
-            stage.stop_workers();
-        }
-        let handles = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|e| e.into_inner()));
-        let joined = tokio::task::spawn_blocking(move || {
-            for handle in handles {
-                let _ = handle.join();
-            }
-        });
-        if tokio::time::timeout(WORKER_STOP, joined).await.is_err() {
-            tracing::warn!(
-                "stage workers still busy at the end of the drain; not waiting for them"
             );
         }
     }

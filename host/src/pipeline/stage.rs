@@ -1,21 +1,21 @@
 //! The pipeline's shared state: each stage's runtime ([`StageRuntime`]: its
-//! plugin version, bounded queue, reservations, breaker and metric
-//! handles) and the work items on its queue ([`Job`], [`ChunkJob`]).
+//! plugin version, reservations, call permits, idle instances, breaker and
+//! metric handles) and the requests in flight ([`Job`]).
 //!
 //! Owns the invariants that tie them together: a [`Job`] holds one
 //! reservation in each stage it has not yet left, released when it moves
 //! on or is dropped, and settles (or gives back) its breaker probes on
-//! drop. It must not run anything: workers ([`super::worker`]) and the
-//! streaming path ([`super::streaming`]) do.
+//! drop; an idle instance is of the version the stage serves. It must not
+//! run anything: the calls ([`super::call`]) and the streaming path
+//! ([`super::streaming`]) do.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use crossbeam_channel::{Receiver, Sender};
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 use super::error::RunError;
 use super::norm::InputNorm;
@@ -24,7 +24,7 @@ use crate::config::StageConfig;
 use crate::inference::{Router, TokenStream};
 use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
 use crate::trace::{Attribute, Kind, Trace};
-use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin};
+use crate::wasm::{Envelope, Instance, Plugin};
 
 /// State shared by every generation: what admission and the drain need.
 pub(super) struct Shared {
@@ -69,46 +69,31 @@ pub struct Generation {
     pub(super) shared: Arc<Shared>,
 }
 
-impl Drop for Generation {
-    fn drop(&mut self) {
-        for stage in &self.stages {
-            if stage.generations.fetch_sub(1, Ordering::AcqRel) == 1 {
-                tracing::info!(
-                    stage = stage.name(),
-                    "stage no longer configured; its workers stop"
-                );
-                stage.stop_workers();
-            }
-        }
-    }
-}
-
-/// One stage at run time: its plugin, queue, breaker and metric handles.
+/// One stage at run time: its plugin, reservations, call permits, idle
+/// instances, breaker and metric handles.
 pub(super) struct StageRuntime {
     pub(super) settings: StageConfig,
-    /// The version serving now; swapped atomically.
-    pub(super) plugin: ArcSwap<Plugin>,
-    pub(super) sender: Sender<Work>,
-    pub(super) receiver: Receiver<Work>,
-    /// Reservations held (admitted requests that have not left the stage,
-    /// plus chunk items queued): bounded by `queue_capacity`.
+    /// The version serving now; swapped atomically ([`Self::publish`]).
+    plugin: ArcSwap<Plugin>,
+    /// Reservations held (admitted requests that have not left the stage):
+    /// bounded by `queue_capacity`.
     pub(super) reserved: AtomicUsize,
+    /// One permit per call the stage may run at once (`workers`).
+    permits: Semaphore,
+    /// Instances between calls, most recently used last: at most one per
+    /// permit, all of the version serving now (an instance of an older
+    /// version is dropped when its call ends).
+    idle: Mutex<Vec<Instance>>,
     pub(super) breaker: Arc<CircuitBreaker>,
     /// Recent successful input sizes: what the breaker excuses.
     pub(super) inputs: InputNorm,
     pub(super) metrics: StageMetrics,
-    /// The generations (configurations) that include this stage; its
-    /// workers stop when the last of them is dropped.
-    pub(super) generations: AtomicUsize,
-    /// Set when the workers are told to stop.
-    pub(super) stopping: AtomicBool,
 }
 
 impl StageRuntime {
     /// The runtime of stage `settings`, serving `plugin`, with its series
     /// resolved (and created at 0) in `metrics`.
     pub(super) fn new(settings: StageConfig, plugin: Arc<Plugin>, metrics: &Metrics) -> Self {
-        let (sender, receiver) = crossbeam_channel::bounded(settings.queue_capacity);
         let stage_metrics = metrics.stage(settings.name());
         stage_metrics
             .queue_capacity
@@ -118,9 +103,9 @@ impl StageRuntime {
         metrics.set_plugin_version(settings.name(), plugin.sha256());
         StageRuntime {
             plugin: ArcSwap::new(plugin),
-            sender,
-            receiver,
             reserved: AtomicUsize::new(0),
+            permits: Semaphore::new(settings.workers),
+            idle: Mutex::new(Vec::with_capacity(settings.workers)),
             breaker: CircuitBreaker::new(
                 format!("stage {}", settings.name()),
                 settings.breaker_failures,
@@ -131,23 +116,62 @@ impl StageRuntime {
             inputs: InputNorm::default(),
             metrics: stage_metrics,
             settings,
-            generations: AtomicUsize::new(0),
-            stopping: AtomicBool::new(false),
         }
     }
 
-    /// Tell the stage's workers to stop (once): idle ones stop at once,
-    /// busy ones after their call. Called when no configuration includes
-    /// the stage any more, so no request can reach its queue.
-    pub(super) fn stop_workers(&self) {
-        if self.stopping.swap(true, Ordering::AcqRel) {
-            return;
+    /// The version serving now (a borrowed guard: no reference count is
+    /// touched).
+    pub(super) fn plugin(&self) -> arc_swap::Guard<Arc<Plugin>> {
+        self.plugin.load()
+    }
+
+    /// The version serving now, owned.
+    pub(super) fn plugin_owned(&self) -> Arc<Plugin> {
+        self.plugin.load_full()
+    }
+
+    /// Serve `plugin` from the next call on (a hot swap, or a reload that
+    /// keeps the stage): calls in progress finish on the version they
+    /// started on, and the idle instances of the old version are dropped
+    /// at once, freeing its memory as soon as no call uses it. Returns the
+    /// previous version.
+    pub(super) fn publish(&self, plugin: Arc<Plugin>) -> Arc<Plugin> {
+        let previous = self.plugin.swap(plugin);
+        let retired = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        drop(retired);
+        previous
+    }
+
+    /// Wait for one of the stage's call permits (FIFO). While it waits,
+    /// the request counts in `orchestrator_queue_depth`.
+    pub(super) async fn permit(&self) -> Result<SemaphorePermit<'_>, RunError> {
+        if let Ok(permit) = self.permits.try_acquire() {
+            return Ok(permit);
         }
-        for _ in 0..self.settings.workers {
-            // Best effort: a worker that misses its `Stop` because the
-            // queue is full of abandoned chunk items sees `stopping` at
-            // its next idle check.
-            let _ = self.sender.try_send(Work::Stop);
+        let _waiting = Waiting::start(&self.metrics);
+        self.permits
+            .acquire()
+            .await
+            .map_err(|_| RunError::ShuttingDown)
+    }
+
+    /// An idle instance of `version`, if there is one.
+    pub(super) fn take_idle(&self, version: &Arc<Plugin>) -> Option<Instance> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let at = idle
+            .iter()
+            .rposition(|i| Arc::ptr_eq(i.plugin(), version))?;
+        Some(idle.remove(at))
+    }
+
+    /// Keep `instance` for a later call, if it is of the version serving
+    /// now; drop it otherwise.
+    pub(super) fn put_idle(&self, instance: Instance) {
+        if Arc::ptr_eq(instance.plugin(), &self.plugin.load()) {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if idle.len() < self.settings.workers {
+                idle.push(instance);
+            }
         }
     }
 
@@ -210,22 +234,6 @@ impl StageRuntime {
             capacity: self.settings.queue_capacity,
         }
     }
-
-    /// Put `job` on this stage's queue. It holds a reservation here, so
-    /// the queue has room.
-    pub(super) fn enqueue(&self, mut job: Job) {
-        job.queued = Instant::now();
-        self.metrics.queue_depth.inc();
-        if let Err(err) = self.sender.try_send(Work::Job(job)) {
-            // Unreachable while reservations bound the queues; answer rather
-            // than lose the request if that invariant is ever broken.
-            self.metrics.queue_depth.dec();
-            if let Work::Job(job) = err.into_inner() {
-                tracing::error!(stage = self.name(), "queue full despite a reservation");
-                job.answer(Err(self.shed()));
-            }
-        }
-    }
 }
 
 /// How a job leaves the stages that run it.
@@ -255,9 +263,6 @@ impl BackendWait {
     }
 }
 
-/// Where a job's caller waits for it.
-pub(super) type Reply = oneshot::Sender<Result<Delivery, RunError>>;
-
 /// One request in flight.
 pub(super) struct Job {
     pub(super) envelope: Envelope,
@@ -265,7 +270,6 @@ pub(super) struct Job {
     /// stages `stage..` are still held.
     pub(super) stage: usize,
     pub(super) deadline: Instant,
-    pub(super) reply: Option<Reply>,
     /// The unsettled breaker probes of the job, by stage index (empty
     /// unless a breaker is half-open). Dropped with the job, a probe gives
     /// its slot back.
@@ -273,7 +277,8 @@ pub(super) struct Job {
     /// The client asked for a stream.
     pub(super) streaming: bool,
     pub(super) admitted: Instant,
-    /// When the job was queued for its current stage.
+    /// When the job reached its current stage (its wait for a permit
+    /// there starts).
     pub(super) queued: Instant,
     /// The request's trace (its server span), parent of its stage spans.
     pub(super) trace: Trace,
@@ -287,18 +292,6 @@ pub(super) struct Job {
 }
 
 impl Job {
-    /// Answer the caller (once; later answers are dropped).
-    pub(super) fn answer(mut self, result: Result<Delivery, RunError>) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
-        }
-    }
-
-    /// Whether the caller has stopped waiting.
-    pub(super) fn caller_gone(&self) -> bool {
-        self.reply.as_ref().is_none_or(|r| r.is_closed())
-    }
-
     /// Tell stage `index`'s breaker how the call went: through the job's
     /// probe of it, if it holds one.
     pub(super) fn settle(&mut self, index: usize, failed: bool) {
@@ -313,6 +306,11 @@ impl Job {
         self.route.stages[self.stage].release();
         self.stage += 1;
     }
+
+    /// Take the envelope out (the job is done with it).
+    pub(super) fn take_envelope(&mut self) -> Envelope {
+        std::mem::replace(&mut self.envelope, Envelope::placeholder())
+    }
 }
 
 impl Drop for Job {
@@ -324,52 +322,19 @@ impl Drop for Job {
     }
 }
 
-/// An item of a stage's queue.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "jobs are the common item; boxing one would cost an allocation per request"
-)]
-pub(super) enum Work {
-    /// Run `process` for a request.
-    Job(Job),
-    /// One `process-chunk` call of a streaming request.
-    Chunk(ChunkJob),
-    /// Stop the worker that takes it.
-    Stop,
-}
+/// A request waiting for a stage's permit: counted in the stage's
+/// `orchestrator_queue_depth` until dropped, however the wait ends.
+struct Waiting<'a>(&'a StageMetrics);
 
-/// One `process-chunk` call, run by a worker of the stage.
-pub(super) struct ChunkJob {
-    /// The version the stream started on.
-    pub(super) plugin: Arc<Plugin>,
-    pub(super) context: ChunkContext,
-    pub(super) carry: String,
-    pub(super) delta: String,
-    pub(super) last: bool,
-    pub(super) deadline: Instant,
-    /// The stage's span for this stream (its log records' events).
-    pub(super) trace: Trace,
-    /// The result and the time spent in the call.
-    pub(super) reply: oneshot::Sender<(Result<ChunkOutput, CallError>, Duration)>,
-    /// The item's own hold on the stage's queue: a chunk left in the queue
-    /// by a request that went away still counts against its capacity until
-    /// a worker takes it.
-    pub(super) _hold: QueueHold,
-}
-
-/// One more reservation of a stage's queue, released on drop. Taken on top
-/// of the request's own reservation, without a capacity check.
-pub(super) struct QueueHold(Arc<StageRuntime>);
-
-impl QueueHold {
-    pub(super) fn new(stage: &Arc<StageRuntime>) -> QueueHold {
-        stage.reserved.fetch_add(1, Ordering::AcqRel);
-        QueueHold(stage.clone())
+impl<'a> Waiting<'a> {
+    fn start(metrics: &'a StageMetrics) -> Waiting<'a> {
+        metrics.queue_depth.inc();
+        Waiting(metrics)
     }
 }
 
-impl Drop for QueueHold {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.release();
+        self.0.queue_depth.dec();
     }
 }

@@ -5,22 +5,21 @@
 //!
 //! Owns the order of chunk calls and the end of a streamed request
 //! (flushing the stages, running the plain stages after them, observing
-//! the request); it must not run plugins itself (chunk calls are work items
-//! on the stages' queues, run by their workers).
+//! the request); the calls themselves go through the stages' permits and
+//! instance policy ([`super::call`]).
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
+use super::call;
 use super::error::RunError;
-use super::stage::{BackendWait, ChunkJob, Delivery, Job, QueueHold, Work};
+use super::stage::{BackendWait, Delivery, Job};
 use super::stage::{Route, Shared};
 use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
-use crate::metrics::Outcome;
+use crate::metrics::{ErrorType, Outcome};
 use crate::trace::{Attribute, Trace};
-use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Plugin, Usage};
+use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Instance, Plugin, Usage};
 
 /// Most bytes of deltas passed through the streaming stages as one.
 const MAX_COALESCED_BYTES: usize = 16 * 1024;
@@ -117,7 +116,7 @@ impl Streaming {
         let mut rest_from = route.stages.len();
         for index in job.stage..route.stages.len() {
             let stage = &route.stages[index];
-            let plugin = stage.plugin.load_full();
+            let plugin = stage.plugin_owned();
             if !plugin.streams() {
                 rest_from = index;
                 break;
@@ -272,7 +271,8 @@ impl Streaming {
         Ok(())
     }
 
-    /// One `process-chunk` call of streaming stage `k`.
+    /// One `process-chunk` call of streaming stage `k`, on an instance of
+    /// the version the stream started on.
     async fn chunk_call(
         &mut self,
         k: usize,
@@ -282,47 +282,50 @@ impl Streaming {
         let stage = &mut self.chunk_stages[k];
         stage.chunks += 1;
         stage.bytes_in += delta.len() as u64;
-        let runtime = &self.route.stages[stage.index];
-        let name = runtime.name();
-        let (reply, answer) = oneshot::channel();
-        let work = Work::Chunk(ChunkJob {
-            plugin: stage.plugin.clone(),
-            context: self.context.clone(),
-            carry: std::mem::take(&mut stage.carry),
-            delta,
-            last,
-            deadline: self.deadline,
-            trace: stage.trace.clone(),
-            reply,
-            _hold: QueueHold::new(&self.route.stages[stage.index]),
-        });
-        runtime.metrics.queue_depth.inc();
-        if runtime.sender.try_send(work).is_err() {
-            runtime.metrics.queue_depth.dec();
-            return Err(runtime.shed());
-        }
-        let (result, spent) = match tokio::time::timeout_at(self.deadline.into(), answer).await {
-            Err(_) => return Err(self.timeout()),
-            Ok(Err(_)) => return Err(RunError::ShuttingDown),
-            Ok(Ok(answer)) => answer,
-        };
-        let stage = &mut self.chunk_stages[k];
-        stage.spent += spent;
+        let carry = std::mem::take(&mut stage.carry);
         let index = stage.index;
+        let runtime = self.route.stages[index].clone();
+        let permit = runtime.permit().await?;
+        let started = Instant::now();
+        let remaining = self.deadline.saturating_duration_since(started);
+        let result = if remaining.is_zero() {
+            Err(CallError::new(
+                ErrorType::Timeout,
+                "the request's deadline passed",
+            ))
+        } else {
+            let timeout = Duration::from_millis(runtime.settings.timeout_ms).min(remaining);
+            let stage = &self.chunk_stages[k];
+            let (context, trace) = (&self.context, &stage.trace);
+            call::on_instance(&runtime, &stage.plugin, async |live: &mut Instance| {
+                live.set_request(&context.request_id, trace.clone());
+                live.process_chunk(context, &carry, &delta, last, timeout)
+                    .await
+            })
+            .await
+        };
+        drop(permit);
+        let stage = &mut self.chunk_stages[k];
+        stage.spent += started.elapsed();
         let output = match result {
             Ok(output) => output,
             Err(error) => {
+                runtime.metrics.errors(error.error_type).inc();
+                tracing::debug!(stage = runtime.name(), request_id = %self.context.request_id, trace_id = %stage.trace, %error, "chunk failed");
                 stage
                     .trace
                     .fail(error.error_type.label(), error.to_string());
                 if error.error_type.counts_against_stage() {
                     self.settle_breaker(index, true);
                 }
-                return Err(RunError::Stage { stage: name, error });
+                return Err(RunError::Stage {
+                    stage: runtime.name(),
+                    error,
+                });
             }
         };
         stage.bytes_out += output.emit.iter().map(|e| e.len() as u64).sum::<u64>();
-        self.chunk_stages[k].carry.clone_from(&output.carry);
+        stage.carry.clone_from(&output.carry);
         Ok(output)
     }
 
@@ -379,18 +382,16 @@ impl Streaming {
             job.leave_stage();
         }
         let envelope = if self.rest_from < self.route.stages.len() {
-            // Plain stages follow: run them as usual, then stream their result.
-            let (reply, answer) = oneshot::channel();
-            job.reply = Some(reply);
+            // Plain stages follow: run them as usual (a generation one of
+            // them starts is collected), then stream their result.
             job.streaming = false;
-            self.route.stages[self.rest_from].enqueue(job);
-            let envelope = match tokio::time::timeout_at(self.deadline.into(), answer).await {
+            let ran = tokio::time::timeout_at(self.deadline.into(), call::run_stages(job));
+            let envelope = match Box::pin(ran).await {
                 Err(_) => return Err(self.timeout()),
-                Ok(Err(_)) => return Err(RunError::ShuttingDown),
-                Ok(Ok(Err(error))) => return Err(error),
-                Ok(Ok(Ok(Delivery::Done(envelope)))) => envelope,
+                Ok(Err(error)) => return Err(error),
+                Ok(Ok(Delivery::Done(envelope))) => envelope,
                 // Not handed off: the job no longer asks for a stream.
-                Ok(Ok(Ok(Delivery::Stream(job, tokens)))) => {
+                Ok(Ok(Delivery::Stream(job, tokens))) => {
                     Box::pin(Streaming::new(*job, tokens).collect()).await?
                 }
             };
@@ -407,7 +408,7 @@ impl Streaming {
             );
             envelope
         } else {
-            let mut envelope = std::mem::replace(&mut job.envelope, Envelope::placeholder());
+            let mut envelope = job.take_envelope();
             envelope.chunks = std::mem::take(&mut self.pieces);
             envelope
         };

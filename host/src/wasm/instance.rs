@@ -18,7 +18,7 @@ use wasmtime::component::Resource;
 use wasmtime::{Store, Trap};
 
 use super::bindings::{ChunkContext, ChunkOutput, Envelope, Exports, ProcessArgument, StageError};
-use super::engine::{EPOCH_TICK, Ticking};
+use super::engine::Ticking;
 use super::envelope::envelope_bytes;
 use super::error::CallError;
 use super::host::{HostState, RequestBudget};
@@ -328,18 +328,17 @@ impl Drop for Instance {
     }
 }
 
-/// Arm the epoch deadline and the fuel budget for one call; the guard keeps
-/// the epoch ticker running until the call ends.
+/// Arm the call's deadline and its fuel budget; the guard keeps the epoch
+/// ticker running until the call ends.
 fn arm(
     plugin: &Plugin,
     store: &mut Store<HostState>,
     timeout: Duration,
 ) -> Result<Ticking, CallError> {
     let ticking = plugin.ticker.busy();
-    let ticks = timeout.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
-    // One extra tick: the ticker may advance right after arming.
-    store.set_epoch_deadline(ticks + 1);
-    store.epoch_deadline_trap();
+    // At the next tick the store's epoch callback (see `Plugin::store`)
+    // yields to the runtime, or traps once `deadline` has passed.
+    store.set_epoch_deadline(1);
     store.data_mut().deadline = Instant::now() + timeout;
     if plugin.fuel {
         store

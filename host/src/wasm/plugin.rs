@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::IntGauge;
 use wasmtime::component::{InstancePre, ResourceTable};
-use wasmtime::{Store, StoreLimitsBuilder};
+use wasmtime::{Store, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use super::bindings::{ExportIndices, World};
@@ -207,6 +207,17 @@ impl Plugin {
         };
         let mut store = Store::new(self.pre.engine(), state);
         store.limiter(|state| &mut state.limits);
+        // Guest code reaches its epoch deadline at every tick of the ticker
+        // while it runs: it then yields to the async runtime (calls run on
+        // the runtime's threads, which other requests share) or, once the
+        // call's deadline has passed, traps with `Trap::Interrupt`.
+        store.epoch_deadline_callback(|store| {
+            Ok(if Instant::now() >= store.data().deadline {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
         Ok(store)
     }
 

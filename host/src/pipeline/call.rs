@@ -1,0 +1,221 @@
+//! Stage calls: a request runs its stages one after the other on the task
+//! that serves it (run to completion), taking for each call one of the
+//! stage's permits and an instance by the stage's instance policy, and
+//! recording the stage's metrics and breaker results.
+//!
+//! A plugin call is an async wasmtime call made on the tokio runtime that
+//! serves HTTP. It cannot hold a runtime thread for long: guest code yields
+//! back to the runtime at every epoch tick ([`crate::wasm::EPOCH_TICK`])
+//! and traps once its deadline has passed, and a call waiting on the host
+//! (an inference request, a WASI sleep) is an ordinary pending future. So
+//! no request crosses a thread on its way through the stages, and none
+//! waits in a queue for a worker thread to wake up.
+//!
+//! Owns the instance policy ([`on_instance`]) and the per-call metrics; it
+//! must not admit requests or talk to clients.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::error::RunError;
+use super::stage::{Delivery, Job, StageRuntime};
+use crate::config::InstanceMode;
+use crate::inference::TokenStream;
+use crate::metrics::ErrorType;
+use crate::trace::{Attribute, Trace};
+use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
+
+/// Run `job` through the stages of its pipeline from its current one on:
+/// the final envelope, or — when the client asked for a stream and a stage
+/// started a streaming generation — the job and the generation's tokens.
+/// A generation the client does not stream is collected before the next
+/// stage runs.
+pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
+    while let Some(stage) = job.route.stages.get(job.stage).cloned() {
+        let Some(tokens) = process(&stage, &mut job).await? else {
+            job.leave_stage();
+            continue;
+        };
+        if job.streaming {
+            job.leave_stage();
+            return Ok(Delivery::Stream(Box::new(job), tokens));
+        }
+        // The job keeps its reservation here until the generation is in,
+        // so `queue_capacity` still bounds the generations collected at
+        // once; the stage's permit is already free for its next call.
+        let collecting = Instant::now();
+        let collected = collect_generation(&mut job.envelope, tokens).await;
+        job.backend_wait.add(collecting.elapsed());
+        collected.map_err(|error| fail(&stage, &job, error))?;
+        job.leave_stage();
+    }
+    Ok(Delivery::Done(job.take_envelope()))
+}
+
+/// The span of `job`'s call to `stage`: from when it reached the stage,
+/// with its wait for a permit (the call starts at `started`).
+fn stage_span(stage: &StageRuntime, job: &Job, started: Instant) -> Trace {
+    if !job.trace.is_recording() {
+        return Trace::off();
+    }
+    let waited = started.saturating_duration_since(job.queued);
+    let queued_at = SystemTime::now() - job.queued.elapsed();
+    stage.open_span(
+        &job.trace,
+        &stage.plugin(),
+        &job.envelope.request_id,
+        Some(queued_at),
+        Attribute::new("orchestrator.queue_wait_ms", waited.as_secs_f64() * 1000.0),
+    )
+}
+
+/// Run `process` of `stage` for `job`: the generation the call started,
+/// if any, or the stage's error (counted).
+async fn process(
+    stage: &Arc<StageRuntime>,
+    job: &mut Job,
+) -> Result<Option<TokenStream>, RunError> {
+    // The job's position in its pipeline (for its breaker probes).
+    let index = job.stage;
+    job.queued = Instant::now();
+    let permit = stage.permit().await?;
+    let remaining = job.deadline.saturating_duration_since(Instant::now());
+    if remaining.is_zero() {
+        return Err(RunError::Timeout(Duration::ZERO));
+    }
+    stage.metrics.requests.inc();
+    let input_bytes = envelope_bytes(&job.envelope);
+    let started = Instant::now();
+    let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
+    let span = stage_span(stage, job, started);
+    let result = {
+        let current = stage.plugin_owned();
+        let envelope = &mut job.envelope;
+        let backend_wait = &job.backend_wait;
+        let router = job.generation.router();
+        let span = &span;
+        on_instance(stage, &current, async |live: &mut Instance| {
+            live.set_request_deadline(Instant::now() + remaining);
+            live.set_request(&envelope.request_id, span.clone());
+            live.set_router(router);
+            let result = live.process(envelope, timeout).await;
+            backend_wait.add(live.take_backend_wait());
+            // Taken whatever the result: a generation started by a call
+            // that then failed is dropped (cancelled) with it here, not
+            // left running in the instance until its next call.
+            let stream = live.take_stream();
+            result.map(|()| stream)
+        })
+        .await
+    };
+    drop(permit);
+    stage
+        .metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    // A call cut short by the *request's* remaining time, not by the
+    // stage's own deadline, says nothing about the plugin: it neither
+    // counts against the breaker nor settles a probe.
+    let cut_by_request = remaining < Duration::from_millis(stage.settings.timeout_ms)
+        && result
+            .as_ref()
+            .is_err_and(|e| e.error_type == ErrorType::Timeout);
+    // A resource-limit failure on an input far above the stage's norm is
+    // the request's (see `norm`): it does not count either.
+    let excused = match &result {
+        Ok(_) => {
+            stage.inputs.record(input_bytes);
+            None
+        }
+        Err(e) => stage.inputs.excuses(e.error_type, input_bytes),
+    };
+    if let Some(norm) = excused {
+        tracing::warn!(
+            stage = stage.name(),
+            request_id = %job.envelope.request_id,
+            trace_id = %job.trace,
+            input_bytes,
+            norm_bytes = norm,
+            "a call failed on an input far above this stage's recent inputs; the breaker does not count it"
+        );
+    }
+    if !cut_by_request && excused.is_none() {
+        let failed = result
+            .as_ref()
+            .is_err_and(|e| e.error_type.counts_against_stage());
+        job.settle(index, failed);
+    }
+    match &result {
+        Ok(_) => span.set([Attribute::new("orchestrator.outcome", "ok")]),
+        Err(error) => {
+            span.set([Attribute::new("orchestrator.outcome", "error")]);
+            span.fail(error.error_type.label(), error.to_string());
+        }
+    }
+    span.end();
+    result.map_err(|error| fail(stage, job, error))
+}
+
+/// Count `error` against `stage`: the request's answer.
+fn fail(stage: &StageRuntime, job: &Job, error: CallError) -> RunError {
+    stage.metrics.errors(error.error_type).inc();
+    tracing::debug!(stage = stage.name(), request_id = %job.envelope.request_id, trace_id = %job.trace, %error, "stage failed");
+    RunError::Stage {
+        stage: stage.name(),
+        error,
+    }
+}
+
+/// The instance policy: run `call` on an idle instance of `version` from
+/// the stage's pool, or on a new one if there is none or the stage makes
+/// one per request; afterwards keep the instance for a later call unless
+/// the stage makes one per request, it has served `recycle_after` calls,
+/// the call poisoned it (see [`CallError::poisons_instance`]) or its
+/// version is no longer the one serving. A call whose future is dropped
+/// (the request's deadline passed, the client went away) drops its
+/// instance with it: an interrupted store is never reused. The caller
+/// holds one of the stage's permits, which bounds the instances.
+pub(super) async fn on_instance<T>(
+    stage: &StageRuntime,
+    version: &Arc<Plugin>,
+    call: impl AsyncFnOnce(&mut Instance) -> Result<T, CallError>,
+) -> Result<T, CallError> {
+    let settings = &stage.settings;
+    let reuse = settings.instance_mode == InstanceMode::Reuse;
+    let idle = if reuse {
+        stage.take_idle(version)
+    } else {
+        None
+    };
+    let mut live = match idle {
+        Some(instance) => instance,
+        None => Instance::new(version).await?,
+    };
+    let result = call(&mut live).await;
+    if reuse
+        && live.calls() < settings.recycle_after
+        && !result.as_ref().is_err_and(CallError::poisons_instance)
+    {
+        stage.put_idle(live);
+    }
+    result
+}
+
+/// Collect a whole generation into `envelope`.
+pub(super) async fn collect_generation(
+    envelope: &mut Envelope,
+    tokens: TokenStream,
+) -> Result<(), CallError> {
+    let prompt = &envelope.prompt;
+    let completion = tokens
+        .collect(|| orchestrator_text::count_tokens(prompt) as u32)
+        .await
+        .map_err(|e| CallError::new(e.error_type(), e.to_string()))?;
+    envelope.completion = completion.text;
+    envelope.finish_reason = completion.finish_reason.to_string();
+    envelope.usage = Usage {
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
+    };
+    Ok(())
+}
