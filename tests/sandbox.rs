@@ -198,6 +198,61 @@ fn only_granted_environment_variables_are_visible() {
     );
 }
 
+/// Calls run on the runtime that serves HTTP, so guest code must yield to
+/// it while it computes: eight endless loops in calls at once (more than
+/// the runtime has threads on any machine this runs on) do not hold up a
+/// normal request, and clients that hang up take their calls, and the
+/// calls' instances, down with them.
+#[tokio::test(flavor = "multi_thread")]
+async fn endless_loops_do_not_hold_up_other_requests() {
+    let host = rogue_host("loop", "workers = 9\ntimeout_ms = 60000");
+    let url = format!("{}/v1/chat/completions", host.api);
+    let loops: Vec<_> = (0..8)
+        .map(|_| {
+            let request = crate::common::client()
+                .post(&url)
+                .json(&ask("spin forever, rogue"));
+            tokio::spawn(request.send())
+        })
+        .collect();
+    let calls = "orchestrator_requests_total{stage=\"post\"}";
+    poll_until(&host, "all eight loops in their calls", async |h| {
+        h.metric(calls).await >= 8.0
+    })
+    .await;
+
+    let (status, text) = host.chat(&ask("a normal question")).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        loops.iter().all(|l| !l.is_finished()),
+        "the loops must still be running"
+    );
+
+    for spinning in &loops {
+        spinning.abort();
+    }
+    let cancelled = "orchestrator_request_duration_seconds_count{outcome=\"cancelled\"}";
+    let instances = "orchestrator_plugin_instances{stage=\"post\"}";
+    poll_until(&host, "the eight calls cancelled", async |h| {
+        h.metric(cancelled).await == 8.0 && h.metric(instances).await == 1.0
+    })
+    .await;
+    let (status, text) = host.chat(&ask("another normal question")).await;
+    assert_eq!(status, 200, "{text}");
+}
+
+/// Poll `host` until `done` says so; panics naming `what` after 30 s.
+async fn poll_until(host: &Host, what: &str, done: impl AsyncFn(&Host) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !done(host).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn fuel_bounds_instructions_per_call() {
     let host = rogue_host("loop", "fuel = 50000000\ntimeout_ms = 60000");
