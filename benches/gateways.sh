@@ -14,7 +14,11 @@
 #   3. p50 latency at 1 connection, plain and streamed, and what the gateway
 #      adds to the upstream's p50 in the same round;
 #   4. only if `oha` is on PATH: an open-loop sweep at constant rates
-#      (RATES, plain requests): p50 and p99 per rate.
+#      (RATES, plain requests): p50 and p99 per rate;
+#   5. ours (and the baseline) with its built-in `echo` backend instead of
+#      the upstream, plain at 64 connections: requests/s against the
+#      upstream alone, a bare warp server (the host's HTTP path and five
+#      stages, no upstream call).
 # It prints a markdown table of medians (min-max over the rounds), the
 # peers' versions and nproc.
 #
@@ -270,6 +274,8 @@ for name in upstream ours baseline tensorzero litellm; do
             "'$(body "${MODEL[$name]}" $stream)'" >"$WORK/$name.$stream.lua"
     done
     body "${MODEL[$name]}" false >"$WORK/$name.body"
+    printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
+        "'$(body echo false)'" >"$WORK/$name.echo.lua"
     NAMES="$NAMES $name"
 done
 log "measuring:$NAMES"
@@ -314,14 +320,18 @@ for name in $NAMES; do
     done
 done
 for round in $(seq "$ROUNDS"); do
-    for test in plain64 stream64 plain1 stream1; do
+    for test in plain64 stream64 plain1 stream1 echo64; do
         case $test in
         plain64) conns=64 threads=2 stream=false ;;
         stream64) conns=64 threads=2 stream=true ;;
         plain1) conns=1 threads=1 stream=false ;;
         stream1) conns=1 threads=1 stream=true ;;
+        echo64) conns=64 threads=2 stream=echo ;;
         esac
         for name in $(order "$round"); do
+            case $test/$name in echo64/ours | echo64/baseline | echo64/upstream) ;; echo64/*) continue ;; esac
+            # The upstream alone is measured once per round (plain64).
+            [ $test/$name = echo64/upstream ] && continue
             before=$(tree_ticks "${PID[$name]}")
             out=$("${WRK[@]}" -t$threads -c$conns -d"${DURATION}s" -s "$WORK/$name.$stream.lua" "${URL[$name]}")
             after=$(tree_ticks "${PID[$name]}")
@@ -444,6 +454,14 @@ for name in names:
             cells.append(show([a - b for a, b in zip(own, base)], lat))
     cells.append(f"{bad} / {sock}" + (" ⚠" if bad or sock else ""))
     print(f"| {label.get(name, name)} | " + " | ".join(cells) + " |")
+
+bare = col("upstream", "rps_false")
+for name in names:
+    echo = col(name, "rps_echo")
+    if echo and bare:
+        share = [100 * e / b for e, b in zip(echo, bare)]
+        print(f"\n{label.get(name, name)} with its built-in `echo` backend, plain @64: {show(echo, num)} req/s, "
+              f"{show(share, lambda v: f'{v:.0f}')} % of the upstream alone (a bare warp server) in the same rounds")
 
 if any(os.path.exists(f"{res}/{n}.oha_{r}") for n in names for r in rates):
     print()
