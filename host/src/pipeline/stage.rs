@@ -136,8 +136,12 @@ impl StageRuntime {
     /// at once, freeing its memory as soon as no call uses it. Returns the
     /// previous version.
     pub(super) fn publish(&self, plugin: Arc<Plugin>) -> Arc<Plugin> {
+        // Under the pool's lock, so that no call can return an instance of
+        // the old version to the pool after it was emptied.
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.plugin.swap(plugin);
-        let retired = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let retired = std::mem::take(&mut *idle);
+        drop(idle);
         drop(retired);
         previous
     }
@@ -167,12 +171,15 @@ impl StageRuntime {
     /// Keep `instance` for a later call, if it is of the version serving
     /// now; drop it otherwise.
     pub(super) fn put_idle(&self, instance: Instance) {
-        if Arc::ptr_eq(instance.plugin(), &self.plugin.load()) {
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            if idle.len() < self.settings.workers {
-                idle.push(instance);
-            }
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.settings.workers && Arc::ptr_eq(instance.plugin(), &self.plugin.load())
+        {
+            idle.push(instance);
+            return;
         }
+        // Dropped after the lock is released.
+        drop(idle);
+        drop(instance);
     }
 
     /// The stage's name.
