@@ -26,10 +26,6 @@ use orchestrator::config::{AdminToken, ConfigError, valid_name};
 use orchestrator::control::ConfigSource;
 use orchestrator::{Config, Orchestrator, metrics};
 
-/// mimalloc rather than glibc's allocator: see `host/Cargo.toml`.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// A WebAssembly-plugin orchestration host for LLM request pipelines.
 #[derive(Parser, Debug)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
