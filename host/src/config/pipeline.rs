@@ -17,7 +17,7 @@
 //!   valid pipeline, and a hot swap can make the same arrangement.)
 //!
 //! A stage may appear in several pipelines. It is then one stage: one
-//! queue, one set of workers and instances, one breaker and one set of
+//! set of reservations, permits and instances, one breaker and one set of
 //! metric series, shared by the requests of every pipeline that names it.
 //! Its limits (`queue_capacity`, `workers`) are what the operator sized
 //! for that plugin, and its metrics are what its dashboard row shows; to

@@ -14,7 +14,8 @@
 //!    naming the key ("needs a restart"), rather than half applied.
 //!    So is what the wasm engine was sized for: a configuration whose
 //!    stages need more instance slots than the pool has (2 × their
-//!    workers + 16; the pool has at least 64), a larger `max_memory_bytes`,
+//!    workers + 16; the pool has 32 more than the startup configuration
+//!    needed, and at least 64), a larger `max_memory_bytes`,
 //!    or fuel metering when the engine was started without it, is refused
 //!    with what it needs.
 //! 3. **Plan** — every stage in use is loaded as at startup (compiled,

@@ -39,7 +39,7 @@ pub const OUTLIER_FACTOR: usize = 4;
 /// small input has a problem of its own.
 pub const OUTLIER_FLOOR: usize = 64 * 1024;
 
-/// The sizes of a stage's recent successful inputs. Lock-free: workers of
+/// The sizes of a stage's recent successful inputs. Lock-free: calls of
 /// the stage record into it concurrently.
 #[derive(Debug, Default)]
 pub(super) struct InputNorm {

@@ -112,8 +112,12 @@ pub enum EngineError {
 }
 
 /// The fewest pool slots the engine is made with (address space only
-/// until used): room for a reload to add stages to the default five.
+/// until used).
 pub const MIN_INSTANCE_SLOTS: u32 = 64;
+
+/// Pool slots the engine has beyond what the startup configuration needs:
+/// room for a reload to add stages (at two workers each, eight of them).
+pub const RELOAD_HEADROOM_SLOTS: u32 = 32;
 
 /// Settings of the shared engine.
 #[derive(Debug, Clone)]
@@ -131,12 +135,14 @@ pub struct EngineSettings {
 impl EngineSettings {
     /// Settings sized for `config`: twice the workers of its stages (so a
     /// hot-swapped version's instances can coexist with the old ones) plus
-    /// headroom for validation instances, and never fewer than
-    /// 64 (`MIN_INSTANCE_SLOTS`), so that a configuration reload can add
-    /// stages (it cannot resize the pool; see [`Runtime::fits`]).
+    /// headroom for validation instances, plus `RELOAD_HEADROOM_SLOTS` so
+    /// that a configuration reload can add stages (it cannot resize the
+    /// pool; see [`Runtime::fits`]), and never fewer than
+    /// `MIN_INSTANCE_SLOTS`.
     pub fn for_config(config: &Config) -> EngineSettings {
+        let slots = Self::needed_slots(config).saturating_add(RELOAD_HEADROOM_SLOTS);
         EngineSettings {
-            max_instances: Self::needed_slots(config).max(MIN_INSTANCE_SLOTS),
+            max_instances: slots.max(MIN_INSTANCE_SLOTS),
             max_memory_bytes: config
                 .stages
                 .iter()

@@ -8,7 +8,7 @@
 //! loaded version and its sandbox), `instance` (calls and deadlines),
 //! `host` (one file per import: `request`, `log`, `inference`) and
 //! [`bindings`] (the WIT types and the worlds). It must not know about
-//! queues, workers or HTTP: the pipeline decides when to instantiate and
+//! queues, permits or HTTP: the pipeline decides when to instantiate and
 //! call.
 //!
 //! # Lifecycle
