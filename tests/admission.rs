@@ -117,7 +117,11 @@ async fn an_expired_request_gets_504_and_the_host_recovers() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
-    let host = slow_post_host(4, 2000, "");
+    // The request in flight takes 4 s (under the stage's 5 s deadline):
+    // long enough that a loaded machine still sees the drain begin before
+    // it is answered (2 s was not, once, with the whole suite and a
+    // release build sharing two cores).
+    let host = slow_post_host(4, 4000, "");
     let url = format!("{}/v1/chat/completions", host.api);
     let in_flight = tokio::spawn(async move {
         crate::common::client()

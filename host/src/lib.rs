@@ -261,7 +261,8 @@ impl Orchestrator {
     ///    finish; streams still open [`STREAM_CUT_MARGIN`] before the
     ///    deadline are ended with an `error` event (`shutting_down`) and
     ///    `[DONE]`, so no client sees a stream merely stop;
-    /// 3. stop the pipeline's workers, with whatever time is left;
+    /// 3. wait for the pipeline's last requests, with whatever time is
+    ///    left;
     /// 4. stop the metrics server, waiting at most [`OPS_STOP`] for a
     ///    request on it (a client that never finishes its request does not
     ///    hold the exit);

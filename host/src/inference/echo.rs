@@ -37,9 +37,11 @@ impl Echo {
     }
 }
 
-impl Protocol for Echo {
-    fn send(&self, request: &UpstreamRequest) -> SendFuture {
-        let completion = Echo::generate(&request.request);
+impl Echo {
+    /// The events of `completion`: a delta per token, then the end.
+    pub(super) fn events<E: Send + 'static>(
+        completion: Completion,
+    ) -> impl Iterator<Item = Result<Event, E>> + Send + 'static {
         let ending = Ending {
             finish_reason: Some(completion.finish_reason.to_string()),
             usage: Some((completion.prompt_tokens, completion.completion_tokens)),
@@ -53,7 +55,13 @@ impl Protocol for Echo {
             at: 0,
         }
         .map(|delta| Ok(Event::Delta(delta)));
-        let events = deltas.chain(std::iter::once(Ok(Event::End(ending))));
+        deltas.chain(std::iter::once(Ok(Event::End(ending))))
+    }
+}
+
+impl Protocol for Echo {
+    fn send(&self, request: &UpstreamRequest) -> SendFuture {
+        let events = Echo::events(Echo::generate(&request.request));
         Box::pin(async move { Ok(Box::pin(futures_util::stream::iter(events)) as EventStream) })
     }
 }

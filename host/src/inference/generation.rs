@@ -130,8 +130,17 @@ impl BackendError {
 /// generation.
 pub struct TokenStream {
     pub(super) backend: String,
-    pub(super) events: mpsc::Receiver<Result<Event, BackendError>>,
+    pub(super) events: Events,
     pub(super) deadline: Instant,
+}
+
+/// Where a [`TokenStream`]'s events come from.
+pub(super) enum Events {
+    /// A generation task (an upstream call), through a bounded channel.
+    Task(mpsc::Receiver<Result<Event, BackendError>>),
+    /// Computed in process (`echo`), cut as they are pulled: no task, no
+    /// channel and no wake-up per event.
+    Ready(Box<dyn Iterator<Item = Result<Event, BackendError>> + Send>),
 }
 
 impl std::fmt::Debug for TokenStream {
@@ -145,12 +154,18 @@ impl std::fmt::Debug for TokenStream {
 impl TokenStream {
     /// The next event: deltas, then exactly one `End` or error, then `None`.
     pub async fn next(&mut self) -> Option<Result<Event, BackendError>> {
-        self.events.recv().await
+        match &mut self.events {
+            Events::Task(events) => events.recv().await,
+            Events::Ready(events) => events.next(),
+        }
     }
 
     /// The next event if it has already arrived.
     pub fn try_next(&mut self) -> Option<Result<Event, BackendError>> {
-        self.events.try_recv().ok()
+        match &mut self.events {
+            Events::Task(events) => events.try_recv().ok(),
+            Events::Ready(events) => events.next(),
+        }
     }
 
     /// Collect the rest of the generation into one completion.

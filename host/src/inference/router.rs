@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, BackendSetupError, generation, trace_ending};
 use super::echo::Echo;
-use super::generation::{BackendError, Completion, Ending, GenerateRequest, TokenStream};
+use super::generation::{BackendError, Completion, Ending, Events, GenerateRequest, TokenStream};
 use crate::config::{BackendKind, Config, DEFAULT_PIPELINE, ModelRoute};
 use crate::metrics::{BreakerState, Metrics, UpstreamOutcome};
 use crate::trace::Attribute;
@@ -150,6 +150,14 @@ impl Router {
     /// Start a generation: resolves once its first token is in (after
     /// retries and failover), or with the error that ended it.
     pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
+        if let Some(backend) = self.echo_backend(&request.model) {
+            let completion = echo_completion(backend, &request);
+            return Ok(TokenStream {
+                backend: backend.name.clone(),
+                events: Events::Ready(Box::new(Echo::events(completion))),
+                deadline: request.deadline,
+            });
+        }
         let primary = self
             .route(&request.model)
             .and_then(|name| self.inner.backends.get(name))
@@ -174,7 +182,7 @@ impl Router {
         match opened_rx.await {
             Ok(Ok(backend)) => Ok(TokenStream {
                 backend,
-                events: events_rx,
+                events: Events::Task(events_rx),
                 deadline,
             }),
             Ok(Err(error)) => Err(error),
@@ -187,49 +195,8 @@ impl Router {
 
     /// Run a whole generation and collect it.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Completion, BackendError> {
-        if let Some(backend) = self
-            .route(&request.model)
-            .and_then(|name| self.inner.backends.get(name))
-            .filter(|b| b.kind == BackendKind::Echo)
-        {
-            // In process, no I/O, cannot fail: computed here rather than in
-            // a generation task (which costs a task and a channel per
-            // request). The same series are recorded, except inter-token
-            // latency, which a one-piece answer does not have.
-            let started = Instant::now();
-            let span = backend.attempt_span(&request, &request.model, 0, false);
-            let completion = Echo::generate(&request);
-            if span.is_recording() {
-                span.event(
-                    "gen_ai.first_token",
-                    vec![Attribute::new(
-                        "gen_ai.server.time_to_first_token",
-                        started.elapsed().as_secs_f64(),
-                    )],
-                );
-                let ending = Ending {
-                    finish_reason: Some(completion.finish_reason.to_string()),
-                    usage: Some((completion.prompt_tokens, completion.completion_tokens)),
-                    response_id: None,
-                };
-                let text = span.records_content().then(|| completion.text.clone());
-                trace_ending(
-                    &span,
-                    &ending,
-                    u64::from(completion.completion_tokens),
-                    text,
-                );
-            }
-            backend
-                .metrics
-                .ttft
-                .observe(started.elapsed().as_secs_f64());
-            backend.metrics.outcome(UpstreamOutcome::Ok).inc();
-            backend
-                .metrics
-                .tokens
-                .inc_by(u64::from(completion.completion_tokens));
-            return Ok(completion);
+        if let Some(backend) = self.echo_backend(&request.model) {
+            return Ok(echo_completion(backend, &request));
         }
         let prompt = request.prompt.clone();
         self.stream(request)
@@ -237,6 +204,56 @@ impl Router {
             .collect(|| count_tokens(&prompt) as u32)
             .await
     }
+
+    /// The backend serving `model`, if it is an `echo` one.
+    fn echo_backend(&self, model: &str) -> Option<&Backend> {
+        self.route(model)
+            .and_then(|name| self.inner.backends.get(name))
+            .filter(|b| b.kind == BackendKind::Echo)
+            .map(|b| &**b)
+    }
+}
+
+/// An `echo` generation, computed in process: it has no I/O and cannot
+/// fail, so it runs here rather than in a generation task (which costs a
+/// task, a channel and a wake-up per event). The same series and span are
+/// recorded as for a generation task, except inter-token latency and the
+/// backend's concurrency permits, which a computed answer does not use.
+fn echo_completion(backend: &Backend, request: &GenerateRequest) -> Completion {
+    let started = Instant::now();
+    let span = backend.attempt_span(request, &request.model, 0, false);
+    let completion = Echo::generate(request);
+    if span.is_recording() {
+        span.event(
+            "gen_ai.first_token",
+            vec![Attribute::new(
+                "gen_ai.server.time_to_first_token",
+                started.elapsed().as_secs_f64(),
+            )],
+        );
+        let ending = Ending {
+            finish_reason: Some(completion.finish_reason.to_string()),
+            usage: Some((completion.prompt_tokens, completion.completion_tokens)),
+            response_id: None,
+        };
+        let text = span.records_content().then(|| completion.text.clone());
+        trace_ending(
+            &span,
+            &ending,
+            u64::from(completion.completion_tokens),
+            text,
+        );
+    }
+    backend
+        .metrics
+        .ttft
+        .observe(started.elapsed().as_secs_f64());
+    backend.metrics.outcome(UpstreamOutcome::Ok).inc();
+    backend
+        .metrics
+        .tokens
+        .inc_by(u64::from(completion.completion_tokens));
+    completion
 }
 
 /// `/health`'s view of one backend.
