@@ -21,8 +21,7 @@
 //!   a by-handle one that does nothing (`touch`), the same without Rust's
 //!   `std` and so without any WASI import (`lean`) and the bundled `post`;
 //!   and `noop/fresh_drop`, the instance without the call.
-//! - `overhead`: the metric updates one request costs, and one queue hop
-//!   between worker threads.
+//! - `overhead`: the metric updates one request costs.
 //! - `linear`: each bundled stage's logic (natively) on pathological input
 //!   of size n and 2n, the kinds that once were quadratic: a question of
 //!   distinct words (`rag`), a long question (`assemble`), unbroken runs of

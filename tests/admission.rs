@@ -113,6 +113,16 @@ async fn an_expired_request_gets_504_and_the_host_recovers() {
         ),
         1.0
     );
+    // The stage the deadline caught the request in shows it: its call is
+    // counted, timed and reported as a timeout, though the pipeline's
+    // deadline (not the call's own) ended it.
+    for series in [
+        "orchestrator_requests_total{stage=\"post\"}",
+        "orchestrator_stage_duration_seconds_count{stage=\"post\"}",
+        "orchestrator_errors_total{error_type=\"timeout\",stage=\"post\"}",
+    ] {
+        assert_eq!(metric_value(&text, series), 1.0, "{series}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

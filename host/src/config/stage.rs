@@ -224,8 +224,9 @@ pub struct StageConfig {
     /// none unless it names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundled: Option<Bundled>,
-    /// Bound of the stage's queue; admission control refuses requests
-    /// beyond it.
+    /// Requests the stage holds at once, running or waiting for a permit
+    /// (its queue bound); admission control refuses requests beyond it
+    /// before any stage runs.
     pub queue_capacity: usize,
     /// Calls the stage runs at once (its permits; each call holds one
     /// instance). Requests beyond it wait, counted in the queue depth.

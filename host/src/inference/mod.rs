@@ -20,9 +20,9 @@
 //! 2. **Route.** A plugin's call names the client's model
 //!    (`generation-params.model`); the routing table picks the backend
 //!    (unknown models are refused earlier, at the API, with 404).
-//! 3. **Open.** The generation runs as a task on the host's main tokio
-//!    runtime (plugin calls run on worker threads; network I/O must not
-//!    depend on them). The task waits for a concurrency permit, asks the
+//! 3. **Open.** The generation runs as a task on the host's tokio runtime
+//!    (a task of its own, so it goes on while the stage call that started
+//!    it returns; `echo` streams in process instead). The task waits for a concurrency permit, asks the
 //!    breaker, and sends the request — always as a *streaming* request
 //!    upstream, so time to first token and inter-token latency are measured
 //!    for every generation. An attempt that fails before the first token

@@ -42,10 +42,9 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// Build the backends of `config`. Their generations run on the tokio
-    /// runtime this is called on (the host's main runtime; plugin calls run
-    /// on worker threads with runtimes of their own, which network I/O must
-    /// not depend on), or, outside any runtime, on the caller's.
+    /// Build the backends of `config`. Their generations run as tasks on
+    /// the tokio runtime this is called on (the host's runtime, which also
+    /// runs the plugin calls), or, outside any runtime, on the caller's.
     pub fn new(config: &Config, metrics: &Metrics) -> Result<Router, BackendSetupError> {
         Router::reusing(config, metrics, None)
     }

@@ -81,13 +81,22 @@ async fn process(
     let permit = stage.permit().await?;
     let remaining = job.deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
-        return Err(RunError::Timeout(Duration::ZERO));
+        return Err(RunError::Timeout(
+            job.deadline.saturating_duration_since(job.admitted),
+        ));
     }
     stage.metrics.requests.inc();
     let input_bytes = envelope_bytes(&job.envelope);
     let started = Instant::now();
     let timeout = Duration::from_millis(stage.settings.timeout_ms).min(remaining);
     let span = stage_span(stage, job, started);
+    let mut unfinished = Unfinished {
+        stage,
+        started,
+        deadline: job.deadline,
+        span: &span,
+        armed: true,
+    };
     let result = {
         let current = stage.plugin_owned();
         let envelope = &mut job.envelope;
@@ -108,6 +117,7 @@ async fn process(
         })
         .await
     };
+    unfinished.armed = false;
     drop(permit);
     stage
         .metrics
@@ -154,6 +164,46 @@ async fn process(
     }
     span.end();
     result.map_err(|error| fail(stage, job, error))
+}
+
+/// A stage call whose future may be dropped before it returns: when the
+/// request's deadline passes (the pipeline's outer timeout wins the race
+/// with the call's own, which would trap at the next epoch tick) or the
+/// client goes away. Dropped while armed, it records what the call would
+/// have: its duration, a `timeout` error if the deadline had passed (the
+/// stage that made the request late shows in `orchestrator_errors_total`),
+/// and the span's outcome. A cancelled call counts no error.
+struct Unfinished<'a> {
+    stage: &'a StageRuntime,
+    started: Instant,
+    deadline: Instant,
+    span: &'a Trace,
+    armed: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let metrics = &self.stage.metrics;
+        metrics
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
+        if Instant::now() >= self.deadline {
+            metrics.errors(ErrorType::Timeout).inc();
+            self.span
+                .set([Attribute::new("orchestrator.outcome", "error")]);
+            self.span.fail(
+                ErrorType::Timeout.label(),
+                "the request's deadline passed during the call",
+            );
+        } else {
+            self.span
+                .set([Attribute::new("orchestrator.outcome", "cancelled")]);
+        }
+        self.span.end();
+    }
 }
 
 /// Count `error` against `stage`: the request's answer.

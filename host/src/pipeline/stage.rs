@@ -24,7 +24,7 @@ use crate::config::StageConfig;
 use crate::inference::{Router, TokenStream};
 use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
 use crate::trace::{Attribute, Kind, Trace};
-use crate::wasm::{Envelope, Instance, Plugin};
+use crate::wasm::{Envelope, Instance, KEEP_RESIDENT_BYTES, Plugin};
 
 /// State shared by every generation: what admission and the drain need.
 pub(super) struct Shared {
@@ -169,10 +169,19 @@ impl StageRuntime {
     }
 
     /// Keep `instance` for a later call, if it is of the version serving
-    /// now; drop it otherwise.
+    /// now and its memory has not grown past twice what it held after
+    /// `init` (nor past [`KEEP_RESIDENT_BYTES`], whichever is larger);
+    /// drop it otherwise. Linear memory never shrinks, so without that
+    /// bound a burst of large requests would leave up to `workers` idle
+    /// instances each holding its high-water mark (64 permits × a 64 MiB
+    /// cap for inference) until they are recycled.
     pub(super) fn put_idle(&self, instance: Instance) {
+        let bloated =
+            instance.memory_bytes() > (2 * instance.memory_at_start()).max(KEEP_RESIDENT_BYTES);
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.settings.workers && Arc::ptr_eq(instance.plugin(), &self.plugin.load())
+        if !bloated
+            && idle.len() < self.settings.workers
+            && Arc::ptr_eq(instance.plugin(), &self.plugin.load())
         {
             idle.push(instance);
             return;

@@ -285,16 +285,20 @@ impl Streaming {
         let carry = std::mem::take(&mut stage.carry);
         let index = stage.index;
         let runtime = self.route.stages[index].clone();
-        let permit = runtime.permit().await?;
+        // The wait for a permit ends with the request's deadline: a busy
+        // stage makes the request late, it is not the stage's failure.
+        let permit = match tokio::time::timeout_at(self.deadline.into(), runtime.permit()).await {
+            Ok(permit) => permit?,
+            Err(_) => return Err(self.timeout()),
+        };
         let started = Instant::now();
         let remaining = self.deadline.saturating_duration_since(started);
-        let result = if remaining.is_zero() {
-            Err(CallError::new(
-                ErrorType::Timeout,
-                "the request's deadline passed",
-            ))
-        } else {
-            let timeout = Duration::from_millis(runtime.settings.timeout_ms).min(remaining);
+        if remaining.is_zero() {
+            return Err(self.timeout());
+        }
+        let stage_timeout = Duration::from_millis(runtime.settings.timeout_ms);
+        let timeout = stage_timeout.min(remaining);
+        let result = {
             let stage = &self.chunk_stages[k];
             let (context, trace) = (&self.context, &stage.trace);
             call::on_instance(&runtime, &stage.plugin, async |live: &mut Instance| {
@@ -315,7 +319,11 @@ impl Streaming {
                 stage
                     .trace
                     .fail(error.error_type.label(), error.to_string());
-                if error.error_type.counts_against_stage() {
+                // As for `process`: a call cut short by the request's
+                // remaining time says nothing about the plugin.
+                let cut_by_request =
+                    timeout < stage_timeout && error.error_type == ErrorType::Timeout;
+                if error.error_type.counts_against_stage() && !cut_by_request {
                     self.settle_breaker(index, true);
                 }
                 return Err(RunError::Stage {

@@ -28,6 +28,12 @@ use crate::metrics::Metrics;
 /// of plugin-call deadlines.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
+/// Bytes at the bottom of a pooled memory slot that stay resident between
+/// instances (reset in place); memory above it is decommitted when a slot
+/// is reused, so an instance that grew past it is cheaper to replace than
+/// to keep idle.
+pub const KEEP_RESIDENT_BYTES: usize = 4 << 20;
+
 /// How long the ticker keeps ticking with no call in progress before it
 /// parks.
 pub const TICKER_IDLE_PARK: Duration = Duration::from_millis(100);
@@ -193,7 +199,7 @@ impl Runtime {
             // beyond 4 MiB (a memory bomb, say)
             // is still decommitted, so idle RSS stays bounded by what
             // guests actually touch below 4 MiB.
-            .linear_memory_keep_resident(4 << 20)
+            .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .pagemap_scan(wasmtime::Enabled::Auto)
             .table_keep_resident(64 << 10);
         let mut config = wasmtime::Config::new();

@@ -4,8 +4,8 @@
 //! (`max_output_bytes`) and classified when it fails ([`CallError`]).
 //!
 //! Owns one store and everything about calling into it; it must not decide
-//! when to make or drop an instance (that is the stage worker's policy, in
-//! [`crate::pipeline`]).
+//! when to make or drop an instance (that is the stage's instance policy,
+//! in [`crate::pipeline`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,6 +46,7 @@ pub struct Instance {
     exports: Exports,
     plugin: Arc<Plugin>,
     calls: u64,
+    memory_at_start: usize,
 }
 
 impl Instance {
@@ -99,11 +100,13 @@ impl Instance {
                 error: timed_out(timeout),
             })??;
         plugin.services.instances.inc();
+        let memory_at_start = store.data().limits.memory_bytes();
         Ok(Instance {
             store,
             exports,
             plugin: plugin.clone(),
             calls: 0,
+            memory_at_start,
         })
     }
 
@@ -124,6 +127,11 @@ impl Instance {
     /// Bytes of linear memory the instance holds.
     pub fn memory_bytes(&self) -> usize {
         self.store.data().limits.memory_bytes()
+    }
+
+    /// Bytes of linear memory the instance held once `init` had run.
+    pub fn memory_at_start(&self) -> usize {
+        self.memory_at_start
     }
 
     /// Calls served so far.

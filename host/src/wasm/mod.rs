@@ -33,7 +33,7 @@
 //!    type-checked there (a component of no stage world is refused).
 //! 4. **Validate**: one instance is created and its `init` run with the
 //!    stage's configuration. A plugin whose `init` fails is refused.
-//! 5. **Instantiate** ([`Instance::new`]): each worker makes a `Store`
+//! 5. **Instantiate** ([`Instance::new`]): each instance gets a `Store`
 //!    with its own WASI context and memory limits and instantiates from the
 //!    pre-instantiated component (a pooled slot: a few microseconds), then
 //!    runs `init`.
@@ -95,7 +95,7 @@ pub use bindings::{
     ChunkContext, ChunkOutput, Envelope, GenerationParams, Message, Passage, StageError, Usage,
     World,
 };
-pub use engine::{EPOCH_TICK, EngineError, EngineSettings, Runtime};
+pub use engine::{EPOCH_TICK, EngineError, EngineSettings, KEEP_RESIDENT_BYTES, Runtime};
 pub use envelope::envelope_bytes;
 pub use error::{BoxError, CallError, LoadError};
 pub use inspect::{Inspection, inspect};

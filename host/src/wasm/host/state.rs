@@ -40,7 +40,7 @@ pub struct HostState {
     /// events of it, and its generations' upstream attempts its children.
     pub(in crate::wasm) trace: Trace,
     /// Time the calls spent waiting for the inference backend (taken by
-    /// the worker after each call).
+    /// the pipeline after each call).
     pub(in crate::wasm) backend_wait: Duration,
     /// A generation started by `generate-stream` in the current call.
     pub(in crate::wasm) stream: Option<TokenStream>,
