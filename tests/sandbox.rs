@@ -164,6 +164,32 @@ async fn a_note_flood_through_a_request_handle_stops_at_the_output_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_instance_whose_memory_grew_is_dropped_not_kept_idle() {
+    // Linear memory never shrinks: an instance that touched 16 MiB for one
+    // request would hold it while idle. The host keeps an instance only
+    // while its memory is under max(2 × its size after `init`, 4 MiB).
+    let host = rogue_host("grow", "");
+    let instances = "orchestrator_plugin_instances{stage=\"post\"}";
+    let (status, text) = host.chat(&ask("a normal question")).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        host.metric(instances).await,
+        1.0,
+        "a small instance is kept"
+    );
+    let (status, text) = host.chat(&ask("hello rogue")).await;
+    assert_eq!(status, 200, "growing is no error: {text}");
+    assert_eq!(
+        host.metric(instances).await,
+        0.0,
+        "the grown one is dropped"
+    );
+    let (status, text) = host.chat(&ask("a normal question")).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(host.metric(instances).await, 1.0, "a fresh one serves next");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_memory_cap_stops_a_huge_output_earlier() {
     let host = rogue_host("big-output", "");
     misdeed(&host, 500, "memory").await;

@@ -9,7 +9,9 @@
 //! call), `escape` (tries to read files outside its preopen), `flaky`
 //! (fails 30% of all calls at random), `log-flood` (10 000 log records per
 //! call), `init-fails` (refuses to start), `fail` (a plugin error), `env`
-//! (reports the environment variables it can see).
+//! (reports the environment variables it can see), `grow` (touches and frees
+//! `bytes` bytes, default 16 MiB, then answers normally: its linear memory
+//! keeps the high-water mark).
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
@@ -129,6 +131,12 @@ impl Guest for Component {
                 Ok(request)
             }
             "fail" => Err(StageError::PluginError("the rogue fails on request".into())),
+            "grow" => {
+                let hoard = vec![1u8; *BYTES.get().unwrap_or(&(16 << 20))];
+                std::hint::black_box(&hoard);
+                drop(hoard);
+                Ok(request)
+            }
             "env" => {
                 let seen: Vec<String> = std::env::vars().map(|(k, _)| k).collect();
                 request.metadata.push(("rogue.env".into(), seen.join(",")));
