@@ -11,10 +11,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, BackendSetupError, generation, trace_ending};
 use super::echo::Echo;
-use super::generation::{BackendError, Completion, Ending, Events, GenerateRequest, TokenStream};
+use super::generation::{
+    BackendError, Completion, Ending, Event, Events, GenerateRequest, TokenStream,
+};
 use crate::config::{BackendKind, Config, DEFAULT_PIPELINE, ModelRoute};
-use crate::metrics::{BreakerState, Metrics, UpstreamOutcome};
-use crate::trace::Attribute;
+use crate::metrics::{BackendMetrics, BreakerState, Metrics, UpstreamOutcome};
+use crate::trace::{Attribute, Trace};
 
 struct Inner {
     backends: BTreeMap<String, Arc<Backend>>,
@@ -150,10 +152,9 @@ impl Router {
     /// retries and failover), or with the error that ended it.
     pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
         if let Some(backend) = self.echo_backend(&request.model) {
-            let completion = echo_completion(backend, &request);
             return Ok(TokenStream {
                 backend: backend.name.clone(),
-                events: Events::Ready(Box::new(Echo::events(completion))),
+                events: Events::Ready(Box::new(EchoStream::start(backend, &request))),
                 deadline: request.deadline,
             });
         }
@@ -213,11 +214,89 @@ impl Router {
     }
 }
 
-/// An `echo` generation, computed in process: it has no I/O and cannot
-/// fail, so it runs here rather than in a generation task (which costs a
-/// task, a channel and a wake-up per event). The same series and span are
-/// recorded as for a generation task, except inter-token latency and the
-/// backend's concurrency permits, which a computed answer does not use.
+/// A streamed `echo` generation: its events are cut as they are pulled,
+/// and it records what a generation task records for a stream, when the
+/// stream ends: `ok` and the answer's tokens once its `End` has been
+/// pulled, or, dropped before that (the client went away, the request's
+/// deadline passed), `cancelled` and the deltas pulled so far.
+struct EchoStream {
+    events: Box<dyn Iterator<Item = Result<Event, BackendError>> + Send>,
+    metrics: BackendMetrics,
+    span: Trace,
+    /// Only when the span records content: the text pulled so far.
+    text: Option<String>,
+    deltas: u64,
+    ended: bool,
+}
+
+impl EchoStream {
+    fn start(backend: &Backend, request: &GenerateRequest) -> EchoStream {
+        let started = Instant::now();
+        let span = backend.attempt_span(request, &request.model, 0, true);
+        let completion = Echo::generate(request);
+        let ttft = started.elapsed().as_secs_f64();
+        backend.metrics.ttft.observe(ttft);
+        if span.is_recording() {
+            span.event(
+                "gen_ai.first_token",
+                vec![Attribute::new("gen_ai.server.time_to_first_token", ttft)],
+            );
+        }
+        EchoStream {
+            events: Box::new(Echo::events(completion)),
+            metrics: backend.metrics.clone(),
+            text: span.records_content().then(String::new),
+            span,
+            deltas: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Iterator for EchoStream {
+    type Item = Result<Event, BackendError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let event = self.events.next()?;
+        match &event {
+            Ok(Event::Delta(delta)) => {
+                self.deltas += 1;
+                if let Some(text) = &mut self.text {
+                    text.push_str(delta);
+                }
+            }
+            Ok(Event::End(ending)) => {
+                self.ended = true;
+                let tokens = ending.usage.map_or(self.deltas, |(_, c)| u64::from(c));
+                trace_ending(&self.span, ending, tokens, self.text.take());
+                self.metrics.outcome(UpstreamOutcome::Ok).inc();
+                self.metrics.tokens.inc_by(tokens);
+            }
+            Err(_) => {}
+        }
+        Some(event)
+    }
+}
+
+impl Drop for EchoStream {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.span
+            .set([Attribute::new("orchestrator.outcome", "cancelled")]);
+        self.span.end();
+        self.metrics.outcome(UpstreamOutcome::Cancelled).inc();
+        self.metrics.tokens.inc_by(self.deltas);
+    }
+}
+
+/// A whole `echo` generation, computed in process: it has no I/O and
+/// cannot fail, so it runs here rather than in a generation task (which
+/// costs a task, a channel and a wake-up per event). The same series and
+/// span are recorded as for a generation task, except inter-token latency
+/// and the backend's concurrency permits, which a computed answer does not
+/// use. A streamed one is an [`EchoStream`].
 fn echo_completion(backend: &Backend, request: &GenerateRequest) -> Completion {
     let started = Instant::now();
     let span = backend.attempt_span(request, &request.model, 0, false);
@@ -268,4 +347,52 @@ pub struct BackendHealth {
     pub in_flight: usize,
     /// Its concurrency limit.
     pub max_concurrent: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn series(metrics: &Metrics, name: &str) -> f64 {
+        let text = metrics.gather();
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    const TOKENS: &str = "orchestrator_tokens_generated_total{worker_type=\"echo\"}";
+    const OK: &str = "orchestrator_upstream_requests_total{outcome=\"ok\",worker_type=\"echo\"}";
+    const CANCELLED: &str =
+        "orchestrator_upstream_requests_total{outcome=\"cancelled\",worker_type=\"echo\"}";
+
+    #[tokio::test]
+    async fn an_echo_stream_counts_its_tokens_when_it_ends() {
+        let metrics = Metrics::new();
+        let router = Router::new(&Config::default(), &metrics).expect("default backends");
+        let request = GenerateRequest::for_test("User: one two three four five\nAssistant:", 100);
+        let mut tokens = router.stream(request).await.expect("echo streams");
+        assert_eq!(series(&metrics, TOKENS), 0.0, "nothing counted up front");
+        while let Some(event) = tokens.next().await {
+            event.expect("echo cannot fail");
+        }
+        drop(tokens);
+        assert_eq!(series(&metrics, TOKENS), 5.0);
+        assert_eq!(series(&metrics, OK), 1.0);
+        assert_eq!(series(&metrics, CANCELLED), 0.0);
+    }
+
+    #[tokio::test]
+    async fn an_echo_stream_dropped_early_counts_what_it_delivered() {
+        let metrics = Metrics::new();
+        let router = Router::new(&Config::default(), &metrics).expect("default backends");
+        let request = GenerateRequest::for_test("User: one two three four five\nAssistant:", 100);
+        let mut tokens = router.stream(request).await.expect("echo streams");
+        for _ in 0..2 {
+            assert!(matches!(tokens.next().await, Some(Ok(Event::Delta(_)))));
+        }
+        drop(tokens);
+        assert_eq!(series(&metrics, TOKENS), 2.0);
+        assert_eq!(series(&metrics, OK), 0.0);
+        assert_eq!(series(&metrics, CANCELLED), 1.0);
+    }
 }
