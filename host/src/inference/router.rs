@@ -231,17 +231,7 @@ struct EchoStream {
 
 impl EchoStream {
     fn start(backend: &Backend, request: &GenerateRequest) -> EchoStream {
-        let started = Instant::now();
-        let span = backend.attempt_span(request, &request.model, 0, true);
-        let completion = Echo::generate(request);
-        let ttft = started.elapsed().as_secs_f64();
-        backend.metrics.ttft.observe(ttft);
-        if span.is_recording() {
-            span.event(
-                "gen_ai.first_token",
-                vec![Attribute::new("gen_ai.server.time_to_first_token", ttft)],
-            );
-        }
+        let (completion, span) = echo_first_token(backend, request, true);
         EchoStream {
             events: Box::new(Echo::events(completion)),
             metrics: backend.metrics.clone(),
@@ -298,40 +288,41 @@ impl Drop for EchoStream {
 /// and the backend's concurrency permits, which a computed answer does not
 /// use. A streamed one is an [`EchoStream`].
 fn echo_completion(backend: &Backend, request: &GenerateRequest) -> Completion {
-    let started = Instant::now();
-    let span = backend.attempt_span(request, &request.model, 0, false);
-    let completion = Echo::generate(request);
+    let (completion, span) = echo_first_token(backend, request, false);
+    let tokens = u64::from(completion.completion_tokens);
     if span.is_recording() {
-        span.event(
-            "gen_ai.first_token",
-            vec![Attribute::new(
-                "gen_ai.server.time_to_first_token",
-                started.elapsed().as_secs_f64(),
-            )],
-        );
         let ending = Ending {
             finish_reason: Some(completion.finish_reason.to_string()),
             usage: Some((completion.prompt_tokens, completion.completion_tokens)),
             response_id: None,
         };
         let text = span.records_content().then(|| completion.text.clone());
-        trace_ending(
-            &span,
-            &ending,
-            u64::from(completion.completion_tokens),
-            text,
+        trace_ending(&span, &ending, tokens, text);
+    }
+    backend.metrics.outcome(UpstreamOutcome::Ok).inc();
+    backend.metrics.tokens.inc_by(tokens);
+    completion
+}
+
+/// Compute an `echo` answer under its attempt span, recording its time to
+/// first token (the whole answer is there at once) in the metric and span.
+fn echo_first_token(
+    backend: &Backend,
+    request: &GenerateRequest,
+    stream: bool,
+) -> (Completion, Trace) {
+    let started = Instant::now();
+    let span = backend.attempt_span(request, &request.model, 0, stream);
+    let completion = Echo::generate(request);
+    let ttft = started.elapsed().as_secs_f64();
+    backend.metrics.ttft.observe(ttft);
+    if span.is_recording() {
+        span.event(
+            "gen_ai.first_token",
+            vec![Attribute::new("gen_ai.server.time_to_first_token", ttft)],
         );
     }
-    backend
-        .metrics
-        .ttft
-        .observe(started.elapsed().as_secs_f64());
-    backend.metrics.outcome(UpstreamOutcome::Ok).inc();
-    backend
-        .metrics
-        .tokens
-        .inc_by(u64::from(completion.completion_tokens));
-    completion
+    (completion, span)
 }
 
 /// `/health`'s view of one backend.
