@@ -23,6 +23,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod authoring;
 pub mod bundled;
 pub mod circuit;

@@ -26,6 +26,11 @@ use orchestrator::config::{AdminToken, ConfigError, valid_name};
 use orchestrator::control::ConfigSource;
 use orchestrator::{Config, Orchestrator, metrics};
 
+/// mimalloc for small blocks, the system allocator for large ones (see
+/// `orchestrator::allocator`).
+#[global_allocator]
+static ALLOCATOR: orchestrator::allocator::Allocator = orchestrator::allocator::Allocator;
+
 /// A WebAssembly-plugin orchestration host for LLM request pipelines.
 #[derive(Parser, Debug)]
 #[command(version, about, args_conflicts_with_subcommands = true)]
