@@ -239,12 +239,8 @@ impl Backend {
                 })
             })?;
         let mut upstream_request = UpstreamRequest {
-            model: self
-                .settings
-                .model
-                .clone()
-                .unwrap_or_else(|| request.model.clone()),
-            request: request.clone(),
+            model: self.settings.model.as_deref().unwrap_or(&request.model),
+            request,
             trace_headers: Vec::new(),
         };
         let mut attempt = 0u32;
@@ -255,7 +251,7 @@ impl Backend {
                 ));
             };
             // Upstream requests are always streamed (SSE).
-            let span = self.attempt_span(request, &upstream_request.model, attempt, true);
+            let span = self.attempt_span(request, upstream_request.model, attempt, true);
             upstream_request.trace_headers = span.headers();
             let started = Instant::now();
             let result = tokio::time::timeout(timeout, async {

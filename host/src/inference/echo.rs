@@ -60,8 +60,8 @@ impl Echo {
 }
 
 impl Protocol for Echo {
-    fn send(&self, request: &UpstreamRequest) -> SendFuture {
-        let events = Echo::events(Echo::generate(&request.request));
+    fn send(&self, request: &UpstreamRequest<'_>) -> SendFuture {
+        let events = Echo::events(Echo::generate(request.request));
         Box::pin(async move { Ok(Box::pin(futures_util::stream::iter(events)) as EventStream) })
     }
 }
@@ -131,8 +131,8 @@ mod tests {
         let mut events = Echo
             .send(&UpstreamRequest {
                 trace_headers: Vec::new(),
-                model: "echo".into(),
-                request: r,
+                model: "echo",
+                request: &r,
             })
             .await
             .unwrap();

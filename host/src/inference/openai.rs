@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::protocol::{
     AttemptError, ERROR_BODY_QUOTE, EventStream, Protocol, SendFuture, UpstreamRequest, quote,
@@ -14,14 +14,15 @@ use super::sse::sse_events;
 /// `"stream": true` and `stream_options.include_usage`.
 pub struct OpenAi {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once here, not on every request.
+    url: reqwest::Url,
     api_key: Option<String>,
 }
 
 impl std::fmt::Debug for OpenAi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpenAi")
-            .field("url", &self.url)
+            .field("url", &self.url.as_str())
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .finish()
     }
@@ -39,34 +40,68 @@ impl OpenAi {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        let url = format!("{}/chat/completions", base_url.trim_end_matches('/'));
+        let url = reqwest::Url::parse(&url)
+            .map_err(|e| format!("base_url {base_url:?} is not a valid URL: {e}"))?;
         Ok(OpenAi {
             client,
-            url: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            url,
             api_key,
         })
     }
 
-    /// The JSON body of a request.
-    pub fn body(request: &UpstreamRequest) -> Value {
+    /// The JSON body of a request, borrowing from it (serialized straight
+    /// into the request body: no `serde_json::Value` and no copy of the
+    /// prompt).
+    pub fn body<'a>(request: &'a UpstreamRequest<'a>) -> Body<'a> {
         let r = &request.request;
-        let mut body = json!({
-            "model": request.model,
-            "messages": [{"role": "user", "content": r.prompt}],
-            "max_tokens": r.max_tokens,
-            "temperature": r.temperature,
-            "stream": true,
-            "stream_options": {"include_usage": true},
-        });
-        if !r.stop.is_empty() {
-            body["stop"] = json!(r.stop);
+        Body {
+            model: request.model,
+            messages: [BodyMessage {
+                role: "user",
+                content: &r.prompt,
+            }],
+            max_tokens: r.max_tokens,
+            temperature: r.temperature,
+            stream: true,
+            stream_options: StreamOptions {
+                include_usage: true,
+            },
+            stop: &r.stop,
         }
-        body
     }
 }
 
+/// The JSON body of an upstream request ([`OpenAi::body`]).
+#[derive(Debug, Serialize)]
+pub struct Body<'a> {
+    model: &'a str,
+    messages: [BodyMessage<'a>; 1],
+    max_tokens: u32,
+    temperature: f32,
+    stream: bool,
+    stream_options: StreamOptions,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    stop: &'a [String],
+}
+
+#[derive(Debug, Serialize)]
+struct BodyMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+#[derive(Debug, Serialize)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
 impl Protocol for OpenAi {
-    fn send(&self, request: &UpstreamRequest) -> SendFuture {
-        let mut builder = self.client.post(&self.url).json(&OpenAi::body(request));
+    fn send(&self, request: &UpstreamRequest<'_>) -> SendFuture {
+        let mut builder = self
+            .client
+            .post(self.url.clone())
+            .json(&OpenAi::body(request));
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key);
         }
@@ -131,16 +166,18 @@ fn without_url(error: &reqwest::Error) -> String {
 mod tests {
     use super::*;
     use crate::inference::GenerateRequest;
+    use serde_json::json;
 
     #[test]
     fn the_upstream_body_names_model_stop_and_asks_for_usage() {
         let mut r = GenerateRequest::for_test("User: hi", 9);
         r.stop = vec!["END".into()];
-        let body = OpenAi::body(&UpstreamRequest {
+        let request = UpstreamRequest {
             trace_headers: Vec::new(),
-            model: "gemma".into(),
-            request: r,
-        });
+            model: "gemma",
+            request: &r,
+        };
+        let body = serde_json::to_value(OpenAi::body(&request)).unwrap();
         assert_eq!(body["model"], "gemma");
         assert_eq!(body["stream"], true);
         assert_eq!(body["stream_options"]["include_usage"], true);

@@ -83,13 +83,14 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<Event, AttemptError>> + 
 /// A future returned by [`Protocol::send`].
 pub type SendFuture = Pin<Box<dyn Future<Output = Result<EventStream, AttemptError>> + Send>>;
 
-/// The request one attempt sends.
+/// The request one attempt sends (borrowing the plugin's request: an
+/// attempt copies nothing of the prompt).
 #[derive(Debug, Clone, PartialEq)]
-pub struct UpstreamRequest {
+pub struct UpstreamRequest<'a> {
     /// The model name sent upstream.
-    pub model: String,
+    pub model: &'a str,
     /// The plugin's request.
-    pub request: GenerateRequest,
+    pub request: &'a GenerateRequest,
     /// Trace context headers (`traceparent`, `tracestate`) of the attempt,
     /// sent upstream so a traced backend joins the request's trace.
     pub trace_headers: Vec<(String, String)>,
@@ -101,7 +102,7 @@ pub struct UpstreamRequest {
 pub trait Protocol: Send + Sync + 'static {
     /// Send the request. Resolves when the upstream has accepted it (for
     /// HTTP: the response headers are in), with its events.
-    fn send(&self, request: &UpstreamRequest) -> SendFuture;
+    fn send(&self, request: &UpstreamRequest<'_>) -> SendFuture;
 }
 
 /// Most bytes of an error body quoted in a message.

@@ -8,7 +8,6 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::{Value, json};
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
@@ -31,32 +30,65 @@ pub(super) fn unix_now() -> u64 {
 /// The `orchestrator` object every answer carries (ignored by SDKs): the
 /// request id, the sources `rag` retrieved, the stages' notes and (in a
 /// plain answer) the pipeline that ran.
-fn orchestrator_extension(envelope: &Envelope, route: Option<&RouteRef>) -> Value {
-    let metadata: BTreeMap<&str, &str> = envelope
-        .metadata
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    let mut extension = json!({
-        "request_id": envelope.request_id,
-        "sources": envelope.passages.iter().map(|p| json!({"source": p.source, "score": p.score})).collect::<Vec<_>>(),
-        "chunks": envelope.chunks.len(),
-        "metadata": metadata,
-    });
-    if let Some(route) = route {
-        extension["pipeline"] = json!(route.name());
-        extension["stages"] = json!(route.stage_names().collect::<Vec<_>>());
-    }
-    extension
+///
+/// This and the other answer types borrow from the envelope and serialize
+/// straight into the body: building a `serde_json::Value` first copied
+/// every string and built a map per object, on every request.
+#[derive(Serialize)]
+struct Extension<'a> {
+    request_id: &'a str,
+    sources: Vec<Source<'a>>,
+    chunks: usize,
+    /// Sorted by key; of repeated notes, the last.
+    metadata: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pipeline: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stages: Option<Vec<&'static str>>,
 }
 
-fn usage(envelope: &Envelope) -> Value {
+#[derive(Serialize)]
+struct Source<'a> {
+    source: &'a str,
+    score: f32,
+}
+
+fn orchestrator_extension<'a>(envelope: &'a Envelope, route: Option<&RouteRef>) -> Extension<'a> {
+    Extension {
+        request_id: &envelope.request_id,
+        sources: envelope
+            .passages
+            .iter()
+            .map(|p| Source {
+                source: &p.source,
+                score: p.score,
+            })
+            .collect(),
+        chunks: envelope.chunks.len(),
+        metadata: envelope
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect(),
+        pipeline: route.map(|route| route.name()),
+        stages: route.map(|route| route.stage_names().collect()),
+    }
+}
+
+#[derive(Serialize)]
+struct Usage {
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    total_tokens: u64,
+}
+
+fn usage(envelope: &Envelope) -> Usage {
     let u = &envelope.usage;
-    json!({
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
-    })
+    Usage {
+        prompt_tokens: u.prompt_tokens,
+        completion_tokens: u.completion_tokens,
+        total_tokens: u64::from(u.prompt_tokens) + u64::from(u.completion_tokens),
+    }
 }
 
 /// The `finish_reason` of an answer: `length` or `stop`.
@@ -64,27 +96,60 @@ fn finish(envelope: &Envelope) -> &'static str {
     finish_reason(Some(&envelope.finish_reason))
 }
 
+/// The body of a non-streamed answer (a `chat.completion` object).
+#[derive(Serialize)]
+pub(super) struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: [CompletionChoice<'a>; 1],
+    usage: Usage,
+    orchestrator: Extension<'a>,
+}
+
+#[derive(Serialize)]
+struct CompletionChoice<'a> {
+    index: u32,
+    message: AssistantMessage<'a>,
+    /// Always `null`.
+    logprobs: (),
+    finish_reason: &'static str,
+}
+
+#[derive(Serialize)]
+struct AssistantMessage<'a> {
+    role: &'static str,
+    content: &'a str,
+    /// Always `null`.
+    refusal: (),
+}
+
 /// The body of a non-streamed answer.
-pub(super) fn completion_body(
-    id: &str,
-    model: &str,
-    envelope: &Envelope,
+pub(super) fn completion_body<'a>(
+    id: &'a str,
+    model: &'a str,
+    envelope: &'a Envelope,
     route: &RouteRef,
-) -> Value {
-    json!({
-        "id": id,
-        "object": "chat.completion",
-        "created": unix_now(),
-        "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": envelope.completion, "refusal": null},
-            "logprobs": null,
-            "finish_reason": finish(envelope),
+) -> Completion<'a> {
+    Completion {
+        id,
+        object: "chat.completion",
+        created: unix_now(),
+        model,
+        choices: [CompletionChoice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: &envelope.completion,
+                refusal: (),
+            },
+            logprobs: (),
+            finish_reason: finish(envelope),
         }],
-        "usage": usage(envelope),
-        "orchestrator": orchestrator_extension(envelope, Some(route)),
-    })
+        usage: usage(envelope),
+        orchestrator: orchestrator_extension(envelope, Some(route)),
+    }
 }
 
 #[derive(Serialize)]
@@ -93,11 +158,40 @@ struct Chunk<'a> {
     object: &'static str,
     created: u64,
     model: &'a str,
-    choices: Vec<Value>,
+    choices: &'a [ChunkChoice<'a>],
+    /// `Some(None)` is `"usage": null`.
     #[serde(skip_serializing_if = "Option::is_none")]
-    usage: Option<Value>,
+    usage: Option<Option<Usage>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    orchestrator: Option<Value>,
+    orchestrator: Option<Extension<'a>>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice<'a> {
+    index: u32,
+    delta: Delta<'a>,
+    /// Always `null`.
+    logprobs: (),
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+}
+
+impl<'a> ChunkChoice<'a> {
+    fn new(delta: Delta<'a>, finish_reason: Option<&'static str>) -> ChunkChoice<'a> {
+        ChunkChoice {
+            index: 0,
+            delta,
+            logprobs: (),
+            finish_reason,
+        }
+    }
 }
 
 /// The events of one streamed answer, each a `data: {...}\n\n` line:
@@ -131,43 +225,50 @@ impl ChunkEvents {
         }
     }
 
-    fn chunk(&self, choices: Vec<Value>) -> Chunk<'_> {
+    fn chunk<'a>(&'a self, choices: &'a [ChunkChoice<'a>]) -> Chunk<'a> {
         Chunk {
             id: &self.id,
             object: "chat.completion.chunk",
             created: self.created,
             model: &self.model,
             choices,
-            usage: self.include_usage.then_some(Value::Null),
+            usage: self.include_usage.then_some(None),
             orchestrator: None,
         }
     }
 
     /// The opening chunk: the assistant role, no content.
     pub(super) fn first(&self) -> Bytes {
-        sse_event(&self.chunk(vec![
-            json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-        ]))
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        sse_event(&self.chunk(&[ChunkChoice::new(delta, None)]))
     }
 
     /// A piece of the completion.
     pub(super) fn delta(&self, piece: &str) -> Bytes {
-        sse_event(&self.chunk(vec![
-            json!({"index": 0, "delta": {"content": piece}, "logprobs": null, "finish_reason": null}),
-        ]))
+        let delta = Delta {
+            role: None,
+            content: Some(piece),
+        };
+        sse_event(&self.chunk(&[ChunkChoice::new(delta, None)]))
     }
 
     /// The closing chunk (finish reason and the `orchestrator` object) and,
     /// if asked for, the usage chunk.
     pub(super) fn last(&self, envelope: &Envelope) -> Bytes {
-        let mut last = self.chunk(vec![
-            json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": finish(envelope)}),
-        ]);
+        let delta = Delta {
+            role: None,
+            content: None,
+        };
+        let choices = [ChunkChoice::new(delta, Some(finish(envelope)))];
+        let mut last = self.chunk(&choices);
         last.orchestrator = Some(orchestrator_extension(envelope, self.route.as_ref()));
         let mut events = sse_event(&last).to_vec();
         if self.include_usage {
-            let mut tail = self.chunk(Vec::new());
-            tail.usage = Some(usage(envelope));
+            let mut tail = self.chunk(&[]);
+            tail.usage = Some(Some(usage(envelope)));
             events.extend_from_slice(&sse_event(&tail));
         }
         Bytes::from(events)
@@ -192,11 +293,17 @@ impl ChunkEvents {
     }
 }
 
-/// An SSE event line.
+/// An SSE event line, serialized in place after its `data: ` prefix.
 fn sse_event(value: &impl Serialize) -> Bytes {
-    let mut line = String::from("data: ");
-    line.push_str(&serde_json::to_string(value).unwrap_or_default());
-    line.push_str("\n\n");
+    const PREFIX: &[u8] = b"data: ";
+    let mut line = Vec::with_capacity(256);
+    line.extend_from_slice(PREFIX);
+    // These types always serialize (string keys, no I/O); were one not to,
+    // the event would be empty rather than cut short.
+    if serde_json::to_writer(&mut line, value).is_err() {
+        line.truncate(PREFIX.len());
+    }
+    line.extend_from_slice(b"\n\n");
     Bytes::from(line)
 }
 
