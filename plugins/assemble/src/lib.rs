@@ -143,16 +143,22 @@ pub fn assemble(
     let history_dropped = earlier.len() - history.len();
     history.reverse();
 
+    // Every piece ends in a newline, so no token spans two pieces and the
+    // prompt's tokens are the pieces' (counted above) plus the heading's:
+    // no second pass over the whole prompt.
+    const CONTEXT_HEADING: &str = "\nContext:\n";
     let mut prompt = system;
+    let mut prompt_tokens = used;
     if !context.is_empty() {
-        prompt.push_str("\nContext:\n");
+        prompt.push_str(CONTEXT_HEADING);
+        prompt_tokens += count_tokens(CONTEXT_HEADING);
         context.iter().for_each(|block| prompt.push_str(block));
     }
     prompt.push('\n');
     history.iter().for_each(|line| prompt.push_str(line));
     prompt.push_str(&question);
     Ok(Assembled {
-        prompt_tokens: count_tokens(&prompt),
+        prompt_tokens,
         prompt,
         passages_used,
         passages_dropped: passages.len() - passages_used,
@@ -212,6 +218,7 @@ mod tests {
         )
         .unwrap();
         assert!(out.prompt.ends_with("User: The question?\nAssistant:"));
+        assert_eq!(out.prompt_tokens, count_tokens(&out.prompt));
         assert_eq!(out.passages_used, 0);
         assert_eq!(out.passages_dropped, 1);
         assert!(out.prompt_tokens <= 30);
@@ -222,7 +229,58 @@ mod tests {
         let question = "why ".repeat(100);
         let out = assemble(&settings(10), &[], &[("user", &question)]).unwrap();
         assert!(out.prompt.contains(&question));
+        assert_eq!(out.prompt_tokens, count_tokens(&out.prompt));
         assert!(out.over_budget);
+    }
+
+    /// The count summed over the pieces is the whole prompt's, whatever the
+    /// text (runs past the 64-byte token cap, text without a final
+    /// newline, a system prompt ending mid-word).
+    #[test]
+    fn the_prompt_token_count_is_exact() {
+        let words = [
+            "a",
+            "bb",
+            ",",
+            " ",
+            "\n",
+            "é",
+            "x".repeat(70).leak(),
+            "12",
+            "?!",
+        ];
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let mut text = |n: usize| -> String { (0..n).map(|_| words[next(words.len())]).collect() };
+        for _ in 0..2_000 {
+            let settings = Settings {
+                system_prompt: text(6),
+                max_prompt_tokens: 5 + text(1).len() * 7,
+                max_question_tokens: 1000,
+            };
+            let passages: Vec<(String, String)> = (0..3).map(|_| (text(2), text(8))).collect();
+            let messages: Vec<(&str, String)> = ["user", "assistant", "user"]
+                .into_iter()
+                .map(|role| (role, text(5)))
+                .collect();
+            let passages: Vec<_> = passages
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect();
+            let messages: Vec<_> = messages.iter().map(|(r, c)| (*r, c.as_str())).collect();
+            let out = assemble(&settings, &passages, &messages).unwrap();
+            assert_eq!(
+                out.prompt_tokens,
+                count_tokens(&out.prompt),
+                "{:?}",
+                out.prompt
+            );
+        }
     }
 
     #[test]
