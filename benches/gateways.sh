@@ -33,6 +33,8 @@
 #       also measure another build of ours ("baseline"), interleaved with
 #       the others: a regression check between two commits
 #   RATES="50 100 200" bash benches/gateways.sh    # oha's rates, requests/s
+#   PEERS=tensorzero bash benches/gateways.sh       # which peers to run (default
+#       "tensorzero litellm"; PEERS= with BASELINE_BIN= is a quick A/B of ours)
 #   KEEP=1 bash benches/gateways.sh                 # keep the work directory (logs)
 #
 # Needs wrk, python3 with venv and pip (the peers come from PyPI:
@@ -125,17 +127,21 @@ wait_for() { # seconds, pid, command...: until the command succeeds
 
 # --- The peers' virtualenv -------------------------------------------------
 declare -A SKIP
+PEERS=${PEERS-tensorzero litellm}
+for peer in tensorzero litellm; do
+    case " $PEERS " in *" $peer "*) ;; *) SKIP[$peer]="not in PEERS" ;; esac
+done
 if [ -z "${VENV:-}" ]; then VENV=$WORK/venv; fi
-if [ ! -x "$VENV/bin/pip" ]; then
+if [ -n "$PEERS" ] && [ ! -x "$VENV/bin/pip" ]; then
     log "creating a virtualenv in $VENV"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --upgrade pip >&2 || true
 fi
-if ! "$VENV/bin/pip" show -q litellm 2>/dev/null; then
+if [ -z "${SKIP[litellm]:-}" ] && ! "$VENV/bin/pip" show -q litellm 2>/dev/null; then
     log "installing litellm[proxy] into $VENV"
     "$VENV/bin/pip" install -q 'litellm[proxy]' >&2 || SKIP[litellm]="pip install 'litellm[proxy]' failed"
 fi
-if ! "$VENV/bin/pip" show -q tensorzero 2>/dev/null; then
+if [ -z "${SKIP[tensorzero]:-}" ] && ! "$VENV/bin/pip" show -q tensorzero 2>/dev/null; then
     log "installing tensorzero==2026.6.0 into $VENV"
     "$VENV/bin/pip" install -q 'tensorzero==2026.6.0' >&2 || SKIP[tensorzero]="pip install tensorzero==2026.6.0 failed"
 fi
