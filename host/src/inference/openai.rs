@@ -169,6 +169,17 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn an_unparsable_base_url_is_refused_at_load() {
+        let error = OpenAi::new("http://bad host/v1", None, Duration::from_secs(1)).unwrap_err();
+        assert!(
+            error.contains("base_url \"http://bad host/v1\" is not a valid URL"),
+            "{error}"
+        );
+        let ok = OpenAi::new("http://127.0.0.1:8080/v1/", None, Duration::from_secs(1)).unwrap();
+        assert_eq!(ok.url.as_str(), "http://127.0.0.1:8080/v1/chat/completions");
+    }
+
+    #[test]
     fn the_upstream_body_names_model_stop_and_asks_for_usage() {
         let mut r = GenerateRequest::for_test("User: hi", 9);
         r.stop = vec!["END".into()];
