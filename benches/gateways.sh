@@ -40,7 +40,7 @@
 # Needs wrk, python3 with venv and pip (the peers come from PyPI:
 # 'litellm[proxy]' and tensorzero==2026.6.0, installed into the virtualenv,
 # never into the repo), curl, and oha for step 4. How each gateway runs:
-#   - ours: the release `orchestrator` with its bundled pipeline (RAG,
+#   - ours: the `orchestrator` built with the dist profile with its bundled pipeline (RAG,
 #     assemble, stream, post plugins: it does more per request than the
 #     peers), an `openai` backend pointing at the upstream, model "up";
 #   - LiteLLM: `litellm --num_workers 2` with no database
@@ -78,10 +78,11 @@ for tool in wrk curl python3; do
     command -v $tool >/dev/null || { echo "$tool is required (Debian: apt-get install $tool)" >&2; exit 1; }
 done
 if [ -z "${BIN:-}" ] || [ -z "${UPSTREAM_BIN:-}" ]; then
-    cargo build --release -q -p orchestrator --bin orchestrator --example bench_upstream
+    # The dist profile, as deployed (Cargo.toml; ~30 minutes cold on 2 cores).
+    cargo build --profile dist -q -p orchestrator --bin orchestrator --example bench_upstream
     TARGET=${CARGO_TARGET_DIR:-target}
-    BIN=${BIN:-$TARGET/release/orchestrator}
-    UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/bench_upstream}
+    BIN=${BIN:-$TARGET/dist/orchestrator}
+    UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/dist/examples/bench_upstream}
 fi
 WORK=$(mktemp -d)
 PIDS=()
