@@ -239,25 +239,57 @@ impl ChunkEvents {
 
     /// The opening chunk: the assistant role, no content.
     pub(super) fn first(&self) -> Bytes {
-        let delta = Delta {
-            role: Some("assistant"),
-            content: Some(""),
-        };
-        sse_event(&self.chunk(&[ChunkChoice::new(delta, None)]))
+        event_bytes(|out| self.push_first(out))
     }
 
     /// A piece of the completion.
     pub(super) fn delta(&self, piece: &str) -> Bytes {
-        let delta = Delta {
-            role: None,
-            content: Some(piece),
-        };
-        sse_event(&self.chunk(&[ChunkChoice::new(delta, None)]))
+        event_bytes(|out| self.push_delta(out, piece))
     }
 
     /// The closing chunk (finish reason and the `orchestrator` object) and,
     /// if asked for, the usage chunk.
     pub(super) fn last(&self, envelope: &Envelope) -> Bytes {
+        event_bytes(|out| self.push_last(out, envelope))
+    }
+
+    /// A failure after the stream started: an `error` event (which the
+    /// OpenAI SDKs raise).
+    pub(super) fn error(&self, error: RunError) -> Bytes {
+        event_bytes(|out| push_event(out, &run_error(error).body()))
+    }
+
+    /// A whole stream at once, for an answer that was complete before its
+    /// first byte was sent: one delta per chunk the stages made, all
+    /// written into one buffer.
+    pub(super) fn buffered(&self, envelope: &Envelope) -> Response {
+        let mut body = Vec::with_capacity(256 * (envelope.chunks.len() + 3));
+        self.push_first(&mut body);
+        for piece in &envelope.chunks {
+            self.push_delta(&mut body, piece);
+        }
+        self.push_last(&mut body, envelope);
+        body.extend_from_slice(DONE);
+        event_stream(Response::new(body.into()))
+    }
+
+    fn push_first(&self, out: &mut Vec<u8>) {
+        let delta = Delta {
+            role: Some("assistant"),
+            content: Some(""),
+        };
+        push_event(out, &self.chunk(&[ChunkChoice::new(delta, None)]));
+    }
+
+    fn push_delta(&self, out: &mut Vec<u8>, piece: &str) {
+        let delta = Delta {
+            role: None,
+            content: Some(piece),
+        };
+        push_event(out, &self.chunk(&[ChunkChoice::new(delta, None)]));
+    }
+
+    fn push_last(&self, out: &mut Vec<u8>, envelope: &Envelope) {
         let delta = Delta {
             role: None,
             content: None,
@@ -265,46 +297,34 @@ impl ChunkEvents {
         let choices = [ChunkChoice::new(delta, Some(finish(envelope)))];
         let mut last = self.chunk(&choices);
         last.orchestrator = Some(orchestrator_extension(envelope, self.route.as_ref()));
-        let mut events = sse_event(&last).to_vec();
+        push_event(out, &last);
         if self.include_usage {
             let mut tail = self.chunk(&[]);
             tail.usage = Some(Some(usage(envelope)));
-            events.extend_from_slice(&sse_event(&tail));
+            push_event(out, &tail);
         }
-        Bytes::from(events)
-    }
-
-    /// A failure after the stream started: an `error` event (which the
-    /// OpenAI SDKs raise).
-    pub(super) fn error(&self, error: RunError) -> Bytes {
-        sse_event(&run_error(error).body())
-    }
-
-    /// A whole stream at once, for an answer that was complete before its
-    /// first byte was sent: one delta per chunk the stages made.
-    pub(super) fn buffered(&self, envelope: &Envelope) -> Response {
-        let mut body = self.first().to_vec();
-        for piece in &envelope.chunks {
-            body.extend_from_slice(&self.delta(piece));
-        }
-        body.extend_from_slice(&self.last(envelope));
-        body.extend_from_slice(DONE);
-        event_stream(Response::new(body.into()))
     }
 }
 
-/// An SSE event line, serialized in place after its `data: ` prefix.
-fn sse_event(value: &impl Serialize) -> Bytes {
+/// The events `push` writes, as one buffer.
+fn event_bytes(push: impl FnOnce(&mut Vec<u8>)) -> Bytes {
+    let mut out = Vec::with_capacity(256);
+    push(&mut out);
+    Bytes::from(out)
+}
+
+/// Append an SSE event line to `out`, serialized in place after its
+/// `data: ` prefix.
+fn push_event(out: &mut Vec<u8>, value: &impl Serialize) {
     const PREFIX: &[u8] = b"data: ";
-    let mut line = Vec::with_capacity(256);
-    line.extend_from_slice(PREFIX);
+    let start = out.len();
+    out.extend_from_slice(PREFIX);
     // These types always serialize (string keys, no I/O); were one not to,
     // the event would be empty rather than cut short.
-    if serde_json::to_writer(&mut line, value).is_err() {
-        line.truncate(PREFIX.len());
+    if serde_json::to_writer(&mut *out, value).is_err() {
+        out.truncate(start + PREFIX.len());
     }
-    line.extend_from_slice(b"\n\n");
-    Bytes::from(line)
+    out.extend_from_slice(b"\n\n");
 }
 
 /// `response` with the headers of a server-sent-event stream.
