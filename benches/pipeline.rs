@@ -15,25 +15,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use orchestrator::chat::{Message, Params};
 use orchestrator::trace::Trace;
-use orchestrator::wasm::{Envelope, GenerationParams, Message};
+use orchestrator::wasm::Envelope;
 use orchestrator::{Config, Metrics, Orchestrator, Pipeline};
 
 const CONCURRENCY: usize = 64;
 
 fn envelope(n: u64) -> Envelope {
+    let mut params = Params::for_model("echo");
+    params.max_tokens = Some(64);
+    params.temperature = Some(0.0);
     Envelope::new(
         format!("bench-{n}"),
-        vec![Message {
-            role: "user".into(),
-            content: "What is backpressure and how is load shed?".into(),
-        }],
-        GenerationParams {
-            model: "echo".into(),
-            max_tokens: 64,
-            temperature: 0.0,
-            stop: Vec::new(),
-        },
+        vec![Message::new(
+            "user",
+            "What is backpressure and how is load shed?",
+        )],
+        params,
+        Vec::new(),
     )
 }
 

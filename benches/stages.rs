@@ -37,12 +37,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use orchestrator::chat::{Message, Params};
 use orchestrator::config::{Bundled as Stage, Config, PluginSource, StageConfig};
 use orchestrator::inference::{GenerateRequest, Router};
 use orchestrator::metrics::{Metrics, Outcome};
 use orchestrator::wasm::{
-    EngineSettings, Envelope, GenerationParams, HostServices, Instance, Message, Passage, Plugin,
-    PluginBytes, Runtime,
+    EngineSettings, Envelope, HostServices, Instance, Passage, Plugin, PluginBytes, Runtime,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -138,13 +138,12 @@ fn bundled(stage: &str) -> Vec<u8> {
     std::fs::read(guests::bundled_wasm(stage)).unwrap()
 }
 
-fn params() -> GenerationParams {
-    GenerationParams {
-        model: "echo".into(),
-        max_tokens: 256,
-        temperature: 0.0,
-        stop: vec!["\n\nUser:".into()],
-    }
+fn params() -> Params {
+    let mut params = Params::for_model("echo");
+    params.max_tokens = Some(256);
+    params.temperature = Some(0.0);
+    params.stop = vec!["\n\nUser:".into()];
+    params
 }
 
 const QUESTION: &str =
@@ -153,15 +152,14 @@ const QUESTION: &str =
 fn small() -> Envelope {
     Envelope::new(
         "chatcmpl-bench".into(),
-        vec![Message {
-            role: "user".into(),
-            content: QUESTION.into(),
-        }],
+        vec![Message::new("user", QUESTION)],
         params(),
+        Vec::new(),
     )
 }
 
-/// 4 KiB prompt, 8 × 512 B passages, 1 KiB completion with an e-mail address.
+/// A 4 KiB chat (a system prompt, an earlier turn, the question), 8 × 512 B
+/// passages, 1 KiB completion with an e-mail address.
 fn realistic() -> Envelope {
     let mut envelope = small();
     let sentence =
@@ -174,10 +172,12 @@ fn realistic() -> Envelope {
             score: 8.0 - n as f32,
         })
         .collect();
-    envelope.prompt = format!(
-        "{}\nUser: {QUESTION}\nAssistant:",
-        text(4096 - QUESTION.len() - 20)
-    );
+    envelope.messages = vec![
+        Message::new("system", "Be brief."),
+        Message::new("user", text(2000)),
+        Message::new("assistant", text(4096 - 2000 - QUESTION.len() - 9)),
+        Message::new("user", QUESTION),
+    ];
     envelope.completion = format!("{} Contact ops@example.com for details.", text(1000));
     envelope
 }
@@ -248,7 +248,7 @@ fn stages_vs_native(c: &mut Criterion) {
             let messages: Vec<_> = envelope
                 .messages
                 .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str()))
+                .map(|m| orchestrator_plugin::Message::new(&m.role, m.text()))
                 .collect();
             black_box(orchestrator_assemble::assemble(
                 &settings, &passages, &messages,
@@ -262,28 +262,20 @@ fn stages_vs_native(c: &mut Criterion) {
     // (a generation task and its token channel) in both arms.
     group.bench_function("inference/native", |b| {
         b.iter(|| {
-            black_box(orchestrator_inference::run(&envelope.prompt, |prompt| {
-                let request = GenerateRequest {
-                    prompt: prompt.to_string(),
-                    model: "echo".to_string(),
-                    max_tokens: 256,
-                    temperature: 0.0,
-                    stop: Vec::new(),
-                    deadline: Instant::now() + Duration::from_secs(5),
-                    request_id: String::new(),
-                    trace: orchestrator::trace::Trace::off(),
-                };
+            let request = GenerateRequest {
+                messages: envelope.messages.clone(),
+                tools: Vec::new(),
+                params: envelope.params.clone(),
+                deadline: Instant::now() + Duration::from_secs(5),
+                request_id: String::new(),
+                trace: orchestrator::trace::Trace::off(),
+            };
+            black_box(
                 bench
                     .rt
                     .block_on(bench.router.generate(request))
-                    .map(|c| orchestrator_inference::Completion {
-                        text: c.text,
-                        finish_reason: c.finish_reason.to_string(),
-                        prompt_tokens: c.prompt_tokens,
-                        completion_tokens: c.completion_tokens,
-                    })
-                    .map_err(|e| e.to_string())
-            }))
+                    .map(|c| c.completion_tokens),
+            )
         })
     });
     let mut inference = bench.instance(&bench.load(Stage::Inference, bundled("inference")));
@@ -413,8 +405,11 @@ fn linear_in_input(c: &mut Criterion) {
         let question = "why ".repeat(n / 4);
         group.bench_function(format!("assemble/question/{n}"), |b| {
             b.iter(|| {
-                orchestrator_assemble::assemble(&settings, &[], &[("user", black_box(&question))])
-                    .map(|a| a.prompt_tokens)
+                let chat = [orchestrator_plugin::Message::new(
+                    "user",
+                    black_box(&question),
+                )];
+                orchestrator_assemble::assemble(&settings, &[], &chat).map(|a| a.prompt_tokens)
             })
         });
         for (name, unit) in [("dots", "."), ("letters", "a"), ("spaces", " ")] {

@@ -14,8 +14,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use orchestrator::chat::{Message, Params};
 use orchestrator::trace::Trace;
-use orchestrator::wasm::{Envelope, GenerationParams, Message};
+use orchestrator::wasm::Envelope;
 use orchestrator::{Config, Orchestrator, metrics};
 
 const QUESTIONS: [&str; 4] = [
@@ -62,18 +63,16 @@ async fn main() -> anyhow::Result<()> {
                     break;
                 }
                 let model = if n % 10 == 9 { "no-such-model" } else { "echo" };
+                let mut params = Params::for_model(model);
+                params.max_tokens = Some(64);
                 let envelope = Envelope::new(
                     format!("demo-{n}"),
-                    vec![Message {
-                        role: "user".into(),
-                        content: QUESTIONS[n as usize % QUESTIONS.len()].into(),
-                    }],
-                    GenerationParams {
-                        model: model.into(),
-                        max_tokens: 64,
-                        temperature: 0.0,
-                        stop: Vec::new(),
-                    },
+                    vec![Message::new(
+                        "user",
+                        QUESTIONS[n as usize % QUESTIONS.len()],
+                    )],
+                    params,
+                    Vec::new(),
                 );
                 let generation = pipeline.generation();
                 let Some(route) = generation.route(model) else {

@@ -92,6 +92,28 @@ async fn serves_as_post(wasm: &Path, note: &str) {
     assert_eq!(streamed_text(&body), "**** it, **** yes", "{body}");
 }
 
+/// Serve with `wasm` as the `post` stage right after `inference`, and check
+/// that it read the structured chat (0.2.0): the example notes how many
+/// messages the request has and the names of its tools.
+async fn reads_messages_and_tools(wasm: &Path) {
+    let host = Host::with_config(&format!(
+        "[stages.post]\nplugin = {:?}\n[pipelines.default]\nstages = [\"inference\", \"post\"]\n",
+        wasm.display().to_string()
+    ));
+    let tool = |name: &str| json!({"type": "function", "function": {"name": name, "parameters": {"type": "object"}}});
+    let (status, body) = host
+        .chat(&json!({"model": "echo",
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "hello"}]}],
+            "tools": [tool("get_weather"), tool("search")]}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let notes = &body["orchestrator"]["metadata"];
+    assert_eq!(notes["profanity.messages"], "2", "{body}");
+    assert_eq!(notes["profanity.tools"], "get_weather,search", "{body}");
+}
+
 /// Generate the crate into a directory outside the repository.
 fn generate(root: &Path) -> PathBuf {
     let output = orchestrator(&[
@@ -295,6 +317,7 @@ async fn the_python_example_plugin_runs_in_the_host() {
     assert!(report.contains("wasi:sockets/tcp"), "{report}");
     assert!(report.contains("every socket call is denied"), "{report}");
     serves_as_post(&wasm, "profanity.masked").await;
+    reads_messages_and_tools(&wasm).await;
 }
 
 /// The JavaScript example (componentize-js) loads and masks plain and
@@ -307,4 +330,5 @@ async fn the_javascript_example_plugin_runs_in_the_host() {
     let (_dir, wasm, report) = build_and_check_example("js");
     assert!(report.contains("NOT granted"), "{report}");
     serves_as_post(&wasm, "profanity.masked").await;
+    reads_messages_and_tools(&wasm).await;
 }

@@ -10,6 +10,7 @@ mod authoring;
 mod composition;
 mod connections;
 mod docs;
+mod faithful;
 mod hotswap;
 mod layout;
 mod metrics;

@@ -14,7 +14,7 @@
 //! Modules depend on each other one way, from the leaves up:
 //!
 //! ```text
-//! config, metrics, bundled, files → trace, circuit → inference → wasm → pipeline → control → http
+//! config, metrics, bundled, files, chat → trace, circuit → inference → wasm → pipeline → control → http
 //! ```
 //!
 //! (`tests/layout.rs` fails on any cycle.) [`Orchestrator::start`] wires
@@ -26,6 +26,7 @@
 pub mod allocator;
 pub mod authoring;
 pub mod bundled;
+pub mod chat;
 pub mod circuit;
 pub mod config;
 pub mod control;

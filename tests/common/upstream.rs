@@ -36,6 +36,12 @@ pub enum Script {
     Stall,
     /// Stream a delta every 10 ms until the client goes away.
     Endless,
+    /// A model that calls a tool: to a chat whose last message is not a
+    /// tool result, a call of `get_weather` with `{"city":"Paris"}`, its
+    /// arguments streamed in three pieces, finishing with `tool_calls`;
+    /// to a tool result, the text `It is sunny in Paris.` finishing with
+    /// `stop`.
+    Agent,
     /// Stream the delta `first` at once, then hold each answer until
     /// `open_at` requests have arrived, then finish with `then`: answers
     /// complete only if that many generations are in flight at once.
@@ -56,6 +62,8 @@ pub struct Upstream {
     pub cancelled: Arc<Notify>,
     /// The `traceparent` header of each request that had one, in order.
     pub traceparents: Arc<Mutex<Vec<String>>>,
+    /// The JSON body of each request, in order.
+    pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -73,7 +81,9 @@ impl Upstream {
         let requests = Arc::new(AtomicUsize::new(0));
         let cancelled = Arc::new(Notify::new());
         let traceparents = Arc::new(Mutex::new(Vec::new()));
+        let bodies = Arc::new(Mutex::new(Vec::new()));
         let (count, notify, seen) = (requests.clone(), cancelled.clone(), traceparents.clone());
+        let recorded = bodies.clone();
         let (arrived, arrivals) = tokio::sync::watch::channel(0usize);
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
@@ -81,9 +91,12 @@ impl Upstream {
                 let Ok((mut socket, _)) = listener.accept().await else {
                     return;
                 };
-                let Some(head) = read_request(&mut socket).await else {
+                let Some((head, body)) = read_request(&mut socket).await else {
                     continue;
                 };
+                let body: serde_json::Value =
+                    serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+                recorded.lock().unwrap().push(body.clone());
                 if let Some(value) = head.lines().find_map(|l| l.strip_prefix("traceparent:")) {
                     seen.lock().unwrap().push(value.trim().to_string());
                 }
@@ -138,6 +151,11 @@ impl Upstream {
                             }
                         });
                     }
+                    Script::Agent => {
+                        tokio::spawn(async move {
+                            let _ = serve_agent(&mut socket, &body).await;
+                        });
+                    }
                     Script::Endless => {
                         let notify = notify.clone();
                         tokio::spawn(async move {
@@ -153,14 +171,15 @@ impl Upstream {
             requests,
             cancelled,
             traceparents,
+            bodies,
             task,
         }
     }
 }
 
-/// Read one request (its body too); its head, lower-cased, or `None` if
+/// Read one request; its head, lower-cased, and its body, or `None` if
 /// the connection ends first.
-async fn read_request(socket: &mut TcpStream) -> Option<String> {
+async fn read_request(socket: &mut TcpStream) -> Option<(String, Vec<u8>)> {
     let mut buffer = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -183,7 +202,7 @@ async fn read_request(socket: &mut TcpStream) -> Option<String> {
                 }
                 buffer.extend_from_slice(&chunk[..n]);
             }
-            return Some(head);
+            return Some((head, buffer[end + 4..end + 4 + length].to_vec()));
         }
     }
 }
@@ -244,4 +263,54 @@ async fn serve_endless(socket: &mut TcpStream) {
             return;
         }
     }
+}
+
+/// [`Script::Agent`]'s answer to `request`.
+async fn serve_agent(socket: &mut TcpStream, request: &serde_json::Value) -> std::io::Result<()> {
+    let last_is_tool = request["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .is_some_and(|m| m["role"] == "tool");
+    socket.write_all(HEAD).await?;
+    let event = |choice: serde_json::Value| {
+        let chunk = json!({"id": "up", "object": "chat.completion.chunk", "choices": [choice]});
+        format!("data: {chunk}\n\n")
+    };
+    let mut events = Vec::new();
+    let (reason, tokens) = if last_is_tool {
+        events.push(event(
+            json!({"index": 0, "delta": {"role": "assistant", "content": "It is sunny "}}),
+        ));
+        events.push(event(
+            json!({"index": 0, "delta": {"content": "in Paris."}}),
+        ));
+        ("stop", 5)
+    } else {
+        let call = |function: serde_json::Value, first: bool| {
+            let mut piece = json!({"index": 0, "function": function});
+            if first {
+                piece["id"] = json!("call_abc123");
+                piece["type"] = json!("function");
+            }
+            event(json!({"index": 0, "delta": {"tool_calls": [piece]}}))
+        };
+        events.push(event(
+            json!({"index": 0, "delta": {"role": "assistant", "content": null}}),
+        ));
+        events.push(call(json!({"name": "get_weather", "arguments": ""}), true));
+        events.push(call(json!({"arguments": "{\"city\""}), false));
+        events.push(call(json!({"arguments": ":\"Paris\"}"}), false));
+        ("tool_calls", 9)
+    };
+    for event in events {
+        socket.write_all(event.as_bytes()).await?;
+        socket.flush().await?;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let end = event(json!({"index": 0, "delta": {}, "finish_reason": reason}));
+    let usage = json!({"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": tokens}});
+    socket
+        .write_all(format!("{end}data: {usage}\n\ndata: [DONE]\n\n").as_bytes())
+        .await?;
+    socket.shutdown().await
 }

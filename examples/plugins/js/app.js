@@ -1,12 +1,16 @@
 // A `post` stage in JavaScript: mask profanity in the completion.
 //
-// World: `streaming-request-stage` of orchestrator:pipeline@0.1.2
+// World: `streaming-request-stage` of orchestrator:pipeline@0.2.0
 // (wit/pipeline.wit), built with ComponentizeJS (StarlingMonkey); see build.sh.
 //
 //   * init(config)        reads `words` (comma separated, case-insensitive;
 //                         default "darn,heck"); any other key is an error.
-//   * process(request)    masks the whole completion through the borrowed
-//                         `request` handle and sets the note `profanity.masked`.
+//   * process(request)    masks the whole completion (the answer's text)
+//                         through the borrowed `request` handle and sets the
+//                         note `profanity.masked`; it also reads the client's
+//                         structured chat and tools, noting the number of
+//                         messages in `profanity.messages` and the tools'
+//                         names, comma-joined, in `profanity.tools`.
 //   * processChunk(...)   masks a streamed completion piece by piece: the
 //                         trailing, possibly unfinished word is held back in
 //                         `carry` until the next chunk (or `last`) decides it.
@@ -31,10 +35,12 @@
 //     or a `{ tag, val }` object) for `err`. Throwing an `Error` instance is
 //     not converted into `err`: the call traps instead.
 
-import { emit as log } from 'orchestrator:pipeline/log@0.1.2';
+import { emit as log } from 'orchestrator:pipeline/log@0.2.0';
 
 const DEFAULT_WORDS = 'darn,heck';
 const NOTE = 'profanity.masked';
+const MESSAGES_NOTE = 'profanity.messages';
+const TOOLS_NOTE = 'profanity.tools';
 
 // Set by `init`, which the host calls once per instance before any other
 // export. Only configuration lives here: per-request state goes in `carry`.
@@ -110,6 +116,11 @@ export function process(request) {
     log('debug', 'masked words', [['count', String(count)]]);
   }
   request.setNote(NOTE, String(count));
+  // The chat as the client sent it: message records ({ role, content,
+  // toolCalls, ... }, `content` undefined or { tag: 'text', val } or
+  // { tag: 'parts', val: [...] }) and the tool records offered to the model.
+  request.setNote(MESSAGES_NOTE, String(request.messages().length));
+  request.setNote(TOOLS_NOTE, request.tools().map((tool) => tool.name).join(','));
   // Returning (undefined) is `ok`. A stage error would be
   // `throw { tag: 'invalid-input', val: '...' }`.
 }

@@ -1,11 +1,15 @@
 """A `post` stage in Python: mask profanity in the completion.
 
-World: `streaming-request-stage` of orchestrator:pipeline@0.1.2 (wit/pipeline.wit).
+World: `streaming-request-stage` of orchestrator:pipeline@0.2.0 (wit/pipeline.wit).
 
   * `init(config)`      reads `words` (comma separated, case-insensitive;
                         default "darn,heck"); any other key is an error.
-  * `process(request)`  masks the whole completion through the borrowed
-                        `request` handle and sets the note `profanity.masked`.
+  * `process(request)`  masks the whole completion (the answer's text)
+                        through the borrowed `request` handle and sets the
+                        note `profanity.masked`; it also reads the client's
+                        structured chat and tools, noting the number of
+                        messages in `profanity.messages` and the tools'
+                        names, comma-joined, in `profanity.tools`.
   * `process-chunk(...)` masks a streamed completion piece by piece: the
                         trailing, possibly unfinished word is held back in
                         `carry` until the next chunk (or `last`) decides it.
@@ -32,6 +36,8 @@ from componentize_py_types import Err
 
 DEFAULT_WORDS = "darn,heck"
 NOTE = "profanity.masked"
+MESSAGES_NOTE = "profanity.messages"
+TOOLS_NOTE = "profanity.tools"
 
 # Set by `init`, which the host calls once per instance before any other
 # export. Only configuration lives here: per-request state goes in `carry`.
@@ -107,6 +113,12 @@ class WitWorld(wit_world.WitWorld):
         request.set_note(NOTE, str(count))
         if count:
             log.emit(log.Level.DEBUG, "masked words", [("count", str(count))])
+        # The chat as the client sent it: `Message` records (`role`,
+        # `content`: None, `Content_Text(value=str)` or
+        # `Content_Parts(value=[...])`, `tool_calls`, ...) and the `Tool`
+        # records offered to the model.
+        request.set_note(MESSAGES_NOTE, str(len(request.messages())))
+        request.set_note(TOOLS_NOTE, ",".join(tool.name for tool in request.tools()))
 
     def process_chunk(
         self, context: ChunkContext, carry: str, delta: str, last: bool

@@ -1,8 +1,9 @@
 //! `orchestrator plugin run`: one call of a loaded plugin, on an envelope
 //! given as JSON, or a sequence of deltas through its chunk path.
 //!
-//! The input is the envelope of the WIT (`orchestrator:pipeline/types`)
-//! in JSON, with Rust field names; every field may be left out:
+//! The input is the request as the host keeps it, in JSON: the chat in
+//! the OpenAI wire form (`messages`, `tools`, `params` with any request
+//! field), and the answer's fields; every field may be left out:
 //!
 //! ```json
 //! {
@@ -20,7 +21,8 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::error::AuthoringError;
-use crate::wasm::{ChunkContext, Envelope, GenerationParams, Instance, Plugin};
+use crate::chat::Params;
+use crate::wasm::{ChunkContext, Envelope, Instance, Plugin, params_to_wit};
 
 /// The result of `process` calls.
 #[derive(Debug, Clone, Serialize)]
@@ -93,16 +95,9 @@ pub fn envelope_from_json(input: Value) -> Result<Envelope, AuthoringError> {
     let Value::Object(fields) = input else {
         return Err(AuthoringError::Input("must be a JSON object".into()));
     };
-    let mut base = Envelope::new(
-        "chatcmpl-plugin-run".into(),
-        Vec::new(),
-        GenerationParams {
-            model: "echo".into(),
-            max_tokens: 256,
-            temperature: 1.0,
-            stop: Vec::new(),
-        },
-    );
+    let mut params = Params::for_model("echo");
+    params.max_tokens = Some(256);
+    let mut base = Envelope::new("chatcmpl-plugin-run".into(), Vec::new(), params, Vec::new());
     base.finish_reason = "stop".into();
     let Ok(Value::Object(mut merged)) = serde_json::to_value(&base) else {
         return Err(AuthoringError::Input(
@@ -117,7 +112,12 @@ pub fn envelope_from_json(input: Value) -> Result<Envelope, AuthoringError> {
                     names(&merged)
                 )));
             }
-            // `params` and `usage` may be given in part.
+            // `params` may be given in part, and take any field (those
+            // the host does not model go to `extra`, as from a client).
+            (Some(Value::Object(inner)), Value::Object(given)) if key == "params" => {
+                inner.extend(given);
+            }
+            // `usage` may be given in part.
             (Some(Value::Object(inner)), Value::Object(given)) => {
                 for (name, value) in given {
                     if !inner.contains_key(&name) {
@@ -200,7 +200,7 @@ pub async fn chunks(
     let budget = plugin.settings().fuel;
     let context = ChunkContext {
         request_id: envelope.request_id.clone(),
-        params: envelope.params.clone(),
+        params: params_to_wit(&envelope.params),
     };
     let mut steps = Vec::new();
     let mut carry = String::new();
@@ -253,8 +253,14 @@ mod tests {
             error.to_string().contains("unknown field `completon`"),
             "{error}"
         );
-        let error = envelope_from_json(serde_json::json!({"params": {"stops": []}})).unwrap_err();
-        assert!(error.to_string().contains("`params.stops`"), "{error}");
+        // `params` takes any request field, as a client's request does.
+        let envelope =
+            envelope_from_json(serde_json::json!({"params": {"seed": 3, "logit_bias": {}}}))
+                .unwrap();
+        assert_eq!(envelope.params.seed, Some(3));
+        assert!(envelope.params.extra.contains_key("logit_bias"));
+        let error = envelope_from_json(serde_json::json!({"usage": {"tokens": 1}})).unwrap_err();
+        assert!(error.to_string().contains("`usage.tokens`"), "{error}");
         assert!(envelope_from_json(serde_json::json!([])).is_err());
     }
 }

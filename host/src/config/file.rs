@@ -8,7 +8,7 @@ use crate::files::read_bounded;
 /// Largest config file read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 use super::settings::{Config, ConfigError};
-use super::stage::{Bundled, StageConfig, valid_name};
+use super::stage::{Bundled, DEMO_CORPUS_MODELS, StageConfig, valid_name};
 use super::validate::invalid;
 
 impl Config {
@@ -49,6 +49,7 @@ impl Config {
         let mut merged = toml::Table::try_from(Config::default())
             .map_err(|e| parse_error(format!("the defaults cannot be laid out: {e}")))?;
         declare_stages(&mut merged, &file)?;
+        own_corpus_serves_every_model(&mut merged, &file);
         overlay(&mut merged, file);
         let config: Config = merged
             .try_into()
@@ -114,6 +115,33 @@ fn declare_stages(merged: &mut toml::Table, file: &toml::Table) -> Result<(), Co
         stages.insert(name.clone(), toml::Value::Table(defaults));
     }
     Ok(())
+}
+
+/// The bundled `rag` stage's default grant is the demo corpus, which serves
+/// only the `echo` model (its default `config.models`): a stage whose
+/// `dirs` the file grants has a corpus of its own, which serves every model
+/// unless the file names them.
+fn own_corpus_serves_every_model(merged: &mut toml::Table, file: &toml::Table) {
+    let (Some(toml::Value::Table(declared)), Some(toml::Value::Table(stages))) =
+        (file.get("stages"), merged.get_mut("stages"))
+    else {
+        return;
+    };
+    for (name, stage) in declared {
+        let grants_dirs = stage
+            .get("capabilities")
+            .and_then(|c| c.get("dirs"))
+            .is_some();
+        let names_models = stage.get("config").and_then(|c| c.get("models")).is_some();
+        if grants_dirs
+            && !names_models
+            && let Some(toml::Value::Table(config)) =
+                stages.get_mut(name).and_then(|s| s.get_mut("config"))
+            && config.get("models").and_then(toml::Value::as_str) == Some(DEMO_CORPUS_MODELS)
+        {
+            config.remove("models");
+        }
+    }
 }
 
 /// Lay `file` over `defaults`: tables merge key by key, anything else
@@ -284,6 +312,12 @@ mod tests {
         .unwrap();
         let rag = config.stage("rag").unwrap();
         assert_eq!(rag.capabilities.dirs.len(), 1);
+        assert!(
+            !rag.config.contains_key("models"),
+            "a corpus of one's own serves every model"
+        );
+        let defaults = parse("").unwrap();
+        assert_eq!(defaults.stage("rag").unwrap().config["models"], "echo");
         assert_eq!(
             rag.capabilities.dirs[0].host,
             Path::new("/etc/orchestrator/docs")

@@ -257,6 +257,10 @@ pub struct StageConfig {
     pub config: BTreeMap<String, String>,
 }
 
+/// The models the bundled `rag` stage retrieves for from the demo corpus
+/// it is granted by default.
+pub const DEMO_CORPUS_MODELS: &str = "echo";
+
 impl StageConfig {
     /// The defaults of the stage `name`, running the bundled plugin
     /// `bundled` (whose grants and config it takes) if any.
@@ -271,6 +275,9 @@ impl StageConfig {
                     writable: false,
                 });
                 config.insert("corpus_dir".into(), "/corpus".into());
+                // The demo corpus (this project's docs) answers questions
+                // to `echo`, never a real model's traffic.
+                config.insert("models".into(), DEMO_CORPUS_MODELS.into());
             }
             Some(Bundled::Inference) => capabilities.inference = true,
             _ => {}

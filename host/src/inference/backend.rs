@@ -239,7 +239,7 @@ impl Backend {
                 })
             })?;
         let mut upstream_request = UpstreamRequest {
-            model: self.settings.model.as_deref().unwrap_or(&request.model),
+            model: self.settings.model.as_deref().unwrap_or(request.model()),
             request,
             trace_headers: Vec::new(),
         };
@@ -331,16 +331,30 @@ impl Backend {
             BackendKind::Echo => "orchestrator.echo",
             BackendKind::Openai => "openai",
         };
+        let params = &request.params;
         let mut attributes = vec![
             Attribute::new("gen_ai.operation.name", "chat"),
             Attribute::new("gen_ai.provider.name", provider),
             Attribute::new("gen_ai.request.model", model.to_string()),
-            Attribute::new("gen_ai.request.max_tokens", i64::from(request.max_tokens)),
-            Attribute::new("gen_ai.request.temperature", f64::from(request.temperature)),
             Attribute::new("gen_ai.request.stream", stream),
             Attribute::new("orchestrator.backend", self.name.clone()),
             Attribute::new("orchestrator.breaker.state", self.breaker.state().label()),
         ];
+        if let Some(max_tokens) = params.max_tokens() {
+            attributes.push(Attribute::new(
+                "gen_ai.request.max_tokens",
+                i64::from(max_tokens),
+            ));
+        }
+        if let Some(temperature) = params.temperature {
+            attributes.push(Attribute::new("gen_ai.request.temperature", temperature));
+        }
+        if let Some(top_p) = params.top_p {
+            attributes.push(Attribute::new("gen_ai.request.top_p", top_p));
+        }
+        if let Some(seed) = params.seed {
+            attributes.push(Attribute::new("gen_ai.request.seed", seed));
+        }
         if attempt > 0 {
             attributes.push(Attribute::new(
                 "http.request.resend_count",
@@ -348,7 +362,8 @@ impl Backend {
             ));
         }
         if trace.records_content() {
-            attributes.push(Attribute::new("gen_ai.prompt", request.prompt.clone()));
+            let chat = serde_json::to_string(&request.messages).unwrap_or_default();
+            attributes.push(Attribute::new("gen_ai.prompt", chat));
         }
         trace.child(format!("chat {model}"), Kind::Client, None, attributes)
     }
@@ -415,7 +430,7 @@ impl Backend {
                 }
             };
             match item {
-                Ok(Event::Delta(text)) => {
+                Ok(event @ (Event::Delta(_) | Event::Extra(_))) => {
                     if chunks > 0 {
                         self.metrics
                             .itl
@@ -423,10 +438,10 @@ impl Backend {
                     }
                     open.last_event = Instant::now();
                     chunks += 1;
-                    if let Some(completion) = &mut completion {
-                        completion.push_str(&text);
+                    if let (Some(completion), Event::Delta(text)) = (&mut completion, &event) {
+                        completion.push_str(text);
                     }
-                    if events.send(Ok(Event::Delta(text))).await.is_err() {
+                    if events.send(Ok(event)).await.is_err() {
                         trace.set([Attribute::new("orchestrator.outcome", "cancelled")]);
                         trace.end();
                         self.end(UpstreamOutcome::Cancelled, chunks, None);

@@ -6,6 +6,9 @@ use orchestrator_text::{count_tokens, tokens, truncate_tokens};
 use super::generation::{Completion, Ending, Event, GenerateRequest};
 use super::protocol::{EventStream, Protocol, SendFuture, UpstreamRequest};
 
+/// The cap on `echo`'s answer when the client gives no `max_tokens`.
+pub const ECHO_MAX_TOKENS: u32 = 512;
+
 /// The deterministic built-in backend (see the module docs).
 #[derive(Debug, Clone, Default)]
 pub struct Echo;
@@ -20,10 +23,21 @@ impl Echo {
         turn.trim()
     }
 
-    /// The whole generation for `request`, computed at once.
+    /// The whole generation for `request`, computed at once: the last
+    /// user message's text (of a flattened prompt in one message, its
+    /// last `User:` turn), cut to `max_tokens` ([`ECHO_MAX_TOKENS`] when
+    /// the client gave none).
     pub fn generate(request: &GenerateRequest) -> Completion {
-        let answer = Echo::answer(&request.prompt);
-        let text = truncate_tokens(answer, request.max_tokens as usize);
+        let last_user = request
+            .messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| m.text())
+            .unwrap_or_default();
+        let answer = Echo::answer(&last_user);
+        let max_tokens = request.params.max_tokens().unwrap_or(ECHO_MAX_TOKENS);
+        let text = truncate_tokens(answer, max_tokens as usize);
         Completion {
             finish_reason: if text.len() < answer.len() {
                 "length"
@@ -31,8 +45,9 @@ impl Echo {
                 "stop"
             },
             text: text.to_string(),
-            prompt_tokens: count_tokens(&request.prompt) as u32,
+            prompt_tokens: request.prompt_tokens(),
             completion_tokens: count_tokens(text) as u32,
+            ..Completion::default()
         }
     }
 }
@@ -114,6 +129,14 @@ mod tests {
         assert_eq!(out.finish_reason, "stop");
         assert_eq!(out.completion_tokens, 4);
         assert_eq!(out.prompt_tokens as usize, count_tokens(prompt));
+        let mut chat = request("ignored", 100);
+        chat.messages = vec![
+            crate::chat::Message::new("system", "s"),
+            crate::chat::Message::new("user", "first"),
+            crate::chat::Message::new("assistant", "a"),
+            crate::chat::Message::new("user", "the last one"),
+        ];
+        assert_eq!(Echo::generate(&chat).text, "the last one");
     }
 
     #[test]
@@ -144,6 +167,7 @@ mod tests {
                     text.push_str(&d);
                     deltas += 1;
                 }
+                Event::Extra(extra) => panic!("echo makes no {extra:?}"),
                 Event::End(end) => {
                     assert_eq!(
                         end.usage,

@@ -2,26 +2,26 @@
 //! ([`GenerateRequest`]), its events ([`Event`]) as a [`TokenStream`], the
 //! whole of it ([`Completion`]), and how it fails ([`BackendError`]).
 
-use crate::trace::Trace;
 use std::time::Instant;
+
+use serde_json::Value;
+
+use crate::chat::{Message, Params, Tool, ToolCall, ToolCallDelta, ToolCalls};
+use crate::trace::Trace;
 
 use tokio::sync::mpsc;
 
 use crate::metrics::ErrorType;
 
-/// What a plugin asked for.
+/// What a plugin asked for: a chat to answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
-    /// The prompt, sent upstream as one user message.
-    pub prompt: String,
-    /// The model name the client asked for (the routing key).
-    pub model: String,
-    /// Upper bound on generated tokens.
-    pub max_tokens: u32,
-    /// Sampling temperature.
-    pub temperature: f32,
-    /// Stop sequences.
-    pub stop: Vec<String>,
+    /// The chat, sent upstream as it is.
+    pub messages: Vec<Message>,
+    /// The tools offered to the model.
+    pub tools: Vec<Tool>,
+    /// The generation parameters; `params.model` is the routing key.
+    pub params: Params,
     /// The generation must end by then.
     pub deadline: Instant,
     /// The request it serves (for log lines; may be empty).
@@ -31,16 +31,34 @@ pub struct GenerateRequest {
     pub trace: Trace,
 }
 
+impl GenerateRequest {
+    /// The model the client asked for (the routing key).
+    pub fn model(&self) -> &str {
+        &self.params.model
+    }
+
+    /// Tokens of the chat's text, for a backend that reports no usage.
+    pub fn prompt_tokens(&self) -> u32 {
+        self.messages
+            .iter()
+            .map(|m| orchestrator_text::count_tokens(&m.text()))
+            .sum::<usize>()
+            .try_into()
+            .unwrap_or(u32::MAX)
+    }
+}
+
 #[cfg(test)]
 impl GenerateRequest {
-    /// A request for model `echo` with a 5 s deadline, for unit tests.
+    /// A one-message request for model `echo` with a 5 s deadline, for
+    /// unit tests.
     pub(crate) fn for_test(prompt: &str, max_tokens: u32) -> GenerateRequest {
+        let mut params = Params::for_model("echo");
+        params.max_tokens = Some(max_tokens);
         GenerateRequest {
-            prompt: prompt.into(),
-            model: "echo".into(),
-            max_tokens,
-            temperature: 0.0,
-            stop: Vec::new(),
+            messages: vec![Message::new("user", prompt)],
+            tools: Vec::new(),
+            params,
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             request_id: String::new(),
             trace: Trace::off(),
@@ -53,14 +71,30 @@ impl GenerateRequest {
 pub enum Event {
     /// Generated text.
     Delta(String),
+    /// Generated output that is not text: pieces of tool calls, of a
+    /// refusal, log probabilities. It reaches the client as it comes,
+    /// past the text-streaming stages.
+    Extra(ExtraDelta),
     /// The generation ended.
     End(Ending),
+}
+
+/// What a streamed event carries besides text.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExtraDelta {
+    /// Pieces of tool calls.
+    pub tool_calls: Vec<ToolCallDelta>,
+    /// A piece of a refusal.
+    pub refusal: Option<String>,
+    /// The event's log probabilities (`choices[0].logprobs`), as sent.
+    pub logprobs: Option<Value>,
 }
 
 /// How a generation ended.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Ending {
-    /// The upstream's finish reason (`stop`, `length`, ...), if it gave one.
+    /// The upstream's finish reason (`stop`, `length`, `tool_calls`, ...),
+    /// if it gave one.
     pub finish_reason: Option<String>,
     /// `(prompt_tokens, completion_tokens)`, if the upstream reported them.
     pub usage: Option<(u32, u32)>,
@@ -69,16 +103,108 @@ pub struct Ending {
 }
 
 /// A whole generation.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
     /// Generated text.
     pub text: String,
-    /// `stop` or `length` (see [`finish_reason`]).
+    /// The tool calls the model made.
+    pub tool_calls: Vec<ToolCall>,
+    /// Its refusal, if it refused.
+    pub refusal: Option<String>,
+    /// Log probabilities, as the backend gave them (the `content` and
+    /// `refusal` lists of a streamed answer's events, joined).
+    pub logprobs: Option<Value>,
+    /// `stop`, `length`, `tool_calls` or `content_filter` (see
+    /// [`finish_reason`]).
     pub finish_reason: &'static str,
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
     /// Tokens generated.
     pub completion_tokens: u32,
+}
+
+/// Builds a [`Completion`] from a generation's events.
+#[derive(Debug, Default)]
+pub struct Collector {
+    text: String,
+    tool_calls: ToolCalls,
+    refusal: Option<String>,
+    logprobs: Option<Value>,
+    /// Events with text or tool-call pieces (the token count when the
+    /// backend reports none).
+    pieces: u32,
+}
+
+impl Collector {
+    /// Add a text delta.
+    pub fn text(&mut self, delta: &str) {
+        self.text.push_str(delta);
+        self.pieces += 1;
+    }
+
+    /// The text collected so far.
+    pub fn collected_text(&self) -> &str {
+        &self.text
+    }
+
+    /// Take the text collected so far.
+    pub fn take_text(&mut self) -> String {
+        std::mem::take(&mut self.text)
+    }
+
+    /// Add what an event carries besides text.
+    pub fn extra(&mut self, extra: &ExtraDelta) {
+        for call in &extra.tool_calls {
+            self.tool_calls.add(call);
+        }
+        if !extra.tool_calls.is_empty() {
+            self.pieces += 1;
+        }
+        if let Some(refusal) = &extra.refusal {
+            self.refusal.get_or_insert_default().push_str(refusal);
+        }
+        if let Some(logprobs) = &extra.logprobs {
+            join_logprobs(&mut self.logprobs, logprobs);
+        }
+    }
+
+    /// The whole generation, ended by `ending`; `prompt_tokens` is used
+    /// when the backend reports no usage.
+    pub fn finish(self, ending: &Ending, prompt_tokens: impl FnOnce() -> u32) -> Completion {
+        let (prompt, completion) = ending
+            .usage
+            .unwrap_or_else(|| (prompt_tokens(), self.pieces));
+        Completion {
+            text: self.text,
+            tool_calls: self.tool_calls.finish(),
+            refusal: self.refusal,
+            logprobs: self.logprobs,
+            finish_reason: finish_reason(ending.finish_reason.as_deref()),
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+        }
+    }
+}
+
+/// Join a streamed event's `logprobs` object into `into`: its `content`
+/// and `refusal` lists are appended.
+fn join_logprobs(into: &mut Option<Value>, more: &Value) {
+    let Some(into) = into else {
+        *into = Some(more.clone());
+        return;
+    };
+    let (Value::Object(into), Value::Object(more)) = (into, more) else {
+        return;
+    };
+    for (key, value) in more {
+        match (into.get_mut(key), value) {
+            (Some(Value::Array(list)), Value::Array(items)) => list.extend(items.iter().cloned()),
+            (None, _) | (Some(Value::Null), _) => {
+                into.insert(key.clone(), value.clone());
+            }
+            _ => {}
+        }
+    }
 }
 
 /// A backend failure. Its message is shown to the plugin and may reach the
@@ -104,6 +230,16 @@ pub enum BackendError {
         /// What it did not do in time.
         reason: String,
     },
+    /// The backend refused the request as invalid (HTTP 400, 413 or 422):
+    /// a parameter or content it does not take. The client's request is
+    /// at fault, and is answered with 400.
+    #[error("inference backend `{backend}` refused the request: {reason}")]
+    Refused {
+        /// The backend's name.
+        backend: String,
+        /// What it said.
+        reason: String,
+    },
     /// The backend answered with an error or something unusable.
     #[error("inference backend `{backend}` failed: {reason}")]
     Failed {
@@ -121,6 +257,7 @@ impl BackendError {
             BackendError::UnknownModel(_) => ErrorType::InvalidInput,
             BackendError::Unavailable { .. } => ErrorType::UpstreamUnavailable,
             BackendError::Timeout { .. } => ErrorType::UpstreamTimeout,
+            BackendError::Refused { .. } => ErrorType::InvalidInput,
             BackendError::Failed { .. } => ErrorType::Upstream,
         }
     }
@@ -174,25 +311,12 @@ impl TokenStream {
         mut self,
         prompt_tokens: impl FnOnce() -> u32,
     ) -> Result<Completion, BackendError> {
-        let mut text = String::new();
-        let mut chunks = 0u32;
+        let mut collector = Collector::default();
         while let Some(event) = self.next().await {
             match event? {
-                Event::Delta(delta) => {
-                    text.push_str(&delta);
-                    chunks += 1;
-                }
-                Event::End(ending) => {
-                    // Counted only when the backend reports no usage.
-                    let (prompt, completion) =
-                        ending.usage.unwrap_or_else(|| (prompt_tokens(), chunks));
-                    return Ok(Completion {
-                        text,
-                        finish_reason: finish_reason(ending.finish_reason.as_deref()),
-                        prompt_tokens: prompt,
-                        completion_tokens: completion,
-                    });
-                }
+                Event::Delta(delta) => collector.text(&delta),
+                Event::Extra(extra) => collector.extra(&extra),
+                Event::End(ending) => return Ok(collector.finish(&ending, prompt_tokens)),
             }
         }
         Err(BackendError::Timeout {
@@ -207,12 +331,15 @@ impl TokenStream {
     }
 }
 
-/// `length` stays `length`; every other reason (`stop`, `eos`, absent) is
-/// `stop`.
+/// The finish reason of an answer: OpenAI's `length`, `tool_calls`,
+/// `content_filter` and `function_call` stay as they are; every other
+/// reason (`stop`, a server's own such as `eos`, none) is `stop`.
 pub fn finish_reason(reason: Option<&str>) -> &'static str {
-    if reason == Some("length") {
-        "length"
-    } else {
-        "stop"
+    match reason {
+        Some("length") => "length",
+        Some("tool_calls") => "tool_calls",
+        Some("content_filter") => "content_filter",
+        Some("function_call") => "function_call",
+        _ => "stop",
     }
 }

@@ -87,8 +87,9 @@ mod router;
 mod sse;
 
 pub use backend::BackendSetupError;
-pub use echo::Echo;
+pub use echo::{ECHO_MAX_TOKENS, Echo};
 pub use generation::{
-    BackendError, Completion, Ending, Event, GenerateRequest, TokenStream, finish_reason,
+    BackendError, Collector, Completion, Ending, Event, ExtraDelta, GenerateRequest, TokenStream,
+    finish_reason,
 };
 pub use router::{BackendHealth, Router};

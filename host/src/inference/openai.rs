@@ -4,11 +4,13 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use serde::ser::SerializeMap;
 
 use super::protocol::{
     AttemptError, ERROR_BODY_QUOTE, EventStream, Protocol, SendFuture, UpstreamRequest, quote,
 };
 use super::sse::sse_events;
+use crate::chat::MODELLED_FIELDS;
 
 /// An OpenAI-compatible `/chat/completions` service, spoken to with
 /// `"stream": true` and `stream_options.include_usage`.
@@ -51,44 +53,73 @@ impl OpenAi {
     }
 
     /// The JSON body of a request, borrowing from it (serialized straight
-    /// into the request body: no `serde_json::Value` and no copy of the
-    /// prompt).
+    /// into the request body: no `serde_json::Value`, no copy of the chat).
     pub fn body<'a>(request: &'a UpstreamRequest<'a>) -> Body<'a> {
-        let r = &request.request;
-        Body {
-            model: request.model,
-            messages: [BodyMessage {
-                role: "user",
-                content: &r.prompt,
-            }],
-            max_tokens: r.max_tokens,
-            temperature: r.temperature,
-            stream: true,
-            stream_options: StreamOptions {
-                include_usage: true,
-            },
-            stop: &r.stop,
-        }
+        Body { request }
     }
 }
 
-/// The JSON body of an upstream request ([`OpenAi::body`]).
-#[derive(Debug, Serialize)]
+/// The JSON body of an upstream request ([`OpenAi::body`]): the chat as the
+/// stages left it, every parameter the client (or a stage) set and nothing
+/// it did not, the fields the host does not model as they came, and the
+/// host's `stream` with `stream_options.include_usage`.
+#[derive(Debug)]
 pub struct Body<'a> {
-    model: &'a str,
-    messages: [BodyMessage<'a>; 1],
-    max_tokens: u32,
-    temperature: f32,
-    stream: bool,
-    stream_options: StreamOptions,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    stop: &'a [String],
+    request: &'a UpstreamRequest<'a>,
 }
 
-#[derive(Debug, Serialize)]
-struct BodyMessage<'a> {
-    role: &'static str,
-    content: &'a str,
+impl Serialize for Body<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let r = self.request.request;
+        let p = &r.params;
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("model", self.request.model)?;
+        map.serialize_entry("messages", &r.messages)?;
+        if !r.tools.is_empty() {
+            map.serialize_entry("tools", &r.tools)?;
+        }
+        macro_rules! optional {
+            ($($field:ident),*) => {$(
+                if let Some(value) = &p.$field {
+                    map.serialize_entry(stringify!($field), value)?;
+                }
+            )*};
+        }
+        optional!(
+            max_tokens,
+            max_completion_tokens,
+            temperature,
+            top_p,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+            n,
+            logprobs,
+            top_logprobs,
+            user,
+            parallel_tool_calls,
+            tool_choice,
+            response_format
+        );
+        if !p.stop.is_empty() {
+            map.serialize_entry("stop", &p.stop)?;
+        }
+        for (key, value) in &p.extra {
+            // Never the body's own fields (a stage's `extra` is checked
+            // when it is set; this keeps the body well-formed regardless).
+            if !MODELLED_FIELDS.contains(&key.as_str()) {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.serialize_entry("stream", &true)?;
+        map.serialize_entry(
+            "stream_options",
+            &StreamOptions {
+                include_usage: true,
+            },
+        )?;
+        map.end()
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -182,7 +213,7 @@ mod tests {
     #[test]
     fn the_upstream_body_names_model_stop_and_asks_for_usage() {
         let mut r = GenerateRequest::for_test("User: hi", 9);
-        r.stop = vec!["END".into()];
+        r.params.stop = vec!["END".into()];
         let request = UpstreamRequest {
             trace_headers: Vec::new(),
             model: "gemma",
@@ -195,5 +226,37 @@ mod tests {
         assert_eq!(body["stop"], json!(["END"]));
         assert_eq!(body["max_tokens"], 9);
         assert_eq!(body["messages"][0]["content"], "User: hi");
+        assert!(body.get("temperature").is_none(), "unset: not sent");
+    }
+
+    #[test]
+    fn the_upstream_body_is_the_client_chat_as_sent() {
+        let client = json!({
+            "model": "client-name", "temperature": 0.7, "top_p": 0.5, "seed": 7,
+            "tool_choice": "required", "response_format": {"type": "json_object"},
+            "logit_bias": {"1": 5}, "future_param": {"x": [1]},
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "messages": [{"role": "system", "content": "You are a pirate."},
+                         {"role": "user", "content": [{"type": "text", "text": "hi"},
+                             {"type": "image_url", "image_url": {"url": "data:x"}}]}]
+        });
+        let chat: crate::chat::ChatRequest = serde_json::from_value(client.clone()).unwrap();
+        let mut r = GenerateRequest::for_test("", 1);
+        r.messages = chat.messages;
+        r.tools = chat.tools.unwrap();
+        r.params = chat.params;
+        let request = UpstreamRequest {
+            trace_headers: Vec::new(),
+            model: "upstream-name",
+            request: &r,
+        };
+        let mut body = serde_json::to_value(OpenAi::body(&request)).unwrap();
+        assert_eq!(body["model"], "upstream-name");
+        assert_eq!(body["stream"], true);
+        let object = body.as_object_mut().unwrap();
+        object.remove("stream");
+        object.remove("stream_options");
+        object.insert("model".into(), json!("client-name"));
+        assert_eq!(body, client);
     }
 }

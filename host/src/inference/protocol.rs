@@ -67,6 +67,12 @@ impl AttemptError {
             },
             AttemptError::Status {
                 status, message, ..
+            } if matches!(status, 400 | 413 | 422) => BackendError::Refused {
+                backend,
+                reason: format!("HTTP {status}: {message}"),
+            },
+            AttemptError::Status {
+                status, message, ..
             } => BackendError::Failed {
                 backend,
                 reason: format!("HTTP {status}: {message}"),

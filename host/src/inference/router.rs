@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use orchestrator_text::count_tokens;
 use tokio::sync::{mpsc, oneshot};
 
 use super::backend::{Backend, BackendSetupError, generation, trace_ending};
@@ -125,6 +124,12 @@ impl Router {
         }
     }
 
+    /// The kind of the backend serving `model`, if it routes anywhere.
+    pub fn backend_kind(&self, model: &str) -> Option<BackendKind> {
+        let name = self.route(model)?;
+        Some(self.inner.backends.get(name)?.kind)
+    }
+
     /// The largest `max_tokens` the backend serving `model` accepts, with
     /// that backend's name.
     pub fn max_tokens_limit(&self, model: &str) -> Option<(u32, &str)> {
@@ -151,7 +156,7 @@ impl Router {
     /// Start a generation: resolves once its first token is in (after
     /// retries and failover), or with the error that ended it.
     pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
-        if let Some(backend) = self.echo_backend(&request.model) {
+        if let Some(backend) = self.echo_backend(request.model()) {
             return Ok(TokenStream {
                 backend: backend.name.clone(),
                 events: Events::Ready(Box::new(EchoStream::start(backend, &request))),
@@ -159,10 +164,10 @@ impl Router {
             });
         }
         let primary = self
-            .route(&request.model)
+            .route(request.model())
             .and_then(|name| self.inner.backends.get(name))
             .cloned()
-            .ok_or_else(|| BackendError::UnknownModel(request.model.clone()))?;
+            .ok_or_else(|| BackendError::UnknownModel(request.model().to_string()))?;
         let failover = primary
             .settings
             .failover
@@ -195,14 +200,11 @@ impl Router {
 
     /// Run a whole generation and collect it.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Completion, BackendError> {
-        if let Some(backend) = self.echo_backend(&request.model) {
+        if let Some(backend) = self.echo_backend(request.model()) {
             return Ok(echo_completion(backend, &request));
         }
-        let prompt = request.prompt.clone();
-        self.stream(request)
-            .await?
-            .collect(|| count_tokens(&prompt) as u32)
-            .await
+        let prompt_tokens = request.prompt_tokens();
+        self.stream(request).await?.collect(|| prompt_tokens).await
     }
 
     /// The backend serving `model`, if it is an `echo` one.
@@ -255,6 +257,7 @@ impl Iterator for EchoStream {
                     text.push_str(delta);
                 }
             }
+            Ok(Event::Extra(_)) => self.deltas += 1,
             Ok(Event::End(ending)) => {
                 self.ended = true;
                 let tokens = ending.usage.map_or(self.deltas, |(_, c)| u64::from(c));
@@ -312,7 +315,7 @@ fn echo_first_token(
     stream: bool,
 ) -> (Completion, Trace) {
     let started = Instant::now();
-    let span = backend.attempt_span(request, &request.model, 0, stream);
+    let span = backend.attempt_span(request, request.model(), 0, stream);
     let completion = Echo::generate(request);
     let ttft = started.elapsed().as_secs_f64();
     backend.metrics.ttft.observe(ttft);

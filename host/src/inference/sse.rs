@@ -7,8 +7,9 @@ use std::pin::Pin;
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
 
-use super::generation::{Ending, Event};
+use super::generation::{Ending, Event, ExtraDelta};
 use super::protocol::{AttemptError, quote};
+use crate::chat::ToolCallDelta;
 
 /// Parse a server-sent-event byte stream of `chat.completion.chunk`
 /// objects into events.
@@ -101,12 +102,38 @@ struct ChoiceFields<'a> {
     delta: Option<DeltaFields<'a>>,
     #[serde(borrow, default)]
     finish_reason: Option<Cow<'a, str>>,
+    #[serde(default)]
+    logprobs: Option<Value>,
 }
 
 #[derive(serde::Deserialize)]
 struct DeltaFields<'a> {
     #[serde(borrow, default)]
     content: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tool_calls: Option<Vec<ToolCallFields>>,
+    #[serde(default)]
+    refusal: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct ToolCallFields {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+    #[serde(default)]
+    function: Option<FunctionFields>,
+}
+
+#[derive(serde::Deserialize)]
+struct FunctionFields {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -233,12 +260,36 @@ impl SseParser {
             self.usage = Some((count(usage.prompt_tokens), count(usage.completion_tokens)));
         }
         if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
-            if let Some(text) = choice
-                .delta
-                .and_then(|d| d.content)
-                .filter(|t| !t.is_empty())
-            {
-                out.extend([Ok(Event::Delta(text.into_owned()))]);
+            let mut extra = ExtraDelta {
+                logprobs: choice.logprobs.filter(|l| !l.is_null()),
+                ..ExtraDelta::default()
+            };
+            if let Some(delta) = choice.delta {
+                if let Some(text) = delta.content.filter(|t| !t.is_empty()) {
+                    out.extend([Ok(Event::Delta(text.into_owned()))]);
+                }
+                extra.refusal = delta.refusal.filter(|r| !r.is_empty());
+                extra.tool_calls = delta
+                    .tool_calls
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|call| {
+                        let function = call.function.unwrap_or(FunctionFields {
+                            name: None,
+                            arguments: None,
+                        });
+                        ToolCallDelta {
+                            index: call.index,
+                            id: call.id,
+                            kind: call.kind,
+                            name: function.name,
+                            arguments: function.arguments.unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+            }
+            if extra != ExtraDelta::default() {
+                out.extend([Ok(Event::Extra(extra))]);
             }
             if let Some(reason) = choice.finish_reason {
                 self.finish_reason = Some(reason.into_owned());
@@ -283,6 +334,39 @@ mod tests {
                 "split at {split}"
             );
         }
+    }
+
+    #[test]
+    fn sse_parser_reads_tool_call_pieces_refusals_and_logprobs() {
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":null,\"tool_calls\":[{\"index\":0,\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{}\"}}]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"refusal\":\"no\"},\"logprobs\":{\"content\":[]}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
+        parser.feed(stream.as_bytes(), &mut events);
+        let events: Vec<Event> = events.into_iter().map(Result::unwrap).collect();
+        let Event::Extra(first) = &events[0] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(first.tool_calls[0].id.as_deref(), Some("c1"));
+        assert_eq!(first.tool_calls[0].name.as_deref(), Some("f"));
+        let Event::Extra(second) = &events[1] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(second.tool_calls[0].arguments, "{}");
+        let Event::Extra(third) = &events[2] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(third.refusal.as_deref(), Some("no"));
+        assert!(third.logprobs.is_some());
+        let Event::End(end) = &events[3] else {
+            panic!("{events:?}")
+        };
+        assert_eq!(end.finish_reason.as_deref(), Some("tool_calls"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::config::InstanceMode;
 use crate::inference::TokenStream;
 use crate::metrics::ErrorType;
 use crate::trace::{Attribute, Trace};
-use crate::wasm::{CallError, Envelope, Instance, Plugin, Usage, envelope_bytes};
+use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
 
 /// Run `job` through the stages of its pipeline from its current one on:
 /// the final envelope, or — when the client asked for a stream and a stage
@@ -256,16 +256,11 @@ pub(super) async fn collect_generation(
     envelope: &mut Envelope,
     tokens: TokenStream,
 ) -> Result<(), CallError> {
-    let prompt = &envelope.prompt;
+    let prompt_tokens = || envelope.prompt_tokens();
     let completion = tokens
-        .collect(|| orchestrator_text::count_tokens(prompt) as u32)
+        .collect(prompt_tokens)
         .await
         .map_err(|e| CallError::new(e.error_type(), e.to_string()))?;
-    envelope.completion = completion.text;
-    envelope.finish_reason = completion.finish_reason.to_string();
-    envelope.usage = Usage {
-        prompt_tokens: completion.prompt_tokens,
-        completion_tokens: completion.completion_tokens,
-    };
+    envelope.set_answer(completion);
     Ok(())
 }

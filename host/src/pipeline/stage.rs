@@ -253,6 +253,10 @@ impl StageRuntime {
 }
 
 /// How a job leaves the stages that run it.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "`Done` is the common case; boxing its envelope would cost an allocation per request"
+)]
 pub(super) enum Delivery {
     /// Every stage ran: the final envelope.
     Done(Envelope),

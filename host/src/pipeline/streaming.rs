@@ -16,10 +16,15 @@ use super::call;
 use super::error::RunError;
 use super::stage::{BackendWait, Delivery, Job};
 use super::stage::{Route, Shared};
-use crate::inference::{BackendError, Ending, Event, TokenStream, finish_reason};
+use crate::chat::Usage;
+use crate::inference::{
+    BackendError, Collector, Ending, Event, ExtraDelta, TokenStream, finish_reason,
+};
 use crate::metrics::{ErrorType, Outcome};
 use crate::trace::{Attribute, Trace};
-use crate::wasm::{CallError, ChunkContext, ChunkOutput, Envelope, Instance, Plugin, Usage};
+use crate::wasm::{
+    CallError, ChunkContext, ChunkOutput, Envelope, Instance, Plugin, params_to_wit,
+};
 
 /// Most bytes of deltas passed through the streaming stages as one.
 const MAX_COALESCED_BYTES: usize = 16 * 1024;
@@ -61,6 +66,9 @@ impl ChunkStage {
 pub enum StreamItem {
     /// Text for the client.
     Delta(String),
+    /// Output that is not text (tool-call pieces, a refusal, log
+    /// probabilities), passed on as the backend sent it.
+    Extra(ExtraDelta),
     /// The request is complete: the final envelope (its `completion` is
     /// everything sent as deltas, unless a plain stage changed it).
     Done(Box<Envelope>),
@@ -89,6 +97,8 @@ pub struct Streaming {
     text: String,
     /// The pieces sent to the client.
     pieces: Vec<String>,
+    /// What the generation produced besides text.
+    extras: Collector,
     ending: Ending,
     stopped: bool,
     finished: bool,
@@ -144,7 +154,7 @@ impl Streaming {
         Streaming {
             context: ChunkContext {
                 request_id: job.envelope.request_id.clone(),
-                params: job.envelope.params.clone(),
+                params: params_to_wit(&job.envelope.params),
             },
             deadline: job.deadline,
             admitted: job.admitted,
@@ -157,6 +167,7 @@ impl Streaming {
             pending: Default::default(),
             text: String::new(),
             pieces: Vec::new(),
+            extras: Collector::default(),
             ending: Ending::default(),
             stopped: false,
             finished: false,
@@ -224,6 +235,13 @@ impl Streaming {
                             }
                         }
                         self.push_through(0, vec![delta]).await
+                    }
+                    Ok(Some(Ok(Event::Extra(extra)))) => {
+                        self.extras.extra(&extra);
+                        if self.rest_from == self.route.stages.len() {
+                            self.pending.push_back(StreamItem::Extra(extra));
+                        }
+                        Ok(())
                     }
                     Ok(Some(Ok(Event::End(ending)))) => {
                         self.ending = ending;
@@ -370,6 +388,10 @@ impl Streaming {
         };
         let envelope = &mut job.envelope;
         envelope.completion = std::mem::take(&mut self.text);
+        let extras = std::mem::take(&mut self.extras).finish(&self.ending, || 0);
+        envelope.tool_calls = extras.tool_calls;
+        envelope.refusal = extras.refusal;
+        envelope.logprobs = extras.logprobs;
         envelope.finish_reason = if self.stopped {
             "stop".to_string()
         } else {
@@ -377,8 +399,8 @@ impl Streaming {
         };
         let (prompt_tokens, completion_tokens) = self.ending.usage.unwrap_or_else(|| {
             (
-                orchestrator_text::count_tokens(&envelope.prompt) as u32,
-                self.pieces.len() as u32,
+                envelope.prompt_tokens(),
+                self.pieces.len() as u32 + u32::from(!envelope.tool_calls.is_empty()),
             )
         });
         envelope.usage = Usage {

@@ -1,18 +1,20 @@
-//! The host side of `wit/pipeline.wit`: the interfaces' types and import
-//! traits (generated), and the four stage worlds behind one abstraction,
+//! The host side of the WIT contracts: the interfaces' types and import
+//! traits (generated) of `wit/` (0.2.x, [`v2`]) and of `wit/v0.1/`
+//! (0.1.x, [`v1`]), and the stage worlds of both behind one abstraction,
 //! [`Exports`].
 //!
 //! Owns the mapping between WIT and Rust; it must not hold state or policy
 //! (deadlines, caps and metrics are the caller's).
 //!
 //! The worlds differ only in their exports: `process` takes the envelope by
-//! value or a `request` handle, and `process-chunk` is exported by the
-//! streaming worlds. So instead of a generated binding per world, a
+//! value (0.1 only) or a `request` handle, and `process-chunk` is exported
+//! by the streaming worlds. So instead of a generated binding per world, a
 //! component's exports are resolved once at load ([`ExportIndices::new`]:
 //! found by name and type-checked against the component, which tells its
-//! [`World`]), then looked up in each new instance without a second check
-//! ([`ExportIndices::exports`]). A new world is a new [`World`] variant and,
-//! if it adds an export, one more field here.
+//! [`World`] and [`Contract`]), then looked up in each new instance without
+//! a second check ([`ExportIndices::exports`]). The two contracts' request
+//! handles are different host types ([`Envelope`] and [`LegacyRequest`]),
+//! so the type check alone tells a 0.2 component from a 0.1 one.
 
 use wasmtime::component::types::{ComponentFunc, ComponentItem, Type};
 use wasmtime::component::{
@@ -20,89 +22,136 @@ use wasmtime::component::{
 };
 use wasmtime::{AsContextMut, Store};
 
-/// What `bindgen!` generates (undocumented: the WIT holds the docs).
+/// What `bindgen!` generates for the current contract, `wit/` (0.2.x)
+/// (undocumented: the WIT holds the docs).
 #[allow(missing_docs)]
-mod generated {
+pub mod v2 {
     wasmtime::component::bindgen!({
         // The world that imports every interface: its generated modules hold
-        // the types and host traits of all four worlds.
+        // the types and host traits of both worlds.
         world: "streaming-request-stage",
         path: "../wit",
-        // `orchestrator plugin run` reads and prints envelopes as JSON.
         additional_derives: [serde::Serialize, serde::Deserialize],
         imports: {
             // The inference functions wait for the network.
-            "orchestrator:pipeline/inference": async,
+            "orchestrator:pipeline/inference": async | trappable,
             // A request method called with a handle that is not the one the
             // call was given traps instead of answering.
             "orchestrator:pipeline/request": trappable,
         },
         with: {
-            // The host keeps the request as the envelope itself, in the store's
+            // The host keeps the request as its envelope, in the store's
             // resource table for the duration of a call.
-            "orchestrator:pipeline/request.request": crate::wasm::bindings::generated::orchestrator::pipeline::types::Envelope,
+            "orchestrator:pipeline/request.request": crate::wasm::envelope::Envelope,
         },
     });
 }
 
-pub use generated::orchestrator;
-pub use generated::{ChunkContext, ChunkOutput, StageError};
+/// What `bindgen!` generates for the previous contract, `wit/v0.1/`
+/// (0.1.0-0.1.2), which the host still serves.
+#[allow(missing_docs)]
+pub mod v1 {
+    wasmtime::component::bindgen!({
+        world: "streaming-request-stage",
+        path: "../wit/v0.1",
+        additional_derives: [serde::Serialize, serde::Deserialize],
+        imports: {
+            "orchestrator:pipeline/inference": async,
+            "orchestrator:pipeline/request": trappable,
+        },
+        with: {
+            // The same envelope, behind a type of its own so that the two
+            // contracts' `process` exports tell themselves apart.
+            "orchestrator:pipeline/request.request": crate::wasm::bindings::LegacyRequest,
+        },
+    });
+}
 
-pub use orchestrator::pipeline::types::{Envelope, GenerationParams, Message, Passage, Usage};
+pub use v2::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
+pub use v2::orchestrator::pipeline::types::StageError;
 
-/// The worlds a stage component may implement, told apart by its exports.
+use crate::wasm::envelope::Envelope;
+
+/// The envelope lent to a 0.1 component through its `request` handle: a
+/// type of its own, so that the two contracts' `process` exports type-check
+/// apart (see [`crate::wasm::legacy`] for what a 0.1 stage sees).
+#[derive(Debug, Default)]
+pub struct LegacyRequest(pub Envelope);
+use v1::orchestrator::pipeline::streaming as streaming_v1;
+use v1::orchestrator::pipeline::types as types_v1;
+
+/// The contract a component was built against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum World {
-    /// `stage`: `process` takes and returns the envelope.
-    Stage,
-    /// `streaming-stage`: `stage` plus `process-chunk`.
-    StreamingStage,
-    /// `request-stage` (WIT 0.1.2): `process` borrows a `request` handle.
-    RequestStage,
-    /// `streaming-request-stage`: `request-stage` plus `process-chunk`.
-    StreamingRequestStage,
+pub enum Contract {
+    /// `orchestrator:pipeline@0.1.x` (`wit/v0.1/`): the flattened chat.
+    V1,
+    /// `orchestrator:pipeline@0.2.x` (`wit/`): the structured chat.
+    V2,
+}
+
+impl Contract {
+    /// Its package version range, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Contract::V1 => "0.1",
+            Contract::V2 => "0.2",
+        }
+    }
+}
+
+/// The world a stage component implements, told apart by its exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct World {
+    by_handle: bool,
+    streams: bool,
+    contract: Contract,
 }
 
 impl World {
     /// Its WIT name.
     pub fn name(self) -> &'static str {
-        match self {
-            World::Stage => "stage",
-            World::StreamingStage => "streaming-stage",
-            World::RequestStage => "request-stage",
-            World::StreamingRequestStage => "streaming-request-stage",
+        match (self.by_handle, self.streams) {
+            (false, false) => "stage",
+            (false, true) => "streaming-stage",
+            (true, false) => "request-stage",
+            (true, true) => "streaming-request-stage",
         }
+    }
+
+    /// The contract it belongs to.
+    pub fn contract(self) -> Contract {
+        self.contract
     }
 
     /// Whether `process` takes a `request` handle.
     pub fn by_handle(self) -> bool {
-        matches!(self, World::RequestStage | World::StreamingRequestStage)
+        self.by_handle
     }
 
     /// Whether it exports `process-chunk`.
     pub fn streams(self) -> bool {
-        matches!(self, World::StreamingStage | World::StreamingRequestStage)
-    }
-
-    fn of(by_handle: bool, streams: bool) -> World {
-        match (by_handle, streams) {
-            (false, false) => World::Stage,
-            (false, true) => World::StreamingStage,
-            (true, false) => World::RequestStage,
-            (true, true) => World::StreamingRequestStage,
-        }
+        self.streams
     }
 }
 
 /// `init: func(config: list<tuple<string, string>>) -> result<_, string>`.
 type InitSig<'a> = TypedFunc<(&'a [(String, String)],), (Result<(), String>,)>;
-/// `process: func(request: envelope) -> result<envelope, stage-error>`.
-type ProcessByValueSig<'a> = TypedFunc<(&'a Envelope,), (Result<Envelope, StageError>,)>;
-/// `process: func(request: borrow<request>) -> result<_, stage-error>`.
+/// 0.1 `process: func(request: envelope) -> result<envelope, stage-error>`.
+type ProcessByValueSig<'a> =
+    TypedFunc<(&'a types_v1::Envelope,), (Result<types_v1::Envelope, types_v1::StageError>,)>;
+/// 0.2 `process: func(request: borrow<request>) -> result<_, stage-error>`.
 type ProcessByHandleSig = TypedFunc<(Resource<Envelope>,), (Result<(), StageError>,)>;
-/// `process-chunk: func(context, carry, delta, last) -> result<chunk-output, stage-error>`.
+/// 0.1 `process: func(request: borrow<request>) -> result<_, stage-error>`.
+type ProcessByLegacyHandleSig =
+    TypedFunc<(Resource<LegacyRequest>,), (Result<(), types_v1::StageError>,)>;
+/// 0.2 `process-chunk: func(context, carry, delta, last) -> result<chunk-output, stage-error>`.
 type ProcessChunkSig<'a> =
     TypedFunc<(&'a ChunkContext, &'a str, &'a str, bool), (Result<ChunkOutput, StageError>,)>;
+/// 0.1 `process-chunk`.
+type ProcessChunkV1Sig<'a> = TypedFunc<
+    (&'a streaming_v1::ChunkContext, &'a str, &'a str, bool),
+    (Result<streaming_v1::ChunkOutput, types_v1::StageError>,),
+>;
 
 /// The exports of a component, found and type-checked at load.
 #[derive(Debug, Clone)]
@@ -144,33 +193,54 @@ impl ExportIndices {
         let (process_ty, process) =
             func("process")?.ok_or_else(|| refuse("no export `process`".into()))?;
         let by_handle = matches!(process_ty.params().next(), Some((_, Type::Borrow(_))));
-        if by_handle {
-            check(
-                "process",
-                process_ty
-                    .typecheck::<(Resource<Envelope>,), (Result<(), StageError>,)>(&instance_type),
-            )?;
+        let contract = if by_handle {
+            let current = process_ty
+                .typecheck::<(Resource<Envelope>,), (Result<(), StageError>,)>(&instance_type);
+            match current {
+                Ok(()) => Contract::V2,
+                Err(current) => {
+                    check(
+                        "process",
+                        process_ty
+                            .typecheck::<(Resource<LegacyRequest>,), (Result<(), types_v1::StageError>,)>(
+                                &instance_type,
+                            )
+                            .map_err(|_| current),
+                    )?;
+                    Contract::V1
+                }
+            }
         } else {
             check(
                 "process",
-                process_ty
-                    .typecheck::<(&Envelope,), (Result<Envelope, StageError>,)>(&instance_type),
+                process_ty.typecheck::<(&types_v1::Envelope,), (Result<types_v1::Envelope, types_v1::StageError>,)>(
+                    &instance_type,
+                ),
             )?;
-        }
+            Contract::V1
+        };
         let process_chunk = match func("process-chunk")? {
             None => None,
             Some((ty, index)) => {
-                check(
-                    "process-chunk",
-                    ty.typecheck::<(&ChunkContext, &str, &str, bool), (Result<ChunkOutput, StageError>,)>(
+                let typed = match contract {
+                    Contract::V2 => ty.typecheck::<(&ChunkContext, &str, &str, bool), (Result<ChunkOutput, StageError>,)>(
                         &instance_type,
                     ),
-                )?;
+                    Contract::V1 => ty.typecheck::<
+                        (&streaming_v1::ChunkContext, &str, &str, bool),
+                        (Result<streaming_v1::ChunkOutput, types_v1::StageError>,),
+                    >(&instance_type),
+                };
+                check("process-chunk", typed)?;
                 Some(index)
             }
         };
         Ok(ExportIndices {
-            world: World::of(by_handle, process_chunk.is_some()),
+            world: World {
+                by_handle,
+                streams: process_chunk.is_some(),
+                contract,
+            },
             init,
             process,
             process_chunk,
@@ -240,7 +310,7 @@ impl Exports {
         Ok(result)
     }
 
-    /// Call `process` with the envelope by value (worlds `stage`,
+    /// Call `process` with the envelope by value (the 0.1 worlds `stage`,
     /// `streaming-stage`), or with a borrowed handle to it (the
     /// `request-stage` worlds): the result's envelope is `Some` only by
     /// value.
@@ -248,19 +318,25 @@ impl Exports {
         &self,
         store: &mut Store<T>,
         argument: ProcessArgument<'_>,
-    ) -> wasmtime::Result<Result<Option<Envelope>, StageError>> {
+    ) -> wasmtime::Result<Result<Option<types_v1::Envelope>, StageError>> {
         match argument {
             ProcessArgument::Value(envelope) => {
                 let (result,) = typed!(ProcessByValueSig<'_>, self.process)
                     .call_async(store, (envelope,))
                     .await?;
-                Ok(result.map(Some))
+                Ok(result.map(Some).map_err(StageError::from))
             }
             ProcessArgument::Handle(request) => {
                 let (result,) = typed!(ProcessByHandleSig, self.process)
                     .call_async(store, (request,))
                     .await?;
                 Ok(result.map(|()| None))
+            }
+            ProcessArgument::LegacyHandle(request) => {
+                let (result,) = typed!(ProcessByLegacyHandleSig, self.process)
+                    .call_async(store, (request,))
+                    .await?;
+                Ok(result.map(|()| None).map_err(StageError::from))
             }
         }
     }
@@ -275,6 +351,21 @@ impl Exports {
         last: bool,
     ) -> Option<wasmtime::Result<Result<ChunkOutput, StageError>>> {
         let func = self.process_chunk?;
+        if self.world.contract == Contract::V1 {
+            let context = streaming_v1::ChunkContext::from(context);
+            let call = typed!(ProcessChunkV1Sig<'_>, func)
+                .call_async(store, (&context, carry, delta, last))
+                .await;
+            return Some(call.map(|(result,)| {
+                result
+                    .map(|output| ChunkOutput {
+                        emit: output.emit,
+                        carry: output.carry,
+                        stop: output.stop,
+                    })
+                    .map_err(StageError::from)
+            }));
+        }
         let call = typed!(ProcessChunkSig<'_>, func)
             .call_async(store, (context, carry, delta, last))
             .await;
@@ -284,10 +375,23 @@ impl Exports {
 
 /// What `process` is given, by the component's world.
 pub enum ProcessArgument<'a> {
-    /// The envelope, copied into the guest.
-    Value(&'a Envelope),
+    /// The 0.1 envelope, copied into the guest.
+    Value(&'a types_v1::Envelope),
     /// A borrowed handle to the envelope in the store's resource table.
     Handle(Resource<Envelope>),
+    /// The same, for a 0.1 component.
+    LegacyHandle(Resource<LegacyRequest>),
+}
+
+impl From<types_v1::StageError> for StageError {
+    fn from(error: types_v1::StageError) -> StageError {
+        match error {
+            types_v1::StageError::InvalidInput(m) => StageError::InvalidInput(m),
+            types_v1::StageError::Config(m) => StageError::Config(m),
+            types_v1::StageError::Upstream(m) => StageError::Upstream(m),
+            types_v1::StageError::PluginError(m) => StageError::PluginError(m),
+        }
+    }
 }
 
 /// The names of `component`'s exports, for messages.

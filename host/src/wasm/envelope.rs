@@ -1,53 +1,176 @@
-//! Constructors and measures of the [`Envelope`], the request as it flows
-//! through the stages.
+//! The [`Envelope`]: the request as it flows through the stages, kept by
+//! the host (a stage sees it through the WIT `request` resource).
 
-use super::bindings::{Envelope, GenerationParams, Message, Usage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::chat::{Content, ContentPart, Message, Params, Tool, ToolCall, Usage};
+use crate::inference::Completion;
+
+/// A passage retrieved from a corpus by a stage.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Passage {
+    /// Where it comes from: a file name relative to the corpus root.
+    pub source: String,
+    /// Its text.
+    pub text: String,
+    /// Relevance score (higher is more relevant).
+    pub score: f32,
+}
+
+/// The request as it travels through the pipeline: the client's chat as
+/// the stages changed it, and the answer as it is built.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Envelope {
+    /// Unique id of the request, assigned by the host (`chatcmpl-...`).
+    pub request_id: String,
+    /// The chat messages, in order.
+    pub messages: Vec<Message>,
+    /// The generation parameters.
+    pub params: Params,
+    /// The tools offered to the model.
+    pub tools: Vec<Tool>,
+    /// Passages retrieved by `rag`, best first.
+    pub passages: Vec<Passage>,
+    /// The prompt string of the 0.1.x contract: set and read only by
+    /// stages built against it (a 0.1.x `assemble` and `inference`).
+    pub prompt: String,
+    /// The answer's text content.
+    pub completion: String,
+    /// The answer's tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// The model's refusal, if it refused.
+    pub refusal: Option<String>,
+    /// The answer's log probabilities, as the backend gave them (not
+    /// visible to stages).
+    pub logprobs: Option<Value>,
+    /// Why generation stopped: `stop`, `length`, `tool_calls`, ...
+    pub finish_reason: String,
+    /// The completion split into the pieces the API streams.
+    pub chunks: Vec<String>,
+    /// Token usage of the generation.
+    pub usage: Usage,
+    /// Key/value notes of the stages (the answer's `orchestrator.metadata`).
+    pub metadata: Vec<(String, String)>,
+}
 
 impl Envelope {
-    /// An empty envelope for `request_id` carrying `messages` and `params`.
-    pub fn new(request_id: String, messages: Vec<Message>, params: GenerationParams) -> Envelope {
+    /// An envelope for `request_id` carrying the client's chat.
+    pub fn new(
+        request_id: String,
+        messages: Vec<Message>,
+        params: Params,
+        tools: Vec<Tool>,
+    ) -> Envelope {
         Envelope {
             request_id,
             messages,
             params,
-            passages: Vec::new(),
-            prompt: String::new(),
-            completion: String::new(),
-            finish_reason: String::new(),
-            chunks: Vec::new(),
-            usage: Usage {
-                prompt_tokens: 0,
-                completion_tokens: 0,
-            },
-            metadata: Vec::new(),
+            tools,
+            ..Envelope::default()
         }
     }
 
     /// An envelope with nothing in it, allocating nothing.
     pub fn placeholder() -> Envelope {
-        Envelope::new(
-            String::new(),
-            Vec::new(),
-            GenerationParams {
-                model: String::new(),
-                max_tokens: 0,
-                temperature: 0.0,
-                stop: Vec::new(),
-            },
-        )
+        Envelope::default()
+    }
+
+    /// Record a generation's answer: text, tool calls, refusal, log
+    /// probabilities, finish reason and usage.
+    pub fn set_answer(&mut self, completion: Completion) {
+        self.completion = completion.text;
+        self.tool_calls = completion.tool_calls;
+        self.refusal = completion.refusal;
+        self.logprobs = completion.logprobs;
+        self.finish_reason = completion.finish_reason.to_string();
+        self.usage = Usage {
+            prompt_tokens: completion.prompt_tokens,
+            completion_tokens: completion.completion_tokens,
+        };
+    }
+
+    /// The text of every message, for counting the prompt's tokens when
+    /// the backend reports no usage.
+    pub fn prompt_tokens(&self) -> u32 {
+        chat_tokens(&self.messages)
     }
 }
 
-/// Total bytes of the strings in an envelope: what a stage returns.
+/// Tokens of the text of `messages` under the shared tokenizer.
+pub fn chat_tokens(messages: &[Message]) -> u32 {
+    messages
+        .iter()
+        .map(|m| orchestrator_text::count_tokens(&m.text()))
+        .sum::<usize>()
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
+/// Approximate bytes a value takes as JSON text: what a stage sets is
+/// counted against its `max_output_bytes` with this.
+pub fn json_bytes<T: Serialize + ?Sized>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
+/// Bytes of a message, near enough: its strings, and its extra fields as
+/// JSON (most messages have none).
+fn message_bytes(message: &Message) -> usize {
+    let content = match &message.content {
+        None => 0,
+        Some(Content::Text(text)) => text.len(),
+        Some(Content::Parts(parts)) => parts
+            .iter()
+            .map(|part| match part {
+                ContentPart::Text(text) => text.len(),
+                ContentPart::ImageUrl { url, detail } => {
+                    url.len() + detail.as_ref().map_or(0, String::len)
+                }
+                ContentPart::Other(object) => json_bytes(object),
+            })
+            .sum(),
+    };
+    message.role.len()
+        + content
+        + message.name.as_ref().map_or(0, String::len)
+        + message
+            .tool_calls
+            .iter()
+            .map(|c| c.id.len() + c.kind.len() + c.name.len() + c.arguments.len())
+            .sum::<usize>()
+        + message.tool_call_id.as_ref().map_or(0, String::len)
+        + if message.extra.is_empty() {
+            0
+        } else {
+            json_bytes(&message.extra)
+        }
+}
+
+/// Total bytes of an envelope's content, near enough: the size of a
+/// stage's input, which the breaker's input norm tracks.
 pub fn envelope_bytes(envelope: &Envelope) -> usize {
     envelope.request_id.len()
-        + envelope
-            .messages
-            .iter()
-            .map(|m| m.role.len() + m.content.len())
-            .sum::<usize>()
+        + envelope.messages.iter().map(message_bytes).sum::<usize>()
         + envelope.params.model.len()
         + envelope.params.stop.iter().map(String::len).sum::<usize>()
+        + if envelope.tools.is_empty() {
+            0
+        } else {
+            json_bytes(&envelope.tools)
+        }
         + envelope
             .passages
             .iter()
@@ -55,6 +178,12 @@ pub fn envelope_bytes(envelope: &Envelope) -> usize {
             .sum::<usize>()
         + envelope.prompt.len()
         + envelope.completion.len()
+        + envelope
+            .tool_calls
+            .iter()
+            .map(|c| c.id.len() + c.name.len() + c.arguments.len())
+            .sum::<usize>()
+        + envelope.refusal.as_ref().map_or(0, String::len)
         + envelope.finish_reason.len()
         + envelope.chunks.iter().map(String::len).sum::<usize>()
         + envelope

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
 use wasmtime::{Store, Trap};
 
-use super::bindings::{ChunkContext, ChunkOutput, Envelope, Exports, ProcessArgument, StageError};
+use super::bindings::{ChunkContext, ChunkOutput, Contract, Exports, ProcessArgument, StageError};
 use super::engine::Ticking;
-use super::envelope::envelope_bytes;
+use super::envelope::Envelope;
 use super::error::CallError;
 use super::host::{HostState, RequestBudget};
+use super::legacy::{self, LegacyRequest};
 use super::plugin::Plugin;
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
@@ -161,62 +162,99 @@ impl Instance {
         let deadline = state.deadline + HOST_CALL_GRACE;
         // By handle: the envelope moves into the store's resource table for
         // the call (no copy) and is taken back after it, however it ended.
-        let handle = if self.exports.world().by_handle() {
-            let envelope = std::mem::replace(envelope, Envelope::placeholder());
-            state.request = Some(RequestBudget::new(&envelope, cap));
-            let handle = state.table.push(envelope).map_err(|e| {
-                CallError::new(
-                    ErrorType::Trap,
-                    format!("cannot hand over the request: {e}"),
-                )
-            })?;
-            Some(handle)
-        } else {
-            None
+        // By value (0.1 only): its 0.1 view is copied in, and what comes
+        // back merged into it.
+        let world = self.exports.world();
+        let hand_over = |e: wasmtime::component::ResourceTableError| {
+            CallError::new(
+                ErrorType::Trap,
+                format!("cannot hand over the request: {e}"),
+            )
         };
-        let argument = match &handle {
-            Some(handle) => ProcessArgument::Handle(Resource::new_borrow(handle.rep())),
-            None => ProcessArgument::Value(envelope),
+        let view = (!world.by_handle()).then(|| legacy::envelope_view(envelope));
+        let argument = match &view {
+            Some(view) => ProcessArgument::Value(view),
+            None => {
+                let taken = std::mem::replace(envelope, Envelope::placeholder());
+                state.request = Some(RequestBudget::new(&taken, cap));
+                match world.contract() {
+                    Contract::V2 => {
+                        ProcessArgument::Handle(state.table.push(taken).map_err(hand_over)?)
+                    }
+                    Contract::V1 => ProcessArgument::LegacyHandle(
+                        state.table.push(LegacyRequest(taken)).map_err(hand_over)?,
+                    ),
+                }
+            }
+        };
+        let owned = match &argument {
+            ProcessArgument::Handle(handle) => Some(Ok(handle.rep())),
+            ProcessArgument::LegacyHandle(handle) => Some(Err(handle.rep())),
+            ProcessArgument::Value(_) => None,
+        };
+        let argument = match argument {
+            ProcessArgument::Handle(handle) => {
+                ProcessArgument::Handle(Resource::new_borrow(handle.rep()))
+            }
+            ProcessArgument::LegacyHandle(handle) => {
+                ProcessArgument::LegacyHandle(Resource::new_borrow(handle.rep()))
+            }
+            value => value,
         };
         let result = {
             let call = self.exports.process(&mut self.store, argument);
             within(deadline, std::pin::pin!(call)).await
         };
         let mut over_cap = None;
-        if let Some(handle) = handle {
+        if let Some(rep) = owned {
             let state = self.store.data_mut();
             over_cap = state.request.take().and_then(|budget| budget.exceeded);
-            *envelope = state.table.delete(handle).map_err(|e| {
+            let take_back = |e: wasmtime::component::ResourceTableError| {
                 CallError::new(
                     ErrorType::Trap,
                     format!("cannot take back the request: {e}"),
                 )
-            })?;
+            };
+            *envelope = match rep {
+                Ok(rep) => state
+                    .table
+                    .delete(Resource::<Envelope>::new_own(rep))
+                    .map_err(take_back)?,
+                Err(rep) => {
+                    state
+                        .table
+                        .delete(Resource::<LegacyRequest>::new_own(rep))
+                        .map_err(take_back)?
+                        .0
+                }
+            };
         }
+        drop(view);
         if let Some(size) = over_cap {
             return Err(CallError::new(
                 ErrorType::OutputTooLarge,
                 format!("the stage set {size} bytes; its max_output_bytes is {cap}"),
             ));
         }
-        match result {
+        let output = match result {
             None => return Err(timed_out(timeout)),
             Some(Err(error)) => {
                 let panic = self.store.data_mut().panic.take();
                 return Err(classify(error, ErrorType::Trap, timeout, panic));
             }
             Some(Ok(Err(error))) => return Err(self.stage_error(error)),
-            Some(Ok(Ok(Some(output)))) => *envelope = output,
+            Some(Ok(Ok(Some(output)))) => output,
             // By handle: checked as it was set.
             Some(Ok(Ok(None))) => return Ok(()),
-        }
-        let size = envelope_bytes(envelope);
+        };
+        let size = legacy::envelope_view_bytes(&output);
         if size > cap {
             return Err(CallError::new(
                 ErrorType::OutputTooLarge,
                 format!("the stage returned {size} bytes; its max_output_bytes is {cap}"),
             ));
         }
+        legacy::merge_envelope(envelope, output);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::bindings::ExportIndices;
-use super::bindings::orchestrator::pipeline::{inference, log, request};
+use super::bindings::{v1, v2};
 use super::engine::Runtime;
 use super::error::{CallError, LoadError};
 use super::host::HostState;
@@ -186,15 +186,25 @@ impl Runtime {
 }
 
 /// The linker every stage gets: WASI 0.2 (sockets included, every socket
-/// call denied by the store's [`WasiCtx`](wasmtime_wasi::WasiCtx)), `log`,
-/// the `request` resource, and `inference`, whose calls fail unless the
-/// stage is granted it (the store of an ungranted stage holds no router).
+/// call denied by the store's [`WasiCtx`](wasmtime_wasi::WasiCtx)), and of
+/// both contracts (0.2.x and 0.1.x) `log`, the `request` resource, and
+/// `inference`, whose calls fail unless the stage is granted it (the store
+/// of an ungranted stage holds no router).
 fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
     let mut linker: Linker<HostState> = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-    log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-    request::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
-    inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    {
+        use v2::orchestrator::pipeline::{inference, log, request};
+        log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        request::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    }
+    {
+        use v1::orchestrator::pipeline::{inference, log, request};
+        log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        request::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+    }
     Ok(linker)
 }
 

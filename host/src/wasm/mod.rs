@@ -82,21 +82,21 @@
 
 pub mod bindings;
 mod cache;
+mod convert;
 mod engine;
 mod envelope;
 mod error;
 mod host;
 mod inspect;
 mod instance;
+pub mod legacy;
 mod load;
 mod plugin;
 
-pub use bindings::{
-    ChunkContext, ChunkOutput, Envelope, GenerationParams, Message, Passage, StageError, Usage,
-    World,
-};
+pub use bindings::{ChunkContext, ChunkOutput, Contract, StageError, World};
+pub use convert::params_to_wit;
 pub use engine::{EPOCH_TICK, EngineError, EngineSettings, KEEP_RESIDENT_BYTES, Runtime};
-pub use envelope::envelope_bytes;
+pub use envelope::{Envelope, Passage, chat_tokens, envelope_bytes};
 pub use error::{BoxError, CallError, LoadError};
 pub use inspect::{Inspection, inspect};
 pub use instance::Instance;

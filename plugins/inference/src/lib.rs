@@ -1,167 +1,145 @@
-//! The `inference` stage: sends the assembled prompt to the host's
-//! inference backend (the `inference` import, granted to this stage by the
-//! host configuration).
+//! The `inference` stage: hands the request to the host's inference
+//! backend (the `inference` import, granted to this stage by the host
+//! configuration).
 //!
-//! The stage itself holds no model: which backend answers (the built-in
-//! deterministic `echo`, or an upstream service) is the host's choice.
+//! The stage itself holds no model and builds no prompt: the host sends
+//! the request's chat as it stands (messages, tools, parameters, after the
+//! stages before this one) to the backend of the request's model (the
+//! built-in deterministic `echo`, or an upstream service), and writes the
+//! answer into the request: completion, tool calls, refusal, finish reason
+//! and usage. The stage leaves all of these as the host wrote them (a
+//! `tool_calls` finish reason included).
 //!
-//! The bundled stage always starts a streaming generation with
-//! `inference.generate-stream` and returns the envelope unchanged: the host
-//! then feeds the tokens through the streaming stages that follow (a client
-//! that asked for a stream) or collects them (one that wants one answer),
-//! and fills in the completion, finish reason and usage when the generation
-//! ends. Either way the stage's worker is free again at the first token.
-//! [`run_request`] with `stream = false` calls `inference.generate`
-//! instead, which returns the whole completion to the plugin (and holds the
-//! worker until then): the way for a stage that must see the text.
+//! The stage always starts the generation with `generate-stream`, which
+//! returns at the first token: for a client that asked for a stream
+//! ([`Request::stream_requested`]) the host feeds the tokens through the
+//! streaming stages that follow; for one that wants one answer the host
+//! collects the generation after the call. Either way the stage's permit
+//! is free again at the first token. A stage that must see the answer
+//! calls `generate` instead ([`Mode::Whole`]), which returns with it and
+//! holds the stage's permit until then.
 
 mod stage;
 
 pub use stage::Inference;
 
-/// A completion as the stage records it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Completion {
-    /// Generated text.
-    pub text: String,
-    /// `stop` or `length`.
-    pub finish_reason: String,
-    /// Prompt tokens reported by the backend.
-    pub prompt_tokens: u32,
-    /// Completion tokens reported by the backend.
-    pub completion_tokens: u32,
+use orchestrator_plugin::{Request, StageError};
+
+/// How [`run`] generates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The whole answer, with `generate`: it is in the request when the
+    /// call returns.
+    Whole,
+    /// A stream, with `generate-stream`: the host records the answer when
+    /// the stream ends (what the bundled stage does).
+    Stream,
 }
 
-/// Why the stage failed.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Failure {
-    /// There is no prompt: `assemble` did not run or produced nothing.
-    EmptyPrompt,
-    /// The backend returned an error.
-    Backend(String),
-}
-
-/// Run one generation: check the prompt, call `generate`, and normalise the
-/// finish reason (anything but `length` counts as `stop`).
-pub fn run(
-    prompt: &str,
-    generate: impl FnOnce(&str) -> Result<Completion, String>,
-) -> Result<Completion, Failure> {
-    if prompt.trim().is_empty() {
-        return Err(Failure::EmptyPrompt);
+/// Generate the answer to `request` as `mode` says. Exactly one generation
+/// is started, and none for a request without messages.
+///
+/// # Errors
+///
+/// [`StageError::InvalidInput`] for a request without messages or one the
+/// backend refused as invalid; [`StageError::Upstream`] when the backend
+/// is unavailable, timed out or failed (see `StageError::from`).
+pub fn run(request: &dyn Request, mode: Mode) -> Result<(), StageError> {
+    if request.messages().is_empty() {
+        return Err(StageError::InvalidInput(
+            "the request has no messages to answer".into(),
+        ));
     }
-    let mut completion = generate(prompt).map_err(Failure::Backend)?;
-    if completion.finish_reason != "length" {
-        completion.finish_reason = "stop".into();
+    match mode {
+        Mode::Stream => request.generate_stream()?,
+        Mode::Whole => request.generate()?,
     }
-    Ok(completion)
-}
-
-/// What [`run_request`] did.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// A whole completion was generated: record it in the envelope.
-    Completed(Completion),
-    /// A streaming generation was started: leave the envelope as it is,
-    /// the host fills in the completion when the stream ends.
-    Streaming,
-}
-
-/// Run one request: check the prompt, then, if the client asked for a
-/// stream (`stream`), start one with
-/// `generate_stream`, otherwise generate the whole completion with
-/// `generate` as [`run`] does. Exactly one of the two is called, and
-/// neither for an empty prompt.
-pub fn run_request(
-    prompt: &str,
-    stream: bool,
-    generate: impl FnOnce(&str) -> Result<Completion, String>,
-    generate_stream: impl FnOnce(&str) -> Result<(), String>,
-) -> Result<Outcome, Failure> {
-    if !stream {
-        return run(prompt, generate).map(Outcome::Completed);
-    }
-    if prompt.trim().is_empty() {
-        return Err(Failure::EmptyPrompt);
-    }
-    generate_stream(prompt).map_err(Failure::Backend)?;
-    Ok(Outcome::Streaming)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use orchestrator_plugin::testing::{Answer, Generate, TestRequest};
+    use orchestrator_plugin::{InferenceError, ToolCall};
+
     use super::*;
 
-    fn ok(text: &str, reason: &str) -> Result<Completion, String> {
-        Ok(Completion {
-            text: text.into(),
-            finish_reason: reason.into(),
-            prompt_tokens: 3,
-            completion_tokens: 1,
-        })
+    #[test]
+    fn no_messages_is_refused_without_generating() {
+        let request = TestRequest::new().with_answer(Answer::text("x"));
+        let err = run(&request, Mode::Stream).unwrap_err();
+        assert!(matches!(err, StageError::InvalidInput(_)), "{err:?}");
+        assert!(request.generations().is_empty());
+        assert_eq!(request.completion(), "");
     }
 
     #[test]
-    fn empty_prompt_is_refused_without_calling_the_backend() {
-        let result = run("  ", |_| panic!("backend called"));
-        assert_eq!(result, Err(Failure::EmptyPrompt));
+    fn a_plain_request_generates_the_whole_answer() {
+        let request = TestRequest::new()
+            .with_user("hi")
+            .with_answer(Answer::text("hello").with_usage(3, 1));
+        assert_eq!(run(&request, Mode::Whole), Ok(()));
+        assert_eq!(request.generations(), [Generate::Whole]);
+        assert_eq!(request.completion(), "hello");
+        assert_eq!(request.finish_reason(), "stop");
+        assert_eq!(request.usage().prompt_tokens, 3);
     }
 
     #[test]
-    fn finish_reason_is_normalised() {
-        assert_eq!(run("p", |_| ok("x", "eos")).unwrap().finish_reason, "stop");
-        assert_eq!(
-            run("p", |_| ok("x", "length")).unwrap().finish_reason,
-            "length"
-        );
+    fn a_stream_request_starts_a_stream() {
+        let request = TestRequest::new()
+            .with_user("hi")
+            .streaming()
+            .with_answer(Answer::text("hello"));
+        assert_eq!(run(&request, Mode::Stream), Ok(()));
+        assert_eq!(request.generations(), [Generate::Stream]);
     }
 
     #[test]
-    fn backend_errors_pass_through() {
-        assert_eq!(
-            run("p", |_| Err("down".into())),
-            Err(Failure::Backend("down".into()))
-        );
+    fn the_finish_reason_is_left_as_the_host_wrote_it() {
+        let call = ToolCall::function("call_1", "weather", r#"{"city":"Paris"}"#);
+        let request = TestRequest::new()
+            .with_user("weather in Paris?")
+            .with_answer(Answer::tool_calls(vec![call.clone()]));
+        run(&request, Mode::Stream).unwrap();
+        assert_eq!(request.finish_reason(), "tool_calls");
+        assert_eq!(request.tool_calls(), [call]);
+
+        let request = TestRequest::new()
+            .with_user("hi")
+            .with_answer(Answer::text("x").with_finish_reason("content_filter"));
+        run(&request, Mode::Stream).unwrap();
+        assert_eq!(request.finish_reason(), "content_filter");
     }
 
     #[test]
-    fn a_stream_request_starts_a_stream_and_generates_nothing() {
-        let mut started = None;
-        let outcome = run_request(
-            "prompt",
-            true,
-            |_| panic!("generate called for a stream"),
-            |prompt| {
-                started = Some(prompt.to_string());
-                Ok(())
-            },
-        );
-        assert_eq!(outcome, Ok(Outcome::Streaming));
-        assert_eq!(started.as_deref(), Some("prompt"));
-    }
-
-    #[test]
-    fn other_requests_generate_a_whole_completion() {
-        let outcome = run_request(
-            "p",
-            false,
-            |_| ok("x", "eos"),
-            |_| panic!("generate-stream called without a stream request"),
-        );
-        let Ok(Outcome::Completed(completion)) = outcome else {
-            panic!("not completed: {outcome:?}");
-        };
-        assert_eq!(
-            (completion.text.as_str(), completion.finish_reason.as_str()),
-            ("x", "stop")
-        );
-    }
-
-    #[test]
-    fn a_stream_request_checks_the_prompt_and_passes_errors_through() {
-        let refused = run_request(" \n", true, |_| panic!("generate"), |_| panic!("stream"));
-        assert_eq!(refused, Err(Failure::EmptyPrompt));
-        let failed = run_request("p", true, |_| panic!("generate"), |_| Err("busy".into()));
-        assert_eq!(failed, Err(Failure::Backend("busy".into())));
+    fn backend_errors_are_mapped() {
+        for (error, streaming, expected) in [
+            (
+                InferenceError::InvalidRequest("bad tool schema".into()),
+                false,
+                StageError::InvalidInput("bad tool schema".into()),
+            ),
+            (
+                InferenceError::Unavailable("busy".into()),
+                true,
+                StageError::Upstream("busy".into()),
+            ),
+            (
+                InferenceError::Timeout("slow".into()),
+                false,
+                StageError::Upstream("slow".into()),
+            ),
+        ] {
+            let mut request = TestRequest::new()
+                .with_user("hi")
+                .with_generation_error(error);
+            if streaming {
+                request = request.streaming();
+            }
+            let mode = if streaming { Mode::Stream } else { Mode::Whole };
+            assert_eq!(run(&request, mode), Err(expected));
+            assert_eq!(request.generations().len(), 1);
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! In order: cut at the first stop sequence, trim surrounding whitespace,
 //! redact e-mail addresses (`[redacted email]`) and strings that look like
 //! API keys or tokens (`[redacted key]`). What changed is reported in
-//! [`Cleaned`] and, by the glue, in the envelope's metadata.
+//! [`Cleaned`] and, by the glue, in the request's notes.
 //!
 //! Every rule looks only a bounded distance ahead, so both modes take time
 //! linear in the completion, whatever its text (a megabyte of `.` or of
@@ -24,7 +24,7 @@
 //!
 //! - whole mode, [`clean`]: the completion at once (the `process` export);
 //! - chunk mode, [`process_chunk`]: a streamed completion delta by delta
-//!   (the `process-chunk` export of the `streaming-stage` world). Each call
+//!   (the `process-chunk` export of the `streaming-request-stage` world). Each call
 //!   emits the text that is already final and holds back, in the carry,
 //!   only what may still change: a word that may yet turn out to be an
 //!   e-mail address or a key, text that may be the start of a stop
@@ -34,10 +34,18 @@
 //! concatenation of everything [`process_chunk`] emits equals
 //! `clean(completion, stop).text`, and it reports `stop` exactly when
 //! [`clean`] reports `stopped` (this is property-tested).
+//!
+//! The rules apply to the answer's text content only: its tool calls are
+//! left as they are, unless `redact_tool_arguments = true` (see
+//! [`Config`]): then e-mail addresses and keys inside the strings of each
+//! call's JSON `arguments` are redacted too ([`redact_json`]), keeping the
+//! JSON valid.
 
+mod json;
 mod stage;
 
-pub use stage::Post;
+pub use json::{RedactedJson, redact_json};
+pub use stage::{Config, Post};
 
 use std::fmt;
 
@@ -102,6 +110,22 @@ pub fn clean(completion: &str, stop: &[String]) -> Cleaned {
         trimmed_chars: text.chars().count() - content.chars().count() - kept.chars().count(),
         emails: counts.emails,
         keys: counts.keys,
+    }
+}
+
+/// Redact e-mail addresses and keys in `text`, as [`clean`] does, without
+/// cutting at stop sequences or trimming (`stopped` is `false`,
+/// `trimmed_chars` 0). The redacted text holds a quote or a backslash
+/// only where `text` did: the markers have neither.
+pub fn redact(text: &str) -> Cleaned {
+    let mut counts = Counts::default();
+    let mut redacted = String::with_capacity(text.len());
+    redact_into(text, false, Scan::Boundary, &mut redacted, &mut counts);
+    Cleaned {
+        text: redacted,
+        emails: counts.emails,
+        keys: counts.keys,
+        ..Cleaned::default()
     }
 }
 

@@ -3,13 +3,17 @@
 //! At `init` the stage reads every `*.md` / `*.txt` file under its corpus
 //! directory (a directory the host preopens read-only for this stage only),
 //! splits each file into paragraph passages and builds an in-memory BM25
-//! index. `process` scores the passages against the last user message and
-//! adds the best `top_k` to the envelope, with their source file names.
+//! index. `process` scores the passages against the text of the last user
+//! message (its text parts joined, for a multi-part message) and adds the
+//! best `top_k` to the request, with their source file names. With
+//! `models` set, it retrieves only for requests to those models.
 //!
-//! The logic lives in [`Index`], plain Rust; the WebAssembly glue is in the
-//! `component` module, compiled only for `wasm32`.
+//! The logic lives in [`Index`], plain Rust; the SDK glue is in the
+//! `stage` module ([`Rag`]).
 
 use std::collections::{HashMap, HashSet};
+
+use orchestrator_plugin::Message;
 
 mod stage;
 
@@ -192,14 +196,14 @@ fn split_passages(text: &str) -> Vec<String> {
     passages
 }
 
-/// The query for a conversation: the content of the last `user` message.
-pub fn query_of<'a>(
-    messages: impl DoubleEndedIterator<Item = (&'a str, &'a str)>,
-) -> Option<&'a str> {
+/// The query for a conversation: the text of the last `user` message
+/// (see [`Message::text`]).
+pub fn query_of(messages: &[Message]) -> Option<String> {
     messages
+        .iter()
         .rev()
-        .find(|(role, _)| *role == "user")
-        .map(|(_, content)| content)
+        .find(|m| m.is("user"))
+        .map(Message::text)
 }
 
 #[cfg(test)]
@@ -265,13 +269,20 @@ mod tests {
 
     #[test]
     fn query_is_the_last_user_message() {
+        let mut second = Message::new("user", "");
+        second.content = Some(orchestrator_plugin::Content::Parts(vec![
+            orchestrator_plugin::ContentPart::Text("second".into()),
+            orchestrator_plugin::ContentPart::Other("{}".into()),
+            orchestrator_plugin::ContentPart::Text("question".into()),
+        ]));
         let messages = [
-            ("system", "s"),
-            ("user", "first"),
-            ("assistant", "a"),
-            ("user", "second"),
+            Message::new("system", "s"),
+            Message::new("user", "first"),
+            Message::new("assistant", "a"),
+            second,
+            Message::new("tool", "result"),
         ];
-        assert_eq!(query_of(messages.into_iter()), Some("second"));
-        assert_eq!(query_of([("system", "s")].into_iter()), None);
+        assert_eq!(query_of(&messages).as_deref(), Some("second\nquestion"));
+        assert_eq!(query_of(&[Message::new("system", "s")]), None);
     }
 }

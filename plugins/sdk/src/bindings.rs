@@ -1,6 +1,8 @@
 //! The generated bindings of the `orchestrator:pipeline` WIT package.
 //!
-//! Both by-handle worlds are generated here: `streaming-request-stage`
+//! The package is `orchestrator:pipeline@0.2.0` (the `wit/` directory of
+//! the repository; 0.1.x lives in `wit/v0.1/` and is not used here). Both
+//! by-handle worlds are generated here: `streaming-request-stage`
 //! with every imported interface, and `request-stage` reusing those
 //! interfaces (`with`), so the two share one set of types. Their export
 //! macros are public, and each writes its world's exports into the
@@ -15,7 +17,8 @@
 #![allow(missing_docs, clippy::all)]
 
 /// The `streaming-request-stage` world: all imported interfaces, and the
-/// exports `init`, `process` and `process-chunk`.
+/// exports `init`, `process` and `process-chunk`. Its records and variants
+/// also derive `PartialEq`, so tests can compare them.
 pub mod streaming {
     wit_bindgen::generate!({
         world: "streaming-request-stage",
@@ -24,6 +27,7 @@ pub mod streaming {
         export_macro_name: "__export_streaming_request_stage",
         default_bindings_module: "::orchestrator_plugin::bindings::streaming",
         runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
+        additional_derives: [PartialEq],
     });
 }
 
@@ -38,10 +42,10 @@ pub mod plain {
         default_bindings_module: "::orchestrator_plugin::bindings::plain",
         runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
         with: {
-            "orchestrator:pipeline/types@0.1.2": crate::bindings::streaming::orchestrator::pipeline::types,
-            "orchestrator:pipeline/log@0.1.2": crate::bindings::streaming::orchestrator::pipeline::log,
-            "orchestrator:pipeline/inference@0.1.2": crate::bindings::streaming::orchestrator::pipeline::inference,
-            "orchestrator:pipeline/request@0.1.2": crate::bindings::streaming::orchestrator::pipeline::request,
+            "orchestrator:pipeline/types@0.2.0": crate::bindings::streaming::orchestrator::pipeline::types,
+            "orchestrator:pipeline/log@0.2.0": crate::bindings::streaming::orchestrator::pipeline::log,
+            "orchestrator:pipeline/inference@0.2.0": crate::bindings::streaming::orchestrator::pipeline::inference,
+            "orchestrator:pipeline/request@0.2.0": crate::bindings::streaming::orchestrator::pipeline::request,
         },
     });
 }

@@ -5,19 +5,28 @@
 //! stage, once per chunk of a streamed completion). This crate is
 //! everything a Rust plugin needs:
 //!
-//! - the WIT bindings of `orchestrator:pipeline` (the `wit/` directory of
-//!   the orchestrator repository), generated here so a plugin does not copy
-//!   the WIT or pick a `wit-bindgen` version;
+//! - the WIT bindings of `orchestrator:pipeline@0.2.0` (the `wit/`
+//!   directory of the orchestrator repository), generated here so a plugin
+//!   does not copy the WIT or pick a `wit-bindgen` version;
 //! - the [`Stage`] and [`StreamingStage`] traits, with typed configuration
 //!   ([`Stage::Config`], any `serde` type; see [`config`]);
 //! - [`export_stage!`] and [`export_streaming_stage!`], which export a type
 //!   as the plugin and keep its instance;
-//! - the [`Request`] a stage works on, notes ([`Request::set_notes`]), the
-//!   chunk path ([`Chunk`], [`ChunkOutput`], [`Chunk::complete_words`]),
+//! - the [`Request`] a stage works on: the client's chat as it was sent
+//!   ([`Message`]s with roles and [`Content`] as text or parts, [`Tool`]s,
+//!   [`GenerationParams`] where `None` means the client said nothing), the
+//!   answer ([`Request::completion`], [`Request::tool_calls`],
+//!   [`Request::refusal`], [`Request::finish_reason`], [`Usage`]), notes
+//!   ([`Request::set_notes`]) and generation ([`Request::generate`],
+//!   [`Request::generate_stream`], for a stage with [`Stage::INFERENCE`]);
+//! - helpers on those types ([`Message::new`], [`Message::text`],
+//!   [`Content::text`], `StageError::from(InferenceError)`, ...);
+//! - the chunk path ([`Chunk`], [`ChunkOutput`], [`Chunk::complete_words`]),
 //!   logging ([`log`]) with a panic hook that sends panic messages to the
-//!   host, and text generation for the inference position ([`inference`]);
-//! - [`testing`]: a native [`TestRequest`](testing::TestRequest) and
-//!   stream driver, so a stage is unit-tested with a plain `cargo test`.
+//!   host;
+//! - [`testing`]: a native [`TestRequest`](testing::TestRequest), with a
+//!   scripted generation, and a stream driver, so a stage is unit-tested
+//!   with a plain `cargo test`.
 //!
 //! ## A stage
 //!
@@ -56,6 +65,7 @@
 //!             text = text.replace(word.as_str(), &"*".repeat(word.len()));
 //!         }
 //!         request.set_completion(&text);
+//!         request.set_notes(&[("profanity.messages", &request.messages().len())]);
 //!         Ok(())
 //!     }
 //! }
@@ -64,9 +74,10 @@
 //!
 //! # use orchestrator_plugin::testing::TestRequest;
 //! let stage = Profanity::init(Config::default()).unwrap();
-//! let request = TestRequest::new().with_completion("oh darn");
+//! let request = TestRequest::new().with_user("hi").with_completion("oh darn");
 //! stage.process(&request).unwrap();
 //! assert_eq!(request.completion(), "oh ****");
+//! assert_eq!(request.note("profanity.messages").as_deref(), Some("1"));
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2` (or `cargo
@@ -75,8 +86,10 @@
 //!
 //! ## Lifecycle
 //!
-//! The host creates instances of the component as its `instances` setting
-//! says (one per worker, or a fresh one per request). In each instance
+//! The host creates instances of the component as the stage's
+//! `instance_mode` setting says: `"reuse"` (the default: an instance goes
+//! back to a pool after each call and serves many requests) or
+//! `"per-request"` (a fresh instance for every request). In each instance
 //! [`Stage::init`] runs once, with the stage's configuration, before any
 //! call; an error (or a panic) there makes the plugin fail to load, with
 //! the message in the host's error. Then `process` runs once per request,
@@ -96,10 +109,13 @@ pub mod log;
 mod request;
 mod stream;
 pub mod testing;
+mod types;
 
+pub use bindings::streaming::orchestrator::pipeline::inference::InferenceError;
 pub use bindings::streaming::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
 pub use bindings::streaming::orchestrator::pipeline::types::{
-    GenerationParams, Message, Passage, StageError, Usage,
+    Content, ContentPart, GenerationParams, ImageUrl, Message, Passage, StageError, Tool, ToolCall,
+    Usage,
 };
 pub use request::{Request, STREAM_NOTE};
 pub use stream::Chunk;
@@ -124,6 +140,15 @@ pub trait Stage: Sized + 'static {
     /// Any error: the plugin then fails to load (at startup, on hot swap,
     /// on `orchestrator plugin check`), with this message.
     fn init(config: Self::Config) -> Result<Self, InitError>;
+
+    /// Whether the stage generates ([`Request::generate`],
+    /// [`Request::generate_stream`]). Only a stage that says `true` imports
+    /// the host's `orchestrator:pipeline/inference` interface; in any
+    /// other, those calls return [`InferenceError::Unavailable`] without
+    /// reaching the host (a [`TestRequest`](testing::TestRequest) answers
+    /// them either way). The host answers them only for a stage configured
+    /// with `inference = true`.
+    const INFERENCE: bool = false;
 
     /// Transform the request, in place. For a stage after `inference` in a
     /// request that does not stream, the completion is all there.
@@ -154,13 +179,16 @@ pub trait StreamingStage: Stage {
     fn process_chunk(&self, chunk: Chunk) -> Result<ChunkOutput, StageError>;
 }
 
-/// Text generation by the host's inference backend, for the stage at the
-/// inference position. Only a stage granted `inference = true` may call it:
-/// the host refuses to load any other plugin that calls it. Available only
-/// inside a plugin (natively these functions panic).
+/// The raw `inference` import: `generate(&handle)` and
+/// `generate_stream(&handle)` on the host's request handle. A stage
+/// normally calls [`Request::generate`] and [`Request::generate_stream`]
+/// instead. Calls answer only at a position the host configures with
+/// `inference = true` (any other stage's calls fail). Available only inside
+/// a plugin (natively these functions panic), and a plugin that names them
+/// imports the interface.
 pub mod inference {
     pub use crate::bindings::streaming::orchestrator::pipeline::inference::{
-        Generation, generate, generate_stream,
+        InferenceError, generate, generate_stream,
     };
 }
 
@@ -220,7 +248,12 @@ macro_rules! __export_world {
                 }
                 fn process(request: &$crate::bindings::$world::Request)
                     -> ::std::result::Result<(), $crate::StageError> {
-                    $crate::__private::process::<$stage>(&STAGE, request)
+                    // The stage's `INFERENCE` as a const generic: for
+                    // `false` the inference import is not compiled in.
+                    let request = $crate::__private::HostRequest::<
+                        { <$stage as $crate::Stage>::INFERENCE },
+                    >(request);
+                    $crate::__private::process::<$stage>(&STAGE, &request)
                 }
                 $($extra)*
             }
@@ -236,6 +269,8 @@ pub mod __private {
     use std::thread::LocalKey;
 
     pub use wit_bindgen;
+
+    pub use crate::request::HostRequest;
 
     use crate::{Chunk, ChunkOutput, Request, Stage, StageError, StreamingStage};
 

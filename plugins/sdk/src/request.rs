@@ -5,8 +5,9 @@
 
 use std::fmt::Display;
 
+use crate::bindings::streaming::orchestrator::pipeline::inference;
 use crate::bindings::streaming::orchestrator::pipeline::request::Request as Handle;
-use crate::{GenerationParams, Message, Passage, Usage};
+use crate::{GenerationParams, InferenceError, Message, Passage, Tool, ToolCall, Usage};
 
 /// The note the host sets to `true` when the client asked for a stream
 /// (see [`Request::stream_requested`]). The host reads the same constant.
@@ -18,30 +19,58 @@ pub const STREAM_NOTE: &str = "request.stream";
 /// resource): each getter copies one field into the plugin, each setter
 /// replaces one field in the host, so a stage pays only for the fields it
 /// uses. If `process` returns an error, everything it set is discarded.
+///
+/// The request is the client's chat as it was sent ([`messages`], with
+/// roles, text or multi-part content, tool calls and tool results), the
+/// [`tools`] offered to the model and every generation parameter
+/// ([`params`]), as changed by the stages so far; and, once generated, the
+/// answer: [`completion`] (its text), [`tool_calls`], [`refusal`],
+/// [`finish_reason`] and [`usage`].
+///
+/// [`messages`]: Request::messages
+/// [`tools`]: Request::tools
+/// [`params`]: Request::params
+/// [`completion`]: Request::completion
+/// [`tool_calls`]: Request::tool_calls
+/// [`refusal`]: Request::refusal
+/// [`finish_reason`]: Request::finish_reason
+/// [`usage`]: Request::usage
 pub trait Request {
     /// Unique id of the request, assigned by the host (`chatcmpl-...`).
     fn id(&self) -> String;
-    /// The chat messages from the client, in order.
+    /// The chat messages, in order: the client's, as changed by the stages
+    /// so far.
     fn messages(&self) -> Vec<Message>;
     /// Replace the chat messages.
     fn set_messages(&self, messages: &[Message]);
-    /// Generation parameters from the client.
+    /// The generation parameters, as the client sent them (`None`: the
+    /// client said nothing).
     fn params(&self) -> GenerationParams;
     /// Replace the generation parameters.
     fn set_params(&self, params: &GenerationParams);
+    /// The tools offered to the model.
+    fn tools(&self) -> Vec<Tool>;
+    /// Replace the tools.
+    fn set_tools(&self, tools: &[Tool]);
     /// Passages retrieved by `rag`, best first.
     fn passages(&self) -> Vec<Passage>;
     /// Replace the passages.
     fn set_passages(&self, passages: &[Passage]);
-    /// The model prompt built by `assemble`.
-    fn prompt(&self) -> String;
-    /// Replace the prompt.
-    fn set_prompt(&self, prompt: &str);
-    /// The model's completion: written by `inference`, cleaned by `post`.
+    /// The answer's text content: written by the generation, cleaned by
+    /// `post`.
     fn completion(&self) -> String;
-    /// Replace the completion.
+    /// Replace the answer's text content.
     fn set_completion(&self, completion: &str);
-    /// Why generation stopped: `stop` or `length`.
+    /// The answer's tool calls.
+    fn tool_calls(&self) -> Vec<ToolCall>;
+    /// Replace the answer's tool calls.
+    fn set_tool_calls(&self, calls: &[ToolCall]);
+    /// The model's refusal, if it refused.
+    fn refusal(&self) -> Option<String>;
+    /// Replace the refusal.
+    fn set_refusal(&self, refusal: Option<&str>);
+    /// Why generation stopped: `stop`, `length`, `tool_calls` or
+    /// `content_filter`.
     fn finish_reason(&self) -> String;
     /// Replace the finish reason.
     fn set_finish_reason(&self, reason: &str);
@@ -61,6 +90,32 @@ pub trait Request {
     /// with the stage's name: `profanity.masked`.
     fn set_note(&self, key: &str, value: &str);
 
+    /// Generate the answer to the request as it stands (its messages,
+    /// tools and parameters) with the host's inference backend, and record
+    /// it in the request: completion, tool calls, refusal, finish reason
+    /// and usage. Returns when the whole answer is there.
+    ///
+    /// Only for a stage whose [`Stage::INFERENCE`](crate::Stage::INFERENCE)
+    /// is `true`, at a position the host grants `inference = true`.
+    ///
+    /// # Errors
+    ///
+    /// An [`InferenceError`]; `StageError::from` maps it for `process`.
+    fn generate(&self) -> Result<(), InferenceError>;
+
+    /// Start a streamed generation of the answer: returns once the backend
+    /// has accepted the request, before the first token. The host then
+    /// delivers the tokens itself, through the streaming stages that
+    /// follow, to the client, and records the whole answer in the request
+    /// when the stream ends. Call it only when
+    /// [`stream_requested`](Self::stream_requested); same conditions as
+    /// [`generate`](Self::generate).
+    ///
+    /// # Errors
+    ///
+    /// An [`InferenceError`]; `StageError::from` maps it for `process`.
+    fn generate_stream(&self) -> Result<(), InferenceError>;
+
     /// Set several notes at once, each value written with `Display`:
     /// `request.set_notes(&[("post.redacted", &3), ("post.stopped", &true)])`.
     fn set_notes(&self, notes: &[(&str, &dyn Display)]) {
@@ -77,65 +132,108 @@ pub trait Request {
     }
 }
 
-impl Request for Handle {
+/// The host's handle as a [`Request`], in a plugin whose stage says
+/// `INFERENCE` (the export macros pass `Stage::INFERENCE`). With `false`,
+/// [`generate`](Request::generate) and
+/// [`generate_stream`](Request::generate_stream) never reach the import,
+/// so the plugin does not import `orchestrator:pipeline/inference` at all.
+#[doc(hidden)]
+pub struct HostRequest<'a, const INFERENCE: bool>(pub &'a Handle);
+
+/// What a stage without [`Stage::INFERENCE`](crate::Stage::INFERENCE) gets
+/// from `generate`.
+fn not_declared() -> InferenceError {
+    InferenceError::Unavailable(
+        "this plugin does not generate: its Stage impl must say `const INFERENCE: bool = true`"
+            .into(),
+    )
+}
+
+impl<const INFERENCE: bool> Request for HostRequest<'_, INFERENCE> {
     fn id(&self) -> String {
-        Handle::id(self)
+        self.0.id()
     }
     fn messages(&self) -> Vec<Message> {
-        Handle::messages(self)
+        self.0.messages()
     }
     fn set_messages(&self, messages: &[Message]) {
-        Handle::set_messages(self, messages)
+        self.0.set_messages(messages)
     }
     fn params(&self) -> GenerationParams {
-        Handle::params(self)
+        self.0.params()
     }
     fn set_params(&self, params: &GenerationParams) {
-        Handle::set_params(self, params)
+        self.0.set_params(params)
+    }
+    fn tools(&self) -> Vec<Tool> {
+        self.0.tools()
+    }
+    fn set_tools(&self, tools: &[Tool]) {
+        self.0.set_tools(tools)
     }
     fn passages(&self) -> Vec<Passage> {
-        Handle::passages(self)
+        self.0.passages()
     }
     fn set_passages(&self, passages: &[Passage]) {
-        Handle::set_passages(self, passages)
-    }
-    fn prompt(&self) -> String {
-        Handle::prompt(self)
-    }
-    fn set_prompt(&self, prompt: &str) {
-        Handle::set_prompt(self, prompt)
+        self.0.set_passages(passages)
     }
     fn completion(&self) -> String {
-        Handle::completion(self)
+        self.0.completion()
     }
     fn set_completion(&self, completion: &str) {
-        Handle::set_completion(self, completion)
+        self.0.set_completion(completion)
+    }
+    fn tool_calls(&self) -> Vec<ToolCall> {
+        self.0.tool_calls()
+    }
+    fn set_tool_calls(&self, calls: &[ToolCall]) {
+        self.0.set_tool_calls(calls)
+    }
+    fn refusal(&self) -> Option<String> {
+        self.0.refusal()
+    }
+    fn set_refusal(&self, refusal: Option<&str>) {
+        self.0.set_refusal(refusal)
     }
     fn finish_reason(&self) -> String {
-        Handle::finish_reason(self)
+        self.0.finish_reason()
     }
     fn set_finish_reason(&self, reason: &str) {
-        Handle::set_finish_reason(self, reason)
+        self.0.set_finish_reason(reason)
     }
     fn chunks(&self) -> Vec<String> {
-        Handle::chunks(self)
+        self.0.chunks()
     }
     fn set_chunks(&self, chunks: &[String]) {
-        Handle::set_chunks(self, chunks)
+        self.0.set_chunks(chunks)
     }
     fn usage(&self) -> Usage {
-        Handle::usage(self)
+        self.0.usage()
     }
     fn set_usage(&self, usage: Usage) {
-        Handle::set_usage(self, usage)
+        self.0.set_usage(usage)
     }
     fn metadata(&self) -> Vec<(String, String)> {
-        Handle::metadata(self)
+        self.0.metadata()
     }
     fn note(&self, key: &str) -> Option<String> {
-        Handle::note(self, key)
+        self.0.note(key)
     }
     fn set_note(&self, key: &str, value: &str) {
-        Handle::set_note(self, key, value)
+        self.0.set_note(key, value)
+    }
+    fn generate(&self) -> Result<(), InferenceError> {
+        // A constant condition: for `false` the import is not even
+        // compiled in.
+        if !INFERENCE {
+            return Err(not_declared());
+        }
+        inference::generate(self.0)
+    }
+    fn generate_stream(&self) -> Result<(), InferenceError> {
+        if !INFERENCE {
+            return Err(not_declared());
+        }
+        inference::generate_stream(self.0)
     }
 }

@@ -2,26 +2,167 @@
 //! `cargo test`, without a host.
 //!
 //! ```
-//! use orchestrator_plugin::{Request, testing::TestRequest};
+//! use orchestrator_plugin::testing::{Answer, Generate, TestRequest};
+//! use orchestrator_plugin::{Request, ToolCall};
 //!
-//! let request = TestRequest::new().with_user_message("hi").with_completion("Hello!");
+//! let request = TestRequest::new()
+//!     .with_system("Be brief.")
+//!     .with_user("What is the weather in Paris?")
+//!     .with_answer(Answer::tool_calls(vec![ToolCall::function(
+//!         "call_1",
+//!         "weather",
+//!         r#"{"city":"Paris"}"#,
+//!     )]));
+//! assert_eq!(request.messages()[1].text(), "What is the weather in Paris?");
+//!
+//! // What a generating stage does; the scripted answer is recorded.
+//! request.generate().unwrap();
+//! assert_eq!(request.generations(), [Generate::Whole]);
+//! assert_eq!(request.finish_reason(), "tool_calls");
+//! assert_eq!(request.tool_calls()[0].name, "weather");
+//!
 //! request.set_note("demo.seen", "yes");
 //! assert_eq!(request.note("demo.seen").as_deref(), Some("yes"));
-//! assert_eq!(request.completion(), "Hello!");
 //! ```
 
 use std::cell::RefCell;
+use std::fmt;
+use std::rc::Rc;
 
-use crate::bindings::streaming::orchestrator::pipeline::types::Envelope;
 use crate::{
-    Chunk, ChunkContext, GenerationParams, Message, Passage, Request, StageError, StreamingStage,
-    Usage,
+    Chunk, ChunkContext, GenerationParams, InferenceError, Message, Passage, Request, STREAM_NOTE,
+    StageError, StreamingStage, Tool, ToolCall, Usage,
 };
 
+/// Every field of a [`TestRequest`], as the next stage would see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fields {
+    /// The request's id (`chatcmpl-test`).
+    pub id: String,
+    /// The chat messages.
+    pub messages: Vec<Message>,
+    /// The generation parameters.
+    pub params: GenerationParams,
+    /// The tools offered to the model.
+    pub tools: Vec<Tool>,
+    /// Retrieved passages.
+    pub passages: Vec<Passage>,
+    /// The answer's text content.
+    pub completion: String,
+    /// The answer's tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// The model's refusal.
+    pub refusal: Option<String>,
+    /// Why generation stopped.
+    pub finish_reason: String,
+    /// The streamed pieces.
+    pub chunks: Vec<String>,
+    /// Token usage.
+    pub usage: Usage,
+    /// The notes, in order.
+    pub metadata: Vec<(String, String)>,
+}
+
+/// Which generation a stage asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generate {
+    /// [`Request::generate`].
+    Whole,
+    /// [`Request::generate_stream`].
+    Stream,
+}
+
+/// A canned answer for [`TestRequest::with_answer`]: what the host writes
+/// into the request when a generation ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// The text content (the completion).
+    pub text: String,
+    /// The tool calls.
+    pub tool_calls: Vec<ToolCall>,
+    /// A refusal.
+    pub refusal: Option<String>,
+    /// The finish reason.
+    pub finish_reason: String,
+    /// The token usage.
+    pub usage: Usage,
+}
+
+impl Answer {
+    /// A text answer, finish reason `stop`, usage zero.
+    pub fn text(text: impl Into<String>) -> Answer {
+        Answer {
+            text: text.into(),
+            tool_calls: Vec::new(),
+            refusal: None,
+            finish_reason: "stop".into(),
+            usage: Usage {
+                prompt_tokens: 0,
+                completion_tokens: 0,
+            },
+        }
+    }
+
+    /// An answer that only calls tools: no text, finish reason
+    /// `tool_calls`.
+    pub fn tool_calls(calls: Vec<ToolCall>) -> Answer {
+        Answer {
+            tool_calls: calls,
+            finish_reason: "tool_calls".into(),
+            ..Answer::text("")
+        }
+    }
+
+    /// The same answer with this finish reason.
+    pub fn with_finish_reason(mut self, reason: impl Into<String>) -> Answer {
+        self.finish_reason = reason.into();
+        self
+    }
+
+    /// The same answer with this usage.
+    pub fn with_usage(mut self, prompt_tokens: u32, completion_tokens: u32) -> Answer {
+        self.usage = Usage {
+            prompt_tokens,
+            completion_tokens,
+        };
+        self
+    }
+
+    /// The same answer with a refusal.
+    pub fn with_refusal(mut self, refusal: impl Into<String>) -> Answer {
+        self.refusal = Some(refusal.into());
+        self
+    }
+}
+
+/// What a [`TestRequest`] does when a stage generates.
+type Generator = Rc<dyn Fn(&TestRequest) -> Result<(), InferenceError>>;
+
 /// An in-memory [`Request`], as the host would hand it to a stage.
-#[derive(Debug, Clone)]
+///
+/// [`generate`](Request::generate) and
+/// [`generate_stream`](Request::generate_stream) run what the test scripted
+/// ([`with_answer`](Self::with_answer),
+/// [`with_generation`](Self::with_generation),
+/// [`with_generation_error`](Self::with_generation_error)) and record the
+/// call ([`generations`](Self::generations)). A streamed generation
+/// records its answer at once, as the host does when the stream ends.
+/// Without a script they return [`InferenceError::Unavailable`].
+#[derive(Clone)]
 pub struct TestRequest {
-    envelope: RefCell<Envelope>,
+    fields: RefCell<Fields>,
+    generator: Option<Generator>,
+    generations: RefCell<Vec<Generate>>,
+}
+
+impl fmt::Debug for TestRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TestRequest")
+            .field("fields", &self.fields.borrow())
+            .field("scripted", &self.generator.is_some())
+            .field("generations", &self.generations.borrow())
+            .finish()
+    }
 }
 
 impl Default for TestRequest {
@@ -30,28 +171,25 @@ impl Default for TestRequest {
     }
 }
 
-/// The parameters of a test request: model `echo`, 256 tokens, no stop
-/// sequences.
+/// The parameters of a test request: model `echo`, nothing else said
+/// ([`GenerationParams::new`]).
 pub fn params() -> GenerationParams {
-    GenerationParams {
-        model: "echo".into(),
-        max_tokens: 256,
-        temperature: 1.0,
-        stop: Vec::new(),
-    }
+    GenerationParams::new("echo")
 }
 
 impl TestRequest {
     /// An empty request with id `chatcmpl-test` and [`params`].
     pub fn new() -> Self {
         TestRequest {
-            envelope: RefCell::new(Envelope {
-                request_id: "chatcmpl-test".into(),
+            fields: RefCell::new(Fields {
+                id: "chatcmpl-test".into(),
                 messages: Vec::new(),
                 params: params(),
+                tools: Vec::new(),
                 passages: Vec::new(),
-                prompt: String::new(),
                 completion: String::new(),
+                tool_calls: Vec::new(),
+                refusal: None,
                 finish_reason: String::new(),
                 chunks: Vec::new(),
                 usage: Usage {
@@ -60,106 +198,227 @@ impl TestRequest {
                 },
                 metadata: Vec::new(),
             }),
+            generator: None,
+            generations: RefCell::new(Vec::new()),
         }
     }
 
-    /// The request with a user message appended.
-    pub fn with_user_message(self, content: &str) -> Self {
-        self.envelope.borrow_mut().messages.push(Message {
-            role: "user".into(),
-            content: content.into(),
-        });
+    fn with(self, change: impl FnOnce(&mut Fields)) -> Self {
+        change(&mut self.fields.borrow_mut());
         self
     }
 
-    /// The request with this completion and finish reason `stop`.
-    pub fn with_completion(self, completion: &str) -> Self {
-        {
-            let mut envelope = self.envelope.borrow_mut();
-            envelope.completion = completion.into();
-            envelope.finish_reason = "stop".into();
-        }
-        self
+    /// The request with these messages appended.
+    pub fn with_messages(self, messages: impl IntoIterator<Item = Message>) -> Self {
+        self.with(|f| f.messages.extend(messages))
+    }
+
+    /// The request with a text message of `role` appended.
+    pub fn with_message(self, role: &str, text: &str) -> Self {
+        self.with(|f| f.messages.push(Message::new(role, text)))
+    }
+
+    /// The request with a `system` message appended.
+    pub fn with_system(self, text: &str) -> Self {
+        self.with_message("system", text)
+    }
+
+    /// The request with a `user` message appended.
+    pub fn with_user(self, text: &str) -> Self {
+        self.with_message("user", text)
+    }
+
+    /// The request with an `assistant` message appended.
+    pub fn with_assistant(self, text: &str) -> Self {
+        self.with_message("assistant", text)
+    }
+
+    /// The request with a `tool` message appended: the result `text` of
+    /// the call `call_id`.
+    pub fn with_tool_result(self, call_id: &str, text: &str) -> Self {
+        let mut message = Message::new("tool", text);
+        message.tool_call_id = Some(call_id.into());
+        self.with(|f| f.messages.push(message))
+    }
+
+    /// The request with these tools offered.
+    pub fn with_tools(self, tools: impl IntoIterator<Item = Tool>) -> Self {
+        self.with(|f| f.tools.extend(tools))
+    }
+
+    /// The request with these generation parameters.
+    pub fn with_params(self, params: GenerationParams) -> Self {
+        self.with(|f| f.params = params)
     }
 
     /// The request with these stop sequences.
     pub fn with_stop(self, stop: &[&str]) -> Self {
-        self.envelope.borrow_mut().params.stop = stop.iter().map(|s| s.to_string()).collect();
+        self.with(|f| f.params.stop = stop.iter().map(|s| s.to_string()).collect())
+    }
+
+    /// The request with these passages appended.
+    pub fn with_passages(self, passages: impl IntoIterator<Item = Passage>) -> Self {
+        self.with(|f| f.passages.extend(passages))
+    }
+
+    /// The request with this completion and finish reason `stop`.
+    pub fn with_completion(self, completion: &str) -> Self {
+        self.with(|f| {
+            f.completion = completion.into();
+            f.finish_reason = "stop".into();
+        })
+    }
+
+    /// The request with these tool calls in its answer.
+    pub fn with_tool_calls(self, calls: impl IntoIterator<Item = ToolCall>) -> Self {
+        self.with(|f| f.tool_calls.extend(calls))
+    }
+
+    /// The request with the note `key` set to `value`.
+    pub fn with_note(self, key: &str, value: &str) -> Self {
+        self.set_note(key, value);
         self
     }
 
-    /// The whole envelope, as the next stage would see it.
-    pub fn envelope(&self) -> Envelope {
-        self.envelope.borrow().clone()
+    /// The request as from a client that asked for a stream (the note
+    /// [`STREAM_NOTE`] is `true`).
+    pub fn streaming(self) -> Self {
+        self.with_note(STREAM_NOTE, "true")
+    }
+
+    /// The request whose generations run `generate`, which reads and
+    /// writes the request as the host would (it may also fail).
+    pub fn with_generation(
+        mut self,
+        generate: impl Fn(&TestRequest) -> Result<(), InferenceError> + 'static,
+    ) -> Self {
+        self.generator = Some(Rc::new(generate));
+        self
+    }
+
+    /// The request whose generations record `answer`: completion, tool
+    /// calls, refusal, finish reason and usage.
+    pub fn with_answer(self, answer: Answer) -> Self {
+        self.with_generation(move |request| {
+            request.set_completion(&answer.text);
+            request.set_tool_calls(&answer.tool_calls);
+            request.set_refusal(answer.refusal.as_deref());
+            request.set_finish_reason(&answer.finish_reason);
+            request.set_usage(answer.usage);
+            Ok(())
+        })
+    }
+
+    /// The request whose generations fail with `error`, recording nothing.
+    pub fn with_generation_error(self, error: InferenceError) -> Self {
+        self.with_generation(move |_| Err(error.clone()))
+    }
+
+    /// The generations the stage asked for, in order.
+    pub fn generations(&self) -> Vec<Generate> {
+        self.generations.borrow().clone()
+    }
+
+    /// Every field, as the next stage would see it.
+    pub fn fields(&self) -> Fields {
+        self.fields.borrow().clone()
+    }
+
+    fn run_generation(&self, kind: Generate) -> Result<(), InferenceError> {
+        self.generations.borrow_mut().push(kind);
+        match &self.generator {
+            Some(generate) => generate(self),
+            None => Err(InferenceError::Unavailable(
+                "TestRequest: no generation scripted (with_answer, with_generation)".into(),
+            )),
+        }
     }
 }
 
 impl Request for TestRequest {
     fn id(&self) -> String {
-        self.envelope.borrow().request_id.clone()
+        self.fields.borrow().id.clone()
     }
     fn messages(&self) -> Vec<Message> {
-        self.envelope.borrow().messages.clone()
+        self.fields.borrow().messages.clone()
     }
     fn set_messages(&self, messages: &[Message]) {
-        self.envelope.borrow_mut().messages = messages.to_vec();
+        self.fields.borrow_mut().messages = messages.to_vec();
     }
     fn params(&self) -> GenerationParams {
-        self.envelope.borrow().params.clone()
+        self.fields.borrow().params.clone()
     }
     fn set_params(&self, params: &GenerationParams) {
-        self.envelope.borrow_mut().params = params.clone();
+        self.fields.borrow_mut().params = params.clone();
+    }
+    fn tools(&self) -> Vec<Tool> {
+        self.fields.borrow().tools.clone()
+    }
+    fn set_tools(&self, tools: &[Tool]) {
+        self.fields.borrow_mut().tools = tools.to_vec();
     }
     fn passages(&self) -> Vec<Passage> {
-        self.envelope.borrow().passages.clone()
+        self.fields.borrow().passages.clone()
     }
     fn set_passages(&self, passages: &[Passage]) {
-        self.envelope.borrow_mut().passages = passages.to_vec();
-    }
-    fn prompt(&self) -> String {
-        self.envelope.borrow().prompt.clone()
-    }
-    fn set_prompt(&self, prompt: &str) {
-        self.envelope.borrow_mut().prompt = prompt.into();
+        self.fields.borrow_mut().passages = passages.to_vec();
     }
     fn completion(&self) -> String {
-        self.envelope.borrow().completion.clone()
+        self.fields.borrow().completion.clone()
     }
     fn set_completion(&self, completion: &str) {
-        self.envelope.borrow_mut().completion = completion.into();
+        self.fields.borrow_mut().completion = completion.into();
+    }
+    fn tool_calls(&self) -> Vec<ToolCall> {
+        self.fields.borrow().tool_calls.clone()
+    }
+    fn set_tool_calls(&self, calls: &[ToolCall]) {
+        self.fields.borrow_mut().tool_calls = calls.to_vec();
+    }
+    fn refusal(&self) -> Option<String> {
+        self.fields.borrow().refusal.clone()
+    }
+    fn set_refusal(&self, refusal: Option<&str>) {
+        self.fields.borrow_mut().refusal = refusal.map(str::to_string);
     }
     fn finish_reason(&self) -> String {
-        self.envelope.borrow().finish_reason.clone()
+        self.fields.borrow().finish_reason.clone()
     }
     fn set_finish_reason(&self, reason: &str) {
-        self.envelope.borrow_mut().finish_reason = reason.into();
+        self.fields.borrow_mut().finish_reason = reason.into();
     }
     fn chunks(&self) -> Vec<String> {
-        self.envelope.borrow().chunks.clone()
+        self.fields.borrow().chunks.clone()
     }
     fn set_chunks(&self, chunks: &[String]) {
-        self.envelope.borrow_mut().chunks = chunks.to_vec();
+        self.fields.borrow_mut().chunks = chunks.to_vec();
     }
     fn usage(&self) -> Usage {
-        self.envelope.borrow().usage
+        self.fields.borrow().usage
     }
     fn set_usage(&self, usage: Usage) {
-        self.envelope.borrow_mut().usage = usage;
+        self.fields.borrow_mut().usage = usage;
     }
     fn metadata(&self) -> Vec<(String, String)> {
-        self.envelope.borrow().metadata.clone()
+        self.fields.borrow().metadata.clone()
     }
     fn note(&self, key: &str) -> Option<String> {
-        let envelope = self.envelope.borrow();
-        let found = envelope.metadata.iter().find(|(k, _)| k == key);
+        let fields = self.fields.borrow();
+        let found = fields.metadata.iter().find(|(k, _)| k == key);
         found.map(|(_, v)| v.clone())
     }
     fn set_note(&self, key: &str, value: &str) {
-        let mut envelope = self.envelope.borrow_mut();
-        match envelope.metadata.iter_mut().find(|(k, _)| k == key) {
+        let mut fields = self.fields.borrow_mut();
+        match fields.metadata.iter_mut().find(|(k, _)| k == key) {
             Some(note) => note.1 = value.into(),
-            None => envelope.metadata.push((key.into(), value.into())),
+            None => fields.metadata.push((key.into(), value.into())),
         }
+    }
+    fn generate(&self) -> Result<(), InferenceError> {
+        self.run_generation(Generate::Whole)
+    }
+    fn generate_stream(&self) -> Result<(), InferenceError> {
+        self.run_generation(Generate::Stream)
     }
 }
 
@@ -229,4 +488,74 @@ pub fn stream<S: StreamingStage>(
         }
     }
     Ok(streamed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders_fill_the_fields() {
+        let request = TestRequest::new()
+            .with_system("s")
+            .with_user("u")
+            .with_assistant("a")
+            .with_tool_result("call_1", "42")
+            .with_tools([Tool::function("calc")])
+            .with_stop(&["END"])
+            .with_completion("done")
+            .with_tool_calls([ToolCall::function("call_2", "calc", "{}")])
+            .streaming();
+        let fields = request.fields();
+        let roles: Vec<_> = fields.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool"]);
+        assert_eq!(fields.messages[3].tool_call_id.as_deref(), Some("call_1"));
+        assert_eq!(fields.tools[0].name, "calc");
+        assert_eq!(fields.params.stop, ["END"]);
+        assert_eq!(
+            (fields.completion.as_str(), fields.finish_reason.as_str()),
+            ("done", "stop")
+        );
+        assert_eq!(fields.tool_calls.len(), 1);
+        assert!(request.stream_requested());
+        assert!(!TestRequest::new().stream_requested());
+    }
+
+    #[test]
+    fn generations_run_the_script_and_are_recorded() {
+        let request = TestRequest::new().with_answer(
+            Answer::text("hello")
+                .with_finish_reason("length")
+                .with_usage(3, 1)
+                .with_refusal("no"),
+        );
+        request.generate_stream().unwrap();
+        assert_eq!(request.generations(), [Generate::Stream]);
+        let fields = request.fields();
+        assert_eq!(fields.completion, "hello");
+        assert_eq!(fields.finish_reason, "length");
+        assert_eq!(fields.usage.completion_tokens, 1);
+        assert_eq!(fields.refusal.as_deref(), Some("no"));
+
+        let echo = TestRequest::new().with_user("ping").with_generation(|r| {
+            r.set_completion(&r.messages()[0].text());
+            Ok(())
+        });
+        echo.generate().unwrap();
+        assert_eq!(echo.completion(), "ping");
+
+        let failing =
+            TestRequest::new().with_generation_error(InferenceError::Timeout("slow".into()));
+        assert_eq!(
+            failing.generate(),
+            Err(InferenceError::Timeout("slow".into()))
+        );
+        assert_eq!(failing.generations(), [Generate::Whole]);
+
+        let unscripted = TestRequest::new();
+        assert!(matches!(
+            unscripted.generate(),
+            Err(InferenceError::Unavailable(_))
+        ));
+    }
 }

@@ -201,7 +201,7 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
             Attribute::new("orchestrator.stream", parsed.stream),
         ]);
     }
-    let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params);
+    let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params, parsed.tools);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
         let run = state
@@ -338,6 +338,7 @@ fn live_stream(
             let (event, end) = match item {
                 None => break,
                 Some(Ok(StreamItem::Delta(piece))) => (events.delta(&piece), false),
+                Some(Ok(StreamItem::Extra(extra))) => (events.extra(&extra), false),
                 Some(Ok(StreamItem::Done(envelope))) => (events.last(&envelope), false),
                 Some(Err(error)) => {
                     trace.fail(error.outcome().label(), error.to_string());

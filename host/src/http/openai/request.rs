@@ -1,84 +1,33 @@
-//! The request of `POST /v1/chat/completions`: its wire types and their
-//! validation into what the pipeline takes (`parse`).
+//! The request of `POST /v1/chat/completions`: its validation into what
+//! the pipeline takes (`parse`). The wire types are [`crate::chat`]'s.
 //!
-//! Unknown fields are ignored, as OpenAI does; everything the host cannot
-//! honour (`n` > 1, non-text content parts, an unknown model) is refused
-//! with a 4xx naming the field.
+//! The chat is kept as the client sent it: every message with its role,
+//! content parts, tool calls and extra fields, the tools, and every
+//! parameter (those the host does not model included). What the host checks
+//! is what it must: the roles, the model (404 if it routes nowhere), the
+//! ranges OpenAI documents, and what the chosen backend cannot do, refused
+//! with 400 naming the field rather than dropped (`n` > 1 everywhere, since
+//! the pipeline answers with one choice; log probabilities, a required tool
+//! call or a structured output from `echo`).
 
-use serde::Deserialize;
+use serde_json::Value;
 use warp::http::StatusCode;
 
+use crate::chat::{ChatRequest, Message, Params, Tool};
+use crate::config::BackendKind;
 use crate::http::error::ApiError;
 use crate::inference::Router;
-use crate::wasm::{GenerationParams, Message};
-
-/// Default `max_tokens` when the client gives none.
-pub const DEFAULT_MAX_TOKENS: u32 = 512;
 
 /// The longest stop sequence accepted, in bytes.
 const MAX_STOP_BYTES: usize = 256;
-
-#[derive(Debug, Deserialize)]
-struct ChatRequest {
-    model: String,
-    messages: Vec<ChatMessage>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    max_completion_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    stop: Option<Stop>,
-    #[serde(default)]
-    n: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Stop {
-    One(String),
-    Many(Vec<String>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ChatMessage {
-    role: String,
-    #[serde(default)]
-    content: Option<Content>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum Content {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Deserialize)]
-struct ContentPart {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(default)]
-    text: Option<String>,
-}
 
 /// A validated request.
 pub(super) struct Parsed {
     /// The model, as the client named it.
     pub(super) model: String,
     pub(super) messages: Vec<Message>,
-    pub(super) params: GenerationParams,
+    pub(super) params: Params,
+    pub(super) tools: Vec<Tool>,
     /// `"stream": true`.
     pub(super) stream: bool,
     /// `stream_options.include_usage`.
@@ -96,142 +45,149 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
         };
         ApiError::invalid(format!("{what}: {e}"), None)
     })?;
-    if request.messages.is_empty() {
+    let ChatRequest {
+        messages,
+        tools,
+        stream,
+        stream_options,
+        params,
+    } = request;
+    if messages.is_empty() {
         return Err(ApiError::invalid(
             "`messages` must not be empty",
             Some("messages"),
         ));
     }
-    let mut messages = Vec::with_capacity(request.messages.len());
-    for (n, message) in request.messages.into_iter().enumerate() {
-        if !ROLES.contains(&message.role.as_str()) {
-            return Err(ApiError::invalid(
-                format!(
-                    "messages[{n}].role is {:?}; expected one of {}",
-                    message.role,
-                    ROLES.join(", ")
-                ),
-                Some("messages"),
-            ));
-        }
-        let content = match message.content {
-            None => String::new(),
-            Some(Content::Text(text)) => text,
-            Some(Content::Parts(parts)) => {
-                let mut text = String::new();
-                for part in parts {
-                    match (part.kind.as_str(), part.text) {
-                        ("text", Some(t)) => {
-                            if !text.is_empty() {
-                                text.push('\n');
-                            }
-                            text.push_str(&t);
-                        }
-                        (kind, _) => {
-                            return Err(ApiError::invalid(
-                                format!(
-                                    "messages[{n}].content: only text parts are supported, got {kind:?}"
-                                ),
-                                Some("messages"),
-                            ));
-                        }
-                    }
-                }
-                text
-            }
-        };
-        messages.push(Message {
-            role: if message.role == "developer" {
-                "system".into()
-            } else {
-                message.role
-            },
-            content,
-        });
-    }
-    if !messages
+    if let Some((n, message)) = messages
         .iter()
-        .any(|m| m.role == "user" && !m.content.trim().is_empty())
+        .enumerate()
+        .find(|(_, m)| !ROLES.contains(&m.role.as_str()))
     {
         return Err(ApiError::invalid(
-            "`messages` must contain a user message with content",
+            format!(
+                "messages[{n}].role is {:?}; expected one of {}",
+                message.role,
+                ROLES.join(", ")
+            ),
             Some("messages"),
         ));
     }
-    if router.route(&request.model).is_none() {
+    let model = params.model.clone();
+    let Some(kind) = router.backend_kind(&model) else {
         let models: Vec<&str> = router.models().map(|(model, _, _)| model).collect();
         return Err(ApiError::with_code(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!(
-                "the model `{}` does not exist; this orchestrator serves: {}",
-                request.model,
+                "the model `{model}` does not exist; this orchestrator serves: {}",
                 models.join(", ")
             ),
         )
         .param("model"));
-    }
-    if request.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
-    }
-    let max_tokens = request
-        .max_completion_tokens
-        .or(request.max_tokens)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
-    if max_tokens == 0 {
-        return Err(ApiError::invalid(
-            "`max_tokens` must be at least 1",
-            Some("max_tokens"),
-        ));
-    }
-    if let Some((limit, backend)) = router.max_tokens_limit(&request.model)
-        && max_tokens > limit
-    {
-        return Err(ApiError::invalid(
-            format!(
-                "`max_tokens` {max_tokens} is above the limit of {limit} for model `{}` \
-                 (backend `{backend}`'s max_tokens_limit)",
-                request.model
-            ),
-            Some("max_tokens"),
-        ));
-    }
-    let temperature = request.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            "`temperature` must be between 0 and 2",
-            Some("temperature"),
-        ));
-    }
-    let stop = match request.stop {
-        None => Vec::new(),
-        Some(Stop::One(s)) => vec![s],
-        Some(Stop::Many(v)) if v.len() <= 4 => v,
-        Some(Stop::Many(_)) => {
-            return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
-        }
     };
+    if params.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            "`n` other than 1 is not supported: the pipeline answers with one choice",
+            Some("n"),
+        ));
+    }
+    for (field, value) in [
+        ("max_tokens", params.max_tokens),
+        ("max_completion_tokens", params.max_completion_tokens),
+    ] {
+        let Some(value) = value else { continue };
+        if value == 0 {
+            return Err(ApiError::invalid(
+                format!("`{field}` must be at least 1"),
+                Some(field),
+            ));
+        }
+        if let Some((limit, backend)) = router.max_tokens_limit(&model)
+            && value > limit
+        {
+            return Err(ApiError::invalid(
+                format!(
+                    "`{field}` {value} is above the limit of {limit} for model `{model}` \
+                     (backend `{backend}`'s max_tokens_limit)"
+                ),
+                Some(field),
+            ));
+        }
+    }
+    for (field, value, max) in [
+        ("temperature", params.temperature, 2.0),
+        ("top_p", params.top_p, 1.0),
+    ] {
+        if value.is_some_and(|v| !(0.0..=max).contains(&v)) {
+            return Err(ApiError::invalid(
+                format!("`{field}` must be between 0 and {max}"),
+                Some(field),
+            ));
+        }
+    }
+    for (field, value) in [
+        ("presence_penalty", params.presence_penalty),
+        ("frequency_penalty", params.frequency_penalty),
+    ] {
+        if value.is_some_and(|v| !(-2.0..=2.0).contains(&v)) {
+            return Err(ApiError::invalid(
+                format!("`{field}` must be between -2 and 2"),
+                Some(field),
+            ));
+        }
+    }
+    if params.stop.len() > 4 {
+        return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
+    }
     // A streaming stage may hold back the longest stop sequence's prefix at
     // every delta: bounding it bounds that work.
-    if stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+    if params.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
         return Err(ApiError::invalid(
             format!("a stop sequence may be at most {MAX_STOP_BYTES} bytes"),
             Some("stop"),
         ));
     }
+    if kind == BackendKind::Echo {
+        refuse_what_echo_cannot_do(&model, &params)?;
+    }
     Ok(Parsed {
-        params: GenerationParams {
-            model: request.model.clone(),
-            max_tokens,
-            temperature,
-            stop,
-        },
-        model: request.model,
+        model,
         messages,
-        stream: request.stream.unwrap_or(false),
-        include_usage: request.stream_options.is_some_and(|o| o.include_usage),
+        params,
+        tools: tools.unwrap_or_default(),
+        stream: stream.unwrap_or(false),
+        include_usage: stream_options.is_some_and(|o| o.include_usage),
     })
+}
+
+/// `echo` repeats the last user message: it has no log probabilities, calls
+/// no tool and follows no output format. A request that needs one of them is
+/// refused rather than answered as if it had been honoured.
+fn refuse_what_echo_cannot_do(model: &str, params: &Params) -> Result<(), ApiError> {
+    let refuse = |field: &'static str, what: &str| {
+        Err(ApiError::invalid(
+            format!(
+                "model `{model}` is served by the built-in `echo` backend, which {what}; \
+                 route the model to a real backend for `{field}`"
+            ),
+            Some(field),
+        ))
+    };
+    if params.logprobs == Some(true) || params.top_logprobs.is_some() {
+        return refuse("logprobs", "has no log probabilities");
+    }
+    if let Some(choice) = &params.tool_choice
+        && !matches!(choice.as_str(), Some("auto" | "none"))
+    {
+        return refuse("tool_choice", "never calls a tool");
+    }
+    if let Some(format) = &params.response_format
+        && format.get("type") != Some(&Value::from("text"))
+    {
+        return refuse("response_format", "answers with the user's text, not JSON");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -254,21 +210,30 @@ mod tests {
     fn accepts_a_minimal_request() {
         let p =
             parse_str(r#"{"model":"echo","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
-        assert_eq!(p.messages[0].content, "hi");
-        assert_eq!(p.params.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(p.messages[0].text(), "hi");
+        assert_eq!(p.params.max_tokens, None, "nothing the client did not say");
+        assert_eq!(p.params.temperature, None);
         assert!(!p.stream);
     }
 
     #[test]
-    fn flattens_text_parts_and_ignores_unknown_fields() {
+    fn keeps_roles_parts_and_unknown_fields_as_sent() {
         let p = parse_str(
-            r#"{"model":"echo","user":"x","seed":1,"stop":"END","stream":true,"stream_options":{"include_usage":true},
+            r#"{"model":"echo","user":"x","seed":1,"stop":"END","stream":true,"stream_options":{"include_usage":true},"brand_new":{"a":1},
                 "messages":[{"role":"developer","content":"be nice"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}]}]}"#,
         )
         .unwrap();
-        assert_eq!(p.messages[0].role, "system");
-        assert_eq!(p.messages[1].content, "a\nb");
+        assert_eq!(p.messages[0].role, "developer");
+        assert_eq!(p.messages[1].text(), "a\nb");
+        assert!(matches!(
+            p.messages[1].content,
+            Some(crate::chat::Content::Parts(_))
+        ));
         assert_eq!(p.params.stop, ["END"]);
+        assert_eq!(p.params.seed, Some(1));
+        assert_eq!(p.params.user.as_deref(), Some("x"));
+        assert_eq!(p.params.extra["brand_new"], serde_json::json!({"a": 1}));
+        assert!(!p.params.extra.contains_key("stream"));
         assert!(p.stream && p.include_usage);
     }
 
@@ -285,12 +250,24 @@ mod tests {
                 "role",
             ),
             (
-                r#"{"model":"echo","messages":[{"role":"system","content":"x"}]}"#,
-                "user message",
+                r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"n":2}"#,
+                "one choice",
             ),
             (
-                r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"n":2}"#,
-                "n = 1",
+                r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"top_p":1.5}"#,
+                "top_p",
+            ),
+            (
+                r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"logprobs":true}"#,
+                "log probabilities",
+            ),
+            (
+                r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+                "tool_choice",
+            ),
+            (
+                r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"response_format":{"type":"json_object"}}"#,
+                "response_format",
             ),
             (
                 r#"{"model":"echo","messages":[{"role":"user","content":"x"}],"temperature":3}"#,
@@ -302,7 +279,7 @@ mod tests {
             ),
             (
                 r#"{"model":"echo","messages":[{"role":"user","content":[{"type":"image_url"}]}]}"#,
-                "text parts",
+                "image_url",
             ),
         ];
         for (body, expected) in cases {
@@ -384,7 +361,7 @@ mod tests {
 
         #[test]
         fn any_field_of_a_valid_request_may_be_replaced(
-            field in proptest::sample::select(vec!["model", "messages", "stream", "max_tokens", "stop", "temperature", "n", "stream_options"]),
+            field in proptest::sample::select(vec!["model", "messages", "stream", "max_tokens", "stop", "temperature", "n", "stream_options", "tools", "tool_choice", "seed", "top_p", "response_format"]),
             value in any_json(),
         ) {
             let mut request = valid();

@@ -11,8 +11,11 @@ use serde::Serialize;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
 
+use serde_json::Value;
+
+use crate::chat::{ToolCall, ToolCallDelta};
 use crate::http::error::ApiError;
-use crate::inference::finish_reason;
+use crate::inference::{ExtraDelta, finish_reason};
 use crate::metrics::ErrorType;
 use crate::pipeline::{RouteRef, RunError};
 use crate::wasm::Envelope;
@@ -112,17 +115,18 @@ pub(super) struct Completion<'a> {
 struct CompletionChoice<'a> {
     index: u32,
     message: AssistantMessage<'a>,
-    /// Always `null`.
-    logprobs: (),
+    logprobs: Option<&'a Value>,
     finish_reason: &'static str,
 }
 
 #[derive(Serialize)]
 struct AssistantMessage<'a> {
     role: &'static str,
-    content: &'a str,
-    /// Always `null`.
-    refusal: (),
+    /// `null` for an answer that is only tool calls or a refusal.
+    content: Option<&'a str>,
+    refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[ToolCall]>::is_empty")]
+    tool_calls: &'a [ToolCall],
 }
 
 /// The body of a non-streamed answer.
@@ -141,10 +145,13 @@ pub(super) fn completion_body<'a>(
             index: 0,
             message: AssistantMessage {
                 role: "assistant",
-                content: &envelope.completion,
-                refusal: (),
+                content: (!envelope.completion.is_empty()
+                    || (envelope.tool_calls.is_empty() && envelope.refusal.is_none()))
+                .then_some(envelope.completion.as_str()),
+                refusal: envelope.refusal.as_deref(),
+                tool_calls: &envelope.tool_calls,
             },
-            logprobs: (),
+            logprobs: envelope.logprobs.as_ref(),
             finish_reason: finish(envelope),
         }],
         usage: usage(envelope),
@@ -170,17 +177,36 @@ struct Chunk<'a> {
 struct ChunkChoice<'a> {
     index: u32,
     delta: Delta<'a>,
-    /// Always `null`.
-    logprobs: (),
+    logprobs: Option<&'a Value>,
     finish_reason: Option<&'static str>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Default)]
 struct Delta<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refusal: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<ToolCallPieces<'a>>,
+}
+
+/// The tool calls of a chunk: pieces as the backend streamed them, or
+/// whole calls (of an answer streamed after it was complete).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ToolCallPieces<'a> {
+    Pieces(&'a [ToolCallDelta]),
+    Whole(Vec<WholeCall<'a>>),
+}
+
+#[derive(Serialize)]
+struct WholeCall<'a> {
+    index: usize,
+    #[serde(flatten)]
+    call: &'a ToolCall,
 }
 
 impl<'a> ChunkChoice<'a> {
@@ -188,7 +214,7 @@ impl<'a> ChunkChoice<'a> {
         ChunkChoice {
             index: 0,
             delta,
-            logprobs: (),
+            logprobs: None,
             finish_reason,
         }
     }
@@ -198,6 +224,9 @@ impl<'a> ChunkChoice<'a> {
 /// [`first`](Self::first), one [`delta`](Self::delta) per piece,
 /// [`last`](Self::last) (or [`error`](Self::error)), then [`DONE`].
 pub(super) struct ChunkEvents {
+    /// Whether tool calls or a refusal went out as the backend streamed
+    /// them (else the last chunk carries them whole).
+    streamed_extras: std::cell::Cell<bool>,
     id: String,
     model: String,
     created: u64,
@@ -217,6 +246,7 @@ impl ChunkEvents {
         route: Option<RouteRef>,
     ) -> ChunkEvents {
         ChunkEvents {
+            streamed_extras: std::cell::Cell::new(false),
             id,
             model,
             created: unix_now(),
@@ -245,6 +275,22 @@ impl ChunkEvents {
     /// A piece of the completion.
     pub(super) fn delta(&self, piece: &str) -> Bytes {
         event_bytes(|out| self.push_delta(out, piece))
+    }
+
+    /// Output that is not text, as the backend streamed it.
+    pub(super) fn extra(&self, extra: &ExtraDelta) -> Bytes {
+        self.streamed_extras.set(true);
+        event_bytes(|out| {
+            let delta = Delta {
+                refusal: extra.refusal.as_deref(),
+                tool_calls: (!extra.tool_calls.is_empty())
+                    .then_some(ToolCallPieces::Pieces(&extra.tool_calls)),
+                ..Delta::default()
+            };
+            let mut choice = ChunkChoice::new(delta, None);
+            choice.logprobs = extra.logprobs.as_ref();
+            push_event(out, &self.chunk(&[choice]));
+        })
     }
 
     /// The closing chunk (finish reason and the `orchestrator` object) and,
@@ -277,23 +323,40 @@ impl ChunkEvents {
         let delta = Delta {
             role: Some("assistant"),
             content: Some(""),
+            ..Delta::default()
         };
         push_event(out, &self.chunk(&[ChunkChoice::new(delta, None)]));
     }
 
     fn push_delta(&self, out: &mut Vec<u8>, piece: &str) {
         let delta = Delta {
-            role: None,
             content: Some(piece),
+            ..Delta::default()
         };
         push_event(out, &self.chunk(&[ChunkChoice::new(delta, None)]));
     }
 
     fn push_last(&self, out: &mut Vec<u8>, envelope: &Envelope) {
-        let delta = Delta {
-            role: None,
-            content: None,
-        };
+        let whole = !self.streamed_extras.get()
+            && (!envelope.tool_calls.is_empty() || envelope.refusal.is_some());
+        if whole {
+            let delta = Delta {
+                refusal: envelope.refusal.as_deref(),
+                tool_calls: (!envelope.tool_calls.is_empty()).then(|| {
+                    ToolCallPieces::Whole(
+                        envelope
+                            .tool_calls
+                            .iter()
+                            .enumerate()
+                            .map(|(index, call)| WholeCall { index, call })
+                            .collect(),
+                    )
+                }),
+                ..Delta::default()
+            };
+            push_event(out, &self.chunk(&[ChunkChoice::new(delta, None)]));
+        }
+        let delta = Delta::default();
         let choices = [ChunkChoice::new(delta, Some(finish(envelope)))];
         let mut last = self.chunk(&choices);
         last.orchestrator = Some(orchestrator_extension(envelope, self.route.as_ref()));

@@ -1,14 +1,23 @@
 //! The `inference` import, linked only for stages granted it: a plugin's
 //! generation requests, answered by the [`Router`] within the call's
-//! deadline.
+//! deadline. The current contract hands over the request (the host sends
+//! its chat and writes the answer back into it); the previous one a prompt
+//! string, sent as one user message.
 
 use std::time::{Duration, Instant};
 
+use wasmtime::component::Resource;
+
 use super::state::HostState;
-use crate::inference::{BackendError, GenerateRequest, Router};
-use crate::wasm::bindings::orchestrator::pipeline::inference;
-use crate::wasm::bindings::{GenerationParams, Usage};
+use crate::chat::{Message, Params};
+use crate::inference::{BackendError, Completion, GenerateRequest, Router};
+use crate::wasm::bindings::v1::orchestrator::pipeline::inference as inference_v1;
+use crate::wasm::bindings::v1::orchestrator::pipeline::types as types_v1;
+use crate::wasm::bindings::v2::orchestrator::pipeline::inference;
+use crate::wasm::bindings::v2::orchestrator::pipeline::inference::InferenceError;
 use crate::wasm::engine::EPOCH_TICK;
+use crate::wasm::envelope::Envelope;
+use crate::wasm::legacy;
 
 impl HostState {
     /// When a backend call made by the current plugin call must give up:
@@ -24,67 +33,58 @@ impl HostState {
     /// The backend request for a plugin's call, or why there is none.
     fn generation_request(
         &self,
-        prompt: String,
-        params: GenerationParams,
+        messages: Vec<Message>,
+        tools: Vec<crate::chat::Tool>,
+        params: Params,
         deadline: Instant,
-    ) -> Result<(Router, GenerateRequest), String> {
-        let router = self
-            .router
-            .clone()
-            .ok_or_else(|| "inference is not granted to this stage".to_string())?;
+    ) -> Result<(Router, GenerateRequest), BackendError> {
+        let router = self.router.clone().ok_or_else(|| BackendError::Failed {
+            backend: "-".into(),
+            reason: "inference is not granted to this stage".into(),
+        })?;
         Ok((
             router,
             GenerateRequest {
-                prompt,
-                model: params.model,
-                max_tokens: params.max_tokens,
-                temperature: params.temperature,
-                stop: params.stop,
+                messages,
+                tools,
+                params,
                 deadline,
                 request_id: self.request_id.clone(),
                 trace: self.trace.clone(),
             },
         ))
     }
-}
 
-impl inference::Host for HostState {
-    async fn generate(
+    /// Run a whole generation.
+    async fn complete(
         &mut self,
-        prompt: String,
-        params: GenerationParams,
-    ) -> Result<inference::Generation, String> {
-        let (router, request) = self.generation_request(prompt, params, self.backend_deadline())?;
+        request: GenerateRequest,
+        router: Router,
+    ) -> Result<Completion, BackendError> {
         let started = Instant::now();
         let completion = router.generate(request).await;
         self.backend_wait += started.elapsed();
-        let completion = completion.map_err(|e| {
-            self.backend_error = Some(e.error_type());
-            e.to_string()
-        })?;
-        Ok(inference::Generation {
-            text: completion.text,
-            finish_reason: completion.finish_reason.to_string(),
-            usage: Usage {
-                prompt_tokens: completion.prompt_tokens,
-                completion_tokens: completion.completion_tokens,
-            },
-        })
+        completion.inspect_err(|e| self.backend_error = Some(e.error_type()))
     }
 
-    async fn generate_stream(
+    /// Start a streamed generation, keeping it for the pipeline.
+    async fn start_stream(
         &mut self,
-        prompt: String,
-        params: GenerationParams,
-    ) -> Result<(), String> {
+        messages: Vec<Message>,
+        tools: Vec<crate::chat::Tool>,
+        params: Params,
+    ) -> Result<(), BackendError> {
         if self.stream.is_some() {
-            return Err("a generation was already started in this call".into());
+            return Err(BackendError::Failed {
+                backend: "-".into(),
+                reason: "a generation was already started in this call".into(),
+            });
         }
         // The call must return by its deadline (the first token must be in
         // by then); the generation may go on until the request's.
         let deadline = self.request_deadline.unwrap_or(self.deadline);
-        let (router, request) = self.generation_request(prompt, params, deadline)?;
-        let backend = router.route(&request.model).unwrap_or("?").to_string();
+        let (router, request) = self.generation_request(messages, tools, params, deadline)?;
+        let backend = router.route(request.model()).unwrap_or("?").to_string();
         let asked = Instant::now();
         let started =
             tokio::time::timeout_at(self.backend_deadline().into(), router.stream(request))
@@ -96,11 +96,104 @@ impl inference::Host for HostState {
                     })
                 });
         self.backend_wait += asked.elapsed();
-        let stream = started.map_err(|e| {
-            self.backend_error = Some(e.error_type());
-            e.to_string()
-        })?;
+        let stream = started.inspect_err(|e| self.backend_error = Some(e.error_type()))?;
         self.stream = Some(stream);
         Ok(())
+    }
+
+    /// The chat, tools and parameters of the request behind `request`.
+    fn chat_of(
+        &self,
+        request: &Resource<Envelope>,
+    ) -> wasmtime::Result<(Vec<Message>, Vec<crate::chat::Tool>, Params)> {
+        let envelope = self.table.get(request)?;
+        Ok((
+            envelope.messages.clone(),
+            envelope.tools.clone(),
+            envelope.params.clone(),
+        ))
+    }
+}
+
+/// The typed error a plugin sees.
+fn inference_error(error: BackendError) -> InferenceError {
+    let message = error.to_string();
+    match error {
+        BackendError::Refused { .. } | BackendError::UnknownModel(_) => {
+            InferenceError::InvalidRequest(message)
+        }
+        BackendError::Unavailable { .. } => InferenceError::Unavailable(message),
+        BackendError::Timeout { .. } => InferenceError::Timeout(message),
+        BackendError::Failed { .. } => InferenceError::Failed(message),
+    }
+}
+
+impl inference::Host for HostState {
+    async fn generate(
+        &mut self,
+        request: Resource<Envelope>,
+    ) -> wasmtime::Result<Result<(), InferenceError>> {
+        let (messages, tools, params) = self.chat_of(&request)?;
+        let deadline = self.backend_deadline();
+        let (router, generation) = match self.generation_request(messages, tools, params, deadline)
+        {
+            Ok(ready) => ready,
+            Err(error) => return Ok(Err(inference_error(error))),
+        };
+        let completion = match self.complete(generation, router).await {
+            Ok(completion) => completion,
+            Err(error) => return Ok(Err(inference_error(error))),
+        };
+        self.table.get_mut(&request)?.set_answer(completion);
+        Ok(Ok(()))
+    }
+
+    async fn generate_stream(
+        &mut self,
+        request: Resource<Envelope>,
+    ) -> wasmtime::Result<Result<(), InferenceError>> {
+        let (messages, tools, params) = self.chat_of(&request)?;
+        Ok(self
+            .start_stream(messages, tools, params)
+            .await
+            .map_err(inference_error))
+    }
+}
+
+impl inference_v1::Host for HostState {
+    async fn generate(
+        &mut self,
+        prompt: String,
+        params: types_v1::GenerationParams,
+    ) -> Result<inference_v1::Generation, String> {
+        let deadline = self.backend_deadline();
+        let messages = vec![Message::new("user", prompt)];
+        let params = legacy::params_from_view(params);
+        let (router, request) = self
+            .generation_request(messages, Vec::new(), params, deadline)
+            .map_err(|e| e.to_string())?;
+        let completion = self
+            .complete(request, router)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(inference_v1::Generation {
+            text: completion.text,
+            finish_reason: legacy::finish_reason_view(completion.finish_reason),
+            usage: types_v1::Usage {
+                prompt_tokens: completion.prompt_tokens,
+                completion_tokens: completion.completion_tokens,
+            },
+        })
+    }
+
+    async fn generate_stream(
+        &mut self,
+        prompt: String,
+        params: types_v1::GenerationParams,
+    ) -> Result<(), String> {
+        let messages = vec![Message::new("user", prompt)];
+        self.start_stream(messages, Vec::new(), legacy::params_from_view(params))
+            .await
+            .map_err(|e| e.to_string())
     }
 }

@@ -5,10 +5,24 @@ use orchestrator_plugin::log::PANIC_FIELD;
 
 use super::state::HostState;
 use crate::trace::Attribute;
-use crate::wasm::bindings::orchestrator::pipeline::log;
+use crate::wasm::bindings::v1::orchestrator::pipeline::log as log_v1;
+use crate::wasm::bindings::v2::orchestrator::pipeline::log;
 
 /// The longest panic message kept for the error report, in bytes.
 const PANIC_MESSAGE_CAP: usize = 2048;
+
+impl log_v1::Host for HostState {
+    fn emit(&mut self, level: log_v1::Level, message: String, fields: Vec<(String, String)>) {
+        let level = match level {
+            log_v1::Level::Trace => log::Level::Trace,
+            log_v1::Level::Debug => log::Level::Debug,
+            log_v1::Level::Info => log::Level::Info,
+            log_v1::Level::Warn => log::Level::Warn,
+            log_v1::Level::Error => log::Level::Error,
+        };
+        log::Host::emit(self, level, message, fields);
+    }
+}
 
 impl log::Host for HostState {
     fn emit(&mut self, level: log::Level, message: String, fields: Vec<(String, String)>) {

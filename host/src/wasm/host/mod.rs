@@ -1,6 +1,7 @@
 //! The host functions a plugin may import, with the per-store state they
 //! work on ([`HostState`]): WASI p2 (through [`WasiView`]), the `request`
-//! resource ([`request`]), `log` ([`log`]) and `inference` ([`inference`]).
+//! resource ([`request`], and the previous contract's, [`legacy_request`]),
+//! `log` ([`log`]) and `inference` ([`inference`]), each for both contracts.
 //!
 //! Owns what a guest can do to the host through its imports, and the
 //! limits on it (the output budget of a `request`, the log rate, the
@@ -8,6 +9,7 @@
 //! [`super::instance`]'s.
 
 mod inference;
+mod legacy_request;
 mod log;
 mod request;
 mod state;

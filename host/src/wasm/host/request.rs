@@ -1,24 +1,40 @@
-//! The `request` resource (WIT 0.1.2): the envelope of the request being
-//! processed, lent to the guest for one `process` call, and the output
-//! budget every setter is checked against.
+//! The `request` resource of the current contract (0.2.x): the envelope
+//! of the request being processed, lent to the guest for one `process`
+//! call, and the output budget every setter is checked against.
 
 use wasmtime::component::Resource;
 
 use super::state::{Field, HostState, RequestBudget};
-use crate::wasm::bindings::orchestrator::pipeline::request;
-use crate::wasm::bindings::{Envelope, GenerationParams, Message, Passage, Usage};
+use crate::chat::ToolCall;
+use crate::wasm::bindings::v2::orchestrator::pipeline::request;
+use crate::wasm::bindings::v2::orchestrator::pipeline::types::{
+    GenerationParams, Message, Passage, Tool, ToolCall as WitToolCall, Usage,
+};
+use crate::wasm::convert::{
+    message_from_wit, message_to_wit, params_from_wit, params_to_wit, passage_from_wit,
+    passage_to_wit, tool_call_from_wit, tool_call_to_wit, tool_from_wit, tool_to_wit,
+    usage_from_wit, usage_to_wit,
+};
+use crate::wasm::envelope::{Envelope, json_bytes};
 
 /// The `request` resource: the envelope in the store's resource table.
 /// Getters copy one field out; setters check the field against the output
 /// budget and replace it. A setter over budget records the size and traps,
-/// which ends the call with `output_too_large`.
+/// which ends the call with `output_too_large`; a setter given invalid JSON
+/// traps with the reason.
 impl request::HostRequest for HostState {
     fn id(&mut self, request: Resource<Envelope>) -> wasmtime::Result<String> {
         Ok(self.table.get(&request)?.request_id.clone())
     }
 
     fn messages(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<Message>> {
-        Ok(self.table.get(&request)?.messages.clone())
+        Ok(self
+            .table
+            .get(&request)?
+            .messages
+            .iter()
+            .map(message_to_wit)
+            .collect())
     }
 
     fn set_messages(
@@ -26,17 +42,18 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         messages: Vec<Message>,
     ) -> wasmtime::Result<()> {
-        let size = messages
-            .iter()
-            .map(|m| m.role.len() + m.content.len())
-            .sum();
-        self.spend(Field::Messages, size)?;
+        let messages = messages
+            .into_iter()
+            .map(message_from_wit)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(wasmtime::Error::msg)?;
+        self.spend(Field::Messages, json_bytes(&messages))?;
         self.table.get_mut(&request)?.messages = messages;
         Ok(())
     }
 
     fn params(&mut self, request: Resource<Envelope>) -> wasmtime::Result<GenerationParams> {
-        Ok(self.table.get(&request)?.params.clone())
+        Ok(params_to_wit(&self.table.get(&request)?.params))
     }
 
     fn set_params(
@@ -44,14 +61,41 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         params: GenerationParams,
     ) -> wasmtime::Result<()> {
-        let size = params.model.len() + params.stop.iter().map(String::len).sum::<usize>();
-        self.spend(Field::Params, size)?;
+        let params = params_from_wit(params).map_err(wasmtime::Error::msg)?;
+        self.spend(Field::Params, json_bytes(&params))?;
         self.table.get_mut(&request)?.params = params;
         Ok(())
     }
 
+    fn tools(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<Tool>> {
+        Ok(self
+            .table
+            .get(&request)?
+            .tools
+            .iter()
+            .map(tool_to_wit)
+            .collect())
+    }
+
+    fn set_tools(&mut self, request: Resource<Envelope>, tools: Vec<Tool>) -> wasmtime::Result<()> {
+        let tools = tools
+            .into_iter()
+            .map(tool_from_wit)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(wasmtime::Error::msg)?;
+        self.spend(Field::Tools, json_bytes(&tools))?;
+        self.table.get_mut(&request)?.tools = tools;
+        Ok(())
+    }
+
     fn passages(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<Passage>> {
-        Ok(self.table.get(&request)?.passages.clone())
+        Ok(self
+            .table
+            .get(&request)?
+            .passages
+            .iter()
+            .map(passage_to_wit)
+            .collect())
     }
 
     fn set_passages(
@@ -63,17 +107,8 @@ impl request::HostRequest for HostState {
             Field::Passages,
             passages.iter().map(|p| p.source.len() + p.text.len()).sum(),
         )?;
-        self.table.get_mut(&request)?.passages = passages;
-        Ok(())
-    }
-
-    fn prompt(&mut self, request: Resource<Envelope>) -> wasmtime::Result<String> {
-        Ok(self.table.get(&request)?.prompt.clone())
-    }
-
-    fn set_prompt(&mut self, request: Resource<Envelope>, prompt: String) -> wasmtime::Result<()> {
-        self.spend(Field::Prompt, prompt.len())?;
-        self.table.get_mut(&request)?.prompt = prompt;
+        self.table.get_mut(&request)?.passages =
+            passages.into_iter().map(passage_from_wit).collect();
         Ok(())
     }
 
@@ -88,6 +123,41 @@ impl request::HostRequest for HostState {
     ) -> wasmtime::Result<()> {
         self.spend(Field::Completion, completion.len())?;
         self.table.get_mut(&request)?.completion = completion;
+        Ok(())
+    }
+
+    fn tool_calls(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<WitToolCall>> {
+        Ok(self
+            .table
+            .get(&request)?
+            .tool_calls
+            .iter()
+            .map(tool_call_to_wit)
+            .collect())
+    }
+
+    fn set_tool_calls(
+        &mut self,
+        request: Resource<Envelope>,
+        calls: Vec<WitToolCall>,
+    ) -> wasmtime::Result<()> {
+        let calls: Vec<ToolCall> = calls.into_iter().map(tool_call_from_wit).collect();
+        self.spend(Field::ToolCalls, json_bytes(&calls))?;
+        self.table.get_mut(&request)?.tool_calls = calls;
+        Ok(())
+    }
+
+    fn refusal(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Option<String>> {
+        Ok(self.table.get(&request)?.refusal.clone())
+    }
+
+    fn set_refusal(
+        &mut self,
+        request: Resource<Envelope>,
+        refusal: Option<String>,
+    ) -> wasmtime::Result<()> {
+        self.spend(Field::Refusal, refusal.as_ref().map_or(0, String::len))?;
+        self.table.get_mut(&request)?.refusal = refusal;
         Ok(())
     }
 
@@ -120,11 +190,11 @@ impl request::HostRequest for HostState {
     }
 
     fn usage(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Usage> {
-        Ok(self.table.get(&request)?.usage)
+        Ok(usage_to_wit(self.table.get(&request)?.usage))
     }
 
     fn set_usage(&mut self, request: Resource<Envelope>, usage: Usage) -> wasmtime::Result<()> {
-        self.table.get_mut(&request)?.usage = usage;
+        self.table.get_mut(&request)?.usage = usage_from_wit(usage);
         Ok(())
     }
 
@@ -137,12 +207,7 @@ impl request::HostRequest for HostState {
         request: Resource<Envelope>,
         key: String,
     ) -> wasmtime::Result<Option<String>> {
-        let envelope = self.table.get(&request)?;
-        Ok(envelope
-            .metadata
-            .iter()
-            .find(|(k, _)| *k == key)
-            .map(|(_, v)| v.clone()))
+        Ok(note(self.table.get(&request)?, &key))
     }
 
     fn set_note(
@@ -151,24 +216,7 @@ impl request::HostRequest for HostState {
         key: String,
         value: String,
     ) -> wasmtime::Result<()> {
-        let metadata = &self.table.get(&request)?.metadata;
-        let old = metadata
-            .iter()
-            .position(|(k, _)| *k == key)
-            .map(|at| (at, key.len() + metadata[at].1.len()));
-        let budget = self.budget()?;
-        let notes = budget.note_bytes - old.map_or(0, |(_, size)| size) + key.len() + value.len();
-        let total = budget.total_with(None, notes);
-        if total > budget.cap {
-            return Err(budget.exceed(total));
-        }
-        budget.note_bytes = notes;
-        let metadata = &mut self.table.get_mut(&request)?.metadata;
-        match old {
-            Some((at, _)) => metadata[at].1 = value,
-            None => metadata.push((key, value)),
-        }
-        Ok(())
+        self.set_note_in(&request, key, value)
     }
 
     fn drop(&mut self, _request: Resource<Envelope>) -> wasmtime::Result<()> {
@@ -177,6 +225,15 @@ impl request::HostRequest for HostState {
         // from the table itself when the call ends.
         Ok(())
     }
+}
+
+/// The value of the note `key` of `envelope`.
+pub(super) fn note(envelope: &Envelope, key: &str) -> Option<String> {
+    envelope
+        .metadata
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.clone())
 }
 
 impl HostState {
@@ -188,8 +245,48 @@ impl HostState {
     }
 
     /// Count `field` at `size` bytes against the budget.
-    fn spend(&mut self, field: Field, size: usize) -> wasmtime::Result<()> {
+    pub(super) fn spend(&mut self, field: Field, size: usize) -> wasmtime::Result<()> {
         self.budget()?.admit(field, size)
+    }
+
+    /// Set the note `key` of the envelope behind `request` (of either
+    /// contract), within the budget.
+    pub(super) fn set_note_in<T: AsMut<Envelope> + AsRef<Envelope> + 'static>(
+        &mut self,
+        request: &Resource<T>,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<()> {
+        let metadata = &self.table.get(request)?.as_ref().metadata;
+        let old = metadata
+            .iter()
+            .position(|(k, _)| *k == key)
+            .map(|at| (at, key.len() + metadata[at].1.len()));
+        let budget = self.budget()?;
+        let notes = budget.note_bytes - old.map_or(0, |(_, size)| size) + key.len() + value.len();
+        let total = budget.total_with(None, notes);
+        if total > budget.cap {
+            return Err(budget.exceed(total));
+        }
+        budget.note_bytes = notes;
+        let metadata = &mut self.table.get_mut(request)?.as_mut().metadata;
+        match old {
+            Some((at, _)) => metadata[at].1 = value,
+            None => metadata.push((key, value)),
+        }
+        Ok(())
+    }
+}
+
+impl AsRef<Envelope> for Envelope {
+    fn as_ref(&self) -> &Envelope {
+        self
+    }
+}
+
+impl AsMut<Envelope> for Envelope {
+    fn as_mut(&mut self) -> &mut Envelope {
+        self
     }
 }
 

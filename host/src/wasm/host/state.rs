@@ -11,8 +11,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
 use crate::trace::Trace;
-use crate::wasm::bindings::Envelope;
-use crate::wasm::bindings::orchestrator::pipeline::{streaming, types};
+use crate::wasm::bindings::{v1, v2};
+use crate::wasm::envelope::Envelope;
 
 /// The data of each plugin store.
 pub struct HostState {
@@ -129,9 +129,13 @@ impl WasiView for HostState {
     }
 }
 
-impl types::Host for HostState {}
+impl v2::orchestrator::pipeline::types::Host for HostState {}
 
-impl streaming::Host for HostState {}
+impl v2::orchestrator::pipeline::streaming::Host for HostState {}
+
+impl v1::orchestrator::pipeline::types::Host for HostState {}
+
+impl v1::orchestrator::pipeline::streaming::Host for HostState {}
 
 /// What a stage working through a `request` handle has set, against its
 /// `max_output_bytes`. A by-value stage's cap bounds the envelope it
@@ -156,15 +160,18 @@ pub(in crate::wasm) struct RequestBudget {
 pub(super) enum Field {
     Messages,
     Params,
+    Tools,
     Passages,
     Prompt,
     Completion,
+    ToolCalls,
+    Refusal,
     FinishReason,
     Chunks,
 }
 
 impl Field {
-    const COUNT: usize = 7;
+    const COUNT: usize = 10;
 }
 
 impl RequestBudget {

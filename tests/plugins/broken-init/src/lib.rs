@@ -1,6 +1,8 @@
 //! A stage whose `init` always fails: it must never be swapped in.
 
-wit_bindgen::generate!({ world: "stage", path: "../../../wit" });
+// The by-value `stage` world of 0.1.2 (`wit/v0.1`): an old plugin, which
+// the host must keep loading.
+wit_bindgen::generate!({ world: "stage", path: "../../../wit/v0.1" });
 
 struct Component;
 

@@ -16,7 +16,9 @@
 use std::hash::{BuildHasher, Hasher};
 use std::sync::OnceLock;
 
-wit_bindgen::generate!({ world: "stage", path: "../../../wit" });
+// The by-value `stage` world of 0.1.2 (`wit/v0.1`): an old plugin, which
+// the host must keep loading.
+wit_bindgen::generate!({ world: "stage", path: "../../../wit/v0.1" });
 
 use orchestrator::pipeline::log::{Level, emit};
 

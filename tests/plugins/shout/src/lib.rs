@@ -2,7 +2,9 @@
 //! it upper-cases the completion and marks the envelope `shout.version = 2`.
 //! The hot-swap tests alternate it with the bundled `post`.
 
-wit_bindgen::generate!({ world: "stage", path: "../../../wit" });
+// The by-value `stage` world of 0.1.2 (`wit/v0.1`): an old plugin, which
+// the host must keep loading.
+wit_bindgen::generate!({ world: "stage", path: "../../../wit/v0.1" });
 
 struct Component;
 

@@ -3,7 +3,9 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-wit_bindgen::generate!({ world: "stage", path: "../../../wit" });
+// The by-value `stage` world of 0.1.2 (`wit/v0.1`): an old plugin, which
+// the host must keep loading.
+wit_bindgen::generate!({ world: "stage", path: "../../../wit/v0.1" });
 
 static DELAY_MS: AtomicU64 = AtomicU64::new(300);
 

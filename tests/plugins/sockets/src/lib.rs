@@ -5,7 +5,9 @@
 
 use std::sync::OnceLock;
 
-wit_bindgen::generate!({ world: "stage", path: "../../../wit" });
+// The by-value `stage` world of 0.1.2 (`wit/v0.1`): an old plugin, which
+// the host must keep loading.
+wit_bindgen::generate!({ world: "stage", path: "../../../wit/v0.1" });
 
 static ADDR: OnceLock<String> = OnceLock::new();
 
