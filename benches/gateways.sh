@@ -35,6 +35,9 @@
 #   RATES="50 100 200" bash benches/gateways.sh    # oha's rates, requests/s
 #   PEERS=tensorzero bash benches/gateways.sh       # which peers to run (default
 #       "tensorzero litellm"; PEERS= with BASELINE_BIN= is a quick A/B of ours)
+#   STAGES="assemble inference" bash benches/gateways.sh
+#       run ours (and the baseline) with that default pipeline instead of
+#       the five default stages
 #   KEEP=1 bash benches/gateways.sh                 # keep the work directory (logs)
 #
 # Needs wrk, python3 with venv and pip (the peers come from PyPI:
@@ -159,6 +162,10 @@ MODEL[upstream]=up
 
 printf '[backends.up]\nkind = "openai"\nbase_url = "http://%s/v1"\n\n[routing]\nmodels = { up = "up" }\n' \
     "$UPSTREAM" >"$WORK/ours.toml"
+if [ -n "${STAGES:-}" ]; then
+    # shellcheck disable=SC2086 # one word per stage
+    printf '[pipelines.default]\nstages = [%s]\n' "$(printf '"%s", ' $STAGES | sed 's/, $//')" >>"$WORK/ours.toml"
+fi
 # A build of ours, as gateway `name`, in front of the upstream.
 start_ours() { # name, binary
     local name=$1
