@@ -114,21 +114,38 @@ async fn reads_messages_and_tools(wasm: &Path) {
     assert_eq!(notes["profanity.tools"], "get_weather,search", "{body}");
 }
 
-/// Generate the crate into a directory outside the repository.
+/// Generate the crate into a directory outside the repository, with a
+/// copy of the binary run from there: what an installed or copied binary
+/// does, with no source tree to point at. The crate carries the SDK and
+/// the WIT of the binary's version.
 fn generate(root: &Path) -> PathBuf {
-    let output = orchestrator(&[
-        "plugin",
-        "new",
-        "word-mask",
-        "--stage",
-        "post",
-        "--streaming",
-        "--dir",
-        root.to_str().unwrap(),
-    ]);
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let copied = bin.join("orchestrator");
+    std::fs::copy(env!("CARGO_BIN_EXE_orchestrator"), &copied).unwrap();
+    let output = Command::new(&copied)
+        .current_dir(root)
+        .args([
+            "plugin",
+            "new",
+            "word-mask",
+            "--stage",
+            "post",
+            "--streaming",
+        ])
+        .output()
+        .expect("the copied binary runs");
     succeeded("plugin new", &output);
     let dir = root.join("word-mask");
     assert!(dir.join("README.md").is_file());
+    let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let repository = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    assert!(
+        !manifest.contains(repository.to_str().unwrap()),
+        "the crate must not point into the source tree: {manifest}"
+    );
+    assert!(dir.join("vendor/orchestrator-plugin/src/lib.rs").is_file());
+    assert!(dir.join("wit/pipeline.wit").is_file());
     // A second `new` into the same place is refused, not merged.
     let again = orchestrator(&[
         "plugin",

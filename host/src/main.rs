@@ -64,8 +64,8 @@ enum PluginCommand {
         /// Where to create the crate's directory (default: the current one).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The SDK as a path dependency (default: the SDK of the source
-        /// tree this binary was built from).
+        /// The SDK as a path dependency (default: the SDK and WIT of this
+        /// binary's version, which it carries, written into the crate).
         #[arg(long, conflicts_with = "sdk_git")]
         sdk_path: Option<PathBuf>,
         /// The SDK from a git repository of the orchestrator.
@@ -257,10 +257,7 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             let sdk = match (sdk_path, sdk_git) {
                 (Some(path), _) => SdkSource::Path(std::path::absolute(path)?),
                 (None, Some(url)) => SdkSource::Git { url, rev: sdk_rev },
-                (None, None) => SdkSource::built_in().context(
-                    "the SDK of the source tree this binary was built from is gone: \
-                     give --sdk-path or --sdk-git",
-                )?,
+                (None, None) => SdkSource::Bundled,
             };
             let scaffold = Scaffold {
                 name,

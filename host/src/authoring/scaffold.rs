@@ -13,6 +13,11 @@ use std::path::{Path, PathBuf};
 /// Where the generated crate gets the SDK from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SdkSource {
+    /// The SDK and the WIT of this binary's own version, which it carries:
+    /// written into the crate (`vendor/orchestrator-plugin/` and `wit/`),
+    /// so the crate builds wherever the binary came from (an install, a
+    /// container image, a copied binary) without the source tree.
+    Bundled,
     /// A local checkout of the SDK crate (`plugins/sdk` of the repository).
     Path(PathBuf),
     /// A git repository holding the orchestrator, optionally at a revision.
@@ -24,21 +29,92 @@ pub enum SdkSource {
     },
 }
 
+/// Where a bundled SDK is written, in the crate.
+const VENDORED_SDK: &str = "vendor/orchestrator-plugin";
+
+/// The SDK's sources this binary carries, by path in its crate (its
+/// manifest is written from [`VENDORED_MANIFEST`] instead of copied: the
+/// original takes its versions from the repository's workspace).
+const SDK_FILES: [(&str, &str); 8] = [
+    (
+        "src/bindings.rs",
+        include_str!("../../../plugins/sdk/src/bindings.rs"),
+    ),
+    (
+        "src/config.rs",
+        include_str!("../../../plugins/sdk/src/config.rs"),
+    ),
+    (
+        "src/lib.rs",
+        include_str!("../../../plugins/sdk/src/lib.rs"),
+    ),
+    (
+        "src/log.rs",
+        include_str!("../../../plugins/sdk/src/log.rs"),
+    ),
+    (
+        "src/request.rs",
+        include_str!("../../../plugins/sdk/src/request.rs"),
+    ),
+    (
+        "src/stream.rs",
+        include_str!("../../../plugins/sdk/src/stream.rs"),
+    ),
+    (
+        "src/testing.rs",
+        include_str!("../../../plugins/sdk/src/testing.rs"),
+    ),
+    (
+        "src/types.rs",
+        include_str!("../../../plugins/sdk/src/types.rs"),
+    ),
+];
+
+/// The WIT the SDK generates its bindings from (`../../wit` from the SDK's
+/// directory: `wit/` of the crate).
+const WIT: &str = include_str!("../../../wit/pipeline.wit");
+
+/// The vendored SDK's manifest: the repository's, with the workspace's
+/// versions written out.
+const VENDORED_MANIFEST: &str = r#"[package]
+name = "orchestrator-plugin"
+description = "The guest SDK for orchestrator stage plugins (vendored by `orchestrator plugin new`)."
+version = "{{version}}"
+edition = "2024"
+license = "Apache-2.0"
+publish = false
+
+[dependencies]
+serde = { version = "1", default-features = false, features = ["std"] }
+wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc"] }
+"#;
+
 impl SdkSource {
-    /// The SDK of the source tree this binary was built from, if it is
-    /// still on disk.
-    pub fn built_in() -> Option<SdkSource> {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk");
-        let dir = dir.canonicalize().ok()?;
-        dir.join("Cargo.toml")
-            .is_file()
-            .then_some(SdkSource::Path(dir))
+    /// The files a bundled SDK adds to the crate: `(path, contents)`.
+    fn files(&self) -> Vec<(String, String)> {
+        if *self != SdkSource::Bundled {
+            return Vec::new();
+        }
+        let mut files = vec![
+            (
+                format!("{VENDORED_SDK}/Cargo.toml"),
+                VENDORED_MANIFEST.replace("{{version}}", env!("CARGO_PKG_VERSION")),
+            ),
+            ("wit/pipeline.wit".to_string(), WIT.to_string()),
+        ];
+        files.extend(
+            SDK_FILES
+                .iter()
+                .map(|(path, text)| (format!("{VENDORED_SDK}/{path}"), text.to_string())),
+        );
+        files
     }
 
     /// The dependency's TOML value.
     fn dependency(&self) -> String {
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
         match self {
+            SdkSource::Bundled => format!("{{ path = {} }}", quote(VENDORED_SDK)),
             SdkSource::Path(path) => format!("{{ path = {} }}", quote(&path.to_string_lossy())),
             SdkSource::Git { url, rev: None } => format!("{{ git = {} }}", quote(url)),
             SdkSource::Git {
@@ -142,16 +218,19 @@ impl Scaffold {
             let path = path.to_path_buf();
             move |source| ScaffoldError::Io { path, source }
         };
-        std::fs::create_dir_all(dir.join("src")).map_err(io(dir))?;
-        let files = [
-            ("Cargo.toml", self.render(CARGO_TOML)),
-            ("src/lib.rs", self.render(LIB_RS)),
-            ("README.md", self.render(README)),
-            (".gitignore", "/target\n".to_string()),
+        let mut files = vec![
+            ("Cargo.toml".to_string(), self.render(CARGO_TOML)),
+            ("src/lib.rs".to_string(), self.render(LIB_RS)),
+            ("README.md".to_string(), self.render(README)),
+            (".gitignore".to_string(), "/target\n".to_string()),
         ];
+        files.extend(self.sdk.files());
         let mut written = Vec::new();
         for (name, text) in files {
             let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(io(parent))?;
+            }
             std::fs::write(&path, text).map_err(io(&path))?;
             written.push(path);
         }
@@ -246,5 +325,45 @@ mod tests {
         ));
         let written = scaffold("ok", true).write(&dir.path().join("ok")).unwrap();
         assert_eq!(written.len(), 4);
+    }
+
+    #[test]
+    fn a_bundled_sdk_is_written_whole_into_the_crate() {
+        // Every source file of the SDK is carried (a file added to the SDK
+        // and not to `SDK_FILES` fails here).
+        let sdk = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins/sdk/src");
+        let mut on_disk: Vec<String> = std::fs::read_dir(sdk)
+            .unwrap()
+            .map(|e| format!("src/{}", e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        on_disk.sort();
+        let carried: Vec<String> = SDK_FILES.iter().map(|(p, _)| p.to_string()).collect();
+        assert_eq!(carried, on_disk);
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut bundled = scaffold("ok", false);
+        bundled.sdk = SdkSource::Bundled;
+        let root = dir.path().join("ok");
+        bundled.write(&root).unwrap();
+        let cargo: toml::Table =
+            toml::from_str(&std::fs::read_to_string(root.join("Cargo.toml")).unwrap()).unwrap();
+        assert_eq!(
+            cargo["dependencies"]["orchestrator-plugin"]["path"].as_str(),
+            Some(VENDORED_SDK)
+        );
+        let manifest: toml::Table = toml::from_str(
+            &std::fs::read_to_string(root.join(VENDORED_SDK).join("Cargo.toml")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            manifest["package"]["version"].as_str(),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+        // The SDK finds the WIT where it looks for it: `../../wit`.
+        assert!(
+            root.join(VENDORED_SDK)
+                .join("../../wit/pipeline.wit")
+                .is_file()
+        );
     }
 }
