@@ -50,11 +50,11 @@ async fn drive(pipeline: &Pipeline, total: u64) -> Duration {
                     if n >= total {
                         break;
                     }
-                    let generation = pipeline.generation();
-                    let route = generation.route("echo").expect("echo routes");
+                    let snapshot = pipeline.snapshot();
+                    let route = snapshot.pipeline_for("echo").expect("echo routes");
                     let result = pipeline
                         .run(
-                            &generation,
+                            &snapshot,
                             &route,
                             envelope(n),
                             Instant::now() + Duration::from_secs(30),

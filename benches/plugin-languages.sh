@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cold load, cached load, first call, warm calls and memory of the same
 # word-mask stage in Rust, Python and JavaScript, with the release host (the
-# README's "Python and JavaScript" table). From the repository root, after
+# "Plugin languages" table of benches/README.md). From the repository root, after
 # `cargo build --release` and the examples' build.sh:
 #   RUST_WASM=/path/to/word-mask/target/wasm32-wasip2/release/word_mask.wasm \
 #     benches/plugin-languages.sh

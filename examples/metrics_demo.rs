@@ -74,13 +74,13 @@ async fn main() -> anyhow::Result<()> {
                     params,
                     Vec::new(),
                 );
-                let generation = pipeline.generation();
-                let Some(route) = generation.route(model) else {
+                let snapshot = pipeline.snapshot();
+                let Some(route) = snapshot.pipeline_for(model) else {
                     continue;
                 };
                 let _ = pipeline
                     .run(
-                        &generation,
+                        &snapshot,
                         &route,
                         envelope,
                         Instant::now() + Duration::from_secs(5),

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, ask, client, get_json};
+use crate::common::{Host, ask, client, get_json, sse};
 
 fn metadata<'a>(body: &'a Value, key: &str) -> &'a str {
     body["orchestrator"]["metadata"][key]
@@ -63,20 +63,6 @@ async fn a_completion_shows_every_stage_ran() {
     );
 }
 
-/// Parse an SSE body into its `data:` payloads, checking the framing.
-fn sse_events(text: &str) -> Vec<String> {
-    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
-    text.split("\n\n")
-        .filter(|e| !e.is_empty())
-        .map(|event| {
-            event
-                .strip_prefix("data: ")
-                .unwrap_or_else(|| panic!("bad event {event:?}"))
-                .to_string()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn streaming_is_well_formed_sse_matching_the_plain_answer() {
     let host = Host::start(&[]);
@@ -91,12 +77,7 @@ async fn streaming_is_well_formed_sse_matching_the_plain_answer() {
     let response = host.post(&request).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "text/event-stream");
-    let events = sse_events(&response.text().await.unwrap());
-    assert_eq!(events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks = sse::chunks(&response.text().await.unwrap());
     assert!(
         chunks
             .iter()
@@ -106,22 +87,11 @@ async fn streaming_is_well_formed_sse_matching_the_plain_answer() {
     assert!(chunks.iter().all(|c| &c["id"] == id), "one id per stream");
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
 
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
-        .collect();
     assert_eq!(
-        text,
+        sse::content(&chunks),
         plain["choices"][0]["message"]["content"].as_str().unwrap()
     );
-    let content_chunks = chunks
-        .iter()
-        .filter(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .is_some_and(|s| !s.is_empty())
-        })
-        .count();
+    let content_chunks = sse::pieces(&chunks).len();
     assert!(content_chunks >= 3, "{content_chunks} chunks");
 
     // The finish chunk, then the usage chunk (include_usage).

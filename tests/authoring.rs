@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, bundled_wasm, target_dir, test_plugin, tool_missing};
+use crate::common::{Host, bundled_wasm, sse, target_dir, test_plugin, tool_missing};
 
 fn orchestrator(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_orchestrator"))
@@ -53,20 +53,6 @@ fn succeeded(what: &str, output: &Output) {
     );
 }
 
-/// The text of a streamed answer: its deltas, concatenated.
-fn streamed_text(body: &str) -> String {
-    body.lines()
-        .filter_map(|line| line.strip_prefix("data: "))
-        .filter(|data| *data != "[DONE]")
-        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
-        .filter_map(|event| {
-            event["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(String::from)
-        })
-        .collect()
-}
-
 /// Serve with `wasm` as the `post` stage and check that it masks, plain
 /// and streamed, and notes the count under `note`.
 async fn serves_as_post(wasm: &Path, note: &str) {
@@ -89,7 +75,11 @@ async fn serves_as_post(wasm: &Path, note: &str) {
             "messages": [{"role": "user", "content": "darn it, heck yes"}]}))
         .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(streamed_text(&body), "**** it, **** yes", "{body}");
+    assert_eq!(
+        sse::content(&sse::chunks(&body)),
+        "**** it, **** yes",
+        "{body}"
+    );
 }
 
 /// Serve with `wasm` as the `post` stage right after `inference`, and check

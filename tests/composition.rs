@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, client, get_json, metric_value, target_dir, test_plugin};
+use crate::common::{Host, client, get_json, metric_value, sse, target_dir, test_plugin};
 
 const TOKEN: &str = "composition-admin-token-0123456789";
 
@@ -135,31 +135,11 @@ async fn send(host: &Host, request: &Value) -> Result<Answer, String> {
 /// The content and finish reason of an SSE answer; `Err` unless every
 /// event is `data: ...`, none is an error and the last is `[DONE]`.
 fn parse_sse(text: &str) -> Result<(String, Option<String>), String> {
-    if !text.ends_with("data: [DONE]\n\n") {
-        return Err(format!("the stream does not end with [DONE]: {text:?}"));
+    let chunks = sse::try_chunks(text)?;
+    if let Some(error) = sse::error(&chunks) {
+        return Err(format!("error event: {error}"));
     }
-    let mut content = String::new();
-    let mut finish_reason = None;
-    for event in text.split("\n\n").filter(|e| !e.is_empty()) {
-        let data = event
-            .strip_prefix("data: ")
-            .ok_or_else(|| format!("bad event {event:?}"))?;
-        if data == "[DONE]" {
-            break;
-        }
-        let chunk: Value =
-            serde_json::from_str(data).map_err(|e| format!("bad chunk {data:?}: {e}"))?;
-        if chunk.get("error").is_some() {
-            return Err(format!("error event: {data}"));
-        }
-        if let Some(delta) = chunk["choices"][0]["delta"]["content"].as_str() {
-            content.push_str(delta);
-        }
-        if let Some(reason) = chunk["choices"][0]["finish_reason"].as_str() {
-            finish_reason = Some(reason.to_string());
-        }
-    }
-    Ok((content, finish_reason))
+    Ok((sse::content(&chunks), sse::finish_reason(&chunks)))
 }
 
 /// What the echo model answers `question` with through `stages`: `post`

@@ -1,4 +1,4 @@
-//! Slow and many clients (issue 15, item 4): a connection limit per
+//! Slow and many clients: a connection limit per
 //! listener, a header-read timeout, a request timeout that covers reading
 //! the body, and `/health` answering while the API is flooded.
 

@@ -12,7 +12,7 @@
 use serde_json::{Value, json};
 
 use crate::common::upstream::{Script, Upstream};
-use crate::common::{Host, test_plugin};
+use crate::common::{Host, sse, test_plugin};
 
 /// A host routing `gpt-test` to `upstream` through the default pipeline.
 fn host(upstream: &Upstream, extra: &str) -> Host {
@@ -142,12 +142,7 @@ async fn tool_calls_reach_the_client_whole_and_in_pieces() {
 
     let (status, text) = host.chat(&ask(true)).await;
     assert_eq!(status, 200, "{text}");
-    let events: Vec<Value> = text
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .filter(|e| *e != "[DONE]")
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let events = sse::chunks(&text);
     let pieces: Vec<&Value> = events
         .iter()
         .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::{
-    Host, ask, bundled_wasm, client, metric_value, sha_of, target_dir, test_plugin,
+    Host, ask, bundled_wasm, client, metric_value, sha_of, sse, target_dir, test_plugin,
 };
 
 const TOKEN: &str = "test-admin-token-0123456789";
@@ -96,23 +96,13 @@ async fn request(host: &Host, n: usize) -> Result<bool, String> {
         return Err(format!("status {status}: {text}"));
     }
     let (content, metadata) = if stream {
-        let mut content = String::new();
-        let mut metadata = Value::Null;
-        for event in text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")) {
-            if event == "[DONE]" {
-                break;
-            }
-            let chunk: Value = serde_json::from_str(event).map_err(|e| e.to_string())?;
-            content.push_str(
-                chunk["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .unwrap_or(""),
-            );
-            if let Some(m) = chunk.get("orchestrator") {
-                metadata = m["metadata"].clone();
-            }
-        }
-        (content, metadata)
+        let chunks = sse::try_chunks(&text)?;
+        let metadata = chunks
+            .iter()
+            .rev()
+            .find_map(|c| c.get("orchestrator"))
+            .map_or(Value::Null, |m| m["metadata"].clone());
+        (sse::content(&chunks), metadata)
     } else {
         let v: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
         (

@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, ask, get_json, metric_value, tool_missing};
+use crate::common::{Host, ask, get_json, metric_value, sse, tool_missing};
 
 const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
 
@@ -27,12 +27,7 @@ async fn counters_histograms_and_tokens_match_the_requests_sent() {
         assert_eq!(response.status(), 200);
         let text = response.text().await.unwrap();
         let usage: Value = if n % 3 == 0 {
-            let last = text
-                .split("\n\n")
-                .filter(|e| e.starts_with("data: {"))
-                .last()
-                .unwrap();
-            serde_json::from_str::<Value>(&last["data: ".len()..]).unwrap()["usage"].clone()
+            sse::chunks(&text).last().unwrap()["usage"].clone()
         } else {
             serde_json::from_str::<Value>(&text).unwrap()["usage"].clone()
         };

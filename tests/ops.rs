@@ -1,7 +1,8 @@
 //! The ops files, verified on real data: promtool on the Prometheus config
 //! and rules (with the rules' unit tests), a real Prometheus scraping a real
 //! host whose traffic includes successes, errors and sheds — every
-//! dashboard panel query, recording rule and README PromQL example must
+//! dashboard panel query, recording rule and PromQL example of the README
+//! and of docs/observability.md must
 //! return data — and offline schema checks of the dashboard, the compose
 //! file and the Kubernetes manifests.
 
@@ -470,13 +471,24 @@ fn recording_rules() -> Vec<(String, String)> {
         .collect()
 }
 
-/// The ```promql blocks of the README: one expression per non-comment line,
-/// indented lines continuing the previous one.
+/// The ```promql blocks of the README and of the manual's observability
+/// page: one expression per non-comment line, indented lines continuing
+/// the previous one.
 fn readme_queries() -> Vec<(String, String)> {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let mut out: Vec<(String, String)> = Vec::new();
-    for block in readme.split("```promql\n").skip(1) {
+    for page in ["README.md", "docs/observability.md"] {
+        let text = std::fs::read_to_string(format!("{root}/{page}")).unwrap();
+        out.extend(promql_blocks(page, &text));
+    }
+    assert!(out.len() >= 10, "PromQL examples: {out:?}");
+    out
+}
+
+/// The expressions of the ```promql blocks of `text`, named by `page`.
+fn promql_blocks(page: &str, text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for block in text.split("```promql\n").skip(1) {
         let block = block.split("```").next().unwrap();
         for line in block
             .lines()
@@ -487,11 +499,10 @@ fn readme_queries() -> Vec<(String, String)> {
                 last.1.push(' ');
                 last.1.push_str(line.trim());
             } else {
-                out.push((format!("README: {line}"), line.to_string()));
+                out.push((format!("{page}: {line}"), line.to_string()));
             }
         }
     }
-    assert!(out.len() >= 5, "README PromQL examples: {out:?}");
     out
 }
 

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::common::upstream::{Script, Upstream};
-use crate::common::{Host, client, get_json, metric_value, test_plugin};
+use crate::common::{Host, client, get_json, metric_value, sse, test_plugin};
 
 /// The URL of the real llama.cpp server, or `None` (skip) outside CI.
 fn llama_url() -> Option<String> {
@@ -59,25 +59,8 @@ fn gemma(question: &str, max_tokens: u32, stream: bool) -> Value {
     })
 }
 
-/// The `data:` payloads of an SSE body, up to `[DONE]` (which must end it).
-fn sse_events(text: &str) -> Vec<Value> {
-    let payloads: Vec<&str> = text
-        .split("\n\n")
-        .filter_map(|e| e.strip_prefix("data: "))
-        .collect();
-    assert_eq!(payloads.last(), Some(&"[DONE]"), "{text}");
-    payloads[..payloads.len() - 1]
-        .iter()
-        .map(|p| serde_json::from_str(p).unwrap())
-        .collect()
-}
-
-fn content_of(events: &[Value]) -> (String, usize) {
-    let pieces: Vec<&str> = events
-        .iter()
-        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
-        .filter(|c| !c.is_empty())
-        .collect();
+fn content_of(chunks: &[Value]) -> (String, usize) {
+    let pieces = sse::pieces(chunks);
     (pieces.concat(), pieces.len())
 }
 
@@ -178,7 +161,7 @@ async fn llama_streams_tokens_as_they_come() {
         ))
         .await;
     assert_eq!(status, 200, "{text}");
-    let events = sse_events(&text);
+    let events = sse::chunks(&text);
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
     assert!(
         events
@@ -359,7 +342,7 @@ async fn a_split_email_address_is_redacted_while_streaming() {
     let host = upstream_host(&upstream.base_url, "");
     let (status, text) = host.chat(&up("how do I reach John?", true)).await;
     assert_eq!(status, 200, "{text}");
-    let events = sse_events(&text);
+    let events = sse::chunks(&text);
     let (content, pieces) = content_of(&events);
     assert!(
         content.contains("write to [redacted email] now"),
@@ -583,7 +566,7 @@ async fn a_plugin_built_against_wit_0_1_0_still_loads_and_streams_buffered() {
         .chat(&json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "one two three four five six"}]}))
         .await;
     assert_eq!(status, 200, "{text}");
-    let (content, _) = content_of(&sse_events(&text));
+    let (content, _) = content_of(&sse::chunks(&text));
     assert_eq!(content, "one two three four five six");
 }
 
@@ -598,7 +581,7 @@ async fn an_upstream_that_breaks_mid_stream_ends_the_stream_with_an_error_event(
     let host = upstream_host(&upstream.base_url, "");
     let (status, text) = host.chat(&up("the answer?", true)).await;
     assert_eq!(status, 200, "the stream had started: {text}");
-    let events = sse_events(&text);
+    let events = sse::chunks(&text);
     let error = &events.last().unwrap()["error"];
     assert_eq!(error["code"], "upstream", "{text}");
     let message = error["message"].as_str().unwrap();

@@ -7,8 +7,8 @@
 //! Under load the host allocates and frees per request on every runtime
 //! thread (HTTP heads and bodies, the envelope's strings, SSE events,
 //! metric labels). With glibc's allocator, `malloc` and `free` were ~13 %
-//! of the host's CPU in a profile of the plain upstream path (README,
-//! Performance); mimalloc's thread-local free lists do the same work for
+//! of the host's CPU in a profile of the plain upstream path;
+//! mimalloc's thread-local free lists do the same work for
 //! less. But mimalloc keeps freed memory in its segments and returns it to
 //! the operating system only later, on some later allocation: a host that
 //! refused a 100 MiB plugin output kept ~110 MiB resident with mimalloc

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod guests;
+pub mod sse;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read};

@@ -291,7 +291,7 @@ impl StageConfig {
             // backend's first token: its calls wait on I/O, not on a core,
             // and the backend's `max_concurrent` (64 by default) is what
             // bounds the generations. Two permits made it the bottleneck
-            // (perf, issue 16: 4,850 against 7,000 plain req/s).
+            // (measured with perf: 4,850 against 7,000 plain req/s).
             workers: if capabilities.inference {
                 INFERENCE_WORKERS
             } else {

@@ -83,7 +83,7 @@ pub async fn plan(
 ) -> Result<Planned, PlanError> {
     let previous_router = running
         .as_ref()
-        .map(|r| r.pipeline.generation().router().clone());
+        .map(|r| r.pipeline.snapshot().router().clone());
     let router = Router::reusing(config, metrics, previous_router.as_ref())?;
     let mut stages = Vec::new();
     let mut services = Vec::new();
@@ -174,7 +174,7 @@ fn warn_buffered_streaming(
                         plain,
                         streaming = settings.name(),
                         "a streaming stage follows a plain one after the generation: streamed \
-                         answers are sent from the plain stage on only once the generation ends; \
+                         answers are sent from the plain stage on only once the snapshot ends; \
                          put the streaming stage first to stream through it"
                     );
                     break;

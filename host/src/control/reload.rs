@@ -24,8 +24,8 @@
 //!    unchanged, which keeps running as it is; backends whose settings
 //!    are unchanged are kept too. Any failure refuses the reload and
 //!    nothing has changed.
-//! 4. **Publish** — the pipeline switches to the new generation (see
-//!    [`crate::pipeline::Generation`]): new requests use the new stages,
+//! 4. **Publish** — the pipeline switches to the new snapshot (see
+//!    [`crate::pipeline::Snapshot`]): new requests use the new stages,
 //!    pipelines, routes and backends; requests in flight finish on the
 //!    ones they started with.
 //!

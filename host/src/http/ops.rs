@@ -53,8 +53,8 @@ pub struct ModelHealth {
 impl HealthReport {
     /// The report of `pipeline` and the backends of its configuration.
     pub fn new(pipeline: &Pipeline) -> HealthReport {
-        let generation = pipeline.generation();
-        let router = generation.router();
+        let snapshot = pipeline.snapshot();
+        let router = snapshot.router();
         let mut report = HealthReport {
             pipeline: pipeline.health(),
             backends: router.health(),

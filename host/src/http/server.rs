@@ -7,7 +7,7 @@
 //! accepting connections and waits for the requests in progress to finish.
 //!
 //! The accept loop is ours rather than `warp::serve`'s, because a public
-//! listener must not let one client exhaust the process (issue 15, item 4):
+//! listener must not let one client exhaust the process:
 //!
 //! - **A connection limit** per listener ([`Limits::max_connections`]): a
 //!   connection beyond it is closed at once and counted
@@ -23,7 +23,7 @@
 //!   slowloris client trickling a byte every few seconds is gone after it.
 //! - **A request timeout** ([`Limits::request`]): the handler, body read
 //!   included, must produce the response's head within it (a
-//!   `Content-Length` larger than the body sent no longer waits forever);
+//!   `Content-Length` larger than the body sent does not wait forever);
 //!   the client gets 408. A streamed body is not bounded by it: its events
 //!   are bounded by the request's own deadline and by `stream_stall_ms`.
 //! - **Accept errors** (`EMFILE` when descriptors run out) are logged at

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::echo::Echo;
 use super::generation::{BackendError, Ending, Event, GenerateRequest};
 use super::openai::OpenAi;
 use super::protocol::{AttemptError, EventStream, Protocol, UpstreamRequest};
@@ -35,7 +34,9 @@ pub struct BackendSetupError {
 pub(super) struct Backend {
     pub(super) name: String,
     pub(super) kind: BackendKind,
-    protocol: Box<dyn Protocol>,
+    /// The service it speaks to; `None` for `echo`, whose answers the
+    /// router computes in process ([`super::echo`]).
+    protocol: Option<Box<dyn Protocol>>,
     pub(super) settings: BackendConfig,
     pub(super) permits: Arc<Semaphore>,
     pub(super) breaker: Arc<CircuitBreaker>,
@@ -53,8 +54,8 @@ impl Backend {
             backend: name.to_string(),
             message,
         };
-        let protocol: Box<dyn Protocol> = match settings.kind {
-            BackendKind::Echo => Box::new(Echo),
+        let protocol: Option<Box<dyn Protocol>> = match settings.kind {
+            BackendKind::Echo => None,
             BackendKind::Openai => {
                 let api_key = match &settings.api_key_env {
                     None => None,
@@ -65,14 +66,14 @@ impl Backend {
                     })?),
                 };
                 let base_url = settings.base_url.as_deref().unwrap_or_default();
-                Box::new(
+                Some(Box::new(
                     OpenAi::new(
                         base_url,
                         api_key,
                         Duration::from_millis(settings.connect_timeout_ms),
                     )
                     .map_err(fail)?,
-                )
+                ))
             }
         };
         let metrics = metrics.backend(name);
@@ -95,7 +96,7 @@ impl Backend {
 }
 
 /// The generation task: open (retries, failover), then pump events.
-pub(super) async fn generation(
+pub(super) async fn upstream_task(
     primary: Arc<Backend>,
     failover: Option<Arc<Backend>>,
     request: GenerateRequest,
@@ -221,6 +222,12 @@ impl Backend {
             error,
             backend_at_fault: false,
         };
+        let Some(protocol) = &self.protocol else {
+            return Err(not_at_fault(BackendError::Failed {
+                backend: self.name.clone(),
+                reason: "an `echo` backend is answered in process, not by a generation task".into(),
+            }));
+        };
         let permit = tokio::time::timeout_at(deadline.into(), self.permits.clone().acquire_owned())
             .await
             .map_err(|_| {
@@ -255,7 +262,7 @@ impl Backend {
             upstream_request.trace_headers = span.headers();
             let started = Instant::now();
             let result = tokio::time::timeout(timeout, async {
-                let mut events = self.protocol.send(&upstream_request).await?;
+                let mut events = protocol.send(&upstream_request).await?;
                 match events.next().await {
                     Some(Ok(first)) => Ok((events, first)),
                     Some(Err(error)) => Err(error),
@@ -469,7 +476,7 @@ impl Backend {
     /// Record how a generation that had its first token ended: `failed`
     /// for the breaker, `None` when nothing was learnt about the backend
     /// (cancelled).
-    fn end(&self, outcome: UpstreamOutcome, tokens: u64, failed: Option<bool>) {
+    pub(super) fn end(&self, outcome: UpstreamOutcome, tokens: u64, failed: Option<bool>) {
         self.metrics.outcome(outcome).inc();
         self.metrics.tokens.inc_by(tokens);
         if let Some(failed) = failed {

@@ -1,10 +1,25 @@
 //! `echo`: the built-in deterministic stand-in for a language model (see
 //! the [module docs](super)). It needs no network and no weights.
+//!
+//! Its answers are computed in process, not by a protocol behind a
+//! generation task: there is no I/O and nothing can fail, so a task, a
+//! channel and a wake-up per event would be all cost. A whole answer is
+//! [`complete`], a streamed one an [`EchoStream`] whose events are cut as
+//! they are pulled. Both record what a generation task records, through the
+//! backend's own bookkeeping ([`Backend::attempt_span`], [`Backend::end`],
+//! [`trace_ending`]): time to first token, the outcome, the tokens, the
+//! attempt's span. Inter-token latency and the backend's concurrency
+//! permits are not used by a computed answer.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use orchestrator_text::{count_tokens, tokens, truncate_tokens};
 
-use super::generation::{Completion, Ending, Event, GenerateRequest};
-use super::protocol::{EventStream, Protocol, SendFuture, UpstreamRequest};
+use super::backend::{Backend, trace_ending};
+use super::generation::{BackendError, Completion, Ending, Event, GenerateRequest};
+use crate::metrics::UpstreamOutcome;
+use crate::trace::{Attribute, Trace};
 
 /// The cap on `echo`'s answer when the client gives no `max_tokens`.
 pub const ECHO_MAX_TOKENS: u32 = 512;
@@ -74,10 +89,102 @@ impl Echo {
     }
 }
 
-impl Protocol for Echo {
-    fn send(&self, request: &UpstreamRequest<'_>) -> SendFuture {
-        let events = Echo::events(Echo::generate(request.request));
-        Box::pin(async move { Ok(Box::pin(futures_util::stream::iter(events)) as EventStream) })
+/// A streamed `echo` generation of `backend` for `request`.
+pub(super) fn stream(backend: Arc<Backend>, request: &GenerateRequest) -> EchoStream {
+    let (completion, span) = first_token(&backend, request, true);
+    EchoStream {
+        events: Box::new(Echo::events(completion)),
+        text: span.records_content().then(String::new),
+        span,
+        backend,
+        deltas: 0,
+        ended: false,
+    }
+}
+
+/// A whole `echo` generation of `backend` for `request`.
+pub(super) fn complete(backend: &Backend, request: &GenerateRequest) -> Completion {
+    let (completion, span) = first_token(backend, request, false);
+    let tokens = u64::from(completion.completion_tokens);
+    if span.is_recording() {
+        let ending = Ending {
+            finish_reason: Some(completion.finish_reason.to_string()),
+            usage: Some((completion.prompt_tokens, completion.completion_tokens)),
+            response_id: None,
+        };
+        let text = span.records_content().then(|| completion.text.clone());
+        trace_ending(&span, &ending, tokens, text);
+    }
+    backend.end(UpstreamOutcome::Ok, tokens, None);
+    completion
+}
+
+/// Compute an answer under its attempt span, recording its time to first
+/// token (the whole answer is there at once) in the metric and the span.
+fn first_token(backend: &Backend, request: &GenerateRequest, stream: bool) -> (Completion, Trace) {
+    let started = Instant::now();
+    let span = backend.attempt_span(request, request.model(), 0, stream);
+    let completion = Echo::generate(request);
+    let ttft = started.elapsed().as_secs_f64();
+    backend.metrics.ttft.observe(ttft);
+    if span.is_recording() {
+        span.event(
+            "gen_ai.first_token",
+            vec![Attribute::new("gen_ai.server.time_to_first_token", ttft)],
+        );
+    }
+    (completion, span)
+}
+
+/// A streamed `echo` generation. It records its ending when the stream
+/// ends: `ok` and the answer's tokens once its `End` has been pulled, or,
+/// dropped before that (the client went away, the request's deadline
+/// passed), `cancelled` and the deltas pulled so far.
+pub(super) struct EchoStream {
+    events: Box<dyn Iterator<Item = Result<Event, BackendError>> + Send>,
+    backend: Arc<Backend>,
+    span: Trace,
+    /// Only when the span records content: the text pulled so far.
+    text: Option<String>,
+    deltas: u64,
+    ended: bool,
+}
+
+impl Iterator for EchoStream {
+    type Item = Result<Event, BackendError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let event = self.events.next()?;
+        match &event {
+            Ok(Event::Delta(delta)) => {
+                self.deltas += 1;
+                if let Some(text) = &mut self.text {
+                    text.push_str(delta);
+                }
+            }
+            Ok(Event::Extra(_)) => self.deltas += 1,
+            Ok(Event::End(ending)) => {
+                self.ended = true;
+                let tokens = ending.usage.map_or(self.deltas, |(_, c)| u64::from(c));
+                trace_ending(&self.span, ending, tokens, self.text.take());
+                self.backend.end(UpstreamOutcome::Ok, tokens, None);
+            }
+            Err(_) => {}
+        }
+        Some(event)
+    }
+}
+
+impl Drop for EchoStream {
+    fn drop(&mut self) {
+        if self.ended {
+            return;
+        }
+        self.span
+            .set([Attribute::new("orchestrator.outcome", "cancelled")]);
+        self.span.end();
+        self.backend
+            .end(UpstreamOutcome::Cancelled, self.deltas, None);
     }
 }
 
@@ -112,8 +219,6 @@ impl Iterator for Deltas {
 
 #[cfg(test)]
 mod tests {
-    use futures_util::StreamExt;
-
     use super::*;
 
     fn request(prompt: &str, max_tokens: u32) -> GenerateRequest {
@@ -147,21 +252,14 @@ mod tests {
         assert_eq!(out.completion_tokens, 2);
     }
 
-    #[tokio::test]
-    async fn echo_streams_deltas_that_concatenate_to_the_completion() {
+    #[test]
+    fn echo_streams_deltas_that_concatenate_to_the_completion() {
         let r = request("User: Hello,   wide world! How are you?\nAssistant:", 100);
         let whole = Echo::generate(&r);
-        let mut events = Echo
-            .send(&UpstreamRequest {
-                trace_headers: Vec::new(),
-                model: "echo",
-                request: &r,
-            })
-            .await
-            .unwrap();
+        let events = Echo::events::<BackendError>(Echo::generate(&r));
         let mut text = String::new();
         let mut deltas = 0;
-        while let Some(event) = events.next().await {
+        for event in events {
             match event.unwrap() {
                 Event::Delta(d) => {
                     text.push_str(&d);

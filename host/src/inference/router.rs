@@ -4,18 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::{Backend, BackendSetupError, generation, trace_ending};
-use super::echo::Echo;
-use super::generation::{
-    BackendError, Completion, Ending, Event, Events, GenerateRequest, TokenStream,
-};
+use super::backend::{Backend, BackendSetupError, upstream_task};
+use super::echo;
+use super::generation::{BackendError, Completion, Events, GenerateRequest, TokenStream};
 use crate::config::{BackendKind, Config, DEFAULT_PIPELINE, ModelRoute};
-use crate::metrics::{BackendMetrics, BreakerState, Metrics, UpstreamOutcome};
-use crate::trace::{Attribute, Trace};
+use crate::metrics::{BreakerState, Metrics};
 
 struct Inner {
     backends: BTreeMap<String, Arc<Backend>>,
@@ -105,7 +101,7 @@ impl Router {
     }
 
     /// The backend serving `model`, if any.
-    pub fn route(&self, model: &str) -> Option<&str> {
+    pub fn backend_for(&self, model: &str) -> Option<&str> {
         match self.inner.models.get(model) {
             Some(route) => Some(&route.backend),
             None => self.inner.default.as_deref(),
@@ -126,14 +122,14 @@ impl Router {
 
     /// The kind of the backend serving `model`, if it routes anywhere.
     pub fn backend_kind(&self, model: &str) -> Option<BackendKind> {
-        let name = self.route(model)?;
+        let name = self.backend_for(model)?;
         Some(self.inner.backends.get(name)?.kind)
     }
 
     /// The largest `max_tokens` the backend serving `model` accepts, with
     /// that backend's name.
     pub fn max_tokens_limit(&self, model: &str) -> Option<(u32, &str)> {
-        let name = self.route(model)?;
+        let name = self.backend_for(model)?;
         let backend = self.inner.backends.get(name)?;
         Some((backend.settings.max_tokens_limit, name))
     }
@@ -159,12 +155,12 @@ impl Router {
         if let Some(backend) = self.echo_backend(request.model()) {
             return Ok(TokenStream {
                 backend: backend.name.clone(),
-                events: Events::Ready(Box::new(EchoStream::start(backend, &request))),
+                events: Events::Ready(Box::new(echo::stream(backend.clone(), &request))),
                 deadline: request.deadline,
             });
         }
         let primary = self
-            .route(request.model())
+            .backend_for(request.model())
             .and_then(|name| self.inner.backends.get(name))
             .cloned()
             .ok_or_else(|| BackendError::UnknownModel(request.model().to_string()))?;
@@ -177,7 +173,7 @@ impl Router {
         let (opened_tx, opened_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(64);
         let deadline = request.deadline;
-        let task = generation(primary, failover, request, opened_tx, events_tx);
+        let task = upstream_task(primary, failover, request, opened_tx, events_tx);
         // Detached: dropping this future (the plugin call's deadline) drops
         // the receiver, which the task notices.
         drop(match &self.inner.runtime {
@@ -201,131 +197,18 @@ impl Router {
     /// Run a whole generation and collect it.
     pub async fn generate(&self, request: GenerateRequest) -> Result<Completion, BackendError> {
         if let Some(backend) = self.echo_backend(request.model()) {
-            return Ok(echo_completion(backend, &request));
+            return Ok(echo::complete(backend, &request));
         }
         let prompt_tokens = request.prompt_tokens();
         self.stream(request).await?.collect(|| prompt_tokens).await
     }
 
     /// The backend serving `model`, if it is an `echo` one.
-    fn echo_backend(&self, model: &str) -> Option<&Backend> {
-        self.route(model)
+    fn echo_backend(&self, model: &str) -> Option<&Arc<Backend>> {
+        self.backend_for(model)
             .and_then(|name| self.inner.backends.get(name))
             .filter(|b| b.kind == BackendKind::Echo)
-            .map(|b| &**b)
     }
-}
-
-/// A streamed `echo` generation: its events are cut as they are pulled,
-/// and it records what a generation task records for a stream, when the
-/// stream ends: `ok` and the answer's tokens once its `End` has been
-/// pulled, or, dropped before that (the client went away, the request's
-/// deadline passed), `cancelled` and the deltas pulled so far.
-struct EchoStream {
-    events: Box<dyn Iterator<Item = Result<Event, BackendError>> + Send>,
-    metrics: BackendMetrics,
-    span: Trace,
-    /// Only when the span records content: the text pulled so far.
-    text: Option<String>,
-    deltas: u64,
-    ended: bool,
-}
-
-impl EchoStream {
-    fn start(backend: &Backend, request: &GenerateRequest) -> EchoStream {
-        let (completion, span) = echo_first_token(backend, request, true);
-        EchoStream {
-            events: Box::new(Echo::events(completion)),
-            metrics: backend.metrics.clone(),
-            text: span.records_content().then(String::new),
-            span,
-            deltas: 0,
-            ended: false,
-        }
-    }
-}
-
-impl Iterator for EchoStream {
-    type Item = Result<Event, BackendError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        let event = self.events.next()?;
-        match &event {
-            Ok(Event::Delta(delta)) => {
-                self.deltas += 1;
-                if let Some(text) = &mut self.text {
-                    text.push_str(delta);
-                }
-            }
-            Ok(Event::Extra(_)) => self.deltas += 1,
-            Ok(Event::End(ending)) => {
-                self.ended = true;
-                let tokens = ending.usage.map_or(self.deltas, |(_, c)| u64::from(c));
-                trace_ending(&self.span, ending, tokens, self.text.take());
-                self.metrics.outcome(UpstreamOutcome::Ok).inc();
-                self.metrics.tokens.inc_by(tokens);
-            }
-            Err(_) => {}
-        }
-        Some(event)
-    }
-}
-
-impl Drop for EchoStream {
-    fn drop(&mut self) {
-        if self.ended {
-            return;
-        }
-        self.span
-            .set([Attribute::new("orchestrator.outcome", "cancelled")]);
-        self.span.end();
-        self.metrics.outcome(UpstreamOutcome::Cancelled).inc();
-        self.metrics.tokens.inc_by(self.deltas);
-    }
-}
-
-/// A whole `echo` generation, computed in process: it has no I/O and
-/// cannot fail, so it runs here rather than in a generation task (which
-/// costs a task, a channel and a wake-up per event). The same series and
-/// span are recorded as for a generation task, except inter-token latency
-/// and the backend's concurrency permits, which a computed answer does not
-/// use. A streamed one is an [`EchoStream`].
-fn echo_completion(backend: &Backend, request: &GenerateRequest) -> Completion {
-    let (completion, span) = echo_first_token(backend, request, false);
-    let tokens = u64::from(completion.completion_tokens);
-    if span.is_recording() {
-        let ending = Ending {
-            finish_reason: Some(completion.finish_reason.to_string()),
-            usage: Some((completion.prompt_tokens, completion.completion_tokens)),
-            response_id: None,
-        };
-        let text = span.records_content().then(|| completion.text.clone());
-        trace_ending(&span, &ending, tokens, text);
-    }
-    backend.metrics.outcome(UpstreamOutcome::Ok).inc();
-    backend.metrics.tokens.inc_by(tokens);
-    completion
-}
-
-/// Compute an `echo` answer under its attempt span, recording its time to
-/// first token (the whole answer is there at once) in the metric and span.
-fn echo_first_token(
-    backend: &Backend,
-    request: &GenerateRequest,
-    stream: bool,
-) -> (Completion, Trace) {
-    let started = Instant::now();
-    let span = backend.attempt_span(request, request.model(), 0, stream);
-    let completion = Echo::generate(request);
-    let ttft = started.elapsed().as_secs_f64();
-    backend.metrics.ttft.observe(ttft);
-    if span.is_recording() {
-        span.event(
-            "gen_ai.first_token",
-            vec![Attribute::new("gen_ai.server.time_to_first_token", ttft)],
-        );
-    }
-    (completion, span)
 }
 
 /// `/health`'s view of one backend.
@@ -346,6 +229,7 @@ pub struct BackendHealth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inference::Event;
 
     fn series(metrics: &Metrics, name: &str) -> f64 {
         let text = metrics.gather();

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::error::RunError;
 use super::stage::{BackendWait, Job};
-use super::stage::{Generation, Route};
+use super::stage::{Route, Snapshot};
 use crate::circuit::Admission;
 use crate::trace::Trace;
 use crate::wasm::Envelope;
@@ -22,7 +22,7 @@ use crate::wasm::Envelope;
 /// being dropped. A request refused for a full queue is counted in that
 /// stage's `orchestrator_requests_shed_total`.
 pub(super) fn admit(
-    generation: &Arc<Generation>,
+    snapshot: &Arc<Snapshot>,
     route: &Arc<Route>,
     envelope: Envelope,
     deadline: Instant,
@@ -30,7 +30,7 @@ pub(super) fn admit(
     trace: Trace,
     backend_wait: BackendWait,
 ) -> Result<Job, RunError> {
-    let shared = &generation.shared;
+    let shared = &snapshot.shared;
     if !shared.accepting.load(Ordering::Acquire) {
         return Err(RunError::ShuttingDown);
     }
@@ -62,10 +62,10 @@ pub(super) fn admit(
         probes,
         streaming,
         admitted: Instant::now(),
-        queued: Instant::now(),
+        waiting_since: Instant::now(),
         trace,
         backend_wait,
         route: route.clone(),
-        generation: generation.clone(),
+        snapshot: snapshot.clone(),
     })
 }

@@ -8,8 +8,7 @@
 //! back to the runtime at every epoch tick ([`crate::wasm::EPOCH_TICK`])
 //! and traps once its deadline has passed, and a call waiting on the host
 //! (an inference request, a WASI sleep) is an ordinary pending future. So
-//! no request crosses a thread on its way through the stages, and none
-//! waits in a queue for a worker thread to wake up.
+//! no request crosses a thread on its way through the stages.
 //!
 //! Owns the instance policy ([`on_instance`]) and the per-call metrics; it
 //! must not admit requests or talk to clients.
@@ -58,8 +57,8 @@ fn stage_span(stage: &StageRuntime, job: &Job, started: Instant) -> Trace {
     if !job.trace.is_recording() {
         return Trace::off();
     }
-    let waited = started.saturating_duration_since(job.queued);
-    let queued_at = SystemTime::now() - job.queued.elapsed();
+    let waited = started.saturating_duration_since(job.waiting_since);
+    let queued_at = SystemTime::now() - job.waiting_since.elapsed();
     stage.open_span(
         &job.trace,
         &stage.plugin(),
@@ -77,7 +76,7 @@ async fn process(
 ) -> Result<Option<TokenStream>, RunError> {
     // The job's position in its pipeline (for its breaker probes).
     let index = job.stage;
-    job.queued = Instant::now();
+    job.waiting_since = Instant::now();
     let permit = stage.permit().await?;
     let remaining = job.deadline.saturating_duration_since(Instant::now());
     if remaining.is_zero() {
@@ -101,7 +100,7 @@ async fn process(
         let current = stage.plugin_owned();
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
-        let router = job.generation.router();
+        let router = job.snapshot.router();
         let span = &span;
         on_instance(stage, &current, async |live: &mut Instance| {
             live.set_request_deadline(Instant::now() + remaining);

@@ -1,11 +1,11 @@
 //! The pipelines: admission control, stage calls run to completion on the
 //! request's own task, token streaming, and the configurations they run
-//! ([`Generation`]).
+//! ([`Snapshot`]).
 //!
 //! Owns the path of a request through the stages of its pipeline:
 //! `admission`, the stages' shared state (`stage`), the `call`s and their
 //! instance policy, `streaming`, and the switch from one configuration to
-//! the next (`generation`). It must not parse HTTP or know about plugin
+//! the next (`snapshot`). It must not parse HTTP or know about plugin
 //! files: it is given a [`Plan`] (loaded plugins, the pipelines' stage
 //! lists, the router) and envelopes, and answers with envelopes, streams
 //! or [`RunError`]s.
@@ -33,9 +33,7 @@
 //! and gives both back. Plugin calls are async wasmtime calls that yield to
 //! the runtime at every epoch tick, so a long call cannot hold a runtime
 //! thread, and one waiting on the host is an ordinary pending future (see
-//! `call`). Nothing hands a request from thread to thread: that hand-off
-//! (a queue per stage and a worker thread per permit) was 35–40 % of the
-//! host's CPU under load before, measured with `perf`.
+//! `call`). Nothing hands a request from thread to thread.
 //!
 //! # Admission control
 //!
@@ -89,7 +87,7 @@
 //! # Configuration reload
 //!
 //! [`Pipeline::install`] switches to a new configuration's [`Plan`]; see
-//! `generation`'s docs for what carries over and when retired stages stop.
+//! `snapshot`'s docs for what carries over and when retired stages stop.
 //!
 //! # Hot swap
 //!
@@ -103,8 +101,8 @@
 mod admission;
 mod call;
 mod error;
-mod generation;
 mod norm;
+mod snapshot;
 mod stage;
 mod streaming;
 
@@ -121,8 +119,8 @@ use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
 use crate::wasm::{Envelope, Plugin, PluginVersion};
 pub use error::RunError;
-pub use generation::{Plan, RouteRef};
-pub use stage::Generation;
+pub use snapshot::{Plan, RouteRef};
+pub use stage::Snapshot;
 use stage::{BackendWait, Delivery, Shared, StageRuntime};
 pub use streaming::{StreamItem, Streaming};
 
@@ -159,12 +157,12 @@ impl Drop for Unanswered<'_> {
     }
 }
 
-/// The running pipelines: the current [`Generation`] and the state every
-/// generation shares. Cheap to clone.
+/// The running pipelines: the current [`Snapshot`] and the state every
+/// snapshot shares. Cheap to clone.
 #[derive(Clone)]
 pub struct Pipeline {
     shared: Arc<Shared>,
-    current: Arc<ArcSwap<Generation>>,
+    current: Arc<ArcSwap<Snapshot>>,
     /// Serializes [`Pipeline::install`]s.
     installing: Arc<Mutex<()>>,
     started: Instant,
@@ -247,10 +245,10 @@ impl Pipeline {
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),
         });
-        let generation = Generation::build(plan, None, &shared, metrics);
+        let snapshot = Snapshot::build(plan, None, &shared, metrics);
         Pipeline {
             shared,
-            current: Arc::new(ArcSwap::from_pointee(generation)),
+            current: Arc::new(ArcSwap::from_pointee(snapshot)),
             installing: Arc::new(Mutex::new(())),
             started: Instant::now(),
         }
@@ -259,36 +257,36 @@ impl Pipeline {
     /// Switch to the pipelines of `plan` (a configuration reload): stages
     /// whose settings are unchanged keep their state (a new plugin version
     /// is swapped in), changed and new ones start afresh, and the new
-    /// generation is published for new requests. Requests in flight finish
-    /// on the generation they were admitted under; its stages that the new
+    /// snapshot is published for new requests. Requests in flight finish
+    /// on the snapshot they were admitted under; its stages that the new
     /// one lacks are freed with the last of those requests (see
-    /// [`Generation`]).
+    /// [`Snapshot`]).
     pub fn install(&self, plan: Plan, metrics: &Metrics) {
         let _serial = self.installing.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.current.load_full();
-        let generation = Generation::build(plan, Some(&previous), &self.shared, metrics);
-        self.current.store(Arc::new(generation));
+        let snapshot = Snapshot::build(plan, Some(&previous), &self.shared, metrics);
+        self.current.store(Arc::new(snapshot));
     }
 
     /// The configuration serving new requests: take it once per request,
     /// and pass it to [`run`](Self::run).
-    pub fn generation(&self) -> Arc<Generation> {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }
 
-    /// Run one request through the stages of `route` (of `generation`),
+    /// Run one request through the stages of `route` (of `snapshot`),
     /// answering by `deadline`. A generation a stage streams is collected
     /// before the next stage runs. Each stage the request reaches gets a
     /// child span of `trace` ([`Trace::off`] for none).
     pub async fn run(
         &self,
-        generation: &Arc<Generation>,
+        snapshot: &Arc<Snapshot>,
         route: &RouteRef,
         envelope: Envelope,
         deadline: Instant,
         trace: Trace,
     ) -> Result<Envelope, RunError> {
-        let routed = (generation, route);
+        let routed = (snapshot, route);
         match self
             .run_observed(routed, envelope, deadline, false, trace)
             .await?
@@ -304,13 +302,13 @@ impl Pipeline {
     /// generation.
     pub async fn run_streaming(
         &self,
-        generation: &Arc<Generation>,
+        snapshot: &Arc<Snapshot>,
         route: &RouteRef,
         envelope: Envelope,
         deadline: Instant,
         trace: Trace,
     ) -> Result<Answer, RunError> {
-        self.run_observed((generation, route), envelope, deadline, true, trace)
+        self.run_observed((snapshot, route), envelope, deadline, true, trace)
             .await
     }
 
@@ -318,7 +316,7 @@ impl Pipeline {
     /// streamed one is observed when its stream ends).
     async fn run_observed(
         &self,
-        routed: (&Arc<Generation>, &RouteRef),
+        routed: (&Arc<Snapshot>, &RouteRef),
         envelope: Envelope,
         deadline: Instant,
         streaming: bool,
@@ -358,7 +356,7 @@ impl Pipeline {
 
     async fn admit_and_wait(
         &self,
-        (generation, route): (&Arc<Generation>, &RouteRef),
+        (snapshot, route): (&Arc<Snapshot>, &RouteRef),
         envelope: Envelope,
         deadline: Instant,
         streaming: bool,
@@ -366,7 +364,7 @@ impl Pipeline {
         backend_wait: BackendWait,
     ) -> Result<Answer, RunError> {
         let job = admission::admit(
-            generation,
+            snapshot,
             &route.0,
             envelope,
             deadline,
@@ -408,8 +406,8 @@ impl Pipeline {
     /// The pipelines' `/health` report.
     pub fn health(&self) -> Health {
         let accepting = self.shared.accepting.load(Ordering::Acquire);
-        let generation = self.current.load_full();
-        let stages: Vec<StageHealth> = generation
+        let snapshot = self.current.load_full();
+        let stages: Vec<StageHealth> = snapshot
             .stages
             .iter()
             .map(|stage| {
@@ -439,14 +437,14 @@ impl Pipeline {
             uptime_seconds: self.started.elapsed().as_secs(),
             in_flight: self.shared.in_flight.load(Ordering::Acquire),
             stages,
-            pipelines: generation
+            pipelines: snapshot
                 .routes()
                 .map(|route| PipelineHealth {
                     name: route.name(),
                     stages: route.stage_names().collect(),
                 })
                 .collect(),
-            config_hash: generation.hash().to_string(),
+            config_hash: snapshot.hash().to_string(),
         }
     }
 

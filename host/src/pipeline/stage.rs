@@ -26,13 +26,13 @@ use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
 use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{Envelope, Instance, KEEP_RESIDENT_BYTES, Plugin};
 
-/// State shared by every generation: what admission and the drain need.
+/// State shared by every snapshot: what admission and the drain need.
 pub(super) struct Shared {
     /// `orchestrator_request_duration_seconds{outcome}`.
     pub(super) requests: RequestMetrics,
     /// Cleared at shutdown: nothing new is admitted.
     pub(super) accepting: AtomicBool,
-    /// Requests admitted and not yet answered, under any generation.
+    /// Requests admitted and not yet answered, under any snapshot.
     pub(super) in_flight: AtomicUsize,
     /// Notified when `in_flight` drops to 0.
     pub(super) drained: Notify,
@@ -47,7 +47,7 @@ impl Shared {
     }
 }
 
-/// One pipeline of a generation: the stages its requests pass through.
+/// One pipeline of a snapshot: the stages its requests pass through.
 pub(super) struct Route {
     /// The pipeline's name.
     pub(super) name: &'static str,
@@ -59,7 +59,7 @@ pub(super) struct Route {
 
 /// One configuration at run time (see the module docs). Cheap to hold:
 /// the HTTP layer takes the current one per request.
-pub struct Generation {
+pub struct Snapshot {
     /// Every stage in use, in `/health` order.
     pub(super) stages: Vec<Arc<StageRuntime>>,
     /// The pipelines by name.
@@ -299,7 +299,7 @@ pub(super) struct Job {
     pub(super) admitted: Instant,
     /// When the job reached its current stage (its wait for a permit
     /// there starts).
-    pub(super) queued: Instant,
+    pub(super) waiting_since: Instant,
     /// The request's trace (its server span), parent of its stage spans.
     pub(super) trace: Trace,
     /// Its time waiting for the backend so far.
@@ -308,7 +308,7 @@ pub(super) struct Job {
     pub(super) route: Arc<Route>,
     /// The configuration it was admitted under (its backends; holding it
     /// keeps that configuration's stages running until the job is done).
-    pub(super) generation: Arc<Generation>,
+    pub(super) snapshot: Arc<Snapshot>,
 }
 
 impl Job {
@@ -338,7 +338,7 @@ impl Drop for Job {
         for stage in &self.route.stages[self.stage..] {
             stage.release();
         }
-        self.generation.shared.left();
+        self.snapshot.shared.left();
     }
 }
 

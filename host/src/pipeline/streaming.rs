@@ -121,7 +121,7 @@ impl Streaming {
     /// generation `tokens`.
     pub(super) fn new(job: Job, tokens: TokenStream) -> Streaming {
         let route = job.route.clone();
-        let shared = job.generation.shared.clone();
+        let shared = job.snapshot.shared.clone();
         let mut chunk_stages = Vec::new();
         let mut rest_from = route.stages.len();
         for index in job.stage..route.stages.len() {

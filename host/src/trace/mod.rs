@@ -11,7 +11,8 @@
 //! stops. With tracing off there is no `Traces`, every [`Trace`] is
 //! [`Trace::off`], and each tracing call is a branch on a `None`.
 //!
-//! What a trace holds (the README has the full list of attributes):
+//! What a trace holds (docs/observability.md has the full list of
+//! attributes):
 //!
 //! - the server span `POST /v1/chat/completions` (kind server), from the
 //!   request's arrival to the last byte of its answer;

@@ -194,8 +194,8 @@ impl Runtime {
             // faults and TLB shootdowns on every reuse. With Linux's
             // PAGEMAP_SCAN (kernel 6.7+; `Auto` falls back to the memset
             // elsewhere) only the pages the previous instance dirtied in
-            // the first 4 MiB are reset, and they stay resident (see the
-            // README's Performance section for what that saved). Memory
+            // the first 4 MiB are reset, and they stay resident (what that
+            // saves: benches/README.md). Memory
             // beyond 4 MiB (a memory bomb, say)
             // is still decommitted, so idle RSS stays bounded by what
             // guests actually touch below 4 MiB.
@@ -209,8 +209,8 @@ impl Runtime {
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)
             // `ORCHESTRATOR_PERF_MAP=1` writes /tmp/perf-<pid>.map, so that
-            // `perf report` names the guests' functions (see README,
-            // Performance).
+            // `perf report` names the guests' functions (see
+            // benches/README.md).
             .profiler(if std::env::var_os("ORCHESTRATOR_PERF_MAP").is_some() {
                 wasmtime::ProfilingStrategy::PerfMap
             } else {

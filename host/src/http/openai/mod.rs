@@ -175,13 +175,13 @@ async fn traced(state: &ApiState, headers: &TraceHeaders, body: &[u8]) -> Respon
 async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Response, bool) {
     // One configuration for the whole request, even if a reload lands
     // meanwhile.
-    let generation = state.pipeline.generation();
-    let parsed = match parse(body, generation.router()) {
+    let snapshot = state.pipeline.snapshot();
+    let parsed = match parse(body, snapshot.router()) {
         Ok(parsed) => parsed,
         Err(error) => return (error.into_response(), false),
     };
     // `parse` refused a model that routes nowhere.
-    let Some(route) = generation.route(&parsed.model) else {
+    let Some(route) = snapshot.pipeline_for(&parsed.model) else {
         return (
             ApiError::with_code(
                 StatusCode::NOT_FOUND,
@@ -206,7 +206,7 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
     if !parsed.stream {
         let run = state
             .pipeline
-            .run(&generation, &route, envelope, deadline, trace.clone());
+            .run(&snapshot, &route, envelope, deadline, trace.clone());
         let response = match run.await {
             Ok(envelope) => json_response(
                 StatusCode::OK,
@@ -223,7 +223,7 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
     let events = ChunkEvents::new(id, parsed.model, parsed.include_usage, Some(route.clone()));
     let run = state
         .pipeline
-        .run_streaming(&generation, &route, envelope, deadline, trace.clone());
+        .run_streaming(&snapshot, &route, envelope, deadline, trace.clone());
     let (response, live) = match run.await {
         Ok(Answer::Done(envelope)) => (events.buffered(&envelope), false),
         Ok(Answer::Streaming(streaming)) => (
@@ -365,8 +365,8 @@ fn live_stream(
 
 fn list_models(state: &ApiState) -> Response {
     let created = unix_now();
-    let generation = state.pipeline.generation();
-    let data: Vec<Value> = generation
+    let snapshot = state.pipeline.snapshot();
+    let data: Vec<Value> = snapshot
         .router()
         .models()
         .map(|(model, backend, pipeline)| json!({"id": model, "object": "model", "created": created, "owned_by": backend, "pipeline": pipeline}))

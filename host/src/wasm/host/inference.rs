@@ -84,7 +84,10 @@ impl HostState {
         // by then); the generation may go on until the request's.
         let deadline = self.request_deadline.unwrap_or(self.deadline);
         let (router, request) = self.generation_request(messages, tools, params, deadline)?;
-        let backend = router.route(request.model()).unwrap_or("?").to_string();
+        let backend = router
+            .backend_for(request.model())
+            .unwrap_or("?")
+            .to_string();
         let asked = Instant::now();
         let started =
             tokio::time::timeout_at(self.backend_deadline().into(), router.stream(request))

@@ -1,32 +1,32 @@
-//! Configurations at run time: a [`Generation`] is one configuration's
+//! Configurations at run time: a [`Snapshot`] is one configuration's
 //! stages, pipelines ([`Route`]s) and backends ([`Router`]); the state
-//! shared by every generation is [`Shared`].
+//! shared by every snapshot is [`Shared`].
 //!
-//! # Lifecycle of a generation
+//! # Lifecycle of a snapshot
 //!
 //! 1. **Plan** — the caller loads a configuration's plugins and gives a
 //!    [`Plan`]: each stage's settings and plugin, each pipeline's stage
 //!    names, the router.
-//! 2. **Build** — [`Generation::build`] makes a runtime for each stage,
-//!    *reusing* the runtime of the generation before it when the stage's
+//! 2. **Build** — [`Snapshot::build`] makes a runtime for each stage,
+//!    *reusing* the runtime of the snapshot before it when the stage's
 //!    settings are unchanged: then its reservations, permits, idle
 //!    instances and breaker carry on, and a different plugin is swapped in
 //!    as a hot swap would. A stage whose settings changed gets a new
 //!    runtime (reservations, permits, breaker).
-//! 3. **Publish** — the pipeline swaps its current generation atomically.
+//! 3. **Publish** — the pipeline swaps its current snapshot atomically.
 //!    New requests are admitted under the new one; a request keeps the
-//!    generation it was admitted under (its [`Job`](super::stage::Job)
+//!    snapshot it was admitted under (its [`Job`](super::stage::Job)
 //!    holds it), so it finishes on the stages and backends it started
 //!    with.
-//! 4. **Retire** — when the last holder of an old generation lets go, each
-//!    of its stages that no later generation includes is dropped, with its
+//! 4. **Retire** — when the last holder of an old snapshot lets go, each
+//!    of its stages that no later snapshot includes is dropped, with its
 //!    idle instances. Nothing waits for that: a request never waits for a
 //!    reload, and a reload never waits for requests.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::stage::{Generation, Route, Shared, StageRuntime};
+use super::stage::{Route, Shared, Snapshot, StageRuntime};
 use crate::config::StageConfig;
 use crate::inference::Router;
 use crate::metrics::Metrics;
@@ -48,7 +48,7 @@ pub struct Plan {
 }
 
 /// Which pipeline a request runs through, chosen by its model
-/// ([`Generation::route`]).
+/// ([`Snapshot::route`]).
 #[derive(Clone)]
 pub struct RouteRef(pub(super) Arc<Route>);
 
@@ -70,15 +70,15 @@ impl RouteRef {
     }
 }
 
-impl Generation {
-    /// Build the generation of `plan`, reusing the stage runtimes of
+impl Snapshot {
+    /// Build the snapshot of `plan`, reusing the stage runtimes of
     /// `previous` whose settings are unchanged.
     pub(super) fn build(
         plan: Plan,
-        previous: Option<&Generation>,
+        previous: Option<&Snapshot>,
         shared: &Arc<Shared>,
         metrics: &Metrics,
-    ) -> Generation {
+    ) -> Snapshot {
         let mut stages = Vec::with_capacity(plan.stages.len());
         for (settings, plugin) in plan.stages {
             let reusable = previous.and_then(|p| {
@@ -115,7 +115,7 @@ impl Generation {
                 (name, Arc::new(route))
             })
             .collect();
-        Generation {
+        Snapshot {
             stages,
             routes,
             router: plan.router,
@@ -136,7 +136,7 @@ impl Generation {
 
     /// The pipeline requests for `model` run through, if the model routes
     /// anywhere.
-    pub fn route(&self, model: &str) -> Option<RouteRef> {
+    pub fn pipeline_for(&self, model: &str) -> Option<RouteRef> {
         let name = self.router.pipeline(model)?;
         self.routes.get(name).cloned().map(RouteRef)
     }
