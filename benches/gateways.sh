@@ -88,46 +88,8 @@ if [ -z "${BIN:-}" ] || [ -z "${UPSTREAM_BIN:-}" ]; then
     UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/dist/examples/bench_upstream}
 fi
 WORK=$(mktemp -d)
-PIDS=()
-alive() { # any process group we started still there?
-    local pid
-    for pid in "${PIDS[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done
-    return 1
-}
-cleanup() {
-    local pid i
-    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
-    for i in $(seq 50); do # LiteLLM takes a few seconds to stop
-        alive || break
-        sleep 0.2
-    done
-    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-    if [ -n "${KEEP:-}" ]; then echo "kept $WORK (configurations, logs, raw results)" >&2; else rm -rf "$WORK"; fi
-}
-trap cleanup EXIT
-log() { echo "$*" >&2; }
-
-# Every process is started in a session of its own (setsid does not fork
-# here: a background job of a script is no process group leader), so its
-# pid is its session and process group: cleanup kills the group, and CPU
-# is summed over the session.
-spawn() { # output file, command...
-    local out=$1
-    shift
-    setsid "$@" >"$out" 2>&1 &
-    PIDS+=($!)
-    LAST_PID=$!
-    disown # no "Killed" notice from bash at cleanup
-}
-wait_for() { # seconds, pid, command...: until the command succeeds
-    local deadline=$((SECONDS + $1)) pid=$2
-    shift 2
-    until "$@" 2>/dev/null; do
-        kill -0 "$pid" 2>/dev/null || return 1
-        [ $SECONDS -lt $deadline ] || return 1
-        sleep 0.2
-    done
-}
+. benches/lib.sh
+trap stop_all EXIT
 
 # --- The peers' virtualenv -------------------------------------------------
 declare -A SKIP
@@ -151,7 +113,7 @@ if [ -z "${SKIP[tensorzero]:-}" ] && ! "$VENV/bin/pip" show -q tensorzero 2>/dev
 fi
 
 # --- The upstream and the gateways -----------------------------------------
-declare -A URL MODEL PID
+declare -A URL MODEL
 spawn "$WORK/upstream.out" "$UPSTREAM_BIN" 127.0.0.1:0
 PID[upstream]=$LAST_PID
 wait_for 30 "$LAST_PID" grep -q '^listening on' "$WORK/upstream.out" ||
@@ -168,21 +130,13 @@ if [ -n "${STAGES:-}" ]; then
 fi
 # A build of ours, as gateway `name`, in front of the upstream.
 start_ours() { # name, binary
-    local name=$1
-    spawn "$WORK/$name.out" "$2" --config "$WORK/ours.toml" --listen 127.0.0.1:0 \
-        --metrics-listen 127.0.0.1:0 --cache-dir "$WORK/cache-$name"
-    PID[$name]=$LAST_PID
-    wait_for 120 "$LAST_PID" grep -q 'orchestrator listening' "$WORK/$name.out" ||
-        { log "$name (orchestrator) did not start:"; tail -20 "$WORK/$name.out" >&2; exit 1; }
-    URL[$name]=$(grep 'orchestrator listening' "$WORK/$name.out" | grep -o 'api=[^ ]*' | cut -d= -f2)/v1/chat/completions
-    MODEL[$name]=up
+    start_host "$1" "$2" "$WORK/ours.toml" || exit 1
+    URL[$1]=${API[$1]}/v1/chat/completions
+    MODEL[$1]=up
 }
 start_ours ours "$BIN"
 if [ -n "${BASELINE_BIN:-}" ]; then start_ours baseline "$BASELINE_BIN"; fi
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
 if [ -z "${SKIP[litellm]:-}" ]; then
     cat >"$WORK/litellm.yaml" <<EOF
 model_list:
@@ -297,12 +251,6 @@ log "measuring:$NAMES"
 # --- Measurements -----------------------------------------------------------
 RES=$WORK/res
 mkdir -p "$RES"
-TICK=$(getconf CLK_TCK)
-tree_ticks() { # session id -> utime+stime of its live processes, in ticks
-    local stats
-    stats=$(ps -o pid= -s "$1" | awk '{print "/proc/" $1 "/stat"}')
-    { cat $stats 2>/dev/null || true; } | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t + 0 }'
-}
 # wrk's summary -> "ok_requests seconds non2xx socket_errors p50_us"
 parse_wrk() {
     awk '

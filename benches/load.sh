@@ -20,43 +20,44 @@ if [ -z "${BIN:-}" ]; then
     cargo build --release -q -p orchestrator
     BIN=target/release/orchestrator
 fi
-CACHE=$(mktemp -d)
-OUT=$(mktemp)
-PID=""
-trap 'kill $PID 2>/dev/null || true; rm -rf "$CACHE" "$OUT"' EXIT
+WORK=$(mktemp -d)
+OUT=$WORK/rss
+. benches/lib.sh
+trap stop_all EXIT
 
 now_ms() { date +%s%3N; }
 
-# Start the host; set PID, API, METRICS and STARTUP_MS (ms from exec to
-# the first answered request).
-start_host() {
+# Start the host (its artifact cache kept from one start to the next); set
+# HOST_PID, API_URL, METRICS_URL and STARTUP_MS (ms from exec to the first answered
+# request).
+start_timed() {
     local t0; t0=$(now_ms)
-    "$BIN" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --cache-dir "$CACHE" >"$OUT" 2>/dev/null &
-    PID=$!
-    until grep -q listening "$OUT" 2>/dev/null; do sleep 0.005; done
-    API=$(grep -o 'api=[^ ]*' "$OUT" | cut -d= -f2)
-    METRICS=$(grep -o 'metrics=[^ ]*' "$OUT" | cut -d= -f2)
-    until curl -sf "$API/v1/chat/completions" -H 'content-type: application/json' \
+    start_host host "$BIN"
+    HOST_PID=${PID[host]}
+    API_URL=${API[host]}
+    METRICS_URL=${METRICS[host]}
+    until curl -sf "$API_URL/v1/chat/completions" -H 'content-type: application/json' \
         -d '{"model":"echo","messages":[{"role":"user","content":"ready?"}]}' >/dev/null; do sleep 0.005; done
     STARTUP_MS=$(( $(now_ms) - t0 ))
 }
 
 rss_mib() { awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$1/status"; }
 
-start_host; cold=$STARTUP_MS; kill $PID; wait $PID 2>/dev/null || true
-start_host; warm=$STARTUP_MS
+start_timed; cold=$STARTUP_MS
+kill -TERM -- "-$HOST_PID"; wait_for 30 "$HOST_PID" false || true
+start_timed; warm=$STARTUP_MS
 echo "startup to first answered request: cold cache ${cold} ms, warm cache ${warm} ms"
 sleep 1
-echo "idle RSS: $(rss_mib $PID) MiB"
+echo "idle RSS: $(rss_mib "$HOST_PID") MiB"
 
 peak=0
 printf '\n| mode | connections | requests/s | p50 | p99 | non-2xx |\n|---|---|---|---|---|---|\n'
 for mode in plain stream; do
     for c in 1 16 64; do
-        ( while kill -0 $PID 2>/dev/null; do rss_mib $PID; echo; sleep 0.25; done ) >"$OUT.rss" &
+        ( while kill -0 "$HOST_PID" 2>/dev/null; do rss_mib "$HOST_PID"; echo; sleep 0.25; done ) >"$OUT.rss" &
         sampler=$!
         result=$(STREAM=$([ $mode = stream ] && echo 1 || echo 0) \
-            wrk -t$(( c < 2 ? 1 : 2 )) -c$c -d${DURATION}s --latency -s benches/wrk-chat.lua "$API/v1/chat/completions")
+            wrk -t$(( c < 2 ? 1 : 2 )) -c$c -d${DURATION}s --latency -s benches/wrk-chat.lua "$API_URL/v1/chat/completions")
         kill $sampler 2>/dev/null || true
         run_peak=$(sort -n "$OUT.rss" | tail -1)
         peak=$(echo "$peak $run_peak" | awk '{print ($2 > $1) ? $2 : $1}')
@@ -70,4 +71,4 @@ done
 rm -f "$OUT.rss"
 echo
 echo "peak RSS under load: ${peak} MiB"
-curl -s "$METRICS/metrics" | grep -E '^orchestrator_request_duration_seconds_count'
+curl -s "$METRICS_URL/metrics" | grep -E '^orchestrator_request_duration_seconds_count'

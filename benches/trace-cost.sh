@@ -23,8 +23,8 @@ if [ -z "${BIN:-}" ]; then
     BIN=target/release/orchestrator
 fi
 WORK=$(mktemp -d)
-PIDS=()
-trap 'kill "${PIDS[@]}" 2>/dev/null || true; rm -rf "$WORK"' EXIT
+. benches/lib.sh
+trap stop_all EXIT
 
 # The OTLP sink.
 cat >"$WORK/sink.py" <<'PY'
@@ -42,21 +42,13 @@ server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
 print(server.server_address[1], flush=True)
 server.serve_forever()
 PY
-python3 "$WORK/sink.py" >"$WORK/sink.port" &
-PIDS+=($!)
-until [ -s "$WORK/sink.port" ]; do sleep 0.05; done
+spawn "$WORK/sink.port" python3 "$WORK/sink.py"
+wait_for 30 "$LAST_PID" test -s "$WORK/sink.port"
 SINK="http://127.0.0.1:$(cat "$WORK/sink.port")/v1/traces"
 
-declare -A API PID
 start() { # name, config text[, binary]
-    local name=$1
-    printf '%s\n' "$2" >"$WORK/$name.toml"
-    "${3:-$BIN}" --config "$WORK/$name.toml" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
-        --cache-dir "$WORK/cache" >"$WORK/$name.out" 2>/dev/null &
-    PID[$name]=$!
-    PIDS+=($!)
-    until grep -q listening "$WORK/$name.out" 2>/dev/null; do sleep 0.05; done
-    API[$name]=$(grep -o 'api=[^ ]*' "$WORK/$name.out" | cut -d= -f2)
+    printf '%s\n' "$2" >"$WORK/$1.toml"
+    start_host "$1" "${3:-$BIN}" "$WORK/$1.toml"
 }
 HOSTS="off on100 on1"
 if [ -n "${BASE:-}" ]; then
@@ -73,15 +65,13 @@ enabled = true
 endpoint = \"$SINK\"
 sampling_ratio = 0.01"
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TICK=$(getconf CLK_TCK)
 for name in $HOSTS; do : >"$WORK/$name.rows"; done
 for round in $(seq "$ROUNDS"); do
     for name in $HOSTS; do
         url="${API[$name]}/v1/chat/completions"
-        before=$(cpu_ticks "${PID[$name]}")
+        before=$(tree_ticks "${PID[$name]}")
         out=$(wrk -t2 -c64 -d"${DURATION}s" -s benches/wrk-chat.lua "$url")
-        after=$(cpu_ticks "${PID[$name]}")
+        after=$(tree_ticks "${PID[$name]}")
         requests=$(echo "$out" | awk '/requests in/ {print $1}')
         rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
         cpu_us=$(awk -v t=$((after - before)) -v n="$requests" -v hz="$TICK" 'BEGIN {printf "%.1f", t / hz / n * 1e6}')
@@ -95,7 +85,7 @@ for round in $(seq "$ROUNDS"); do
         echo "round $round $name: $rps req/s, ${cpu_us} µs CPU/request, p50 at 1 connection ${p50} µs" >&2
     done
 done
-dropped=$(curl -s "$(grep -o 'metrics=[^ ]*' "$WORK/on100.out" | cut -d= -f2)/metrics" |
+dropped=$(curl -s "${METRICS[on100]}/metrics" |
     awk '/^orchestrator_trace_spans_dropped_total/ {print $1, $2}' | tr '\n' ' ')
 echo
 echo "medians (ranges) over $ROUNDS interleaved rounds of ${DURATION}s:"

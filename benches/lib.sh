@@ -1,0 +1,91 @@
+# Shared by the benchmark scripts (source it): starting processes in
+# sessions of their own, waiting for them, stopping them, reading their CPU
+# time, and starting a host.
+#
+#   . "$(dirname "$0")/lib.sh"
+#   WORK=$(mktemp -d); trap stop_all EXIT
+#   start_host NAME BINARY [CONFIG_FILE]   # sets API[NAME], METRICS[NAME], PID[NAME]
+#   before=$(tree_ticks "${PID[NAME]}"); ...; after=$(tree_ticks "${PID[NAME]}")
+#
+# The caller sets WORK (a directory for logs and caches). KEEP=1 keeps it.
+
+PIDS=()
+declare -A API METRICS PID
+TICK=$(getconf CLK_TCK)
+
+log() { echo "$*" >&2; }
+
+# Start a command in a session of its own (setsid does not fork here: a
+# background job of a script is no process group leader), so its pid is its
+# session and process group: stop_all kills the group, and tree_ticks sums
+# CPU over the session. Sets LAST_PID.
+spawn() { # output file, command...
+    local out=$1
+    shift
+    setsid "$@" >"$out" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+    disown # no "Killed" notice from bash at exit
+}
+
+# Until the command succeeds; fails if `pid` dies or `seconds` pass first.
+wait_for() { # seconds, pid, command...
+    local deadline=$((SECONDS + $1)) pid=$2
+    shift 2
+    until "$@" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null || return 1
+        [ $SECONDS -lt $deadline ] || return 1
+        sleep 0.05
+    done
+}
+
+# Whether any process group started with spawn is still there.
+any_alive() {
+    local pid
+    for pid in "${PIDS[@]}"; do kill -0 -- "-$pid" 2>/dev/null && return 0; done
+    return 1
+}
+
+# Stop every process group started with spawn (TERM, then KILL after up to
+# 10 s), and remove WORK unless KEEP is set.
+stop_all() {
+    local pid i
+    for pid in "${PIDS[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+    for i in $(seq 50); do
+        any_alive || break
+        sleep 0.2
+    done
+    for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
+    if [ -n "${WORK:-}" ]; then
+        if [ -n "${KEEP:-}" ]; then log "kept $WORK (configurations, logs, raw results)"; else rm -rf "$WORK"; fi
+    fi
+}
+
+# A free TCP port on loopback.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# utime + stime of the live processes of a session, in clock ticks (TICK
+# per second).
+tree_ticks() { # session id
+    local stats
+    stats=$(ps -o pid= -s "$1" | awk '{print "/proc/" $1 "/stat"}')
+    # shellcheck disable=SC2086 # one path per word
+    { cat $stats 2>/dev/null || true; } | awk '{ sub(/^.*\) /, ""); t += $12 + $13 } END { print t + 0 }'
+}
+
+# Start an orchestrator as NAME, with CONFIG_FILE if given, on free ports
+# and a cache of its own in WORK; wait until it listens. Sets API[NAME] and
+# METRICS[NAME] (base URLs) and PID[NAME].
+start_host() { # name, binary[, config file]
+    local name=$1 bin=$2 config=${3:-}
+    local args=(--listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --cache-dir "$WORK/cache-$name")
+    [ -n "$config" ] && args=(--config "$config" "${args[@]}")
+    spawn "$WORK/$name.out" "$bin" "${args[@]}"
+    PID[$name]=$LAST_PID
+    wait_for 120 "$LAST_PID" grep -q 'orchestrator listening' "$WORK/$name.out" ||
+        { log "$name (orchestrator) did not start:"; tail -20 "$WORK/$name.out" >&2; return 1; }
+    API[$name]=$(grep 'orchestrator listening' "$WORK/$name.out" | grep -o 'api=[^ ]*' | cut -d= -f2)
+    METRICS[$name]=$(grep 'orchestrator listening' "$WORK/$name.out" | grep -o 'metrics=[^ ]*' | cut -d= -f2)
+}
