@@ -51,7 +51,8 @@ async fn drive(pipeline: &Pipeline, total: u64) -> Duration {
                         break;
                     }
                     let snapshot = pipeline.snapshot();
-                    let route = snapshot.pipeline_for("echo").expect("echo routes");
+                    let target = snapshot.router().resolve("echo").expect("echo routes");
+                    let route = snapshot.pipeline_for(&target).expect("echo has a pipeline");
                     let result = pipeline
                         .run(
                             &snapshot,

@@ -269,6 +269,7 @@ fn stages_vs_native(c: &mut Criterion) {
                 deadline: Instant::now() + Duration::from_secs(5),
                 request_id: String::new(),
                 trace: orchestrator::trace::Trace::off(),
+                target: None,
             };
             black_box(
                 bench

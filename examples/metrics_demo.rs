@@ -75,7 +75,11 @@ async fn main() -> anyhow::Result<()> {
                     Vec::new(),
                 );
                 let snapshot = pipeline.snapshot();
-                let Some(route) = snapshot.pipeline_for(model) else {
+                let Some(route) = snapshot
+                    .router()
+                    .resolve(model)
+                    .and_then(|target| snapshot.pipeline_for(&target))
+                else {
                     continue;
                 };
                 let _ = pipeline

@@ -48,8 +48,8 @@ pub fn content(chunks: &[Value]) -> String {
 pub fn finish_reason(chunks: &[Value]) -> Option<String> {
     chunks
         .iter()
-        .filter_map(|c| c["choices"][0]["finish_reason"].as_str())
-        .last()
+        .rev()
+        .find_map(|c| c["choices"][0]["finish_reason"].as_str())
         .map(String::from)
 }
 

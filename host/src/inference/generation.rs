@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use super::router::Target;
 use crate::chat::{Message, Params, Tool, ToolCall, ToolCallDelta, ToolCalls};
 use crate::trace::Trace;
 
@@ -29,6 +30,9 @@ pub struct GenerateRequest {
     /// The span of the stage that asked: each upstream attempt is a child
     /// of it.
     pub trace: Trace,
+    /// Where the request's model was resolved to when it was parsed
+    /// (`None`: resolve `params.model` now).
+    pub target: Option<Target>,
 }
 
 impl GenerateRequest {
@@ -62,6 +66,7 @@ impl GenerateRequest {
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             request_id: String::new(),
             trace: Trace::off(),
+            target: None,
         }
     }
 }

@@ -92,4 +92,4 @@ pub use generation::{
     BackendError, Collector, Completion, Ending, Event, ExtraDelta, GenerateRequest, TokenStream,
     finish_reason,
 };
-pub use router::{BackendHealth, Router};
+pub use router::{BackendHealth, Router, Target};

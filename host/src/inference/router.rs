@@ -14,6 +14,9 @@ use crate::config::{BackendKind, Config, DEFAULT_PIPELINE, ModelRoute};
 use crate::metrics::{BreakerState, Metrics};
 
 struct Inner {
+    /// Model resolutions made ([`Router::resolve`]): tests count them.
+    #[cfg(test)]
+    resolutions: std::sync::atomic::AtomicU64,
     backends: BTreeMap<String, Arc<Backend>>,
     models: BTreeMap<String, ModelRoute>,
     default: Option<String>,
@@ -68,6 +71,8 @@ impl Router {
         }
         Ok(Router {
             inner: Arc::new(Inner {
+                #[cfg(test)]
+                resolutions: Default::default(),
                 backends,
                 models: config.routing.models.clone(),
                 default: config.routing.default.clone(),
@@ -100,38 +105,35 @@ impl Router {
             .map(|(model, route)| (model.as_str(), route.backend.as_str(), route.pipeline()))
     }
 
-    /// The backend serving `model`, if any.
-    pub fn backend_for(&self, model: &str) -> Option<&str> {
-        match self.inner.models.get(model) {
-            Some(route) => Some(&route.backend),
-            None => self.inner.default.as_deref(),
-        }
+    /// Where `model`'s requests go: the backend that serves it and the
+    /// name of its pipeline, or `None` if it routes nowhere. Made once per
+    /// request, where the request is parsed; the [`Target`] then travels
+    /// with the request to the stages and into a generation.
+    pub fn resolve(&self, model: &str) -> Option<Target> {
+        #[cfg(test)]
+        self.inner
+            .resolutions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (backend, pipeline) = match self.inner.models.get(model) {
+            Some(route) => (route.backend.as_str(), route.pipeline()),
+            None => (
+                self.inner.default.as_deref()?,
+                self.inner.default_pipeline.as_str(),
+            ),
+        };
+        Some(Target {
+            model: model.to_string(),
+            backend: self.inner.backends.get(backend)?.clone(),
+            pipeline: pipeline.to_string(),
+        })
     }
 
-    /// The pipeline `model`'s requests run through, if it routes anywhere.
-    pub fn pipeline(&self, model: &str) -> Option<&str> {
-        match self.inner.models.get(model) {
-            Some(route) => Some(route.pipeline()),
-            None => self
-                .inner
-                .default
-                .as_ref()
-                .map(|_| self.inner.default_pipeline.as_str()),
-        }
-    }
-
-    /// The kind of the backend serving `model`, if it routes anywhere.
-    pub fn backend_kind(&self, model: &str) -> Option<BackendKind> {
-        let name = self.backend_for(model)?;
-        Some(self.inner.backends.get(name)?.kind)
-    }
-
-    /// The largest `max_tokens` the backend serving `model` accepts, with
-    /// that backend's name.
-    pub fn max_tokens_limit(&self, model: &str) -> Option<(u32, &str)> {
-        let name = self.backend_for(model)?;
-        let backend = self.inner.backends.get(name)?;
-        Some((backend.settings.max_tokens_limit, name))
+    /// The resolutions made so far.
+    #[cfg(test)]
+    pub(crate) fn resolutions(&self) -> u64 {
+        self.inner
+            .resolutions
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// `/health`'s view of the backends.
@@ -149,21 +151,28 @@ impl Router {
             .collect()
     }
 
+    /// The backend of `request`: its [`Target`]'s, unless a stage changed
+    /// the model since it was resolved (then the new model is resolved).
+    fn target_of(&self, request: &GenerateRequest) -> Result<Target, BackendError> {
+        match &request.target {
+            Some(target) if target.model == request.model() => Ok(target.clone()),
+            _ => self
+                .resolve(request.model())
+                .ok_or_else(|| BackendError::UnknownModel(request.model().to_string())),
+        }
+    }
+
     /// Start a generation: resolves once its first token is in (after
     /// retries and failover), or with the error that ended it.
     pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
-        if let Some(backend) = self.echo_backend(request.model()) {
+        let primary = self.target_of(&request)?.backend;
+        if primary.kind == BackendKind::Echo {
             return Ok(TokenStream {
-                backend: backend.name.clone(),
-                events: Events::Ready(Box::new(echo::stream(backend.clone(), &request))),
+                backend: primary.name.clone(),
                 deadline: request.deadline,
+                events: Events::Ready(Box::new(echo::stream(primary, &request))),
             });
         }
-        let primary = self
-            .backend_for(request.model())
-            .and_then(|name| self.inner.backends.get(name))
-            .cloned()
-            .ok_or_else(|| BackendError::UnknownModel(request.model().to_string()))?;
         let failover = primary
             .settings
             .failover
@@ -195,19 +204,68 @@ impl Router {
     }
 
     /// Run a whole generation and collect it.
-    pub async fn generate(&self, request: GenerateRequest) -> Result<Completion, BackendError> {
-        if let Some(backend) = self.echo_backend(request.model()) {
-            return Ok(echo::complete(backend, &request));
+    pub async fn generate(&self, mut request: GenerateRequest) -> Result<Completion, BackendError> {
+        let target = self.target_of(&request)?;
+        if target.backend.kind == BackendKind::Echo {
+            return Ok(echo::complete(&target.backend, &request));
         }
+        request.target = Some(target);
         let prompt_tokens = request.prompt_tokens();
         self.stream(request).await?.collect(|| prompt_tokens).await
     }
+}
 
-    /// The backend serving `model`, if it is an `echo` one.
-    fn echo_backend(&self, model: &str) -> Option<&Arc<Backend>> {
-        self.backend_for(model)
-            .and_then(|name| self.inner.backends.get(name))
-            .filter(|b| b.kind == BackendKind::Echo)
+/// Where one request goes ([`Router::resolve`]): the backend serving its
+/// model and the name of its pipeline. Cheap to clone.
+#[derive(Clone)]
+pub struct Target {
+    model: String,
+    backend: Arc<Backend>,
+    pipeline: String,
+}
+
+impl Target {
+    /// The model it was resolved for.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The name of the backend.
+    pub fn backend(&self) -> &str {
+        &self.backend.name
+    }
+
+    /// The kind of the backend.
+    pub fn kind(&self) -> BackendKind {
+        self.backend.kind
+    }
+
+    /// The largest `max_tokens` the backend accepts.
+    pub fn max_tokens_limit(&self) -> u32 {
+        self.backend.settings.max_tokens_limit
+    }
+
+    /// The name of the pipeline the request runs through.
+    pub fn pipeline(&self) -> &str {
+        &self.pipeline
+    }
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("model", &self.model)
+            .field("backend", &self.backend.name)
+            .field("pipeline", &self.pipeline)
+            .finish()
+    }
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Target) -> bool {
+        self.model == other.model
+            && Arc::ptr_eq(&self.backend, &other.backend)
+            && self.pipeline == other.pipeline
     }
 }
 

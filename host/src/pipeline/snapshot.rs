@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use super::stage::{Route, Shared, Snapshot, StageRuntime};
 use crate::config::StageConfig;
-use crate::inference::Router;
+use crate::inference::{Router, Target};
 use crate::metrics::Metrics;
 use crate::wasm::Plugin;
 
@@ -134,11 +134,10 @@ impl Snapshot {
         &self.hash
     }
 
-    /// The pipeline requests for `model` run through, if the model routes
-    /// anywhere.
-    pub fn pipeline_for(&self, model: &str) -> Option<RouteRef> {
-        let name = self.router.pipeline(model)?;
-        self.routes.get(name).cloned().map(RouteRef)
+    /// The pipeline of a request going to `target` (resolved by this
+    /// snapshot's router).
+    pub fn pipeline_for(&self, target: &Target) -> Option<RouteRef> {
+        self.routes.get(target.pipeline()).cloned().map(RouteRef)
     }
 
     /// The pipelines, by name.

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::chat::{Content, ContentPart, Message, Params, Tool, ToolCall, Usage};
-use crate::inference::Completion;
+use crate::inference::{Completion, Target};
 
 /// A passage retrieved from a corpus by a stage.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -53,6 +53,10 @@ pub struct Envelope {
     pub usage: Usage,
     /// Key/value notes of the stages (the answer's `orchestrator.metadata`).
     pub metadata: Vec<(String, String)>,
+    /// Where the request's model was resolved to when it was parsed: the
+    /// backend a generation goes to (unless a stage changes the model).
+    #[serde(skip)]
+    pub target: Option<Target>,
 }
 
 impl Envelope {

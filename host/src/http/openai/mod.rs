@@ -181,7 +181,7 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
         Err(error) => return (error.into_response(), false),
     };
     // `parse` refused a model that routes nowhere.
-    let Some(route) = snapshot.pipeline_for(&parsed.model) else {
+    let Some(route) = snapshot.pipeline_for(&parsed.target) else {
         return (
             ApiError::with_code(
                 StatusCode::NOT_FOUND,
@@ -202,6 +202,7 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
         ]);
     }
     let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params, parsed.tools);
+    envelope.target = Some(parsed.target);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
         let run = state

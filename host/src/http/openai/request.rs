@@ -16,7 +16,7 @@ use warp::http::StatusCode;
 use crate::chat::{ChatRequest, Message, Params, Tool};
 use crate::config::BackendKind;
 use crate::http::error::ApiError;
-use crate::inference::Router;
+use crate::inference::{Router, Target};
 
 /// The longest stop sequence accepted, in bytes.
 const MAX_STOP_BYTES: usize = 256;
@@ -25,6 +25,8 @@ const MAX_STOP_BYTES: usize = 256;
 pub(super) struct Parsed {
     /// The model, as the client named it.
     pub(super) model: String,
+    /// Where it goes: resolved once, here, for the whole request.
+    pub(super) target: Target,
     pub(super) messages: Vec<Message>,
     pub(super) params: Params,
     pub(super) tools: Vec<Tool>,
@@ -73,7 +75,7 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
         ));
     }
     let model = params.model.clone();
-    let Some(kind) = router.backend_kind(&model) else {
+    let Some(target) = router.resolve(&model) else {
         let models: Vec<&str> = router.models().map(|(model, _, _)| model).collect();
         return Err(ApiError::with_code(
             StatusCode::NOT_FOUND,
@@ -103,9 +105,9 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
                 Some(field),
             ));
         }
-        if let Some((limit, backend)) = router.max_tokens_limit(&model)
-            && value > limit
-        {
+        let limit = target.max_tokens_limit();
+        if value > limit {
+            let backend = target.backend();
             return Err(ApiError::invalid(
                 format!(
                     "`{field}` {value} is above the limit of {limit} for model `{model}` \
@@ -148,11 +150,12 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
             Some("stop"),
         ));
     }
-    if kind == BackendKind::Echo {
+    if target.kind() == BackendKind::Echo {
         refuse_what_echo_cannot_do(&model, &params)?;
     }
     Ok(Parsed {
         model,
+        target,
         messages,
         params,
         tools: tools.unwrap_or_default(),
@@ -297,6 +300,35 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(error.status, StatusCode::NOT_FOUND);
+    }
+
+    /// The model is resolved once per request, where it is parsed: the
+    /// generation goes to the backend that resolution found, with no
+    /// lookup of its own (and a stage that changes the model gets it
+    /// resolved again).
+    #[tokio::test]
+    async fn the_model_is_resolved_once_per_request() {
+        let router = router();
+        let parsed = parse(
+            br#"{"model":"echo","max_tokens":9,"max_completion_tokens":9,"messages":[{"role":"user","content":"one two"}]}"#,
+            &router,
+        )
+        .unwrap();
+        assert_eq!(router.resolutions(), 1);
+        let mut request = crate::inference::GenerateRequest::for_test("", 9);
+        request.messages = parsed.messages;
+        request.params = parsed.params;
+        request.target = Some(parsed.target);
+        let mut tokens = router.stream(request.clone()).await.unwrap();
+        while tokens.next().await.is_some() {}
+        router.generate(request.clone()).await.unwrap();
+        assert_eq!(router.resolutions(), 1, "the target travelled with it");
+        request.params.model = "other".into();
+        assert!(
+            router.generate(request).await.is_err(),
+            "`other` routes nowhere"
+        );
+        assert_eq!(router.resolutions(), 2, "a changed model is resolved again");
     }
 
     #[test]

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
 
 use super::state::HostState;
-use crate::chat::{Message, Params};
-use crate::inference::{BackendError, Completion, GenerateRequest, Router};
+use crate::chat::{Message, Params, Tool};
+use crate::inference::{BackendError, Completion, GenerateRequest, Router, Target};
 use crate::wasm::bindings::v1::orchestrator::pipeline::inference as inference_v1;
 use crate::wasm::bindings::v1::orchestrator::pipeline::types as types_v1;
 use crate::wasm::bindings::v2::orchestrator::pipeline::inference;
@@ -33,9 +33,7 @@ impl HostState {
     /// The backend request for a plugin's call, or why there is none.
     fn generation_request(
         &self,
-        messages: Vec<Message>,
-        tools: Vec<crate::chat::Tool>,
-        params: Params,
+        chat: Chat,
         deadline: Instant,
     ) -> Result<(Router, GenerateRequest), BackendError> {
         let router = self.router.clone().ok_or_else(|| BackendError::Failed {
@@ -45,12 +43,13 @@ impl HostState {
         Ok((
             router,
             GenerateRequest {
-                messages,
-                tools,
-                params,
+                messages: chat.messages,
+                tools: chat.tools,
+                params: chat.params,
                 deadline,
                 request_id: self.request_id.clone(),
                 trace: self.trace.clone(),
+                target: chat.target,
             },
         ))
     }
@@ -68,12 +67,7 @@ impl HostState {
     }
 
     /// Start a streamed generation, keeping it for the pipeline.
-    async fn start_stream(
-        &mut self,
-        messages: Vec<Message>,
-        tools: Vec<crate::chat::Tool>,
-        params: Params,
-    ) -> Result<(), BackendError> {
+    async fn start_stream(&mut self, chat: Chat) -> Result<(), BackendError> {
         if self.stream.is_some() {
             return Err(BackendError::Failed {
                 backend: "-".into(),
@@ -83,10 +77,11 @@ impl HostState {
         // The call must return by its deadline (the first token must be in
         // by then); the generation may go on until the request's.
         let deadline = self.request_deadline.unwrap_or(self.deadline);
-        let (router, request) = self.generation_request(messages, tools, params, deadline)?;
-        let backend = router
-            .backend_for(request.model())
-            .unwrap_or("?")
+        let (router, request) = self.generation_request(chat, deadline)?;
+        let backend = request
+            .target
+            .as_ref()
+            .map_or("?", Target::backend)
             .to_string();
         let asked = Instant::now();
         let started =
@@ -104,17 +99,35 @@ impl HostState {
         Ok(())
     }
 
-    /// The chat, tools and parameters of the request behind `request`.
-    fn chat_of(
-        &self,
-        request: &Resource<Envelope>,
-    ) -> wasmtime::Result<(Vec<Message>, Vec<crate::chat::Tool>, Params)> {
+    /// The chat of the request behind `request`, as it stands.
+    fn chat_of(&self, request: &Resource<Envelope>) -> wasmtime::Result<Chat> {
         let envelope = self.table.get(request)?;
-        Ok((
-            envelope.messages.clone(),
-            envelope.tools.clone(),
-            envelope.params.clone(),
-        ))
+        Ok(Chat {
+            messages: envelope.messages.clone(),
+            tools: envelope.tools.clone(),
+            params: envelope.params.clone(),
+            target: envelope.target.clone(),
+        })
+    }
+}
+
+/// What a generation sends: the chat, and where its model was resolved to.
+struct Chat {
+    messages: Vec<Message>,
+    tools: Vec<Tool>,
+    params: Params,
+    target: Option<Target>,
+}
+
+impl Chat {
+    /// A 0.1 generation: the prompt as one user message.
+    fn of_prompt(prompt: String, params: types_v1::GenerationParams) -> Chat {
+        Chat {
+            messages: vec![Message::new("user", prompt)],
+            tools: Vec::new(),
+            params: legacy::params_from_view(params),
+            target: None,
+        }
     }
 }
 
@@ -136,10 +149,9 @@ impl inference::Host for HostState {
         &mut self,
         request: Resource<Envelope>,
     ) -> wasmtime::Result<Result<(), InferenceError>> {
-        let (messages, tools, params) = self.chat_of(&request)?;
+        let chat = self.chat_of(&request)?;
         let deadline = self.backend_deadline();
-        let (router, generation) = match self.generation_request(messages, tools, params, deadline)
-        {
+        let (router, generation) = match self.generation_request(chat, deadline) {
             Ok(ready) => ready,
             Err(error) => return Ok(Err(inference_error(error))),
         };
@@ -155,11 +167,8 @@ impl inference::Host for HostState {
         &mut self,
         request: Resource<Envelope>,
     ) -> wasmtime::Result<Result<(), InferenceError>> {
-        let (messages, tools, params) = self.chat_of(&request)?;
-        Ok(self
-            .start_stream(messages, tools, params)
-            .await
-            .map_err(inference_error))
+        let chat = self.chat_of(&request)?;
+        Ok(self.start_stream(chat).await.map_err(inference_error))
     }
 }
 
@@ -170,10 +179,8 @@ impl inference_v1::Host for HostState {
         params: types_v1::GenerationParams,
     ) -> Result<inference_v1::Generation, String> {
         let deadline = self.backend_deadline();
-        let messages = vec![Message::new("user", prompt)];
-        let params = legacy::params_from_view(params);
         let (router, request) = self
-            .generation_request(messages, Vec::new(), params, deadline)
+            .generation_request(Chat::of_prompt(prompt, params), deadline)
             .map_err(|e| e.to_string())?;
         let completion = self
             .complete(request, router)
@@ -194,8 +201,7 @@ impl inference_v1::Host for HostState {
         prompt: String,
         params: types_v1::GenerationParams,
     ) -> Result<(), String> {
-        let messages = vec![Message::new("user", prompt)];
-        self.start_stream(messages, Vec::new(), legacy::params_from_view(params))
+        self.start_stream(Chat::of_prompt(prompt, params))
             .await
             .map_err(|e| e.to_string())
     }
