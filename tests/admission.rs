@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::common::{Host, ask, get_json, metric_value, test_plugin};
+use crate::common::{Host, ask, metric_value, test_plugin};
 
 /// A host whose `post` stage is the `slow` test plugin (one worker,
 /// `delay_ms` per call) with a queue of `capacity`.
@@ -144,7 +144,7 @@ async fn sigterm_drains_requests_in_flight_then_exits_cleanly() {
     // Wait until the request is inside the pipeline.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let health = get_json(&format!("{}/health", host.metrics)).await;
+        let health = host.health().await;
         if health["in_flight"] == 1 {
             break;
         }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, client, get_json, metric_value, sse, target_dir, test_plugin};
+use crate::common::{
+    Host, client, config_file, get_json, metric_value, sse, target_dir, test_plugin,
+};
 
 const TOKEN: &str = "composition-admin-token-0123456789";
 
@@ -155,29 +157,9 @@ fn expected(question: &str, stages: &[String]) -> String {
     text
 }
 
-/// `POST /admin/config/reload`: status and JSON body.
-async fn reload(host: &Host) -> (u16, Value) {
-    let response = client()
-        .post(format!("{}/admin/config/reload", host.api))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("the admin API answers");
-    let status = response.status().as_u16();
-    let text = response.text().await.expect("a body");
-    let body = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("reload answered {status} with non-JSON ({e}): {text}"));
-    (status, body)
-}
-
-/// `/health`.
-async fn health(host: &Host) -> Value {
-    get_json(&format!("{}/health", host.metrics)).await
-}
-
 /// `/health`'s `config_hash`.
 async fn config_hash(host: &Host) -> String {
-    let health = health(host).await;
+    let health = host.health().await;
     health["config_hash"]
         .as_str()
         .unwrap_or_else(|| panic!("no config_hash in {health}"))
@@ -197,14 +179,6 @@ fn reloads(metrics: &str, result: &str) -> f64 {
         metrics,
         &format!("orchestrator_config_reloads_total{{result=\"{result}\"}}"),
     )
-}
-
-/// A config file in a directory of its own (removed with it).
-fn config_file(toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("orchestrator.toml");
-    std::fs::write(&path, toml).unwrap();
-    (dir, path)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -318,7 +292,7 @@ async fn models_routed_to_different_pipelines_share_one_host() {
         assert_eq!(entry["owned_by"], "echo", "{entry}");
     }
 
-    let health = health(&host).await;
+    let health = host.health().await;
     let pipelines = health["pipelines"].as_array().unwrap();
     for (_, pipeline, stages, _) in cases {
         let entry = pipelines
@@ -504,7 +478,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
     for i in 0..20 {
         let to_b = i % 2 == 0;
         std::fs::write(&path, if to_b { &config_b } else { &config_a }).unwrap();
-        let (status, report) = reload(&host).await;
+        let (status, report) = host.reload(TOKEN).await;
         assert_eq!(status, 200, "reload {i}: {report}");
         assert_eq!(report["result"], "ok", "reload {i}: {report}");
         assert_eq!(report["previous_hash"], previous.as_str(), "reload {i}");
@@ -547,7 +521,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
         if i < 19 {
             let bad = &bad[i % bad.len()];
             std::fs::write(&path, &bad.toml).unwrap();
-            let (status, error) = reload(&host).await;
+            let (status, error) = host.reload(TOKEN).await;
             assert_eq!(status, 422, "{}: {error}", bad.what);
             let message = error["error"]["message"]
                 .as_str()
@@ -567,7 +541,7 @@ async fn twenty_reloads_under_load_lose_nothing() {
         }
     }
     // The file holds A, as the host does.
-    let (status, report) = reload(&host).await;
+    let (status, report) = host.reload(TOKEN).await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["result"], "unchanged", "{report}");
     assert_eq!(report["hash"], hash_a.as_str(), "{report}");
@@ -814,7 +788,7 @@ async fn a_change_that_needs_a_restart_is_refused() {
         ("cache_dir", config(any, any, other_cache.path(), true)),
     ] {
         std::fs::write(&path, toml).unwrap();
-        let (status, error) = reload(&host).await;
+        let (status, error) = host.reload(TOKEN).await;
         assert_eq!(status, 422, "{key}: {error}");
         let message = error["error"]["message"].as_str().unwrap();
         assert!(
@@ -830,7 +804,7 @@ async fn a_change_that_needs_a_restart_is_refused() {
 
     // Without the restart-only change, the same file is applied.
     std::fs::write(&path, config(any, any, &cache, true)).unwrap();
-    let (status, report) = reload(&host).await;
+    let (status, report) = host.reload(TOKEN).await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["result"], "ok", "{report}");
     assert_eq!(report["previous_hash"], before.as_str(), "{report}");
@@ -904,7 +878,7 @@ async fn any_stage_counts_swaps_and_loads_like_the_five() {
         .await
         .unwrap();
     assert!(shouted.content.contains("DARN IT"), "{shouted:?}");
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     let stage = health["stages"]
         .as_array()
         .unwrap()
@@ -951,7 +925,7 @@ async fn a_reload_the_engine_cannot_take_is_refused_with_what_it_needs() {
     ];
     for (change, reason) in cases {
         std::fs::write(&path, format!("{head}{change}")).unwrap();
-        let (status, body) = reload(&host).await;
+        let (status, body) = host.reload(TOKEN).await;
         assert_eq!(status, 422, "{change}: {body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains(reason), "{change}: {message}");

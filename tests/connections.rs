@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{Host, ask, get_json};
+use crate::common::{Host, ask};
 
 /// Read until the peer closes (`Ok(bytes)`), or give up at `limit`.
 async fn read_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
@@ -53,7 +53,7 @@ async fn slowloris_connections_are_bounded_and_timed_out() {
     }
     assert!(host.metric(open).await <= 200.0);
     // The metrics listener is separate and answers while the API is full.
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     assert_eq!(health["status"], "ok", "{health}");
 
     // Every connection ends: at once beyond the limit, or at the header

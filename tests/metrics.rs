@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use serde_json::{Value, json};
 
-use crate::common::{Host, ask, get_json, metric_value, sse, tool_missing};
+use crate::common::{Host, ask, metric_value, sse, tool_missing};
 
 const STAGES: [&str; 5] = ["rag", "assemble", "inference", "post", "stream"];
 
@@ -110,7 +110,7 @@ async fn counters_histograms_and_tokens_match_the_requests_sent() {
     }
 
     // /health agrees.
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["stages"].as_array().unwrap().len(), 5);
     for stage in health["stages"].as_array().unwrap() {

@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::common::{Host, ask, bundled_wasm, get_json, metric_value, test_plugin};
+use crate::common::{Host, ask, bundled_wasm, metric_value, test_plugin};
 
 /// A host whose `post` stage is the rogue in `mode`: one worker, a 400 ms
 /// call deadline, and the `key = value` lines of `stage_extra` on top.
@@ -364,7 +364,7 @@ async fn the_breaker_opens_fails_fast_probes_and_closes() {
     assert!(response.headers().contains_key("retry-after"));
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "circuit_open");
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     assert_eq!(health["status"], "degraded");
     assert_eq!(health["stages"][3]["circuit"], "open");
     assert_eq!(health["stages"][3]["ready"], false);

@@ -234,7 +234,7 @@ async fn assert_idle(host: &Host) {
         1.0,
     )
     .await;
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     assert_eq!(health["in_flight"], 0, "{health}");
     for stage in health["stages"].as_array().unwrap() {
         assert_eq!(stage["queue_depth"], 0, "{stage}");
@@ -444,7 +444,7 @@ async fn an_upstream_that_is_down_gets_503_and_opens_its_breaker() {
         metric_value(&metrics, "orchestrator_circuit_state{stage=\"inference\"}"),
         0.0
     );
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     assert_eq!(health["status"], "degraded", "{health}");
     let backend = health["backends"]
         .as_array()
@@ -560,7 +560,7 @@ async fn a_plugin_built_against_wit_0_1_0_still_loads_and_streams_buffered() {
     // part: the text is collected, then it and `stream` run as usual.
     let noop = test_plugin("noop");
     let host = Host::with_config(&format!("[stages.post]\nplugin = \"{}\"\n", noop.display()));
-    let health = get_json(&format!("{}/health", host.metrics)).await;
+    let health = host.health().await;
     assert_eq!(health["status"], "ok", "{health}");
     let (status, text) = host
         .chat(&json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "one two three four five six"}]}))

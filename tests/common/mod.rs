@@ -254,6 +254,34 @@ impl Host {
         }
     }
 
+    /// Send SIGHUP (a host started with `--config` reloads the file).
+    pub fn send_sighup(&self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-HUP", &pid]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -HUP {pid} failed");
+    }
+
+    /// `/health`, as JSON.
+    pub async fn health(&self) -> Value {
+        get_json(&format!("{}/health", self.metrics)).await
+    }
+
+    /// `POST /admin/config/reload` with the admin `token`: status and JSON
+    /// body.
+    pub async fn reload(&self, token: &str) -> (u16, Value) {
+        let response = client()
+            .post(format!("{}/admin/config/reload", self.api))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("the admin API answers");
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("reload answered {status} with non-JSON ({e}): {text}"));
+        (status, body)
+    }
+
     /// Send SIGTERM without waiting for the process to exit.
     pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
@@ -350,11 +378,10 @@ pub fn tool_missing(tool: &str) -> bool {
     missing
 }
 
-impl Host {
-    /// Send SIGHUP (a host started with `--config` reloads the file).
-    pub fn send_sighup(&self) {
-        let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-HUP", &pid]).status();
-        assert!(status.is_ok_and(|s| s.success()), "kill -HUP {pid} failed");
-    }
+/// A config file in a directory of its own (removed with it).
+pub fn config_file(toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orchestrator.toml");
+    std::fs::write(&path, toml).unwrap();
+    (dir, path)
 }
