@@ -49,10 +49,13 @@
 //! # Failure modes
 //!
 //! A [`BackendError`] names the backend and never contains credentials. It
-//! reaches the plugin as a string, and the host remembers its class so that
-//! the stage's error is counted as `upstream_unavailable` (connect failure,
-//! breaker open, at capacity: HTTP 503), `upstream_timeout` (HTTP 504) or
-//! `upstream` (an error status or an unusable answer: HTTP 502) in
+//! reaches the plugin as a typed `inference-error`, which the stage returns
+//! as the matching `stage-error` (a 0.1 stage gets a string, and the host
+//! remembers the class for it), so that the stage's error is counted as
+//! `invalid_input` (the backend refused the request: HTTP 400),
+//! `upstream_unavailable` (connect failure, breaker open, at capacity:
+//! HTTP 503), `upstream_timeout` (HTTP 504) or `upstream` (an error status
+//! or an unusable answer: HTTP 502) in
 //! `orchestrator_errors_total{stage="inference"}`. A backend's breaker
 //! counts requests that failed after their retries (timeouts included; a
 //! 4xx refusing the request, a full concurrency limit and the request's own

@@ -264,10 +264,16 @@ impl Instance {
         match error {
             StageError::InvalidInput(m) => CallError::new(ErrorType::InvalidInput, m),
             StageError::Config(m) => CallError::new(ErrorType::Config, m),
-            StageError::Upstream(m) => {
+            // A 0.1 stage has only `upstream` for every backend failure:
+            // the class of the failure its generation saw, if any, is the
+            // host's to recover. A 0.2 stage says it with the case.
+            StageError::Upstream(m) if self.exports.world().contract() == Contract::V1 => {
                 let class = self.store.data_mut().backend_error.take();
                 CallError::new(class.unwrap_or(ErrorType::Upstream), m)
             }
+            StageError::Upstream(m) => CallError::new(ErrorType::Upstream, m),
+            StageError::UpstreamUnavailable(m) => CallError::new(ErrorType::UpstreamUnavailable, m),
+            StageError::UpstreamTimeout(m) => CallError::new(ErrorType::UpstreamTimeout, m),
             StageError::PluginError(m) => CallError::new(ErrorType::PluginError, m),
         }
     }

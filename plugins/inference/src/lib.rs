@@ -42,8 +42,9 @@ pub enum Mode {
 /// # Errors
 ///
 /// [`StageError::InvalidInput`] for a request without messages or one the
-/// backend refused as invalid; [`StageError::Upstream`] when the backend
-/// is unavailable, timed out or failed (see `StageError::from`).
+/// backend refused as invalid; [`StageError::UpstreamUnavailable`],
+/// [`StageError::UpstreamTimeout`] or [`StageError::Upstream`] when the
+/// backend is unavailable, timed out or failed (see `StageError::from`).
 pub fn run(request: &dyn Request, mode: Mode) -> Result<(), StageError> {
     if request.messages().is_empty() {
         return Err(StageError::InvalidInput(
@@ -123,12 +124,12 @@ mod tests {
             (
                 InferenceError::Unavailable("busy".into()),
                 true,
-                StageError::Upstream("busy".into()),
+                StageError::UpstreamUnavailable("busy".into()),
             ),
             (
                 InferenceError::Timeout("slow".into()),
                 false,
-                StageError::Upstream("slow".into()),
+                StageError::UpstreamTimeout("slow".into()),
             ),
         ] {
             let mut request = TestRequest::new()

@@ -156,7 +156,8 @@ pub trait Stage: Sized + 'static {
     /// # Errors
     ///
     /// A [`StageError`]: the request fails with the matching HTTP status
-    /// (400 for `invalid-input`, 502 for `upstream`, 500 otherwise), and
+    /// (400 for `invalid-input`, 502 for `upstream`, 503 for
+    /// `upstream-unavailable`, 504 for `upstream-timeout`, 500 otherwise), and
     /// the case becomes the `error_type` label of
     /// `orchestrator_errors_total`.
     fn process(&self, request: &dyn Request) -> Result<(), StageError>;

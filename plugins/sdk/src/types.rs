@@ -133,9 +133,9 @@ impl From<InferenceError> for StageError {
     fn from(error: InferenceError) -> StageError {
         match error {
             InferenceError::InvalidRequest(message) => StageError::InvalidInput(message),
-            InferenceError::Unavailable(message)
-            | InferenceError::Timeout(message)
-            | InferenceError::Failed(message) => StageError::Upstream(message),
+            InferenceError::Unavailable(message) => StageError::UpstreamUnavailable(message),
+            InferenceError::Timeout(message) => StageError::UpstreamTimeout(message),
+            InferenceError::Failed(message) => StageError::Upstream(message),
         }
     }
 }
@@ -179,11 +179,11 @@ mod tests {
             ),
             (
                 InferenceError::Unavailable("down".into()),
-                StageError::Upstream("down".into()),
+                StageError::UpstreamUnavailable("down".into()),
             ),
             (
                 InferenceError::Timeout("slow".into()),
-                StageError::Upstream("slow".into()),
+                StageError::UpstreamTimeout("slow".into()),
             ),
             (
                 InferenceError::Failed("broken".into()),
