@@ -269,12 +269,11 @@ fn stages_vs_native(c: &mut Criterion) {
                 deadline: Instant::now() + Duration::from_secs(5),
                 request_id: String::new(),
                 trace: orchestrator::trace::Trace::off(),
-                target: None,
             };
             black_box(
                 bench
                     .rt
-                    .block_on(bench.router.generate(request))
+                    .block_on(bench.router.generate(request, None))
                     .map(|c| c.completion_tokens),
             )
         })

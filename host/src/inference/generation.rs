@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::router::Target;
 use crate::chat::{Message, Params, Tool, ToolCall, ToolCallDelta, ToolCalls};
 use crate::trace::Trace;
 
@@ -30,9 +29,6 @@ pub struct GenerateRequest {
     /// The span of the stage that asked: each upstream attempt is a child
     /// of it.
     pub trace: Trace,
-    /// Where the request's model was resolved to when it was parsed
-    /// (`None`: resolve `params.model` now).
-    pub target: Option<Target>,
 }
 
 impl GenerateRequest {
@@ -66,7 +62,6 @@ impl GenerateRequest {
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             request_id: String::new(),
             trace: Trace::off(),
-            target: None,
         }
     }
 }

@@ -151,21 +151,32 @@ impl Router {
             .collect()
     }
 
-    /// The backend of `request`: its [`Target`]'s, unless a stage changed
-    /// the model since it was resolved (then the new model is resolved).
-    fn target_of(&self, request: &GenerateRequest) -> Result<Target, BackendError> {
-        match &request.target {
-            Some(target) if target.model == request.model() => Ok(target.clone()),
+    /// Where `request` goes: `target`, resolved when the request was
+    /// parsed, unless a stage changed the model since (then the new model
+    /// is resolved), or the model resolved now.
+    fn target_of(
+        &self,
+        request: &GenerateRequest,
+        target: Option<Target>,
+    ) -> Result<Target, BackendError> {
+        match target {
+            Some(target) if target.model == request.model() => Ok(target),
             _ => self
                 .resolve(request.model())
                 .ok_or_else(|| BackendError::UnknownModel(request.model().to_string())),
         }
     }
 
-    /// Start a generation: resolves once its first token is in (after
-    /// retries and failover), or with the error that ended it.
-    pub async fn stream(&self, request: GenerateRequest) -> Result<TokenStream, BackendError> {
-        let primary = self.target_of(&request)?.backend;
+    /// Start a generation of `request` at `target` (see
+    /// [`resolve`](Self::resolve); `None`: resolve its model now): resolves
+    /// once its first token is in (after retries and failover), or with the
+    /// error that ended it.
+    pub async fn stream(
+        &self,
+        request: GenerateRequest,
+        target: Option<Target>,
+    ) -> Result<TokenStream, BackendError> {
+        let primary = self.target_of(&request, target)?.backend;
         if primary.kind == BackendKind::Echo {
             return Ok(TokenStream {
                 backend: primary.name.clone(),
@@ -203,15 +214,21 @@ impl Router {
         }
     }
 
-    /// Run a whole generation and collect it.
-    pub async fn generate(&self, mut request: GenerateRequest) -> Result<Completion, BackendError> {
-        let target = self.target_of(&request)?;
+    /// Run a whole generation of `request` at `target` and collect it.
+    pub async fn generate(
+        &self,
+        request: GenerateRequest,
+        target: Option<Target>,
+    ) -> Result<Completion, BackendError> {
+        let target = self.target_of(&request, target)?;
         if target.backend.kind == BackendKind::Echo {
             return Ok(echo::complete(&target.backend, &request));
         }
-        request.target = Some(target);
         let prompt_tokens = request.prompt_tokens();
-        self.stream(request).await?.collect(|| prompt_tokens).await
+        self.stream(request, Some(target))
+            .await?
+            .collect(|| prompt_tokens)
+            .await
     }
 }
 
@@ -306,7 +323,7 @@ mod tests {
         let metrics = Metrics::new();
         let router = Router::new(&Config::default(), &metrics).expect("default backends");
         let request = GenerateRequest::for_test("User: one two three four five\nAssistant:", 100);
-        let mut tokens = router.stream(request).await.expect("echo streams");
+        let mut tokens = router.stream(request, None).await.expect("echo streams");
         assert_eq!(series(&metrics, TOKENS), 0.0, "nothing counted up front");
         while let Some(event) = tokens.next().await {
             event.expect("echo cannot fail");
@@ -322,7 +339,7 @@ mod tests {
         let metrics = Metrics::new();
         let router = Router::new(&Config::default(), &metrics).expect("default backends");
         let request = GenerateRequest::for_test("User: one two three four five\nAssistant:", 100);
-        let mut tokens = router.stream(request).await.expect("echo streams");
+        let mut tokens = router.stream(request, None).await.expect("echo streams");
         for _ in 0..2 {
             assert!(matches!(tokens.next().await, Some(Ok(Event::Delta(_)))));
         }

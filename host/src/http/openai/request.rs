@@ -318,14 +318,20 @@ mod tests {
         let mut request = crate::inference::GenerateRequest::for_test("", 9);
         request.messages = parsed.messages;
         request.params = parsed.params;
-        request.target = Some(parsed.target);
-        let mut tokens = router.stream(request.clone()).await.unwrap();
+        let target = Some(parsed.target);
+        let mut tokens = router
+            .stream(request.clone(), target.clone())
+            .await
+            .unwrap();
         while tokens.next().await.is_some() {}
-        router.generate(request.clone()).await.unwrap();
+        router
+            .generate(request.clone(), target.clone())
+            .await
+            .unwrap();
         assert_eq!(router.resolutions(), 1, "the target travelled with it");
         request.params.model = "other".into();
         assert!(
-            router.generate(request).await.is_err(),
+            router.generate(request, target).await.is_err(),
             "`other` routes nowhere"
         );
         assert_eq!(router.resolutions(), 2, "a changed model is resolved again");

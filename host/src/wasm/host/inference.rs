@@ -30,12 +30,13 @@ impl HostState {
             .unwrap_or(self.deadline)
     }
 
-    /// The backend request for a plugin's call, or why there is none.
+    /// The backend request for a plugin's call, with the router and the
+    /// request's target, or why there is none.
     fn generation_request(
         &self,
         chat: Chat,
         deadline: Instant,
-    ) -> Result<(Router, GenerateRequest), BackendError> {
+    ) -> Result<(Router, GenerateRequest, Option<Target>), BackendError> {
         let router = self.router.clone().ok_or_else(|| BackendError::Failed {
             backend: "-".into(),
             reason: "inference is not granted to this stage".into(),
@@ -49,19 +50,18 @@ impl HostState {
                 deadline,
                 request_id: self.request_id.clone(),
                 trace: self.trace.clone(),
-                target: chat.target,
             },
+            chat.target,
         ))
     }
 
     /// Run a whole generation.
     async fn complete(
         &mut self,
-        request: GenerateRequest,
-        router: Router,
+        (router, request, target): (Router, GenerateRequest, Option<Target>),
     ) -> Result<Completion, BackendError> {
         let started = Instant::now();
-        let completion = router.generate(request).await;
+        let completion = router.generate(request, target).await;
         self.backend_wait += started.elapsed();
         completion.inspect_err(|e| self.backend_error = Some(e.error_type()))
     }
@@ -77,22 +77,20 @@ impl HostState {
         // The call must return by its deadline (the first token must be in
         // by then); the generation may go on until the request's.
         let deadline = self.request_deadline.unwrap_or(self.deadline);
-        let (router, request) = self.generation_request(chat, deadline)?;
-        let backend = request
-            .target
-            .as_ref()
-            .map_or("?", Target::backend)
-            .to_string();
+        let (router, request, target) = self.generation_request(chat, deadline)?;
+        let backend = target.as_ref().map_or("?", Target::backend).to_string();
         let asked = Instant::now();
-        let started =
-            tokio::time::timeout_at(self.backend_deadline().into(), router.stream(request))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(BackendError::Timeout {
-                        backend,
-                        reason: "no first token within the inference stage's deadline".into(),
-                    })
-                });
+        let started = tokio::time::timeout_at(
+            self.backend_deadline().into(),
+            router.stream(request, target),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(BackendError::Timeout {
+                backend,
+                reason: "no first token within the inference stage's deadline".into(),
+            })
+        });
         self.backend_wait += asked.elapsed();
         let stream = started.inspect_err(|e| self.backend_error = Some(e.error_type()))?;
         self.stream = Some(stream);
@@ -151,11 +149,11 @@ impl inference::Host for HostState {
     ) -> wasmtime::Result<Result<(), InferenceError>> {
         let chat = self.chat_of(&request)?;
         let deadline = self.backend_deadline();
-        let (router, generation) = match self.generation_request(chat, deadline) {
+        let generation = match self.generation_request(chat, deadline) {
             Ok(ready) => ready,
             Err(error) => return Ok(Err(inference_error(error))),
         };
-        let completion = match self.complete(generation, router).await {
+        let completion = match self.complete(generation).await {
             Ok(completion) => completion,
             Err(error) => return Ok(Err(inference_error(error))),
         };
@@ -179,13 +177,10 @@ impl inference_v1::Host for HostState {
         params: types_v1::GenerationParams,
     ) -> Result<inference_v1::Generation, String> {
         let deadline = self.backend_deadline();
-        let (router, request) = self
+        let generation = self
             .generation_request(Chat::of_prompt(prompt, params), deadline)
             .map_err(|e| e.to_string())?;
-        let completion = self
-            .complete(request, router)
-            .await
-            .map_err(|e| e.to_string())?;
+        let completion = self.complete(generation).await.map_err(|e| e.to_string())?;
         Ok(inference_v1::Generation {
             text: completion.text,
             finish_reason: legacy::finish_reason_view(completion.finish_reason),
