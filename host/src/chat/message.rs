@@ -8,8 +8,10 @@ use serde_json::{Map, Value};
 /// Fields of a JSON object that a type does not model, kept as sent.
 pub type Extra = Map<String, Value>;
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// One chat message. Deserialized field by field (unknown fields into
+/// `extra`) rather than with serde's `flatten`, which buffers every field
+/// of every message first.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Message {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
     pub role: String,
@@ -29,6 +31,45 @@ pub struct Message {
     /// Every other field.
     #[serde(flatten)]
     pub extra: Extra,
+}
+
+impl<'de> Deserialize<'de> for Message {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Message;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chat message object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Message, A::Error> {
+                let mut message = Message::default();
+                let mut role = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "role" => role = Some(map.next_value::<String>()?),
+                        "content" => message.content = map.next_value()?,
+                        "name" => message.name = map.next_value()?,
+                        "tool_calls" => {
+                            message.tool_calls = map
+                                .next_value::<Option<Vec<ToolCall>>>()?
+                                .unwrap_or_default();
+                        }
+                        "tool_call_id" => message.tool_call_id = map.next_value()?,
+                        _ => {
+                            let value = map.next_value()?;
+                            message.extra.insert(key, value);
+                        }
+                    }
+                }
+                message.role = role.ok_or_else(|| A::Error::missing_field("role"))?;
+                Ok(message)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 impl Message {

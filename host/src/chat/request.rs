@@ -1,6 +1,7 @@
 //! The request's parameters and body, and the `extra` maps that carry
 //! what the host does not model.
 
+use serde::de::{Error as _, MapAccess};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
@@ -9,8 +10,9 @@ use super::tools::Tool;
 
 /// The request's generation parameters: every field of the body but the
 /// messages, the tools and the host's own `stream` and `stream_options`.
-/// `None` where the client said nothing.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+/// `None` where the client said nothing. Deserialized field by field
+/// ([`Params::read_field`]), unknown fields into `extra`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Params {
     /// The model the client asked for.
     pub model: String,
@@ -27,11 +29,7 @@ pub struct Params {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f64>,
     /// `stop`: one string or a list, kept as a list.
-    #[serde(
-        default,
-        deserialize_with = "stop_sequences",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
     /// `seed`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,37 +107,133 @@ impl Params {
     }
 }
 
-fn stop_sequences<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Stop {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match Option::<Stop>::deserialize(deserializer)? {
-        None => Vec::new(),
-        Some(Stop::One(stop)) => vec![stop],
-        Some(Stop::Many(stops)) => stops,
-    })
+/// `stop`: a string, a list of strings, or `null`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
 }
 
-/// The body of `POST /v1/chat/completions`.
-#[derive(Debug, Clone, Deserialize)]
+impl Params {
+    /// Read the value of field `key` of a request body from `map` into
+    /// these parameters (a field they do not model into `extra`).
+    fn read_field<'de, A: MapAccess<'de>>(
+        &mut self,
+        key: String,
+        map: &mut A,
+    ) -> Result<(), A::Error> {
+        match key.as_str() {
+            "model" => self.model = map.next_value()?,
+            "max_tokens" => self.max_tokens = map.next_value()?,
+            "max_completion_tokens" => self.max_completion_tokens = map.next_value()?,
+            "temperature" => self.temperature = map.next_value()?,
+            "top_p" => self.top_p = map.next_value()?,
+            "stop" => {
+                self.stop = match map.next_value::<Option<Stop>>()? {
+                    None => Vec::new(),
+                    Some(Stop::One(stop)) => vec![stop],
+                    Some(Stop::Many(stops)) => stops,
+                };
+            }
+            "seed" => self.seed = map.next_value()?,
+            "presence_penalty" => self.presence_penalty = map.next_value()?,
+            "frequency_penalty" => self.frequency_penalty = map.next_value()?,
+            "n" => self.n = map.next_value()?,
+            "logprobs" => self.logprobs = map.next_value()?,
+            "top_logprobs" => self.top_logprobs = map.next_value()?,
+            "user" => self.user = map.next_value()?,
+            "parallel_tool_calls" => self.parallel_tool_calls = map.next_value()?,
+            "tool_choice" => self.tool_choice = map.next_value()?,
+            "response_format" => self.response_format = map.next_value()?,
+            _ => {
+                let value = map.next_value()?;
+                self.extra.insert(key, value);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<'de> Deserialize<'de> for Params {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Params;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("generation parameters")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Params, A::Error> {
+                let mut params = Params::default();
+                let mut model = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    model |= key == "model";
+                    params.read_field(key, &mut map)?;
+                }
+                if !model {
+                    return Err(A::Error::missing_field("model"));
+                }
+                Ok(params)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// The body of `POST /v1/chat/completions`, read in one pass.
+#[derive(Debug, Clone)]
 pub struct ChatRequest {
     /// The chat.
     pub messages: Vec<Message>,
     /// The tools offered.
-    #[serde(default)]
     pub tools: Option<Vec<Tool>>,
     /// `"stream": true`.
-    #[serde(default)]
     pub stream: Option<bool>,
     /// `stream_options`.
-    #[serde(default)]
     pub stream_options: Option<StreamOptions>,
     /// Every other field.
-    #[serde(flatten)]
     pub params: Params,
+}
+
+impl<'de> Deserialize<'de> for ChatRequest {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ChatRequest;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a chat completion request object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ChatRequest, A::Error> {
+                let mut messages = None;
+                let mut request = ChatRequest {
+                    messages: Vec::new(),
+                    tools: None,
+                    stream: None,
+                    stream_options: None,
+                    params: Params::default(),
+                };
+                let mut model = false;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "messages" => messages = Some(map.next_value()?),
+                        "tools" => request.tools = map.next_value()?,
+                        "stream" => request.stream = map.next_value()?,
+                        "stream_options" => request.stream_options = map.next_value()?,
+                        _ => {
+                            model |= key == "model";
+                            request.params.read_field(key, &mut map)?;
+                        }
+                    }
+                }
+                request.messages = messages.ok_or_else(|| A::Error::missing_field("messages"))?;
+                if !model {
+                    return Err(A::Error::missing_field("model"));
+                }
+                Ok(request)
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
 }
 
 /// `stream_options`.

@@ -130,8 +130,13 @@ pub fn json_bytes<T: Serialize + ?Sized>(value: &T) -> usize {
     count.0
 }
 
-/// Bytes of a message, near enough: its strings, and its extra fields as
-/// JSON (most messages have none).
+/// Bytes of messages, near enough: their strings, and their extra fields
+/// as JSON (most messages have none). Cheaper than serializing them.
+pub fn messages_bytes(messages: &[Message]) -> usize {
+    messages.iter().map(message_bytes).sum()
+}
+
+/// Bytes of a message (see [`messages_bytes`]).
 fn message_bytes(message: &Message) -> usize {
     let content = match &message.content {
         None => 0,
@@ -167,7 +172,7 @@ fn message_bytes(message: &Message) -> usize {
 /// stage's input, which the breaker's input norm tracks.
 pub fn envelope_bytes(envelope: &Envelope) -> usize {
     envelope.request_id.len()
-        + envelope.messages.iter().map(message_bytes).sum::<usize>()
+        + messages_bytes(&envelope.messages)
         + envelope.params.model.len()
         + envelope.params.stop.iter().map(String::len).sum::<usize>()
         + if envelope.tools.is_empty() {

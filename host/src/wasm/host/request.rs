@@ -15,7 +15,7 @@ use crate::wasm::convert::{
     passage_to_wit, tool_call_from_wit, tool_call_to_wit, tool_from_wit, tool_to_wit,
     usage_from_wit, usage_to_wit,
 };
-use crate::wasm::envelope::{Envelope, json_bytes};
+use crate::wasm::envelope::{Envelope, json_bytes, messages_bytes};
 
 /// The `request` resource: the envelope in the store's resource table.
 /// Getters copy one field out; setters check the field against the output
@@ -47,7 +47,7 @@ impl request::HostRequest for HostState {
             .map(message_from_wit)
             .collect::<Result<Vec<_>, _>>()
             .map_err(wasmtime::Error::msg)?;
-        self.spend(Field::Messages, json_bytes(&messages))?;
+        self.spend(Field::Messages, messages_bytes(&messages))?;
         self.table.get_mut(&request)?.messages = messages;
         Ok(())
     }
