@@ -129,6 +129,11 @@ impl Chat {
     }
 }
 
+/// What a generation of a chat without messages gets.
+fn no_messages() -> InferenceError {
+    InferenceError::InvalidRequest("the request has no messages to answer".into())
+}
+
 /// The typed error a plugin sees.
 fn inference_error(error: BackendError) -> InferenceError {
     let message = error.to_string();
@@ -148,6 +153,9 @@ impl inference::Host for HostState {
         request: Resource<Envelope>,
     ) -> wasmtime::Result<Result<(), InferenceError>> {
         let chat = self.chat_of(&request)?;
+        if chat.messages.is_empty() {
+            return Ok(Err(no_messages()));
+        }
         let deadline = self.backend_deadline();
         let generation = match self.generation_request(chat, deadline) {
             Ok(ready) => ready,
@@ -166,6 +174,9 @@ impl inference::Host for HostState {
         request: Resource<Envelope>,
     ) -> wasmtime::Result<Result<(), InferenceError>> {
         let chat = self.chat_of(&request)?;
+        if chat.messages.is_empty() {
+            return Ok(Err(no_messages()));
+        }
         Ok(self.start_stream(chat).await.map_err(inference_error))
     }
 }
