@@ -11,7 +11,7 @@ use super::tools::Tool;
 /// The request's generation parameters: every field of the body but the
 /// messages, the tools and the host's own `stream` and `stream_options`.
 /// `None` where the client said nothing. Deserialized field by field
-/// ([`Params::read_field`]), unknown fields into `extra`.
+/// (`Params::read_field`), unknown fields into `extra`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize)]
 pub struct Params {
     /// The model the client asked for.

@@ -48,7 +48,7 @@ pub struct Plan {
 }
 
 /// Which pipeline a request runs through, chosen by its model
-/// ([`Snapshot::route`]).
+/// ([`Snapshot::pipeline_for`]).
 #[derive(Clone)]
 pub struct RouteRef(pub(super) Arc<Route>);
 
