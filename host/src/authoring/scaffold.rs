@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq)]
 pub enum SdkSource {
     /// The SDK and the WIT of this binary's own version, which it carries:
-    /// written into the crate (`vendor/orchestrator-plugin/` and `wit/`),
-    /// so the crate builds wherever the binary came from (an install, a
-    /// container image, a copied binary) without the source tree.
+    /// written into the crate as they lie in the orchestrator's repository
+    /// (`vendor/orchestrator/plugins/sdk/`, `vendor/orchestrator/wit/`), so
+    /// the crate builds wherever the binary came from (an install, a
+    /// container image, a copied binary) without the source tree. (Not in
+    /// the crate's own `wit/`: cargo-component would take that for the
+    /// plugin's target.)
     Bundled,
     /// A local checkout of the SDK crate (`plugins/sdk` of the repository).
     Path(PathBuf),
@@ -30,7 +33,10 @@ pub enum SdkSource {
 }
 
 /// Where a bundled SDK is written, in the crate.
-const VENDORED_SDK: &str = "vendor/orchestrator-plugin";
+const VENDORED_SDK: &str = "vendor/orchestrator/plugins/sdk";
+
+/// Where its WIT is written: `../../wit` from the SDK, as in the repository.
+const VENDORED_WIT: &str = "vendor/orchestrator/wit/pipeline.wit";
 
 /// The SDK's sources this binary carries, by path in its crate (its
 /// manifest is written from [`VENDORED_MANIFEST`] instead of copied: the
@@ -71,7 +77,7 @@ const SDK_FILES: [(&str, &str); 8] = [
 ];
 
 /// The WIT the SDK generates its bindings from (`../../wit` from the SDK's
-/// directory: `wit/` of the crate).
+/// directory).
 const WIT: &str = include_str!("../../../wit/pipeline.wit");
 
 /// The vendored SDK's manifest: the repository's, with the workspace's
@@ -100,7 +106,7 @@ impl SdkSource {
                 format!("{VENDORED_SDK}/Cargo.toml"),
                 VENDORED_MANIFEST.replace("{{version}}", env!("CARGO_PKG_VERSION")),
             ),
-            ("wit/pipeline.wit".to_string(), WIT.to_string()),
+            (VENDORED_WIT.to_string(), WIT.to_string()),
         ];
         files.extend(
             SDK_FILES
