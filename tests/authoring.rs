@@ -134,7 +134,10 @@ fn generate(root: &Path) -> PathBuf {
         !manifest.contains(repository.to_str().unwrap()),
         "the crate must not point into the source tree: {manifest}"
     );
-    assert!(dir.join("vendor/orchestrator/plugins/sdk/src/lib.rs").is_file());
+    assert!(
+        dir.join("vendor/orchestrator/plugins/sdk/src/lib.rs")
+            .is_file()
+    );
     assert!(dir.join("vendor/orchestrator/wit/pipeline.wit").is_file());
     // A second `new` into the same place is refused, not merged.
     let again = orchestrator(&[
