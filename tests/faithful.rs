@@ -166,6 +166,43 @@ async fn tool_calls_reach_the_client_whole_and_in_pieces() {
     assert_eq!(finish, ["tool_calls"], "{text}");
 }
 
+/// A plain stage after the generating one collects the stream before it
+/// runs: the answer's tool calls then reach a streaming client whole, in one
+/// chunk before the last, and the 0.1 stage that saw the flattened answer
+/// left its finish reason and its calls as they were.
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_calls_collected_before_a_plain_stage_are_streamed_whole() {
+    let upstream = Upstream::start(Script::Agent).await;
+    let plain = test_plugin("shout");
+    let host = host(
+        &upstream,
+        &format!(
+            "[stages.shout]\nplugin = \"{}\"\n\
+             [pipelines.default]\nstages = [\"inference\", \"shout\"]\n",
+            plain.display()
+        ),
+    );
+    let (status, text) = host
+        .chat(&json!({"model": "gpt-test", "stream": true,
+                      "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                      "tools": agent_request(false)["tools"].clone()}))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    let chunks = sse::chunks(&text);
+    let calls: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(
+        calls,
+        [&json!({"index": 0, "id": "call_abc123", "type": "function",
+                 "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}})],
+        "{text}"
+    );
+    assert_eq!(sse::finish_reason(&chunks).as_deref(), Some("tool_calls"));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn what_echo_cannot_do_is_refused_naming_the_field() {
     let host = Host::start(&[]);

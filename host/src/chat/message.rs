@@ -89,6 +89,23 @@ impl Message {
     }
 }
 
+/// Tokens of the text of `messages` under the shared tokenizer, each
+/// message counted on its own (what a backend that reports no usage is
+/// charged for the prompt). Copies no text.
+pub fn count_tokens(messages: &[Message]) -> u32 {
+    let count = |text: &str| orchestrator_text::count_tokens(text);
+    messages
+        .iter()
+        .map(|m| match &m.content {
+            None => 0,
+            Some(Content::Text(text)) => count(text),
+            Some(content @ Content::Parts(_)) => count(&content.text()),
+        })
+        .sum::<usize>()
+        .try_into()
+        .unwrap_or(u32::MAX)
+}
+
 /// A message's content: a string, or a list of parts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
@@ -277,14 +294,14 @@ pub struct ToolCall {
     pub arguments: String,
 }
 
-/// The wire form of a [`ToolCall`].
-#[derive(Serialize, Deserialize)]
-struct WireToolCall<F> {
+/// The wire form of a [`ToolCall`], as read.
+#[derive(Deserialize)]
+struct WireToolCall {
     #[serde(default)]
     id: String,
     #[serde(rename = "type", default = "function")]
     kind: String,
-    function: F,
+    function: WireFunctionCall<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -300,21 +317,23 @@ fn function() -> String {
 
 impl Serialize for ToolCall {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        WireToolCall {
-            id: self.id.clone(),
-            kind: self.kind.clone(),
-            function: WireFunctionCall {
+        let mut map = serializer.serialize_map(Some(3))?;
+        map.serialize_entry("id", &self.id)?;
+        map.serialize_entry("type", &self.kind)?;
+        map.serialize_entry(
+            "function",
+            &WireFunctionCall {
                 name: self.name.as_str(),
                 arguments: self.arguments.as_str(),
             },
-        }
-        .serialize(serializer)
+        )?;
+        map.end()
     }
 }
 
 impl<'de> Deserialize<'de> for ToolCall {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let wire = WireToolCall::<WireFunctionCall<String>>::deserialize(deserializer)?;
+        let wire = WireToolCall::deserialize(deserializer)?;
         Ok(ToolCall {
             id: wire.id,
             kind: wire.kind,

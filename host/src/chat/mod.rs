@@ -14,7 +14,7 @@ mod message;
 mod request;
 mod tools;
 
-pub use message::{Content, ContentPart, Extra, Message, ToolCall, Usage};
+pub use message::{Content, ContentPart, Extra, Message, ToolCall, Usage, count_tokens};
 pub use request::{
     ChatRequest, MESSAGE_FIELDS, MODELLED_FIELDS, Params, StreamOptions, TOOL_FIELDS,
     extra_from_text, extra_text,

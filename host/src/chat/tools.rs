@@ -4,7 +4,7 @@
 use serde::de::Error as _;
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::message::{Extra, ToolCall};
 
@@ -87,11 +87,6 @@ impl ToolCalls {
         call.arguments.push_str(&delta.arguments);
     }
 
-    /// Whether no piece was added.
-    pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
-    }
-
     /// The calls, by index.
     pub fn finish(mut self) -> Vec<ToolCall> {
         self.calls.sort_by_key(|(index, _)| *index);
@@ -120,20 +115,27 @@ pub struct Tool {
 
 impl Serialize for Tool {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut inner = Map::new();
-        inner.insert("name".into(), Value::from(self.name.as_str()));
-        if let Some(description) = &self.description {
-            inner.insert("description".into(), Value::from(description.as_str()));
+        /// The inner object, borrowed (a tool is serialized upstream on
+        /// every request that offers it: nothing is copied).
+        #[derive(Serialize)]
+        struct Inner<'a> {
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            description: &'a Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            parameters: &'a Option<Value>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            strict: Option<bool>,
+            #[serde(flatten)]
+            extra: &'a Extra,
         }
-        if let Some(parameters) = &self.parameters {
-            inner.insert("parameters".into(), parameters.clone());
-        }
-        if let Some(strict) = self.strict {
-            inner.insert("strict".into(), Value::from(strict));
-        }
-        for (key, value) in &self.extra {
-            inner.insert(key.clone(), value.clone());
-        }
+        let inner = Inner {
+            name: &self.name,
+            description: &self.description,
+            parameters: &self.parameters,
+            strict: self.strict,
+            extra: &self.extra,
+        };
         let mut map = serializer.serialize_map(Some(2))?;
         map.serialize_entry("type", &self.kind)?;
         map.serialize_entry(&self.kind, &inner)?;

@@ -39,12 +39,7 @@ impl GenerateRequest {
 
     /// Tokens of the chat's text, for a backend that reports no usage.
     pub fn prompt_tokens(&self) -> u32 {
-        self.messages
-            .iter()
-            .map(|m| orchestrator_text::count_tokens(&m.text()))
-            .sum::<usize>()
-            .try_into()
-            .unwrap_or(u32::MAX)
+        crate::chat::count_tokens(&self.messages)
     }
 }
 
@@ -142,16 +137,6 @@ impl Collector {
         self.pieces += 1;
     }
 
-    /// The text collected so far.
-    pub fn collected_text(&self) -> &str {
-        &self.text
-    }
-
-    /// Take the text collected so far.
-    pub fn take_text(&mut self) -> String {
-        std::mem::take(&mut self.text)
-    }
-
     /// Add what an event carries besides text.
     pub fn extra(&mut self, extra: &ExtraDelta) {
         for call in &extra.tool_calls {
@@ -166,6 +151,16 @@ impl Collector {
         if let Some(logprobs) = &extra.logprobs {
             join_logprobs(&mut self.logprobs, logprobs);
         }
+    }
+
+    /// What was collected besides text: the tool calls, the refusal and the
+    /// log probabilities (for a stream whose text went elsewhere).
+    pub fn take_extras(&mut self) -> (Vec<ToolCall>, Option<String>, Option<Value>) {
+        (
+            std::mem::take(&mut self.tool_calls).finish(),
+            self.refusal.take(),
+            self.logprobs.take(),
+        )
     }
 
     /// The whole generation, ended by `ending`; `prompt_tokens` is used

@@ -149,5 +149,21 @@ mod tests {
             status(500).into_backend_error("b").error_type(),
             ErrorType::Upstream
         );
+        // The request refused as invalid: the client's 400, not a 502.
+        for refused in [400, 413, 422] {
+            assert_eq!(
+                status(refused).into_backend_error("b").error_type(),
+                ErrorType::InvalidInput,
+                "{refused}"
+            );
+        }
+        // The host's own credentials or routing at fault: a 502.
+        for ours in [401, 403, 404] {
+            assert_eq!(
+                status(ours).into_backend_error("b").error_type(),
+                ErrorType::Upstream,
+                "{ours}"
+            );
+        }
     }
 }

@@ -19,9 +19,11 @@ struct Inner {
     resolutions: std::sync::atomic::AtomicU64,
     backends: BTreeMap<String, Arc<Backend>>,
     models: BTreeMap<String, ModelRoute>,
-    default: Option<String>,
-    /// Pipeline of the models served by `default`.
-    default_pipeline: String,
+    /// Where each routed model goes, resolved when the router is built:
+    /// a request's resolution is one lookup and two reference counts.
+    routes: BTreeMap<String, (Arc<Backend>, Arc<str>)>,
+    /// Where the other models go (`[routing] default`), if anywhere.
+    default_route: Option<(Arc<Backend>, Arc<str>)>,
     /// The runtime generations run on; `None`: the caller's.
     runtime: Option<tokio::runtime::Handle>,
 }
@@ -69,18 +71,34 @@ impl Router {
             };
             backends.insert(name.clone(), backend);
         }
+        let route = |backend: &str, pipeline: &str| {
+            backends
+                .get(backend)
+                .map(|b| (b.clone(), Arc::<str>::from(pipeline)))
+        };
+        let routing = &config.routing;
+        let routes = routing
+            .models
+            .iter()
+            .filter_map(|(model, r)| Some((model.clone(), route(&r.backend, r.pipeline())?)))
+            .collect();
+        let default_route = routing.default.as_deref().and_then(|backend| {
+            route(
+                backend,
+                routing
+                    .default_pipeline
+                    .as_deref()
+                    .unwrap_or(DEFAULT_PIPELINE),
+            )
+        });
         Ok(Router {
             inner: Arc::new(Inner {
                 #[cfg(test)]
                 resolutions: Default::default(),
+                models: routing.models.clone(),
+                routes,
+                default_route,
                 backends,
-                models: config.routing.models.clone(),
-                default: config.routing.default.clone(),
-                default_pipeline: config
-                    .routing
-                    .default_pipeline
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_PIPELINE.to_string()),
                 runtime,
             }),
         })
@@ -114,17 +132,15 @@ impl Router {
         self.inner
             .resolutions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (backend, pipeline) = match self.inner.models.get(model) {
-            Some(route) => (route.backend.as_str(), route.pipeline()),
-            None => (
-                self.inner.default.as_deref()?,
-                self.inner.default_pipeline.as_str(),
-            ),
-        };
+        let (backend, pipeline) = self
+            .inner
+            .routes
+            .get(model)
+            .or(self.inner.default_route.as_ref())?;
         Some(Target {
             model: model.to_string(),
-            backend: self.inner.backends.get(backend)?.clone(),
-            pipeline: pipeline.to_string(),
+            backend: backend.clone(),
+            pipeline: pipeline.clone(),
         })
     }
 
@@ -238,7 +254,7 @@ impl Router {
 pub struct Target {
     model: String,
     backend: Arc<Backend>,
-    pipeline: String,
+    pipeline: Arc<str>,
 }
 
 impl Target {

@@ -388,10 +388,7 @@ impl Streaming {
         };
         let envelope = &mut job.envelope;
         envelope.completion = std::mem::take(&mut self.text);
-        let extras = std::mem::take(&mut self.extras).finish(&self.ending, || 0);
-        envelope.tool_calls = extras.tool_calls;
-        envelope.refusal = extras.refusal;
-        envelope.logprobs = extras.logprobs;
+        (envelope.tool_calls, envelope.refusal, envelope.logprobs) = self.extras.take_extras();
         envelope.finish_reason = if self.stopped {
             "stop".to_string()
         } else {

@@ -95,21 +95,10 @@ impl Envelope {
         };
     }
 
-    /// The text of every message, for counting the prompt's tokens when
-    /// the backend reports no usage.
+    /// Tokens of the chat, for a backend that reports no usage.
     pub fn prompt_tokens(&self) -> u32 {
-        chat_tokens(&self.messages)
+        crate::chat::count_tokens(&self.messages)
     }
-}
-
-/// Tokens of the text of `messages` under the shared tokenizer.
-pub fn chat_tokens(messages: &[Message]) -> u32 {
-    messages
-        .iter()
-        .map(|m| orchestrator_text::count_tokens(&m.text()))
-        .sum::<usize>()
-        .try_into()
-        .unwrap_or(u32::MAX)
 }
 
 /// Approximate bytes a value takes as JSON text: what a stage sets is

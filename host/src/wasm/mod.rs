@@ -96,7 +96,7 @@ mod plugin;
 pub use bindings::{ChunkContext, ChunkOutput, Contract, StageError, World};
 pub use convert::params_to_wit;
 pub use engine::{EPOCH_TICK, EngineError, EngineSettings, KEEP_RESIDENT_BYTES, Runtime};
-pub use envelope::{Envelope, Passage, chat_tokens, envelope_bytes};
+pub use envelope::{Envelope, Passage, envelope_bytes};
 pub use error::{BoxError, CallError, LoadError};
 pub use inspect::{Inspection, inspect};
 pub use instance::Instance;

@@ -97,15 +97,24 @@ impl HostState {
         Ok(())
     }
 
-    /// The chat of the request behind `request`, as it stands.
-    fn chat_of(&self, request: &Resource<Envelope>) -> wasmtime::Result<Chat> {
+    /// The chat of the request behind `request`, as it stands, or the
+    /// error of a generation of a chat without messages.
+    fn chat_of(
+        &self,
+        request: &Resource<Envelope>,
+    ) -> wasmtime::Result<Result<Chat, InferenceError>> {
         let envelope = self.table.get(request)?;
-        Ok(Chat {
+        if envelope.messages.is_empty() {
+            return Ok(Err(InferenceError::InvalidRequest(
+                "the request has no messages to answer".into(),
+            )));
+        }
+        Ok(Ok(Chat {
             messages: envelope.messages.clone(),
             tools: envelope.tools.clone(),
             params: envelope.params.clone(),
             target: envelope.target.clone(),
-        })
+        }))
     }
 }
 
@@ -129,11 +138,6 @@ impl Chat {
     }
 }
 
-/// What a generation of a chat without messages gets.
-fn no_messages() -> InferenceError {
-    InferenceError::InvalidRequest("the request has no messages to answer".into())
-}
-
 /// The typed error a plugin sees.
 fn inference_error(error: BackendError) -> InferenceError {
     let message = error.to_string();
@@ -152,10 +156,10 @@ impl inference::Host for HostState {
         &mut self,
         request: Resource<Envelope>,
     ) -> wasmtime::Result<Result<(), InferenceError>> {
-        let chat = self.chat_of(&request)?;
-        if chat.messages.is_empty() {
-            return Ok(Err(no_messages()));
-        }
+        let chat = match self.chat_of(&request)? {
+            Ok(chat) => chat,
+            Err(error) => return Ok(Err(error)),
+        };
         let deadline = self.backend_deadline();
         let generation = match self.generation_request(chat, deadline) {
             Ok(ready) => ready,
@@ -173,10 +177,10 @@ impl inference::Host for HostState {
         &mut self,
         request: Resource<Envelope>,
     ) -> wasmtime::Result<Result<(), InferenceError>> {
-        let chat = self.chat_of(&request)?;
-        if chat.messages.is_empty() {
-            return Ok(Err(no_messages()));
-        }
+        let chat = match self.chat_of(&request)? {
+            Ok(chat) => chat,
+            Err(error) => return Ok(Err(error)),
+        };
         Ok(self.start_stream(chat).await.map_err(inference_error))
     }
 }
