@@ -411,6 +411,56 @@ async fn a_dead_or_stalled_collector_costs_requests_nothing() {
     hold.abort();
 }
 
+/// A `tracestate` of 95,000 members (under the header limit) is cut to
+/// the W3C limits before it is parsed: the trace goes on, the upstream gets
+/// at most 32 members in at most 512 bytes. A head past `max_header_bytes`
+/// is answered 431.
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_trace_headers_are_bounded() {
+    let receiver = Receiver::start().await;
+    let upstream = Upstream::start(Script::Deltas(vec!["ok"])).await;
+    let host = Host::with_config(&format!(
+        "max_header_bytes = 1048576\n[tracing]\nenabled = true\nendpoint = {:?}\n\
+         [backends.up]\nkind = \"openai\"\nbase_url = {:?}\n[routing]\nmodels = {{ up = \"up\" }}\n",
+        receiver.endpoint, upstream.base_url
+    ));
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let members = (0..95_000).map(|i| format!("k{i}=v")).collect::<Vec<_>>();
+    let response = client()
+        .post(format!("{}/v1/chat/completions", host.api))
+        .header(
+            "traceparent",
+            format!("00-{caller_trace}-00f067aa0ba902b7-01"),
+        )
+        .header("tracestate", members.join(","))
+        .json(&json!({"model": "up", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-trace-id"], caller_trace);
+    let heads = upstream.heads.lock().unwrap().clone();
+    let sent = heads[0]
+        .lines()
+        .find_map(|l| l.strip_prefix("tracestate:"))
+        .expect("tracestate forwarded")
+        .trim()
+        .to_string();
+    assert!(sent.len() <= 512, "{} bytes forwarded", sent.len());
+    assert!(sent.split(',').count() <= 32, "{sent}");
+    assert!(sent.starts_with("k0=v,k1=v"), "{sent}");
+
+    let small = Host::with_config("max_header_bytes = 8192\n");
+    let response = client()
+        .post(format!("{}/v1/chat/completions", small.api))
+        .header("x-padding", "p".repeat(10_000))
+        .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 431);
+}
+
 /// Wait (polling /metrics: no signal is exposed) until `series` is above 0.
 async fn wait_for_metric(host: &Host, series: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -306,20 +306,21 @@ pub const STREAM_CUT_MARGIN: Duration = Duration::from_secs(1);
 /// How long the metrics server may take to stop once everything else has.
 pub const OPS_STOP: Duration = Duration::from_secs(1);
 
-/// Write the bundled corpus where a stage's grant expects it, if any grant
-/// names [`config::default_corpus_dir`].
 /// The API listener's limits (see [`server`]): the configured connection
-/// limit, kept 256 below the file-descriptor limit; the header timeout;
-/// the request deadline plus a second for the handler to answer it.
+/// limit, kept 256 below the file-descriptor limit; the header timeout and
+/// size; the request deadline plus a second for the handler to answer it.
 fn api_limits(config: &Config) -> server::Limits {
     server::Limits {
         max_connections: config.max_connections,
         header_read: Duration::from_millis(config.header_read_timeout_ms),
+        max_header_bytes: config.max_header_bytes as usize,
         request: Duration::from_millis(config.request_timeout_ms) + Duration::from_secs(1),
     }
     .within_fd_limit(256)
 }
 
+/// Write the bundled corpus where a stage's grant expects it, if any grant
+/// names [`config::default_corpus_dir`].
 fn install_default_corpus(config: &Config) -> Result<(), StartError> {
     if let Some(dir) = bundled::default_corpus_in_use(config) {
         bundled::install_corpus(&dir).map_err(|source| StartError::Corpus { dir, source })?;

@@ -62,6 +62,9 @@ pub struct Upstream {
     pub cancelled: Arc<Notify>,
     /// The `traceparent` header of each request that had one, in order.
     pub traceparents: Arc<Mutex<Vec<String>>>,
+    /// The head (request line and headers, lower-cased) of each request,
+    /// in order.
+    pub heads: Arc<Mutex<Vec<String>>>,
     /// The JSON body of each request, in order.
     pub bodies: Arc<Mutex<Vec<serde_json::Value>>>,
     task: tokio::task::JoinHandle<()>,
@@ -84,6 +87,8 @@ impl Upstream {
         let bodies = Arc::new(Mutex::new(Vec::new()));
         let (count, notify, seen) = (requests.clone(), cancelled.clone(), traceparents.clone());
         let recorded = bodies.clone();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let recorded_heads = heads.clone();
         let (arrived, arrivals) = tokio::sync::watch::channel(0usize);
         let task = tokio::spawn(async move {
             let mut held = Vec::new();
@@ -97,6 +102,7 @@ impl Upstream {
                 let body: serde_json::Value =
                     serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
                 recorded.lock().unwrap().push(body.clone());
+                recorded_heads.lock().unwrap().push(head.clone());
                 if let Some(value) = head.lines().find_map(|l| l.strip_prefix("traceparent:")) {
                     seen.lock().unwrap().push(value.trim().to_string());
                 }
@@ -171,6 +177,7 @@ impl Upstream {
             requests,
             cancelled,
             traceparents,
+            heads,
             bodies,
             task,
         }

@@ -116,6 +116,9 @@ pub struct Config {
     /// Time a client has to send a request's headers (on a new connection
     /// and between requests on a kept-alive one).
     pub header_read_timeout_ms: u64,
+    /// Largest request line and headers the API reads, in bytes; a larger
+    /// head is answered 431 (at least 8,192).
+    pub max_header_bytes: u64,
     /// Largest plugin accepted by `PUT /admin/stages/{stage}`.
     pub max_plugin_bytes: u64,
     /// Bearer token of the admin API; the API is off without one.
@@ -153,6 +156,7 @@ impl Default for Config {
             max_body_bytes: 1024 * 1024,
             max_connections: 10_000,
             header_read_timeout_ms: 10_000,
+            max_header_bytes: 32 * 1024,
             max_plugin_bytes: 64 * 1024 * 1024,
             admin_token: None,
             watch: false,

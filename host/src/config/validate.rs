@@ -22,6 +22,7 @@ impl Config {
             ),
             ("shutdown_grace_ms", self.shutdown_grace_ms, 1, MAX_MS),
             ("max_body_bytes", self.max_body_bytes, 1, GIB),
+            ("max_header_bytes", self.max_header_bytes, 8192, 1024 * 1024),
             ("max_plugin_bytes", self.max_plugin_bytes, 1, GIB),
             ("max_connections", self.max_connections as u64, 1, 1_000_000),
         ];

@@ -280,6 +280,7 @@ fn fixed_settings_unchanged(running: &Config, next: &Config) -> Result<(), Reloa
         cache_dir,
         max_connections,
         header_read_timeout_ms,
+        max_header_bytes,
         max_body_bytes,
         max_plugin_bytes,
         request_timeout_ms,

@@ -132,6 +132,7 @@ pub async fn start_server(addr: SocketAddr) -> Result<ServerHandle, BindError> {
     let limits = server::Limits {
         max_connections: MAX_CONNECTIONS,
         header_read: std::time::Duration::from_secs(10),
+        max_header_bytes: server::MIN_HEADER_BYTES,
         request: std::time::Duration::from_secs(30),
     };
     server::spawn(

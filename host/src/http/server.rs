@@ -21,6 +21,9 @@
 //!   a request's headers within it, on a new connection and between the
 //!   requests of a kept-alive one, or the connection is closed. A
 //!   slowloris client trickling a byte every few seconds is gone after it.
+//! - **A header size limit** ([`Limits::max_header_bytes`]): a request
+//!   whose line and headers do not fit is answered 431 and the connection
+//!   closed, before any header is parsed into a value.
 //! - **A request timeout** ([`Limits::request`]): the handler, body read
 //!   included, must produce the response's head within it (a
 //!   `Content-Length` larger than the body sent does not wait forever);
@@ -57,6 +60,9 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
+/// The smallest header limit hyper accepts.
+pub const MIN_HEADER_BYTES: usize = 8192;
+
 /// What one listener allows each client.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -64,6 +70,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Time to send a request's headers.
     pub header_read: Duration,
+    /// Largest request line and headers, in bytes (at least 8,192).
+    pub max_header_bytes: usize,
     /// Time for the handler, body read included, to produce a response's
     /// head.
     pub request: Duration,
@@ -180,6 +188,7 @@ where
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read)
+                .max_buf_size(limits.max_header_bytes.max(MIN_HEADER_BYTES))
                 .serve_connection(TokioIo::new(stream), handler);
             let connection = graceful.watch(connection);
             let open = metrics.open.clone();

@@ -368,8 +368,57 @@ fn parent_based(root: Sampler) -> Sampler {
 pub struct TraceHeaders {
     /// `traceparent`, if sent.
     pub traceparent: Option<String>,
-    /// `tracestate`, if sent.
+    /// `tracestate`, if sent, within the W3C limits (see [`TraceHeaders::new`]).
     pub tracestate: Option<String>,
+}
+
+/// Most `tracestate` list members kept (the W3C limit).
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// Most bytes of `tracestate` kept: what W3C asks every tracer to
+/// propagate at least. Longer values are cut as the specification says.
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+
+impl TraceHeaders {
+    /// The headers a request came with, its `tracestate` kept within
+    /// [`MAX_TRACESTATE_MEMBERS`] and [`MAX_TRACESTATE_BYTES`] before
+    /// anything parses it: a caller's header is parsed, copied into every
+    /// span and forwarded upstream, so its size must not be the caller's
+    /// choice.
+    pub fn new(traceparent: Option<String>, tracestate: Option<String>) -> TraceHeaders {
+        TraceHeaders {
+            traceparent,
+            tracestate: tracestate.and_then(|value| bounded_tracestate(&value)),
+        }
+    }
+}
+
+/// `value` cut to the W3C limits, or `None` if nothing is left. As the
+/// specification asks, members longer than 128 bytes go first when the
+/// value is too long, then members from the end. Only the first
+/// [`MAX_TRACESTATE_MEMBERS`] non-empty members are looked at, so a
+/// header of a hundred thousand members costs no more than one of 32.
+fn bounded_tracestate(value: &str) -> Option<String> {
+    let mut kept: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .take(MAX_TRACESTATE_MEMBERS)
+        .collect();
+    // Joined with commas: each member and its separator.
+    let length = |kept: &[&str]| {
+        kept.iter()
+            .map(|m| m.len() + 1)
+            .sum::<usize>()
+            .saturating_sub(1)
+    };
+    if !kept.is_empty() && length(&kept) > MAX_TRACESTATE_BYTES {
+        kept.retain(|m| m.len() <= 128);
+        while !kept.is_empty() && length(&kept) > MAX_TRACESTATE_BYTES {
+            kept.pop();
+        }
+    }
+    (!kept.is_empty()).then(|| kept.join(","))
 }
 
 impl Extractor for TraceHeaders {
@@ -401,5 +450,29 @@ impl Injector for HeaderInjector {
         if !value.is_empty() {
             self.0.push((key.to_string(), value));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tracestate_is_kept_within_the_w3c_limits() {
+        let keep = |v: &str| bounded_tracestate(v);
+        assert_eq!(keep("a=1, b=2").as_deref(), Some("a=1,b=2"));
+        assert_eq!(keep(" , ,"), None);
+        let many = vec!["k=v"; 95_000].join(",");
+        let kept = keep(&many).unwrap();
+        assert_eq!(kept.split(',').count(), MAX_TRACESTATE_MEMBERS);
+        // Too long: the long member goes first, then members from the end.
+        let long = format!("big={}", "x".repeat(200));
+        let value = format!("a=1,{long},{}", vec!["m=0123456789"; 30].join(","));
+        let kept = keep(&value).unwrap();
+        assert!(kept.len() <= MAX_TRACESTATE_BYTES, "{}", kept.len());
+        assert!(!kept.contains("big="));
+        assert!(kept.starts_with("a=1,m="));
+        let huge = format!("a={}", "y".repeat(600));
+        assert_eq!(keep(&huge), None);
     }
 }

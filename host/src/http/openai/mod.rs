@@ -95,10 +95,7 @@ pub fn routes(
                  parent: Option<String>,
                  state_header: Option<String>,
                  state: ApiState| async move {
-                    let caller = TraceHeaders {
-                        traceparent: parent,
-                        tracestate: state_header,
-                    };
+                    let caller = TraceHeaders::new(parent, state_header);
                     traced(&state, &caller, &body).await
                 },
             );
