@@ -18,5 +18,6 @@ mod ops;
 mod sandbox;
 mod sdk;
 mod startup;
+mod stores;
 mod traces;
 mod upstream;

@@ -35,6 +35,7 @@ pub mod http;
 pub mod inference;
 pub mod metrics;
 pub mod pipeline;
+pub mod store;
 pub mod trace;
 pub mod wasm;
 

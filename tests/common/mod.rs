@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 mod guests;
+pub mod redis;
 pub mod sse;
 pub mod upstream;
 

@@ -36,12 +36,12 @@ pub enum SdkSource {
 const VENDORED_SDK: &str = "vendor/orchestrator/plugins/sdk";
 
 /// Where its WIT is written: `../../wit` from the SDK, as in the repository.
-const VENDORED_WIT: &str = "vendor/orchestrator/wit/pipeline.wit";
+const VENDORED_WIT: &str = "vendor/orchestrator/wit";
 
 /// The SDK's sources this binary carries, by path in its crate (its
 /// manifest is written from [`VENDORED_MANIFEST`] instead of copied: the
 /// original takes its versions from the repository's workspace).
-const SDK_FILES: [(&str, &str); 8] = [
+const SDK_FILES: [(&str, &str); 9] = [
     (
         "src/bindings.rs",
         include_str!("../../../plugins/sdk/src/bindings.rs"),
@@ -63,6 +63,10 @@ const SDK_FILES: [(&str, &str); 8] = [
         include_str!("../../../plugins/sdk/src/request.rs"),
     ),
     (
+        "src/store.rs",
+        include_str!("../../../plugins/sdk/src/store.rs"),
+    ),
+    (
         "src/stream.rs",
         include_str!("../../../plugins/sdk/src/stream.rs"),
     ),
@@ -77,8 +81,30 @@ const SDK_FILES: [(&str, &str); 8] = [
 ];
 
 /// The WIT the SDK generates its bindings from (`../../wit` from the SDK's
-/// directory).
-const WIT: &str = include_str!("../../../wit/pipeline.wit");
+/// directory), with the `wasi:keyvalue` package it uses, by path under it.
+const WIT_FILES: [(&str, &str); 6] = [
+    ("pipeline.wit", include_str!("../../../wit/pipeline.wit")),
+    (
+        "deps/keyvalue/atomic.wit",
+        include_str!("../../../wit/deps/keyvalue/atomic.wit"),
+    ),
+    (
+        "deps/keyvalue/batch.wit",
+        include_str!("../../../wit/deps/keyvalue/batch.wit"),
+    ),
+    (
+        "deps/keyvalue/store.wit",
+        include_str!("../../../wit/deps/keyvalue/store.wit"),
+    ),
+    (
+        "deps/keyvalue/watch.wit",
+        include_str!("../../../wit/deps/keyvalue/watch.wit"),
+    ),
+    (
+        "deps/keyvalue/world.wit",
+        include_str!("../../../wit/deps/keyvalue/world.wit"),
+    ),
+];
 
 /// The vendored SDK's manifest: the repository's, with the workspace's
 /// versions written out.
@@ -101,13 +127,15 @@ impl SdkSource {
         if *self != SdkSource::Bundled {
             return Vec::new();
         }
-        let mut files = vec![
-            (
-                format!("{VENDORED_SDK}/Cargo.toml"),
-                VENDORED_MANIFEST.replace("{{version}}", env!("CARGO_PKG_VERSION")),
-            ),
-            (VENDORED_WIT.to_string(), WIT.to_string()),
-        ];
+        let mut files = vec![(
+            format!("{VENDORED_SDK}/Cargo.toml"),
+            VENDORED_MANIFEST.replace("{{version}}", env!("CARGO_PKG_VERSION")),
+        )];
+        files.extend(
+            WIT_FILES
+                .iter()
+                .map(|(path, text)| (format!("{VENDORED_WIT}/{path}"), text.to_string())),
+        );
         files.extend(
             SDK_FILES
                 .iter()
@@ -345,6 +373,22 @@ mod tests {
         on_disk.sort();
         let carried: Vec<String> = SDK_FILES.iter().map(|(p, _)| p.to_string()).collect();
         assert_eq!(carried, on_disk);
+        // And every file of the WIT.
+        let wit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wit");
+        let mut wit_on_disk: Vec<String> = ["", "deps/keyvalue/"]
+            .iter()
+            .flat_map(|sub| {
+                std::fs::read_dir(wit.join(sub))
+                    .unwrap()
+                    .map(|e| e.unwrap())
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "wit"))
+                    .map(move |e| format!("{sub}{}", e.file_name().to_string_lossy()))
+            })
+            .collect();
+        wit_on_disk.sort();
+        let mut wit_carried: Vec<String> = WIT_FILES.iter().map(|(p, _)| p.to_string()).collect();
+        wit_carried.sort();
+        assert_eq!(wit_carried, wit_on_disk);
 
         let dir = tempfile::tempdir().unwrap();
         let mut bundled = scaffold("ok", false);

@@ -47,6 +47,7 @@ mod paths;
 mod pipeline;
 mod settings;
 mod stage;
+mod store;
 mod traces;
 mod validate;
 
@@ -57,4 +58,5 @@ pub use settings::{AdminToken, Config, ConfigError};
 pub use stage::{
     Bundled, Capabilities, DirGrant, InstanceMode, PluginSource, StageConfig, intern, valid_name,
 };
+pub use store::{StoreConfig, StoreKind};
 pub use traces::TracingConfig;

@@ -14,6 +14,7 @@ use super::backend::{BackendConfig, BackendKind, RoutingConfig};
 use super::paths::default_cache_dir;
 use super::pipeline::{ModelRoute, PipelineConfig, default_pipelines};
 use super::stage::{Bundled, StageConfig, intern, valid_name};
+use super::store::StoreConfig;
 use super::traces::TracingConfig;
 
 /// A configuration error, naming the offending key where there is one.
@@ -137,6 +138,9 @@ pub struct Config {
     pub stages: Vec<StageConfig>,
     /// The pipelines by name (`default` is the five default stages).
     pub pipelines: BTreeMap<String, PipelineConfig>,
+    /// Key-value stores by name (`[stores.<name>]`).
+    #[serde(default)]
+    pub stores: BTreeMap<String, StoreConfig>,
     /// OpenTelemetry trace export (`[tracing]`).
     #[serde(default)]
     pub tracing: TracingConfig,
@@ -173,12 +177,19 @@ impl Default for Config {
                 .map(StageConfig::bundled_default)
                 .to_vec(),
             pipelines: default_pipelines(),
+            stores: BTreeMap::new(),
             tracing: TracingConfig::default(),
         }
     }
 }
 
 impl Config {
+    /// The settings of store `name`: as declared, or a `memory` store with
+    /// the defaults.
+    pub fn store(&self, name: &str) -> StoreConfig {
+        self.stores.get(name).cloned().unwrap_or_default()
+    }
+
     /// The settings of stage `name`.
     pub fn stage(&self, name: &str) -> Option<&StageConfig> {
         self.stages.iter().find(|s| s.name() == name)

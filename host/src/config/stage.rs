@@ -180,6 +180,16 @@ pub struct Capabilities {
     pub dirs: Vec<DirGrant>,
     /// Names of host environment variables passed through (absent ones are skipped).
     pub env: Vec<String>,
+    /// The key-value stores the plugin may open (`[stores.<name>]`; a name
+    /// not declared there is a `memory` store with the defaults).
+    pub stores: Vec<String>,
+    /// The request headers the plugin may read (`request.header`), by
+    /// name, case-insensitive. `authorization` too is visible only when
+    /// named.
+    pub headers: Vec<String>,
+    /// Whether the plugin may read the client's address
+    /// (`request.client-address`).
+    pub client_address: bool,
 }
 
 /// Where a stage's plugin comes from.

@@ -6,6 +6,7 @@ use super::backend::BackendKind;
 use super::pipeline::DEFAULT_PIPELINE;
 use super::settings::{Config, ConfigError};
 use super::stage::{StageConfig, valid_name};
+use super::store::StoreKind;
 
 impl Config {
     /// Check ranges. Called by the loaders; call it again after changing
@@ -33,6 +34,7 @@ impl Config {
         self.validate_pipelines()?;
         self.validate_routes()?;
         self.validate_tracing()?;
+        self.validate_stores()?;
         for stage in &self.stages {
             validate_stage(stage)?;
             self.validate_grants(stage)?;
@@ -120,6 +122,64 @@ impl Config {
                         cache.display()
                     ),
                 );
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_stores(&self) -> Result<(), ConfigError> {
+        for (name, store) in &self.stores {
+            let key = |k: &str| format!("stores.{name}.{k}");
+            if !valid_name(name) {
+                return invalid(
+                    format!("stores.{name}"),
+                    "a store name is lower-case letters, digits, `-` and `_` (at most 64)",
+                );
+            }
+            within(key("timeout_ms"), store.timeout_ms, 1, MAX_MS)?;
+            within(key("max_keys"), store.max_keys, 1, 1 << 32)?;
+            within(key("max_bytes"), store.max_bytes, 1024, 1 << 40)?;
+            match store.kind {
+                StoreKind::Memory => {
+                    if store.url.is_some() || store.url_env.is_some() {
+                        return invalid(key("url"), "a `memory` store has no URL");
+                    }
+                }
+                StoreKind::Redis => match (&store.url, &store.url_env) {
+                    (None, None) => {
+                        return invalid(key("url"), "a `redis` store needs `url` or `url_env`");
+                    }
+                    (Some(url), None)
+                        if !url.starts_with("redis://") && !url.starts_with("rediss://") =>
+                    {
+                        return invalid(key("url"), "must start with redis:// or rediss://");
+                    }
+                    _ => {}
+                },
+            }
+        }
+        for stage in &self.stages {
+            for header in &stage.capabilities.headers {
+                if header.is_empty()
+                    || !header
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                {
+                    return invalid(
+                        format!("stages.{}.capabilities.headers", stage.name()),
+                        &format!("`{header}` is not a header name"),
+                    );
+                }
+            }
+            for store in &stage.capabilities.stores {
+                if !valid_name(store) {
+                    return invalid(
+                        format!("stages.{}.capabilities.stores", stage.name()),
+                        &format!(
+                            "`{store}` is not a store name (lower-case letters, digits, `-`, `_`)"
+                        ),
+                    );
+                }
             }
         }
         Ok(())

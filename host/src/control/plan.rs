@@ -14,6 +14,7 @@ use crate::config::{Config, StageConfig};
 use crate::inference::{BackendSetupError, Router};
 use crate::metrics::Metrics;
 use crate::pipeline::{Pipeline, Plan};
+use crate::store::{StoreSetupError, Stores};
 use crate::wasm::{HostServices, LoadError, Plugin, PluginBytes, Runtime};
 
 /// Why a configuration cannot run.
@@ -40,6 +41,9 @@ pub enum PlanError {
     /// A backend could not be set up.
     #[error(transparent)]
     Backend(#[from] BackendSetupError),
+    /// A key-value store could not be set up.
+    #[error(transparent)]
+    Store(#[from] StoreSetupError),
 }
 
 impl PlanError {
@@ -85,6 +89,10 @@ pub async fn plan(
         .as_ref()
         .map(|r| r.pipeline.snapshot().router().clone());
     let router = Router::reusing(config, metrics, previous_router.as_ref())?;
+    let previous_stores = running
+        .as_ref()
+        .map(|r| r.pipeline.snapshot().stores().clone());
+    let stores = Stores::reusing(config, metrics, previous_stores.as_deref())?;
     let mut stages = Vec::new();
     let mut services = Vec::new();
     let mut loaded = Vec::new();
@@ -137,6 +145,7 @@ pub async fn plan(
             stages,
             pipelines,
             router,
+            stores: Arc::new(stores),
             hash: config.hash(),
         },
         services,

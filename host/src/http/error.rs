@@ -2,6 +2,8 @@
 //! `{"error": {"message", "type", "param", "code"}}` shape), and the one
 //! JSON response helper ([`json_response`]).
 
+use std::borrow::Cow;
+
 use serde_json::json;
 use warp::http::{StatusCode, header};
 use warp::reply::Response;
@@ -13,7 +15,7 @@ pub struct ApiError {
     pub(super) kind: &'static str,
     pub(super) message: String,
     pub(super) param: Option<&'static str>,
-    pub(super) code: Option<&'static str>,
+    pub(super) code: Option<Cow<'static, str>>,
     pub(super) retry_after: Option<u32>,
 }
 
@@ -34,7 +36,7 @@ impl ApiError {
     pub fn with_code(
         status: StatusCode,
         kind: &'static str,
-        code: &'static str,
+        code: impl Into<Cow<'static, str>>,
         message: impl Into<String>,
     ) -> ApiError {
         ApiError {
@@ -42,7 +44,7 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
-            code: Some(code),
+            code: Some(code.into()),
             retry_after: None,
         }
     }

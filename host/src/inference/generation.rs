@@ -300,6 +300,44 @@ impl TokenStream {
         }
     }
 
+    /// The events of an answer a stage gave itself (answering early): its
+    /// text in pieces, its tool calls and refusal whole, then its end. No
+    /// backend is involved, so nothing counts as generated.
+    pub fn replay(completion: Completion, deadline: Instant) -> TokenStream {
+        let extra =
+            (!completion.tool_calls.is_empty() || completion.refusal.is_some()).then(|| {
+                ExtraDelta {
+                    tool_calls: completion
+                        .tool_calls
+                        .iter()
+                        .enumerate()
+                        .map(|(index, call)| ToolCallDelta {
+                            index: index as u32,
+                            id: Some(call.id.clone()),
+                            kind: Some(call.kind.clone()),
+                            name: Some(call.name.clone()),
+                            arguments: call.arguments.clone(),
+                        })
+                        .collect(),
+                    refusal: completion.refusal.clone(),
+                    logprobs: None,
+                }
+            });
+        let mut extra = extra;
+        let events = super::Echo::events(completion).flat_map(move |event| {
+            let before = match &event {
+                Ok(Event::End(_)) => extra.take().map(|e| Ok(Event::Extra(e))),
+                _ => None,
+            };
+            before.into_iter().chain(std::iter::once(event))
+        });
+        TokenStream {
+            backend: String::new(),
+            events: Events::Ready(Box::new(events)),
+            deadline,
+        }
+    }
+
     /// Collect the rest of the generation into one completion.
     /// `prompt_tokens` is used when the backend reports no usage.
     pub async fn collect(

@@ -104,8 +104,8 @@ impl CacheMetrics {
 /// `orchestrator_overhead_seconds{outcome}`.
 #[derive(Clone)]
 pub struct RequestMetrics {
-    pub(super) histograms: Arc<[Histogram; 5]>,
-    pub(super) overhead: Arc<[Histogram; 5]>,
+    pub(super) histograms: Arc<[Histogram; 7]>,
+    pub(super) overhead: Arc<[Histogram; 7]>,
 }
 
 impl RequestMetrics {

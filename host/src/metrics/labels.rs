@@ -101,16 +101,22 @@ pub enum Outcome {
     Shed,
     /// The client went away while its answer was streaming.
     Cancelled,
+    /// A stage answered it early (a cache hit): no generation.
+    Answered,
+    /// A stage refused it (401, 403, 429).
+    Refused,
 }
 
 impl Outcome {
     /// Every outcome, in label order.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 7] = [
         Outcome::Ok,
         Outcome::Error,
         Outcome::Timeout,
         Outcome::Shed,
         Outcome::Cancelled,
+        Outcome::Answered,
+        Outcome::Refused,
     ];
 
     /// The label value.
@@ -121,6 +127,8 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Shed => "shed",
             Outcome::Cancelled => "cancelled",
+            Outcome::Answered => "answered",
+            Outcome::Refused => "refused",
         }
     }
 }

@@ -31,13 +31,17 @@
 //! | `orchestrator_artifact_cache_refused_total` | counter | `reason` | compiled-artifact cache entries refused (`unsafe_directory`, `unsafe_file`, `bad_mac`, `incompatible`) and recompiled |
 //! | `orchestrator_admin_auth_failures_total` | counter | | admin API requests refused for a missing or wrong token |
 //! | `orchestrator_trace_spans_dropped_total` | counter | `reason` | trace spans not exported (`queue_full`, `export_failed`); 0 with tracing off |
+//! | `orchestrator_store_operations_total` | counter | `store`, `op`, `outcome` | key-value store operations (`outcome`: `ok`, `error`, `timeout`, `invalid`) |
+//! | `orchestrator_store_duration_seconds` | histogram | `store`, `op` | duration of each store operation |
+//! | `orchestrator_store_evictions_total` | counter | `store` | keys a memory store evicted to stay within its bounds |
+//! | `orchestrator_store_keys` | gauge | `store` | keys a memory store holds |
 //! | `orchestrator_build_info` | gauge | `version` | always 1 |
 //! | `process_*` | | | CPU, memory, file descriptors of the host process |
 //!
 //! `orchestrator_requests_total{stage}` counts per stage, so summing it over
 //! stages counts each request once per stage. Ratios over *requests* use the
 //! ingress figure instead: `orchestrator_request_duration_seconds_count`,
-//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`, `cancelled`) partitions every
+//! whose `outcome` label (`ok`, `error`, `timeout`, `shed`, `cancelled`, `answered`, `refused`) partitions every
 //! request the API accepted for processing.
 //!
 //! # Handles
@@ -53,6 +57,7 @@ mod global;
 mod handles;
 mod labels;
 mod registry;
+mod store;
 
 pub use global::{
     gather_metrics, get_metrics_summary, global, record_error, record_queue_depth,
@@ -63,3 +68,4 @@ pub use handles::{
 };
 pub use labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
 pub use registry::{Metrics, MetricsSummary, REQUEST_BUCKETS, STAGE_BUCKETS, TOKEN_BUCKETS};
+pub use store::{STORE_BUCKETS, StoreMetrics, StoreOp, StoreOutcome};

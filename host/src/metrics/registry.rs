@@ -14,6 +14,7 @@ use super::handles::{
     BackendMetrics, BreakerMetrics, CacheMetrics, ConnectionMetrics, RequestMetrics, StageMetrics,
 };
 use super::labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
+use super::store::{STORE_BUCKETS, StoreFamilies, StoreMetrics};
 
 /// Buckets of `orchestrator_stage_duration_seconds`: from 50 µs, where warm
 /// wasm calls live, to 10 s.
@@ -72,6 +73,7 @@ pub struct Metrics {
     trace_spans_dropped: IntCounterVec,
     connections: IntGaugeVec,
     connections_refused: IntCounterVec,
+    stores: StoreFamilies,
 }
 
 /// Totals, for logs and the `metrics_demo` example (the guide's
@@ -86,7 +88,7 @@ pub struct MetricsSummary {
     pub errors: u64,
     /// Tokens generated, all backends.
     pub tokens_generated: u64,
-    /// Requests answered, by outcome (`ok`, `error`, `timeout`, `shed`, `cancelled`).
+    /// Requests answered, by outcome (`ok`, `error`, `timeout`, `shed`, `cancelled`, `answered`, `refused`).
     pub outcomes: Vec<(String, u64)>,
 }
 
@@ -283,6 +285,29 @@ impl Metrics {
                 "HTTP connections closed at once because the listener was at its connection limit.",
                 &["listener"],
             ),
+            stores: StoreFamilies {
+                operations: counter(
+                    "orchestrator_store_operations_total",
+                    "Key-value store operations by store, operation and outcome (ok, error, timeout, invalid).",
+                    &["store", "op", "outcome"],
+                ),
+                duration: histogram(
+                    "orchestrator_store_duration_seconds",
+                    "Duration of each key-value store operation.",
+                    &["store", "op"],
+                    STORE_BUCKETS,
+                ),
+                evictions: counter(
+                    "orchestrator_store_evictions_total",
+                    "Keys a memory store evicted to stay within its max_keys and max_bytes.",
+                    &["store"],
+                ),
+                keys: gauge(
+                    "orchestrator_store_keys",
+                    "Keys a memory store holds.",
+                    &["store"],
+                ),
+            },
             registry: registry.clone(),
             stage_order: Mutex::new(Vec::new()),
         };
@@ -358,6 +383,11 @@ impl Metrics {
             self.trace_spans_dropped
                 .with_label_values(&["export_failed"]),
         )
+    }
+
+    /// Resolve (and create) the series of key-value store `name`.
+    pub fn store(&self, name: &str) -> StoreMetrics {
+        self.stores.store(name)
     }
 
     /// Resolve (and create) the connection series of `listener`.

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::error::RunError;
 use super::stage::{Delivery, Job, StageRuntime};
 use crate::config::InstanceMode;
-use crate::inference::TokenStream;
+use crate::inference::{Completion, TokenStream, finish_reason};
 use crate::metrics::ErrorType;
 use crate::trace::{Attribute, Trace};
 use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
@@ -31,7 +31,26 @@ use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
 /// stage runs.
 pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
     while let Some(stage) = job.route.stages.get(job.stage).cloned() {
-        let Some(tokens) = process(&stage, &mut job).await? else {
+        if job.envelope.answered && stage.settings.capabilities.inference {
+            // A stage before this one answered (a cache hit): the
+            // generating stage is skipped, and a streaming client gets the
+            // answer through the streaming stages as if it were generated.
+            job.leave_stage();
+            if job.streaming {
+                let tokens = TokenStream::replay(answer_of(&job.envelope), job.deadline);
+                return Ok(Delivery::Stream(Box::new(job), tokens));
+            }
+            continue;
+        }
+        let tokens = process(&stage, &mut job).await?;
+        if job.envelope.refused.is_some() {
+            // The stages after a refusal do not run (their reservations
+            // are released with the job).
+            drop(tokens);
+            job.leave_stage();
+            return Ok(Delivery::Done(job.take_envelope()));
+        }
+        let Some(tokens) = tokens else {
             job.leave_stage();
             continue;
         };
@@ -49,6 +68,19 @@ pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
         job.leave_stage();
     }
     Ok(Delivery::Done(job.take_envelope()))
+}
+
+/// The answer a stage set in `envelope` before answering it early.
+fn answer_of(envelope: &Envelope) -> Completion {
+    Completion {
+        text: envelope.completion.clone(),
+        tool_calls: envelope.tool_calls.clone(),
+        refusal: envelope.refusal.clone(),
+        finish_reason: finish_reason(Some(&envelope.finish_reason)),
+        prompt_tokens: envelope.usage.prompt_tokens,
+        completion_tokens: envelope.usage.completion_tokens,
+        ..Completion::default()
+    }
 }
 
 /// The span of `job`'s call to `stage`: from when it reached the stage,
@@ -101,11 +133,13 @@ async fn process(
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
         let router = job.snapshot.router();
+        let stores = job.snapshot.stores();
         let span = &span;
         on_instance(stage, &current, async |live: &mut Instance| {
             live.set_request_deadline(Instant::now() + remaining);
             live.set_request(&envelope.request_id, span.clone());
             live.set_router(router);
+            live.set_stores(stores);
             let result = live.process(envelope, timeout).await;
             backend_wait.add(live.take_backend_wait());
             // Taken whatever the result: a generation started by a call

@@ -225,6 +225,10 @@ pub struct Health {
     pub pipelines: Vec<PipelineHealth>,
     /// The digest of the configuration serving new requests.
     pub config_hash: String,
+    /// Each key-value store's kind and state (`up`, `down`, `unknown`
+    /// before its first operation); a store that is down makes the
+    /// status `degraded`.
+    pub stores: std::collections::BTreeMap<String, crate::store::StoreHealth>,
 }
 
 /// `/health`'s view of one pipeline.
@@ -345,7 +349,7 @@ impl Pipeline {
         unanswered.armed = false;
         let outcome = match &result {
             Ok(Answer::Streaming(_)) => return result,
-            Ok(Answer::Done(_)) => Outcome::Ok,
+            Ok(Answer::Done(envelope)) => envelope.outcome(),
             Err(error) => error.outcome(),
         };
         self.shared
@@ -426,7 +430,9 @@ impl Pipeline {
                 }
             })
             .collect();
-        let degraded = stages.iter().any(|s| s.circuit != BreakerState::Closed);
+        let stores = snapshot.stores().health();
+        let degraded = stages.iter().any(|s| s.circuit != BreakerState::Closed)
+            || stores.values().any(|s| s.state == "down");
         Health {
             status: match (accepting, degraded) {
                 (false, _) => HealthStatus::Draining,
@@ -445,6 +451,7 @@ impl Pipeline {
                 })
                 .collect(),
             config_hash: snapshot.hash().to_string(),
+            stores,
         }
     }
 

@@ -30,6 +30,7 @@ use super::stage::{Route, Shared, Snapshot, StageRuntime};
 use crate::config::StageConfig;
 use crate::inference::{Router, Target};
 use crate::metrics::Metrics;
+use crate::store::Stores;
 use crate::wasm::Plugin;
 
 /// What a configuration runs: the input of [`Pipeline::start`](super::Pipeline::start)
@@ -43,6 +44,8 @@ pub struct Plan {
     pub pipelines: BTreeMap<String, Vec<String>>,
     /// The backends and the model → backend and pipeline table.
     pub router: Router,
+    /// The key-value stores.
+    pub stores: Arc<Stores>,
     /// The configuration's digest (see [`crate::Config::hash`]).
     pub hash: String,
 }
@@ -119,6 +122,7 @@ impl Snapshot {
             stages,
             routes,
             router: plan.router,
+            stores: plan.stores,
             hash: plan.hash,
             shared: shared.clone(),
         }
@@ -127,6 +131,11 @@ impl Snapshot {
     /// The backends and routing table of this configuration.
     pub fn router(&self) -> &Router {
         &self.router
+    }
+
+    /// The key-value stores of this configuration.
+    pub fn stores(&self) -> &Arc<Stores> {
+        &self.stores
     }
 
     /// The configuration's digest.

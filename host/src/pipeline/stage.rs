@@ -65,6 +65,7 @@ pub struct Snapshot {
     /// The pipelines by name.
     pub(super) routes: BTreeMap<&'static str, Arc<Route>>,
     pub(super) router: Router,
+    pub(super) stores: Arc<crate::store::Stores>,
     pub(super) hash: String,
     pub(super) shared: Arc<Shared>,
 }

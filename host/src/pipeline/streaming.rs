@@ -21,6 +21,7 @@ use crate::inference::{
     BackendError, Collector, Ending, Event, ExtraDelta, TokenStream, finish_reason,
 };
 use crate::metrics::{ErrorType, Outcome};
+use crate::store::Stores;
 use crate::trace::{Attribute, Trace};
 use crate::wasm::{
     CallError, ChunkContext, ChunkOutput, Envelope, Instance, Plugin, params_to_wit,
@@ -104,6 +105,8 @@ pub struct Streaming {
     finished: bool,
     /// The request's pipeline.
     route: Arc<Route>,
+    /// The key-value stores of the request's configuration.
+    stores: Arc<Stores>,
     shared: Arc<Shared>,
 }
 
@@ -122,6 +125,7 @@ impl Streaming {
     pub(super) fn new(job: Job, tokens: TokenStream) -> Streaming {
         let route = job.route.clone();
         let shared = job.snapshot.shared.clone();
+        let stores = job.snapshot.stores().clone();
         let mut chunk_stages = Vec::new();
         let mut rest_from = route.stages.len();
         for index in job.stage..route.stages.len() {
@@ -173,6 +177,7 @@ impl Streaming {
             finished: false,
             job: Some(job),
             route,
+            stores,
             shared,
         }
     }
@@ -180,6 +185,13 @@ impl Streaming {
     /// When the request must be answered.
     pub fn deadline(&self) -> Instant {
         self.deadline
+    }
+
+    /// The response headers the stages set before the stream started.
+    pub fn response_headers(&self) -> &[(String, String)] {
+        self.job
+            .as_ref()
+            .map_or(&[], |job| job.envelope.response_headers.as_slice())
     }
 
     /// The request's id.
@@ -318,9 +330,10 @@ impl Streaming {
         let timeout = stage_timeout.min(remaining);
         let result = {
             let stage = &self.chunk_stages[k];
-            let (context, trace) = (&self.context, &stage.trace);
+            let (context, trace, stores) = (&self.context, &stage.trace, &self.stores);
             call::on_instance(&runtime, &stage.plugin, async |live: &mut Instance| {
                 live.set_request(&context.request_id, trace.clone());
+                live.set_stores(stores);
                 live.process_chunk(context, &carry, &delta, last, timeout)
                     .await
             })
@@ -439,8 +452,9 @@ impl Streaming {
             envelope.chunks = std::mem::take(&mut self.pieces);
             envelope
         };
+        let outcome = envelope.outcome();
         self.pending.push_back(StreamItem::Done(Box::new(envelope)));
-        self.end(Outcome::Ok);
+        self.end(outcome);
         Ok(())
     }
 

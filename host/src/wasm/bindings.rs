@@ -27,14 +27,17 @@ use wasmtime::{AsContextMut, Store};
 #[allow(missing_docs)]
 pub mod v2 {
     wasmtime::component::bindgen!({
-        // The world that imports every interface: its generated modules hold
-        // the types and host traits of both worlds.
-        world: "streaming-request-stage",
+        // The world that imports every interface and exports everything:
+        // its generated modules hold the types and host traits of all.
+        world: "finishing-streaming-request-stage",
         path: "../wit",
         additional_derives: [serde::Serialize, serde::Deserialize],
         imports: {
             // The inference functions wait for the network.
             "orchestrator:pipeline/inference": async | trappable,
+            // So do the stores' (a Redis round trip); a handle that is not
+            // in the table traps.
+            "orchestrator:pipeline/expiring": async | trappable,
             // A request method called with a handle that is not the one the
             // call was given traps instead of answering.
             "orchestrator:pipeline/request": trappable,
@@ -43,6 +46,31 @@ pub mod v2 {
             // The host keeps the request as its envelope, in the store's
             // resource table for the duration of a call.
             "orchestrator:pipeline/request.request": crate::wasm::envelope::Envelope,
+            // Generated apart, without the serde derives (a `cas-error`
+            // holds a resource).
+            "wasi:keyvalue/store": crate::wasm::bindings::keyvalue::wasi::keyvalue::store,
+            "wasi:keyvalue/atomics": crate::wasm::bindings::keyvalue::wasi::keyvalue::atomics,
+            "wasi:keyvalue/batch": crate::wasm::bindings::keyvalue::wasi::keyvalue::batch,
+        },
+    });
+}
+
+/// What `bindgen!` generates for `wasi:keyvalue@0.2.0-draft2`
+/// (`wit/deps/keyvalue/`), the standard store interfaces.
+#[allow(missing_docs)]
+pub mod keyvalue {
+    wasmtime::component::bindgen!({
+        world: "wasi:keyvalue/imports@0.2.0-draft2",
+        path: "../wit",
+        imports: {
+            // A store operation may wait for a Redis round trip; a handle
+            // that is not in the table traps.
+            default: async | trappable,
+        },
+        with: {
+            // An open store, and a compare-and-swap in progress.
+            "wasi:keyvalue/store.bucket": crate::wasm::resources::Bucket,
+            "wasi:keyvalue/atomics.cas": crate::wasm::resources::Cas,
         },
     });
 }
@@ -68,7 +96,7 @@ pub mod v1 {
 }
 
 pub use v2::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
-pub use v2::orchestrator::pipeline::types::StageError;
+pub use v2::orchestrator::pipeline::types::{Outcome, OutcomeKind, StageError};
 
 use crate::wasm::envelope::Envelope;
 
@@ -104,17 +132,20 @@ impl Contract {
 pub struct World {
     by_handle: bool,
     streams: bool,
+    finishes: bool,
     contract: Contract,
 }
 
 impl World {
     /// Its WIT name.
     pub fn name(self) -> &'static str {
-        match (self.by_handle, self.streams) {
-            (false, false) => "stage",
-            (false, true) => "streaming-stage",
-            (true, false) => "request-stage",
-            (true, true) => "streaming-request-stage",
+        match (self.by_handle, self.streams, self.finishes) {
+            (false, false, _) => "stage",
+            (false, true, _) => "streaming-stage",
+            (true, false, false) => "request-stage",
+            (true, true, false) => "streaming-request-stage",
+            (true, false, true) => "finishing-request-stage",
+            (true, true, true) => "finishing-streaming-request-stage",
         }
     }
 
@@ -132,6 +163,11 @@ impl World {
     pub fn streams(self) -> bool {
         self.streams
     }
+
+    /// Whether it exports `finish`.
+    pub fn finishes(self) -> bool {
+        self.finishes
+    }
 }
 
 /// `init: func(config: list<tuple<string, string>>) -> result<_, string>`.
@@ -144,6 +180,8 @@ type ProcessByHandleSig = TypedFunc<(Resource<Envelope>,), (Result<(), StageErro
 /// 0.1 `process: func(request: borrow<request>) -> result<_, stage-error>`.
 type ProcessByLegacyHandleSig =
     TypedFunc<(Resource<LegacyRequest>,), (Result<(), types_v1::StageError>,)>;
+/// 0.2.1 `finish: func(request: borrow<request>, outcome: outcome)`.
+type FinishSig<'a> = TypedFunc<(Resource<Envelope>, &'a Outcome), ()>;
 /// 0.2 `process-chunk: func(context, carry, delta, last) -> result<chunk-output, stage-error>`.
 type ProcessChunkSig<'a> =
     TypedFunc<(&'a ChunkContext, &'a str, &'a str, bool), (Result<ChunkOutput, StageError>,)>;
@@ -160,6 +198,7 @@ pub struct ExportIndices {
     init: ComponentExportIndex,
     process: ComponentExportIndex,
     process_chunk: Option<ComponentExportIndex>,
+    finish: Option<ComponentExportIndex>,
 }
 
 impl ExportIndices {
@@ -235,15 +274,27 @@ impl ExportIndices {
                 Some(index)
             }
         };
+        let finish = match func("finish")? {
+            Some((ty, index)) if contract == Contract::V2 => {
+                check(
+                    "finish",
+                    ty.typecheck::<(Resource<Envelope>, &Outcome), ()>(&instance_type),
+                )?;
+                Some(index)
+            }
+            _ => None,
+        };
         Ok(ExportIndices {
             world: World {
                 by_handle,
                 streams: process_chunk.is_some(),
+                finishes: finish.is_some(),
                 contract,
             },
             init,
             process,
             process_chunk,
+            finish,
         })
     }
 
@@ -269,6 +320,7 @@ impl ExportIndices {
             init: get(&self.init)?,
             process: get(&self.process)?,
             process_chunk: self.process_chunk.as_ref().map(&mut get).transpose()?,
+            finish: self.finish.as_ref().map(&mut get).transpose()?,
         })
     }
 }
@@ -280,6 +332,7 @@ pub struct Exports {
     init: Func,
     process: Func,
     process_chunk: Option<Func>,
+    finish: Option<Func>,
 }
 
 /// The typed form of an export. Sound because [`ExportIndices::new`]
@@ -339,6 +392,21 @@ impl Exports {
                 Ok(result.map(|()| None).map_err(StageError::from))
             }
         }
+    }
+
+    /// Call `finish` with a borrowed handle to the envelope; `None` if the
+    /// component does not export it.
+    pub async fn finish<T: Send>(
+        &self,
+        store: &mut Store<T>,
+        request: Resource<Envelope>,
+        outcome: &Outcome,
+    ) -> Option<wasmtime::Result<()>> {
+        let func = self.finish?;
+        let call = typed!(FinishSig<'_>, func)
+            .call_async(store, (request, outcome))
+            .await;
+        Some(call)
     }
 
     /// Call `process-chunk`; `None` if the component does not export it.

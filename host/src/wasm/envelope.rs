@@ -1,6 +1,8 @@
 //! The [`Envelope`]: the request as it flows through the stages, kept by
 //! the host (a stage sees it through the WIT `request` resource).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -57,6 +59,46 @@ pub struct Envelope {
     /// backend a generation goes to (unless a stage changes the model).
     #[serde(skip)]
     pub target: Option<Target>,
+    /// Who sent the request (headers, address), for the stages granted
+    /// them; `None` outside an HTTP request.
+    #[serde(skip)]
+    pub caller: Option<Arc<Caller>>,
+    /// Who is calling, as a stage (an auth stage) set it.
+    #[serde(skip)]
+    pub principal: Option<String>,
+    /// A stage answered the request early: the generating stage is
+    /// skipped.
+    #[serde(skip)]
+    pub answered: bool,
+    /// A stage refused the request: the stages after it do not run.
+    #[serde(skip)]
+    pub refused: Option<Refusal>,
+    /// Headers the stages set for the response (names under `x-`).
+    #[serde(skip)]
+    pub response_headers: Vec<(String, String)>,
+}
+
+/// What the HTTP layer knows of who sent a request.
+#[derive(Debug, Default, PartialEq)]
+pub struct Caller {
+    /// The request's headers.
+    pub headers: warp::http::HeaderMap,
+    /// The client's address.
+    pub address: Option<std::net::SocketAddr>,
+}
+
+/// A stage's refusal of a request, with its HTTP meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// 401, 403 or 429.
+    pub status: u16,
+    /// The message for the client.
+    pub message: String,
+    /// The OpenAI error code (`invalid_api_key`, `rate_limit_exceeded`,
+    /// ...).
+    pub code: String,
+    /// When to retry, in milliseconds (`Retry-After`).
+    pub retry_after_ms: Option<u64>,
 }
 
 impl Envelope {
@@ -93,6 +135,19 @@ impl Envelope {
             prompt_tokens: completion.prompt_tokens,
             completion_tokens: completion.completion_tokens,
         };
+    }
+
+    /// How the request ended, for the end-to-end histograms, once the
+    /// pipeline is done with it: refused, answered early, or generated.
+    pub fn outcome(&self) -> crate::metrics::Outcome {
+        use crate::metrics::Outcome;
+        if self.refused.is_some() {
+            Outcome::Refused
+        } else if self.answered {
+            Outcome::Answered
+        } else {
+            Outcome::Ok
+        }
     }
 
     /// Tokens of the chat, for a backend that reports no usage.

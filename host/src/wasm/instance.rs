@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use wasmtime::component::Resource;
 use wasmtime::{Store, Trap};
 
-use super::bindings::{ChunkContext, ChunkOutput, Contract, Exports, ProcessArgument, StageError};
+use super::bindings::{
+    ChunkContext, ChunkOutput, Contract, Exports, Outcome, ProcessArgument, StageError,
+};
 use super::engine::Ticking;
 use super::envelope::Envelope;
 use super::error::CallError;
@@ -26,6 +28,7 @@ use super::legacy::{self, LegacyRequest};
 use super::plugin::Plugin;
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
+use crate::store::Stores;
 use crate::trace::Trace;
 
 /// How long past a call's deadline its host-side deadline fires: the epoch
@@ -258,6 +261,62 @@ impl Instance {
         Ok(())
     }
 
+    /// Call `finish` with the request's final envelope and `outcome`,
+    /// within `timeout`. What the call sets in the envelope is kept within
+    /// `max_output_bytes` like a `process` call's, and changes nothing the
+    /// client sees (the answer is out). A component without `finish` is
+    /// not called.
+    pub async fn finish(
+        &mut self,
+        envelope: &mut Envelope,
+        outcome: &Outcome,
+        timeout: Duration,
+    ) -> Result<(), CallError> {
+        if !self.exports.world().finishes() {
+            return Ok(());
+        }
+        self.calls += 1;
+        let _ticking = arm(&self.plugin, &mut self.store, timeout)?;
+        let cap = self.plugin.settings.max_output_bytes;
+        let state = self.store.data_mut();
+        state.panic = None;
+        let deadline = state.deadline + HOST_CALL_GRACE;
+        let taken = std::mem::replace(envelope, Envelope::placeholder());
+        state.request = Some(RequestBudget::new(&taken, cap));
+        let handle = state.table.push(taken).map_err(|e| {
+            CallError::new(
+                ErrorType::Trap,
+                format!("cannot hand over the request: {e}"),
+            )
+        })?;
+        let rep = handle.rep();
+        let result = {
+            let call = self
+                .exports
+                .finish(&mut self.store, Resource::new_borrow(rep), outcome);
+            within(deadline, std::pin::pin!(call)).await
+        };
+        let state = self.store.data_mut();
+        state.request = None;
+        *envelope = state
+            .table
+            .delete(Resource::<Envelope>::new_own(rep))
+            .map_err(|e| {
+                CallError::new(
+                    ErrorType::Trap,
+                    format!("cannot take back the request: {e}"),
+                )
+            })?;
+        match result {
+            None => Err(timed_out(timeout)),
+            Some(None | Some(Ok(()))) => Ok(()),
+            Some(Some(Err(error))) => {
+                let panic = self.store.data_mut().panic.take();
+                Err(classify(error, ErrorType::Trap, timeout, panic))
+            }
+        }
+    }
+
     /// The [`CallError`] of a stage's typed error. An `upstream` error
     /// takes the class of the backend failure behind it, if there was one.
     fn stage_error(&mut self, error: StageError) -> CallError {
@@ -305,6 +364,15 @@ impl Instance {
             && !current.same_as(router)
         {
             *current = router.clone();
+        }
+    }
+
+    /// The key-value stores the calls to come open: those of the
+    /// configuration the request was admitted under.
+    pub fn set_stores(&mut self, stores: &Arc<Stores>) {
+        let state = self.store.data_mut();
+        if !Arc::ptr_eq(&state.stores, stores) {
+            state.stores = stores.clone();
         }
     }
 

@@ -15,7 +15,7 @@ use wasmtime::Engine;
 use wasmtime::component::{HasSelf, Linker};
 
 use super::bindings::ExportIndices;
-use super::bindings::{v1, v2};
+use super::bindings::{keyvalue, v1, v2};
 use super::engine::Runtime;
 use super::error::{CallError, LoadError};
 use super::host::HostState;
@@ -198,6 +198,16 @@ fn linker(engine: &Engine) -> wasmtime::Result<Linker<HostState>> {
         log::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         request::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
         inference::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        v2::orchestrator::pipeline::expiring::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )?;
+    }
+    {
+        use keyvalue::wasi::keyvalue::{atomics, batch, store};
+        store::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        atomics::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
+        batch::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)?;
     }
     {
         use v1::orchestrator::pipeline::{inference, log, request};

@@ -92,11 +92,12 @@ mod instance;
 pub mod legacy;
 mod load;
 mod plugin;
+mod resources;
 
 pub use bindings::{ChunkContext, ChunkOutput, Contract, StageError, World};
 pub use convert::params_to_wit;
 pub use engine::{EPOCH_TICK, EngineError, EngineSettings, KEEP_RESIDENT_BYTES, Runtime};
-pub use envelope::{Envelope, Passage, envelope_bytes};
+pub use envelope::{Caller, Envelope, Passage, Refusal, envelope_bytes};
 pub use error::{BoxError, CallError, LoadError};
 pub use inspect::{Inspection, inspect};
 pub use instance::Instance;

@@ -154,6 +154,11 @@ impl Plugin {
         self.world().streams()
     }
 
+    /// Whether the plugin exports `finish` (a `finishing-*` world).
+    pub fn finishes(&self) -> bool {
+        self.world().finishes()
+    }
+
     /// Hex sha256 of the component bytes.
     pub fn sha256(&self) -> &str {
         &self.sha256
@@ -194,6 +199,16 @@ impl Plugin {
             limits: Limits::new(limits),
             stage: self.stage,
             router: self.services.router.clone(),
+            stores: Arc::default(),
+            granted_stores: self.settings.capabilities.stores.iter().cloned().collect(),
+            granted_headers: self
+                .settings
+                .capabilities
+                .headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            granted_client_address: self.settings.capabilities.client_address,
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
             request_deadline: None,

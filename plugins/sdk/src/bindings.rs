@@ -1,10 +1,12 @@
 //! The generated bindings of the `orchestrator:pipeline` WIT package.
 //!
-//! The package is `orchestrator:pipeline@0.2.0` (the `wit/` directory of
-//! the repository; 0.1.x lives in `wit/v0.1/` and is not used here). Both
-//! by-handle worlds are generated here: `streaming-request-stage`
-//! with every imported interface, and `request-stage` reusing those
-//! interfaces (`with`), so the two share one set of types. Their export
+//! The package is `orchestrator:pipeline@0.2.1` (the `wit/` directory of
+//! the repository; 0.1.x lives in `wit/v0.1/` and is not used here). Its
+//! four worlds are generated here: `streaming-request-stage` with every
+//! imported interface (`wasi:keyvalue` included), and `request-stage`,
+//! `finishing-request-stage` and `finishing-streaming-request-stage`
+//! reusing those interfaces (`with`), so all share one set of types. Their
+//! export
 //! macros are public, and each writes its world's exports into the
 //! plugin only when the plugin invokes it (through [`export_stage!`] or
 //! [`export_streaming_stage!`]): a plugin exports exactly one world, and
@@ -23,11 +25,14 @@ pub mod streaming {
     wit_bindgen::generate!({
         world: "streaming-request-stage",
         path: "../../wit",
+        generate_all,
         pub_export_macro: true,
         export_macro_name: "__export_streaming_request_stage",
         default_bindings_module: "::orchestrator_plugin::bindings::streaming",
         runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
         additional_derives: [PartialEq],
+        // Holds a resource, which has no `PartialEq`.
+        additional_derives_ignore: ["cas-error"],
     });
 }
 
@@ -42,10 +47,60 @@ pub mod plain {
         default_bindings_module: "::orchestrator_plugin::bindings::plain",
         runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
         with: {
-            "orchestrator:pipeline/types@0.2.0": crate::bindings::streaming::orchestrator::pipeline::types,
-            "orchestrator:pipeline/log@0.2.0": crate::bindings::streaming::orchestrator::pipeline::log,
-            "orchestrator:pipeline/inference@0.2.0": crate::bindings::streaming::orchestrator::pipeline::inference,
-            "orchestrator:pipeline/request@0.2.0": crate::bindings::streaming::orchestrator::pipeline::request,
+            "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
+            "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
+            "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
+            "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
+            "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
+            "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
+            "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
+            "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
+        },
+    });
+}
+
+/// The `finishing-request-stage` world: `request-stage` plus `finish`.
+pub mod finishing {
+    wit_bindgen::generate!({
+        world: "finishing-request-stage",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_finishing_request_stage",
+        default_bindings_module: "::orchestrator_plugin::bindings::finishing",
+        runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
+        with: {
+            "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
+            "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
+            "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
+            "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
+            "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
+            "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
+            "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
+            "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
+        },
+    });
+}
+
+/// The `finishing-streaming-request-stage` world: `streaming-request-stage`
+/// plus `finish`.
+pub mod finishing_streaming {
+    wit_bindgen::generate!({
+        world: "finishing-streaming-request-stage",
+        path: "../../wit",
+        pub_export_macro: true,
+        export_macro_name: "__export_finishing_streaming_request_stage",
+        default_bindings_module: "::orchestrator_plugin::bindings::finishing_streaming",
+        runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
+        with: {
+            "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
+            "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
+            "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
+            "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
+            "orchestrator:pipeline/streaming@0.2.1": crate::bindings::streaming::orchestrator::pipeline::streaming,
+            "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
+            "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
+            "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
+            "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
         },
     });
 }

@@ -107,6 +107,7 @@ pub mod bindings;
 pub mod config;
 pub mod log;
 mod request;
+pub mod store;
 mod stream;
 pub mod testing;
 mod types;
@@ -114,8 +115,8 @@ mod types;
 pub use bindings::streaming::orchestrator::pipeline::inference::InferenceError;
 pub use bindings::streaming::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
 pub use bindings::streaming::orchestrator::pipeline::types::{
-    Content, ContentPart, GenerationParams, ImageUrl, Message, Passage, StageError, Tool, ToolCall,
-    Usage,
+    Content, ContentPart, GenerationParams, ImageUrl, Message, Outcome, OutcomeKind, Passage,
+    Refusal, RefusalKind, StageError, Tool, ToolCall, Usage,
 };
 pub use request::{Request, STREAM_NOTE};
 pub use stream::Chunk;

@@ -7,7 +7,7 @@ use std::fmt::Display;
 
 use crate::bindings::streaming::orchestrator::pipeline::inference;
 use crate::bindings::streaming::orchestrator::pipeline::request::Request as Handle;
-use crate::{GenerationParams, InferenceError, Message, Passage, Tool, ToolCall, Usage};
+use crate::{GenerationParams, InferenceError, Message, Passage, Refusal, Tool, ToolCall, Usage};
 
 /// The note the host sets to `true` when the client asked for a stream
 /// (see [`Request::stream_requested`]). The host reads the same constant.
@@ -89,6 +89,36 @@ pub trait Request {
     /// Set the note `key` (replacing a note with the same key). Prefix keys
     /// with the stage's name: `profanity.masked`.
     fn set_note(&self, key: &str, value: &str);
+
+    /// The request header `name` (case-insensitive), if the client sent it
+    /// and the stage is granted it (`capabilities.headers`); repeated
+    /// headers are joined with `, `.
+    fn header(&self, name: &str) -> Option<String>;
+    /// The client's address (`ip:port`), if the stage is granted it
+    /// (`capabilities.client_address`).
+    fn client_address(&self) -> Option<String>;
+    /// Who is calling, as a stage (an auth stage) set it.
+    fn principal(&self) -> Option<String>;
+    /// Set who is calling (at most 256 bytes): every later stage, the
+    /// host's logs and trace, and the finish calls see it.
+    fn set_principal(&self, principal: &str);
+    /// Answer the request with what it holds now (set the completion,
+    /// finish reason and usage first): the generating stage is skipped, the
+    /// stages after it still run, and a streaming client gets the answer
+    /// in chunks. For a stage before the generating one (a cache hit).
+    fn answer(&self);
+    /// Whether a stage answered the request early.
+    fn answered(&self) -> bool;
+    /// Refuse the request with 401, 403 or 429: the stages after this one
+    /// do not run. Return `Ok(())` from `process` after it.
+    fn refuse(&self, refusal: Refusal);
+    /// Send the header `name: value` (name under `x-`, at most 64 bytes;
+    /// value visible ASCII, at most 1 KiB) with the answer or the refusal.
+    ///
+    /// # Errors
+    ///
+    /// Why the host refused the header.
+    fn set_response_header(&self, name: &str, value: &str) -> Result<(), String>;
 
     /// Generate the answer to the request as it stands (its messages,
     /// tools and parameters) with the host's inference backend, and record
@@ -221,6 +251,30 @@ impl<const INFERENCE: bool> Request for HostRequest<'_, INFERENCE> {
     }
     fn set_note(&self, key: &str, value: &str) {
         self.0.set_note(key, value)
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        self.0.header(name)
+    }
+    fn client_address(&self) -> Option<String> {
+        self.0.client_address()
+    }
+    fn principal(&self) -> Option<String> {
+        self.0.principal()
+    }
+    fn set_principal(&self, principal: &str) {
+        self.0.set_principal(principal)
+    }
+    fn answer(&self) {
+        self.0.answer()
+    }
+    fn answered(&self) -> bool {
+        self.0.answered()
+    }
+    fn refuse(&self, refusal: Refusal) {
+        self.0.refuse(&refusal)
+    }
+    fn set_response_header(&self, name: &str, value: &str) -> Result<(), String> {
+        self.0.set_response_header(name, value)
     }
     fn generate(&self) -> Result<(), InferenceError> {
         // A constant condition: for `false` the import is not even

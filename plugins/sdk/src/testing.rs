@@ -30,8 +30,8 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::{
-    Chunk, ChunkContext, GenerationParams, InferenceError, Message, Passage, Request, STREAM_NOTE,
-    StageError, StreamingStage, Tool, ToolCall, Usage,
+    Chunk, ChunkContext, GenerationParams, InferenceError, Message, Passage, Refusal, Request,
+    STREAM_NOTE, StageError, StreamingStage, Tool, ToolCall, Usage,
 };
 
 /// Every field of a [`TestRequest`], as the next stage would see it.
@@ -61,6 +61,18 @@ pub struct Fields {
     pub usage: Usage,
     /// The notes, in order.
     pub metadata: Vec<(String, String)>,
+    /// The request headers the stage sees (lower-case names).
+    pub headers: Vec<(String, String)>,
+    /// The client's address the stage sees.
+    pub client_address: Option<String>,
+    /// Who is calling.
+    pub principal: Option<String>,
+    /// Whether a stage answered the request early.
+    pub answered: bool,
+    /// A stage's refusal.
+    pub refused: Option<Refusal>,
+    /// The response headers set.
+    pub response_headers: Vec<(String, String)>,
 }
 
 /// Which generation a stage asked for.
@@ -197,6 +209,12 @@ impl TestRequest {
                     completion_tokens: 0,
                 },
                 metadata: Vec::new(),
+                headers: Vec::new(),
+                client_address: None,
+                principal: None,
+                answered: false,
+                refused: None,
+                response_headers: Vec::new(),
             }),
             generator: None,
             generations: RefCell::new(Vec::new()),
@@ -274,7 +292,18 @@ impl TestRequest {
         self.with(|f| f.tool_calls.extend(calls))
     }
 
-    /// The request with the note `key` set to `value`.
+    /// A request header the stage sees (as if granted).
+    pub fn with_header(self, name: &str, value: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        self.with(|f| f.headers.push((name, value.into())))
+    }
+
+    /// The client's address the stage sees.
+    pub fn with_client_address(self, address: &str) -> Self {
+        self.with(|f| f.client_address = Some(address.into()))
+    }
+
+    /// A note, as an earlier stage would have set it.
     pub fn with_note(self, key: &str, value: &str) -> Self {
         self.set_note(key, value);
         self
@@ -413,6 +442,50 @@ impl Request for TestRequest {
             Some(note) => note.1 = value.into(),
             None => fields.metadata.push((key.into(), value.into())),
         }
+    }
+    fn header(&self, name: &str) -> Option<String> {
+        let name = name.to_ascii_lowercase();
+        let fields = self.fields.borrow();
+        let values: Vec<&str> = fields
+            .headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .collect();
+        (!values.is_empty()).then(|| values.join(", "))
+    }
+    fn client_address(&self) -> Option<String> {
+        self.fields.borrow().client_address.clone()
+    }
+    fn principal(&self) -> Option<String> {
+        self.fields.borrow().principal.clone()
+    }
+    fn set_principal(&self, principal: &str) {
+        self.fields.borrow_mut().principal = Some(principal.into());
+    }
+    fn answer(&self) {
+        self.fields.borrow_mut().answered = true;
+    }
+    fn answered(&self) -> bool {
+        self.fields.borrow().answered
+    }
+    fn refuse(&self, refusal: Refusal) {
+        self.fields.borrow_mut().refused = Some(refusal);
+    }
+    fn set_response_header(&self, name: &str, value: &str) -> Result<(), String> {
+        let name = name.to_ascii_lowercase();
+        if !name.starts_with("x-") || name.len() > 64 || value.len() > 1024 {
+            return Err(
+                "a response header's name starts with `x-` (at most 64 bytes; value at most 1 KiB)"
+                    .into(),
+            );
+        }
+        let mut fields = self.fields.borrow_mut();
+        match fields.response_headers.iter_mut().find(|(n, _)| *n == name) {
+            Some(header) => header.1 = value.into(),
+            None => fields.response_headers.push((name, value.into())),
+        }
+        Ok(())
     }
     fn generate(&self) -> Result<(), InferenceError> {
         self.run_generation(Generate::Whole)

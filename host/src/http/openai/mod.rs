@@ -36,20 +36,22 @@ pub mod request;
 pub mod response;
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderValue, StatusCode};
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::http::error::{ApiError, json_response};
+use crate::http::server::ClientAddr;
 use crate::pipeline::{Answer, Pipeline, RouteRef, RunError, StreamItem, Streaming};
 use crate::trace::{Attribute, Trace, TraceHeaders, Traces};
-use crate::wasm::Envelope;
+use crate::wasm::{Caller, Envelope, Refusal};
 use request::parse;
 use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix_now};
 
@@ -85,18 +87,25 @@ pub fn routes(
             .and(warp::post())
             .and(warp::body::content_length_limit(limit))
             .and(warp::body::bytes())
-            // Only these two headers, and copied only when present: not the
-            // whole header map of every request.
-            .and(warp::header::optional::<String>("traceparent"))
-            .and(warp::header::optional::<String>("tracestate"))
+            // The headers (for the trace context, and for the stages granted
+            // them) and the client's address, taken once.
+            .and(warp::header::headers_cloned())
+            .and(warp::ext::optional::<ClientAddr>())
             .and(state.clone())
             .then(
-                |body: Bytes,
-                 parent: Option<String>,
-                 state_header: Option<String>,
-                 state: ApiState| async move {
-                    let caller = TraceHeaders::new(parent, state_header);
-                    traced(&state, &caller, &body).await
+                |body: Bytes, headers: HeaderMap, address: Option<ClientAddr>, state: ApiState| async move {
+                    let text = |name: &str| {
+                        headers
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let trace_headers = TraceHeaders::new(text("traceparent"), text("tracestate"));
+                    let caller = Arc::new(Caller {
+                        headers,
+                        address: address.map(|a| a.0),
+                    });
+                    traced(&state, &trace_headers, caller, &body).await
                 },
             );
     let models = warp::path!("v1" / "models")
@@ -134,7 +143,12 @@ pub const TRACE_ID_HEADER: &str = "x-trace-id";
 /// A completion request in its server span (when tracing is on): the
 /// span continues the caller's `traceparent`, the answer carries the trace
 /// id, and the span ends with the answer (a stream's, when it ends).
-async fn traced(state: &ApiState, headers: &TraceHeaders, body: &[u8]) -> Response {
+async fn traced(
+    state: &ApiState,
+    headers: &TraceHeaders,
+    caller: Arc<Caller>,
+    body: &[u8],
+) -> Response {
     let trace = state.traces.as_ref().map_or_else(Trace::off, |traces| {
         traces.server_span(
             headers,
@@ -146,7 +160,7 @@ async fn traced(state: &ApiState, headers: &TraceHeaders, body: &[u8]) -> Respon
             ],
         )
     });
-    let (mut response, streaming) = chat_completions(state, body, &trace).await;
+    let (mut response, streaming) = chat_completions(state, body, caller, &trace).await;
     if let Some(id) = trace
         .trace_id()
         .and_then(|id| HeaderValue::from_str(&id).ok())
@@ -169,7 +183,12 @@ async fn traced(state: &ApiState, headers: &TraceHeaders, body: &[u8]) -> Respon
 
 /// Answer a completion request; `true` with the response of a live stream
 /// (whose task ends `trace`).
-async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Response, bool) {
+async fn chat_completions(
+    state: &ApiState,
+    body: &[u8],
+    caller: Arc<Caller>,
+    trace: &Trace,
+) -> (Response, bool) {
     // One configuration for the whole request, even if a reload lands
     // meanwhile.
     let snapshot = state.pipeline.snapshot();
@@ -200,16 +219,23 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
     }
     let mut envelope = Envelope::new(id.clone(), parsed.messages, parsed.params, parsed.tools);
     envelope.target = Some(parsed.target);
+    envelope.caller = Some(caller);
     let deadline = Instant::now() + state.request_timeout;
     if !parsed.stream {
         let run = state
             .pipeline
             .run(&snapshot, &route, envelope, deadline, trace.clone());
         let response = match run.await {
-            Ok(envelope) => json_response(
-                StatusCode::OK,
-                &completion_body(&id, &parsed.model, &envelope, &route),
-            ),
+            Ok(envelope) => match &envelope.refused {
+                Some(refusal) => with_headers(refused(refusal), &envelope.response_headers),
+                None => with_headers(
+                    json_response(
+                        StatusCode::OK,
+                        &completion_body(&id, &parsed.model, &envelope, &route),
+                    ),
+                    &envelope.response_headers,
+                ),
+            },
             Err(error) => run_error(error).into_response(),
         };
         return (with_route(response, &route), false);
@@ -223,20 +249,59 @@ async fn chat_completions(state: &ApiState, body: &[u8], trace: &Trace) -> (Resp
         .pipeline
         .run_streaming(&snapshot, &route, envelope, deadline, trace.clone());
     let (response, live) = match run.await {
-        Ok(Answer::Done(envelope)) => (events.buffered(&envelope), false),
-        Ok(Answer::Streaming(streaming)) => (
-            live_stream(
+        Ok(Answer::Done(envelope)) => {
+            let response = match &envelope.refused {
+                Some(refusal) => refused(refusal),
+                None => events.buffered(&envelope),
+            };
+            (with_headers(response, &envelope.response_headers), false)
+        }
+        Ok(Answer::Streaming(streaming)) => {
+            let headers = streaming.response_headers().to_vec();
+            let response = live_stream(
                 events,
                 streaming,
                 state.shutdown.clone(),
                 state.stream_stall,
                 trace.clone(),
-            ),
-            true,
-        ),
+            );
+            (with_headers(response, &headers), true)
+        }
         Err(error) => (run_error(error).into_response(), false),
     };
     (with_route(response, &route), live)
+}
+
+/// The answer to a request a stage refused: its status, and its message
+/// and code in OpenAI's error shape (`Retry-After` for a 429 that says
+/// when).
+fn refused(refusal: &Refusal) -> Response {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+    let kind = match refusal.status {
+        429 => "rate_limit_error",
+        _ => "invalid_request_error",
+    };
+    let mut error =
+        ApiError::with_code(status, kind, refusal.code.clone(), refusal.message.clone());
+    if let Some(ms) = refusal.retry_after_ms {
+        error = error.retry_after(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX));
+    }
+    error.into_response()
+}
+
+/// Add the headers the stages set (validated when set: `x-` names, bounded,
+/// visible ASCII).
+fn with_headers(mut response: Response, headers: &[(String, String)]) -> Response {
+    let map = response.headers_mut();
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            warp::http::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            map.insert(name, value);
+        }
+    }
+    response
 }
 
 /// Name the pipeline that served (or refused) the request in the

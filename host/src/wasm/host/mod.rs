@@ -8,7 +8,9 @@
 //! backend deadline). It must not call into the guest: calls are
 //! [`super::instance`]'s.
 
+mod caller;
 mod inference;
+mod keyvalue;
 mod legacy_request;
 mod log;
 mod request;

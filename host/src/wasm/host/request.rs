@@ -8,7 +8,7 @@ use super::state::{Field, HostState, RequestBudget};
 use crate::chat::ToolCall;
 use crate::wasm::bindings::v2::orchestrator::pipeline::request;
 use crate::wasm::bindings::v2::orchestrator::pipeline::types::{
-    GenerationParams, Message, Passage, Tool, ToolCall as WitToolCall, Usage,
+    GenerationParams, Message, Passage, Refusal, Tool, ToolCall as WitToolCall, Usage,
 };
 use crate::wasm::convert::{
     message_from_wit, message_to_wit, params_from_wit, params_to_wit, passage_from_wit,
@@ -217,6 +217,52 @@ impl request::HostRequest for HostState {
         value: String,
     ) -> wasmtime::Result<()> {
         self.set_note_in(&request, key, value)
+    }
+
+    fn header(
+        &mut self,
+        request: Resource<Envelope>,
+        name: String,
+    ) -> wasmtime::Result<Option<String>> {
+        HostState::header(self, request, name)
+    }
+
+    fn client_address(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Option<String>> {
+        HostState::client_address(self, request)
+    }
+
+    fn principal(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Option<String>> {
+        Ok(self.table.get(&request)?.principal.clone())
+    }
+
+    fn set_principal(
+        &mut self,
+        request: Resource<Envelope>,
+        principal: String,
+    ) -> wasmtime::Result<()> {
+        HostState::set_principal(self, request, principal)
+    }
+
+    fn answer(&mut self, request: Resource<Envelope>) -> wasmtime::Result<()> {
+        self.table.get_mut(&request)?.answered = true;
+        Ok(())
+    }
+
+    fn answered(&mut self, request: Resource<Envelope>) -> wasmtime::Result<bool> {
+        Ok(self.table.get(&request)?.answered)
+    }
+
+    fn refuse(&mut self, request: Resource<Envelope>, refusal: Refusal) -> wasmtime::Result<()> {
+        HostState::refuse(self, request, refusal)
+    }
+
+    fn set_response_header(
+        &mut self,
+        request: Resource<Envelope>,
+        name: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), String>> {
+        HostState::set_response_header(self, request, name, value)
     }
 
     fn drop(&mut self, _request: Resource<Envelope>) -> wasmtime::Result<()> {

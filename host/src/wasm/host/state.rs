@@ -2,6 +2,7 @@
 //! imports enforce on it: the output budget of a `request`
 //! ([`RequestBudget`]) and the log rate ([`LogBudget`]).
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
@@ -10,6 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
+use crate::store::Stores;
 use crate::trace::Trace;
 use crate::wasm::bindings::{v1, v2};
 use crate::wasm::envelope::Envelope;
@@ -26,6 +28,14 @@ pub struct HostState {
     pub(in crate::wasm) stage: &'static str,
     /// The inference router, for stages granted `inference`.
     pub(in crate::wasm) router: Option<Router>,
+    /// The stores of the configuration serving the current call.
+    pub(in crate::wasm) stores: Arc<Stores>,
+    /// The stores the stage is granted (`capabilities.stores`).
+    pub(in crate::wasm) granted_stores: Arc<[String]>,
+    /// The request headers the stage is granted (lower case).
+    pub(in crate::wasm) granted_headers: Arc<[String]>,
+    /// Whether the stage is granted the client's address.
+    pub(in crate::wasm) granted_client_address: bool,
     /// The instance's log rate.
     pub(in crate::wasm) log_budget: LogBudget,
     /// When the current call must end.

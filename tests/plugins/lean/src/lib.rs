@@ -10,7 +10,7 @@ extern crate alloc;
 use core::alloc::{GlobalAlloc, Layout};
 use core::cell::Cell;
 
-wit_bindgen::generate!({ world: "request-stage", path: "../../../wit" });
+wit_bindgen::generate!({ world: "request-stage", path: "../../../wit", generate_all });
 
 /// Allocates by growing memory one page at a time and never frees: an
 /// instance of this guest serves a handful of calls in the benchmarks.

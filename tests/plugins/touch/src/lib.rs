@@ -9,7 +9,7 @@
 
 use std::sync::OnceLock;
 
-wit_bindgen::generate!({ world: "request-stage", path: "../../../wit" });
+wit_bindgen::generate!({ world: "request-stage", path: "../../../wit", generate_all });
 
 use orchestrator::pipeline::types::{Content, ContentPart};
 

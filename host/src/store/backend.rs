@@ -1,0 +1,80 @@
+//! The trait a store backend implements ([`Backend`]), and what its
+//! operations return.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// What a backend's failure is, before the store names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendError {
+    /// Unreachable or failing.
+    Unavailable(String),
+    /// Refused as invalid.
+    Invalid(String),
+}
+
+/// A windowed counter after `Store::window`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The value after the call.
+    pub value: i64,
+    /// Whether the delta was added (false when it would have passed the
+    /// limit).
+    pub applied: bool,
+    /// Milliseconds until the window ends.
+    pub reset_ms: u64,
+}
+
+/// A backend's future.
+pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
+
+/// The operations a store backend provides, on whole (prefixed) keys.
+/// Each is one atomic operation, and one round trip for a remote backend.
+pub trait Backend: Send + Sync {
+    /// The value of `key`.
+    fn get<'a>(&'a self, key: &'a str) -> BackendFuture<'a, Option<Vec<u8>>>;
+    /// Set `key`, expiring after `ttl` if given.
+    fn set<'a>(
+        &'a self,
+        key: &'a str,
+        value: &'a [u8],
+        ttl: Option<Duration>,
+    ) -> BackendFuture<'a, ()>;
+    /// Delete `keys` (absent ones are no error).
+    fn delete<'a>(&'a self, keys: &'a [String]) -> BackendFuture<'a, ()>;
+    /// Whether `key` exists.
+    fn exists<'a>(&'a self, key: &'a str) -> BackendFuture<'a, bool>;
+    /// The values of `keys`, in order.
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> BackendFuture<'a, Vec<Option<Vec<u8>>>>;
+    /// Set every pair.
+    fn set_many<'a>(&'a self, pairs: &'a [(String, Vec<u8>)]) -> BackendFuture<'a, ()>;
+    /// Keys starting with `prefix`, a page at a time: the keys and the
+    /// cursor of the next page (`None` at the end).
+    fn list_keys<'a>(
+        &'a self,
+        prefix: &'a str,
+        cursor: Option<&'a str>,
+    ) -> BackendFuture<'a, (Vec<String>, Option<String>)>;
+    /// Add `delta` to the counter `key` (0 if absent); the new value.
+    fn increment<'a>(&'a self, key: &'a str, delta: i64) -> BackendFuture<'a, i64>;
+    /// Set `key` to `value` only if it holds `expected` (`None`: only if
+    /// absent); whether it did.
+    fn swap_if<'a>(
+        &'a self,
+        key: &'a str,
+        expected: Option<&'a [u8]>,
+        value: &'a [u8],
+    ) -> BackendFuture<'a, bool>;
+    /// Add `delta` to the windowed counter `key` (see `Store::window`).
+    fn window<'a>(
+        &'a self,
+        key: &'a str,
+        delta: i64,
+        window: Duration,
+        limit: Option<i64>,
+    ) -> BackendFuture<'a, Window>;
+    /// Whether the backend answered its last operation (`None`: no
+    /// operation yet), for `/health`.
+    fn healthy(&self) -> Option<bool>;
+}

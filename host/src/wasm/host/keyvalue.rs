@@ -1,0 +1,267 @@
+//! `wasi:keyvalue@0.2.0-draft2` (`store`, `atomics`, `batch`) and the
+//! host's `orchestrator:pipeline/expiring`: a stage's view of the stores
+//! it is granted.
+//!
+//! `store.open(name)` answers `access-denied` unless the stage's
+//! `capabilities.stores` names the store, so a plugin reaches only what
+//! its configuration grants. Every operation is bounded by the store's
+//! `timeout_ms` and by the current call's deadline, whichever comes first:
+//! a store that is down costs a call at most that, never a hang.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::Resource;
+
+use super::state::HostState;
+use crate::store::{Store, StoreError, Window};
+use crate::wasm::bindings::keyvalue::wasi::keyvalue::{atomics, batch, store};
+use crate::wasm::bindings::v2::orchestrator::pipeline::expiring;
+use crate::wasm::resources::{Bucket, Cas};
+
+fn error(error: StoreError) -> store::Error {
+    store::Error::Other(error.to_string())
+}
+
+impl HostState {
+    fn bucket(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Arc<Store>> {
+        Ok(self.table.get(bucket)?.store.clone())
+    }
+}
+
+impl store::Host for HostState {
+    async fn open(
+        &mut self,
+        identifier: String,
+    ) -> wasmtime::Result<Result<Resource<Bucket>, store::Error>> {
+        if !self.granted_stores.contains(&identifier) {
+            return Ok(Err(store::Error::AccessDenied));
+        }
+        let Some(store) = self.stores.get(&identifier).cloned() else {
+            return Ok(Err(store::Error::NoSuchStore));
+        };
+        Ok(Ok(self.table.push(Bucket { store })?))
+    }
+}
+
+impl store::HostBucket for HostState {
+    async fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store.get(&key, self.deadline).await.map_err(error))
+    }
+
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .set(&key, &value, None, self.deadline)
+            .await
+            .map_err(error))
+    }
+
+    async fn delete(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store.delete(&[key], self.deadline).await.map_err(error))
+    }
+
+    async fn exists(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<bool, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store.exists(&key, self.deadline).await.map_err(error))
+    }
+
+    async fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<String>,
+    ) -> wasmtime::Result<Result<store::KeyResponse, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .list_keys(cursor.as_deref(), self.deadline)
+            .await
+            .map(|(keys, cursor)| store::KeyResponse { keys, cursor })
+            .map_err(error))
+    }
+
+    async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
+        self.table.delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for HostState {
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: i64,
+    ) -> wasmtime::Result<Result<i64, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .increment(&key, delta, self.deadline)
+            .await
+            .map_err(error))
+    }
+
+    async fn swap(
+        &mut self,
+        cas: Resource<Cas>,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), atomics::CasError>> {
+        let cas = self.table.delete(cas)?;
+        let swapped = cas
+            .store
+            .swap_if(&cas.key, cas.current.as_deref(), &value, self.deadline)
+            .await;
+        Ok(match swapped {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                // Hand back a fresh `cas` holding the value that won.
+                let current = cas.store.get(&cas.key, self.deadline).await;
+                match current {
+                    Ok(current) => Err(atomics::CasError::CasFailed(
+                        self.table.push(Cas { current, ..cas })?,
+                    )),
+                    Err(e) => Err(atomics::CasError::StoreError(error(e))),
+                }
+            }
+            Err(e) => Err(atomics::CasError::StoreError(error(e))),
+        })
+    }
+}
+
+impl atomics::HostCas for HostState {
+    async fn new(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> wasmtime::Result<Result<Resource<Cas>, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        let current = match store.get(&key, self.deadline).await {
+            Ok(current) => current,
+            Err(e) => return Ok(Err(error(e))),
+        };
+        Ok(Ok(self.table.push(Cas {
+            store,
+            key,
+            current,
+        })?))
+    }
+
+    async fn current(
+        &mut self,
+        cas: Resource<Cas>,
+    ) -> wasmtime::Result<Result<Option<Vec<u8>>, store::Error>> {
+        Ok(Ok(self.table.get(&cas)?.current.clone()))
+    }
+
+    async fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
+        self.table.delete(cas)?;
+        Ok(())
+    }
+}
+
+impl batch::Host for HostState {
+    async fn get_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<Vec<Option<(String, Vec<u8>)>>, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .get_many(&keys, self.deadline)
+            .await
+            .map(|values| {
+                keys.into_iter()
+                    .zip(values)
+                    .map(|(key, value)| value.map(|v| (key, v)))
+                    .collect()
+            })
+            .map_err(error))
+    }
+
+    async fn set_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key_values: Vec<(String, Vec<u8>)>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .set_many(&key_values, self.deadline)
+            .await
+            .map_err(error))
+    }
+
+    async fn delete_many(
+        &mut self,
+        bucket: Resource<Bucket>,
+        keys: Vec<String>,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store.delete(&keys, self.deadline).await.map_err(error))
+    }
+}
+
+impl expiring::Host for HostState {
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    ) -> wasmtime::Result<Result<(), store::Error>> {
+        let store = self.bucket(&bucket)?;
+        let ttl = Duration::from_millis(ttl_ms.max(1));
+        Ok(store
+            .set(&key, &value, Some(ttl), self.deadline)
+            .await
+            .map_err(error))
+    }
+
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: i64,
+        window_ms: u64,
+        limit: Option<i64>,
+    ) -> wasmtime::Result<Result<expiring::Window, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .window(
+                &key,
+                delta,
+                Duration::from_millis(window_ms),
+                limit,
+                self.deadline,
+            )
+            .await
+            .map(
+                |Window {
+                     value,
+                     applied,
+                     reset_ms,
+                 }| expiring::Window {
+                    value,
+                    applied,
+                    reset_ms,
+                },
+            )
+            .map_err(error))
+    }
+}

@@ -1,0 +1,349 @@
+//! Key-value stores: what the host's `[stores.<name>]` hold, opened by
+//! name ([`Store::open`]) by a stage granted them (`capabilities.stores`).
+//!
+//! In a plugin a [`Store`] is a `wasi:keyvalue` bucket of the host: a
+//! `memory` store in the host process or a Redis shared by every replica,
+//! as the host's configuration says. Natively (a plain `cargo test`) it is
+//! an in-memory double with the same semantics, shared by every `open` of
+//! the same name on the test's thread, so a stage's logic is unit-tested
+//! without a host ([`reset`] empties them between tests).
+//!
+//! Counters ([`Store::increment`], [`Store::window`]) are stored as the
+//! decimal text of an `i64`, on every backend.
+//!
+//! ```
+//! use std::time::Duration;
+//! use orchestrator_plugin::store::Store;
+//!
+//! let limits = Store::open("limits").unwrap();
+//! let minute = Duration::from_secs(60);
+//! let first = limits.window("alice", 3, minute, Some(4)).unwrap();
+//! assert!(first.applied);
+//! let second = limits.window("alice", 3, minute, Some(4)).unwrap();
+//! assert!(!second.applied, "3 + 3 would pass 4");
+//! assert_eq!(limits.get("alice").unwrap().as_deref(), Some(&b"3"[..]));
+//! ```
+
+use std::time::Duration;
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreError {
+    /// The host has no store of that name.
+    NoSuchStore,
+    /// The stage is not granted the store (`capabilities.stores`).
+    AccessDenied,
+    /// Anything else: the store is down or did not answer in time, the key
+    /// is too long, a counter holds something else than an integer, ...
+    Other(String),
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::NoSuchStore => f.write_str("no such store"),
+            StoreError::AccessDenied => f.write_str("the stage is not granted this store"),
+            StoreError::Other(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// A windowed counter after [`Store::window`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// The counter's value after the call.
+    pub value: i64,
+    /// Whether the delta was added (false: it would have passed the limit).
+    pub applied: bool,
+    /// Milliseconds until the window ends and the counter starts again.
+    pub reset_ms: u64,
+}
+
+/// An open store.
+pub struct Store {
+    inner: imp::Bucket,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open store `name`.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::AccessDenied`] if the stage is not granted it.
+    pub fn open(name: &str) -> Result<Store, StoreError> {
+        imp::open(name).map(|inner| Store { inner })
+    }
+
+    /// The value of `key`.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get(key)
+    }
+
+    /// Set `key` to `value`.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn set(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.inner.set(key, value, None)
+    }
+
+    /// Set `key` to `value`, expiring after `ttl` (at least 1 ms).
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn set_with_ttl(&self, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        self.inner.set(key, value, Some(ttl))
+    }
+
+    /// Delete `key` (absent is no error).
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key)
+    }
+
+    /// Whether `key` exists.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.exists(key)
+    }
+
+    /// Add `delta` to the counter `key` (0 if absent), atomically; its new
+    /// value.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+        self.inner.increment(key, delta)
+    }
+
+    /// Add `delta` to the windowed counter `key`, atomically: an absent
+    /// (or expired) key starts at 0 with a window of `window`, which later
+    /// calls do not extend; with a `limit`, `delta` is added only if the
+    /// value stays at most `limit`. One round trip on every backend.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn window(
+        &self,
+        key: &str,
+        delta: i64,
+        window: Duration,
+        limit: Option<i64>,
+    ) -> Result<Window, StoreError> {
+        self.inner.window(key, delta, window, limit)
+    }
+}
+
+/// Empty every native store (between tests). Does nothing in a plugin.
+pub fn reset() {
+    #[cfg(not(target_arch = "wasm32"))]
+    imp::reset();
+}
+
+#[cfg(target_arch = "wasm32")]
+mod imp {
+    use std::time::Duration;
+
+    use super::{StoreError, Window};
+    use crate::bindings::streaming::orchestrator::pipeline::expiring;
+    use crate::bindings::streaming::wasi::keyvalue::{atomics, store};
+
+    pub(super) struct Bucket(store::Bucket);
+
+    fn error(error: store::Error) -> StoreError {
+        match error {
+            store::Error::NoSuchStore => StoreError::NoSuchStore,
+            store::Error::AccessDenied => StoreError::AccessDenied,
+            store::Error::Other(message) => StoreError::Other(message),
+        }
+    }
+
+    fn millis(duration: Duration) -> u64 {
+        u64::try_from(duration.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    pub(super) fn open(name: &str) -> Result<Bucket, StoreError> {
+        store::open(name).map(Bucket).map_err(error)
+    }
+
+    impl Bucket {
+        pub(super) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key).map_err(error)
+        }
+        pub(super) fn set(
+            &self,
+            key: &str,
+            value: &[u8],
+            ttl: Option<Duration>,
+        ) -> Result<(), StoreError> {
+            match ttl {
+                Some(ttl) => expiring::set(&self.0, key, value, millis(ttl)).map_err(error),
+                None => self.0.set(key, value).map_err(error),
+            }
+        }
+        pub(super) fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.0.delete(key).map_err(error)
+        }
+        pub(super) fn exists(&self, key: &str) -> Result<bool, StoreError> {
+            self.0.exists(key).map_err(error)
+        }
+        pub(super) fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+            atomics::increment(&self.0, key, delta).map_err(error)
+        }
+        pub(super) fn window(
+            &self,
+            key: &str,
+            delta: i64,
+            window: Duration,
+            limit: Option<i64>,
+        ) -> Result<Window, StoreError> {
+            expiring::increment(&self.0, key, delta, millis(window), limit)
+                .map(|w| Window {
+                    value: w.value,
+                    applied: w.applied,
+                    reset_ms: w.reset_ms,
+                })
+                .map_err(error)
+        }
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod imp {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+    use std::time::{Duration, Instant};
+
+    use super::{StoreError, Window};
+
+    type Map = HashMap<String, (Vec<u8>, Option<Instant>)>;
+
+    thread_local! {
+        static STORES: RefCell<HashMap<String, Rc<RefCell<Map>>>> = RefCell::default();
+    }
+
+    pub(super) fn reset() {
+        STORES.with(|stores| stores.borrow_mut().clear());
+    }
+
+    pub(super) struct Bucket(Rc<RefCell<Map>>);
+
+    pub(super) fn open(name: &str) -> Result<Bucket, StoreError> {
+        Ok(Bucket(STORES.with(|stores| {
+            stores
+                .borrow_mut()
+                .entry(name.to_string())
+                .or_default()
+                .clone()
+        })))
+    }
+
+    fn counter(value: &[u8]) -> Result<i64, StoreError> {
+        std::str::from_utf8(value)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| StoreError::Other("the key holds a value that is not an integer".into()))
+    }
+
+    impl Bucket {
+        /// The live entry of `key` (an expired one is removed).
+        fn live(&self, key: &str) -> Option<(Vec<u8>, Option<Instant>)> {
+            let mut map = self.0.borrow_mut();
+            let expired = map
+                .get(key)
+                .is_some_and(|(_, at)| at.is_some_and(|at| at <= Instant::now()));
+            if expired {
+                map.remove(key);
+            }
+            map.get(key).cloned()
+        }
+        pub(super) fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(self.live(key).map(|(v, _)| v))
+        }
+        pub(super) fn set(
+            &self,
+            key: &str,
+            value: &[u8],
+            ttl: Option<Duration>,
+        ) -> Result<(), StoreError> {
+            let expires = ttl.map(|t| Instant::now() + t);
+            self.0
+                .borrow_mut()
+                .insert(key.to_string(), (value.to_vec(), expires));
+            Ok(())
+        }
+        pub(super) fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.0.borrow_mut().remove(key);
+            Ok(())
+        }
+        pub(super) fn exists(&self, key: &str) -> Result<bool, StoreError> {
+            Ok(self.live(key).is_some())
+        }
+        pub(super) fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
+            let (value, expires) = match self.live(key) {
+                Some((v, at)) => (counter(&v)?, at),
+                None => (0, None),
+            };
+            let value = value
+                .checked_add(delta)
+                .ok_or_else(|| StoreError::Other("overflow".into()))?;
+            self.0
+                .borrow_mut()
+                .insert(key.to_string(), (value.to_string().into_bytes(), expires));
+            Ok(value)
+        }
+        pub(super) fn window(
+            &self,
+            key: &str,
+            delta: i64,
+            window: Duration,
+            limit: Option<i64>,
+        ) -> Result<Window, StoreError> {
+            let now = Instant::now();
+            let (current, expires) = match self.live(key) {
+                Some((v, at)) => (counter(&v)?, at),
+                None => (0, None),
+            };
+            let expires = expires.unwrap_or(now + window);
+            let next = current
+                .checked_add(delta)
+                .ok_or_else(|| StoreError::Other("overflow".into()))?;
+            let applied = limit.is_none_or(|limit| next <= limit);
+            let value = if applied { next } else { current };
+            self.0.borrow_mut().insert(
+                key.to_string(),
+                (value.to_string().into_bytes(), Some(expires)),
+            );
+            Ok(Window {
+                value,
+                applied,
+                reset_ms: expires.saturating_duration_since(now).as_millis() as u64,
+            })
+        }
+    }
+}
