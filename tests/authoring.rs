@@ -54,10 +54,12 @@ fn succeeded(what: &str, output: &Output) {
 }
 
 /// Serve with `wasm` as the `post` stage and check that it masks, plain
-/// and streamed, and notes the count under `note`.
-async fn serves_as_post(wasm: &Path, note: &str) {
+/// and streamed, and notes the count under `note`; with `counts_in_store`,
+/// that it keeps a running total in the store `profanity` it is granted.
+async fn serves_as_post(wasm: &Path, note: &str, counts_in_store: bool) {
     let host = Host::with_config(&format!(
-        "[stages.post]\nplugin = {:?}\nconfig = {{ words = \"darn, heck\" }}\n",
+        "[stages.post]\nplugin = {:?}\nconfig = {{ words = \"darn, heck\" }}\n\
+         capabilities = {{ stores = [\"profanity\"] }}\n",
         wasm.display().to_string()
     ));
     let (status, body) = host
@@ -70,6 +72,21 @@ async fn serves_as_post(wasm: &Path, note: &str) {
         "{body}"
     );
     assert_eq!(body["orchestrator"]["metadata"][note], "2", "{body}");
+    if counts_in_store {
+        // The examples count in their store, across requests.
+        assert_eq!(
+            body["orchestrator"]["metadata"]["profanity.total"], "2",
+            "{body}"
+        );
+        let (_, body) = host
+            .chat(&json!({"model": "echo", "messages": [{"role": "user", "content": "darn"}]}))
+            .await;
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            body["orchestrator"]["metadata"]["profanity.total"], "3",
+            "{body}"
+        );
+    }
     let (status, body) = host
         .chat(&json!({"model": "echo", "stream": true,
             "messages": [{"role": "user", "content": "darn it, heck yes"}]}))
@@ -169,7 +186,7 @@ async fn a_generated_plugin_builds_with_cargo_and_runs_in_the_host() {
         &cargo(&dir, &["build", "--release", "--target", "wasm32-wasip2"]),
     );
     let wasm = target_dir().join("authoring/wasm32-wasip2/release/word_mask.wasm");
-    serves_as_post(&wasm, "word-mask.masked").await;
+    serves_as_post(&wasm, "word-mask.masked", false).await;
 
     // `plugin check` describes it, `plugin run` calls it.
     let output = orchestrator(&["plugin", "check", wasm.to_str().unwrap(), "--stage", "post"]);
@@ -231,7 +248,7 @@ async fn a_generated_plugin_builds_with_cargo_component_and_runs_in_the_host() {
         &cargo(&dir, &["component", "build", "--release"]),
     );
     let wasm = target_dir().join("authoring/wasm32-wasip1/release/word_mask.wasm");
-    serves_as_post(&wasm, "word-mask.masked").await;
+    serves_as_post(&wasm, "word-mask.masked", false).await;
 
     // A bundled plugin, from the workspace, builds the same way and still
     // redacts.
@@ -326,7 +343,7 @@ async fn the_python_example_plugin_runs_in_the_host() {
     let (_dir, wasm, report) = build_and_check_example("python");
     assert!(report.contains("wasi:sockets/tcp"), "{report}");
     assert!(report.contains("every socket call is denied"), "{report}");
-    serves_as_post(&wasm, "profanity.masked").await;
+    serves_as_post(&wasm, "profanity.masked", true).await;
     reads_messages_and_tools(&wasm).await;
 }
 
@@ -339,6 +356,6 @@ async fn the_javascript_example_plugin_runs_in_the_host() {
     }
     let (_dir, wasm, report) = build_and_check_example("js");
     assert!(report.contains("NOT granted"), "{report}");
-    serves_as_post(&wasm, "profanity.masked").await;
+    serves_as_post(&wasm, "profanity.masked", true).await;
     reads_messages_and_tools(&wasm).await;
 }

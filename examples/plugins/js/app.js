@@ -1,6 +1,6 @@
 // A `post` stage in JavaScript: mask profanity in the completion.
 //
-// World: `streaming-request-stage` of orchestrator:pipeline@0.2.0
+// World: `streaming-request-stage` of orchestrator:pipeline@0.2.1
 // (wit/pipeline.wit), built with ComponentizeJS (StarlingMonkey); see build.sh.
 //
 //   * init(config)        reads `words` (comma separated, case-insensitive;
@@ -10,7 +10,12 @@
 //                         note `profanity.masked`; it also reads the client's
 //                         structured chat and tools, noting the number of
 //                         messages in `profanity.messages` and the tools'
-//                         names, comma-joined, in `profanity.tools`.
+//                         names, comma-joined, in `profanity.tools`. With
+//                         the store `profanity` granted
+//                         (`capabilities.stores`), it adds the count to the
+//                         counter `masked` there (shared by every request,
+//                         and by every replica on a Redis store) and notes
+//                         the running total in `profanity.total`.
 //   * processChunk(...)   masks a streamed completion piece by piece: the
 //                         trailing, possibly unfinished word is held back in
 //                         `carry` until the next chunk (or `last`) decides it.
@@ -35,12 +40,16 @@
 //     or a `{ tag, val }` object) for `err`. Throwing an `Error` instance is
 //     not converted into `err`: the call traps instead.
 
-import { emit as log } from 'orchestrator:pipeline/log@0.2.0';
+import { emit as log } from 'orchestrator:pipeline/log@0.2.1';
+import { open } from 'wasi:keyvalue/store@0.2.0-draft2';
+import { increment } from 'wasi:keyvalue/atomics@0.2.0-draft2';
 
 const DEFAULT_WORDS = 'darn,heck';
 const NOTE = 'profanity.masked';
 const MESSAGES_NOTE = 'profanity.messages';
 const TOOLS_NOTE = 'profanity.tools';
+const TOTAL_NOTE = 'profanity.total';
+const STORE = 'profanity';
 
 // Set by `init`, which the host calls once per instance before any other
 // export. Only configuration lives here: per-request state goes in `carry`.
@@ -108,6 +117,21 @@ export function init(config) {
   if (words.size === 0) throw 'config key "words" names no word';
 }
 
+// Add `count` to the store's counter and note the total. A store call that
+// fails (not granted, or down) throws a ComponentError whose `payload` is the
+// `error` variant ({ tag: 'access-denied' }, { tag: 'other', val }): noted,
+// and the request goes on.
+function countInStore(request, count) {
+  try {
+    const bucket = open(STORE);
+    const total = increment(bucket, 'masked', BigInt(count));
+    request.setNote(TOTAL_NOTE, String(total));
+  } catch (e) {
+    const tag = e && e.payload ? e.payload.tag : String(e);
+    request.setNote(TOTAL_NOTE, `unavailable: ${tag}`);
+  }
+}
+
 /** `request` is a borrowed handle: use it during this call only. */
 export function process(request) {
   const { masked, count } = mask(request.completion());
@@ -116,6 +140,7 @@ export function process(request) {
     log('debug', 'masked words', [['count', String(count)]]);
   }
   request.setNote(NOTE, String(count));
+  if (count > 0) countInStore(request, count);
   // The chat as the client sent it: message records ({ role, content,
   // toolCalls, ... }, `content` undefined or { tag: 'text', val } or
   // { tag: 'parts', val: [...] }) and the tool records offered to the model.

@@ -1,6 +1,6 @@
 """A `post` stage in Python: mask profanity in the completion.
 
-World: `streaming-request-stage` of orchestrator:pipeline@0.2.0 (wit/pipeline.wit).
+World: `streaming-request-stage` of orchestrator:pipeline@0.2.1 (wit/pipeline.wit).
 
   * `init(config)`      reads `words` (comma separated, case-insensitive;
                         default "darn,heck"); any other key is an error.
@@ -9,7 +9,12 @@ World: `streaming-request-stage` of orchestrator:pipeline@0.2.0 (wit/pipeline.wi
                         note `profanity.masked`; it also reads the client's
                         structured chat and tools, noting the number of
                         messages in `profanity.messages` and the tools'
-                        names, comma-joined, in `profanity.tools`.
+                        names, comma-joined, in `profanity.tools`. With
+                        the store `profanity` granted
+                        (`capabilities.stores`), it adds the count to the
+                        counter `masked` there (shared by every request, and
+                        by every replica on a Redis store) and notes the
+                        running total in `profanity.total`.
   * `process-chunk(...)` masks a streamed completion piece by piece: the
                         trailing, possibly unfinished word is held back in
                         `carry` until the next chunk (or `last`) decides it.
@@ -29,7 +34,7 @@ writes stubs of it for editors and type checkers).
 from typing import List, Tuple
 
 import wit_world
-from wit_world.imports import log
+from wit_world.imports import atomics, log, store
 from wit_world.imports.request import Request
 from wit_world.imports.streaming import ChunkContext, ChunkOutput
 from componentize_py_types import Err
@@ -38,6 +43,8 @@ DEFAULT_WORDS = "darn,heck"
 NOTE = "profanity.masked"
 MESSAGES_NOTE = "profanity.messages"
 TOOLS_NOTE = "profanity.tools"
+TOTAL_NOTE = "profanity.total"
+STORE = "profanity"
 
 # Set by `init`, which the host calls once per instance before any other
 # export. Only configuration lives here: per-request state goes in `carry`.
@@ -87,6 +94,19 @@ def _split_trailing_word(text: str) -> Tuple[str, str]:
     return text[:i], text[i:]
 
 
+def _count_in_store(request: Request, count: int) -> None:
+    """Add `count` to the store's counter and note the total. A store call
+    that fails (not granted, or down) raises `Err` holding the `error`
+    variant (`store.Error_AccessDenied()`, `store.Error_Other(value=...)`):
+    noted, and the request goes on."""
+    try:
+        with store.open(STORE) as bucket:
+            total = atomics.increment(bucket, "masked", count)
+        request.set_note(TOTAL_NOTE, str(total))
+    except Err as e:
+        request.set_note(TOTAL_NOTE, f"unavailable: {type(e.value).__name__}")
+
+
 class WitWorld(wit_world.WitWorld):
     """The exports. componentize-py looks for a class named after the world
     module (`wit_world` -> `WitWorld`) in the app module."""
@@ -112,6 +132,7 @@ class WitWorld(wit_world.WitWorld):
             request.set_completion(masked)
         request.set_note(NOTE, str(count))
         if count:
+            _count_in_store(request, count)
             log.emit(log.Level.DEBUG, "masked words", [("count", str(count))])
         # The chat as the client sent it: `Message` records (`role`,
         # `content`: None, `Content_Text(value=str)` or
