@@ -11,6 +11,7 @@ mod composition;
 mod connections;
 mod docs;
 mod faithful;
+mod finish;
 mod hotswap;
 mod layout;
 mod metrics;

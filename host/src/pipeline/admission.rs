@@ -67,5 +67,8 @@ pub(super) fn admit(
         backend_wait,
         route: route.clone(),
         snapshot: snapshot.clone(),
+        asked_stream: streaming,
+        finishers: Vec::new(),
+        failure: None,
     })
 }

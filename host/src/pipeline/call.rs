@@ -42,13 +42,21 @@ pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
             }
             continue;
         }
-        let tokens = process(&stage, &mut job).await?;
+        let tokens = match process(&stage, &mut job).await {
+            Ok(tokens) => tokens,
+            Err(error) => {
+                job.failed(error.status());
+                return Err(error);
+            }
+        };
         if job.envelope.refused.is_some() {
             // The stages after a refusal do not run (their reservations
             // are released with the job).
             drop(tokens);
             job.leave_stage();
-            return Ok(Delivery::Done(job.take_envelope()));
+            let envelope = job.take_envelope();
+            job.finish(&envelope);
+            return Ok(Delivery::Done(envelope));
         }
         let Some(tokens) = tokens else {
             job.leave_stage();
@@ -64,10 +72,16 @@ pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
         let collecting = Instant::now();
         let collected = collect_generation(&mut job.envelope, tokens).await;
         job.backend_wait.add(collecting.elapsed());
-        collected.map_err(|error| fail(&stage, &job, error))?;
+        if let Err(error) = collected {
+            let error = fail(&stage, &job, error);
+            job.failed(error.status());
+            return Err(error);
+        }
         job.leave_stage();
     }
-    Ok(Delivery::Done(job.take_envelope()))
+    let envelope = job.take_envelope();
+    job.finish(&envelope);
+    Ok(Delivery::Done(envelope))
 }
 
 /// The answer a stage set in `envelope` before answering it early.
@@ -128,6 +142,7 @@ async fn process(
         span: &span,
         armed: true,
     };
+    let mut finishes = false;
     let result = {
         let current = stage.plugin_owned();
         let envelope = &mut job.envelope;
@@ -141,6 +156,7 @@ async fn process(
             live.set_router(router);
             live.set_stores(stores);
             let result = live.process(envelope, timeout).await;
+            finishes = live.finishes();
             backend_wait.add(live.take_backend_wait());
             // Taken whatever the result: a generation started by a call
             // that then failed is dropped (cancelled) with it here, not
@@ -152,6 +168,7 @@ async fn process(
     };
     unfinished.armed = false;
     drop(permit);
+    job.ran(index, finishes);
     stage
         .metrics
         .duration

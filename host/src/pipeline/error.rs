@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::metrics::Outcome;
+use crate::metrics::{ErrorType, Outcome};
 use crate::wasm::CallError;
 
 /// Why a request got no completion.
@@ -42,6 +42,22 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The HTTP status the client gets for it.
+    pub fn status(&self) -> u16 {
+        match self {
+            RunError::Shed { .. } => 429,
+            RunError::CircuitOpen { .. } | RunError::ShuttingDown => 503,
+            RunError::Timeout(_) => 504,
+            RunError::Stage { error, .. } => match error.error_type {
+                ErrorType::InvalidInput => 400,
+                ErrorType::Upstream => 502,
+                ErrorType::UpstreamUnavailable => 503,
+                ErrorType::UpstreamTimeout => 504,
+                _ => 500,
+            },
+        }
+    }
+
     /// The `outcome` label of a request that failed this way.
     pub fn outcome(&self) -> Outcome {
         match self {

@@ -101,6 +101,7 @@
 mod admission;
 mod call;
 mod error;
+mod finish;
 mod norm;
 mod snapshot;
 mod stage;

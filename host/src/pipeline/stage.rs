@@ -310,6 +310,13 @@ pub(super) struct Job {
     /// The configuration it was admitted under (its backends; holding it
     /// keeps that configuration's stages running until the job is done).
     pub(super) snapshot: Arc<Snapshot>,
+    /// The client asked for a stream (`streaming` may be cleared on the
+    /// way; this is not).
+    pub(super) asked_stream: bool,
+    /// The stages that ran and export `finish`, in order (see `finish`).
+    pub(super) finishers: Vec<usize>,
+    /// The HTTP status of the failure that ended the request, if one did.
+    pub(super) failure: Option<u16>,
 }
 
 impl Job {
@@ -336,6 +343,7 @@ impl Job {
 
 impl Drop for Job {
     fn drop(&mut self) {
+        self.finish_unanswered();
         for stage in &self.route.stages[self.stage..] {
             stage.release();
         }

@@ -122,7 +122,7 @@ impl fmt::Debug for Streaming {
 impl Streaming {
     /// The stream of `job`, whose stage `job.stage - 1` started the
     /// generation `tokens`.
-    pub(super) fn new(job: Job, tokens: TokenStream) -> Streaming {
+    pub(super) fn new(mut job: Job, tokens: TokenStream) -> Streaming {
         let route = job.route.clone();
         let shared = job.snapshot.shared.clone();
         let stores = job.snapshot.stores().clone();
@@ -137,6 +137,7 @@ impl Streaming {
             }
             stage.metrics.requests.inc();
             plugin.count_streamed_request();
+            job.ran(index, plugin.finishes());
             let trace = stage.open_span(
                 &job.trace,
                 &plugin,
@@ -264,6 +265,9 @@ impl Streaming {
                 None => self.finish().await,
             };
             if let Err(error) = step {
+                if let Some(job) = self.job.as_mut() {
+                    job.failed(error.status());
+                }
                 self.end(error.outcome());
                 return Some(Err(error));
             }
@@ -450,6 +454,7 @@ impl Streaming {
         } else {
             let mut envelope = job.take_envelope();
             envelope.chunks = std::mem::take(&mut self.pieces);
+            job.finish(&envelope);
             envelope
         };
         let outcome = envelope.outcome();
@@ -465,6 +470,15 @@ impl Streaming {
                 stage.close_span();
             }
             self.tokens = None;
+            if let Some(job) = self.job.as_mut() {
+                // Cut short: what the finish calls learn is what was
+                // delivered.
+                let prompt_tokens = job.envelope.prompt_tokens();
+                job.envelope.usage = Usage {
+                    prompt_tokens: self.ending.usage.map_or(prompt_tokens, |(p, _)| p),
+                    completion_tokens: orchestrator_text::count_tokens(&self.text) as u32,
+                };
+            }
             self.job = None;
             self.shared.requests.observe(
                 outcome,

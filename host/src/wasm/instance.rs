@@ -261,6 +261,11 @@ impl Instance {
         Ok(())
     }
 
+    /// Whether the instance's component exports `finish`.
+    pub fn finishes(&self) -> bool {
+        self.exports.world().finishes()
+    }
+
     /// Call `finish` with the request's final envelope and `outcome`,
     /// within `timeout`. What the call sets in the envelope is kept within
     /// `max_output_bytes` like a `process` call's, and changes nothing the

@@ -94,7 +94,7 @@ mod load;
 mod plugin;
 mod resources;
 
-pub use bindings::{ChunkContext, ChunkOutput, Contract, StageError, World};
+pub use bindings::{ChunkContext, ChunkOutput, Contract, Outcome, OutcomeKind, StageError, World};
 pub use convert::params_to_wit;
 pub use engine::{EPOCH_TICK, EngineError, EngineSettings, KEEP_RESIDENT_BYTES, Runtime};
 pub use envelope::{Caller, Envelope, Passage, Refusal, envelope_bytes};

@@ -5,7 +5,7 @@
 //! stage, once per chunk of a streamed completion). This crate is
 //! everything a Rust plugin needs:
 //!
-//! - the WIT bindings of `orchestrator:pipeline@0.2.0` (the `wit/`
+//! - the WIT bindings of `orchestrator:pipeline@0.2.1` (the `wit/`
 //!   directory of the orchestrator repository), generated here so a plugin
 //!   does not copy the WIT or pick a `wit-bindgen` version;
 //! - the [`Stage`] and [`StreamingStage`] traits, with typed configuration
@@ -21,6 +21,12 @@
 //!   [`Request::generate_stream`], for a stage with [`Stage::INFERENCE`]);
 //! - helpers on those types ([`Message::new`], [`Message::text`],
 //!   [`Content::text`], `StageError::from(InferenceError)`, ...);
+//! - state and identity: key-value stores ([`store`]), the caller's
+//!   headers and address ([`Request::header`], [`Request::client_address`]),
+//!   the principal ([`Request::set_principal`]), answering early
+//!   ([`Request::answer`]), refusals ([`Request::refuse`]), response headers
+//!   ([`Request::set_response_header`]) and the finish call
+//!   ([`Stage::finish`]);
 //! - the chunk path ([`Chunk`], [`ChunkOutput`], [`Chunk::complete_words`]),
 //!   logging ([`log`]) with a panic hook that sends panic messages to the
 //!   host;
@@ -162,6 +168,17 @@ pub trait Stage: Sized + 'static {
     /// the case becomes the `error_type` label of
     /// `orchestrator_errors_total`.
     fn process(&self, request: &dyn Request) -> Result<(), StageError>;
+
+    /// Called once per request after it ended — the answer complete, or
+    /// the request refused, failed or cancelled (see [`Outcome`]) — for a
+    /// stage exported with `finish` (`export_stage!(MyStage, finish)`),
+    /// off the client's latency path. The request is its final state; what
+    /// this sets changes nothing the client sees. Where a rate limiter
+    /// settles a reservation and a cache stores an answer. Does nothing by
+    /// default.
+    fn finish(&self, request: &dyn Request, outcome: &Outcome) {
+        let _ = (request, outcome);
+    }
 }
 
 /// A stage that also transforms a streamed completion chunk by chunk (the
@@ -195,39 +212,80 @@ pub mod inference {
 }
 
 /// Export `$stage`, a [`Stage`], as the plugin (the `request-stage`
-/// world). Invoke it once, at the top level of the plugin crate.
+/// world; with `finish`, the `finishing-request-stage` world, whose
+/// [`Stage::finish`] the host calls after each request). Invoke it once, at
+/// the top level of the plugin crate.
 #[macro_export]
 macro_rules! export_stage {
     ($stage:ty) => {
         $crate::__export_world!($stage, plain, __export_request_stage, {});
     };
+    ($stage:ty, finish) => {
+        $crate::__export_world!($stage, finishing, __export_finishing_request_stage, {
+            $crate::__finish_export!($stage, finishing);
+        });
+    };
+}
+
+/// The `finish` export, calling [`Stage::finish`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __finish_export {
+    ($stage:ty, $world:ident) => {
+        fn finish(request: &$crate::bindings::$world::Request, outcome: $crate::Outcome) {
+            let request =
+                $crate::__private::HostRequest::<{ <$stage as $crate::Stage>::INFERENCE }>(request);
+            $crate::__private::finish::<$stage>(&STAGE, &request, &outcome)
+        }
+    };
 }
 
 /// Export `$stage`, a [`StreamingStage`], as the plugin (the
-/// `streaming-request-stage` world). Invoke it once, at the top level of
+/// `streaming-request-stage` world; with `finish`, the
+/// `finishing-streaming-request-stage` world). Invoke it once, at the top level of
 /// the plugin crate.
 #[macro_export]
 macro_rules! export_streaming_stage {
     ($stage:ty) => {
         $crate::__export_world!($stage, streaming, __export_streaming_request_stage, {
-            #[allow(clippy::too_many_arguments)]
-            fn process_chunk(
-                context: $crate::ChunkContext,
-                carry: ::std::string::String,
-                delta: ::std::string::String,
-                last: bool,
-            ) -> ::std::result::Result<$crate::ChunkOutput, $crate::StageError> {
-                $crate::__private::process_chunk::<$stage>(
-                    &STAGE,
-                    $crate::Chunk {
-                        context,
-                        carry,
-                        delta,
-                        last,
-                    },
-                )
-            }
+            $crate::__process_chunk_export!($stage);
         });
+    };
+    ($stage:ty, finish) => {
+        $crate::__export_world!(
+            $stage,
+            finishing_streaming,
+            __export_finishing_streaming_request_stage,
+            {
+                $crate::__process_chunk_export!($stage);
+                $crate::__finish_export!($stage, finishing_streaming);
+            }
+        );
+    };
+}
+
+/// The `process-chunk` export, calling [`StreamingStage::process_chunk`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __process_chunk_export {
+    ($stage:ty) => {
+        #[allow(clippy::too_many_arguments)]
+        fn process_chunk(
+            context: $crate::ChunkContext,
+            carry: ::std::string::String,
+            delta: ::std::string::String,
+            last: bool,
+        ) -> ::std::result::Result<$crate::ChunkOutput, $crate::StageError> {
+            $crate::__private::process_chunk::<$stage>(
+                &STAGE,
+                $crate::Chunk {
+                    context,
+                    carry,
+                    delta,
+                    last,
+                },
+            )
+        }
     };
 }
 
@@ -274,7 +332,7 @@ pub mod __private {
 
     pub use crate::request::HostRequest;
 
-    use crate::{Chunk, ChunkOutput, Request, Stage, StageError, StreamingStage};
+    use crate::{Chunk, ChunkOutput, Outcome, Request, Stage, StageError, StreamingStage};
 
     pub type Slot<S> = LocalKey<OnceCell<S>>;
 
@@ -303,6 +361,14 @@ pub mod __private {
         request: &dyn Request,
     ) -> Result<(), StageError> {
         with_stage(slot, |stage| stage.process(request))
+    }
+
+    pub fn finish<S: Stage>(slot: &'static Slot<S>, request: &dyn Request, outcome: &Outcome) {
+        slot.with(|cell| {
+            if let Some(stage) = cell.get() {
+                stage.finish(request, outcome);
+            }
+        });
     }
 
     pub fn process_chunk<S: StreamingStage>(

@@ -407,66 +407,36 @@ pub(super) fn event_stream(mut response: Response) -> Response {
 /// The HTTP form of a pipeline failure.
 pub fn run_error(error: RunError) -> ApiError {
     let message = error.to_string();
+    let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match error {
-        RunError::Shed { .. } => ApiError::with_code(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            "queue_full",
-            message,
-        )
-        .retry_after(1),
-        RunError::CircuitOpen { retry_after, .. } => ApiError::with_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "circuit_open",
-            message,
-        )
-        .retry_after(u32::try_from(retry_after.as_secs().max(1)).unwrap_or(u32::MAX)),
-        RunError::ShuttingDown => ApiError::with_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "shutting_down",
-            message,
-        )
-        .retry_after(1),
-        RunError::Timeout(_) => ApiError::with_code(
-            StatusCode::GATEWAY_TIMEOUT,
-            "timeout_error",
-            "request_timeout",
-            message,
-        ),
+        RunError::Shed { .. } => {
+            ApiError::with_code(status, "rate_limit_error", "queue_full", message).retry_after(1)
+        }
+        RunError::CircuitOpen { retry_after, .. } => {
+            ApiError::with_code(status, "server_error", "circuit_open", message)
+                .retry_after(u32::try_from(retry_after.as_secs().max(1)).unwrap_or(u32::MAX))
+        }
+        RunError::ShuttingDown => {
+            ApiError::with_code(status, "server_error", "shutting_down", message).retry_after(1)
+        }
+        RunError::Timeout(_) => {
+            ApiError::with_code(status, "timeout_error", "request_timeout", message)
+        }
         RunError::Stage { error, .. } => match error.error_type {
-            ErrorType::InvalidInput => ApiError::with_code(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "stage_rejected",
-                message,
-            ),
-            ErrorType::Upstream => ApiError::with_code(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "upstream",
-                message,
-            ),
-            ErrorType::UpstreamUnavailable => ApiError::with_code(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_error",
-                "upstream_unavailable",
-                message,
-            )
-            .retry_after(1),
-            ErrorType::UpstreamTimeout => ApiError::with_code(
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout_error",
-                "upstream_timeout",
-                message,
-            ),
-            other => ApiError::with_code(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "server_error",
-                other.label(),
-                message,
-            ),
+            ErrorType::InvalidInput => {
+                ApiError::with_code(status, "invalid_request_error", "stage_rejected", message)
+            }
+            ErrorType::Upstream => {
+                ApiError::with_code(status, "upstream_error", "upstream", message)
+            }
+            ErrorType::UpstreamUnavailable => {
+                ApiError::with_code(status, "upstream_error", "upstream_unavailable", message)
+                    .retry_after(1)
+            }
+            ErrorType::UpstreamTimeout => {
+                ApiError::with_code(status, "timeout_error", "upstream_timeout", message)
+            }
+            other => ApiError::with_code(status, "server_error", other.label(), message),
         },
     }
 }

@@ -14,12 +14,18 @@
 //! - `probe`: notes what the stage can see: the `x-team` and
 //!   `authorization` headers, the client address, the principal, and the
 //!   result of opening the store `store` (config).
+//! - `noop`: nothing.
+//!
+//! Its `finish` appends `<name>:<outcome>:<status>:<completion tokens>:
+//! <principal>` (`name` from config) to a log in the store `finish`, if
+//! granted: `seq` counts the entries, `entry:<n>` holds the n-th. With
+//! `finish_panic = true` it panics instead.
 
 use std::time::Duration;
 
 use orchestrator_plugin::store::{Store, StoreError};
 use orchestrator_plugin::{
-    Refusal, RefusalKind, Request, Stage, StageError, Usage, export_stage,
+    Outcome, OutcomeKind, Refusal, RefusalKind, Request, Stage, StageError, Usage, export_stage,
 };
 use serde::Deserialize;
 
@@ -32,6 +38,8 @@ struct Config {
     limit: i64,
     window_ms: u64,
     store: String,
+    name: String,
+    finish_panic: bool,
 }
 
 struct Gate(Config);
@@ -159,10 +167,34 @@ impl Stage for Gate {
             "cache" => self.cache(request),
             "remember" => self.remember(request),
             "probe" => self.probe(request),
+            "noop" => {}
             other => return Err(StageError::Config(format!("unknown mode `{other}`"))),
         }
         Ok(())
     }
+
+    fn finish(&self, request: &dyn Request, outcome: &Outcome) {
+        assert!(!self.0.finish_panic, "finish was told to panic");
+        let Ok(log) = Store::open("finish") else {
+            return;
+        };
+        let kind = match outcome.kind {
+            OutcomeKind::Answered => "answered",
+            OutcomeKind::Refused => "refused",
+            OutcomeKind::Failed => "failed",
+            OutcomeKind::Cancelled => "cancelled",
+        };
+        let entry = format!(
+            "{}:{kind}:{}:{}:{}",
+            self.0.name,
+            outcome.status,
+            outcome.usage.completion_tokens,
+            request.principal().unwrap_or_default()
+        );
+        if let Ok(n) = log.increment("seq", 1) {
+            let _ = log.set(&format!("entry:{n}"), entry.as_bytes());
+        }
+    }
 }
 
-export_stage!(Gate);
+export_stage!(Gate, finish);
