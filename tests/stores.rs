@@ -191,6 +191,29 @@ async fn refusals_carry_their_status_body_and_headers() {
     assert_eq!(metric_value(&metrics, refused), 3.0);
 }
 
+/// A stage after the generation refuses: a plain answer becomes the
+/// refusal (403 with the stage's code); a stream that has started ends with
+/// it as an error event.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_after_the_generation() {
+    let host = Host::with_config(&format!(
+        "{}{}",
+        stage("late", "gate", "config = { mode = \"forbid\" }"),
+        pipeline(&["inference", "stream", "late"]),
+    ));
+    let response = post(&host, &chat("hi"), &[]).await;
+    assert_eq!(response.status(), 403);
+    let error: Value = response.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "model_not_allowed", "{error}");
+    let mut streamed = chat("hi");
+    streamed["stream"] = json!(true);
+    let response = post(&host, &streamed, &[]).await;
+    assert_eq!(response.status(), 200);
+    let chunks = sse::chunks(&response.text().await.unwrap());
+    let error = sse::error(&chunks).expect("an error event");
+    assert_eq!(error["code"], "model_not_allowed", "{error}");
+}
+
 /// A cache stage answers a repeated question early: the backend is not
 /// called, the stages after the generating one still run, a streaming
 /// client gets the answer in chunks through the streaming stage, and no

@@ -49,6 +49,9 @@ pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
                 return Err(error);
             }
         };
+        if stage.settings.capabilities.inference {
+            job.envelope.generated = true;
+        }
         if job.envelope.refused.is_some() {
             // The stages after a refusal do not run (their reservations
             // are released with the job).

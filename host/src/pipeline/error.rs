@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::metrics::{ErrorType, Outcome};
-use crate::wasm::CallError;
+use crate::wasm::{CallError, Refusal};
 
 /// Why a request got no completion.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -36,6 +36,11 @@ pub enum RunError {
     /// The request's deadline passed.
     #[error("request deadline of {} ms exceeded", .0.as_millis())]
     Timeout(Duration),
+    /// A stage refused the request after its stream had started (before,
+    /// a refusal is the answer: see `Envelope::refused`): the stream ends
+    /// with it as an error event.
+    #[error("{}", .0.message)]
+    Refused(Refusal),
     /// The host is shutting down and admits nothing new.
     #[error("the orchestrator is shutting down")]
     ShuttingDown,
@@ -48,6 +53,7 @@ impl RunError {
             RunError::Shed { .. } => 429,
             RunError::CircuitOpen { .. } | RunError::ShuttingDown => 503,
             RunError::Timeout(_) => 504,
+            RunError::Refused(refusal) => refusal.status,
             RunError::Stage { error, .. } => match error.error_type {
                 ErrorType::InvalidInput => 400,
                 ErrorType::Upstream => 502,
@@ -63,6 +69,7 @@ impl RunError {
         match self {
             RunError::Shed { .. } | RunError::ShuttingDown => Outcome::Shed,
             RunError::Timeout(_) => Outcome::Timeout,
+            RunError::Refused(_) => Outcome::Refused,
             RunError::Stage { .. } | RunError::CircuitOpen { .. } => Outcome::Error,
         }
     }

@@ -433,7 +433,10 @@ impl Streaming {
             let envelope = match Box::pin(ran).await {
                 Err(_) => return Err(self.timeout()),
                 Ok(Err(error)) => return Err(error),
-                Ok(Ok(Delivery::Done(envelope))) => envelope,
+                Ok(Ok(Delivery::Done(envelope))) => match envelope.refused {
+                    Some(refusal) => return Err(RunError::Refused(refusal)),
+                    None => envelope,
+                },
                 // Not handed off: the job no longer asks for a stream.
                 Ok(Ok(Delivery::Stream(job, tokens))) => {
                     Box::pin(Streaming::new(*job, tokens).collect()).await?

@@ -70,6 +70,9 @@ pub struct Envelope {
     /// skipped.
     #[serde(skip)]
     pub answered: bool,
+    /// The generating stage ran: a later `answer` changes nothing.
+    #[serde(skip)]
+    pub generated: bool,
     /// A stage refused the request: the stages after it do not run.
     #[serde(skip)]
     pub refused: Option<Refusal>,

@@ -53,7 +53,9 @@ use crate::pipeline::{Answer, Pipeline, RouteRef, RunError, StreamItem, Streamin
 use crate::trace::{Attribute, Trace, TraceHeaders, Traces};
 use crate::wasm::{Caller, Envelope, Refusal};
 use request::parse;
-use response::{ChunkEvents, DONE, completion_body, event_stream, run_error, unix_now};
+use response::{
+    ChunkEvents, DONE, completion_body, event_stream, refusal_error, run_error, unix_now,
+};
 
 /// What the API needs.
 #[derive(Clone)]
@@ -226,16 +228,17 @@ async fn chat_completions(
             .pipeline
             .run(&snapshot, &route, envelope, deadline, trace.clone());
         let response = match run.await {
-            Ok(envelope) => match &envelope.refused {
-                Some(refusal) => with_headers(refused(refusal), &envelope.response_headers),
-                None => with_headers(
-                    json_response(
+            Ok(envelope) => {
+                traced_principal(trace, &envelope);
+                let answer = match &envelope.refused {
+                    Some(refusal) => refused(refusal),
+                    None => json_response(
                         StatusCode::OK,
                         &completion_body(&id, &parsed.model, &envelope, &route),
                     ),
-                    &envelope.response_headers,
-                ),
-            },
+                };
+                with_headers(answer, &envelope.response_headers)
+            }
             Err(error) => run_error(error).into_response(),
         };
         return (with_route(response, &route), false);
@@ -250,6 +253,7 @@ async fn chat_completions(
         .run_streaming(&snapshot, &route, envelope, deadline, trace.clone());
     let (response, live) = match run.await {
         Ok(Answer::Done(envelope)) => {
+            traced_principal(trace, &envelope);
             let response = match &envelope.refused {
                 Some(refusal) => refused(refusal),
                 None => events.buffered(&envelope),
@@ -272,21 +276,19 @@ async fn chat_completions(
     (with_route(response, &route), live)
 }
 
-/// The answer to a request a stage refused: its status, and its message
-/// and code in OpenAI's error shape (`Retry-After` for a 429 that says
-/// when).
-fn refused(refusal: &Refusal) -> Response {
-    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
-    let kind = match refusal.status {
-        429 => "rate_limit_error",
-        _ => "invalid_request_error",
-    };
-    let mut error =
-        ApiError::with_code(status, kind, refusal.code.clone(), refusal.message.clone());
-    if let Some(ms) = refusal.retry_after_ms {
-        error = error.retry_after(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX));
+/// Record who called (the principal a stage set) in the request's span,
+/// as `enduser.id`.
+fn traced_principal(trace: &Trace, envelope: &Envelope) {
+    if let Some(principal) = &envelope.principal
+        && trace.is_recording()
+    {
+        trace.set([Attribute::new("enduser.id", principal.clone())]);
     }
-    error.into_response()
+}
+
+/// The answer to a request a stage refused.
+fn refused(refusal: &Refusal) -> Response {
+    refusal_error(refusal).into_response()
 }
 
 /// Add the headers the stages set (validated when set: `x-` names, bounded,
@@ -402,7 +404,10 @@ fn live_stream(
                 None => break,
                 Some(Ok(StreamItem::Delta(piece))) => (events.delta(&piece), false),
                 Some(Ok(StreamItem::Extra(extra))) => (events.extra(&extra), false),
-                Some(Ok(StreamItem::Done(envelope))) => (events.last(&envelope), false),
+                Some(Ok(StreamItem::Done(envelope))) => {
+                    traced_principal(&trace, &envelope);
+                    (events.last(&envelope), false)
+                }
                 Some(Err(error)) => {
                     trace.fail(error.outcome().label(), error.to_string());
                     (events.error(error), true)

@@ -18,7 +18,7 @@ use crate::http::error::ApiError;
 use crate::inference::{ExtraDelta, finish_reason};
 use crate::metrics::ErrorType;
 use crate::pipeline::{RouteRef, RunError};
-use crate::wasm::Envelope;
+use crate::wasm::{Envelope, Refusal};
 
 /// The last event of every stream.
 pub(super) const DONE: &[u8] = b"data: [DONE]\n\n";
@@ -404,11 +404,28 @@ pub(super) fn event_stream(mut response: Response) -> Response {
     response
 }
 
+/// The error answer of a stage's refusal: its status, and its message and
+/// code in OpenAI's error shape (`Retry-After` for one that says when).
+pub fn refusal_error(refusal: &Refusal) -> ApiError {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::FORBIDDEN);
+    let kind = match refusal.status {
+        429 => "rate_limit_error",
+        _ => "invalid_request_error",
+    };
+    let mut error =
+        ApiError::with_code(status, kind, refusal.code.clone(), refusal.message.clone());
+    if let Some(ms) = refusal.retry_after_ms {
+        error = error.retry_after(u32::try_from(ms.div_ceil(1000)).unwrap_or(u32::MAX));
+    }
+    error
+}
+
 /// The HTTP form of a pipeline failure.
 pub fn run_error(error: RunError) -> ApiError {
     let message = error.to_string();
     let status = StatusCode::from_u16(error.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     match error {
+        RunError::Refused(refusal) => refusal_error(&refusal),
         RunError::Shed { .. } => {
             ApiError::with_code(status, "rate_limit_error", "queue_full", message).retry_after(1)
         }

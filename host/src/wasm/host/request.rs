@@ -244,7 +244,11 @@ impl request::HostRequest for HostState {
     }
 
     fn answer(&mut self, request: Resource<Envelope>) -> wasmtime::Result<()> {
-        self.table.get_mut(&request)?.answered = true;
+        let envelope = self.table.get_mut(&request)?;
+        // After the generation it is an answer already.
+        if !envelope.generated {
+            envelope.answered = true;
+        }
         Ok(())
     }
 

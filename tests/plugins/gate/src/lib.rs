@@ -15,6 +15,7 @@
 //!   `authorization` headers, the client address, the principal, and the
 //!   result of opening the store `store` (config).
 //! - `noop`: nothing.
+//! - `forbid`: refuses every request with 403 (after a generation, too).
 //!
 //! Its `finish` appends `<name>:<outcome>:<status>:<completion tokens>:
 //! <principal>` (`name` from config) to a log in the store `finish`, if
@@ -168,6 +169,12 @@ impl Stage for Gate {
             "remember" => self.remember(request),
             "probe" => self.probe(request),
             "noop" => {}
+            "forbid" => request.refuse(Refusal {
+                kind: RefusalKind::Forbidden,
+                message: "not for you".into(),
+                code: Some("model_not_allowed".into()),
+                retry_after_ms: None,
+            }),
             other => return Err(StageError::Config(format!("unknown mode `{other}`"))),
         }
         Ok(())
