@@ -287,6 +287,34 @@ async fn answering_early_skips_the_generation_plain_and_streamed() {
     assert_eq!(metric_value(&metrics, answered), 2.0);
 }
 
+/// A memory store holds at most `max_keys`: writing more evicts (and
+/// counts) the excess.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_memory_store_stays_within_its_bounds() {
+    let host = Host::with_config(&format!(
+        "[stores.cache]\nmax_keys = 50\n{}{}",
+        stage(
+            "remember",
+            "gate",
+            "config = { mode = \"remember\" }\ncapabilities = { stores = [\"cache\"] }"
+        ),
+        pipeline(&["inference", "remember"]),
+    ));
+    for n in 0..300 {
+        let notes = notes(&host, &chat(&format!("question {n}")), &[]).await;
+        assert!(notes["gate.store_error"].is_null(), "{notes}");
+    }
+    let metrics = host.metrics_text().await;
+    assert_eq!(
+        metric_value(&metrics, "orchestrator_store_keys{store=\"cache\"}"),
+        50.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "orchestrator_store_evictions_total{store=\"cache\"}"),
+        250.0
+    );
+}
+
 /// A config with the `kv` counter on a Redis store at `url`.
 fn redis_counter(url: &str) -> String {
     format!(
