@@ -310,7 +310,10 @@ async fn a_memory_store_stays_within_its_bounds() {
         50.0
     );
     assert_eq!(
-        metric_value(&metrics, "orchestrator_store_evictions_total{store=\"cache\"}"),
+        metric_value(
+            &metrics,
+            "orchestrator_store_evictions_total{store=\"cache\"}"
+        ),
         250.0
     );
 }

@@ -392,6 +392,37 @@ impl Backend {
         Some(Duration::from_millis(fastrand::u64(0..=cap)))
     }
 
+    /// The usage an upstream reported, if it can be true: no more
+    /// completion tokens than the request allowed (its `max_tokens`, else
+    /// the backend's `max_tokens_limit`; reasoning tokens included, as
+    /// OpenAI counts them). An upstream that reports more is not trusted:
+    /// its usage is dropped (the host then counts the answer's pieces, as
+    /// for an upstream that reports none) and a warning logged, so that a
+    /// broken or hostile upstream cannot inflate
+    /// `orchestrator_tokens_generated_total` or a token budget.
+    fn sane_usage(
+        &self,
+        usage: Option<(u32, u32)>,
+        request: &GenerateRequest,
+    ) -> Option<(u32, u32)> {
+        let (prompt, completion) = usage?;
+        let allowed = request
+            .params
+            .max_tokens()
+            .unwrap_or(self.settings.max_tokens_limit)
+            .min(self.settings.max_tokens_limit);
+        if completion > allowed {
+            tracing::warn!(
+                backend = %self.name,
+                completion_tokens = completion,
+                allowed,
+                "the upstream reported more completion tokens than the request allowed; its usage is ignored"
+            );
+            return None;
+        }
+        Some((prompt, completion))
+    }
+
     /// Forward events until the end, an error, a stall, or the receiver
     /// going away.
     async fn pump(
@@ -455,7 +486,8 @@ impl Backend {
                         return;
                     }
                 }
-                Ok(Event::End(ending)) => {
+                Ok(Event::End(mut ending)) => {
+                    ending.usage = self.sane_usage(ending.usage, request);
                     let tokens = ending.usage.map_or(chunks, |(_, c)| u64::from(c));
                     trace_ending(&trace, &ending, tokens, completion.take());
                     self.end(UpstreamOutcome::Ok, tokens, Some(false));
@@ -521,4 +553,21 @@ pub(super) fn trace_ending(
     }
     trace.set(attributes);
     trace.end();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{BackendConfig, BackendKind};
+
+    #[test]
+    fn a_usage_past_what_the_request_allowed_is_not_trusted() {
+        let metrics = crate::metrics::Metrics::new();
+        let backend = Backend::new("b", &BackendConfig::of_kind(BackendKind::Echo), &metrics)
+            .expect("an echo backend");
+        let request = GenerateRequest::for_test("hi", 16);
+        assert_eq!(backend.sane_usage(Some((5, 16)), &request), Some((5, 16)));
+        assert_eq!(backend.sane_usage(Some((5, u32::MAX)), &request), None);
+        assert_eq!(backend.sane_usage(None, &request), None);
+    }
 }

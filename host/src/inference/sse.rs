@@ -136,12 +136,15 @@ struct FunctionFields {
     arguments: Option<String>,
 }
 
+/// An event's `usage`, read leniently: a count that is not a whole number
+/// a `u32` holds (`1e30`, `-1`, `"7"`) makes the usage unknown rather than
+/// the event unreadable.
 #[derive(serde::Deserialize)]
 struct UsageFields {
     #[serde(default)]
-    prompt_tokens: Option<u64>,
+    prompt_tokens: Option<serde_json::Value>,
     #[serde(default)]
-    completion_tokens: Option<u64>,
+    completion_tokens: Option<serde_json::Value>,
 }
 
 type Item = Result<Event, AttemptError>;
@@ -256,8 +259,11 @@ impl SseParser {
             self.response_id = Some(id.chars().take(128).collect());
         }
         if let Some(usage) = chunk.usage {
-            let count = |n: Option<u64>| n.map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX));
-            self.usage = Some((count(usage.prompt_tokens), count(usage.completion_tokens)));
+            let count = |n: Option<serde_json::Value>| match n {
+                None => Some(0),
+                Some(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
+            };
+            self.usage = count(usage.prompt_tokens).zip(count(usage.completion_tokens));
         }
         if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
             let mut extra = ExtraDelta {
@@ -301,6 +307,28 @@ impl SseParser {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_usage_no_u32_holds_is_unknown_not_an_error() {
+        for usage in [
+            r#"{"prompt_tokens":1e30,"completion_tokens":2}"#,
+            r#"{"prompt_tokens":7,"completion_tokens":4294967296}"#,
+            r#"{"prompt_tokens":-1,"completion_tokens":"2"}"#,
+        ] {
+            let stream = format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"ok\"}},\"finish_reason\":\"stop\"}}],\"usage\":{usage}}}\n\ndata: [DONE]\n\n"
+            );
+            let mut parser = SseParser::default();
+            let mut events = Vec::new();
+            parser.feed(stream.as_bytes(), &mut events);
+            let events: Vec<Event> = events.into_iter().map(Result::unwrap).collect();
+            assert_eq!(events[0], Event::Delta("ok".into()), "{usage}");
+            assert!(
+                matches!(&events[1], Event::End(Ending { usage: None, .. })),
+                "{usage}: {events:?}"
+            );
+        }
+    }
 
     #[test]
     fn sse_parser_reads_deltas_usage_and_done_across_any_split() {

@@ -18,6 +18,12 @@ use crate::config::BackendKind;
 use crate::http::error::ApiError;
 use crate::inference::{Router, Target};
 
+/// Longest `model` accepted, in bytes (OpenAI's model names are short; the
+/// name is echoed in every chunk of a stream).
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// Models a 404 names at most.
+const MODELS_LISTED: usize = 20;
 /// The longest stop sequence accepted, in bytes.
 const MAX_STOP_BYTES: usize = 256;
 
@@ -74,15 +80,35 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
             Some("messages"),
         ));
     }
+    if params.model.len() > MAX_MODEL_BYTES {
+        // Echoed in every chunk of a stream: its size must not be the
+        // client's choice.
+        return Err(ApiError::invalid(
+            format!("`model` is at most {MAX_MODEL_BYTES} bytes"),
+            Some("model"),
+        ));
+    }
     let model = params.model.clone();
     let Some(target) = router.resolve(&model) else {
-        let models: Vec<&str> = router.models().map(|(model, _, _)| model).collect();
+        // A bounded list: a 404 costs the same whatever the configuration.
+        let total = router.models().count();
+        let mut models: Vec<&str> = router
+            .models()
+            .map(|(model, _, _)| model)
+            .take(MODELS_LISTED)
+            .collect();
+        let more = total.saturating_sub(MODELS_LISTED);
+        let more = if more > 0 {
+            format!(" and {more} more (GET /v1/models lists them)")
+        } else {
+            String::new()
+        };
         return Err(ApiError::with_code(
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "model_not_found",
             format!(
-                "the model `{model}` does not exist; this orchestrator serves: {}",
+                "the model `{model}` does not exist; this orchestrator serves: {}{more}",
                 models.join(", ")
             ),
         )
@@ -207,6 +233,38 @@ mod tests {
 
     fn parse_str(body: &str) -> Result<Parsed, ApiError> {
         parse(body.as_bytes(), &router())
+    }
+
+    #[test]
+    fn model_names_and_the_404_list_are_bounded() {
+        let long = format!(
+            r#"{{"model":"{}","messages":[{{"role":"user","content":"hi"}}]}}"#,
+            "m".repeat(MAX_MODEL_BYTES + 1)
+        );
+        assert_eq!(parse_str(&long).err().unwrap().param, Some("model"));
+        let mut config = crate::config::Config::default();
+        for n in 0..100 {
+            config
+                .routing
+                .models
+                .insert(format!("model-{n:03}"), "echo".into());
+        }
+        let router = Router::new(&config, &crate::metrics::Metrics::new()).unwrap();
+        let error = parse(
+            br#"{"model":"nope","messages":[{"role":"user","content":"hi"}]}"#,
+            &router,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(error.status, StatusCode::NOT_FOUND);
+        assert!(
+            error
+                .message
+                .ends_with("and 81 more (GET /v1/models lists them)"),
+            "{}",
+            error.message
+        );
+        assert!(error.message.len() < 600, "{}", error.message);
     }
 
     #[test]
