@@ -92,7 +92,7 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
     let Some(target) = router.resolve(&model) else {
         // A bounded list: a 404 costs the same whatever the configuration.
         let total = router.models().count();
-        let mut models: Vec<&str> = router
+        let models: Vec<&str> = router
             .models()
             .map(|(model, _, _)| model)
             .take(MODELS_LISTED)
