@@ -76,6 +76,55 @@ async fn slowloris_connections_are_bounded_and_timed_out() {
     assert_eq!(status, 200, "{text}");
 }
 
+/// Half-sent `/health` requests on the metrics port, reopened as they are
+/// closed (as a flood of slow clients would): a probe still gets its answer,
+/// because a slow client holds a slot for one second only and the
+/// listener has room for far more of them than one second of such a flood.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_answers_under_a_flood_of_half_sent_requests() {
+    let host = Host::start(&[]);
+    let addr = host.metrics.trim_start_matches("http://").to_string();
+    // 100 half-sent requests at all times: each one the listener closes
+    // (at its header timeout) is opened again.
+    let flood = {
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let mut held: Vec<TcpStream> = Vec::new();
+            loop {
+                // Still waiting (nothing to read yet): open; anything else
+                // (closed, an answer, a reset): gone.
+                held.retain(|stream| {
+                    let mut byte = [0u8; 1];
+                    matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                while held.len() < 100 {
+                    let Ok(mut stream) = TcpStream::connect(&addr).await else {
+                        break;
+                    };
+                    let _ = stream
+                        .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                        .await;
+                    held.push(stream);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // Let the flood fill the listener first.
+    let open = "orchestrator_http_connections{listener=\"ops\"}";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while host.metric(open).await < 90.0 {
+        assert!(Instant::now() < deadline, "the flood never took hold");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        let health = host.health().await;
+        assert!(health["status"].is_string(), "{health}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    flood.abort();
+}
+
 /// A body shorter than its `Content-Length` is not waited for forever: the
 /// client gets 408 once the request timeout passes.
 #[tokio::test(flavor = "multi_thread")]

@@ -204,10 +204,7 @@ impl Orchestrator {
         let ops = server::spawn(
             ops_listener,
             http::ops::routes(metrics.clone(), Some(pipeline.clone())),
-            server::Limits {
-                max_connections: http::ops::MAX_CONNECTIONS,
-                ..api_limits(&config)
-            },
+            http::ops::limits(),
             metrics.connections("ops"),
         )?;
         let watcher = config

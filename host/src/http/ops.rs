@@ -119,26 +119,36 @@ pub fn routes(
         .unify()
 }
 
-/// Open connections the metrics listener accepts at once: scrapers and
-/// probes need a handful; the limit keeps a flood on this port from
-/// taking the process's file descriptors.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Open connections the metrics listener (and an admin listener of its
+/// own) accepts at once: scrapers and probes need a handful; the limit
+/// keeps a flood on this port from taking the process's file descriptors.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Time a client of the metrics listener has to send a request's headers.
+/// Probes and scrapers send theirs at once; a client that trickles them
+/// holds a connection slot for at most this long, so holding all
+/// [`MAX_CONNECTIONS`] takes opening that many connections every second.
+pub const HEADER_READ: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The metrics listener's limits (see [`server`]).
+pub fn limits() -> server::Limits {
+    server::Limits {
+        max_connections: MAX_CONNECTIONS,
+        header_read: HEADER_READ,
+        max_header_bytes: server::MIN_HEADER_BYTES,
+        request: std::time::Duration::from_secs(30),
+    }
+}
 
 /// Serve the process-wide registry ([`global`]) on `addr` — the seed
 /// guide's `metrics_server::start_server`. Must be called within a tokio
 /// runtime.
 pub async fn start_server(addr: SocketAddr) -> Result<ServerHandle, BindError> {
     let listener = server::bind(addr).await?;
-    let limits = server::Limits {
-        max_connections: MAX_CONNECTIONS,
-        header_read: std::time::Duration::from_secs(10),
-        max_header_bytes: server::MIN_HEADER_BYTES,
-        request: std::time::Duration::from_secs(30),
-    };
     server::spawn(
         listener,
         routes(global().clone(), None),
-        limits,
+        limits(),
         global().connections("ops"),
     )
 }
