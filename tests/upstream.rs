@@ -840,3 +840,23 @@ async fn a_client_that_hangs_up_on_a_plain_request_cancels_the_generation() {
         .expect("the upstream connection was closed");
     assert_idle(&host).await;
 }
+
+/// An upstream that ignores `max_tokens` (it streams forever) is cut once
+/// the answer holds more than the tokens allow (64 bytes each): the client
+/// gets a `length` answer, and the upstream request is cancelled.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upstream_that_ignores_max_tokens_is_cut() {
+    let upstream = Upstream::start(Script::Endless).await;
+    let host = upstream_host(&upstream.base_url, "");
+    let mut body = up("talk forever", false);
+    body["max_tokens"] = json!(4);
+    let (status, text) = host.chat(&body).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
+    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(content.len() <= 4 * 64 + 5, "{} bytes kept", content.len());
+    tokio::time::timeout(Duration::from_secs(30), upstream.cancelled.notified())
+        .await
+        .expect("the upstream request was cancelled");
+}

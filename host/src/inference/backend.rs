@@ -19,6 +19,10 @@ use crate::config::{BackendConfig, BackendKind};
 use crate::metrics::{BackendMetrics, Metrics, UpstreamOutcome};
 use crate::trace::{Attribute, Kind, Trace};
 
+/// Bytes one generated token may take, at most, when an answer's size is
+/// bounded by the tokens it allows: far above any real tokenizer's longest
+/// token, so only an upstream that ignores `max_tokens` is cut.
+pub const MAX_BYTES_PER_TOKEN: usize = 64;
 /// An error building the backends.
 #[derive(Debug, thiserror::Error)]
 #[error("backend `{backend}`: {message}")]
@@ -423,6 +427,17 @@ impl Backend {
         Some((prompt, completion))
     }
 
+    /// The most bytes of text (and tool-call arguments) an answer to
+    /// `request` may hold: [`MAX_BYTES_PER_TOKEN`] per token it allows.
+    fn max_answer_bytes(&self, request: &GenerateRequest) -> usize {
+        let tokens = request
+            .params
+            .max_tokens()
+            .unwrap_or(self.settings.max_tokens_limit)
+            .min(self.settings.max_tokens_limit);
+        (tokens as usize).saturating_mul(MAX_BYTES_PER_TOKEN)
+    }
+
     /// Forward events until the end, an error, a stall, or the receiver
     /// going away.
     async fn pump(
@@ -432,6 +447,10 @@ impl Backend {
         events: mpsc::Sender<Result<Event, BackendError>>,
     ) {
         let mut chunks = 0u64;
+        // What the answer may hold: an upstream that ignores `max_tokens`
+        // is cut there, not buffered without limit.
+        let max_bytes = self.max_answer_bytes(request);
+        let mut bytes = 0usize;
         let trace = open.trace.clone();
         // Only with `record_content`: the completion, for the span.
         let mut completion = trace.records_content().then(String::new);
@@ -478,6 +497,37 @@ impl Backend {
                     chunks += 1;
                     if let (Some(completion), Event::Delta(text)) = (&mut completion, &event) {
                         completion.push_str(text);
+                    }
+                    bytes += match &event {
+                        Event::Delta(text) => text.len(),
+                        Event::Extra(extra) => {
+                            extra
+                                .tool_calls
+                                .iter()
+                                .map(|c| c.arguments.len())
+                                .sum::<usize>()
+                                + extra.refusal.as_ref().map_or(0, String::len)
+                        }
+                        Event::End(_) => 0,
+                    };
+                    if bytes > max_bytes {
+                        // Cut as a `length` answer; the upstream request is
+                        // dropped (cancelled) on return.
+                        tracing::warn!(
+                            backend = %self.name,
+                            bytes,
+                            max_bytes,
+                            "the upstream sent more than the request's max_tokens allow; the answer is cut"
+                        );
+                        let ending = Ending {
+                            finish_reason: Some("length".into()),
+                            usage: None,
+                            response_id: None,
+                        };
+                        trace_ending(&trace, &ending, chunks, completion.take());
+                        self.end(UpstreamOutcome::Ok, chunks, Some(false));
+                        let _ = events.send(Ok(Event::End(ending))).await;
+                        return;
                     }
                     if events.send(Ok(event)).await.is_err() {
                         trace.set([Attribute::new("orchestrator.outcome", "cancelled")]);
