@@ -105,6 +105,7 @@ impl Session {
             sha256,
             world: plugin.world().name(),
             inference_granted: self.stage.capabilities.inference,
+            stores_granted: self.stage.capabilities.stores.clone(),
             imports: shape.imports,
             exports: shape.exports,
             core_instances: shape.core_instances,
@@ -130,6 +131,8 @@ pub struct CheckReport {
     pub world: &'static str,
     /// Whether the stage is granted `inference`.
     pub inference_granted: bool,
+    /// The stores the stage is granted.
+    pub stores_granted: Vec<String>,
     /// Its imports.
     pub imports: Vec<String>,
     /// Its exports.
@@ -180,6 +183,12 @@ impl fmt::Display for CheckReport {
                 }
             } else if import.starts_with("wasi:sockets/") {
                 "linked; every socket call is denied"
+            } else if import.starts_with("wasi:keyvalue/store") {
+                if self.stores_granted.is_empty() {
+                    "linked; NOT granted a store: every open is access-denied (set capabilities = { stores = [\"name\"] })"
+                } else {
+                    "linked; opens only the stores granted"
+                }
             } else {
                 "linked"
             };
