@@ -8,9 +8,10 @@
 //!
 //! Groups:
 //! - `guest`: one `process` call of a `request-stage` guest on a warm
-//!   instance: `touch` (the call alone) and `kv-counter` (the call plus one
-//!   `wasi:keyvalue` `atomics.increment` on a memory store and one note).
-//!   Their difference is what a store operation costs a guest.
+//!   instance: `touch` (the call alone) and `kv-counter/N` (the call plus
+//!   `store.open`, N `atomics.increment` on a memory store, a note and the
+//!   bucket's drop). `(kv-counter/11 - kv-counter/1) / 10` is what one
+//!   store operation costs a guest.
 //! - `host`: `Store::window` (the windowed counter with a limit) on a
 //!   memory store, and on a `redis-server` of its own on loopback (one
 //!   round trip; skipped when `redis-server` is not installed).
@@ -113,9 +114,18 @@ fn guest(c: &mut Criterion) {
         .insert("counters".into(), StoreConfig::default());
     let stores_with = Arc::new(Stores::reusing(&config, &bench.metrics, None).unwrap());
     let mut group = c.benchmark_group("guest");
-    for (name, stores) in [("touch", &stores), ("kv-counter", &stores_with)] {
-        let mut instance = bench.instance(name, &[], stores);
-        group.bench_function(name, |b| {
+    for (name, config, stores) in [
+        ("touch", "1", &stores),
+        ("kv-counter", "1", &stores_with),
+        ("kv-counter", "11", &stores_with),
+    ] {
+        let (label, settings): (String, &[(&str, &str)]) = if name == "touch" {
+            (name.to_string(), &[])
+        } else {
+            (format!("{name}/{config}"), &[("repeat", config)])
+        };
+        let mut instance = bench.instance(name, settings, stores);
+        group.bench_function(label, |b| {
             b.iter_batched_ref(
                 envelope,
                 |envelope| {

@@ -318,6 +318,49 @@ async fn a_memory_store_stays_within_its_bounds() {
     );
 }
 
+/// A reload keeps a store whose settings did not change (a memory store
+/// keeps its keys) and starts anew one whose settings changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_an_unchanged_store() {
+    let counter = stage(
+        "kv",
+        "kv-counter",
+        "capabilities = { stores = [\"counters\"] }",
+    );
+    let (_dir, path) = crate::common::config_file(&format!(
+        "[stores.counters]\nmax_keys = 1000\n{counter}{}",
+        pipeline(&["kv", "inference"])
+    ));
+    let host = Host::start(&["--config", path.to_str().unwrap()]);
+    let count = async || notes(&host, &chat("hi"), &[]).await["kv.count"].clone();
+    assert_eq!(count().await, "1");
+    assert_eq!(count().await, "2");
+    // Another pipeline, the same store: the count goes on.
+    std::fs::write(
+        &path,
+        format!(
+            "[stores.counters]\nmax_keys = 1000\n{counter}{}",
+            pipeline(&["kv", "inference", "stream"])
+        ),
+    )
+    .unwrap();
+    host.send_sighup();
+    host.wait_for_log("configuration reloaded", 1).await;
+    assert_eq!(count().await, "3");
+    // The store's settings change: a new store.
+    std::fs::write(
+        &path,
+        format!(
+            "[stores.counters]\nmax_keys = 2000\n{counter}{}",
+            pipeline(&["kv", "inference", "stream"])
+        ),
+    )
+    .unwrap();
+    host.send_sighup();
+    host.wait_for_log("configuration reloaded", 2).await;
+    assert_eq!(count().await, "1");
+}
+
 /// A config with the `kv` counter on a Redis store at `url`.
 fn redis_counter(url: &str) -> String {
     format!(
