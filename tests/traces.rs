@@ -538,3 +538,38 @@ async fn the_trace_endpoint_flag_turns_tracing_on() {
     assert_eq!(response.status(), 200);
     assert!(response.headers().get("x-trace-id").is_none());
 }
+
+/// The principal a stage set (an auth stage) is recorded in the request's
+/// server span as `enduser.id`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_principal_is_the_spans_enduser() {
+    let receiver = Receiver::start().await;
+    let host = Host::with_config(&format!(
+        "[tracing]\nenabled = true\nendpoint = {:?}\n\
+         [stages.auth]\nplugin = \"{}\"\n\
+         config = {{ mode = \"auth\", token = \"k\", principal = \"alice\" }}\n\
+         capabilities = {{ headers = [\"authorization\"] }}\n\
+         [pipelines.default]\nstages = [\"auth\", \"inference\"]\n",
+        receiver.endpoint,
+        test_plugin("gate").display()
+    ));
+    let response = client()
+        .post(format!("{}/v1/chat/completions", host.api))
+        .bearer_auth("k")
+        .json(&json!({"model": "echo", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let trace_id = response.headers()["x-trace-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let spans = receiver
+        .trace(&trace_id, |s| {
+            !named(s, "POST /v1/chat/completions").is_empty()
+        })
+        .await;
+    let server = one(&spans, "POST /v1/chat/completions");
+    assert_eq!(server.attr("enduser.id"), "alice");
+}

@@ -262,7 +262,8 @@ impl Drop for Unfinished<'_> {
 /// Count `error` against `stage`: the request's answer.
 fn fail(stage: &StageRuntime, job: &Job, error: CallError) -> RunError {
     stage.metrics.errors(error.error_type).inc();
-    tracing::debug!(stage = stage.name(), request_id = %job.envelope.request_id, trace_id = %job.trace, %error, "stage failed");
+    let principal = job.envelope.principal.as_deref().unwrap_or("");
+    tracing::debug!(stage = stage.name(), request_id = %job.envelope.request_id, principal, trace_id = %job.trace, %error, "stage failed");
     RunError::Stage {
         stage: stage.name(),
         error,

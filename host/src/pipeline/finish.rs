@@ -138,6 +138,7 @@ impl Finishing {
                 tracing::warn!(
                     stage = stage.name(),
                     request_id = %envelope.request_id,
+                    principal = envelope.principal.as_deref().unwrap_or(""),
                     %error,
                     "a finish call failed; the answer is unchanged"
                 );

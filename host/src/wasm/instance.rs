@@ -190,6 +190,10 @@ impl Instance {
                 }
             }
         };
+        state.lent = match &argument {
+            ProcessArgument::Handle(handle) => Some(handle.rep()),
+            _ => None,
+        };
         let owned = match &argument {
             ProcessArgument::Handle(handle) => Some(Ok(handle.rep())),
             ProcessArgument::LegacyHandle(handle) => Some(Err(handle.rep())),
@@ -209,6 +213,7 @@ impl Instance {
             within(deadline, std::pin::pin!(call)).await
         };
         let mut over_cap = None;
+        self.store.data_mut().lent = None;
         if let Some(rep) = owned {
             let state = self.store.data_mut();
             over_cap = state.request.take().and_then(|budget| budget.exceeded);
@@ -295,6 +300,7 @@ impl Instance {
             )
         })?;
         let rep = handle.rep();
+        state.lent = Some(rep);
         let result = {
             let call = self
                 .exports
@@ -303,6 +309,7 @@ impl Instance {
         };
         let state = self.store.data_mut();
         state.request = None;
+        state.lent = None;
         *envelope = state
             .table
             .delete(Resource::<Envelope>::new_own(rep))

@@ -218,6 +218,7 @@ impl Plugin {
             stream: None,
             backend_error: None,
             request: None,
+            lent: None,
             panic: None,
         };
         let mut store = Store::new(self.pre.engine(), state);

@@ -4,9 +4,12 @@
 use orchestrator_plugin::log::PANIC_FIELD;
 
 use super::state::HostState;
+use wasmtime::component::Resource;
+
 use crate::trace::Attribute;
 use crate::wasm::bindings::v1::orchestrator::pipeline::log as log_v1;
 use crate::wasm::bindings::v2::orchestrator::pipeline::log;
+use crate::wasm::envelope::Envelope;
 
 /// The longest panic message kept for the error report, in bytes.
 const PANIC_MESSAGE_CAP: usize = 2048;
@@ -56,6 +59,12 @@ impl log::Host for HostState {
             self.trace.event(message.clone(), attributes);
         }
         let (stage, request_id, trace) = (self.stage, self.request_id.as_str(), &self.trace);
+        // Who is calling, if a stage said (never a metric label).
+        let principal = self
+            .lent
+            .and_then(|rep| self.table.get(&Resource::<Envelope>::new_borrow(rep)).ok())
+            .and_then(|envelope| envelope.principal.as_deref())
+            .unwrap_or("");
         let fields = fields
             .iter()
             .map(|(k, v)| format!("{k}={v:?}"))
@@ -63,19 +72,19 @@ impl log::Host for HostState {
             .join(" ");
         match level {
             log::Level::Trace => {
-                tracing::trace!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
+                tracing::trace!(target: "plugin", stage, request_id, principal, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Debug => {
-                tracing::debug!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
+                tracing::debug!(target: "plugin", stage, request_id, principal, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Info => {
-                tracing::info!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
+                tracing::info!(target: "plugin", stage, request_id, principal, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Warn => {
-                tracing::warn!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
+                tracing::warn!(target: "plugin", stage, request_id, principal, trace_id = %trace, dropped, %fields, "{message}")
             }
             log::Level::Error => {
-                tracing::error!(target: "plugin", stage, request_id, trace_id = %trace, dropped, %fields, "{message}")
+                tracing::error!(target: "plugin", stage, request_id, principal, trace_id = %trace, dropped, %fields, "{message}")
             }
         }
     }

@@ -59,6 +59,9 @@ pub struct HostState {
     /// The output budget of the request handed over by handle, during a
     /// `process` call of a `request-stage` plugin.
     pub(in crate::wasm) request: Option<RequestBudget>,
+    /// The table entry of the 0.2 request lent to the current call, if any
+    /// (for the principal in log records).
+    pub(in crate::wasm) lent: Option<u32>,
     /// The message of the last panic the plugin logged (a record with the
     /// SDK's panic field): reported with the trap that follows it.
     pub(in crate::wasm) panic: Option<String>,
