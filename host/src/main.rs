@@ -308,9 +308,12 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             let envelope = authoring::run::envelope_from_json(input)?;
             let output = if delta.is_empty() {
                 let calls = usize::try_from(repeat).unwrap_or(1);
-                serde_json::to_value(authoring::run::process(&plugin, envelope, calls).await?)?
+                serde_json::to_value(
+                    authoring::run::process(&plugin, session.stores(), envelope, calls).await?,
+                )?
             } else {
-                let steps = authoring::run::chunks(&plugin, &envelope, &delta).await?;
+                let steps =
+                    authoring::run::chunks(&plugin, session.stores(), &envelope, &delta).await?;
                 let emitted: String = steps
                     .iter()
                     .flat_map(|s| s.emit.iter().map(String::as_str))

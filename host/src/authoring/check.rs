@@ -11,6 +11,7 @@ use crate::bundled;
 use crate::config::{Bundled, Config, ConfigError, PluginSource, StageConfig};
 use crate::inference::Router;
 use crate::metrics::Metrics;
+use crate::store::Stores;
 use crate::wasm::{EngineSettings, HostServices, Plugin, PluginBytes, Runtime, inspect};
 
 /// The fuel budget of a call under `plugin run` when the stage sets none:
@@ -22,6 +23,7 @@ const RUN_FUEL: u64 = 1 << 40;
 pub struct Session {
     runtime: Arc<Runtime>,
     stage: StageConfig,
+    stores: Arc<Stores>,
     services: HostServices,
     max_plugin_bytes: u64,
 }
@@ -62,6 +64,7 @@ impl Session {
             &metrics,
         )?);
         let router = Router::new(&config, &metrics)?;
+        let stores = Arc::new(Stores::reusing(&config, &metrics, None)?);
         if let Some(dir) = bundled::default_corpus_in_use(&config) {
             bundled::install_corpus(&dir).map_err(AuthoringError::Corpus)?;
         }
@@ -72,6 +75,7 @@ impl Session {
                 ledger: Arc::default(),
             },
             stage: stage_config,
+            stores,
             runtime,
             max_plugin_bytes: config.max_plugin_bytes,
         })
@@ -80,6 +84,11 @@ impl Session {
     /// The stage's settings.
     pub fn stage(&self) -> &StageConfig {
         &self.stage
+    }
+
+    /// The configuration's key-value stores, which the plugin's calls open.
+    pub fn stores(&self) -> &Arc<Stores> {
+        &self.stores
     }
 
     /// Load `file` for the stage, as startup and hot swap do.

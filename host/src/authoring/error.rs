@@ -16,6 +16,9 @@ pub enum AuthoringError {
     /// The configured backends could not be set up.
     #[error(transparent)]
     Backend(#[from] BackendSetupError),
+    /// A key-value store of the configuration cannot be set up.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreSetupError),
     /// The plugin was refused; [`LoadError::report`] says why (the whole
     /// chain, so this error has no further source).
     #[error("{}", .0.report())]

@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 
 use super::error::AuthoringError;
 use crate::chat::Params;
+use crate::store::Stores;
 use crate::wasm::{ChunkContext, Envelope, Instance, Plugin, params_to_wit};
 
 /// The result of `process` calls.
@@ -156,10 +157,12 @@ fn fuel_used(instance: &Instance, budget: Option<u64>) -> Option<u64> {
 /// The instance cannot be created, or a call fails.
 pub async fn process(
     plugin: &Arc<Plugin>,
+    stores: &Arc<Stores>,
     input: Envelope,
     calls: usize,
 ) -> Result<RunReport, AuthoringError> {
     let mut instance = Instance::new(plugin).await?;
+    instance.set_stores(stores);
     let timeout = Duration::from_millis(plugin.settings().timeout_ms);
     let budget = plugin.settings().fuel;
     let mut envelope = input.clone();
@@ -192,10 +195,12 @@ pub async fn process(
 /// The instance cannot be created, or a call fails.
 pub async fn chunks(
     plugin: &Arc<Plugin>,
+    stores: &Arc<Stores>,
     envelope: &Envelope,
     deltas: &[String],
 ) -> Result<Vec<ChunkStep>, AuthoringError> {
     let mut instance = Instance::new(plugin).await?;
+    instance.set_stores(stores);
     let timeout = Duration::from_millis(plugin.settings().timeout_ms);
     let budget = plugin.settings().fuel;
     let context = ChunkContext {
