@@ -318,6 +318,51 @@ async fn a_memory_store_stays_within_its_bounds() {
     );
 }
 
+/// A memory store bounded to 1 MiB, written 16 MiB of answers: the host's
+/// resident memory stays flat while the store evicts (what an unbounded
+/// store would hold shows as growth of well over 10 MiB).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_memory_store_keeps_the_process_flat() {
+    let host = Host::with_config(&format!(
+        "[stores.cache]\nmax_bytes = 1048576\n{}{}",
+        stage(
+            "remember",
+            "gate",
+            "config = { mode = \"remember\" }\ncapabilities = { stores = [\"cache\"] }"
+        ),
+        pipeline(&["inference", "remember"]),
+    ));
+    let word = "x".repeat(64);
+    let answer = |n: usize| {
+        let text = format!("{n} {}", vec![word.as_str(); 500].join(" "));
+        json!({"model": "echo", "max_tokens": 512, "messages": [{"role": "user", "content": text}]})
+    };
+    let rss = async || {
+        metric_value(&host.metrics_text().await, "process_resident_memory_bytes") / (1 << 20) as f64
+    };
+    for n in 0..100 {
+        notes(&host, &answer(n), &[]).await;
+    }
+    let warm = rss().await;
+    for n in 100..600 {
+        let notes = notes(&host, &answer(n), &[]).await;
+        assert!(notes["gate.store_error"].is_null(), "{notes}");
+    }
+    let after = rss().await;
+    let metrics = host.metrics_text().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "orchestrator_store_evictions_total{store=\"cache\"}"
+        ) > 500.0,
+        "the store evicted"
+    );
+    assert!(
+        after - warm < 8.0,
+        "RSS grew from {warm:.1} MiB to {after:.1} MiB while 16 MiB went into a 1 MiB store"
+    );
+}
+
 /// A reload keeps a store whose settings did not change (a memory store
 /// keeps its keys) and starts anew one whose settings changed.
 #[tokio::test(flavor = "multi_thread")]

@@ -84,6 +84,7 @@
 mod backend;
 mod echo;
 mod generation;
+mod limits;
 mod openai;
 mod protocol;
 mod router;

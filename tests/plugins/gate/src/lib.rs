@@ -7,7 +7,8 @@
 //!   store `limits`: `limit` requests per `window_ms`; past it, 429 with
 //!   `Retry-After`. Sets `x-ratelimit-remaining-requests`. A store error
 //!   lets the request through and notes it (`gate.store_error`).
-//! - `cache`: looks the last user message up in the store `cache`; a hit
+//! - `cache`: looks the last user message (its first 200 characters) up in
+//!   the store `cache`; a hit
 //!   answers the request early (header `x-cache: hit`).
 //! - `remember`: after the generation, stores the completion under the last
 //!   user message in `cache` (for 60 s).
@@ -45,13 +46,15 @@ struct Config {
 
 struct Gate(Config);
 
+/// The cache key of a request: its last user message, cut to 200
+/// characters.
 fn last_user(request: &dyn Request) -> String {
     request
         .messages()
         .iter()
         .rev()
         .find(|m| m.role == "user")
-        .map(|m| m.text())
+        .map(|m| m.text().chars().take(200).collect())
         .unwrap_or_default()
 }
 
