@@ -568,6 +568,63 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_caller_identity_answer_and_refusal_are_recorded() {
+        use crate::{RefusalKind, Stage};
+
+        /// A limiter as a stage author writes it: by principal, in a store.
+        struct Limit;
+        impl Stage for Limit {
+            type Config = ();
+            fn init((): ()) -> Result<Self, crate::InitError> {
+                Ok(Limit)
+            }
+            fn process(&self, request: &dyn Request) -> Result<(), StageError> {
+                let who = request.header("Authorization").unwrap_or_default();
+                request.set_principal(&who);
+                let store = crate::store::Store::open("limits")
+                    .map_err(|e| StageError::Config(e.to_string()))?;
+                let window = store
+                    .window(&who, 1, std::time::Duration::from_secs(60), Some(1))
+                    .map_err(|e| StageError::PluginError(e.to_string()))?;
+                request
+                    .set_response_header("x-left", &(1 - window.value).to_string())
+                    .map_err(StageError::PluginError)?;
+                if !window.applied {
+                    request.refuse(Refusal {
+                        kind: RefusalKind::RateLimited,
+                        message: "one per minute".into(),
+                        code: None,
+                        retry_after_ms: Some(window.reset_ms),
+                    });
+                }
+                Ok(())
+            }
+        }
+
+        crate::store::reset();
+        let stage = Limit;
+        let request = || TestRequest::new().with_header("authorization", "alice");
+        let first = request();
+        stage.process(&first).unwrap();
+        let fields = first.fields();
+        assert_eq!(fields.principal.as_deref(), Some("alice"));
+        assert_eq!(fields.refused, None);
+        assert_eq!(
+            fields.response_headers,
+            [("x-left".to_string(), "0".to_string())]
+        );
+        let second = request();
+        stage.process(&second).unwrap();
+        let refused = second.fields().refused.expect("refused");
+        assert_eq!(refused.kind, RefusalKind::RateLimited);
+        assert!(refused.retry_after_ms.is_some_and(|ms| ms <= 60_000));
+        assert!(second.set_response_header("content-type", "x").is_err());
+        assert_eq!(second.client_address(), None);
+        second.answer();
+        assert!(second.answered());
+    }
+
+    #[test]
     fn builders_fill_the_fields() {
         let request = TestRequest::new()
             .with_system("s")
