@@ -257,6 +257,22 @@ mod tests {
     }
 
     #[test]
+    fn stores_on_one_redis_cannot_share_keys() {
+        let url = "url = \"redis://127.0.0.1:6379/0\"";
+        let ok =
+            format!("[stores.a]\nkind = \"redis\"\n{url}\n[stores.b]\nkind = \"redis\"\n{url}\n");
+        assert!(parse(&ok).is_ok());
+        let nested = format!(
+            "[stores.x]\nkind = \"redis\"\n{url}\nkey_prefix = \"foo:\"\n\
+             [stores.y]\nkind = \"redis\"\n{url}\nkey_prefix = \"foo:x:\"\n"
+        );
+        let error = parse(&nested).unwrap_err().to_string();
+        assert!(error.contains("stores.y.key_prefix"), "{error}");
+        assert!(parse("[stores.m]\nkind = \"memory\"\nurl = \"redis://x\"\n").is_err());
+        assert!(parse("[stores.r]\nkind = \"redis\"\n").is_err());
+    }
+
+    #[test]
     fn empty_file_is_the_defaults() {
         assert_eq!(parse("").unwrap(), Config::default());
         let config = Config::default();

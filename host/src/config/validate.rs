@@ -158,6 +158,32 @@ impl Config {
                 },
             }
         }
+        // Stores on one Redis must not see each other's keys: no store's
+        // `<key_prefix><name>:` may start another's.
+        let spaces: Vec<(&String, String, Option<&String>)> = self
+            .stores
+            .iter()
+            .filter(|(_, s)| s.kind == StoreKind::Redis)
+            .map(|(name, s)| {
+                (
+                    name,
+                    format!("{}{name}:", s.key_prefix),
+                    s.url_env.as_ref().or(s.url.as_ref()),
+                )
+            })
+            .collect();
+        for (a, prefix_a, server_a) in &spaces {
+            for (b, prefix_b, server_b) in &spaces {
+                if a != b && server_a == server_b && prefix_b.starts_with(prefix_a.as_str()) {
+                    return invalid(
+                        format!("stores.{b}.key_prefix"),
+                        &format!(
+                            "its keys (`{prefix_b}...`) would be keys of store `{a}` (`{prefix_a}...`) on the same server"
+                        ),
+                    );
+                }
+            }
+        }
         for stage in &self.stages {
             for header in &stage.capabilities.headers {
                 if header.is_empty()

@@ -458,9 +458,16 @@ impl Backend {
                             extra
                                 .tool_calls
                                 .iter()
-                                .map(|c| c.arguments.len())
+                                .map(|c| {
+                                    // Every piece counts, a new call's
+                                    // entry too.
+                                    16 + c.arguments.len()
+                                        + c.name.as_ref().map_or(0, String::len)
+                                        + c.id.as_ref().map_or(0, String::len)
+                                })
                                 .sum::<usize>()
                                 + extra.refusal.as_ref().map_or(0, String::len)
+                                + extra.logprobs.as_ref().map_or(0, |l| l.to_string().len())
                         }
                         Event::End(_) => 0,
                     };

@@ -9,11 +9,17 @@ use super::generation::GenerateRequest;
 /// token, so only an upstream that ignores `max_tokens` is cut.
 pub const MAX_BYTES_PER_TOKEN: usize = 64;
 
+/// The most completion tokens an upstream may report for a request that
+/// set no `max_tokens`: far above any model's longest answer today, far
+/// below the `u32::MAX` a broken upstream sends.
+pub const MAX_PLAUSIBLE_TOKENS: u32 = 1 << 20;
+
 impl Backend {
     /// The usage an upstream reported, if it can be true: no more
-    /// completion tokens than the request allowed (its `max_tokens`, else
-    /// the backend's `max_tokens_limit`; reasoning tokens included, as
-    /// OpenAI counts them). An upstream that reports more is not trusted:
+    /// completion tokens than the request allowed (its `max_tokens`;
+    /// reasoning tokens included, as OpenAI counts them), or, for a request
+    /// that set none (nothing is then sent upstream), than
+    /// [`MAX_PLAUSIBLE_TOKENS`]. An upstream that reports more is not trusted:
     /// its usage is dropped (the host then counts the answer's pieces, as
     /// for an upstream that reports none) and a warning logged, so that a
     /// broken or hostile upstream cannot inflate
@@ -24,11 +30,7 @@ impl Backend {
         request: &GenerateRequest,
     ) -> Option<(u32, u32)> {
         let (prompt, completion) = usage?;
-        let allowed = request
-            .params
-            .max_tokens()
-            .unwrap_or(self.settings.max_tokens_limit)
-            .min(self.settings.max_tokens_limit);
+        let allowed = request.params.max_tokens().unwrap_or(MAX_PLAUSIBLE_TOKENS);
         if completion > allowed {
             tracing::warn!(
                 backend = %self.name,

@@ -31,10 +31,14 @@ use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
 /// stage runs.
 pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
     while let Some(stage) = job.route.stages.get(job.stage).cloned() {
-        if job.envelope.answered && stage.settings.capabilities.inference {
+        if job.envelope.answered && !job.envelope.generated && stage.settings.capabilities.inference
+        {
             // A stage before this one answered (a cache hit): the
-            // generating stage is skipped, and a streaming client gets the
-            // answer through the streaming stages as if it were generated.
+            // generating stage (the first one granted inference) is
+            // skipped, and a streaming client gets the answer through the
+            // streaming stages as if it were generated. Later stages
+            // granted inference (a judge) run as usual.
+            job.envelope.generated = true;
             job.leave_stage();
             if job.streaming {
                 let tokens = TokenStream::replay(answer_of(&job.envelope), job.deadline);
@@ -145,9 +149,11 @@ async fn process(
         span: &span,
         armed: true,
     };
-    let mut finishes = false;
     let result = {
         let current = stage.plugin_owned();
+        // Recorded before the call: a call cut short (the client left, the
+        // deadline passed) still gets its finish call.
+        job.ran(index, current.finishes());
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
         let router = job.snapshot.router();
@@ -159,7 +165,6 @@ async fn process(
             live.set_router(router);
             live.set_stores(stores);
             let result = live.process(envelope, timeout).await;
-            finishes = live.finishes();
             backend_wait.add(live.take_backend_wait());
             // Taken whatever the result: a generation started by a call
             // that then failed is dropped (cancelled) with it here, not
@@ -171,7 +176,6 @@ async fn process(
     };
     unfinished.armed = false;
     drop(permit);
-    job.ran(index, finishes);
     stage
         .metrics
         .duration

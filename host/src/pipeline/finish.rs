@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::call;
 use super::stage::{Job, Route, Shared};
+use crate::inference::Router;
 use crate::store::Stores;
 use crate::trace::Trace;
 use crate::wasm::bindings::v2::orchestrator::pipeline::types::Usage as WitUsage;
@@ -99,6 +100,7 @@ impl Job {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let finishing = Finishing {
             route: self.route.clone(),
+            router: self.snapshot.router().clone(),
             stores: self.snapshot.stores().clone(),
             shared,
             stages,
@@ -110,6 +112,7 @@ impl Job {
 /// The finish calls of one request.
 struct Finishing {
     route: Arc<Route>,
+    router: Router,
     stores: Arc<Stores>,
     shared: Arc<Shared>,
     /// Indices of the stages to call, in the order they ran.
@@ -126,8 +129,10 @@ impl Finishing {
             let plugin = stage.plugin_owned();
             let timeout = Duration::from_millis(stage.settings.timeout_ms);
             let (envelope, stores, outcome) = (&mut envelope, &self.stores, &outcome);
+            let router = &self.router;
             let result = call::on_instance(stage, &plugin, async |live: &mut Instance| {
                 live.set_request(&envelope.request_id, Trace::off());
+                live.set_router(router);
                 live.set_stores(stores);
                 live.finish(envelope, outcome, timeout).await
             })

@@ -266,7 +266,8 @@ impl Streaming {
             };
             if let Err(error) = step {
                 if let Some(job) = self.job.as_mut() {
-                    job.failed(error.status());
+                    // The client got 200 and the stream's error event.
+                    job.failed(200);
                 }
                 self.end(error.outcome());
                 return Some(Err(error));

@@ -5,6 +5,10 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+/// Most bytes one batch read may return (the memory backend refuses before
+/// copying; a Redis reply past it is dropped).
+pub const MAX_BATCH_REPLY_BYTES: usize = 16 * 1024 * 1024;
+
 /// What a backend's failure is, before the store names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackendError {
@@ -74,6 +78,10 @@ pub trait Backend: Send + Sync {
         window: Duration,
         limit: Option<i64>,
     ) -> BackendFuture<'a, Window>;
+    /// An operation did not finish in time (its future was dropped): the
+    /// backend is to be reported down until one succeeds.
+    fn timed_out(&self) {}
+
     /// Whether the backend answered its last operation (`None`: no
     /// operation yet), for `/health`.
     fn healthy(&self) -> Option<bool>;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, BackendError, BackendFuture, Window};
+use super::backend::{Backend, BackendError, BackendFuture, MAX_BATCH_REPLY_BYTES, Window};
 use crate::metrics::StoreMetrics;
 
 /// How often expired keys are swept in the background.
@@ -168,16 +168,30 @@ impl MemoryBackend {
         value: Vec<u8>,
         expires: Option<Instant>,
         now: Instant,
-    ) {
+    ) -> Result<(), BackendError> {
+        // A value the whole store cannot hold is refused: taking it would
+        // evict every other key and still pass the bound.
+        if size(key, &value) > self.max_bytes {
+            return Err(BackendError::Invalid(format!(
+                "a key and value of {} bytes do not fit the store's max_bytes ({})",
+                size(key, &value),
+                self.max_bytes
+            )));
+        }
         let evicted = map.insert(key, value, expires, (self.max_keys, self.max_bytes), now);
         if evicted > 0 {
             self.metrics.evictions.inc_by(evicted);
         }
+        Ok(())
     }
 }
 
-fn ready<'a, T: Send + 'a>(value: Result<T, BackendError>) -> BackendFuture<'a, T> {
-    Box::pin(std::future::ready(value))
+/// `work` as a backend future, run when it is first polled (so that the
+/// store's timing covers it).
+fn lazy<'a, T: Send + 'a>(
+    work: impl FnOnce() -> Result<T, BackendError> + Send + 'a,
+) -> BackendFuture<'a, T> {
+    Box::pin(async move { work() })
 }
 
 /// A counter's value: the decimal text of an i64.
@@ -196,9 +210,7 @@ fn add(value: i64, delta: i64) -> Result<i64, BackendError> {
 
 impl Backend for MemoryBackend {
     fn get<'a>(&'a self, key: &'a str) -> BackendFuture<'a, Option<Vec<u8>>> {
-        ready(Ok(
-            self.with(|map, now| map.live(key, now).map(|e| e.value.clone()))
-        ))
+        lazy(move || Ok(self.with(|map, now| map.live(key, now).map(|e| e.value.clone()))))
     }
 
     fn set<'a>(
@@ -207,34 +219,51 @@ impl Backend for MemoryBackend {
         value: &'a [u8],
         ttl: Option<Duration>,
     ) -> BackendFuture<'a, ()> {
-        self.with(|map, now| self.insert(map, key, value.to_vec(), ttl.map(|t| now + t), now));
-        ready(Ok(()))
+        lazy(move || {
+            self.with(|map, now| self.insert(map, key, value.to_vec(), ttl.map(|t| now + t), now))
+        })
     }
 
     fn delete<'a>(&'a self, keys: &'a [String]) -> BackendFuture<'a, ()> {
-        self.with(|map, _| keys.iter().for_each(|k| map.remove(k)));
-        ready(Ok(()))
+        lazy(move || {
+            self.with(|map, _| keys.iter().for_each(|k| map.remove(k)));
+            Ok(())
+        })
     }
 
     fn exists<'a>(&'a self, key: &'a str) -> BackendFuture<'a, bool> {
-        ready(Ok(self.with(|map, now| map.live(key, now).is_some())))
+        lazy(move || Ok(self.with(|map, now| map.live(key, now).is_some())))
     }
 
     fn get_many<'a>(&'a self, keys: &'a [String]) -> BackendFuture<'a, Vec<Option<Vec<u8>>>> {
-        ready(Ok(self.with(|map, now| {
-            keys.iter()
-                .map(|k| map.live(k, now).map(|e| e.value.clone()))
-                .collect()
-        })))
+        lazy(move || {
+            self.with(|map, now| {
+                let bytes: usize = keys
+                    .iter()
+                    .filter_map(|k| map.live(k, now).map(|e| e.value.len()))
+                    .sum();
+                if bytes > MAX_BATCH_REPLY_BYTES {
+                    return Err(BackendError::Invalid(format!(
+                        "the batch would return {bytes} bytes; at most {}",
+                        MAX_BATCH_REPLY_BYTES
+                    )));
+                }
+                Ok(keys
+                    .iter()
+                    .map(|k| map.live(k, now).map(|e| e.value.clone()))
+                    .collect())
+            })
+        })
     }
 
     fn set_many<'a>(&'a self, pairs: &'a [(String, Vec<u8>)]) -> BackendFuture<'a, ()> {
-        self.with(|map, now| {
-            for (key, value) in pairs {
-                self.insert(map, key, value.clone(), None, now);
-            }
-        });
-        ready(Ok(()))
+        lazy(move || {
+            self.with(|map, now| {
+                pairs
+                    .iter()
+                    .try_for_each(|(key, value)| self.insert(map, key, value.clone(), None, now))
+            })
+        })
     }
 
     fn list_keys<'a>(
@@ -242,33 +271,39 @@ impl Backend for MemoryBackend {
         prefix: &'a str,
         cursor: Option<&'a str>,
     ) -> BackendFuture<'a, (Vec<String>, Option<String>)> {
-        ready(Ok(self.with(|map, now| {
-            let mut keys: Vec<&String> = map
-                .entries
-                .iter()
-                .filter(|(k, e)| {
-                    e.live(now) && k.starts_with(prefix) && cursor.is_none_or(|c| k.as_str() > c)
-                })
-                .map(|(k, _)| k)
-                .collect();
-            keys.sort_unstable();
-            let more = keys.len() > PAGE;
-            keys.truncate(PAGE);
-            let next = more.then(|| keys.last().map(|k| (*k).clone())).flatten();
-            (keys.into_iter().cloned().collect(), next)
-        })))
+        lazy(move || {
+            Ok(self.with(|map, now| {
+                let mut keys: Vec<&String> = map
+                    .entries
+                    .iter()
+                    .filter(|(k, e)| {
+                        e.live(now)
+                            && k.starts_with(prefix)
+                            && cursor.is_none_or(|c| k.as_str() > c)
+                    })
+                    .map(|(k, _)| k)
+                    .collect();
+                keys.sort_unstable();
+                let more = keys.len() > PAGE;
+                keys.truncate(PAGE);
+                let next = more.then(|| keys.last().map(|k| (*k).clone())).flatten();
+                (keys.into_iter().cloned().collect(), next)
+            }))
+        })
     }
 
     fn increment<'a>(&'a self, key: &'a str, delta: i64) -> BackendFuture<'a, i64> {
-        ready(self.with(|map, now| {
-            let (current, expires) = match map.live(key, now) {
-                Some(entry) => (counter(&entry.value)?, entry.expires),
-                None => (0, None),
-            };
-            let value = add(current, delta)?;
-            self.insert(map, key, value.to_string().into_bytes(), expires, now);
-            Ok(value)
-        }))
+        lazy(move || {
+            self.with(|map, now| {
+                let (current, expires) = match map.live(key, now) {
+                    Some(entry) => (counter(&entry.value)?, entry.expires),
+                    None => (0, None),
+                };
+                let value = add(current, delta)?;
+                self.insert(map, key, value.to_string().into_bytes(), expires, now)?;
+                Ok(value)
+            })
+        })
     }
 
     fn swap_if<'a>(
@@ -277,14 +312,16 @@ impl Backend for MemoryBackend {
         expected: Option<&'a [u8]>,
         value: &'a [u8],
     ) -> BackendFuture<'a, bool> {
-        ready(Ok(self.with(|map, now| {
-            let current = map.live(key, now).map(|e| e.value.as_slice());
-            if current != expected {
-                return false;
-            }
-            self.insert(map, key, value.to_vec(), None, now);
-            true
-        })))
+        lazy(move || {
+            self.with(|map, now| {
+                let current = map.live(key, now).map(|e| e.value.as_slice());
+                if current != expected {
+                    return Ok(false);
+                }
+                self.insert(map, key, value.to_vec(), None, now)?;
+                Ok(true)
+            })
+        })
     }
 
     fn window<'a>(
@@ -294,23 +331,25 @@ impl Backend for MemoryBackend {
         window: Duration,
         limit: Option<i64>,
     ) -> BackendFuture<'a, Window> {
-        ready(self.with(|map, now| {
-            let (current, expires) = match map.live(key, now) {
-                Some(entry) => (counter(&entry.value)?, entry.expires),
-                None => (0, None),
-            };
-            let expires = expires.unwrap_or(now + window);
-            let reset_ms = expires.saturating_duration_since(now).as_millis() as u64;
-            let value = add(current, delta)?;
-            let applied = limit.is_none_or(|limit| value <= limit);
-            let value = if applied { value } else { current };
-            self.insert(map, key, value.to_string().into_bytes(), Some(expires), now);
-            Ok(Window {
-                value,
-                applied,
-                reset_ms,
+        lazy(move || {
+            self.with(|map, now| {
+                let (current, expires) = match map.live(key, now) {
+                    Some(entry) => (counter(&entry.value)?, entry.expires),
+                    None => (0, None),
+                };
+                let expires = expires.unwrap_or(now + window);
+                let reset_ms = expires.saturating_duration_since(now).as_millis() as u64;
+                let value = add(current, delta)?;
+                let applied = limit.is_none_or(|limit| value <= limit);
+                let value = if applied { value } else { current };
+                self.insert(map, key, value.to_string().into_bytes(), Some(expires), now)?;
+                Ok(Window {
+                    value,
+                    applied,
+                    reset_ms,
+                })
             })
-        }))
+        })
     }
 
     fn healthy(&self) -> Option<bool> {
@@ -341,9 +380,13 @@ mod tests {
         for n in 0..100 {
             block(big.set(&format!("k{n}"), &[0; 1000], None)).unwrap();
         }
+        assert!(matches!(
+            block(big.set("huge", &[0; 20_000], None)),
+            Err(BackendError::Invalid(_))
+        ));
         let map = big.map.lock().unwrap();
         assert!(map.bytes <= 10_000, "{}", map.bytes);
-        assert!(map.entries.len() < 10);
+        assert!(map.entries.len() < 10 && !map.entries.is_empty());
     }
 
     #[test]

@@ -56,7 +56,7 @@ mod backend;
 pub mod memory;
 pub mod redis;
 
-pub use backend::{Backend, BackendError, BackendFuture, Window};
+pub use backend::{Backend, BackendError, BackendFuture, MAX_BATCH_REPLY_BYTES, Window};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -72,7 +72,7 @@ pub const MAX_KEY_BYTES: usize = 1024;
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 
 /// Most keys in one batch operation.
-pub const MAX_BATCH: usize = 1000;
+pub const MAX_BATCH: usize = 100;
 
 /// Why a store operation failed. The plugin sees the message as
 /// `wasi:keyvalue/store.error.other`.
@@ -242,10 +242,13 @@ impl Store {
                 message,
             }),
             Ok(Err(BackendError::Invalid(message))) => Err(StoreError::Invalid(message)),
-            Err(_) => Err(StoreError::Timeout {
-                store: self.name.clone(),
-                ms: limit.as_millis() as u64,
-            }),
+            Err(_) => {
+                self.backend.timed_out();
+                Err(StoreError::Timeout {
+                    store: self.name.clone(),
+                    ms: limit.as_millis() as u64,
+                })
+            }
         };
         let outcome = match &result {
             Ok(_) => StoreOutcome::Ok,

@@ -275,6 +275,10 @@ impl Backend for RedisBackend {
         })
     }
 
+    fn timed_out(&self) {
+        self.state.store(DOWN, Ordering::Relaxed);
+    }
+
     fn healthy(&self) -> Option<bool> {
         match self.state.load(Ordering::Relaxed) {
             UP => Some(true),

@@ -290,6 +290,10 @@ impl Instance {
         let cap = self.plugin.settings.max_output_bytes;
         let state = self.store.data_mut();
         state.panic = None;
+        state.stream = None;
+        state.backend_error = None;
+        // A generation a finish call starts ends with the call.
+        state.request_deadline = Some(state.deadline);
         let deadline = state.deadline + HOST_CALL_GRACE;
         let taken = std::mem::replace(envelope, Envelope::placeholder());
         state.request = Some(RequestBudget::new(&taken, cap));
@@ -310,6 +314,11 @@ impl Instance {
         let state = self.store.data_mut();
         state.request = None;
         state.lent = None;
+        // Nothing of a finish call is the next request's: a stream it
+        // started is dropped (cancelled), its backend wait forgotten.
+        state.stream = None;
+        state.backend_error = None;
+        state.backend_wait = Duration::ZERO;
         *envelope = state
             .table
             .delete(Resource::<Envelope>::new_own(rep))

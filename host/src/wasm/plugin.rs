@@ -200,6 +200,7 @@ impl Plugin {
             stage: self.stage,
             router: self.services.router.clone(),
             stores: Arc::default(),
+            store_handles: 0,
             granted_stores: self.settings.capabilities.stores.iter().cloned().collect(),
             granted_headers: self
                 .settings

@@ -99,7 +99,8 @@ pub trait Request {
     fn client_address(&self) -> Option<String>;
     /// Who is calling, as a stage (an auth stage) set it.
     fn principal(&self) -> Option<String>;
-    /// Set who is calling (at most 256 bytes): every later stage and the
+    /// Set who is calling (at most 256 bytes; a longer one is cut): every
+    /// later stage and the
     /// finish calls see it, and the request's trace records it.
     fn set_principal(&self, principal: &str);
     /// Answer the request with what it holds now (set the completion,

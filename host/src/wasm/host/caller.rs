@@ -64,13 +64,17 @@ impl HostState {
     pub(super) fn set_principal(
         &mut self,
         request: Resource<Envelope>,
-        principal: String,
+        mut principal: String,
     ) -> wasmtime::Result<()> {
+        // Cut, not refused: a principal often comes from a client's header,
+        // and a long header must not fail the stage (and count against its
+        // breaker).
         if principal.len() > MAX_PRINCIPAL_BYTES {
-            return Err(wasmtime::Error::msg(format!(
-                "a principal is at most {MAX_PRINCIPAL_BYTES} bytes; this one is {}",
-                principal.len()
-            )));
+            let mut end = MAX_PRINCIPAL_BYTES;
+            while !principal.is_char_boundary(end) {
+                end -= 1;
+            }
+            principal.truncate(end);
         }
         self.table.get_mut(&request)?.principal = Some(principal);
         Ok(())

@@ -14,10 +14,19 @@ use std::time::Duration;
 use wasmtime::component::Resource;
 
 use super::state::HostState;
-use crate::store::{Store, StoreError, Window};
+use crate::store::{MAX_BATCH_REPLY_BYTES, Store, StoreError, Window};
 use crate::wasm::bindings::keyvalue::wasi::keyvalue::{atomics, batch, store};
 use crate::wasm::bindings::v2::orchestrator::pipeline::expiring;
 use crate::wasm::resources::{Bucket, Cas};
+
+/// Most store and compare-and-swap handles one instance may hold at once.
+pub const MAX_STORE_HANDLES: usize = 64;
+
+fn too_many_handles() -> store::Error {
+    store::Error::Other(format!(
+        "at most {MAX_STORE_HANDLES} store handles may be open at once; drop some"
+    ))
+}
 
 fn error(error: StoreError) -> store::Error {
     store::Error::Other(error.to_string())
@@ -40,7 +49,12 @@ impl store::Host for HostState {
         let Some(store) = self.stores.get(&identifier).cloned() else {
             return Ok(Err(store::Error::NoSuchStore));
         };
-        Ok(Ok(self.table.push(Bucket { store })?))
+        if self.store_handles >= MAX_STORE_HANDLES {
+            return Ok(Err(too_many_handles()));
+        }
+        let bucket = self.table.push(Bucket { store })?;
+        self.store_handles += 1;
+        Ok(Ok(bucket))
     }
 }
 
@@ -100,6 +114,7 @@ impl store::HostBucket for HostState {
 
     async fn drop(&mut self, bucket: Resource<Bucket>) -> wasmtime::Result<()> {
         self.table.delete(bucket)?;
+        self.store_handles = self.store_handles.saturating_sub(1);
         Ok(())
     }
 }
@@ -124,6 +139,7 @@ impl atomics::Host for HostState {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let cas = self.table.delete(cas)?;
+        self.store_handles = self.store_handles.saturating_sub(1);
         let swapped = cas
             .store
             .swap_if(&cas.key, cas.current.as_deref(), &value, self.deadline)
@@ -134,9 +150,11 @@ impl atomics::Host for HostState {
                 // Hand back a fresh `cas` holding the value that won.
                 let current = cas.store.get(&cas.key, self.deadline).await;
                 match current {
-                    Ok(current) => Err(atomics::CasError::CasFailed(
-                        self.table.push(Cas { current, ..cas })?,
-                    )),
+                    Ok(current) => {
+                        let cas = self.table.push(Cas { current, ..cas })?;
+                        self.store_handles += 1;
+                        Err(atomics::CasError::CasFailed(cas))
+                    }
                     Err(e) => Err(atomics::CasError::StoreError(error(e))),
                 }
             }
@@ -152,15 +170,20 @@ impl atomics::HostCas for HostState {
         key: String,
     ) -> wasmtime::Result<Result<Resource<Cas>, store::Error>> {
         let store = self.bucket(&bucket)?;
+        if self.store_handles >= MAX_STORE_HANDLES {
+            return Ok(Err(too_many_handles()));
+        }
         let current = match store.get(&key, self.deadline).await {
             Ok(current) => current,
             Err(e) => return Ok(Err(error(e))),
         };
-        Ok(Ok(self.table.push(Cas {
+        let cas = self.table.push(Cas {
             store,
             key,
             current,
-        })?))
+        })?;
+        self.store_handles += 1;
+        Ok(Ok(cas))
     }
 
     async fn current(
@@ -172,6 +195,7 @@ impl atomics::HostCas for HostState {
 
     async fn drop(&mut self, cas: Resource<Cas>) -> wasmtime::Result<()> {
         self.table.delete(cas)?;
+        self.store_handles = self.store_handles.saturating_sub(1);
         Ok(())
     }
 }
@@ -183,16 +207,21 @@ impl batch::Host for HostState {
         keys: Vec<String>,
     ) -> wasmtime::Result<Result<Vec<Option<(String, Vec<u8>)>>, store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store
-            .get_many(&keys, self.deadline)
-            .await
-            .map(|values| {
-                keys.into_iter()
-                    .zip(values)
-                    .map(|(key, value)| value.map(|v| (key, v)))
-                    .collect()
-            })
-            .map_err(error))
+        let values = match store.get_many(&keys, self.deadline).await {
+            Ok(values) => values,
+            Err(e) => return Ok(Err(error(e))),
+        };
+        let bytes: usize = values.iter().flatten().map(Vec::len).sum();
+        if bytes > MAX_BATCH_REPLY_BYTES {
+            return Ok(Err(store::Error::Other(format!(
+                "get-many would return {bytes} bytes; at most {MAX_BATCH_REPLY_BYTES}"
+            ))));
+        }
+        Ok(Ok(keys
+            .into_iter()
+            .zip(values)
+            .map(|(key, value)| value.map(|v| (key, v)))
+            .collect()))
     }
 
     async fn set_many(

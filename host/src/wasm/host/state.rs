@@ -30,6 +30,9 @@ pub struct HostState {
     pub(in crate::wasm) router: Option<Router>,
     /// The stores of the configuration serving the current call.
     pub(in crate::wasm) stores: Arc<Stores>,
+    /// Store and compare-and-swap handles the guest holds now (bounded:
+    /// each may hold a value in host memory).
+    pub(in crate::wasm) store_handles: usize,
     /// The stores the stage is granted (`capabilities.stores`).
     pub(in crate::wasm) granted_stores: Arc<[String]>,
     /// The request headers the stage is granted (lower case).
