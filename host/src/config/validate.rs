@@ -137,7 +137,7 @@ impl Config {
                 );
             }
             within(key("timeout_ms"), store.timeout_ms, 1, MAX_MS)?;
-            within(key("max_keys"), store.max_keys, 1, 1 << 32)?;
+            within(key("max_keys"), store.max_keys, 1, 10_000_000)?;
             within(key("max_bytes"), store.max_bytes, 1024, 1 << 40)?;
             match store.kind {
                 StoreKind::Memory => {
