@@ -419,6 +419,18 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_read_is_bounded_before_it_copies() {
+        let backend = MemoryBackend::new(100, 64 << 20, Metrics::new().store("b"));
+        block(backend.set("big", &vec![0; 1 << 20], None)).unwrap();
+        let keys = vec!["big".to_string(); MAX_BATCH_REPLY_BYTES / (1 << 20) + 1];
+        assert!(matches!(
+            block(backend.get_many(&keys)),
+            Err(BackendError::Invalid(_))
+        ));
+        assert_eq!(block(backend.get_many(&keys[..2])).unwrap().len(), 2);
+    }
+
+    #[test]
     fn swap_only_when_unchanged() {
         let backend = MemoryBackend::new(100, 1 << 20, Metrics::new().store("s"));
         assert!(block(backend.swap_if("k", None, b"1")).unwrap());

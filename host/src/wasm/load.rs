@@ -21,7 +21,7 @@ use super::error::{CallError, LoadError};
 use super::host::HostState;
 use super::inspect::{Inspection, inspect};
 use super::instance::Instance;
-use super::plugin::{HostServices, Plugin, StoreShape};
+use super::plugin::{Grants, HostServices, Plugin, StoreShape};
 use crate::bundled;
 use crate::config::{PluginSource, StageConfig};
 use crate::files::read_bounded;
@@ -149,6 +149,7 @@ impl Runtime {
             ticker: self.ticker.clone(),
             calls,
             shape: StoreShape::of(&inspection),
+            grants: Grants::of(stage),
         });
         // Validation: one instance must come up and accept its config.
         Instance::start(&plugin).await.map_err(|failure| {

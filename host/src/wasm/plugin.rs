@@ -94,6 +94,31 @@ pub struct Plugin {
     pub(super) calls: Arc<AtomicU64>,
     /// What one instance needs of the store's limits.
     pub(super) shape: StoreShape,
+    /// The stores and headers the stage is granted, shared by its
+    /// instances (made once, not per instance).
+    pub(super) grants: Grants,
+}
+
+/// A stage's grants of stores and request headers, as its instances'
+/// host functions check them.
+pub(super) struct Grants {
+    pub(super) stores: Arc<[String]>,
+    /// Lower case.
+    pub(super) headers: Arc<[String]>,
+}
+
+impl Grants {
+    pub(super) fn of(settings: &StageConfig) -> Grants {
+        let capabilities = &settings.capabilities;
+        Grants {
+            stores: capabilities.stores.iter().cloned().collect(),
+            headers: capabilities
+                .headers
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }
 }
 
 /// The store limits on core instances, tables and memories, derived from
@@ -201,14 +226,8 @@ impl Plugin {
             router: self.services.router.clone(),
             stores: Arc::default(),
             store_handles: 0,
-            granted_stores: self.settings.capabilities.stores.iter().cloned().collect(),
-            granted_headers: self
-                .settings
-                .capabilities
-                .headers
-                .iter()
-                .map(|h| h.to_ascii_lowercase())
-                .collect(),
+            granted_stores: self.grants.stores.clone(),
+            granted_headers: self.grants.headers.clone(),
             granted_client_address: self.settings.capabilities.client_address,
             log_budget: LogBudget::new(),
             deadline: Instant::now(),

@@ -36,71 +36,64 @@ pub mod streaming {
     });
 }
 
-/// The `request-stage` world: the exports `init` and `process`, with the
-/// imported interfaces of [`streaming`].
-pub mod plain {
-    wit_bindgen::generate!({
-        world: "request-stage",
-        path: "../../wit",
-        pub_export_macro: true,
-        export_macro_name: "__export_request_stage",
-        default_bindings_module: "::orchestrator_plugin::bindings::plain",
-        runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
-        with: {
-            "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
-            "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
-            "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
-            "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
-            "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
-            "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
-            "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
-            "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
-        },
-    });
+/// A world generated with the interfaces of [`streaming`] (`with`), so
+/// that every world shares one set of types: `$module`, its WIT `$world`,
+/// its export macro `$export` (the two names written out: the bindings
+/// generator takes only string literals), and any more interfaces to share.
+macro_rules! sharing_world {
+    ($(#[$doc:meta])* $module:ident, $world:literal, $export:literal, $path:literal, { $($more:tt)* }) => {
+        $(#[$doc])*
+        pub mod $module {
+            wit_bindgen::generate!({
+                world: $world,
+                path: "../../wit",
+                pub_export_macro: true,
+                export_macro_name: $export,
+                default_bindings_module: $path,
+                runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
+                with: {
+                    "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
+                    "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
+                    "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
+                    "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
+                    "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
+                    "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
+                    "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
+                    "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
+                    $($more)*
+                },
+            });
+        }
+    };
 }
 
-/// The `finishing-request-stage` world: `request-stage` plus `finish`.
-pub mod finishing {
-    wit_bindgen::generate!({
-        world: "finishing-request-stage",
-        path: "../../wit",
-        pub_export_macro: true,
-        export_macro_name: "__export_finishing_request_stage",
-        default_bindings_module: "::orchestrator_plugin::bindings::finishing",
-        runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
-        with: {
-            "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
-            "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
-            "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
-            "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
-            "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
-            "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
-            "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
-            "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
-        },
-    });
-}
+sharing_world!(
+    /// The `request-stage` world: the exports `init` and `process`, with the
+    /// imported interfaces of [`streaming`].
+    plain,
+    "request-stage",
+    "__export_request_stage",
+    "::orchestrator_plugin::bindings::plain",
+    {}
+);
 
-/// The `finishing-streaming-request-stage` world: `streaming-request-stage`
-/// plus `finish`.
-pub mod finishing_streaming {
-    wit_bindgen::generate!({
-        world: "finishing-streaming-request-stage",
-        path: "../../wit",
-        pub_export_macro: true,
-        export_macro_name: "__export_finishing_streaming_request_stage",
-        default_bindings_module: "::orchestrator_plugin::bindings::finishing_streaming",
-        runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
-        with: {
-            "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
-            "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
-            "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
-            "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
-            "orchestrator:pipeline/streaming@0.2.1": crate::bindings::streaming::orchestrator::pipeline::streaming,
-            "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
-            "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
-            "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
-            "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
-        },
-    });
-}
+sharing_world!(
+    /// The `finishing-request-stage` world: `request-stage` plus `finish`.
+    finishing,
+    "finishing-request-stage",
+    "__export_finishing_request_stage",
+    "::orchestrator_plugin::bindings::finishing",
+    {}
+);
+
+sharing_world!(
+    /// The `finishing-streaming-request-stage` world:
+    /// `streaming-request-stage` plus `finish`.
+    finishing_streaming,
+    "finishing-streaming-request-stage",
+    "__export_finishing_streaming_request_stage",
+    "::orchestrator_plugin::bindings::finishing_streaming",
+    {
+        "orchestrator:pipeline/streaming@0.2.1": crate::bindings::streaming::orchestrator::pipeline::streaming,
+    }
+);

@@ -69,13 +69,7 @@ impl HostState {
         // Cut, not refused: a principal often comes from a client's header,
         // and a long header must not fail the stage (and count against its
         // breaker).
-        if principal.len() > MAX_PRINCIPAL_BYTES {
-            let mut end = MAX_PRINCIPAL_BYTES;
-            while !principal.is_char_boundary(end) {
-                end -= 1;
-            }
-            principal.truncate(end);
-        }
+        cut(&mut principal, MAX_PRINCIPAL_BYTES);
         self.table.get_mut(&request)?.principal = Some(principal);
         Ok(())
     }
@@ -108,13 +102,7 @@ impl HostState {
             None => default_code.to_string(),
         };
         let mut message = refusal.message;
-        if message.len() > MAX_MESSAGE_BYTES {
-            let mut end = MAX_MESSAGE_BYTES;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-        }
+        cut(&mut message, MAX_MESSAGE_BYTES);
         self.table.get_mut(&request)?.refused = Some(HostRefusal {
             status,
             message,
@@ -146,6 +134,20 @@ impl HostState {
         }
         Ok(Ok(()))
     }
+}
+
+/// Cut `text` to at most `max` bytes, on a character boundary; whether it
+/// was cut.
+pub(super) fn cut(text: &mut String, max: usize) -> bool {
+    if text.len() <= max {
+        return false;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    true
 }
 
 /// Why `name: value` cannot be a stage's response header, if it cannot.

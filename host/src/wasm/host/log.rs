@@ -3,6 +3,7 @@
 
 use orchestrator_plugin::log::PANIC_FIELD;
 
+use super::caller::cut;
 use super::state::HostState;
 use wasmtime::component::Resource;
 
@@ -33,12 +34,7 @@ impl log::Host for HostState {
         // follows it is reported with its message.
         if fields.iter().any(|(key, _)| key == PANIC_FIELD) {
             let mut text = message.clone();
-            if text.len() > PANIC_MESSAGE_CAP {
-                let mut end = PANIC_MESSAGE_CAP;
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                text.truncate(end);
+            if cut(&mut text, PANIC_MESSAGE_CAP) {
                 text.push_str("...");
             }
             self.panic = Some(text);
