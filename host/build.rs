@@ -16,7 +16,17 @@ use std::process::Command;
 /// `config::Bundled`; a plugin added there needs its crate here (the
 /// generated constants are named after it, so a mismatch fails the host's
 /// build).
-const STAGES: [&str; 6] = ["rag", "assemble", "inference", "post", "stream", "guard"];
+const STAGES: [&str; 9] = [
+    "rag",
+    "assemble",
+    "inference",
+    "post",
+    "stream",
+    "guard",
+    "auth",
+    "ratelimit",
+    "cache",
+];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

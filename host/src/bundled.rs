@@ -24,6 +24,9 @@ pub fn component(plugin: Bundled) -> &'static [u8] {
         Bundled::Post => generated::POST,
         Bundled::Stream => generated::STREAM,
         Bundled::Guard => generated::GUARD,
+        Bundled::Auth => generated::AUTH,
+        Bundled::Ratelimit => generated::RATELIMIT,
+        Bundled::Cache => generated::CACHE,
     }
 }
 

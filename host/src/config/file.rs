@@ -211,7 +211,8 @@ fn resolve_paths(file: &mut toml::Table, base: &Path) -> Result<(), ConfigError>
 }
 
 /// Check the file's `[stages.*]` names, and turn the values of each
-/// stage's `config` table into the strings `init` receives.
+/// stage's `config` table into the strings `init` receives: scalars as
+/// their text, lists and tables as their JSON.
 fn prepare_stages(file: &mut toml::Table) -> Result<(), ConfigError> {
     let Some(toml::Value::Table(stages)) = file.get_mut("stages") else {
         return Ok(());
@@ -233,10 +234,17 @@ fn prepare_stages(file: &mut toml::Table) -> Result<(), ConfigError> {
                 toml::Value::Integer(i) => i.to_string(),
                 toml::Value::Float(f) => f.to_string(),
                 toml::Value::Boolean(b) => b.to_string(),
-                _ => {
+                // A list or table (a rate limiter's rules) reaches `init`
+                // as its JSON text, which the SDK reads back.
+                toml::Value::Array(_) | toml::Value::Table(_) => serde_json::to_string(&*value)
+                    .map_err(|e| ConfigError::Invalid {
+                        key: format!("stages.{name}.config.{key}"),
+                        message: e.to_string(),
+                    })?,
+                toml::Value::Datetime(_) => {
                     return Err(ConfigError::Invalid {
                         key: format!("stages.{name}.config.{key}"),
-                        message: "must be a string, number or boolean".into(),
+                        message: "must be a string, number, boolean, list or table".into(),
                     });
                 }
             };
@@ -412,10 +420,14 @@ mod tests {
     fn invalid_values_are_named() {
         let err = parse("[stages.post]\nworkers = 0").unwrap_err().to_string();
         assert!(err.contains("stages.post.workers"), "{err}");
-        let err = parse("[stages.rag.config]\nx = [1]")
+        let err = parse("[stages.rag.config]\nx = 1979-05-27T07:32:00Z")
             .unwrap_err()
             .to_string();
         assert!(err.contains("stages.rag.config.x"), "{err}");
+        // Lists and tables reach the stage as JSON.
+        let config = parse("[stages.rag.config]\nx = [1, { a = \"b\" }]").unwrap();
+        let rag = config.stage("rag").unwrap();
+        assert_eq!(rag.config["x"], r#"[1,{"a":"b"}]"#);
         let err = parse("[routing.models]\ngpt = \"openai\"")
             .unwrap_err()
             .to_string();

@@ -27,17 +27,26 @@ pub enum Bundled {
     Stream,
     /// Refusing prompts that match configured patterns (before inference).
     Guard,
+    /// API keys: who is calling, and which models they may use.
+    Auth,
+    /// Request and token limits per window, and quotas.
+    Ratelimit,
+    /// Exact-match response cache.
+    Cache,
 }
 
 impl Bundled {
     /// Every bundled plugin.
-    pub const ALL: [Bundled; 6] = [
+    pub const ALL: [Bundled; 9] = [
         Bundled::Rag,
         Bundled::Assemble,
         Bundled::Inference,
         Bundled::Post,
         Bundled::Stream,
         Bundled::Guard,
+        Bundled::Auth,
+        Bundled::Ratelimit,
+        Bundled::Cache,
     ];
 
     /// The stages declared when the configuration declares none, in the
@@ -59,6 +68,9 @@ impl Bundled {
             Bundled::Post => "post",
             Bundled::Stream => "stream",
             Bundled::Guard => "guard",
+            Bundled::Auth => "auth",
+            Bundled::Ratelimit => "ratelimit",
+            Bundled::Cache => "cache",
         }
     }
 
@@ -127,6 +139,10 @@ pub fn valid_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
+
+/// The store the bundled `auth` stage reads keys from by default, and the
+/// one the admin API and `orchestrator keys` manage.
+pub const KEYS_STORE: &str = "keys";
 
 /// The default `workers` of a stage granted `inference`: the default
 /// `max_concurrent` of a backend.
@@ -290,8 +306,25 @@ impl StageConfig {
                 config.insert("models".into(), DEMO_CORPUS_MODELS.into());
             }
             Some(Bundled::Inference) => capabilities.inference = true,
+            // The policy stages: each is granted the store its settings
+            // name by default, and what it reads of the caller.
+            Some(Bundled::Auth) => {
+                capabilities.stores.push(KEYS_STORE.into());
+                capabilities.headers.push("authorization".into());
+            }
+            Some(Bundled::Ratelimit) => {
+                capabilities.stores.push("limits".into());
+                capabilities.client_address = true;
+            }
+            Some(Bundled::Cache) => {
+                capabilities.stores.push("cache".into());
+                capabilities.headers.push("cache-control".into());
+            }
             _ => {}
         }
+        // A cache stage waits for an identical request's answer (single
+        // flight) for as long as a generation may take, holding its permit.
+        let waits = capabilities.inference || bundled == Some(Bundled::Cache);
         StageConfig {
             name: intern(name),
             plugin: None,
@@ -302,19 +335,11 @@ impl StageConfig {
             // and the backend's `max_concurrent` (64 by default) is what
             // bounds the generations. Two permits made it the bottleneck
             // (measured with perf: 4,850 against 7,000 plain req/s).
-            workers: if capabilities.inference {
-                INFERENCE_WORKERS
-            } else {
-                2
-            },
+            workers: if waits { INFERENCE_WORKERS } else { 2 },
             instance_mode: InstanceMode::Reuse,
             recycle_after: 10_000,
             // A generation may take as long as the whole request may.
-            timeout_ms: if capabilities.inference {
-                30_000
-            } else {
-                5_000
-            },
+            timeout_ms: if waits { 30_000 } else { 5_000 },
             max_memory_bytes: 64 * 1024 * 1024,
             max_output_bytes: 4 * 1024 * 1024,
             fuel: None,

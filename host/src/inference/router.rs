@@ -268,6 +268,16 @@ impl Target {
         &self.backend.name
     }
 
+    /// The model name the backend is asked for: its own `model` setting,
+    /// or the one the request was resolved for.
+    pub fn upstream_model(&self) -> &str {
+        self.backend
+            .settings
+            .model
+            .as_deref()
+            .unwrap_or(&self.model)
+    }
+
     /// The kind of the backend.
     pub fn kind(&self) -> BackendKind {
         self.backend.kind

@@ -30,6 +30,30 @@ pub struct Window {
     pub reset_ms: u64,
 }
 
+/// One counter of [`Backend::windows`], on a whole (prefixed) key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    /// The counter's key.
+    pub key: String,
+    /// What to add (negative: take away).
+    pub delta: i64,
+    /// The window a new counter starts (at least 1 ms).
+    pub window: Duration,
+    /// The most a positive `delta` may take the value to.
+    pub limit: Option<i64>,
+}
+
+impl Counter {
+    /// Whether adding the delta to `current` would pass the limit. Only a
+    /// positive delta can.
+    pub fn passes_limit(&self, current: i64) -> bool {
+        self.delta > 0
+            && self
+                .limit
+                .is_some_and(|limit| current.saturating_add(self.delta) > limit)
+    }
+}
+
 /// A backend's future.
 pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
 
@@ -70,14 +94,9 @@ pub trait Backend: Send + Sync {
         expected: Option<&'a [u8]>,
         value: &'a [u8],
     ) -> BackendFuture<'a, bool>;
-    /// Add `delta` to the windowed counter `key` (see `Store::window`).
-    fn window<'a>(
-        &'a self,
-        key: &'a str,
-        delta: i64,
-        window: Duration,
-        limit: Option<i64>,
-    ) -> BackendFuture<'a, Window>;
+    /// Add each counter's delta to its windowed counter, all or none (see
+    /// `Store::windows`): one window per counter, in order.
+    fn windows<'a>(&'a self, counters: &'a [Counter]) -> BackendFuture<'a, Vec<Window>>;
     /// An operation did not finish in time (its future was dropped): the
     /// backend is to be reported down until one succeeds.
     fn timed_out(&self) {}

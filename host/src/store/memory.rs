@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::backend::{Backend, BackendError, BackendFuture, MAX_BATCH_REPLY_BYTES, Window};
+use super::backend::{
+    Backend, BackendError, BackendFuture, Counter, MAX_BATCH_REPLY_BYTES, Window,
+};
 use crate::metrics::StoreMetrics;
 
 /// How often expired keys are swept in the background.
@@ -324,30 +326,58 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn window<'a>(
-        &'a self,
-        key: &'a str,
-        delta: i64,
-        window: Duration,
-        limit: Option<i64>,
-    ) -> BackendFuture<'a, Window> {
+    fn windows<'a>(&'a self, counters: &'a [Counter]) -> BackendFuture<'a, Vec<Window>> {
         lazy(move || {
             self.with(|map, now| {
-                let (current, expires) = match map.live(key, now) {
-                    Some(entry) => (counter(&entry.value)?, entry.expires),
-                    None => (0, None),
-                };
-                let expires = expires.unwrap_or(now + window);
-                let reset_ms = expires.saturating_duration_since(now).as_millis() as u64;
-                let value = add(current, delta)?;
-                let applied = limit.is_none_or(|limit| value <= limit);
-                let value = if applied { value } else { current };
-                self.insert(map, key, value.to_string().into_bytes(), Some(expires), now)?;
-                Ok(Window {
-                    value,
-                    applied,
-                    reset_ms,
-                })
+                // Read every counter first: all of them are applied or none.
+                let mut current = Vec::with_capacity(counters.len());
+                for counter in counters {
+                    current.push(match map.live(&counter.key, now) {
+                        Some(entry) => (Some(self::counter(&entry.value)?), entry.expires),
+                        None => (None, None),
+                    });
+                }
+                let fits = counters
+                    .iter()
+                    .zip(&current)
+                    .all(|(c, (value, _))| !c.passes_limit(value.unwrap_or(0)));
+                let mut windows = Vec::with_capacity(counters.len());
+                for (counter, (value, expires)) in counters.iter().zip(current) {
+                    let reset_ms = |expires: Instant| {
+                        expires.saturating_duration_since(now).as_millis() as u64
+                    };
+                    let window = match value {
+                        // A refund or a read never starts a window.
+                        None if counter.delta <= 0 => Window {
+                            value: 0,
+                            applied: fits,
+                            reset_ms: 0,
+                        },
+                        _ if !fits => Window {
+                            value: value.unwrap_or(0),
+                            applied: false,
+                            reset_ms: reset_ms(expires.unwrap_or(now + counter.window)),
+                        },
+                        _ => {
+                            let expires = expires.unwrap_or(now + counter.window);
+                            let value = add(value.unwrap_or(0), counter.delta)?;
+                            self.insert(
+                                map,
+                                &counter.key,
+                                value.to_string().into_bytes(),
+                                Some(expires),
+                                now,
+                            )?;
+                            Window {
+                                value,
+                                applied: true,
+                                reset_ms: reset_ms(expires),
+                            }
+                        }
+                    };
+                    windows.push(window);
+                }
+                Ok(windows)
             })
         })
     }
@@ -387,6 +417,47 @@ mod tests {
         let map = big.map.lock().unwrap();
         assert!(map.bytes <= 10_000, "{}", map.bytes);
         assert!(map.entries.len() < 10 && !map.entries.is_empty());
+    }
+
+    fn counter(key: &str, delta: i64, limit: Option<i64>) -> Counter {
+        Counter {
+            key: key.into(),
+            delta,
+            window: Duration::from_millis(200),
+            limit,
+        }
+    }
+
+    impl MemoryBackend {
+        fn window(
+            &self,
+            key: &str,
+            delta: i64,
+            _window: Duration,
+            limit: Option<i64>,
+        ) -> BackendFuture<'static, Window> {
+            let result = block(self.windows(&[counter(key, delta, limit)]));
+            Box::pin(async move { result.map(|mut w| w.remove(0)) })
+        }
+    }
+
+    #[test]
+    fn several_windows_are_applied_all_or_none_and_refunds_never_open_one() {
+        let backend = MemoryBackend::new(100, 1 << 20, Metrics::new().store("w"));
+        let both = [counter("r", 1, Some(2)), counter("t", 10, Some(15))];
+        let first = block(backend.windows(&both)).unwrap();
+        assert!(first.iter().all(|w| w.applied));
+        // The second would pass `t`'s limit: neither is added.
+        let second = block(backend.windows(&both)).unwrap();
+        assert!(second.iter().all(|w| !w.applied));
+        assert_eq!((second[0].value, second[1].value), (1, 10));
+        // A refund: always applied, and it never starts a window.
+        let refund = [counter("t", -5, None), counter("absent", -5, None)];
+        let refunded = block(backend.windows(&refund)).unwrap();
+        assert_eq!((refunded[0].value, refunded[0].applied), (5, true));
+        assert_eq!((refunded[1].value, refunded[1].reset_ms), (0, 0));
+        assert_eq!(block(backend.get("absent")).unwrap(), None);
+        assert!(block(backend.windows(&both)).unwrap()[1].applied);
     }
 
     #[test]

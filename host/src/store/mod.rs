@@ -56,7 +56,7 @@ mod backend;
 pub mod memory;
 pub mod redis;
 
-pub use backend::{Backend, BackendError, BackendFuture, MAX_BATCH_REPLY_BYTES, Window};
+pub use backend::{Backend, BackendError, BackendFuture, Counter, MAX_BATCH_REPLY_BYTES, Window};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -386,8 +386,9 @@ impl Store {
 
     /// Add `delta` to the windowed counter `key`, atomically: a key that
     /// is absent (or expired) starts at 0 with a window of `window`, which
-    /// later increments do not extend; with a `limit`, `delta` is added
-    /// only if the value stays at most `limit`.
+    /// later increments do not extend; with a `limit`, a positive `delta`
+    /// is added only if the value stays at most `limit`. A delta of zero
+    /// or less never starts a window.
     pub async fn window(
         &self,
         key: &str,
@@ -396,16 +397,44 @@ impl Store {
         limit: Option<i64>,
         deadline: Instant,
     ) -> Result<Window, StoreError> {
-        let key = self.key(key)?;
-        if window.is_zero() {
-            return Err(StoreError::Invalid("a window is at least 1 ms".into()));
+        let counter = [Counter {
+            key: key.to_owned(),
+            delta,
+            window,
+            limit,
+        }];
+        let mut windows = self.windows(&counter, deadline).await?;
+        windows
+            .pop()
+            .ok_or_else(|| StoreError::Invalid("the store answered no window".into()))
+    }
+
+    /// [`Store::window`] on several counters (at most [`MAX_BATCH`]) as one
+    /// atomic operation: every delta is added only if no counter passes
+    /// its limit; otherwise none is, and every window says `applied:
+    /// false`. One round trip on every backend.
+    pub async fn windows(
+        &self,
+        counters: &[Counter],
+        deadline: Instant,
+    ) -> Result<Vec<Window>, StoreError> {
+        if counters.len() > MAX_BATCH {
+            return Err(StoreError::Invalid(format!(
+                "at most {MAX_BATCH} counters at once"
+            )));
         }
-        self.run(
-            StoreOp::Window,
-            deadline,
-            self.backend.window(&key, delta, window, limit),
-        )
-        .await
+        let mut prefixed = Vec::with_capacity(counters.len());
+        for counter in counters {
+            if counter.window.is_zero() {
+                return Err(StoreError::Invalid("a window is at least 1 ms".into()));
+            }
+            prefixed.push(Counter {
+                key: self.key(&counter.key)?,
+                ..counter.clone()
+            });
+        }
+        self.run(StoreOp::Window, deadline, self.backend.windows(&prefixed))
+            .await
     }
 }
 

@@ -4,8 +4,8 @@
 //! operations and reconnects by itself after a failure.
 //!
 //! Each operation is one command or one Lua script, so one round trip and
-//! atomic on the server: the windowed counter adds, checks its limit and
-//! starts its window in one script, where a plugin writing `INCRBY` then
+//! atomic on the server: the windowed counters add, check their limits and
+//! start their windows in one script, where a plugin writing `INCRBY` then
 //! `EXPIRE` could leave a counter without an expiry. The connection is
 //! made at the first operation; while the server is down each operation
 //! fails within the store's `timeout_ms` (the connection and response
@@ -19,27 +19,64 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 
-use super::backend::{Backend, BackendError, BackendFuture, Window};
+use super::backend::{Backend, BackendError, BackendFuture, Counter, Window};
 
 /// Keys asked of one `SCAN` step.
 const SCAN_COUNT: usize = 1000;
 
-/// Add ARGV[1] to KEYS[1]; undo it if the value passes the limit ARGV[3]
-/// (empty: none); give a key without an expiry the window ARGV[2] (ms).
-/// Returns the value, 1 if applied, and the milliseconds to the reset.
-const WINDOW: &str = r"
-local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-local applied = 1
-if ARGV[3] ~= '' and value > tonumber(ARGV[3]) then
-  value = redis.call('DECRBY', KEYS[1], ARGV[1])
-  applied = 0
+/// Windowed counters, all or none. For counter i (KEYS[i]) ARGV holds
+/// its delta, window (ms) and limit ('' for none) at 3i-2, 3i-1 and 3i.
+/// Every delta is added only if no positive delta takes its counter past
+/// its limit; a delta of zero or less never creates a key (a refund never
+/// lands in a later window). A key without an expiry gets its window.
+/// Returns value, applied (1/0) and milliseconds to the reset, per
+/// counter, flattened.
+const WINDOWS: &str = r"
+local current = {}
+local fits = true
+for i = 1, #KEYS do
+  local text = redis.call('GET', KEYS[i])
+  local value = nil
+  if text then
+    value = tonumber(text)
+    if value == nil or value ~= math.floor(value) then
+      return redis.error_reply('ERR the key holds a value that is not an integer')
+    end
+  end
+  current[i] = value
+  local delta = tonumber(ARGV[3 * i - 2])
+  local limit = ARGV[3 * i]
+  if delta > 0 and limit ~= '' and (value or 0) + delta > tonumber(limit) then
+    fits = false
+  end
 end
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl < 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  ttl = tonumber(ARGV[2])
+local out = {}
+for i = 1, #KEYS do
+  local delta = tonumber(ARGV[3 * i - 2])
+  local window = tonumber(ARGV[3 * i - 1])
+  local value = current[i]
+  local applied = 0
+  local ttl = 0
+  if fits then applied = 1 end
+  if value == nil and delta <= 0 then
+    value = 0
+  elseif not fits then
+    value = value or 0
+    ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then ttl = window end
+  else
+    value = redis.call('INCRBY', KEYS[i], ARGV[3 * i - 2])
+    ttl = redis.call('PTTL', KEYS[i])
+    if ttl < 0 then
+      redis.call('PEXPIRE', KEYS[i], window)
+      ttl = window
+    end
+  end
+  out[3 * i - 2] = value
+  out[3 * i - 1] = applied
+  out[3 * i] = ttl
 end
-return {value, applied, ttl}
+return out
 ";
 
 /// Set KEYS[1] to ARGV[3] if it holds ARGV[2] (ARGV[1] = '1') or is
@@ -62,7 +99,7 @@ const DOWN: u8 = 2;
 /// A store on a Redis server.
 pub struct RedisBackend {
     connection: ConnectionManager,
-    window: Script,
+    windows: Script,
     swap: Script,
     state: AtomicU8,
 }
@@ -82,7 +119,7 @@ impl RedisBackend {
             .map_err(|e| format!("cannot set up the connection: {e}"))?;
         Ok(RedisBackend {
             connection,
-            window: Script::new(WINDOW),
+            windows: Script::new(WINDOWS),
             swap: Script::new(SWAP),
             state: AtomicU8::new(UNKNOWN),
         })
@@ -248,30 +285,33 @@ impl Backend for RedisBackend {
         })
     }
 
-    fn window<'a>(
-        &'a self,
-        key: &'a str,
-        delta: i64,
-        window: Duration,
-        limit: Option<i64>,
-    ) -> BackendFuture<'a, Window> {
+    fn windows<'a>(&'a self, counters: &'a [Counter]) -> BackendFuture<'a, Vec<Window>> {
         let mut connection = self.connection.clone();
         self.run(async move {
             let c = &mut connection;
-            let limit = limit.map(|l| l.to_string()).unwrap_or_default();
-            let (value, applied, reset_ms): (i64, i64, i64) = self
-                .window
-                .key(key)
-                .arg(delta)
-                .arg(window.as_millis().max(1) as u64)
-                .arg(limit)
-                .invoke_async(c)
-                .await?;
-            Ok(Window {
-                value,
-                applied: applied == 1,
-                reset_ms: reset_ms.max(0) as u64,
-            })
+            let mut invocation = self.windows.prepare_invoke();
+            for counter in counters {
+                invocation
+                    .key(&counter.key)
+                    .arg(counter.delta)
+                    .arg(counter.window.as_millis().max(1) as u64)
+                    .arg(counter.limit.map(|l| l.to_string()).unwrap_or_default());
+            }
+            let flat: Vec<i64> = invocation.invoke_async(c).await?;
+            if flat.len() != counters.len() * 3 {
+                return Err(RedisError::from((
+                    ErrorKind::Client,
+                    "the windows script answered with the wrong number of values",
+                )));
+            }
+            Ok(flat
+                .chunks_exact(3)
+                .map(|w| Window {
+                    value: w[0],
+                    applied: w[1] == 1,
+                    reset_ms: w[2].max(0) as u64,
+                })
+                .collect())
         })
     }
 

@@ -102,6 +102,8 @@ pub struct Refusal {
     pub code: String,
     /// When to retry, in milliseconds (`Retry-After`).
     pub retry_after_ms: Option<u64>,
+    /// Which of the stage's policies refused (a rate limit rule).
+    pub policy: Option<String>,
 }
 
 impl Envelope {

@@ -221,6 +221,14 @@ impl<'de> de::Deserializer<'de> for Value {
     }
 
     fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ConfigError> {
+        // A TOML list reaches the stage as JSON (lists of tables among
+        // them); a plain string is split at commas.
+        if self.0.trim_start().starts_with('[') {
+            return self
+                .json()?
+                .deserialize_seq(visitor)
+                .map_err(<ConfigError as de::Error>::custom);
+        }
         let items: Vec<Value> = self
             .0
             .split(',')
@@ -246,9 +254,33 @@ impl<'de> de::Deserializer<'de> for Value {
         visitor.visit_unit()
     }
 
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ConfigError> {
+        self.json()?
+            .deserialize_map(visitor)
+            .map_err(<ConfigError as de::Error>::custom)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        name: &'static str,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, ConfigError> {
+        self.json()?
+            .deserialize_struct(name, fields, visitor)
+            .map_err(<ConfigError as de::Error>::custom)
+    }
+
     serde::forward_to_deserialize_any! {
-        str string bytes byte_buf unit unit_struct tuple tuple_struct map
-        struct identifier
+        str string bytes byte_buf unit unit_struct tuple tuple_struct
+        identifier
+    }
+}
+
+impl Value {
+    /// The value as the JSON of a TOML list or table.
+    fn json(self) -> Result<serde_json::Value, ConfigError> {
+        serde_json::from_str(&self.0).map_err(<ConfigError as de::Error>::custom)
     }
 }
 

@@ -122,7 +122,7 @@ pub use bindings::streaming::orchestrator::pipeline::inference::InferenceError;
 pub use bindings::streaming::orchestrator::pipeline::streaming::{ChunkContext, ChunkOutput};
 pub use bindings::streaming::orchestrator::pipeline::types::{
     Content, ContentPart, GenerationParams, ImageUrl, Message, Outcome, OutcomeKind, Passage,
-    Refusal, RefusalKind, StageError, Tool, ToolCall, Usage,
+    Refusal, RefusalKind, Route, StageError, Tool, ToolCall, Usage,
 };
 pub use request::{Request, STREAM_NOTE};
 pub use stream::Chunk;

@@ -7,7 +7,9 @@ use std::fmt::Display;
 
 use crate::bindings::streaming::orchestrator::pipeline::inference;
 use crate::bindings::streaming::orchestrator::pipeline::request::Request as Handle;
-use crate::{GenerationParams, InferenceError, Message, Passage, Refusal, Tool, ToolCall, Usage};
+use crate::{
+    GenerationParams, InferenceError, Message, Passage, Refusal, Route, Tool, ToolCall, Usage,
+};
 
 /// The note the host sets to `true` when the client asked for a stream
 /// (see [`Request::stream_requested`]). The host reads the same constant.
@@ -120,6 +122,9 @@ pub trait Request {
     ///
     /// Why the host refused the header.
     fn set_response_header(&self, name: &str, value: &str) -> Result<(), String>;
+    /// Where the request goes, as the host resolved its model: pipeline,
+    /// backend, upstream model and the backend's `max_tokens` limit.
+    fn route(&self) -> Route;
 
     /// Generate the answer to the request as it stands (its messages,
     /// tools and parameters) with the host's inference backend, and record
@@ -276,6 +281,9 @@ impl<const INFERENCE: bool> Request for HostRequest<'_, INFERENCE> {
     }
     fn set_response_header(&self, name: &str, value: &str) -> Result<(), String> {
         self.0.set_response_header(name, value)
+    }
+    fn route(&self) -> Route {
+        self.0.route()
     }
     fn generate(&self) -> Result<(), InferenceError> {
         // A constant condition: for `false` the import is not even

@@ -61,6 +61,30 @@ pub struct Window {
     pub reset_ms: u64,
 }
 
+/// One counter of [`Store::windows`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Counter {
+    /// The counter's key.
+    pub key: String,
+    /// What to add (negative: take away).
+    pub delta: i64,
+    /// The window a new counter starts (at least 1 ms).
+    pub window: Duration,
+    /// The most a positive `delta` may take the value to.
+    pub limit: Option<i64>,
+}
+
+impl Counter {
+    /// Whether adding the delta to `current` would pass the limit (only a
+    /// positive delta can).
+    pub fn passes_limit(&self, current: i64) -> bool {
+        self.delta > 0
+            && self
+                .limit
+                .is_some_and(|limit| current.saturating_add(self.delta) > limit)
+    }
+}
+
 /// An open store.
 pub struct Store {
     inner: imp::Bucket,
@@ -139,8 +163,11 @@ impl Store {
 
     /// Add `delta` to the windowed counter `key`, atomically: an absent
     /// (or expired) key starts at 0 with a window of `window`, which later
-    /// calls do not extend; with a `limit`, `delta` is added only if the
-    /// value stays at most `limit`. One round trip on every backend.
+    /// calls do not extend; with a `limit`, a positive `delta` is added
+    /// only if the value stays at most `limit`. A delta of zero or less
+    /// never starts a window (against an absent key it reports value 0
+    /// and `reset_ms` 0), so a refund never lands in a later window. One
+    /// round trip on every backend.
     ///
     /// # Errors
     ///
@@ -152,7 +179,27 @@ impl Store {
         window: Duration,
         limit: Option<i64>,
     ) -> Result<Window, StoreError> {
-        self.inner.window(key, delta, window, limit)
+        let counter = Counter {
+            key: key.to_string(),
+            delta,
+            window,
+            limit,
+        };
+        self.windows(std::slice::from_ref(&counter))?
+            .pop()
+            .ok_or_else(|| StoreError::Other("the store answered no window".into()))
+    }
+
+    /// [`Store::window`] on several counters (at most 100) as one atomic
+    /// operation: every delta is added only if no counter passes its
+    /// limit; otherwise none is and every window says `applied: false`.
+    /// One round trip on every backend: what a rate limiter reserves with.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn windows(&self, counters: &[Counter]) -> Result<Vec<Window>, StoreError> {
+        self.inner.windows(counters)
     }
 }
 
@@ -166,7 +213,7 @@ pub fn reset() {
 mod imp {
     use std::time::Duration;
 
-    use super::{StoreError, Window};
+    use super::{Counter, StoreError, Window};
     use crate::bindings::streaming::orchestrator::pipeline::expiring;
     use crate::bindings::streaming::wasi::keyvalue::{atomics, store};
 
@@ -214,18 +261,26 @@ mod imp {
         pub(super) fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
             atomics::increment(&self.0, key, delta).map_err(error)
         }
-        pub(super) fn window(
-            &self,
-            key: &str,
-            delta: i64,
-            window: Duration,
-            limit: Option<i64>,
-        ) -> Result<Window, StoreError> {
-            expiring::increment(&self.0, key, delta, millis(window), limit)
-                .map(|w| Window {
-                    value: w.value,
-                    applied: w.applied,
-                    reset_ms: w.reset_ms,
+        pub(super) fn windows(&self, counters: &[Counter]) -> Result<Vec<Window>, StoreError> {
+            let counters: Vec<expiring::Counter> = counters
+                .iter()
+                .map(|c| expiring::Counter {
+                    key: c.key.clone(),
+                    delta: c.delta,
+                    window_ms: millis(c.window),
+                    limit: c.limit,
+                })
+                .collect();
+            expiring::increment_all(&self.0, &counters)
+                .map(|windows| {
+                    windows
+                        .into_iter()
+                        .map(|w| Window {
+                            value: w.value,
+                            applied: w.applied,
+                            reset_ms: w.reset_ms,
+                        })
+                        .collect()
                 })
                 .map_err(error)
         }
@@ -239,7 +294,7 @@ mod imp {
     use std::rc::Rc;
     use std::time::{Duration, Instant};
 
-    use super::{StoreError, Window};
+    use super::{Counter, StoreError, Window};
 
     type Map = HashMap<String, (Vec<u8>, Option<Instant>)>;
 
@@ -317,33 +372,52 @@ mod imp {
                 .insert(key.to_string(), (value.to_string().into_bytes(), expires));
             Ok(value)
         }
-        pub(super) fn window(
-            &self,
-            key: &str,
-            delta: i64,
-            window: Duration,
-            limit: Option<i64>,
-        ) -> Result<Window, StoreError> {
+        pub(super) fn windows(&self, counters: &[Counter]) -> Result<Vec<Window>, StoreError> {
             let now = Instant::now();
-            let (current, expires) = match self.live(key) {
-                Some((v, at)) => (counter(&v)?, at),
-                None => (0, None),
-            };
-            let expires = expires.unwrap_or(now + window);
-            let next = current
-                .checked_add(delta)
-                .ok_or_else(|| StoreError::Other("overflow".into()))?;
-            let applied = limit.is_none_or(|limit| next <= limit);
-            let value = if applied { next } else { current };
-            self.0.borrow_mut().insert(
-                key.to_string(),
-                (value.to_string().into_bytes(), Some(expires)),
-            );
-            Ok(Window {
-                value,
-                applied,
-                reset_ms: expires.saturating_duration_since(now).as_millis() as u64,
-            })
+            let mut current = Vec::with_capacity(counters.len());
+            for counter in counters {
+                current.push(match self.live(&counter.key) {
+                    Some((v, at)) => (Some(self::counter(&v)?), at),
+                    None => (None, None),
+                });
+            }
+            let fits = counters
+                .iter()
+                .zip(&current)
+                .all(|(c, (value, _))| !c.passes_limit(value.unwrap_or(0)));
+            let reset_ms = |at: Instant| at.saturating_duration_since(now).as_millis() as u64;
+            let mut windows = Vec::with_capacity(counters.len());
+            for (counter, (value, expires)) in counters.iter().zip(current) {
+                windows.push(match value {
+                    None if counter.delta <= 0 => Window {
+                        value: 0,
+                        applied: fits,
+                        reset_ms: 0,
+                    },
+                    _ if !fits => Window {
+                        value: value.unwrap_or(0),
+                        applied: false,
+                        reset_ms: reset_ms(expires.unwrap_or(now + counter.window)),
+                    },
+                    _ => {
+                        let expires = expires.unwrap_or(now + counter.window);
+                        let value = value
+                            .unwrap_or(0)
+                            .checked_add(counter.delta)
+                            .ok_or_else(|| StoreError::Other("overflow".into()))?;
+                        self.0.borrow_mut().insert(
+                            counter.key.clone(),
+                            (value.to_string().into_bytes(), Some(expires)),
+                        );
+                        Window {
+                            value,
+                            applied: true,
+                            reset_ms: reset_ms(expires),
+                        }
+                    }
+                });
+            }
+            Ok(windows)
         }
     }
 }

@@ -31,7 +31,7 @@ use std::rc::Rc;
 
 use crate::{
     Chunk, ChunkContext, GenerationParams, InferenceError, Message, Passage, Refusal, Request,
-    STREAM_NOTE, StageError, StreamingStage, Tool, ToolCall, Usage,
+    Route, STREAM_NOTE, StageError, StreamingStage, Tool, ToolCall, Usage,
 };
 
 /// Every field of a [`TestRequest`], as the next stage would see it.
@@ -73,6 +73,8 @@ pub struct Fields {
     pub refused: Option<Refusal>,
     /// The response headers set.
     pub response_headers: Vec<(String, String)>,
+    /// Where the request goes.
+    pub route: Route,
 }
 
 /// Which generation a stage asked for.
@@ -215,6 +217,12 @@ impl TestRequest {
                 answered: false,
                 refused: None,
                 response_headers: Vec::new(),
+                route: Route {
+                    pipeline: "default".into(),
+                    backend: "echo".into(),
+                    upstream_model: "echo".into(),
+                    max_tokens_limit: 4096,
+                },
             }),
             generator: None,
             generations: RefCell::new(Vec::new()),
@@ -296,6 +304,12 @@ impl TestRequest {
     pub fn with_header(self, name: &str, value: &str) -> Self {
         let name = name.to_ascii_lowercase();
         self.with(|f| f.headers.push((name, value.into())))
+    }
+
+    /// Where the request goes (by default pipeline `default`, backend and
+    /// upstream model `echo`, a `max_tokens` limit of 4096).
+    pub fn with_route(self, route: Route) -> Self {
+        self.with(|f| f.route = route)
     }
 
     /// The client's address the stage sees.
@@ -492,6 +506,9 @@ impl Request for TestRequest {
         }
         Ok(())
     }
+    fn route(&self) -> Route {
+        self.fields.borrow().route.clone()
+    }
     fn generate(&self) -> Result<(), InferenceError> {
         self.run_generation(Generate::Whole)
     }
@@ -600,6 +617,7 @@ mod tests {
                         message: "one per minute".into(),
                         code: None,
                         retry_after_ms: Some(window.reset_ms),
+                        policy: None,
                     });
                 }
                 Ok(())

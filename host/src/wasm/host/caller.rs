@@ -101,6 +101,14 @@ impl HostState {
             }
             None => default_code.to_string(),
         };
+        if let Some(policy) = &refusal.policy
+            && !crate::config::valid_name(policy)
+        {
+            return Err(wasmtime::Error::msg(format!(
+                "a refusal's policy is 1-64 of [a-z0-9_-]; not `{}`",
+                policy.escape_debug()
+            )));
+        }
         let mut message = refusal.message;
         cut(&mut message, MAX_MESSAGE_BYTES);
         self.table.get_mut(&request)?.refused = Some(HostRefusal {
@@ -108,6 +116,7 @@ impl HostState {
             message,
             code,
             retry_after_ms: refusal.retry_after_ms,
+            policy: refusal.policy,
         });
         Ok(())
     }
@@ -151,6 +160,10 @@ pub(super) fn cut(text: &mut String, max: usize) -> bool {
 }
 
 /// Why `name: value` cannot be a stage's response header, if it cannot.
+/// The one header under the host's `x-orchestrator-` prefix that a stage
+/// sets: a response cache's `hit`, `miss` or `bypass`.
+const CACHE_HEADER: &str = "x-orchestrator-cache";
+
 fn valid_response_header(name: &str, value: &str) -> Result<(), String> {
     if !name.starts_with("x-") || name.len() < 3 || name.len() > MAX_HEADER_NAME_BYTES {
         return Err(format!(
@@ -163,7 +176,10 @@ fn valid_response_header(name: &str, value: &str) -> Result<(), String> {
     {
         return Err(format!("`{}` is not a header name", name.escape_debug()));
     }
-    if name.starts_with("x-orchestrator-") || name == "x-trace-id" || name == "x-request-id" {
+    if (name.starts_with("x-orchestrator-") && name != CACHE_HEADER)
+        || name == "x-trace-id"
+        || name == "x-request-id"
+    {
         return Err(format!("`{name}` is the host's own header"));
     }
     if value.len() > MAX_HEADER_VALUE_BYTES

@@ -14,7 +14,7 @@ use std::time::Duration;
 use wasmtime::component::Resource;
 
 use super::state::HostState;
-use crate::store::{MAX_BATCH_REPLY_BYTES, Store, StoreError, Window};
+use crate::store::{Counter, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window};
 use crate::wasm::bindings::keyvalue::wasi::keyvalue::{atomics, batch, store};
 use crate::wasm::bindings::v2::orchestrator::pipeline::expiring;
 use crate::wasm::resources::{Bucket, Cas};
@@ -280,17 +280,43 @@ impl expiring::Host for HostState {
                 self.deadline,
             )
             .await
-            .map(
-                |Window {
-                     value,
-                     applied,
-                     reset_ms,
-                 }| expiring::Window {
-                    value,
-                    applied,
-                    reset_ms,
-                },
-            )
+            .map(window)
             .map_err(error))
+    }
+
+    async fn increment_all(
+        &mut self,
+        bucket: Resource<Bucket>,
+        counters: Vec<expiring::Counter>,
+    ) -> wasmtime::Result<Result<Vec<expiring::Window>, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        let counters: Vec<Counter> = counters
+            .into_iter()
+            .map(|c| Counter {
+                key: c.key,
+                delta: c.delta,
+                window: Duration::from_millis(c.window_ms),
+                limit: c.limit,
+            })
+            .collect();
+        Ok(store
+            .windows(&counters, self.deadline)
+            .await
+            .map(|windows| windows.into_iter().map(window).collect())
+            .map_err(error))
+    }
+}
+
+fn window(
+    Window {
+        value,
+        applied,
+        reset_ms,
+    }: Window,
+) -> expiring::Window {
+    expiring::Window {
+        value,
+        applied,
+        reset_ms,
     }
 }

@@ -8,7 +8,7 @@ use super::state::{Field, HostState, RequestBudget};
 use crate::chat::ToolCall;
 use crate::wasm::bindings::v2::orchestrator::pipeline::request;
 use crate::wasm::bindings::v2::orchestrator::pipeline::types::{
-    GenerationParams, Message, Passage, Refusal, Tool, ToolCall as WitToolCall, Usage,
+    GenerationParams, Message, Passage, Refusal, Route, Tool, ToolCall as WitToolCall, Usage,
 };
 use crate::wasm::convert::{
     message_from_wit, message_to_wit, params_from_wit, params_to_wit, passage_from_wit,
@@ -267,6 +267,25 @@ impl request::HostRequest for HostState {
         value: String,
     ) -> wasmtime::Result<Result<(), String>> {
         HostState::set_response_header(self, request, name, value)
+    }
+
+    fn route(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Route> {
+        let envelope = self.table.get(&request)?;
+        Ok(match &envelope.target {
+            Some(target) => Route {
+                pipeline: target.pipeline().to_owned(),
+                backend: target.backend().to_owned(),
+                upstream_model: target.upstream_model().to_owned(),
+                max_tokens_limit: target.max_tokens_limit(),
+            },
+            // Outside a routed request (`plugin run`): the model as asked.
+            None => Route {
+                pipeline: String::new(),
+                backend: String::new(),
+                upstream_model: envelope.params.model.clone(),
+                max_tokens_limit: 0,
+            },
+        })
     }
 
     fn drop(&mut self, _request: Resource<Envelope>) -> wasmtime::Result<()> {

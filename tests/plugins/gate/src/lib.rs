@@ -73,6 +73,7 @@ impl Gate {
                 message: "missing or wrong API key".into(),
                 code: None,
                 retry_after_ms: None,
+                policy: None,
             });
         }
     }
@@ -99,6 +100,7 @@ impl Gate {
                         message: format!("{} requests per window", self.0.limit),
                         code: None,
                         retry_after_ms: Some(window.reset_ms),
+                        policy: None,
                     });
                 }
             }
@@ -177,6 +179,7 @@ impl Stage for Gate {
                 message: "not for you".into(),
                 code: Some("model_not_allowed".into()),
                 retry_after_ms: None,
+                policy: None,
             }),
             other => return Err(StageError::Config(format!("unknown mode `{other}`"))),
         }
