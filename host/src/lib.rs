@@ -33,6 +33,7 @@ pub mod control;
 pub mod files;
 pub mod http;
 pub mod inference;
+pub mod keys;
 pub mod metrics;
 pub mod pipeline;
 pub mod store;
@@ -153,6 +154,10 @@ impl Orchestrator {
             }
         }
         let (cut_streams, streams_cut) = tokio::sync::watch::channel(false);
+        let keys_store: http::keys::KeysStore = {
+            let pipeline = pipeline.clone();
+            Arc::new(move || pipeline.snapshot().stores().get(keys::KEYS_STORE).cloned())
+        };
         let admin_routes = || {
             http::admin::routes(
                 hot_swap.clone(),
@@ -160,6 +165,7 @@ impl Orchestrator {
                 config.admin_token.clone(),
                 config.max_plugin_bytes,
                 metrics.admin_auth_failures(),
+                keys_store.clone(),
             )
         };
         // With a listener of its own, the admin API is off on the API's.
@@ -181,6 +187,7 @@ impl Orchestrator {
                     None,
                     config.max_plugin_bytes,
                     metrics.admin_auth_failures(),
+                    keys_store.clone(),
                 );
                 (off, Some(admin))
             }

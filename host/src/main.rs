@@ -24,6 +24,8 @@ use clap::{Parser, Subcommand};
 use orchestrator::authoring::{self, Scaffold, SdkSource, Session};
 use orchestrator::config::{AdminToken, ConfigError, valid_name};
 use orchestrator::control::ConfigSource;
+use orchestrator::keys::{KEYS_STORE, Keys, NewKey};
+use orchestrator::store::Stores;
 use orchestrator::{Config, Orchestrator, metrics};
 
 /// mimalloc for small blocks, the system allocator for large ones (see
@@ -46,6 +48,77 @@ enum Command {
     /// Write, check and try stage plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Create, list, show and revoke API keys in the configuration's
+    /// `keys` store (a Redis store: a memory store lives inside each host,
+    /// whose admin API `/admin/keys` manages it).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(clap::Args, Debug)]
+struct KeysConfig {
+    /// Configuration file (TOML) declaring `[stores.keys]`.
+    #[arg(long, env = "ORCHESTRATOR_CONFIG", global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Create a key and print it (it is shown only this once).
+    Create {
+        /// Who calls with it.
+        #[arg(long)]
+        principal: String,
+        /// A label for people.
+        #[arg(long)]
+        name: Option<String>,
+        /// A model it may use (repeat; none: every model).
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// A limit of its own, `name=value` (`requests_per_minute=60`,
+        /// `tokens_per_day=100000`, ...; repeat).
+        #[arg(long = "limit", value_parser = parse_limit)]
+        limits: Vec<(String, u64)>,
+        /// It stops working after this many days.
+        #[arg(long)]
+        expires_in_days: Option<u64>,
+        /// Store nothing: print the key and a `keys` entry for the `auth`
+        /// stage's configuration instead (a key declared in the file).
+        #[arg(long)]
+        declare: bool,
+        #[command(flatten)]
+        config: KeysConfig,
+    },
+    /// List the keys (no secrets).
+    List {
+        #[command(flatten)]
+        config: KeysConfig,
+    },
+    /// Show one key and its use in the current minute, hour and day.
+    Show {
+        /// The key's id.
+        id: String,
+        #[command(flatten)]
+        config: KeysConfig,
+    },
+    /// Revoke a key: every host sharing the store refuses it at once.
+    Revoke {
+        /// The key's id.
+        id: String,
+        #[command(flatten)]
+        config: KeysConfig,
+    },
+}
+
+fn parse_limit(text: &str) -> Result<(String, u64), String> {
+    let (name, value) = text
+        .split_once('=')
+        .ok_or_else(|| "a limit is `name=value`".to_string())?;
+    let value = value
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{value}` is not a whole number"))?;
+    Ok((name.trim().to_string(), value))
 }
 
 #[derive(Subcommand, Debug)]
@@ -326,6 +399,108 @@ async fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The keys of the `keys` store the configuration at `path` declares: a
+/// Redis store (a memory store is private to each host process).
+fn keys_of(config: &KeysConfig) -> anyhow::Result<Keys> {
+    let config = config_file(config.config.as_ref())?;
+    match config.stores.get(KEYS_STORE).map(|s| s.kind) {
+        Some(orchestrator::config::StoreKind::Redis) => {}
+        _ => anyhow::bail!(
+            "the configuration declares no Redis store `{KEYS_STORE}` ([stores.{KEYS_STORE}] kind = \"redis\"); \
+             keys in a memory store live inside each host: manage them with its admin API (/admin/keys)"
+        ),
+    }
+    let stores = Stores::reusing(&config, &metrics::Metrics::new(), None)?;
+    let store = stores
+        .get(KEYS_STORE)
+        .cloned()
+        .context("the keys store could not be opened")?;
+    Ok(Keys::new(store))
+}
+
+async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create {
+            principal,
+            name,
+            models,
+            limits,
+            expires_in_days,
+            declare,
+            config,
+        } => {
+            let new = NewKey {
+                principal,
+                name,
+                models,
+                limits: limits.into_iter().collect(),
+                expires_in_seconds: expires_in_days.map(|d| d.saturating_mul(86_400)),
+                disabled: false,
+            };
+            let created = if declare {
+                new.make()?
+            } else {
+                keys_of(&config)?.create(new).await?
+            };
+            println!("{}", created.key);
+            let record = &created.record;
+            if declare {
+                let entry = serde_json::json!({
+                    "id": record.id, "sha256": record.hash, "principal": record.principal,
+                    "models": record.models, "limits": record.limits,
+                    "expires_at": record.expires_at,
+                });
+                eprintln!(
+                    "add to the auth stage's `keys` list (config.keys) of the configuration file:\n{entry}"
+                );
+            } else {
+                eprintln!(
+                    "created key {} for `{}`; the key above is not shown again",
+                    record.id, record.principal
+                );
+            }
+        }
+        KeysCommand::List { config } => {
+            for record in keys_of(&config)?.list().await? {
+                println!(
+                    "{}  {}  models={}  {}{}",
+                    record.id,
+                    record.principal,
+                    if record.models.is_empty() {
+                        "*".to_string()
+                    } else {
+                        record.models.join(",")
+                    },
+                    record.name.as_deref().unwrap_or(""),
+                    if record.disabled { "  (disabled)" } else { "" }
+                );
+            }
+        }
+        KeysCommand::Show { id, config } => {
+            let keys = keys_of(&config)?;
+            let record = keys.get(&id).await?.context("no such key")?;
+            let usage = keys.usage(&record.id).await?;
+            let mut record = serde_json::to_value(&record)?;
+            if let Some(object) = record.as_object_mut() {
+                object.remove("hash");
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "record": record, "usage": usage })
+                )?
+            );
+        }
+        KeysCommand::Revoke { id, config } => {
+            if !keys_of(&config)?.revoke(&id).await? {
+                anyhow::bail!("no key `{id}`");
+            }
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -342,9 +517,13 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
-    if let Some(Command::Plugin(command)) = cli.command {
-        // An author's mistake is reported as one message, not a backtrace.
-        if let Err(error) = plugin_command(command).await {
+    if let Some(command) = cli.command {
+        // A mistake is reported as one message, not a backtrace.
+        let result = match command {
+            Command::Plugin(command) => plugin_command(command).await,
+            Command::Keys(command) => keys_command(command).await,
+        };
+        if let Err(error) = result {
             eprintln!("error: {error:#}");
             std::process::exit(1);
         }

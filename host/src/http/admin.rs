@@ -12,6 +12,8 @@
 //!   switch to it (see [`crate::control::reload`]): 200 with the new and
 //!   previous hash (`result` `ok` or `unchanged`), or 422 with the reason
 //!   it was refused (409 when the host has no file).
+//! - `/admin/keys[/{id}]` — create, list, show and revoke API keys (see
+//!   [`super::keys`]).
 //!
 //! Every request needs `Authorization: Bearer <token>` (the scheme in any
 //! case); a missing or wrong token gets 401 and changes nothing, and is
@@ -41,6 +43,7 @@ use warp::reply::Response;
 use crate::config::{AdminToken, PluginSource};
 use crate::control::{HotSwap, ReloadError, Reloader, SwapError, SwapReport};
 use crate::http::error::{ApiError, json_response};
+use crate::http::keys::KeysStore;
 use crate::http::server::ClientAddr;
 
 #[derive(Debug)]
@@ -98,6 +101,7 @@ pub fn routes(
     token: Option<AdminToken>,
     max_plugin_bytes: u64,
     failures: IntCounter,
+    keys: KeysStore,
 ) -> BoxedFilter<(Response,)> {
     let Some(token) = token else {
         return warp::path("admin")
@@ -170,6 +174,7 @@ pub fn routes(
         .then(|stage: String, swap: Arc<HotSwap>| async move {
             swap_reply(swap.rollback(&stage).await)
         });
+    let keys = super::keys::routes(auth.clone(), keys);
     let reload = warp::path!("admin" / "config" / "reload")
         .and(warp::post())
         .and(auth)
@@ -196,6 +201,8 @@ pub fn routes(
         .unify()
         .or(reload)
         .unify()
+        .or(keys)
+        .unify()
         .recover(refusal)
         .unify()
         .boxed()
@@ -211,7 +218,7 @@ pub fn standalone(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "not_found",
-                "this is the admin listener: /admin/stages[/{stage}[/rollback]], /admin/config/reload",
+                "this is the admin listener: /admin/stages[/{stage}[/rollback]], /admin/config/reload, /admin/keys[/{id}]",
             )
             .into_response()
         }))

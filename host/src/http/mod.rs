@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod keys;
 pub mod openai;
 pub mod ops;
 pub mod server;

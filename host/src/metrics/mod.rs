@@ -35,6 +35,10 @@
 //! | `orchestrator_store_duration_seconds` | histogram | `store`, `op` | duration of each store operation |
 //! | `orchestrator_store_evictions_total` | counter | `store` | keys a memory store evicted to stay within its bounds |
 //! | `orchestrator_store_keys` | gauge | `store` | keys a memory store holds |
+//! | `orchestrator_refusals_total` | counter | `stage`, `status`, `policy` | requests a stage refused (401, 403, 429), by the policy it named (a rate limit rule; at most 32 per stage, then `other`) |
+//! | `orchestrator_response_cache_total` | counter | `result` | answers by what the response cache did (`hit`, `miss`, `bypass`: the `x-orchestrator-cache` header) |
+//! | `orchestrator_principal_requests_total` | counter | `principal` | requests that ended, by principal (the first 100 principals, the rest `other`) |
+//! | `orchestrator_principal_tokens_total` | counter | `principal`, `kind` | backend tokens spent, by principal and `kind` (`prompt`, `completion`) |
 //! | `orchestrator_build_info` | gauge | `version` | always 1 |
 //! | `process_*` | | | CPU, memory, file descriptors of the host process |
 //!
@@ -56,6 +60,7 @@
 mod global;
 mod handles;
 mod labels;
+mod policy;
 mod registry;
 mod store;
 
@@ -67,5 +72,6 @@ pub use handles::{
     BackendMetrics, BreakerMetrics, CacheMetrics, ConnectionMetrics, RequestMetrics, StageMetrics,
 };
 pub use labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
+pub use policy::{CACHE_RESULTS, MAX_POLICIES, MAX_PRINCIPALS, PolicyMetrics};
 pub use registry::{Metrics, MetricsSummary, REQUEST_BUCKETS, STAGE_BUCKETS, TOKEN_BUCKETS};
 pub use store::{STORE_BUCKETS, StoreMetrics, StoreOp, StoreOutcome};

@@ -14,6 +14,7 @@ use super::handles::{
     BackendMetrics, BreakerMetrics, CacheMetrics, ConnectionMetrics, RequestMetrics, StageMetrics,
 };
 use super::labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
+use super::policy::PolicyMetrics;
 use super::store::{STORE_BUCKETS, StoreFamilies, StoreMetrics};
 
 /// Buckets of `orchestrator_stage_duration_seconds`: from 50 µs, where warm
@@ -74,6 +75,7 @@ pub struct Metrics {
     connections: IntGaugeVec,
     connections_refused: IntCounterVec,
     stores: StoreFamilies,
+    policy: PolicyMetrics,
 }
 
 /// Totals, for logs and the `metrics_demo` example (the guide's
@@ -285,6 +287,7 @@ impl Metrics {
                 "HTTP connections closed at once because the listener was at its connection limit.",
                 &["listener"],
             ),
+            policy: PolicyMetrics::register(&registry),
             stores: StoreFamilies {
                 operations: counter(
                     "orchestrator_store_operations_total",
@@ -383,6 +386,11 @@ impl Metrics {
             self.trace_spans_dropped
                 .with_label_values(&["export_failed"]),
         )
+    }
+
+    /// The series of the gateway policies (refusals, cache, principals).
+    pub fn policy(&self) -> PolicyMetrics {
+        self.policy.clone()
     }
 
     /// Resolve (and create) the series of key-value store `name`.

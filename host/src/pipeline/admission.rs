@@ -69,6 +69,8 @@ pub(super) fn admit(
         snapshot: snapshot.clone(),
         asked_stream: streaming,
         finishers: Vec::new(),
+        refused_by: None,
+        accounted: false,
         failure: None,
     })
 }

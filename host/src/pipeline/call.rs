@@ -60,6 +60,7 @@ pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
             // The stages after a refusal do not run (their reservations
             // are released with the job).
             drop(tokens);
+            job.refused_by = Some(stage.name());
             job.leave_stage();
             let envelope = job.take_envelope();
             job.finish(&envelope);

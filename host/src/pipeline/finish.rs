@@ -43,6 +43,7 @@ impl Job {
     /// The request ended with `envelope` as the client's answer (or
     /// refusal): start the finish calls with a copy of it.
     pub(super) fn finish(&mut self, envelope: &Envelope) {
+        self.account(envelope);
         if self.finishers.is_empty() {
             return;
         }
@@ -54,6 +55,37 @@ impl Job {
         self.spawn_finish(envelope.clone(), outcome);
     }
 
+    /// Count the request's end in the policy series, once: its refusal,
+    /// its cache header, and what its principal spent (a request answered
+    /// early spent no backend tokens).
+    fn account(&mut self, envelope: &Envelope) {
+        if std::mem::replace(&mut self.accounted, true) {
+            return;
+        }
+        let policy = &self.snapshot.shared.policy;
+        if let (Some(refusal), Some(stage)) = (&envelope.refused, self.refused_by) {
+            policy.refused(stage, refusal.status, refusal.policy.as_deref());
+        }
+        if let Some((_, result)) = envelope
+            .response_headers
+            .iter()
+            .find(|(name, _)| name == "x-orchestrator-cache")
+        {
+            policy.cached(result);
+        }
+        if let Some(principal) = &envelope.principal {
+            let (prompt, completion) = if envelope.answered {
+                (0, 0)
+            } else {
+                (
+                    envelope.usage.prompt_tokens,
+                    envelope.usage.completion_tokens,
+                )
+            };
+            policy.spent(principal, u64::from(prompt), u64::from(completion));
+        }
+    }
+
     /// The request failed with HTTP `status`: the finish calls (if any) get
     /// that when the job is dropped.
     pub(super) fn failed(&mut self, status: u16) {
@@ -63,6 +95,11 @@ impl Job {
     /// Called when the job is dropped before [`Job::finish`]: the request
     /// failed, timed out, or its client went away.
     pub(super) fn finish_unanswered(&mut self) {
+        if !self.accounted {
+            let envelope = std::mem::replace(&mut self.envelope, Envelope::placeholder());
+            self.account(&envelope);
+            self.envelope = envelope;
+        }
         if self.finishers.is_empty() {
             return;
         }

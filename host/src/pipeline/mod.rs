@@ -246,6 +246,7 @@ impl Pipeline {
     pub fn start(plan: Plan, metrics: &Metrics) -> Pipeline {
         let shared = Arc::new(Shared {
             requests: metrics.requests_by_outcome(),
+            policy: metrics.policy(),
             accepting: AtomicBool::new(true),
             in_flight: AtomicUsize::new(0),
             drained: Notify::new(),

@@ -22,7 +22,7 @@ use super::norm::InputNorm;
 use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::StageConfig;
 use crate::inference::{Router, TokenStream};
-use crate::metrics::{Metrics, RequestMetrics, StageMetrics};
+use crate::metrics::{Metrics, PolicyMetrics, RequestMetrics, StageMetrics};
 use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{Envelope, Instance, KEEP_RESIDENT_BYTES, Plugin};
 
@@ -30,6 +30,8 @@ use crate::wasm::{Envelope, Instance, KEEP_RESIDENT_BYTES, Plugin};
 pub(super) struct Shared {
     /// `orchestrator_request_duration_seconds{outcome}`.
     pub(super) requests: RequestMetrics,
+    /// Refusals, cache answers and spending by principal.
+    pub(super) policy: PolicyMetrics,
     /// Cleared at shutdown: nothing new is admitted.
     pub(super) accepting: AtomicBool,
     /// Requests admitted and not yet answered, under any snapshot.
@@ -315,6 +317,10 @@ pub(super) struct Job {
     pub(super) asked_stream: bool,
     /// The stages that ran and export `finish`, in order (see `finish`).
     pub(super) finishers: Vec<usize>,
+    /// The stage that refused the request, if one did.
+    pub(super) refused_by: Option<&'static str>,
+    /// The request's end is counted in the policy series.
+    pub(super) accounted: bool,
     /// The HTTP status of the failure that ended the request, if one did.
     pub(super) failure: Option<u16>,
 }
