@@ -16,6 +16,7 @@ mod hotswap;
 mod layout;
 mod metrics;
 mod ops;
+mod policies;
 mod sandbox;
 mod sdk;
 mod startup;

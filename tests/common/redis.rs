@@ -76,8 +76,9 @@ impl Redis {
         }
     }
 
-    /// Send one command; its reply as text (a status, an integer or a
-    /// bulk string; `None` for a nil reply or no connection).
+    /// Send one command; its reply as text (a status, an integer, a bulk
+    /// string, or an array of bulk strings one per line; `None` for a nil
+    /// reply or no connection).
     pub fn command(&self, args: &[&str]) -> Option<String> {
         let mut stream = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -99,6 +100,19 @@ impl Redis {
                 reader.read_exact(&mut body).ok()?;
                 body.truncate(length);
                 String::from_utf8(body).ok()
+            }
+            ("*", count) => {
+                let mut items = Vec::new();
+                for _ in 0..count.parse::<usize>().ok()? {
+                    let mut head = String::new();
+                    reader.read_line(&mut head).ok()?;
+                    let length: usize = head.trim_end().strip_prefix('$')?.parse().ok()?;
+                    let mut body = vec![0; length + 2];
+                    reader.read_exact(&mut body).ok()?;
+                    body.truncate(length);
+                    items.push(String::from_utf8(body).ok()?);
+                }
+                Some(items.join("\n"))
             }
             ("-", error) => panic!("redis error: {error}"),
             _ => None,

@@ -81,12 +81,35 @@ impl Config {
 
 /// Give each stage the file declares that the defaults lack the defaults
 /// of its bundled plugin (`bundled = "..."`, or the one it is named
-/// after), or the plain defaults, so the file's keys overlay them.
+/// after), or the plain defaults, so the file's keys overlay them. A
+/// pipeline may also name a bundled plugin's stage (`auth`, `guard`, ...)
+/// without declaring it: it runs with that plugin's defaults.
 fn declare_stages(merged: &mut toml::Table, file: &toml::Table) -> Result<(), ConfigError> {
-    let Some(toml::Value::Table(declared)) = file.get("stages") else {
+    let Some(toml::Value::Table(stages)) = merged.get_mut("stages") else {
         return Ok(());
     };
-    let Some(toml::Value::Table(stages)) = merged.get_mut("stages") else {
+    if let Some(toml::Value::Table(pipelines)) = file.get("pipelines") {
+        let named = pipelines
+            .values()
+            .filter_map(|p| p.get("stages")?.as_array())
+            .flatten()
+            .filter_map(toml::Value::as_str);
+        for name in named {
+            let declared = file.get("stages").and_then(|s| s.get(name)).is_some();
+            if let Some(bundled) = Bundled::from_name(name)
+                && !declared
+                && !stages.contains_key(name)
+            {
+                let defaults = toml::Table::try_from(StageConfig::bundled_default(bundled))
+                    .map_err(|e| ConfigError::Invalid {
+                        key: format!("stages.{name}"),
+                        message: format!("its defaults cannot be laid out: {e}"),
+                    })?;
+                stages.insert(name.to_owned(), toml::Value::Table(defaults));
+            }
+        }
+    }
+    let Some(toml::Value::Table(declared)) = file.get("stages") else {
         return Ok(());
     };
     for (name, stage) in declared {
