@@ -425,7 +425,7 @@ async fn a_cut_stream_pays_what_it_got_and_a_cache_hit_nothing() {
 }
 
 /// With Redis stopped, an `allow` rule serves and counts the store error,
-/// a `deny` rule answers 503; with Redis back, the limits hold again
+/// the cache steps aside, a `deny` rule answers 503; with Redis back, the limits hold again
 /// without a restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_store_outage_fails_open_or_closed_per_rule() {
@@ -438,11 +438,18 @@ async fn a_store_outage_fails_open_or_closed_per_rule() {
          [routing.models]\necho = \"echo\"\nstrict = {{ backend = \"echo\", pipeline = \"strict\" }}\n",
         ratelimit(&["name = \"open\", by = \"global\", requests_per_hour = 2"]),
     );
-    let host = Host::with_config(&config(Some(&redis), &extra, &["ratelimit", "inference"]));
+    let host = Host::with_config(&config(
+        Some(&redis),
+        &extra,
+        &["ratelimit", "cache", "inference"],
+    ));
     clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
     redis.stop();
     for _ in 0..3 {
-        assert_eq!(post(&host, &chat("echo", "hi"), None).await.status(), 200);
+        let served = post(&host, &chat("echo", "hi"), None).await;
+        assert_eq!(served.status(), 200);
+        // The cache, its store down, steps aside.
+        assert_eq!(header(&served, "x-orchestrator-cache"), Some("bypass"));
     }
     let denied = post(&host, &chat("strict", "hi"), None).await;
     assert_eq!(denied.status(), 503);

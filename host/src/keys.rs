@@ -80,7 +80,8 @@ pub enum KeyError {
 /// A key as the store holds it (no secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
-    /// The key's id (its public part).
+    /// The key's id (its public part; the store key's, if left out).
+    #[serde(default)]
     pub id: String,
     /// SHA-256 of the whole key text, in lower-case hex.
     pub hash: String,
@@ -211,6 +212,18 @@ impl NewKey {
     }
 }
 
+/// The record of key `id` stored as `text`.
+fn parse(id: &str, text: &[u8]) -> Result<KeyRecord, KeyError> {
+    let mut record: KeyRecord = serde_json::from_slice(text).map_err(|e| KeyError::Corrupt {
+        id: id.into(),
+        message: e.to_string(),
+    })?;
+    if record.id.is_empty() {
+        record.id = id.to_owned();
+    }
+    Ok(record)
+}
+
 /// Whether `id` looks like a key id (so it is safe in a store key).
 pub fn valid_id(id: &str) -> bool {
     id.len() == 12
@@ -263,12 +276,7 @@ impl Keys {
         else {
             return Ok(None);
         };
-        serde_json::from_slice(&text)
-            .map(Some)
-            .map_err(|e| KeyError::Corrupt {
-                id: id.into(),
-                message: e.to_string(),
-            })
+        parse(id, &text).map(Some)
     }
 
     /// Every key's record (at most [`MAX_LISTED`]), by id.

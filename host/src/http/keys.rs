@@ -158,6 +158,16 @@ fn not_found(id: &str) -> Response {
 fn failed(error: KeyError) -> Response {
     match error {
         KeyError::Invalid(message) => invalid(message),
+        KeyError::Corrupt { .. } => {
+            tracing::warn!(%error, "key record not readable");
+            ApiError::with_code(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "api_error",
+                "corrupt_key_record",
+                error.to_string(),
+            )
+            .into_response()
+        }
         error => {
             tracing::warn!(%error, "key operation failed");
             ApiError::with_code(

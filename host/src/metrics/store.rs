@@ -33,13 +33,15 @@ pub enum StoreOp {
     Increment,
     /// `atomics.cas` and `swap`.
     Swap,
-    /// `expiring.increment`.
+    /// `expiring.increment` and `increment-all`.
     Window,
+    /// `expiring.get-or-claim`.
+    GetOrClaim,
 }
 
 impl StoreOp {
     /// Every operation, in label order.
-    pub const ALL: [StoreOp; 10] = [
+    pub const ALL: [StoreOp; 11] = [
         StoreOp::Get,
         StoreOp::Set,
         StoreOp::Delete,
@@ -50,6 +52,7 @@ impl StoreOp {
         StoreOp::Increment,
         StoreOp::Swap,
         StoreOp::Window,
+        StoreOp::GetOrClaim,
     ];
 
     /// The `op` label.
@@ -65,6 +68,7 @@ impl StoreOp {
             StoreOp::Increment => "increment",
             StoreOp::Swap => "swap",
             StoreOp::Window => "window",
+            StoreOp::GetOrClaim => "get_or_claim",
         }
     }
 }
@@ -102,8 +106,8 @@ impl StoreFamilies {
 /// One store's series, resolved once.
 #[derive(Clone)]
 pub struct StoreMetrics {
-    operations: Arc<[[IntCounter; 4]; 10]>,
-    duration: Arc<[Histogram; 10]>,
+    operations: Arc<[[IntCounter; 4]; 11]>,
+    duration: Arc<[Histogram; 11]>,
     /// `orchestrator_store_evictions_total{store}` (memory stores).
     pub evictions: IntCounter,
     /// `orchestrator_store_keys{store}` (memory stores).

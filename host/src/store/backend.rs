@@ -54,6 +54,17 @@ impl Counter {
     }
 }
 
+/// What [`Backend::get_or_claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The key's value.
+    Found(Vec<u8>),
+    /// The key is absent; the claim is now the caller's.
+    Claimed,
+    /// The key is absent; another caller holds the claim.
+    Busy,
+}
+
 /// A backend's future.
 pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
 
@@ -94,6 +105,14 @@ pub trait Backend: Send + Sync {
         expected: Option<&'a [u8]>,
         value: &'a [u8],
     ) -> BackendFuture<'a, bool>;
+    /// Read `key`; if absent, set `claim` (expiring after `ttl`) unless it
+    /// exists: one atomic operation.
+    fn get_or_claim<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a str,
+        ttl: Duration,
+    ) -> BackendFuture<'a, Lookup>;
     /// Add each counter's delta to its windowed counter, all or none (see
     /// `Store::windows`): one window per counter, in order.
     fn windows<'a>(&'a self, counters: &'a [Counter]) -> BackendFuture<'a, Vec<Window>>;

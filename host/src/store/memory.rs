@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use super::backend::{
-    Backend, BackendError, BackendFuture, Counter, MAX_BATCH_REPLY_BYTES, Window,
+    Backend, BackendError, BackendFuture, Counter, Lookup, MAX_BATCH_REPLY_BYTES, Window,
 };
 use crate::metrics::StoreMetrics;
 
@@ -322,6 +322,26 @@ impl Backend for MemoryBackend {
                 }
                 self.insert(map, key, value.to_vec(), None, now)?;
                 Ok(true)
+            })
+        })
+    }
+
+    fn get_or_claim<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a str,
+        ttl: Duration,
+    ) -> BackendFuture<'a, Lookup> {
+        lazy(move || {
+            self.with(|map, now| {
+                if let Some(entry) = map.live(key, now) {
+                    return Ok(Lookup::Found(entry.value.clone()));
+                }
+                if map.live(claim, now).is_some() {
+                    return Ok(Lookup::Busy);
+                }
+                self.insert(map, claim, b"1".to_vec(), Some(now + ttl), now)?;
+                Ok(Lookup::Claimed)
             })
         })
     }

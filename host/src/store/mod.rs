@@ -56,7 +56,9 @@ mod backend;
 pub mod memory;
 pub mod redis;
 
-pub use backend::{Backend, BackendError, BackendFuture, Counter, MAX_BATCH_REPLY_BYTES, Window};
+pub use backend::{
+    Backend, BackendError, BackendFuture, Counter, Lookup, MAX_BATCH_REPLY_BYTES, Window,
+};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -380,6 +382,25 @@ impl Store {
             StoreOp::Swap,
             deadline,
             self.backend.swap_if(&key, expected, value),
+        )
+        .await
+    }
+
+    /// The value of `key`; if it is absent, claim the right to produce it
+    /// (set `claim` for `ttl` unless it is set): one atomic operation.
+    pub async fn get_or_claim(
+        &self,
+        key: &str,
+        claim: &str,
+        ttl: Duration,
+        deadline: Instant,
+    ) -> Result<Lookup, StoreError> {
+        let (key, claim) = (self.key(key)?, self.key(claim)?);
+        self.run(
+            StoreOp::GetOrClaim,
+            deadline,
+            self.backend
+                .get_or_claim(&key, &claim, ttl.max(Duration::from_millis(1))),
         )
         .await
     }

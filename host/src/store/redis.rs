@@ -19,7 +19,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script, ServerErrorKind};
 
-use super::backend::{Backend, BackendError, BackendFuture, Counter, Window};
+use super::backend::{Backend, BackendError, BackendFuture, Counter, Lookup, Window};
 
 /// Keys asked of one `SCAN` step.
 const SCAN_COUNT: usize = 1000;
@@ -79,6 +79,15 @@ end
 return out
 ";
 
+/// KEYS[1]'s value, or else claim KEYS[2] (for ARGV[1] ms) unless it is
+/// held. Returns {1, value}, {2} (claimed) or {3} (held by another).
+const GET_OR_CLAIM: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {2} end
+return {3}
+";
+
 /// Set KEYS[1] to ARGV[3] if it holds ARGV[2] (ARGV[1] = '1') or is
 /// absent (ARGV[1] = '0'). Returns 1 if it did.
 const SWAP: &str = r"
@@ -100,6 +109,7 @@ const DOWN: u8 = 2;
 pub struct RedisBackend {
     connection: ConnectionManager,
     windows: Script,
+    get_or_claim: Script,
     swap: Script,
     state: AtomicU8,
 }
@@ -120,6 +130,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             connection,
             windows: Script::new(WINDOWS),
+            get_or_claim: Script::new(GET_OR_CLAIM),
             swap: Script::new(SWAP),
             state: AtomicU8::new(UNKNOWN),
         })
@@ -285,6 +296,36 @@ impl Backend for RedisBackend {
         })
     }
 
+    fn get_or_claim<'a>(
+        &'a self,
+        key: &'a str,
+        claim: &'a str,
+        ttl: Duration,
+    ) -> BackendFuture<'a, Lookup> {
+        let mut connection = self.connection.clone();
+        self.run(async move {
+            let c = &mut connection;
+            let reply: redis::Value = self
+                .get_or_claim
+                .key(key)
+                .key(claim)
+                .arg(ttl.as_millis().max(1) as u64)
+                .invoke_async(c)
+                .await?;
+            let redis::Value::Array(items) = reply else {
+                return Err(unexpected());
+            };
+            match items.as_slice() {
+                [redis::Value::Int(1), value] => {
+                    Ok(Lookup::Found(redis::from_redis_value_ref(value)?))
+                }
+                [redis::Value::Int(2)] => Ok(Lookup::Claimed),
+                [redis::Value::Int(3)] => Ok(Lookup::Busy),
+                _ => Err(unexpected()),
+            }
+        })
+    }
+
     fn windows<'a>(&'a self, counters: &'a [Counter]) -> BackendFuture<'a, Vec<Window>> {
         let mut connection = self.connection.clone();
         self.run(async move {
@@ -326,6 +367,14 @@ impl Backend for RedisBackend {
             _ => None,
         }
     }
+}
+
+/// A script's reply of the wrong shape.
+fn unexpected() -> RedisError {
+    RedisError::from((
+        ErrorKind::Client,
+        "a script answered in an unexpected shape",
+    ))
 }
 
 /// `text` with the glob characters of `SCAN MATCH` escaped.

@@ -117,7 +117,13 @@ fn store_error(store: &str, error: StoreError) -> StageError {
             StageError::Config(format!("auth: key store `{store}`: {error}"))
         }
         StoreError::Other(message) => {
-            StageError::UpstreamUnavailable(format!("auth: key store `{store}`: {message}"))
+            // The store's own words may name internal hosts: the log gets
+            // them, the client does not.
+            log::warn(
+                "key store unavailable; the request is refused",
+                &[("store", &store), ("error", &message)],
+            );
+            StageError::UpstreamUnavailable(format!("auth: key store `{store}` is unavailable"))
         }
     }
 }
@@ -570,7 +576,7 @@ mod tests {
     fn store_failures_fail_closed() {
         assert!(matches!(
             store_error("keys", StoreError::Other("timed out".into())),
-            StageError::UpstreamUnavailable(m) if m == "auth: key store `keys`: timed out"
+            StageError::UpstreamUnavailable(m) if m == "auth: key store `keys` is unavailable"
         ));
         assert!(matches!(
             store_error("keys", StoreError::AccessDenied),

@@ -134,6 +134,12 @@ impl RuleConfig {
         }
         let by = By::parse(&self.by)?;
         let limits = self.limits();
+        if let Some(zero) = limits.iter().find(|limit| limit.max == 0) {
+            return Err(format!(
+                "a limit is at least 1 (`{}` is 0; leave a limit out for none)",
+                zero.name()
+            ));
+        }
         if limits.is_empty() {
             let names: Vec<String> = Limit::names().map(|(name, _, _)| name).collect();
             return Err(format!(
@@ -287,10 +293,21 @@ impl Stage for Ratelimit {
             .collect();
         let windows = match self.apply(&counters) {
             Ok(windows) => windows,
+            // A store that is not there or not granted is a mistake in the
+            // configuration, not an outage: it fails the request.
+            Err(error @ (StoreError::NoSuchStore | StoreError::AccessDenied)) => {
+                return Err(StageError::Config(format!(
+                    "rate limit store `{}`: {error}",
+                    self.store
+                )));
+            }
             Err(error) => return self.store_failed(request, &rules, &error),
         };
         if windows.iter().all(|window| window.applied) {
             request.set_note(RESERVED_NOTE, &Reserved { tokens, at_ms: now }.to_string());
+            if tokens > 0 {
+                cap_completion(request, self.default_max_tokens);
+            }
             set_headers(request, &slots, &windows, None);
             return Ok(());
         }
@@ -358,6 +375,26 @@ impl Stage for Ratelimit {
                 ],
             );
         }
+    }
+}
+
+/// A client that set no `max_tokens` gets the completion reserve as its
+/// `max_tokens` (`default_max_tokens`, else the backend's limit), so the
+/// backend cannot generate past what was reserved.
+fn cap_completion(request: &dyn Request, default_max_tokens: u32) {
+    let mut params = request.params();
+    if params.max_tokens.is_some() || params.max_completion_tokens.is_some() {
+        return;
+    }
+    let limit = request.route().max_tokens_limit;
+    let reserve = if default_max_tokens > 0 {
+        default_max_tokens
+    } else {
+        limit
+    };
+    if reserve > 0 {
+        params.max_tokens = Some(reserve);
+        request.set_params(&params);
     }
 }
 

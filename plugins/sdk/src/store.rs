@@ -61,6 +61,18 @@ pub struct Window {
     pub reset_ms: u64,
 }
 
+/// What [`Store::get_or_claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    /// The key's value.
+    Found(Vec<u8>),
+    /// The key is absent and this caller now holds the claim: it is to
+    /// produce the value (and delete the claim when done).
+    Claimed,
+    /// The key is absent and another caller holds the claim.
+    Busy,
+}
+
 /// One counter of [`Store::windows`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counter {
@@ -161,6 +173,24 @@ impl Store {
         self.inner.increment(key, delta)
     }
 
+    /// The value of `key`; if it is absent, claim the right to produce it:
+    /// set `claim` (expiring after `ttl`) unless it exists. One atomic
+    /// operation (one round trip), so of concurrent callers missing the
+    /// same key exactly one is told [`Lookup::Claimed`]: a cache's single
+    /// flight. Delete `claim` to give the right back.
+    ///
+    /// # Errors
+    ///
+    /// A [`StoreError`].
+    pub fn get_or_claim(
+        &self,
+        key: &str,
+        claim: &str,
+        ttl: Duration,
+    ) -> Result<Lookup, StoreError> {
+        self.inner.get_or_claim(key, claim, ttl)
+    }
+
     /// Add `delta` to the windowed counter `key`, atomically: an absent
     /// (or expired) key starts at 0 with a window of `window`, which later
     /// calls do not extend; with a `limit`, a positive `delta` is added
@@ -213,7 +243,7 @@ pub fn reset() {
 mod imp {
     use std::time::Duration;
 
-    use super::{Counter, StoreError, Window};
+    use super::{Counter, Lookup, StoreError, Window};
     use crate::bindings::streaming::orchestrator::pipeline::expiring;
     use crate::bindings::streaming::wasi::keyvalue::{atomics, store};
 
@@ -261,6 +291,20 @@ mod imp {
         pub(super) fn increment(&self, key: &str, delta: i64) -> Result<i64, StoreError> {
             atomics::increment(&self.0, key, delta).map_err(error)
         }
+        pub(super) fn get_or_claim(
+            &self,
+            key: &str,
+            claim: &str,
+            ttl: Duration,
+        ) -> Result<Lookup, StoreError> {
+            expiring::get_or_claim(&self.0, key, claim, millis(ttl))
+                .map(|lookup| match lookup {
+                    expiring::Lookup::Found(value) => Lookup::Found(value),
+                    expiring::Lookup::Claimed => Lookup::Claimed,
+                    expiring::Lookup::Busy => Lookup::Busy,
+                })
+                .map_err(error)
+        }
         pub(super) fn windows(&self, counters: &[Counter]) -> Result<Vec<Window>, StoreError> {
             let counters: Vec<expiring::Counter> = counters
                 .iter()
@@ -294,7 +338,7 @@ mod imp {
     use std::rc::Rc;
     use std::time::{Duration, Instant};
 
-    use super::{Counter, StoreError, Window};
+    use super::{Counter, Lookup, StoreError, Window};
 
     type Map = HashMap<String, (Vec<u8>, Option<Instant>)>;
 
@@ -371,6 +415,21 @@ mod imp {
                 .borrow_mut()
                 .insert(key.to_string(), (value.to_string().into_bytes(), expires));
             Ok(value)
+        }
+        pub(super) fn get_or_claim(
+            &self,
+            key: &str,
+            claim: &str,
+            ttl: Duration,
+        ) -> Result<Lookup, StoreError> {
+            if let Some((value, _)) = self.live(key) {
+                return Ok(Lookup::Found(value));
+            }
+            if self.live(claim).is_some() {
+                return Ok(Lookup::Busy);
+            }
+            self.set(claim, b"1", Some(ttl))?;
+            Ok(Lookup::Claimed)
         }
         pub(super) fn windows(&self, counters: &[Counter]) -> Result<Vec<Window>, StoreError> {
             let now = Instant::now();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use wasmtime::component::Resource;
 
 use super::state::HostState;
-use crate::store::{Counter, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window};
+use crate::store::{Counter, Lookup, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window};
 use crate::wasm::bindings::keyvalue::wasi::keyvalue::{atomics, batch, store};
 use crate::wasm::bindings::v2::orchestrator::pipeline::expiring;
 use crate::wasm::resources::{Bucket, Cas};
@@ -281,6 +281,25 @@ impl expiring::Host for HostState {
             )
             .await
             .map(window)
+            .map_err(error))
+    }
+
+    async fn get_or_claim(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        claim: String,
+        claim_ms: u64,
+    ) -> wasmtime::Result<Result<expiring::Lookup, store::Error>> {
+        let store = self.bucket(&bucket)?;
+        Ok(store
+            .get_or_claim(&key, &claim, Duration::from_millis(claim_ms), self.deadline)
+            .await
+            .map(|lookup| match lookup {
+                Lookup::Found(value) => expiring::Lookup::Found(value),
+                Lookup::Claimed => expiring::Lookup::Claimed,
+                Lookup::Busy => expiring::Lookup::Busy,
+            })
             .map_err(error))
     }
 
