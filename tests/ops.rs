@@ -872,11 +872,11 @@ fn the_gateway_configs_are_valid_host_configs_and_agree() {
         file.pipelines["default"].stages,
         [
             "auth",
-            "ratelimit",
-            "cache",
             "rag",
             "guard",
             "assemble",
+            "ratelimit",
+            "cache",
             "inference",
             "post",
             "stream"
@@ -1033,7 +1033,8 @@ fn the_gateway_overlay_validates_against_the_kubernetes_schemas() {
         .find(|d| d.contains("kind: ConfigMap") && d.contains("name: orchestrator-config"))
         .unwrap();
     assert!(
-        configmap.contains("\"auth\", \"ratelimit\", \"cache\""),
+        configmap.contains("url_env = \"ORCHESTRATOR_REDIS_URL\"")
+            && configmap.contains("\"ratelimit\", \"cache\", \"inference\""),
         "{configmap}"
     );
 }
@@ -1082,7 +1083,7 @@ async fn the_gateway_config_runs_two_replicas_on_one_redis() {
     assert_eq!(cache_header(&first), Some("miss"));
     assert_eq!(
         first.headers()["x-orchestrator-stages"],
-        "auth,ratelimit,cache,rag,guard,assemble,inference,post,stream"
+        "auth,rag,guard,assemble,ratelimit,cache,inference,post,stream"
     );
     let answer: Value = first.json().await.unwrap();
     let again = post_with(&a, &question, Some(&key), None).await;
