@@ -56,20 +56,20 @@ wait_for 30 "$LAST_PID" redis-cli -p "$REDIS_PORT" ping
 base_config() {
     printf '[backends.up]\nkind = "openai"\nbase_url = "http://%s/v1"\n[routing.models]\nup = "up"\n' "$UPSTREAM"
 }
-policy_config() {
-    base_config
+policy_config() { # [redis port]
     printf 'admin_token = "%s"\n' "$ADMIN"
+    base_config
     printf '[stages.ratelimit.config]\nrules = [{ name = "per_key", requests_per_minute = 100000000, tokens_per_minute = 100000000000 }]\n'
     printf '[pipelines.default]\nstages = ["auth", "rag", "assemble", "ratelimit", "cache", "inference", "post", "stream"]\n'
+    if [ -n "${1:-}" ]; then
+        for store in keys limits cache; do
+            printf '[stores.%s]\nkind = "redis"\nurl = "redis://127.0.0.1:%s/0"\n' "$store" "$1"
+        done
+    fi
 }
 base_config >"$WORK/base.toml"
 policy_config >"$WORK/memory.toml"
-{
-    policy_config
-    for store in keys limits cache; do
-        printf '[stores.%s]\nkind = "redis"\nurl = "redis://127.0.0.1:%s/0"\n' "$store" "$REDIS_PORT"
-    done
-} >"$WORK/redis.toml"
+policy_config "$REDIS_PORT" >"$WORK/redis.toml"
 HOSTS=(base memory redis)
 declare -A KEY
 for name in "${HOSTS[@]}"; do
