@@ -131,14 +131,23 @@ for round in $(seq "$ROUNDS"); do
         out=$(wrk -t2 -c64 -d"${DURATION}s" -s "$WORK/$name.miss.lua" "$url")
         after=$(tree_ticks "$pid")
         ok=$(echo "$out" | ok_requests)
-        rps=$(echo "$out" | awk '/Requests\/sec/ {printf "%d", $2}')
+        # Successful answers per second: an erroring host must not look fast.
+        rps=$(awk -v n="$ok" -v d="$DURATION" 'BEGIN {printf "%d", n / d}')
+        errors=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+        [ -z "$errors" ] || log "round $round $name: $errors non-2xx answers"
+        out1=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.miss.lua" "$url")
+        errors=$(echo "$out1" | awk '/Non-2xx/ {print $NF}')
+        [ -z "$errors" ] || log "round $round $name, 1 connection: $errors non-2xx answers"
         cpu=$(awk -v t=$((after - before)) -v n="$ok" -v hz="$TICK" 'BEGIN {printf "%d", n ? t / hz / n * 1e6 : 0}')
-        p50=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.miss.lua" "$url" | p50_us)
+        p50=$(echo "$out1" | p50_us)
         RESULTS[$name.rps]+="$rps "
         RESULTS[$name.cpu]+="$cpu "
         RESULTS[$name.p50]+="$p50 "
         if [ "$name" != base ]; then
-            hit=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.hit.lua" "$url" | p50_us)
+            out1=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.hit.lua" "$url")
+            errors=$(echo "$out1" | awk '/Non-2xx/ {print $NF}')
+            [ -z "$errors" ] || log "round $round $name, hits: $errors non-2xx answers"
+            hit=$(echo "$out1" | p50_us)
             RESULTS[$name.hit]+="$hit "
         fi
         log "round $round $name: $rps req/s, $cpu us CPU, p50 $p50 us${hit:+, hit p50 $hit us}"
