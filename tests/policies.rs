@@ -16,11 +16,16 @@ const ADMIN: &str = "policy-admin-token";
 /// `redis` (memory without), the admin token, `extra` and the default
 /// pipeline `stages`.
 fn config(redis: Option<&Redis>, extra: &str, stages: &[&str]) -> String {
+    store_config(redis, 2000, extra, stages)
+}
+
+/// [`config`] with the Redis stores' `timeout_ms`.
+fn store_config(redis: Option<&Redis>, timeout_ms: u64, extra: &str, stages: &[&str]) -> String {
     let stores = match redis {
         Some(redis) => ["keys", "limits", "cache"]
             .map(|store| {
                 format!(
-                    "[stores.{store}]\nkind = \"redis\"\nurl = {:?}\ntimeout_ms = 300\n",
+                    "[stores.{store}]\nkind = \"redis\"\nurl = {:?}\ntimeout_ms = {timeout_ms}\n",
                     redis.url()
                 )
             })
@@ -164,6 +169,8 @@ async fn keys_are_shared_by_two_hosts_and_revoked_at_once() {
     let (a, b) = (Host::with_config(&toml), Host::with_config(&toml));
     let (key, id) = create_key(&a, json!({"principal": "alice", "models": ["echo"]})).await;
     assert!(key.starts_with("sk-orch-"), "{key}");
+    // The usage read below is of the current hour's window.
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
 
     let answered = post(&b, &chat("echo", "hello"), Some(&key)).await;
     assert_eq!(answered.status(), 200);
@@ -195,7 +202,7 @@ async fn keys_are_shared_by_two_hosts_and_revoked_at_once() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let shown = admin_get(&a, &format!("/admin/keys/{id}")).await;
-        if shown["usage"]["requests"]["minute"] == 1 {
+        if shown["usage"]["requests"]["hour"] == 1 {
             assert_eq!(shown["record"]["principal"], "alice", "{shown}");
             assert!(
                 shown["usage"]["tokens"]["day"].as_i64().unwrap() > 0,
@@ -424,6 +431,50 @@ async fn a_cut_stream_pays_what_it_got_and_a_cache_hit_nothing() {
     await_counter(&redis, "tokens:model:echo:tokens", |v| v == used).await;
 }
 
+/// A request cut while a later stage holds it (here: waiting in the
+/// cache for an identical request's answer) still settles its
+/// reservation: its finish calls get the request as it was when that stage
+/// took it, notes included.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_cut_inside_a_stage_still_settles() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = Upstream::start(Script::Endless).await;
+    let extra = format!(
+        "{}[backends.up]\nkind = \"openai\"\nbase_url = \"{}\"\n[routing.models]\nup = \"up\"\n",
+        ratelimit(&["name = \"all\", by = \"global\", tokens_per_hour = 1000000"]),
+        upstream.base_url
+    );
+    let host = Host::with_config(&config(
+        Some(&redis),
+        &extra,
+        &["ratelimit", "cache", "inference", "stream"],
+    ));
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
+    let mut body = chat("up", "talk forever");
+    body["max_tokens"] = json!(1000);
+    body["stream"] = json!(true);
+    // The first generates (and streams forever), holding the cache's lock.
+    let mut first = post(&host, &body, None).await;
+    assert_eq!(header(&first, "x-orchestrator-cache"), Some("miss"));
+    let _ = first.chunk().await.unwrap();
+    let one = await_counter(&redis, "all:global:*:tokens:hour", |v| v > 1000).await;
+    // The second reserves as much, then waits in the cache for the first.
+    let api = host.api.clone();
+    let second = tokio::spawn(async move {
+        client()
+            .post(format!("{api}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+    });
+    await_counter(&redis, "all:global:*:tokens:hour", |v| v == 2 * one).await;
+    // Its client goes away while the cache stage holds it: refunded.
+    second.abort();
+    await_counter(&redis, "all:global:*:tokens:hour", |v| v == one).await;
+    drop(first);
+    await_counter(&redis, "all:global:*:tokens:hour", |v| v < one).await;
+}
+
 /// With Redis stopped, an `allow` rule serves and counts the store error,
 /// the cache steps aside, a `deny` rule answers 503; with Redis back, the limits hold again
 /// without a restart.
@@ -438,8 +489,10 @@ async fn a_store_outage_fails_open_or_closed_per_rule() {
          [routing.models]\necho = \"echo\"\nstrict = {{ backend = \"echo\", pipeline = \"strict\" }}\n",
         ratelimit(&["name = \"open\", by = \"global\", requests_per_hour = 2"]),
     );
-    let host = Host::with_config(&config(
+    // Short store timeouts: Redis is stopped and started under the host.
+    let host = Host::with_config(&store_config(
         Some(&redis),
+        300,
         &extra,
         &["ratelimit", "cache", "inference"],
     ));

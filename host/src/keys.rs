@@ -92,21 +92,30 @@ pub struct KeyRecord {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The models it may use; empty: every model.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub models: Vec<String>,
     /// Limits of its own, applied by the `ratelimit` stage (see
     /// [`LIMIT_NAMES`]).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub limits: BTreeMap<String, u64>,
     /// When it stops working, in Unix seconds.
     #[serde(default)]
     pub expires_at: Option<u64>,
     /// Refused while set.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub disabled: bool,
     /// When it was created, in Unix seconds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub created_at: u64,
+}
+
+/// A field's default for `null` too (as the `auth` stage reads records).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 /// What a new key is to carry.
@@ -250,18 +259,22 @@ impl Keys {
 
     /// Create a key from `new` and store its record.
     pub async fn create(&self, new: NewKey) -> Result<Created, KeyError> {
-        let created = new.make()?;
-        let text =
-            serde_json::to_vec(&created.record).map_err(|e| KeyError::Invalid(e.to_string()))?;
-        self.store
-            .set(
-                &format!("key:{}", created.record.id),
-                &text,
-                None,
-                Self::deadline(),
-            )
-            .await?;
-        Ok(created)
+        // Stored only where no key is: a new id never replaces another
+        // key's record (a 48-bit id collides rarely, but it may).
+        for _ in 0..3 {
+            let created = new.clone().make()?;
+            let text = serde_json::to_vec(&created.record)
+                .map_err(|e| KeyError::Invalid(e.to_string()))?;
+            let key = format!("key:{}", created.record.id);
+            if self
+                .store
+                .swap_if(&key, None, &text, Self::deadline())
+                .await?
+            {
+                return Ok(created);
+            }
+        }
+        Err(KeyError::Invalid("no free key id after three tries".into()))
     }
 
     /// The record of key `id`, if there is one.
@@ -305,12 +318,11 @@ impl Keys {
             for (id, value) in batch.iter().zip(values) {
                 // Revoked between the listing and the read: left out.
                 let Some(text) = value else { continue };
-                records.push(
-                    serde_json::from_slice(&text).map_err(|e| KeyError::Corrupt {
-                        id: id.clone(),
-                        message: e.to_string(),
-                    })?,
-                );
+                // One bad record does not hide the others: it is logged.
+                match parse(id, &text) {
+                    Ok(record) => records.push(record),
+                    Err(error) => tracing::warn!(%error, "key record left out of the list"),
+                }
             }
         }
         Ok(records)

@@ -118,6 +118,7 @@ publish = false
 
 [dependencies]
 serde = { version = "1", default-features = false, features = ["std"] }
+serde_json = "1"
 wit-bindgen = { version = "0.61", default-features = false, features = ["macros", "realloc"] }
 "#;
 
@@ -409,6 +410,18 @@ mod tests {
             manifest["package"]["version"].as_str(),
             Some(env!("CARGO_PKG_VERSION"))
         );
+        // Every dependency of the SDK, and no other.
+        let sdk: toml::Table =
+            toml::from_str(include_str!("../../../plugins/sdk/Cargo.toml")).unwrap();
+        let names = |t: &toml::Table| -> Vec<String> {
+            t["dependencies"]
+                .as_table()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
+        assert_eq!(names(&manifest), names(&sdk));
         // The SDK finds the WIT where it looks for it: `../../wit`.
         assert!(
             root.join(VENDORED_SDK)

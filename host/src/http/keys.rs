@@ -79,7 +79,7 @@ where
         .then(|id: String, keys: Option<Keys>| async move {
             let Some(keys) = keys else { return no_store() };
             match keys.get(&id).await {
-                Ok(Some(record)) => match keys.usage(&record.id).await {
+                Ok(Some(record)) => match keys.usage(&id).await {
                     Ok(usage) => json_response(
                         StatusCode::OK,
                         &json!({ "record": public(&record), "usage": usage }),
@@ -169,12 +169,13 @@ fn failed(error: KeyError) -> Response {
             .into_response()
         }
         error => {
+            // The store's own words (which may name hosts) go to the log.
             tracing::warn!(%error, "key operation failed");
             ApiError::with_code(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "api_error",
                 "keys_store_unavailable",
-                error.to_string(),
+                format!("the `{KEYS_STORE}` store is unavailable"),
             )
             .into_response()
         }

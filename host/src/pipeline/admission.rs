@@ -71,6 +71,7 @@ pub(super) fn admit(
         finishers: Vec::new(),
         refused_by: None,
         accounted: false,
+        lent: None,
         failure: None,
     })
 }

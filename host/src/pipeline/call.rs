@@ -155,6 +155,9 @@ async fn process(
         // Recorded before the call: a call cut short (the client left, the
         // deadline passed) still gets its finish call.
         job.ran(index, current.finishes());
+        if !job.finishers.is_empty() {
+            job.lent = Some(job.envelope.summary());
+        }
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
         let router = job.snapshot.router();

@@ -95,6 +95,12 @@ impl Job {
     /// Called when the job is dropped before [`Job::finish`]: the request
     /// failed, timed out, or its client went away.
     pub(super) fn finish_unanswered(&mut self) {
+        // Cut short while a stage held the request: what it was when lent.
+        if self.envelope.request_id.is_empty()
+            && let Some(lent) = self.lent.take()
+        {
+            self.envelope = lent;
+        }
         if !self.accounted {
             let envelope = std::mem::replace(&mut self.envelope, Envelope::placeholder());
             self.account(&envelope);

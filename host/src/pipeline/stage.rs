@@ -321,6 +321,10 @@ pub(super) struct Job {
     pub(super) refused_by: Option<&'static str>,
     /// The request's end is counted in the policy series.
     pub(super) accounted: bool,
+    /// The request as it was when a stage took it ([`Envelope::summary`]),
+    /// while stages that finish have run: what their finish calls get if
+    /// the request ends while a stage holds it.
+    pub(super) lent: Option<Envelope>,
     /// The HTTP status of the failure that ended the request, if one did.
     pub(super) failure: Option<u16>,
 }

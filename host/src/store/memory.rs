@@ -357,6 +357,10 @@ impl Backend for MemoryBackend {
                         None => (None, None),
                     });
                 }
+                // Every check before the first write: all or none.
+                for (counter, (value, _)) in counters.iter().zip(&current) {
+                    add(value.unwrap_or(0), counter.delta)?;
+                }
                 let fits = counters
                     .iter()
                     .zip(&current)

@@ -73,6 +73,9 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest value accepted, in bytes.
 pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
 
+/// Longest window or claim: 400 days (a monthly quota's window is 30).
+pub const MAX_TTL: Duration = Duration::from_secs(400 * 86_400);
+
 /// Most keys in one batch operation.
 pub const MAX_BATCH: usize = 100;
 
@@ -396,6 +399,9 @@ impl Store {
         deadline: Instant,
     ) -> Result<Lookup, StoreError> {
         let (key, claim) = (self.key(key)?, self.key(claim)?);
+        if ttl > MAX_TTL {
+            return Err(StoreError::Invalid("a claim lives at most 400 days".into()));
+        }
         self.run(
             StoreOp::GetOrClaim,
             deadline,
@@ -445,9 +451,18 @@ impl Store {
             )));
         }
         let mut prefixed = Vec::with_capacity(counters.len());
-        for counter in counters {
-            if counter.window.is_zero() {
-                return Err(StoreError::Invalid("a window is at least 1 ms".into()));
+        for (at, counter) in counters.iter().enumerate() {
+            if counter.window.is_zero() || counter.window > MAX_TTL {
+                return Err(StoreError::Invalid(format!(
+                    "a window is 1 ms to {} days",
+                    MAX_TTL.as_secs() / 86_400
+                )));
+            }
+            if counters[..at].iter().any(|c| c.key == counter.key) {
+                return Err(StoreError::Invalid(format!(
+                    "the counter `{}` is named twice in one call",
+                    counter.key.escape_debug()
+                )));
             }
             prefixed.push(Counter {
                 key: self.key(&counter.key)?,

@@ -24,7 +24,9 @@ use super::backend::{Backend, BackendError, BackendFuture, Counter, Lookup, Wind
 /// Keys asked of one `SCAN` step.
 const SCAN_COUNT: usize = 1000;
 
-/// Windowed counters, all or none. For counter i (KEYS[i]) ARGV holds
+/// Windowed counters, all or none: every check (an integer value, no
+/// overflow, the limits) is made before the first write, so a refusal or
+/// an error changes nothing. For counter i (KEYS[i]) ARGV holds
 /// its delta, window (ms) and limit ('' for none) at 3i-2, 3i-1 and 3i.
 /// Every delta is added only if no positive delta takes its counter past
 /// its limit; a delta of zero or less never creates a key (a refund never
@@ -38,15 +40,19 @@ for i = 1, #KEYS do
   local text = redis.call('GET', KEYS[i])
   local value = nil
   if text then
-    value = tonumber(text)
-    if value == nil or value ~= math.floor(value) then
+    if not string.match(text, '^%-?%d+$') or #text > 19 then
       return redis.error_reply('ERR the key holds a value that is not an integer')
     end
+    value = tonumber(text)
   end
   current[i] = value
   local delta = tonumber(ARGV[3 * i - 2])
+  local sum = (value or 0) + delta
+  if sum > 9.2e18 or sum < -9.2e18 then
+    return redis.error_reply('ERR increment or decrement would overflow')
+  end
   local limit = ARGV[3 * i]
-  if delta > 0 and limit ~= '' and (value or 0) + delta > tonumber(limit) then
+  if delta > 0 and limit ~= '' and sum > tonumber(limit) then
     fits = false
   end
 end

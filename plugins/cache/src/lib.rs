@@ -1,6 +1,6 @@
-//! The `cache` stage: an exact-match response cache, placed before the
-//! generating stage (`auth, ratelimit, cache, rag, assemble, inference,
-//! post, stream`).
+//! The `cache` stage: an exact-match response cache, placed just before
+//! the generating stage (`auth, rag, assemble, ratelimit, cache, inference,
+//! post, stream`), so that it keys on the prompt the model would get.
 //!
 //! # The key
 //!
@@ -47,16 +47,22 @@
 //! # Single flight
 //!
 //! When identical requests arrive together, only one generates
-//! (`single_flight`, on by default). A miss claims the lock `lock:<key>`, a
-//! windowed counter limited to 1 that lives `lock_ms` at most (so a
-//! claimant that never finishes cannot block the key for longer). The
-//! request that claims it generates; its `finish` stores the entry and
+//! (`single_flight`, on by default). The lookup is one
+//! `Store::get_or_claim`: the entry if there is one, else the lock
+//! `lock:<key>`, claimed in the same atomic operation unless another
+//! request holds it; the lock lives `lock_ms` at most (so a claimant that
+//! never finishes cannot block the key for longer). The request that
+//! claims it generates; its `finish` stores the entry and
 //! deletes the lock, whether or not there was anything to store (so that
 //! after a failed generation a waiter takes over at once). A request that
-//! finds the lock held waits, polling the entry with a backoff (2 ms,
+//! finds the lock held waits, looking again with a backoff (2 ms,
 //! doubling, at most 50 ms): the entry appears and is served as a hit; or
 //! the lock goes and the request claims it and generates itself; or
-//! `wait_ms` passes and it generates without the lock.
+//! `wait_ms` passes and it generates without the lock. The owner deletes
+//! the lock without checking it still holds it: an owner that outlived
+//! `lock_ms` (60 s by default, longer than a request's 30 s deadline) may
+//! delete a later claimant's lock, which costs one extra generation, never
+//! a wrong answer.
 //!
 //! # `Cache-Control` and the response header
 //!

@@ -375,7 +375,7 @@ impl Rule {
 /// `auth.key`, its limits from the note `auth.limits`; `None` without
 /// both notes or without a limit. A note that is not a JSON object is
 /// logged and ignored (the key is then not limited), and so is a value
-/// that is not a whole number of 0 or more.
+/// that is not a whole number of 1 or more.
 pub fn key_rule(request: &dyn Request) -> Option<Rule> {
     let limits = request.note(KEY_LIMITS_NOTE)?;
     request.note(KEY_NOTE).filter(|key| !key.is_empty())?;
@@ -402,7 +402,7 @@ pub fn key_rule(request: &dyn Request) -> Option<Rule> {
 ///
 /// # Errors
 ///
-/// The text is not a JSON object, or a limit is not a whole number of 0
+/// The text is not a JSON object, or a limit is not a whole number of 1
 /// or more.
 pub fn parse_key_limits(text: &str) -> Result<Vec<Limit>, String> {
     let object: serde_json::Map<String, serde_json::Value> =
@@ -414,7 +414,8 @@ pub fn parse_key_limits(text: &str) -> Result<Vec<Limit>, String> {
             Some(value) => {
                 let max = value
                     .as_u64()
-                    .ok_or_else(|| format!("`{name}` is not a whole number of 0 or more"))?;
+                    .filter(|max| *max > 0)
+                    .ok_or_else(|| format!("`{name}` is not a whole number of 1 or more"))?;
                 limits.push(Limit { kind, unit, max });
             }
         }

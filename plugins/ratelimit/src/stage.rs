@@ -378,24 +378,21 @@ impl Stage for Ratelimit {
     }
 }
 
-/// A client that set no `max_tokens` gets the completion reserve as its
-/// `max_tokens` (`default_max_tokens`, else the backend's limit), so the
-/// backend cannot generate past what was reserved.
+/// A client that set no `max_tokens` gets `default_max_tokens` (when set)
+/// as its `max_tokens`, so the backend cannot generate past what was
+/// reserved. Without `default_max_tokens` nothing is sent: the backend's
+/// `max_tokens_limit` is reserved, which a model may not take as a
+/// `max_tokens` (more than its context, or than its own cap).
 fn cap_completion(request: &dyn Request, default_max_tokens: u32) {
     let mut params = request.params();
-    if params.max_tokens.is_some() || params.max_completion_tokens.is_some() {
+    if default_max_tokens == 0
+        || params.max_tokens.is_some()
+        || params.max_completion_tokens.is_some()
+    {
         return;
     }
-    let limit = request.route().max_tokens_limit;
-    let reserve = if default_max_tokens > 0 {
-        default_max_tokens
-    } else {
-        limit
-    };
-    if reserve > 0 {
-        params.max_tokens = Some(reserve);
-        request.set_params(&params);
-    }
+    params.max_tokens = Some(default_max_tokens);
+    request.set_params(&params);
 }
 
 impl Ratelimit {

@@ -271,9 +271,28 @@ impl<'de> de::Deserializer<'de> for Value {
             .map_err(<ConfigError as de::Error>::custom)
     }
 
+    fn deserialize_str<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ConfigError> {
+        self.deserialize_string(visitor)
+    }
+
+    fn deserialize_string<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ConfigError> {
+        // A TOML list or table reaches the stage as its JSON: given to a
+        // string setting, it is a mistake (a list of patterns where one
+        // pattern per line is asked), not a string to use as it is.
+        let text = self.0.trim_start();
+        if (text.starts_with('[') || text.starts_with('{'))
+            && serde_json::from_str::<serde_json::Value>(&self.0)
+                .is_ok_and(|v| v.is_array() || v.is_object())
+        {
+            return Err(<ConfigError as de::Error>::custom(
+                "expected a string, got a list or table",
+            ));
+        }
+        visitor.visit_string(self.0)
+    }
+
     serde::forward_to_deserialize_any! {
-        str string bytes byte_buf unit unit_struct tuple tuple_struct
-        identifier
+        bytes byte_buf unit unit_struct tuple tuple_struct identifier
     }
 }
 
@@ -356,6 +375,35 @@ mod tests {
         );
         assert_eq!(from_pairs::<Filter>(Vec::new()).unwrap(), Filter::default());
         let _ = Mode::Mask;
+    }
+
+    #[test]
+    fn lists_and_tables_arrive_as_json_and_are_no_strings() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Rule {
+            name: String,
+            limit: u64,
+        }
+        #[derive(Debug, serde::Deserialize)]
+        struct Config {
+            rules: Vec<Rule>,
+            #[serde(default)]
+            pattern: String,
+        }
+        let config: Config = from_pairs(pairs(&[
+            ("rules", r#"[{"name":"a","limit":3}]"#),
+            ("pattern", "[a-z]+"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (config.rules[0].name.as_str(), config.rules[0].limit),
+            ("a", 3)
+        );
+        assert_eq!(config.pattern, "[a-z]+");
+        let err = from_pairs::<Config>(pairs(&[("rules", "[]"), ("pattern", r#"["a","b"]"#)]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pattern") && err.contains("list"), "{err}");
     }
 
     #[test]
