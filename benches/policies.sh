@@ -95,10 +95,13 @@ function setup(thread)
   thread:set("id", threads)
 end
 local n = 0
+-- NONCE differs from one wrk run to the next: no run repeats another's
+-- prompts (which would be cache hits).
+local nonce = os.getenv("NONCE") or ""
 request = function()
   n = n + 1
   local body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"' ..
-    tostring(id) .. "-" .. n .. ' $PROMPT"}]}'
+    nonce .. "-" .. tostring(id) .. "-" .. n .. ' $PROMPT"}]}'
   return wrk.format(nil, nil, nil, body)
 end
 EOF
@@ -109,7 +112,7 @@ wrk.headers["Authorization"] = "Bearer ${KEY[$name]}"
 wrk.body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"the same $PROMPT"}]}'
 EOF
     # Warm up (and, for the hit script, store the entry).
-    wrk -t2 -c16 -d2s -s "$WORK/$name.miss.lua" "${API[$name]}/v1/chat/completions" >/dev/null
+    NONCE=warm wrk -t2 -c16 -d2s -s "$WORK/$name.miss.lua" "${API[$name]}/v1/chat/completions" >/dev/null
     wrk -t1 -c1 -d1s -s "$WORK/$name.hit.lua" "${API[$name]}/v1/chat/completions" >/dev/null
 done
 
@@ -128,14 +131,14 @@ for round in $(seq "$ROUNDS"); do
         url="${API[$name]}/v1/chat/completions"
         pid=${PID[$name]}
         before=$(tree_ticks "$pid")
-        out=$(wrk -t2 -c64 -d"${DURATION}s" -s "$WORK/$name.miss.lua" "$url")
+        out=$(NONCE=$round-64 wrk -t2 -c64 -d"${DURATION}s" -s "$WORK/$name.miss.lua" "$url")
         after=$(tree_ticks "$pid")
         ok=$(echo "$out" | ok_requests)
         # Successful answers per second: an erroring host must not look fast.
         rps=$(awk -v n="$ok" -v d="$DURATION" 'BEGIN {printf "%d", n / d}')
         errors=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
         [ -z "$errors" ] || log "round $round $name: $errors non-2xx answers"
-        out1=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.miss.lua" "$url")
+        out1=$(NONCE=$round-1 wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.miss.lua" "$url")
         errors=$(echo "$out1" | awk '/Non-2xx/ {print $NF}')
         [ -z "$errors" ] || log "round $round $name, 1 connection: $errors non-2xx answers"
         cpu=$(awk -v t=$((after - before)) -v n="$ok" -v hz="$TICK" 'BEGIN {printf "%d", n ? t / hz / n * 1e6 : 0}')
