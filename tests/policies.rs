@@ -159,8 +159,8 @@ async fn await_key(redis: &Redis, pattern: &str) {
     }
 }
 
-/// Keys made on one host work on the other at once, revoked ones stop at
-/// once; the key's principal, model list and usage figures hold; the
+/// Keys made on one host work on the other at once, disabled or revoked
+/// ones stop at once; the key's principal, model list and usage figures hold; the
 /// admin API never shows a secret or a hash.
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_are_shared_by_two_hosts_and_revoked_at_once() {
@@ -228,6 +228,26 @@ async fn keys_are_shared_by_two_hosts_and_revoked_at_once() {
         2.0
     );
 
+    // Disabled on one host: refused by the other; enabled again: served.
+    let patch = |host: &Host, disabled: bool| {
+        client()
+            .patch(format!("{}/admin/keys/{id}", host.api))
+            .bearer_auth(ADMIN)
+            .json(&json!({ "disabled": disabled }))
+            .send()
+    };
+    let disabled: Value = patch(&a, true).await.unwrap().json().await.unwrap();
+    assert_eq!(disabled["record"]["disabled"], true, "{disabled}");
+    assert_eq!(
+        post(&b, &chat("echo", "hello"), Some(&key)).await.status(),
+        401
+    );
+    assert_eq!(patch(&b, false).await.unwrap().status(), 200);
+    assert_eq!(
+        post(&a, &chat("echo", "hello"), Some(&key)).await.status(),
+        200
+    );
+
     // Revoked on one host: the other refuses it on its next request.
     let revoked = client()
         .delete(format!("{}/admin/keys/{id}", b.api))
@@ -240,6 +260,83 @@ async fn keys_are_shared_by_two_hosts_and_revoked_at_once() {
         post(&a, &chat("echo", "hello"), Some(&key)).await.status(),
         401
     );
+}
+
+/// `orchestrator keys` manages the keys of the configuration's Redis store:
+/// a key it creates is served by a host on that configuration, one it
+/// disables or revokes is refused at once; with a memory store it says to
+/// use the admin API.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keys_command_manages_a_redis_store() {
+    let Some(redis) = Redis::start() else { return };
+    let toml = config(Some(&redis), "", &["auth", "inference"]);
+    let (_dir, file) = crate::common::config_file(&toml);
+    let host = Host::with_config(&toml);
+    let keys = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .arg("keys")
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).trim().to_string();
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        (output.status.success(), stdout, stderr)
+    };
+    let (ok, key, stderr) = keys(&[
+        "create",
+        "--principal",
+        "cli",
+        "--limit",
+        "requests_per_hour=100",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(key.starts_with("sk-orch-"), "{key}");
+    let id = key["sk-orch-".len().."sk-orch-".len() + 12].to_string();
+    let (ok, listed, _) = keys(&["list"]);
+    assert!(
+        ok && listed.contains(&id) && listed.contains("cli"),
+        "{listed}"
+    );
+    assert!(
+        !listed.contains(&key[21..]),
+        "a secret in the list: {listed}"
+    );
+    assert_eq!(
+        post(&host, &chat("echo", "hi"), Some(&key)).await.status(),
+        200
+    );
+    let (ok, shown, _) = keys(&["show", &id]);
+    assert!(ok && shown.contains("requests_per_hour"), "{shown}");
+
+    assert!(keys(&["disable", &id]).0);
+    assert_eq!(
+        post(&host, &chat("echo", "hi"), Some(&key)).await.status(),
+        401
+    );
+    assert!(keys(&["enable", &id]).0);
+    assert_eq!(
+        post(&host, &chat("echo", "hi"), Some(&key)).await.status(),
+        200
+    );
+    assert!(keys(&["revoke", &id]).0);
+    assert_eq!(
+        post(&host, &chat("echo", "hi"), Some(&key)).await.status(),
+        401
+    );
+    let (ok, _, stderr) = keys(&["revoke", &id]);
+    assert!(!ok && stderr.contains("no key"), "{stderr}");
+
+    // A memory store is each host's own: the command refuses it.
+    let (_dir, memory) = crate::common::config_file(&config(None, "", &["auth", "inference"]));
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["keys", "list", "--config"])
+        .arg(&memory)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("admin API"));
 }
 
 /// N requests per hour for one key, 3N at once spread over two hosts:

@@ -141,6 +141,58 @@ pub struct NewKey {
     pub disabled: bool,
 }
 
+/// A change to a key (`PATCH /admin/keys/{id}`): each field given replaces
+/// the record's.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyChange {
+    /// Refuse it (`true`) or accept it again (`false`).
+    #[serde(default)]
+    pub disabled: Option<bool>,
+    /// A new label.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The models it may use (empty: every model).
+    #[serde(default)]
+    pub models: Option<Vec<String>>,
+    /// Its own limits (empty: none).
+    #[serde(default)]
+    pub limits: Option<BTreeMap<String, u64>>,
+    /// It stops working this many seconds from now.
+    #[serde(default)]
+    pub expires_in_seconds: Option<u64>,
+}
+
+impl KeyChange {
+    /// Apply the change to `record`, checked as a new key's fields are.
+    fn apply(&self, record: &mut KeyRecord) -> Result<(), KeyError> {
+        let checked = NewKey {
+            principal: record.principal.clone(),
+            name: self.name.clone(),
+            models: self.models.clone().unwrap_or_default(),
+            limits: self.limits.clone().unwrap_or_default(),
+            ..NewKey::default()
+        };
+        checked.check()?;
+        if let Some(disabled) = self.disabled {
+            record.disabled = disabled;
+        }
+        if let Some(name) = &self.name {
+            record.name = Some(name.clone());
+        }
+        if let Some(models) = &self.models {
+            record.models = models.clone();
+        }
+        if let Some(limits) = &self.limits {
+            record.limits = limits.clone();
+        }
+        if let Some(seconds) = self.expires_in_seconds {
+            record.expires_at = Some(now_secs().saturating_add(seconds));
+        }
+        Ok(())
+    }
+}
+
 /// A key's use in the current windows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct KeyUsage {
@@ -180,6 +232,28 @@ fn random_hex(bytes: usize) -> Result<String, KeyError> {
 impl NewKey {
     /// Check it, and make the key and its record (nothing is stored).
     pub fn make(self) -> Result<Created, KeyError> {
+        self.check()?;
+        let id = random_hex(6)?;
+        let key = format!("{KEY_PREFIX}{id}-{}", random_hex(24)?);
+        let created_at = now_secs();
+        let record = KeyRecord {
+            hash: hash_key(&key),
+            id,
+            principal: self.principal,
+            name: self.name,
+            models: self.models,
+            limits: self.limits,
+            expires_at: self
+                .expires_in_seconds
+                .map(|s| created_at.saturating_add(s)),
+            disabled: self.disabled,
+            created_at,
+        };
+        Ok(Created { record, key })
+    }
+
+    /// Whether its fields are valid.
+    fn check(&self) -> Result<(), KeyError> {
         if self.principal.is_empty() || self.principal.len() > 256 {
             return Err(KeyError::Invalid("`principal` is 1 to 256 bytes".into()));
         }
@@ -201,23 +275,7 @@ impl NewKey {
                 LIMIT_NAMES.join(", ")
             )));
         }
-        let id = random_hex(6)?;
-        let key = format!("{KEY_PREFIX}{id}-{}", random_hex(24)?);
-        let created_at = now_secs();
-        let record = KeyRecord {
-            hash: hash_key(&key),
-            id,
-            principal: self.principal,
-            name: self.name,
-            models: self.models,
-            limits: self.limits,
-            expires_at: self
-                .expires_in_seconds
-                .map(|s| created_at.saturating_add(s)),
-            disabled: self.disabled,
-            created_at,
-        };
-        Ok(Created { record, key })
+        Ok(())
     }
 }
 
@@ -337,6 +395,39 @@ impl Keys {
         let existed = self.store.exists(&key, Self::deadline()).await?;
         self.store.delete(&[key], Self::deadline()).await?;
         Ok(existed)
+    }
+
+    /// Change key `id`; its new record, `None` if there is no such key.
+    /// Written only if the record is still the one read (a change made
+    /// meanwhile on another replica is not lost: the change is made again
+    /// on it, up to three times).
+    pub async fn change(
+        &self,
+        id: &str,
+        change: &KeyChange,
+    ) -> Result<Option<KeyRecord>, KeyError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let key = format!("key:{id}");
+        for _ in 0..3 {
+            let Some(old) = self.store.get(&key, Self::deadline()).await? else {
+                return Ok(None);
+            };
+            let mut record = parse(id, &old)?;
+            change.apply(&mut record)?;
+            let text = serde_json::to_vec(&record).map_err(|e| KeyError::Invalid(e.to_string()))?;
+            if self
+                .store
+                .swap_if(&key, Some(&old), &text, Self::deadline())
+                .await?
+            {
+                return Ok(Some(record));
+            }
+        }
+        Err(KeyError::Invalid(
+            "the key changed three times while being changed; try again".into(),
+        ))
     }
 
     /// Key `id`'s requests and tokens in the current minute, hour and day

@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand};
 use orchestrator::authoring::{self, Scaffold, SdkSource, Session};
 use orchestrator::config::{AdminToken, ConfigError, valid_name};
 use orchestrator::control::ConfigSource;
-use orchestrator::keys::{KEYS_STORE, Keys, NewKey};
+use orchestrator::keys::{KEYS_STORE, KeyChange, Keys, NewKey};
 use orchestrator::store::Stores;
 use orchestrator::{Config, Orchestrator, metrics};
 
@@ -96,6 +96,20 @@ enum KeysCommand {
     },
     /// Show one key and its use in the current minute, hour and day.
     Show {
+        /// The key's id.
+        id: String,
+        #[command(flatten)]
+        config: KeysConfig,
+    },
+    /// Disable a key (refused until enabled again).
+    Disable {
+        /// The key's id.
+        id: String,
+        #[command(flatten)]
+        config: KeysConfig,
+    },
+    /// Enable a disabled key.
+    Enable {
         /// The key's id.
         id: String,
         #[command(flatten)]
@@ -418,6 +432,19 @@ fn keys_of(config: &KeysConfig) -> anyhow::Result<Keys> {
     Ok(Keys::new(store))
 }
 
+/// Disable or enable key `id`.
+async fn set_disabled(config: &KeysConfig, id: &str, disabled: bool) -> anyhow::Result<()> {
+    let change = KeyChange {
+        disabled: Some(disabled),
+        ..KeyChange::default()
+    };
+    if keys_of(config)?.change(id, &change).await?.is_none() {
+        anyhow::bail!("no key `{id}`");
+    }
+    println!("{} {id}", if disabled { "disabled" } else { "enabled" });
+    Ok(())
+}
+
 async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create {
@@ -491,6 +518,8 @@ async fn keys_command(command: KeysCommand) -> anyhow::Result<()> {
                 )?
             );
         }
+        KeysCommand::Disable { id, config } => set_disabled(&config, &id, true).await?,
+        KeysCommand::Enable { id, config } => set_disabled(&config, &id, false).await?,
         KeysCommand::Revoke { id, config } => {
             if !keys_of(&config)?.revoke(&id).await? {
                 anyhow::bail!("no key `{id}`");

@@ -7,6 +7,9 @@
 //! - `GET /admin/keys` — every key's record, without secrets.
 //! - `GET /admin/keys/{id}` — one record with its `usage`: requests and
 //!   tokens in the current minute, hour and day.
+//! - `PATCH /admin/keys/{id}` — body: a [`KeyChange`] as JSON (`disabled`,
+//!   `name`, `models`, `limits`, `expires_in_seconds`): the fields given
+//!   replace the record's; answers the new record.
 //! - `DELETE /admin/keys/{id}` — revoke it: every host sharing the store
 //!   refuses it from its next request.
 //!
@@ -23,7 +26,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 use crate::http::error::{ApiError, json_response};
-use crate::keys::{KEYS_STORE, KeyError, KeyRecord, Keys, NewKey};
+use crate::keys::{KEYS_STORE, KeyChange, KeyError, KeyRecord, Keys, NewKey};
 use crate::store::Store;
 
 /// Largest body of `POST /admin/keys`.
@@ -90,6 +93,28 @@ where
                 Err(error) => failed(error),
             }
         });
+    let change = warp::path!("admin" / "keys" / String)
+        .and(warp::patch())
+        .and(auth.clone())
+        .and(warp::body::content_length_limit(MAX_BODY_BYTES))
+        .and(warp::body::bytes())
+        .and(keys.clone())
+        .then(
+            |id: String, body: bytes::Bytes, keys: Option<Keys>| async move {
+                let Some(keys) = keys else { return no_store() };
+                let change: KeyChange = match serde_json::from_slice(&body) {
+                    Ok(change) => change,
+                    Err(error) => return invalid(format!("the body is not a key change: {error}")),
+                };
+                match keys.change(&id, &change).await {
+                    Ok(Some(record)) => {
+                        json_response(StatusCode::OK, &json!({ "record": public(&record) }))
+                    }
+                    Ok(None) => not_found(&id),
+                    Err(error) => failed(error),
+                }
+            },
+        );
     let revoke = warp::path!("admin" / "keys" / String)
         .and(warp::delete())
         .and(auth)
@@ -106,6 +131,8 @@ where
         .or(list)
         .unify()
         .or(show)
+        .unify()
+        .or(change)
         .unify()
         .or(revoke)
         .unify()
