@@ -129,15 +129,19 @@ impl Envelope {
     }
 
     /// What a finish call and the host's accounting need of the request,
-    /// without the chat and the answer's text: its id, parameters, notes,
-    /// usage, principal, route, caller, refusal and response headers. Kept
+    /// without the chat and the answer's text: its id, model (of the
+    /// parameters, only the model), notes, usage, principal, route,
+    /// caller, refusal and response headers. Kept
     /// while a stage holds the request, so that a request cut short in the
     /// middle of a call still finishes with its notes (a reservation to
     /// settle, a lock to release).
     pub fn summary(&self) -> Envelope {
         Envelope {
             request_id: self.request_id.clone(),
-            params: self.params.clone(),
+            params: Params {
+                model: self.params.model.clone(),
+                ..Params::default()
+            },
             usage: self.usage,
             metadata: self.metadata.clone(),
             target: self.target.clone(),
