@@ -708,6 +708,28 @@ async fn the_cache_serves_plain_and_streamed_alike_and_flies_once() {
     assert_eq!(calls(), 6);
 }
 
+/// Identical misses on two hosts sharing a Redis cache store make one
+/// backend call between them: the claim is in the store.
+#[tokio::test(flavor = "multi_thread")]
+async fn single_flight_holds_across_two_hosts() {
+    let Some(redis) = Redis::start() else { return };
+    let upstream = Upstream::start(Script::Deltas(vec!["shared ", "answer"])).await;
+    let extra = format!(
+        "[backends.up]\nkind = \"openai\"\nbase_url = \"{}\"\n[routing.models]\nup = \"up\"\n",
+        upstream.base_url
+    );
+    let toml = config(Some(&redis), &extra, &["cache", "inference"]);
+    let (a, b) = (Host::with_config(&toml), Host::with_config(&toml));
+    let body = chat("up", "one answer for both");
+    let sends = (0..10).map(|n| post(if n % 2 == 0 { &a } else { &b }, &body, None));
+    for response in futures_util::future::join_all(sends).await {
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(answer["choices"][0]["message"]["content"], "shared answer");
+    }
+    assert_eq!(upstream.requests.load(Ordering::SeqCst), 1);
+}
+
 /// The official OpenAI Python SDK, given a key as `api_key`, gets
 /// answers; without one, `AuthenticationError`; past the limit,
 /// `RateLimitError`, and its own retry, honouring `Retry-After`, gets
