@@ -708,6 +708,40 @@ async fn the_cache_serves_plain_and_streamed_alike_and_flies_once() {
     assert_eq!(calls(), 6);
 }
 
+/// A reservation over several counters is all or none on Redis too: a
+/// counter that holds something else than an integer fails the whole
+/// operation before anything is written (the rule then lets the request
+/// through, as `allow` says).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_counter_fails_the_reservation_before_any_write() {
+    let Some(redis) = Redis::start() else { return };
+    let host = Host::with_config(&config(
+        Some(&redis),
+        &ratelimit(&[
+            "name = \"both\", by = \"global\", requests_per_hour = 100, tokens_per_hour = 100000",
+        ]),
+        &["ratelimit", "inference"],
+    ));
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
+    let hour = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        / 3_600_000;
+    let tokens = format!("orchestrator:limits:both:global:*:tokens:hour:{hour}");
+    let requests = format!("orchestrator:limits:both:global:*:requests:hour:{hour}");
+    redis.command(&["SET", &tokens, "1.0"]);
+    let response = post(&host, &chat("echo", "hi"), None).await;
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(
+        answer["orchestrator"]["metadata"]["ratelimit.store_error"], "allowed",
+        "{answer}"
+    );
+    assert_eq!(redis.command(&["EXISTS", &requests]).as_deref(), Some("0"));
+    assert_eq!(redis.command(&["GET", &tokens]).as_deref(), Some("1.0"));
+}
+
 /// Identical misses on two hosts sharing a Redis cache store make one
 /// backend call between them: the claim is in the store.
 #[tokio::test(flavor = "multi_thread")]

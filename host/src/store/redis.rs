@@ -40,7 +40,7 @@ for i = 1, #KEYS do
   local text = redis.call('GET', KEYS[i])
   local value = nil
   if text then
-    if not string.match(text, '^%-?%d+$') or #text > 19 then
+    if not string.match(text, '^%-?%d+$') or #text > 20 then
       return redis.error_reply('ERR the key holds a value that is not an integer')
     end
     value = tonumber(text)
