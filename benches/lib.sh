@@ -89,3 +89,27 @@ start_host() { # name, binary[, config file]
     API[$name]=$(grep 'orchestrator listening' "$WORK/$name.out" | grep -o 'api=[^ ]*' | cut -d= -f2)
     METRICS[$name]=$(grep 'orchestrator listening' "$WORK/$name.out" | grep -o 'metrics=[^ ]*' | cut -d= -f2)
 }
+
+# Create an API key through a host's admin API; prints the key.
+create_key() { # api url, admin token, principal
+    curl -sf "$1/admin/keys" -H "authorization: Bearer $2" \
+        -H 'content-type: application/json' -d "{\"principal\":\"$3\"}" |
+        python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
+}
+
+# The start of a wrk script that POSTs chat completions with the API key
+# given: the method and headers, each thread's number in the global `id`
+# (set by setup) and a request counter `n`. The caller appends the rest.
+wrk_chat_head() { # key
+    cat <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $1"
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("id", threads)
+end
+local n = 0
+EOF
+}

@@ -76,25 +76,14 @@ for name in "${HOSTS[@]}"; do
     start_host "$name" "$BIN" "$WORK/$name.toml" || exit 1
     KEY[$name]=none
     if [ "$name" != base ]; then
-        KEY[$name]=$(curl -sf "${API[$name]}/admin/keys" -H "authorization: Bearer $ADMIN" \
-            -H 'content-type: application/json' -d '{"principal":"bench"}' |
-            python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+        KEY[$name]=$(create_key "${API[$name]}" "$ADMIN" bench)
     fi
 done
 
 # wrk scripts: a different prompt per request (misses), or the same (hits).
 PROMPT="one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five twenty-six twenty-seven twenty-eight twenty-nine thirty thirty-one thirty-two"
 for name in "${HOSTS[@]}"; do
-    cat >"$WORK/$name.miss.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer ${KEY[$name]}"
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-local n = 0
+    { wrk_chat_head "${KEY[$name]}"; cat <<EOF
 -- NONCE differs from one wrk run to the next: no run repeats another's
 -- prompts (which would be cache hits).
 local nonce = os.getenv("NONCE") or ""
@@ -105,12 +94,11 @@ request = function()
   return wrk.format(nil, nil, nil, body)
 end
 EOF
-    cat >"$WORK/$name.hit.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer ${KEY[$name]}"
+    } >"$WORK/$name.miss.lua"
+    { wrk_chat_head "${KEY[$name]}"; cat <<EOF
 wrk.body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"the same $PROMPT"}]}'
 EOF
+    } >"$WORK/$name.hit.lua"
     # Warm up (and, for the hit script, store the entry).
     NONCE=warm wrk -t2 -c16 -d2s -s "$WORK/$name.miss.lua" "${API[$name]}/v1/chat/completions" >/dev/null
     wrk -t1 -c1 -d1s -s "$WORK/$name.hit.lua" "${API[$name]}/v1/chat/completions" >/dev/null

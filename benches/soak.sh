@@ -76,20 +76,9 @@ start_host soak "$BIN" "$WORK/soak.toml"
 API_URL=${API[soak]}
 METRICS_URL=${METRICS[soak]}
 HOST_PID=${PID[soak]}
-KEY=$(curl -sf "$API_URL/admin/keys" -H "authorization: Bearer $ADMIN" \
-    -H 'content-type: application/json' -d '{"principal":"soak"}' |
-    python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+KEY=$(create_key "$API_URL" "$ADMIN" soak)
 
-cat >"$WORK/soak.lua" <<EOF
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $KEY"
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-local n = 0
+{ wrk_chat_head "$KEY"; cat <<EOF
 request = function()
   n = n + 1
   local stream = (n % 3 == 0) and "true" or "false"
@@ -99,6 +88,7 @@ request = function()
   return wrk.format(nil, nil, nil, body)
 end
 EOF
+} >"$WORK/soak.lua"
 
 # The host's own process (the session's first).
 rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$HOST_PID/status"; }

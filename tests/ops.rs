@@ -90,14 +90,7 @@ fn the_container_configs_are_valid_host_configs() {
     orchestrator::Config::from_file(&ops("orchestrator.toml")).unwrap();
     // The TOML embedded in the Kubernetes ConfigMap.
     let configmap = std::fs::read_to_string(ops("k8s/configmap.yaml")).unwrap();
-    let toml: String = configmap
-        .split("orchestrator.toml: |\n")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let toml = crate::common::configmap_toml(&configmap);
     let config = orchestrator::Config::from_toml(&toml, Path::new("/")).unwrap();
     assert_eq!(config.plugins_dir.as_deref(), Some(Path::new("/plugins")));
     assert_eq!(config.metrics_listen.port(), 9090);
@@ -645,16 +638,7 @@ const GATEWAY: &str = "[routing.models]\ngated = { backend = \"echo\", pipeline 
 
 /// Make a key through `host`'s admin API; returns it.
 async fn create_key(host: &Host, body: Value) -> String {
-    let response = crate::common::client()
-        .post(format!("{}/admin/keys", host.api))
-        .bearer_auth(OPS_ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let created: Value = response.json().await.unwrap();
-    created["key"].as_str().unwrap().to_string()
+    crate::common::create_key(host, OPS_ADMIN, &body).await.0
 }
 
 /// POST a chat completion with an optional key and `Cache-Control`.
@@ -918,14 +902,7 @@ fn the_gateway_configs_are_valid_host_configs_and_agree() {
     }
     // The overlay's ConfigMap.
     let configmap = std::fs::read_to_string(ops("k8s-policies/configmap.yaml")).unwrap();
-    let toml: String = configmap
-        .split("orchestrator.toml: |\n")
-        .nth(1)
-        .unwrap()
-        .lines()
-        .map(|l| l.strip_prefix("    ").unwrap_or(l))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let toml = crate::common::configmap_toml(&configmap);
     let config = orchestrator::Config::from_toml(&toml, Path::new("/")).unwrap();
     assert_eq!(config.plugins_dir.as_deref(), Some(Path::new("/plugins")));
     let mut embedded: toml::Table = toml.parse().unwrap();

@@ -64,19 +64,7 @@ async fn post(host: &Host, body: &Value, key: Option<&str>) -> reqwest::Response
 
 /// Create a key through `host`'s admin API; returns (key, id).
 async fn create_key(host: &Host, body: Value) -> (String, String) {
-    let response = client()
-        .post(format!("{}/admin/keys", host.api))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let created: Value = response.json().await.unwrap();
-    (
-        created["key"].as_str().unwrap().to_string(),
-        created["record"]["id"].as_str().unwrap().to_string(),
-    )
+    crate::common::create_key(host, ADMIN, &body).await
 }
 
 async fn admin_get(host: &Host, path: &str) -> Value {

@@ -349,6 +349,34 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Create an API key through `host`'s admin API (admin token `admin`)
+/// with the request `body`; returns the key and its id.
+pub async fn create_key(host: &Host, admin: &str, body: &Value) -> (String, String) {
+    let response = client()
+        .post(format!("{}/admin/keys", host.api))
+        .bearer_auth(admin)
+        .json(body)
+        .send()
+        .await
+        .expect("an answer");
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.expect("a JSON body");
+    let text = |v: &Value| v.as_str().expect("a string").to_string();
+    (text(&created["key"]), text(&created["record"]["id"]))
+}
+
+/// The TOML a Kubernetes ConfigMap's `orchestrator.toml` holds, given the
+/// ConfigMap's YAML.
+pub fn configmap_toml(yaml: &str) -> String {
+    yaml.split("orchestrator.toml: |\n")
+        .nth(1)
+        .expect("an orchestrator.toml entry")
+        .lines()
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A minimal valid request asking `question`.
 pub fn ask(question: &str) -> Value {
     serde_json::json!({"model": "echo", "messages": [{"role": "user", "content": question}]})

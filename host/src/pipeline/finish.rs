@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use super::call;
 use super::stage::{Job, Route, Shared};
 use crate::inference::Router;
+use crate::metrics::PolicyMetrics;
 use crate::store::Stores;
 use crate::trace::Trace;
 use crate::wasm::bindings::v2::orchestrator::pipeline::types::Usage as WitUsage;
@@ -43,7 +44,9 @@ impl Job {
     /// The request ended with `envelope` as the client's answer (or
     /// refusal): start the finish calls with a copy of it.
     pub(super) fn finish(&mut self, envelope: &Envelope) {
-        self.account(envelope);
+        if !std::mem::replace(&mut self.accounted, true) {
+            account(&self.snapshot.shared.policy, self.refused_by, envelope);
+        }
         if self.finishers.is_empty() {
             return;
         }
@@ -53,37 +56,6 @@ impl Job {
         };
         let outcome = self.outcome(envelope, kind, status);
         self.spawn_finish(envelope.clone(), outcome);
-    }
-
-    /// Count the request's end in the policy series, once: its refusal,
-    /// its cache header, and what its principal spent (a request answered
-    /// early spent no backend tokens).
-    fn account(&mut self, envelope: &Envelope) {
-        if std::mem::replace(&mut self.accounted, true) {
-            return;
-        }
-        let policy = &self.snapshot.shared.policy;
-        if let (Some(refusal), Some(stage)) = (&envelope.refused, self.refused_by) {
-            policy.refused(stage, refusal.status, refusal.policy.as_deref());
-        }
-        if let Some((_, result)) = envelope
-            .response_headers
-            .iter()
-            .find(|(name, _)| name == "x-orchestrator-cache")
-        {
-            policy.cached(result);
-        }
-        if let Some(principal) = &envelope.principal {
-            let (prompt, completion) = if envelope.answered {
-                (0, 0)
-            } else {
-                (
-                    envelope.usage.prompt_tokens,
-                    envelope.usage.completion_tokens,
-                )
-            };
-            policy.spent(principal, u64::from(prompt), u64::from(completion));
-        }
     }
 
     /// The request failed with HTTP `status`: the finish calls (if any) get
@@ -101,10 +73,12 @@ impl Job {
         {
             self.envelope = lent;
         }
-        if !self.accounted {
-            let envelope = std::mem::replace(&mut self.envelope, Envelope::placeholder());
-            self.account(&envelope);
-            self.envelope = envelope;
+        if !std::mem::replace(&mut self.accounted, true) {
+            account(
+                &self.snapshot.shared.policy,
+                self.refused_by,
+                &self.envelope,
+            );
         }
         if self.finishers.is_empty() {
             return;
@@ -193,5 +167,32 @@ impl Finishing {
             }
         }
         self.shared.left();
+    }
+}
+
+/// Count a request's end in the policy series: its refusal (by the stage
+/// `refused_by`), its cache header, and what its principal spent (a
+/// request answered early spent no backend tokens).
+fn account(policy: &PolicyMetrics, refused_by: Option<&str>, envelope: &Envelope) {
+    if let (Some(refusal), Some(stage)) = (&envelope.refused, refused_by) {
+        policy.refused(stage, refusal.status, refusal.policy.as_deref());
+    }
+    if let Some((_, result)) = envelope
+        .response_headers
+        .iter()
+        .find(|(name, _)| name == "x-orchestrator-cache")
+    {
+        policy.cached(result);
+    }
+    if let Some(principal) = &envelope.principal {
+        let (prompt, completion) = if envelope.answered {
+            (0, 0)
+        } else {
+            (
+                envelope.usage.prompt_tokens,
+                envelope.usage.completion_tokens,
+            )
+        };
+        policy.spent(principal, u64::from(prompt), u64::from(completion));
     }
 }

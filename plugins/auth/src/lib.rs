@@ -40,8 +40,9 @@
 //!   the same for all, so a client cannot tell them apart. The stage logs
 //!   why (with the key's id, never the key). The presented key is hashed
 //!   and compared in constant time ([`constant_time_eq`]) whether or not a
-//!   record was found ([`verify`]), so the time taken does not tell whether
-//!   an id exists.
+//!   record was found ([`verify`]), so the time taken says nothing about
+//!   the secret (whether an id exists may show: a found record is parsed
+//!   too; ids are not secret).
 //! - A valid key whose `models` does not list the request's model:
 //!   refused, 403 (`forbidden`) with code `model_not_allowed`
 //!   ([`model_refusal_message`]).
