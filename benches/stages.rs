@@ -266,6 +266,7 @@ fn stages_vs_native(c: &mut Criterion) {
                 messages: envelope.messages.clone(),
                 tools: Vec::new(),
                 params: envelope.params.clone(),
+                stream: false,
                 deadline: Instant::now() + Duration::from_secs(5),
                 request_id: String::new(),
                 trace: orchestrator::trace::Trace::off(),

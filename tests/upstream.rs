@@ -841,9 +841,12 @@ async fn a_client_that_hangs_up_on_a_plain_request_cancels_the_generation() {
     assert_idle(&host).await;
 }
 
-/// An upstream that ignores `max_tokens` (it streams forever) is cut once
-/// the answer holds more than the tokens allow (64 bytes each): the client
-/// gets a `length` answer, and the upstream request is cancelled.
+/// An upstream that ignores `max_tokens` (it generates forever) is cut
+/// once the answer holds more than the tokens allow (64 bytes each): a
+/// streamed answer ends as `length`; a plain one, whose body cannot be cut
+/// into valid JSON, fails with 502 once the body passes its bound. Either
+/// way the upstream request is cancelled and nothing is buffered without
+/// limit.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_that_ignores_max_tokens_is_cut() {
     let upstream = Upstream::start(Script::Endless).await;
@@ -851,12 +854,69 @@ async fn an_upstream_that_ignores_max_tokens_is_cut() {
     let mut body = up("talk forever", false);
     body["max_tokens"] = json!(4);
     let (status, text) = host.chat(&body).await;
-    assert_eq!(status, 200, "{text}");
-    let answer: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(answer["choices"][0]["finish_reason"], "length", "{answer}");
-    let content = answer["choices"][0]["message"]["content"].as_str().unwrap();
-    assert!(content.len() <= 4 * 64 + 5, "{} bytes kept", content.len());
+    assert_eq!(status, 502, "{text}");
+    assert!(
+        text.contains("longer than the request's max_tokens allow"),
+        "{text}"
+    );
     tokio::time::timeout(Duration::from_secs(30), upstream.cancelled.notified())
         .await
-        .expect("the upstream request was cancelled");
+        .expect("the plain upstream request was cancelled");
+
+    body["stream"] = json!(true);
+    let (status, text) = host.chat(&body).await;
+    assert_eq!(status, 200, "{text}");
+    let chunks = crate::common::sse::chunks(&text);
+    let content = crate::common::sse::content(&chunks);
+    assert!(content.len() <= 4 * 64 + 5, "{} bytes kept", content.len());
+    assert_eq!(
+        crate::common::sse::finish_reason(&chunks).as_deref(),
+        Some("length"),
+        "{text}"
+    );
+    tokio::time::timeout(Duration::from_secs(30), upstream.cancelled.notified())
+        .await
+        .expect("the streamed upstream request was cancelled");
+}
+
+/// The upstream is asked for what the client needs: a plain client's
+/// answer comes from a plain upstream request (one `chat.completion`, no
+/// inter-token latency to observe), a streaming client's from a streamed
+/// one; `always_stream` streams for every client.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_upstream_is_asked_for_a_stream_only_when_the_client_streams() {
+    let upstream = Upstream::start(Script::Deltas(vec!["one ", "two ", "three"])).await;
+    let asked = |n: usize| upstream.bodies.lock().unwrap()[n].clone();
+    let itl = "orchestrator_inter_token_latency_seconds_count{worker_type=\"up\"}";
+    let ttft = "orchestrator_time_to_first_token_seconds_count{worker_type=\"up\"}";
+    let tokens = "orchestrator_tokens_generated_total{worker_type=\"up\"}";
+
+    let host = upstream_host(&upstream.base_url, "");
+    let (status, text) = host.chat(&up("count", false)).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "one two three");
+    assert_eq!(answer["usage"]["completion_tokens"], 3, "{answer}");
+    assert!(asked(0).get("stream").is_none(), "{}", asked(0));
+    assert!(asked(0).get("stream_options").is_none(), "{}", asked(0));
+    assert_eq!(host.metric(ttft).await, 1.0);
+    assert_eq!(host.metric(itl).await, 0.0, "a plain answer has no gaps");
+    assert_eq!(host.metric(tokens).await, 3.0);
+
+    let (status, text) = host.chat(&up("count", true)).await;
+    assert_eq!(status, 200, "{text}");
+    let chunks = crate::common::sse::chunks(&text);
+    assert_eq!(crate::common::sse::content(&chunks), "one two three");
+    assert_eq!(asked(1)["stream"], true);
+    assert_eq!(asked(1)["stream_options"]["include_usage"], true);
+    assert_eq!(host.metric(ttft).await, 2.0);
+    assert_eq!(host.metric(itl).await, 2.0, "three deltas, two gaps");
+
+    let always = upstream_host(&upstream.base_url, "always_stream = true");
+    let (status, text) = always.chat(&up("count", false)).await;
+    assert_eq!(status, 200, "{text}");
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "one two three");
+    assert_eq!(asked(2)["stream"], true);
+    assert_eq!(always.metric(itl).await, 2.0);
 }

@@ -3,9 +3,11 @@
 //! a stall, an endless stream whose cancellation is observable.
 //!
 //! It speaks just enough HTTP/1.1: it reads one request (headers and a
-//! `Content-Length` body) per connection and answers with a
-//! `text/event-stream` of `chat.completion.chunk` events, closing the
-//! connection at the end.
+//! `Content-Length` body) per connection and answers a request with
+//! `"stream": true` with a `text/event-stream` of `chat.completion.chunk`
+//! events, any other with one `chat.completion` (the same answer, joined,
+//! after the same pacing), as a real server does; it closes the connection
+//! at the end.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -108,23 +110,30 @@ impl Upstream {
                 }
                 let n = count.fetch_add(1, Ordering::SeqCst);
                 arrived.send_replace(n + 1);
+                if body["stream"] != true {
+                    let script = script.clone();
+                    let notify = notify.clone();
+                    let mut arrivals = arrivals.clone();
+                    match script {
+                        Script::Stall => held.push(socket),
+                        Script::FailThen { times, .. } if n < times => {
+                            // Answered below, as for a stream.
+                            serve_failure(&mut socket, &script).await;
+                        }
+                        script => {
+                            tokio::spawn(async move {
+                                serve_whole(&mut socket, &script, &body, &mut arrivals).await;
+                                if matches!(script, Script::Endless) {
+                                    notify.notify_one();
+                                }
+                            });
+                        }
+                    }
+                    continue;
+                }
                 match script.clone() {
-                    Script::FailThen {
-                        status,
-                        retry_after,
-                        times,
-                        ..
-                    } if n < times => {
-                        let retry = retry_after
-                            .map(|s| format!("retry-after: {s}\r\n"))
-                            .unwrap_or_default();
-                        let body = format!("{{\"error\":{{\"message\":\"scripted {status}\"}}}}");
-                        let head = format!(
-                            "HTTP/1.1 {status} Scripted\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
-                            body.len()
-                        );
-                        let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
-                        let _ = socket.shutdown().await;
+                    Script::FailThen { times, .. } if n < times => {
+                        serve_failure(&mut socket, &script).await;
                     }
                     Script::FailThen { then, .. } => {
                         tokio::spawn(async move {
@@ -212,6 +221,129 @@ async fn read_request(socket: &mut TcpStream) -> Option<(String, Vec<u8>)> {
             return Some((head, buffer[end + 4..end + 4 + length].to_vec()));
         }
     }
+}
+
+/// A [`Script::FailThen`] failure: its status, a JSON error body.
+async fn serve_failure(socket: &mut TcpStream, script: &Script) {
+    let Script::FailThen {
+        status,
+        retry_after,
+        ..
+    } = script
+    else {
+        return;
+    };
+    let retry = retry_after
+        .map(|s| format!("retry-after: {s}\r\n"))
+        .unwrap_or_default();
+    let body = format!("{{\"error\":{{\"message\":\"scripted {status}\"}}}}");
+    let head = format!(
+        "HTTP/1.1 {status} Scripted\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
+    let _ = socket.shutdown().await;
+}
+
+/// The answer to a request that did not ask for a stream: what `script`
+/// would have streamed, as one `chat.completion`, sent when the stream
+/// would have ended. `Broken` sends half the body and closes; `Endless`
+/// sends an answer whose text never ends, 16 KiB every 10 ms, until the
+/// client goes away.
+async fn serve_whole(
+    socket: &mut TcpStream,
+    script: &Script,
+    request: &serde_json::Value,
+    arrivals: &mut tokio::sync::watch::Receiver<usize>,
+) {
+    // As the stream would have reported.
+    let prompt_tokens = if matches!(script, Script::Agent) {
+        20
+    } else {
+        11
+    };
+    let pace = |n: usize| tokio::time::sleep(Duration::from_millis(10 * n as u64));
+    let message = |text: String| json!({"role": "assistant", "content": text});
+    let (message, reason, tokens) = match script {
+        Script::Deltas(deltas) | Script::FailThen { then: deltas, .. } => {
+            pace(deltas.len()).await;
+            (message(deltas.concat()), "stop", deltas.len())
+        }
+        Script::Broken(deltas) => {
+            pace(deltas.len()).await;
+            let body =
+                json!({"choices": [{"index": 0, "message": message(deltas.concat())}]}).to_string();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body.as_bytes()[..body.len() / 2]).await;
+            let _ = socket.shutdown().await;
+            return;
+        }
+        Script::Gate {
+            open_at,
+            first,
+            then,
+        } => {
+            if arrivals.wait_for(|&n| n >= *open_at).await.is_err() {
+                return;
+            }
+            (message(format!("{first}{then}")), "stop", 2)
+        }
+        Script::Agent => {
+            let last_is_tool = request["messages"]
+                .as_array()
+                .and_then(|m| m.last())
+                .is_some_and(|m| m["role"] == "tool");
+            if last_is_tool {
+                (message("It is sunny in Paris.".into()), "stop", 5)
+            } else {
+                let call = json!({"id": "call_abc123", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}});
+                (
+                    json!({"role": "assistant", "content": null, "tool_calls": [call]}),
+                    "tool_calls",
+                    9,
+                )
+            }
+        }
+        Script::Endless => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+            if socket.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let start = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":""#;
+            let chunk = |data: &str| format!("{:x}\r\n{data}\r\n", data.len());
+            if socket.write_all(chunk(start).as_bytes()).await.is_err() {
+                return;
+            }
+            let words = chunk(&"word ".repeat(16 * 1024 / 5));
+            let mut ticker = tokio::time::interval(Duration::from_millis(10));
+            loop {
+                ticker.tick().await;
+                if socket.write_all(words.as_bytes()).await.is_err()
+                    || socket.flush().await.is_err()
+                {
+                    return;
+                }
+            }
+        }
+        Script::Stall => return,
+    };
+    let body = json!({
+        "id": "up", "object": "chat.completion",
+        "choices": [{"index": 0, "message": message, "finish_reason": reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": tokens},
+    })
+    .to_string();
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = socket.write_all(format!("{head}{body}").as_bytes()).await;
+    let _ = socket.shutdown().await;
 }
 
 const HEAD: &[u8] =

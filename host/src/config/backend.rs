@@ -44,10 +44,21 @@ pub struct BackendConfig {
     /// The model name sent upstream; without it the client's `model` is sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Longest wait for the response headers, and then between two
-    /// streamed events (a stalled upstream fails with 504 after it).
+    /// Longest wait for the first streamed event, and then between two
+    /// (a stalled upstream fails with 504 after it); for a plain
+    /// (unstreamed) upstream request, for the whole answer. Answers that
+    /// take longer to generate than this need `always_stream`.
     #[serde(default = "defaults::request_timeout_ms")]
     pub request_timeout_ms: u64,
+    /// Ask this backend for a stream for every request. By default a
+    /// request is streamed upstream only when its client asked for a
+    /// stream; a client that wants one JSON answer gets its answer from a
+    /// plain upstream request (less work here and upstream). Set it to
+    /// measure time to first token and inter-token latency on plain
+    /// requests too, or to bound a long plain generation by the time
+    /// between its tokens rather than by `request_timeout_ms` as a whole.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub always_stream: bool,
     /// Longest wait for the TCP (and TLS) connection.
     #[serde(default = "defaults::connect_timeout_ms")]
     pub connect_timeout_ms: u64,

@@ -1,17 +1,16 @@
-//! One configured backend: its concurrency permits, circuit breaker,
-//! retries and failover around its [`Protocol`], and the generation task
-//! that opens a stream (trying the failover backend if the first fails)
-//! and pumps its events to the pipeline.
+//! One configured backend: its concurrency permits, circuit breaker and
+//! retries around its [`Protocol`], up to an attempt's first event
+//! ([`StartedStream`]); what happens next is `delivery`'s.
 //!
-//! Lifecycle steps 3–5 of the [module docs](super) happen here.
+//! Lifecycle step 3 of the [module docs](super) happens here.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::Semaphore;
 
-use super::generation::{BackendError, Ending, Event, GenerateRequest};
+use super::generation::{BackendError, Event, GenerateRequest};
 use super::openai::OpenAi;
 use super::protocol::{AttemptError, EventStream, Protocol, UpstreamRequest};
 use crate::circuit::{Admission, CircuitBreaker};
@@ -95,82 +94,41 @@ impl Backend {
     }
 }
 
-/// The generation task: open (retries, failover), then pump events.
-pub(super) async fn upstream_task(
-    primary: Arc<Backend>,
-    failover: Option<Arc<Backend>>,
-    request: GenerateRequest,
-    mut opened: oneshot::Sender<Result<String, BackendError>>,
-    events: mpsc::Sender<Result<Event, BackendError>>,
-) {
-    let mut first_error: Option<BackendError> = None;
-    for backend in std::iter::once(primary).chain(failover) {
-        // Dropping `open` (the caller gave up) settles nothing: a probe
-        // admission is given back by its guard.
-        let attempt = tokio::select! {
-            biased;
-            () = opened.closed() => return,
-            attempt = backend.open(&request) => attempt,
-        };
-        match attempt {
-            Ok(open) => {
-                if opened.send(Ok(backend.name.clone())).is_err() {
-                    backend.metrics.outcome(UpstreamOutcome::Cancelled).inc();
-                    return;
-                }
-                backend.pump(open, &request, events).await;
-                return;
-            }
-            Err(failure) => {
-                let error = failure.error;
-                if let Some(first) = &first_error {
-                    tracing::warn!(backend = %backend.name, request_id = %request.request_id, trace_id = %request.trace, %error, after = %first, "failover backend failed too");
-                } else {
-                    tracing::warn!(backend = %backend.name, request_id = %request.request_id, trace_id = %request.trace, %error, "backend failed");
-                }
-                first_error.get_or_insert(error);
-                if !failure.backend_at_fault {
-                    // The request itself was refused (a 4xx): another
-                    // backend would refuse it too.
-                    break;
-                }
-            }
-        }
-    }
-    let error = first_error.unwrap_or_else(|| BackendError::Failed {
-        backend: "?".into(),
-        reason: "no backend tried".into(),
-    });
-    let _ = opened.send(Err(error));
-}
-
 /// An attempt that produced its first event.
-struct StartedStream {
-    events: EventStream,
-    first: Event,
-    last_event: Instant,
+pub(super) struct StartedStream {
+    pub(super) events: EventStream,
+    pub(super) first: Event,
+    /// The attempt asked for a stream (else its events are the answer,
+    /// read whole).
+    pub(super) streamed: bool,
+    pub(super) last_event: Instant,
     /// The attempt's span, ended with the generation.
-    trace: Trace,
+    pub(super) trace: Trace,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Why a backend gave no first token.
-struct OpenFailure {
-    error: BackendError,
+pub(super) struct OpenFailure {
+    pub(super) error: BackendError,
     /// The failure says something about the backend (it counts against its
     /// breaker, and the failover backend may do better); a refusal of the
     /// request itself (a 4xx other than 429) or a deadline too short for
     /// any attempt does not.
-    backend_at_fault: bool,
+    pub(super) backend_at_fault: bool,
 }
 
 impl Backend {
-    fn request_timeout(&self, deadline: Instant) -> Option<Duration> {
+    /// Whether `request`'s attempts at this backend ask for a stream.
+    pub(super) fn streams(&self, request: &GenerateRequest) -> bool {
+        request.stream || self.settings.always_stream
+    }
+
+    pub(super) fn request_timeout(&self, deadline: Instant) -> Option<Duration> {
         let left = deadline.saturating_duration_since(Instant::now());
         (!left.is_zero()).then(|| left.min(Duration::from_millis(self.settings.request_timeout_ms)))
     }
 
-    fn timeout_error(&self, what: &str) -> BackendError {
+    pub(super) fn timeout_error(&self, what: &str) -> BackendError {
         BackendError::Timeout {
             backend: self.name.clone(),
             reason: format!(
@@ -184,7 +142,10 @@ impl Backend {
     /// attempt yields its first event. The breaker learns the result: a
     /// first token is a success (a probe that got one closes the breaker,
     /// whatever happens to the rest of the stream).
-    async fn open(&self, request: &GenerateRequest) -> Result<StartedStream, OpenFailure> {
+    pub(super) async fn open(
+        &self,
+        request: &GenerateRequest,
+    ) -> Result<StartedStream, OpenFailure> {
         let probe = match self.breaker.admit() {
             Admission::Pass => None,
             Admission::Probe(probe) => Some(probe),
@@ -245,20 +206,24 @@ impl Backend {
                     reason: "shutting down".into(),
                 })
             })?;
+        let stream = self.streams(request);
         let mut upstream_request = UpstreamRequest {
             model: self.settings.model.as_deref().unwrap_or(request.model()),
             request,
+            stream,
+            answer_limit: self.max_answer_bytes(request),
             trace_headers: Vec::new(),
         };
         let mut attempt = 0u32;
         loop {
+            // A streamed attempt must bring its first event within
+            // `request_timeout_ms`, a plain one its whole answer.
             let Some(timeout) = self.request_timeout(deadline) else {
                 return Err(not_at_fault(
                     self.timeout_error("no time left for an attempt"),
                 ));
             };
-            // Upstream requests are always streamed (SSE).
-            let span = self.attempt_span(request, upstream_request.model, attempt, true);
+            let span = self.attempt_span(request, upstream_request.model, attempt, stream);
             upstream_request.trace_headers = span.headers();
             let started = Instant::now();
             let result = tokio::time::timeout(timeout, async {
@@ -272,7 +237,8 @@ impl Backend {
             .await
             .unwrap_or_else(|_| {
                 Err(AttemptError::Timeout(format!(
-                    "no first token within {} ms",
+                    "no {} within {} ms",
+                    if stream { "first token" } else { "answer" },
                     timeout.as_millis()
                 )))
             });
@@ -287,6 +253,7 @@ impl Backend {
                     return Ok(StartedStream {
                         events,
                         first,
+                        streamed: stream,
                         last_event: Instant::now(),
                         trace: span,
                         _permit: permit,
@@ -331,7 +298,7 @@ impl Backend {
         stream: bool,
     ) -> Trace {
         let trace = &request.trace;
-        if !trace.is_recording() {
+        if !trace.is_sampled() {
             return Trace::off();
         }
         let provider = match self.settings.kind {
@@ -391,177 +358,4 @@ impl Backend {
             .saturating_mul(1 << attempt.min(16));
         Some(Duration::from_millis(fastrand::u64(0..=cap)))
     }
-
-    /// Forward events until the end, an error, a stall, or the receiver
-    /// going away.
-    async fn pump(
-        &self,
-        mut open: StartedStream,
-        request: &GenerateRequest,
-        events: mpsc::Sender<Result<Event, BackendError>>,
-    ) {
-        let mut chunks = 0u64;
-        // What the answer may hold: an upstream that ignores `max_tokens`
-        // is cut there, not buffered without limit.
-        let max_bytes = self.max_answer_bytes(request);
-        let mut bytes = 0usize;
-        let trace = open.trace.clone();
-        // Only with `record_content`: the completion, for the span.
-        let mut completion = trace.records_content().then(String::new);
-        let mut next = Some(Ok(open.first.clone()));
-        loop {
-            let item = match next.take() {
-                Some(item) => item,
-                None => {
-                    let Some(timeout) = self.request_timeout(request.deadline) else {
-                        trace.fail("timeout", "the request's deadline passed");
-                        trace.end();
-                        self.end(UpstreamOutcome::Timeout, chunks, None);
-                        let _ = events
-                            .send(Err(self.timeout_error("the request's deadline passed")))
-                            .await;
-                        return;
-                    };
-                    tokio::select! {
-                        biased;
-                        () = events.closed() => {
-                            trace.set([Attribute::new("orchestrator.outcome", "cancelled")]);
-                            trace.end();
-                            self.end(UpstreamOutcome::Cancelled, chunks, None);
-                            return;
-                        }
-                        item = tokio::time::timeout(timeout, open.events.next()) => match item {
-                            Err(_) => Err(AttemptError::Timeout(format!(
-                                "no token for {} ms", timeout.as_millis()
-                            ))),
-                            Ok(None) => Err(AttemptError::Protocol("the stream ended early".into())),
-                            Ok(Some(item)) => item,
-                        },
-                    }
-                }
-            };
-            match item {
-                Ok(event @ (Event::Delta(_) | Event::Extra(_))) => {
-                    if chunks > 0 {
-                        self.metrics
-                            .itl
-                            .observe(open.last_event.elapsed().as_secs_f64());
-                    }
-                    open.last_event = Instant::now();
-                    chunks += 1;
-                    if let (Some(completion), Event::Delta(text)) = (&mut completion, &event) {
-                        completion.push_str(text);
-                    }
-                    bytes += match &event {
-                        Event::Delta(text) => text.len(),
-                        Event::Extra(extra) => {
-                            extra
-                                .tool_calls
-                                .iter()
-                                .map(|c| {
-                                    // Every piece counts, a new call's
-                                    // entry too.
-                                    16 + c.arguments.len()
-                                        + c.name.as_ref().map_or(0, String::len)
-                                        + c.id.as_ref().map_or(0, String::len)
-                                })
-                                .sum::<usize>()
-                                + extra.refusal.as_ref().map_or(0, String::len)
-                                + extra.logprobs.as_ref().map_or(0, |l| l.to_string().len())
-                        }
-                        Event::End(_) => 0,
-                    };
-                    if bytes > max_bytes {
-                        // Cut as a `length` answer; the upstream request is
-                        // dropped (cancelled) on return.
-                        tracing::warn!(
-                            backend = %self.name,
-                            bytes,
-                            max_bytes,
-                            "the upstream sent more than the request's max_tokens allow; the answer is cut"
-                        );
-                        let ending = Ending {
-                            finish_reason: Some("length".into()),
-                            usage: None,
-                            response_id: None,
-                        };
-                        trace_ending(&trace, &ending, chunks, completion.take());
-                        self.end(UpstreamOutcome::Ok, chunks, Some(false));
-                        let _ = events.send(Ok(Event::End(ending))).await;
-                        return;
-                    }
-                    if events.send(Ok(event)).await.is_err() {
-                        trace.set([Attribute::new("orchestrator.outcome", "cancelled")]);
-                        trace.end();
-                        self.end(UpstreamOutcome::Cancelled, chunks, None);
-                        return;
-                    }
-                }
-                Ok(Event::End(mut ending)) => {
-                    ending.usage = self.sane_usage(ending.usage, request);
-                    let tokens = ending.usage.map_or(chunks, |(_, c)| u64::from(c));
-                    trace_ending(&trace, &ending, tokens, completion.take());
-                    self.end(UpstreamOutcome::Ok, tokens, Some(false));
-                    let _ = events.send(Ok(Event::End(ending))).await;
-                    return;
-                }
-                Err(error) => {
-                    trace.fail(error.outcome().label(), format!("{error:?}"));
-                    trace.end();
-                    self.end(error.outcome(), chunks, Some(true));
-                    let _ = events.send(Err(error.into_backend_error(&self.name))).await;
-                    return;
-                }
-            }
-        }
-    }
-
-    /// Record how a generation that had its first token ended: `failed`
-    /// for the breaker, `None` when nothing was learnt about the backend
-    /// (cancelled).
-    pub(super) fn end(&self, outcome: UpstreamOutcome, tokens: u64, failed: Option<bool>) {
-        self.metrics.outcome(outcome).inc();
-        self.metrics.tokens.inc_by(tokens);
-        if let Some(failed) = failed {
-            self.breaker.record(failed);
-        }
-    }
-}
-
-/// Finish an attempt's span with what the upstream said at the end.
-pub(super) fn trace_ending(
-    trace: &Trace,
-    ending: &Ending,
-    tokens: u64,
-    completion: Option<String>,
-) {
-    if !trace.is_recording() {
-        return;
-    }
-    let mut attributes = vec![
-        Attribute::new("orchestrator.outcome", "ok"),
-        Attribute::new("gen_ai.usage.output_tokens", tokens as i64),
-    ];
-    if let Some(reason) = &ending.finish_reason {
-        attributes.push(Attribute::new(
-            "gen_ai.response.finish_reasons",
-            opentelemetry::Value::Array(
-                vec![opentelemetry::StringValue::from(reason.clone())].into(),
-            ),
-        ));
-    }
-    if let Some((input, _)) = ending.usage {
-        attributes.push(Attribute::new(
-            "gen_ai.usage.input_tokens",
-            i64::from(input),
-        ));
-    }
-    if let Some(id) = &ending.response_id {
-        attributes.push(Attribute::new("gen_ai.response.id", id.clone()));
-    }
-    if let Some(completion) = completion {
-        attributes.push(Attribute::new("gen_ai.completion", completion));
-    }
-    trace.set(attributes);
-    trace.end();
 }

@@ -16,7 +16,8 @@ use std::time::Instant;
 
 use orchestrator_text::{count_tokens, tokens, truncate_tokens};
 
-use super::backend::{Backend, trace_ending};
+use super::backend::Backend;
+use super::delivery::trace_ending;
 use super::generation::{BackendError, Completion, Ending, Event, GenerateRequest};
 use crate::metrics::UpstreamOutcome;
 use crate::trace::{Attribute, Trace};

@@ -22,6 +22,12 @@ pub struct GenerateRequest {
     pub tools: Vec<Tool>,
     /// The generation parameters; `params.model` is the routing key.
     pub params: Params,
+    /// Whether the answer is wanted as it is generated: the upstream is
+    /// asked for a stream (its time to first token and inter-token latency
+    /// measured). Otherwise it is asked for one JSON answer, unless its
+    /// backend is set to `always_stream`; the events are the same either
+    /// way.
+    pub stream: bool,
     /// The generation must end by then.
     pub deadline: Instant,
     /// The request it serves (for log lines; may be empty).
@@ -54,6 +60,7 @@ impl GenerateRequest {
             messages: vec![Message::new("user", prompt)],
             tools: Vec::new(),
             params,
+            stream: true,
             deadline: Instant::now() + std::time::Duration::from_secs(5),
             request_id: String::new(),
             trace: Trace::off(),
@@ -266,8 +273,24 @@ pub struct TokenStream {
     pub(super) deadline: Instant,
 }
 
+/// A plain generation on its way: its backend's name and its events,
+/// once its whole answer is in.
+pub(super) type WholeAnswer = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    (String, mpsc::Receiver<Result<Event, BackendError>>),
+                    BackendError,
+                >,
+            > + Send,
+    >,
+>;
+
 /// Where a [`TokenStream`]'s events come from.
 pub(super) enum Events {
+    /// A plain generation not yet read (see [`WholeAnswer`]): awaited on
+    /// the first [`TokenStream::next`].
+    Whole(WholeAnswer),
     /// A generation task (an upstream call), through a bounded channel.
     Task(mpsc::Receiver<Result<Event, BackendError>>),
     /// Computed in process (`echo`), cut as they are pulled: no task, no
@@ -286,9 +309,22 @@ impl std::fmt::Debug for TokenStream {
 impl TokenStream {
     /// The next event: deltas, then exactly one `End` or error, then `None`.
     pub async fn next(&mut self) -> Option<Result<Event, BackendError>> {
+        if let Events::Whole(answer) = &mut self.events {
+            match answer.as_mut().await {
+                Ok((backend, events)) => {
+                    self.backend = backend;
+                    self.events = Events::Task(events);
+                }
+                Err(error) => {
+                    self.events = Events::Ready(Box::new(std::iter::empty()));
+                    return Some(Err(error));
+                }
+            }
+        }
         match &mut self.events {
             Events::Task(events) => events.recv().await,
             Events::Ready(events) => events.next(),
+            Events::Whole(_) => None,
         }
     }
 
@@ -297,6 +333,7 @@ impl TokenStream {
         match &mut self.events {
             Events::Task(events) => events.try_recv().ok(),
             Events::Ready(events) => events.next(),
+            Events::Whole(_) => None,
         }
     }
 

@@ -20,12 +20,15 @@
 //! 2. **Route.** A plugin's call names the client's model
 //!    (`generation-params.model`); the routing table picks the backend
 //!    (unknown models are refused earlier, at the API, with 404).
-//! 3. **Open.** The generation runs as a task on the host's tokio runtime
-//!    (a task of its own, so it goes on while the stage call that started
-//!    it returns; `echo` streams in process instead). The task waits for a concurrency permit, asks the
-//!    breaker, and sends the request — always as a *streaming* request
-//!    upstream, so time to first token and inter-token latency are measured
-//!    for every generation. An attempt that fails before the first token
+//! 3. **Open.** A streamed generation runs as a task on the host's tokio
+//!    runtime (a task of its own, so it goes on while the stage call that
+//!    started it returns); a plain one — the client wants one answer
+//!    ([`GenerateRequest::stream`]) — is sent when the pipeline collects
+//!    it, after that call, and read whole on the request's task; `echo`
+//!    answers in process. The generation waits for a concurrency permit,
+//!    asks the breaker, and sends the request: a *streaming* request
+//!    upstream when the client streams (or the backend is set to
+//!    `always_stream`), else a plain one. An attempt that fails before the first token
 //!    with a connect error, a 429 or a 5xx is retried up to `max_retries`
 //!    times with exponential backoff and full jitter, honouring
 //!    `Retry-After`, within the request's deadline. Timeouts are not
@@ -82,6 +85,7 @@
 //! (`orchestrator-text`).
 
 mod backend;
+mod delivery;
 mod echo;
 mod generation;
 mod limits;

@@ -1,5 +1,6 @@
 //! An OpenAI-compatible `/chat/completions` service (OpenAI, vLLM,
-//! llama.cpp's `llama-server`, Ollama, ...), always asked for a stream.
+//! llama.cpp's `llama-server`, Ollama, ...), asked for a stream or for one
+//! JSON answer.
 
 use std::time::Duration;
 
@@ -9,11 +10,12 @@ use serde::ser::SerializeMap;
 use super::protocol::{
     AttemptError, ERROR_BODY_QUOTE, EventStream, Protocol, SendFuture, UpstreamRequest, quote,
 };
-use super::sse::sse_events;
+use super::sse::{sse_events, whole_answer_events};
 use crate::chat::MODELLED_FIELDS;
 
 /// An OpenAI-compatible `/chat/completions` service, spoken to with
-/// `"stream": true` and `stream_options.include_usage`.
+/// `"stream": true` and `stream_options.include_usage` for a streamed
+/// attempt, without `stream` for a plain one.
 pub struct OpenAi {
     client: reqwest::Client,
     /// Parsed once here, not on every request.
@@ -61,8 +63,9 @@ impl OpenAi {
 
 /// The JSON body of an upstream request ([`OpenAi::body`]): the chat as the
 /// stages left it, every parameter the client (or a stage) set and nothing
-/// it did not, the fields the host does not model as they came, and the
-/// host's `stream` with `stream_options.include_usage`.
+/// it did not, the fields the host does not model as they came, and — for a
+/// streamed attempt — the host's `stream` with
+/// `stream_options.include_usage`.
 #[derive(Debug)]
 pub struct Body<'a> {
     request: &'a UpstreamRequest<'a>,
@@ -111,13 +114,15 @@ impl Serialize for Body<'_> {
                 map.serialize_entry(key, value)?;
             }
         }
-        map.serialize_entry("stream", &true)?;
-        map.serialize_entry(
-            "stream_options",
-            &StreamOptions {
-                include_usage: true,
-            },
-        )?;
+        if self.request.stream {
+            map.serialize_entry("stream", &true)?;
+            map.serialize_entry(
+                "stream_options",
+                &StreamOptions {
+                    include_usage: true,
+                },
+            )?;
+        }
         map.end()
     }
 }
@@ -139,6 +144,8 @@ impl Protocol for OpenAi {
         for (name, value) in &request.trace_headers {
             builder = builder.header(name, value);
         }
+        let stream = request.stream;
+        let max_body = whole_body_limit(request);
         Box::pin(async move {
             let response = builder.send().await.map_err(|e| {
                 // reqwest's messages carry the URL but never headers.
@@ -168,10 +175,63 @@ impl Protocol for OpenAi {
                     message: quote(&body),
                 });
             }
-            let bytes = response.bytes_stream();
-            Ok(Box::pin(sse_events(bytes)) as EventStream)
+            if stream {
+                let bytes = response.bytes_stream();
+                return Ok(Box::pin(sse_events(bytes)) as EventStream);
+            }
+            let body = read_whole(response, max_body).await?;
+            let events = whole_answer_events(&body);
+            Ok(Box::pin(futures_util::stream::iter(events)) as EventStream)
         })
     }
+}
+
+/// The most bytes a plain answer's body may hold: room for the text the
+/// request allows ([`UpstreamRequest::answer_limit`]) several times over
+/// (JSON escapes, tool calls) and a megabyte of the rest; far more when log
+/// probabilities were asked for (each token's entry is a small object).
+fn whole_body_limit(request: &UpstreamRequest<'_>) -> usize {
+    let per_byte = match request.request.params.logprobs {
+        Some(true) => 64,
+        _ => 8,
+    };
+    request
+        .answer_limit
+        .saturating_mul(per_byte)
+        .saturating_add(1 << 20)
+}
+
+/// The body of a plain answer, up to `max` bytes: an upstream that ignores
+/// `max_tokens` fails the attempt instead of filling the host's memory.
+async fn read_whole(mut response: reqwest::Response, max: usize) -> Result<Vec<u8>, AttemptError> {
+    let expected = response.content_length().unwrap_or(0) as usize;
+    if expected > max {
+        return Err(too_long(max));
+    }
+    let mut body = Vec::with_capacity(expected.max(1024));
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > max {
+                    return Err(too_long(max));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                return Err(AttemptError::Protocol(format!(
+                    "the answer was cut: {}",
+                    without_url(&e)
+                )));
+            }
+        }
+    }
+}
+
+fn too_long(max: usize) -> AttemptError {
+    AttemptError::Protocol(format!(
+        "the answer is longer than the request's max_tokens allow ({max} bytes)"
+    ))
 }
 
 /// The error without reqwest's `for url (...)` suffix: the source chain.
@@ -218,6 +278,8 @@ mod tests {
             trace_headers: Vec::new(),
             model: "gemma",
             request: &r,
+            stream: true,
+            answer_limit: 1 << 20,
         };
         let body = serde_json::to_value(OpenAi::body(&request)).unwrap();
         assert_eq!(body["model"], "gemma");
@@ -227,6 +289,23 @@ mod tests {
         assert_eq!(body["max_tokens"], 9);
         assert_eq!(body["messages"][0]["content"], "User: hi");
         assert!(body.get("temperature").is_none(), "unset: not sent");
+    }
+
+    #[test]
+    fn a_plain_attempt_asks_for_no_stream() {
+        let r = GenerateRequest::for_test("User: hi", 9);
+        let request = UpstreamRequest {
+            trace_headers: Vec::new(),
+            model: "gemma",
+            request: &r,
+            stream: false,
+            answer_limit: 9 * 16,
+        };
+        let body = serde_json::to_value(OpenAi::body(&request)).unwrap();
+        assert!(body.get("stream").is_none(), "{body}");
+        assert!(body.get("stream_options").is_none(), "{body}");
+        assert_eq!(body["max_tokens"], 9);
+        assert_eq!(whole_body_limit(&request), 9 * 16 * 8 + (1 << 20));
     }
 
     #[test]
@@ -249,6 +328,8 @@ mod tests {
             trace_headers: Vec::new(),
             model: "upstream-name",
             request: &r,
+            stream: true,
+            answer_limit: 1 << 20,
         };
         let mut body = serde_json::to_value(OpenAi::body(&request)).unwrap();
         assert_eq!(body["model"], "upstream-name");

@@ -30,7 +30,7 @@ pub enum AttemptError {
     },
     /// No answer, or no next event, in time.
     Timeout(String),
-    /// An answer that is not a chat-completion stream.
+    /// An answer that is not a chat completion (or a stream of one).
     Protocol(String),
 }
 
@@ -97,6 +97,11 @@ pub struct UpstreamRequest<'a> {
     pub model: &'a str,
     /// The plugin's request.
     pub request: &'a GenerateRequest,
+    /// Ask for a stream of events (else for one JSON answer).
+    pub stream: bool,
+    /// The most bytes of text the answer may hold (what the request's
+    /// `max_tokens` allow): a plain answer's body is bounded by it.
+    pub answer_limit: usize,
     /// Trace context headers (`traceparent`, `tracestate`) of the attempt,
     /// sent upstream so a traced backend joins the request's trace.
     pub trace_headers: Vec<(String, String)>,

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::{Backend, BackendSetupError, upstream_task};
+use super::backend::{Backend, BackendSetupError};
+use super::delivery::{upstream_task, whole_answer};
 use super::echo;
 use super::generation::{BackendError, Completion, Events, GenerateRequest, TokenStream};
 use crate::config::{BackendKind, Config, DEFAULT_PIPELINE, ModelRoute};
@@ -186,7 +187,10 @@ impl Router {
     /// Start a generation of `request` at `target` (see
     /// [`resolve`](Self::resolve); `None`: resolve its model now): resolves
     /// once its first token is in (after retries and failover), or with the
-    /// error that ended it.
+    /// error that ended it. A generation not streamed upstream
+    /// ([`GenerateRequest::stream`]) resolves at once: it is sent when its
+    /// events are first awaited, and read whole on that task; its errors
+    /// come as its first event.
     pub async fn stream(
         &self,
         request: GenerateRequest,
@@ -206,6 +210,16 @@ impl Router {
             .as_ref()
             .and_then(|name| self.inner.backends.get(name))
             .cloned();
+        if !primary.streams(&request) && failover.as_ref().is_none_or(|f| !f.streams(&request)) {
+            // One JSON answer, asked for when its events are first wanted
+            // and read on that task: no generation task, and the stage that
+            // started it is not held while it is generated.
+            return Ok(TokenStream {
+                backend: primary.name.clone(),
+                deadline: request.deadline,
+                events: Events::Whole(Box::pin(whole_answer(primary, failover, request))),
+            });
+        }
         let (opened_tx, opened_rx) = oneshot::channel();
         let (events_tx, events_rx) = mpsc::channel(64);
         let deadline = request.deadline;

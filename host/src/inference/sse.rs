@@ -1,5 +1,7 @@
 //! The server-sent-event stream of an OpenAI chat completion, parsed into
-//! [`Event`]s incrementally, whatever the byte boundaries.
+//! [`Event`]s incrementally, whatever the byte boundaries; and a plain
+//! (unstreamed) chat completion, parsed into the same events
+//! ([`whole_answer_events`]).
 
 use std::borrow::Cow;
 use std::pin::Pin;
@@ -61,6 +63,31 @@ where
     })
 }
 
+/// The events of a plain `chat.completion` body (the answer to an
+/// unstreamed request): its text as one delta, its tool calls, refusal and
+/// log probabilities as one extra, then its end — at most three events, the
+/// same a stream of it would have made, joined.
+pub(super) fn whole_answer_events(body: &[u8]) -> Vec<Result<Event, AttemptError>> {
+    let mut parser = SseParser {
+        whole: true,
+        ..SseParser::default()
+    };
+    let mut events = Vec::with_capacity(3);
+    match std::str::from_utf8(body) {
+        Ok(body) => parser.event(body, &mut events),
+        Err(_) => parser.event(&String::from_utf8_lossy(body), &mut events),
+    }
+    if !parser.ended {
+        events.push(match parser.choice_seen {
+            true => Ok(Event::End(parser.ending())),
+            false => Err(AttemptError::Protocol(
+                "the answer is not a chat completion (no choices)".into(),
+            )),
+        });
+    }
+    events
+}
+
 /// Incremental parser of an OpenAI chat-completion SSE stream.
 ///
 /// Lines are cut from the bytes as they come (a partial line is kept in a
@@ -76,6 +103,11 @@ pub struct SseParser {
     usage: Option<(u32, u32)>,
     response_id: Option<String>,
     ended: bool,
+    /// Parsing a plain answer (a `message`, its tool calls without
+    /// `index`) rather than a stream's chunks.
+    whole: bool,
+    /// A choice was read.
+    choice_seen: bool,
 }
 
 /// Longest line accepted from an upstream (a guard against a server that
@@ -98,7 +130,8 @@ struct ChunkFields<'a> {
 
 #[derive(serde::Deserialize)]
 struct ChoiceFields<'a> {
-    #[serde(borrow, default)]
+    /// A chunk's `delta`, or a plain answer's `message` (the same fields).
+    #[serde(borrow, default, alias = "message")]
     delta: Option<DeltaFields<'a>>,
     #[serde(borrow, default)]
     finish_reason: Option<Cow<'a, str>>,
@@ -118,8 +151,10 @@ struct DeltaFields<'a> {
 
 #[derive(serde::Deserialize)]
 struct ToolCallFields {
+    /// A streamed piece's call; a plain answer's calls have none (their
+    /// position is their index).
     #[serde(default)]
-    index: u32,
+    index: Option<u32>,
     #[serde(default)]
     id: Option<String>,
     #[serde(rename = "type", default)]
@@ -266,6 +301,8 @@ impl SseParser {
             self.usage = count(usage.prompt_tokens).zip(count(usage.completion_tokens));
         }
         if let Some(choice) = chunk.choices.and_then(|c| c.into_iter().next()) {
+            self.choice_seen = true;
+            let whole = self.whole;
             let mut extra = ExtraDelta {
                 logprobs: choice.logprobs.filter(|l| !l.is_null()),
                 ..ExtraDelta::default()
@@ -279,13 +316,18 @@ impl SseParser {
                     .tool_calls
                     .unwrap_or_default()
                     .into_iter()
-                    .map(|call| {
+                    .enumerate()
+                    .map(|(position, call)| {
+                        let index = match whole {
+                            true => position as u32,
+                            false => call.index.unwrap_or(0),
+                        };
                         let function = call.function.unwrap_or(FunctionFields {
                             name: None,
                             arguments: None,
                         });
                         ToolCallDelta {
-                            index: call.index,
+                            index,
                             id: call.id,
                             kind: call.kind,
                             name: function.name,
@@ -427,5 +469,56 @@ mod tests {
             events.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
             [Event::Delta("a\n\"b\u{e9}".into())]
         );
+    }
+
+    #[test]
+    fn a_plain_answer_is_the_events_its_stream_would_have_made() {
+        let body = br#"{"id":"chatcmpl-9","object":"chat.completion","choices":[{"index":0,
+            "message":{"role":"assistant","content":"Let me look.","refusal":null,
+            "tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{}"}},
+                          {"id":"c2","type":"function","function":{"name":"g","arguments":"[1]"}}]},
+            "logprobs":null,"finish_reason":"tool_calls"}],
+            "usage":{"prompt_tokens":12,"completion_tokens":7,"total_tokens":19}}"#;
+        let events: Vec<Event> = whole_answer_events(body)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert_eq!(events[0], Event::Delta("Let me look.".into()));
+        let Event::Extra(extra) = &events[1] else {
+            panic!("{events:?}")
+        };
+        // A plain answer's calls have no index: their position is.
+        let calls: Vec<(u32, Option<&str>, &str)> = extra
+            .tool_calls
+            .iter()
+            .map(|c| (c.index, c.name.as_deref(), c.arguments.as_str()))
+            .collect();
+        assert_eq!(calls, [(0, Some("f"), "{}"), (1, Some("g"), "[1]")]);
+        assert_eq!(
+            events[2],
+            Event::End(Ending {
+                finish_reason: Some("tool_calls".into()),
+                usage: Some((12, 7)),
+                response_id: Some("chatcmpl-9".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn a_plain_answer_that_is_no_chat_completion_is_an_error() {
+        for body in [
+            &b"{\"object\":\"list\",\"data\":[]}"[..],
+            b"data: {\"choices\":[]}\n\n",
+            b"{\"error\":{\"message\":\"overloaded\"}}",
+            b"\xff\xfe",
+        ] {
+            let events = whole_answer_events(body);
+            assert!(
+                matches!(events.as_slice(), [Err(AttemptError::Protocol(_))]),
+                "{}: {events:?}",
+                String::from_utf8_lossy(body)
+            );
+        }
     }
 }

@@ -163,8 +163,10 @@ async fn process(
         let router = job.snapshot.router();
         let stores = job.snapshot.stores();
         let span = &span;
+        let streams = job.streaming;
         on_instance(stage, &current, async |live: &mut Instance| {
             live.set_request_deadline(Instant::now() + remaining);
+            live.set_client_streams(streams);
             live.set_request(&envelope.request_id, span.clone());
             live.set_router(router);
             live.set_stores(stores);

@@ -229,6 +229,15 @@ impl Trace {
         self.0.as_ref().is_some_and(|a| a.cx.span().is_recording())
     }
 
+    /// Whether this span's trace is sampled: its children are recorded
+    /// (also once this span has ended — a plain generation's attempts
+    /// start after the stage that asked for it).
+    pub fn is_sampled(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|a| a.cx.span().span_context().is_sampled())
+    }
+
     /// Whether prompts and completions may be recorded.
     pub fn records_content(&self) -> bool {
         self.0.as_ref().is_some_and(|a| a.record_content)
@@ -255,7 +264,7 @@ impl Trace {
         let Some(active) = &self.0 else {
             return Trace(None);
         };
-        if !active.cx.span().is_recording() {
+        if !self.is_sampled() {
             // An unsampled trace: its children are not sampled either, and
             // need no span of their own.
             return self.clone();

@@ -365,6 +365,16 @@ impl Instance {
         self.store.data_mut().request_deadline = Some(deadline);
     }
 
+    /// Tell the instance whether the client of the request being processed
+    /// takes its answer as a stream (by default, yes). If not, a
+    /// generation started with `generate-stream` asks the upstream for one
+    /// JSON answer (see [`GenerateRequest::stream`]).
+    ///
+    /// [`GenerateRequest::stream`]: crate::inference::GenerateRequest::stream
+    pub fn set_client_streams(&mut self, streams: bool) {
+        self.store.data_mut().client_streams = streams;
+    }
+
     /// The request the calls to come serve (until set again): its id and
     /// the stage's span. The plugin's log records carry both (and become
     /// events of the span), and its generations are children of the span.

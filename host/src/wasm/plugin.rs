@@ -232,6 +232,7 @@ impl Plugin {
             log_budget: LogBudget::new(),
             deadline: Instant::now(),
             request_deadline: None,
+            client_streams: true,
             request_id: String::new(),
             trace: Trace::off(),
             backend_wait: Duration::ZERO,

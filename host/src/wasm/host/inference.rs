@@ -35,6 +35,7 @@ impl HostState {
     fn generation_request(
         &self,
         chat: Chat,
+        stream: bool,
         deadline: Instant,
     ) -> Result<(Router, GenerateRequest, Option<Target>), BackendError> {
         let router = self.router.clone().ok_or_else(|| BackendError::Failed {
@@ -47,6 +48,7 @@ impl HostState {
                 messages: chat.messages,
                 tools: chat.tools,
                 params: chat.params,
+                stream,
                 deadline,
                 request_id: self.request_id.clone(),
                 trace: self.trace.clone(),
@@ -77,7 +79,10 @@ impl HostState {
         // The call must return by its deadline (the first token must be in
         // by then); the generation may go on until the request's.
         let deadline = self.request_deadline.unwrap_or(self.deadline);
-        let (router, request, target) = self.generation_request(chat, deadline)?;
+        // Streamed upstream only for a client that streams: otherwise the
+        // pipeline collects the generation right after this stage anyway.
+        let stream = self.client_streams;
+        let (router, request, target) = self.generation_request(chat, stream, deadline)?;
         let backend = target.as_ref().map_or("?", Target::backend).to_string();
         let asked = Instant::now();
         let started = tokio::time::timeout_at(
@@ -161,7 +166,7 @@ impl inference::Host for HostState {
             Err(error) => return Ok(Err(error)),
         };
         let deadline = self.backend_deadline();
-        let generation = match self.generation_request(chat, deadline) {
+        let generation = match self.generation_request(chat, false, deadline) {
             Ok(ready) => ready,
             Err(error) => return Ok(Err(inference_error(error))),
         };
@@ -193,7 +198,7 @@ impl inference_v1::Host for HostState {
     ) -> Result<inference_v1::Generation, String> {
         let deadline = self.backend_deadline();
         let generation = self
-            .generation_request(Chat::of_prompt(prompt, params), deadline)
+            .generation_request(Chat::of_prompt(prompt, params), false, deadline)
             .map_err(|e| e.to_string())?;
         let completion = self.complete(generation).await.map_err(|e| e.to_string())?;
         Ok(inference_v1::Generation {

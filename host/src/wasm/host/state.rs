@@ -46,6 +46,10 @@ pub struct HostState {
     /// When the request as a whole must be answered, if the caller said:
     /// a streamed generation outlives the call that started it.
     pub(in crate::wasm) request_deadline: Option<Instant>,
+    /// Whether the client of the current request takes its answer as a
+    /// stream: a generation started with `generate-stream` is streamed
+    /// upstream only then (by default, yes).
+    pub(in crate::wasm) client_streams: bool,
     /// The request the current call serves (for log records and
     /// generations; empty outside a request).
     pub(in crate::wasm) request_id: String,
