@@ -11,31 +11,17 @@
 //! (throughput = 1 / time); the CPU line printed first for each setting is
 //! process CPU time (user + system, all threads) divided by requests.
 
+#[path = "requests.rs"]
+mod requests;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use orchestrator::chat::{Message, Params};
 use orchestrator::trace::Trace;
-use orchestrator::wasm::Envelope;
 use orchestrator::{Config, Metrics, Orchestrator, Pipeline};
 
 const CONCURRENCY: usize = 64;
-
-fn envelope(n: u64) -> Envelope {
-    let mut params = Params::for_model("echo");
-    params.max_tokens = Some(64);
-    params.temperature = Some(0.0);
-    Envelope::new(
-        format!("bench-{n}"),
-        vec![Message::new(
-            "user",
-            "What is backpressure and how is load shed?",
-        )],
-        params,
-        Vec::new(),
-    )
-}
 
 /// Run `total` requests with `CONCURRENCY` submitters; returns wall time.
 async fn drive(pipeline: &Pipeline, total: u64) -> Duration {
@@ -57,7 +43,7 @@ async fn drive(pipeline: &Pipeline, total: u64) -> Duration {
                         .run(
                             &snapshot,
                             &route,
-                            envelope(n),
+                            requests::envelope(n, "echo"),
                             Instant::now() + Duration::from_secs(30),
                             Trace::off(),
                         )

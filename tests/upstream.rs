@@ -753,7 +753,10 @@ async fn shutdown_ends_open_streams_with_an_error_event_and_exits() {
 /// `orchestrator_overhead_seconds` is the request's duration minus its wait
 /// for the backend: the upstream paces its five deltas 10 ms apart (at
 /// least 50 ms per answer, by its own sleeps), and that time is in the
-/// end-to-end histogram but not in the overhead, plain and streamed.
+/// end-to-end histogram but not in the overhead. The plain answer's 50 ms
+/// are all a wait (it comes in one piece after them); a stream's wait is
+/// shorter by the time the host spends on each delta while the next one is
+/// on its way, which on a busy machine may be most of it.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_overhead_histogram_leaves_out_the_wait_for_the_backend() {
     let upstream = Upstream::start(Script::Deltas(vec!["a ", "b ", "c ", "d ", "e"])).await;
@@ -777,7 +780,7 @@ async fn the_overhead_histogram_leaves_out_the_wait_for_the_backend() {
         .await;
     assert!(overhead > 0.0, "{overhead}");
     assert!(
-        total - overhead >= 2.0 * 0.05,
+        total - overhead >= 0.05,
         "backend wait {} s of {total} s",
         total - overhead
     );
@@ -839,6 +842,13 @@ async fn a_client_that_hangs_up_on_a_plain_request_cancels_the_generation() {
         .await
         .expect("the upstream connection was closed");
     assert_idle(&host).await;
+    // The attempt, sent and never answered, counts once, as cancelled.
+    await_metric(
+        &host,
+        "orchestrator_upstream_requests_total{outcome=\"cancelled\",worker_type=\"up\"}",
+        1.0,
+    )
+    .await;
 }
 
 /// An upstream that ignores `max_tokens` (it generates forever) is cut

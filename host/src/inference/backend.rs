@@ -107,6 +107,36 @@ pub(super) struct StartedStream {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
+/// An attempt sent and not yet answered: if the caller gives up on it
+/// (drops the future), it is counted as `cancelled` and its span ended so,
+/// as every attempt is counted once.
+struct InFlight<'a> {
+    backend: &'a Backend,
+    span: &'a Trace,
+    armed: bool,
+}
+
+impl InFlight<'_> {
+    /// The attempt has an answer (or an error): counted by the caller.
+    fn settled(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.span
+                .set([Attribute::new("orchestrator.outcome", "cancelled")]);
+            self.span.end();
+            self.backend
+                .metrics
+                .outcome(UpstreamOutcome::Cancelled)
+                .inc();
+        }
+    }
+}
+
 /// Why a backend gave no first token.
 pub(super) struct OpenFailure {
     pub(super) error: BackendError,
@@ -226,6 +256,11 @@ impl Backend {
             let span = self.attempt_span(request, upstream_request.model, attempt, stream);
             upstream_request.trace_headers = span.headers();
             let started = Instant::now();
+            let in_flight = InFlight {
+                backend: self,
+                span: &span,
+                armed: true,
+            };
             let result = tokio::time::timeout(timeout, async {
                 let mut events = protocol.send(&upstream_request).await?;
                 match events.next().await {
@@ -242,6 +277,7 @@ impl Backend {
                     timeout.as_millis()
                 )))
             });
+            in_flight.settled();
             let error = match result {
                 Ok((events, first)) => {
                     let ttft = started.elapsed().as_secs_f64();

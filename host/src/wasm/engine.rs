@@ -217,6 +217,17 @@ impl Runtime {
                 wasmtime::ProfilingStrategy::None
             })
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        if std::env::var("ORCHESTRATOR_INSTANCE_ALLOCATION").as_deref() == Ok("on-demand") {
+            // For tools that cannot host the pool's address-space
+            // reservation (valgrind: benches/instructions.sh): instances
+            // allocated one by one, memories reserved as they grow. Slower,
+            // and not what a deployment runs.
+            config
+                .allocation_strategy(InstanceAllocationStrategy::OnDemand)
+                .memory_reservation(0)
+                .memory_guard_size(0)
+                .memory_reservation_for_growth(1 << 20);
+        }
         let engine = Engine::new(&config).map_err(|e| EngineError::Engine(e.into()))?;
 
         let ticker = Arc::new(EpochTicker {
