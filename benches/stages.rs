@@ -93,16 +93,15 @@ impl Bench {
             instances: self.metrics.stage(stage.name()).instances,
             ledger: Arc::default(),
         };
-        let (plugin, _) = self
-            .rt
+        self.rt
             .block_on(self.runtime.load(
                 &settings,
                 PluginSource::Upload,
                 PluginBytes::new(bytes),
                 &services,
             ))
-            .unwrap();
-        plugin
+            .unwrap()
+            .plugin
     }
 
     fn instance(&self, plugin: &Arc<Plugin>) -> Instance {

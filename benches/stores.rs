@@ -89,7 +89,7 @@ impl Bench {
                 &services,
             ))
             .unwrap()
-            .0;
+            .plugin;
         let mut instance = self.rt.block_on(Instance::new(&plugin)).unwrap();
         instance.set_stores(stores);
         instance

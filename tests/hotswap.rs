@@ -571,3 +571,71 @@ async fn the_admin_api_can_have_a_listener_of_its_own() {
     let (status, _) = host.chat(&ask("hello")).await;
     assert_eq!(status, 200);
 }
+
+/// A plugin's `init` runs when it is loaded, never inside a request: the
+/// instance that validated each plugin is kept as its stage's idle
+/// instance, at start and at a swap, and the next request runs on it.
+/// (With a slow `init` — a long deny list — the first request on a new
+/// version would otherwise spend its deadline there.)
+#[tokio::test]
+async fn init_runs_at_load_not_in_the_first_request() {
+    use orchestrator::config::PluginSource;
+    use orchestrator::{Config, Metrics, Orchestrator};
+
+    let metrics = Arc::new(Metrics::new());
+    let config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        cache_dir: Some(target_dir().join("test-cache")),
+        ..Config::default()
+    };
+    let host = Orchestrator::start(config, metrics.clone()).await.unwrap();
+    let instances = |stage: &str| {
+        metric_value(
+            &metrics.gather(),
+            &format!("orchestrator_plugin_instances{{stage=\"{stage}\"}}"),
+        )
+    };
+    let stages = ["rag", "assemble", "inference", "post", "stream"];
+    for stage in stages {
+        assert_eq!(
+            instances(stage),
+            1.0,
+            "{stage}: one instance, before any request"
+        );
+    }
+    let url = format!("http://{}/v1/chat/completions", host.api_addr());
+    for n in 0..3 {
+        let response = client()
+            .post(&url)
+            .json(&ask(&format!("question {n}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    for stage in stages {
+        // One request at a time: the warm instance served each of them.
+        assert_eq!(
+            instances(stage),
+            1.0,
+            "{stage}: no instance made for a request"
+        );
+    }
+    let shout = std::fs::read(test_plugin("shout")).unwrap();
+    host.hot_swap()
+        .install("post", PluginSource::Upload, shout)
+        .await
+        .unwrap();
+    // The old version's idle instance went with it; the new one's is warm.
+    assert_eq!(instances("post"), 1.0);
+    let response = client()
+        .post(&url)
+        .json(&ask("after the swap"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(instances("post"), 1.0);
+    host.shutdown(Duration::from_secs(5)).await;
+}

@@ -103,7 +103,7 @@ impl Session {
         let sha256 = bytes.sha256().to_string();
         let shape = inspect(bytes.as_slice())?;
         let started = Instant::now();
-        let (plugin, cached) = self
+        let crate::wasm::Loaded { plugin, cached, .. } = self
             .runtime
             .load(&self.stage, source, bytes, &self.services)
             .await?;

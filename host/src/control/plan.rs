@@ -96,6 +96,7 @@ pub async fn plan(
     let mut stages = Vec::new();
     let mut services = Vec::new();
     let mut loaded = Vec::new();
+    let mut warm = Vec::new();
     for stage in config.stages_in_use() {
         let kept = running.as_ref().and_then(|r| {
             Some((
@@ -124,11 +125,12 @@ pub async fn plan(
             Some((_, running)) if running.sha256() == bytes.sha256() => running,
             _ => {
                 loaded.push(stage.name());
-                runtime
+                let fresh = runtime
                     .load(stage, source.clone(), bytes, &stage_services)
                     .await
-                    .map_err(fail)?
-                    .0
+                    .map_err(fail)?;
+                warm.push(fresh.instance);
+                fresh.plugin
             }
         };
         stages.push((stage.clone(), plugin));
@@ -147,6 +149,7 @@ pub async fn plan(
             router,
             stores: Arc::new(stores),
             hash: config.hash(),
+            warm,
         },
         services,
         loaded,

@@ -48,7 +48,8 @@ use crate::config::{PluginSource, StageConfig};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::wasm::{
-    CallLedger, HostServices, LoadError, Plugin, PluginBytes, PluginVersion, Runtime,
+    CallLedger, HostServices, Instance, LoadError, Loaded, Plugin, PluginBytes, PluginVersion,
+    Runtime,
 };
 
 /// Why a swap or rollback was refused.
@@ -231,7 +232,11 @@ impl HotSwap {
             .runtime
             .load(&entry.settings, source, bytes, &entry.services)
             .await;
-        let (plugin, cached) = match loaded {
+        let Loaded {
+            plugin,
+            cached,
+            instance,
+        } = match loaded {
             Ok(loaded) => loaded,
             Err(error) => {
                 entry.reload_error.inc();
@@ -239,7 +244,7 @@ impl HotSwap {
                 return Err(SwapError::Invalid { stage: name, error });
             }
         };
-        let old = self.publish(name, plugin.clone())?;
+        let old = self.publish(name, plugin.clone(), Some(instance))?;
         entry.reload_ok.inc();
         let report = SwapReport {
             stage: name,
@@ -263,7 +268,7 @@ impl HotSwap {
         let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
         let target = previous.take().ok_or(SwapError::NoPrevious(name))?;
-        let old = self.publish(name, target.clone())?;
+        let old = self.publish(name, target.clone(), None)?;
         entry.reload_ok.inc();
         *previous = Some(old.clone());
         tracing::info!(stage = name, sha256 = %target.sha256(), "plugin rolled back");
@@ -283,11 +288,16 @@ impl HotSwap {
             .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))
     }
 
-    fn publish(&self, stage: &'static str, plugin: Arc<Plugin>) -> Result<Arc<Plugin>, SwapError> {
+    fn publish(
+        &self,
+        stage: &'static str,
+        plugin: Arc<Plugin>,
+        warm: Option<Instance>,
+    ) -> Result<Arc<Plugin>, SwapError> {
         let sha256 = plugin.sha256().to_string();
         let old = self
             .pipeline
-            .swap(stage, plugin)
+            .swap(stage, plugin, warm)
             .ok_or_else(|| SwapError::UnknownStage(stage.to_string()))?;
         self.metrics.set_plugin_version(stage, &sha256);
         Ok(old)

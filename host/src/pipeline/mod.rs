@@ -118,7 +118,7 @@ use tokio::sync::Notify;
 
 use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
-use crate::wasm::{Envelope, Plugin, PluginVersion};
+use crate::wasm::{Envelope, Instance, Plugin, PluginVersion};
 pub use error::RunError;
 pub use snapshot::{Plan, RouteRef};
 pub use stage::Snapshot;
@@ -400,8 +400,20 @@ impl Pipeline {
 
     /// Replace `stage`'s plugin (in the current configuration). Calls in
     /// progress finish on the old version; returns the previous version.
-    pub fn swap(&self, stage: &str, plugin: Arc<Plugin>) -> Option<Arc<Plugin>> {
-        Some(self.stage(stage)?.publish(plugin))
+    /// `warm`, an instance of `plugin` with its `init` done (the one that
+    /// validated it), serves the stage's next call.
+    pub fn swap(
+        &self,
+        stage: &str,
+        plugin: Arc<Plugin>,
+        warm: Option<Instance>,
+    ) -> Option<Arc<Plugin>> {
+        let stage = self.stage(stage)?;
+        let previous = stage.publish(plugin);
+        if let Some(instance) = warm {
+            stage.keep_warm(instance);
+        }
+        Some(previous)
     }
 
     /// The plugin version `stage` runs.

@@ -31,7 +31,7 @@ use crate::config::StageConfig;
 use crate::inference::{Router, Target};
 use crate::metrics::Metrics;
 use crate::store::Stores;
-use crate::wasm::Plugin;
+use crate::wasm::{Instance, Plugin};
 
 /// What a configuration runs: the input of [`Pipeline::start`](super::Pipeline::start)
 /// and [`Pipeline::install`](super::Pipeline::install).
@@ -48,6 +48,10 @@ pub struct Plan {
     pub stores: Arc<Stores>,
     /// The configuration's digest (see [`crate::Config::hash`]).
     pub hash: String,
+    /// The instances that validated the plugins loaded for it
+    /// ([`crate::wasm::Loaded::instance`]): each becomes an idle instance
+    /// of its stage, so that no request runs a fresh plugin's `init`.
+    pub warm: Vec<Instance>,
 }
 
 /// Which pipeline a request runs through, chosen by its model
@@ -100,6 +104,14 @@ impl Snapshot {
                 None => Arc::new(StageRuntime::new(settings, plugin, metrics)),
             };
             stages.push(runtime);
+        }
+        for instance in plan.warm {
+            if let Some(stage) = stages
+                .iter()
+                .find(|s| Arc::ptr_eq(instance.plugin(), &s.plugin()))
+            {
+                stage.keep_warm(instance);
+            }
         }
         let routes = plan
             .pipelines

@@ -20,7 +20,7 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 use super::error::RunError;
 use super::norm::InputNorm;
 use crate::circuit::{CircuitBreaker, Probe};
-use crate::config::StageConfig;
+use crate::config::{InstanceMode, StageConfig};
 use crate::inference::{Router, TokenStream};
 use crate::metrics::{Metrics, PolicyMetrics, RequestMetrics, StageMetrics};
 use crate::trace::{Attribute, Kind, Trace};
@@ -192,6 +192,14 @@ impl StageRuntime {
         // Dropped after the lock is released.
         drop(idle);
         drop(instance);
+    }
+
+    /// Keep `instance` (of the version serving, its `init` done) for the
+    /// stage's next call, unless the stage makes an instance per request.
+    pub(super) fn keep_warm(&self, instance: Instance) {
+        if self.settings.instance_mode == InstanceMode::Reuse {
+            self.put_idle(instance);
+        }
     }
 
     /// The stage's name.

@@ -90,20 +90,34 @@ impl PluginBytes {
     }
 }
 
+/// A plugin [`Runtime::load`] accepted.
+pub struct Loaded {
+    /// The plugin.
+    pub plugin: Arc<Plugin>,
+    /// Whether its compiled artifact came from the cache.
+    pub cached: bool,
+    /// The instance that validated it, its `init` done: the stage it is
+    /// published to keeps it as an idle instance, so that its first
+    /// request does not run `init` (a slow one — a long deny list, say —
+    /// would count against that request's deadline).
+    pub instance: Instance,
+}
+
 impl Runtime {
     /// Prepare, link and validate a plugin for `stage` (lifecycle steps
     /// 2–4). What can be refused without compiling is refused first
     /// ([`inspect`]); compilation runs on the blocking thread pool, and its
     /// artifact is written to the cache only once the plugin has passed
     /// every check, so a refused plugin leaves nothing there. Returns the
-    /// plugin and whether its compiled artifact came from the cache.
+    /// plugin, whether its compiled artifact came from the cache, and the
+    /// instance that validated it ([`Loaded`]).
     pub async fn load(
         &self,
         stage: &StageConfig,
         source: PluginSource,
         bytes: PluginBytes,
         services: &HostServices,
-    ) -> Result<(Arc<Plugin>, bool), LoadError> {
+    ) -> Result<Loaded, LoadError> {
         let started = Instant::now();
         let PluginBytes { bytes, sha256 } = bytes;
         let inspection = inspect(&bytes)?;
@@ -152,7 +166,7 @@ impl Runtime {
             grants: Grants::of(stage),
         });
         // Validation: one instance must come up and accept its config.
-        Instance::start(&plugin).await.map_err(|failure| {
+        let instance = Instance::start(&plugin).await.map_err(|failure| {
             if failure.in_init {
                 LoadError::Init(failure.error.message)
             } else {
@@ -182,7 +196,11 @@ impl Runtime {
             elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
             "plugin loaded"
         );
-        Ok((plugin, cached))
+        Ok(Loaded {
+            plugin,
+            cached,
+            instance,
+        })
     }
 }
 

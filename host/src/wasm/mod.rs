@@ -101,5 +101,5 @@ pub use envelope::{Caller, Envelope, Passage, Refusal, envelope_bytes};
 pub use error::{BoxError, CallError, LoadError};
 pub use inspect::{Inspection, inspect};
 pub use instance::Instance;
-pub use load::PluginBytes;
+pub use load::{Loaded, PluginBytes};
 pub use plugin::{CallLedger, HostServices, Plugin, PluginVersion};
