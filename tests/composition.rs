@@ -721,6 +721,8 @@ async fn a_bad_reload_by_sighup_keeps_the_running_config() {
         metrics.contains(&format!("orchestrator_config_info{{hash=\"{before}\"}} 1")),
         "{metrics}"
     );
+    // The refused configuration's new stage left no series behind.
+    assert!(!metrics.contains("stage=\"gate\""), "{metrics}");
 
     // Once the file is fixed, the next SIGHUP applies it.
     std::fs::write(
@@ -739,6 +741,15 @@ async fn a_bad_reload_by_sighup_keeps_the_running_config() {
         .unwrap();
     assert_eq!(answer.stages, WITH_PROFANITY);
     assert_eq!(answer.content, "**** it");
+    assert!(host.metrics_text().await.contains("stage=\"profanity\""));
+
+    // A reload that retires the stage retires its series.
+    std::fs::write(&path, good).unwrap();
+    host.send_sighup();
+    host.wait_for_log("configuration reloaded", 2).await;
+    let metrics = host.metrics_text().await;
+    assert!(!metrics.contains("stage=\"profanity\""), "{metrics}");
+    assert!(metrics.contains("orchestrator_requests_total{stage=\"post\"}"));
 }
 
 /// Start the binary with only `--config <config>`, from `dir`: without the

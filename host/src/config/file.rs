@@ -417,6 +417,18 @@ mod tests {
         }
     }
 
+    #[test]
+    fn more_than_256_stages_are_refused_before_their_names_are_kept() {
+        let text: String = (0..257)
+            .map(|i| format!("[stages.s{i}]\nbundled = \"post\"\n"))
+            .collect();
+        let error = format!("{:#}", parse(&text).unwrap_err());
+        assert!(
+            error.contains("stages: a configuration declares at most 256"),
+            "{error}"
+        );
+    }
+
     proptest::proptest! {
         #[test]
         fn arbitrary_text_never_panics(text in ".{0,300}") {

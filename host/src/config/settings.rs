@@ -234,6 +234,9 @@ fn admin_token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Admi
 /// `Config::stages` as a table keyed by stage name, read back in pipeline
 /// order.
 mod stages_by_name {
+    /// The most `[stages.<name>]` sections a configuration may have.
+    pub const MAX_STAGES: usize = 256;
+
     use std::collections::BTreeMap;
 
     use super::*;
@@ -246,6 +249,14 @@ mod stages_by_name {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<StageConfig>, D::Error> {
         let mut by_name = BTreeMap::<String, StageConfig>::deserialize(d)?;
+        // Checked before any name is interned (interned names live as
+        // long as the process, so a refused file must not add many).
+        if by_name.len() > MAX_STAGES {
+            return Err(D::Error::custom(format!(
+                "{} stages: a configuration declares at most {MAX_STAGES}",
+                by_name.len()
+            )));
+        }
         let mut stages = Vec::with_capacity(by_name.len());
         for bundled in Bundled::DEFAULT_PIPELINE {
             if let Some(mut settings) = by_name.remove(bundled.name()) {

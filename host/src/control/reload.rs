@@ -210,11 +210,25 @@ impl Reloader {
     /// so reloads apply in the order they read the file: the last one
     /// applies what the file says last.
     async fn apply(&self, source: &ConfigSource) -> Result<ReloadReport, ReloadError> {
-        let started = Instant::now();
         let mut current = self.current.lock().await;
         let _serial = self.hot_swap.serial.lock().await;
+        let result = self.apply_locked(source, &mut current).await;
+        // Under the locks, so that no other reload's planned stage loses
+        // its series: those of a refused plan's new stages, and of the
+        // stages this reload retired, go.
+        let snapshot = self.pipeline.snapshot();
+        self.metrics.retain_stages(snapshot.stage_names());
+        result
+    }
+
+    async fn apply_locked(
+        &self,
+        source: &ConfigSource,
+        current: &mut Config,
+    ) -> Result<ReloadReport, ReloadError> {
+        let started = Instant::now();
         let config = (source.read)()?;
-        fixed_settings_unchanged(&current, &config)?;
+        fixed_settings_unchanged(current, &config)?;
         let mut needed = EngineSettings::for_config(&config);
         needed.max_instances = EngineSettings::needed_slots(&config);
         self.runtime.fits(&needed).map_err(ReloadError::Engine)?;

@@ -62,6 +62,7 @@ mod handles;
 mod labels;
 mod policy;
 mod registry;
+mod retire;
 mod store;
 
 pub use global::{

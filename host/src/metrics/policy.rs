@@ -108,6 +108,16 @@ impl PolicyMetrics {
             .inc();
     }
 
+    /// Remove the refusal series of `stage` (it left the configuration).
+    pub(super) fn forget_stage(&self, stage: &str) {
+        super::retire::forget_stage(&self.inner.refusals, stage);
+        self.inner
+            .policies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(s, _)| s != stage);
+    }
+
     /// Count an answer whose cache header said `result` (a value other
     /// than [`CACHE_RESULTS`] is not counted).
     pub fn cached(&self, result: &str) {

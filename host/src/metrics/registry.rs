@@ -47,21 +47,21 @@ pub struct Metrics {
     registry: Registry,
     /// Stage names in the order their series were first resolved (pipeline
     /// order), for [`Metrics::summary`].
-    stage_order: Mutex<Vec<String>>,
+    pub(super) stage_order: Mutex<Vec<String>>,
     pub(super) requests: IntCounterVec,
-    shed: IntCounterVec,
+    pub(super) shed: IntCounterVec,
     pub(super) errors: IntCounterVec,
     pub(super) tokens: IntCounterVec,
     pub(super) queue_depth: IntGaugeVec,
-    queue_capacity: IntGaugeVec,
+    pub(super) queue_capacity: IntGaugeVec,
     pub(super) stage_duration: HistogramVec,
     request_duration: HistogramVec,
     overhead: HistogramVec,
-    plugin_info: IntGaugeVec,
-    instances: IntGaugeVec,
-    circuit_state: IntGaugeVec,
-    circuit_transitions: IntCounterVec,
-    reloads: IntCounterVec,
+    pub(super) plugin_info: IntGaugeVec,
+    pub(super) instances: IntGaugeVec,
+    pub(super) circuit_state: IntGaugeVec,
+    pub(super) circuit_transitions: IntCounterVec,
+    pub(super) reloads: IntCounterVec,
     ttft: HistogramVec,
     itl: HistogramVec,
     upstream_requests: IntCounterVec,
@@ -75,7 +75,7 @@ pub struct Metrics {
     connections: IntGaugeVec,
     connections_refused: IntCounterVec,
     stores: StoreFamilies,
-    policy: PolicyMetrics,
+    pub(super) policy: PolicyMetrics,
 }
 
 /// Totals, for logs and the `metrics_demo` example (the guide's

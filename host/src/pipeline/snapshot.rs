@@ -145,6 +145,11 @@ impl Snapshot {
         &self.router
     }
 
+    /// The names of the stages in use, in `/health` order.
+    pub fn stage_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.stages.iter().map(|s| s.name())
+    }
+
     /// The key-value stores of this configuration.
     pub fn stores(&self) -> &Arc<Stores> {
         &self.stores
