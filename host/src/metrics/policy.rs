@@ -108,9 +108,14 @@ impl PolicyMetrics {
             .inc();
     }
 
-    /// Remove the refusal series of `stage` (it left the configuration).
-    pub(super) fn forget_stage(&self, stage: &str) {
-        super::retire::forget_stage(&self.inner.refusals, stage);
+    /// `orchestrator_refusals_total`, for removing a retired stage's
+    /// series.
+    pub(super) fn refusals(&self) -> &IntCounterVec {
+        &self.inner.refusals
+    }
+
+    /// Forget the policy labels `stage` had (it left the configuration).
+    pub(super) fn forget_policies(&self, stage: &str) {
         self.inner
             .policies
             .lock()

@@ -10,7 +10,7 @@ use super::registry::Metrics;
 
 /// Remove every series of `vec` whose `stage` label is `stage`, whatever
 /// its other labels.
-pub(super) fn forget_stage<T: MetricVecBuilder>(vec: &MetricVec<T>, stage: &str) {
+fn forget_stage<T: MetricVecBuilder>(vec: &MetricVec<T>, stage: &str) {
     for family in vec.collect() {
         for metric in family.get_metric() {
             let labels: HashMap<&str, &str> = metric
@@ -54,7 +54,8 @@ impl Metrics {
             forget_stage(&self.circuit_state, stage);
             forget_stage(&self.circuit_transitions, stage);
             forget_stage(&self.reloads, stage);
-            self.policy.forget_stage(stage);
+            forget_stage(self.policy.refusals(), stage);
+            self.policy.forget_policies(stage);
         }
     }
 }
