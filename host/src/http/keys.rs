@@ -208,3 +208,126 @@ fn failed(error: KeyError) -> Response {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use proptest::collection::{btree_map, vec as list};
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::config::StoreConfig;
+    use crate::keys::LIMIT_NAMES;
+    use crate::metrics::Metrics;
+
+    type Fixture = (tokio::runtime::Runtime, BoxedFilter<(Response,)>, String);
+
+    /// A runtime, the key routes over a memory store (without
+    /// authentication), and the id of a key in it.
+    fn fixture() -> &'static Fixture {
+        static FIXTURE: OnceLock<Fixture> = OnceLock::new();
+        FIXTURE.get_or_init(|| {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let store = Store::build(KEYS_STORE, &StoreConfig::default(), &Metrics::new());
+            let store = Arc::new(store.unwrap());
+            let new = NewKey {
+                principal: "p".into(),
+                ..NewKey::default()
+            };
+            let created = runtime.block_on(Keys::new(store.clone()).create(new));
+            let store: KeysStore = Arc::new(move || Some(store.clone()));
+            let no_auth = warp::header::optional::<String>("authorization")
+                .map(|_| ())
+                .untuple_one();
+            (runtime, routes(no_auth, store), created.unwrap().record.id)
+        })
+    }
+
+    /// The status of `method /admin/keys{path}` with `body`.
+    fn status(method: &str, path: &str, body: Vec<u8>) -> StatusCode {
+        let (runtime, routes, _) = fixture();
+        let request = warp::http::Request::builder()
+            .method(method)
+            .uri(format!("http://host/admin/keys{path}"))
+            .header("content-length", body.len())
+            .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+            .unwrap();
+        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let response = runtime.block_on(hyper::service::Service::call(&service, request));
+        response.unwrap().status()
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = (0..5usize, any::<i64>(), any::<f64>(), ".{0,8}").prop_map(|(k, n, f, s)| {
+            vec![Value::Null, (n > 0).into(), n.into(), f.into(), s.into()].swap_remove(k)
+        });
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                list(inner.clone(), 0..4).prop_map(Value::Array),
+                btree_map("[a-z_]{1,8}", inner, 0..4).prop_map(Value::from_iter),
+            ]
+        })
+    }
+
+    /// A field of a key body: left out, of its type (near its limits), or
+    /// any JSON.
+    fn field(typed: impl Strategy<Value = Value>) -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![3 => Just(None), 6 => typed.prop_map(Some), 1 => any_json().prop_map(Some)]
+    }
+
+    /// A key request or change, its fields each left out, typed or any
+    /// JSON, perhaps with an unknown field.
+    fn key_body() -> impl Strategy<Value = Vec<u8>> {
+        let text = || prop_oneof![6 => ".{1,8}", 1 => "|.{250,260}"].prop_map(Value::from);
+        let limit = proptest::sample::select([&LIMIT_NAMES[..], &["requests_per_week"]].concat());
+        let fields = (
+            (field(text()), field(text())),
+            field(
+                prop_oneof![6 => list(text(), 0..4), 1 => list(text(), 99..102)]
+                    .prop_map(Value::from),
+            ),
+            field(btree_map(limit, 0..9u64, 0..4).prop_map(Value::from_iter)),
+            field(any::<u64>().prop_map(Value::from)),
+            field(any::<bool>().prop_map(Value::from)),
+            prop_oneof![3 => Just(String::new()), 1 => "x|principal"],
+        );
+        fields.prop_map(
+            |((principal, name), models, limits, expires, disabled, other)| {
+                let fields = [
+                    ("principal", principal),
+                    ("name", name),
+                    ("models", models),
+                    ("limits", limits),
+                    ("expires_in_seconds", expires),
+                    ("disabled", disabled),
+                    (&other, (!other.is_empty()).then_some(Value::Null)),
+                ];
+                let object = fields
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_string(), v?)));
+                Value::from_iter(object).to_string().into_bytes()
+            },
+        )
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_key_bodies_are_taken_or_refused_with_a_4xx(
+            body in prop_oneof![1 => list(any::<u8>(), 0..600), 1 => any_json().prop_map(|v| v.to_string().into_bytes()), 3 => key_body()],
+            // The fixture's key (empty), another id, or anything a path may hold.
+            id in "|[0-9a-f]{12}|[A-Za-z0-9%._~-]{1,30}",
+        ) {
+            let created = status("POST", "", body.clone());
+            prop_assert!(created == StatusCode::CREATED || created.is_client_error(), "{}", created);
+            let id = if id.is_empty() { &fixture().2 } else { &id };
+            let changed = status("PATCH", &format!("/{id}"), body);
+            prop_assert!(changed == StatusCode::OK || changed.is_client_error(), "{}", changed);
+        }
+    }
+}

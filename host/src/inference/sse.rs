@@ -521,4 +521,80 @@ mod tests {
             );
         }
     }
+
+    use proptest::collection::{btree_map, vec as list};
+    use proptest::prelude::*;
+
+    /// The events of `stream` fed in pieces cut at `cuts`, then its end.
+    fn fed(stream: &[u8], cuts: &[usize]) -> Vec<Item> {
+        let (mut parser, mut events, mut rest) = (SseParser::default(), Vec::new(), stream);
+        for cut in cuts {
+            let (piece, tail) = rest.split_at(cut % (rest.len() + 1));
+            parser.feed(piece, &mut events);
+            rest = tail;
+        }
+        parser.feed(rest, &mut events);
+        events.push(parser.finish());
+        events
+    }
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = (0..5usize, any::<i32>(), any::<f64>(), ".{0,8}").prop_map(|(k, n, f, s)| {
+            vec![Value::Null, (n > 0).into(), n.into(), f.into(), s.into()].swap_remove(k)
+        });
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                list(inner.clone(), 0..4).prop_map(Value::Array),
+                btree_map("[a-z_]{1,8}", inner, 0..4).prop_map(Value::from_iter),
+            ]
+        })
+    }
+
+    /// SSE-looking bytes: field names, line ends, JSON pieces and noise.
+    const SSE: &str = r#"(?s-u)(data: ?|\r?\n|\r|: c\n|\[DONE\]|\xc3\xa9|\{"error":|\{"choices":\[\{"delta":\{"content":"|"\}\}\]\}|,"finish_reason":"stop"|"usage":\{"prompt_tokens":|.{0,6}){0,40}"#;
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_sse_bytes_never_panic_whatever_the_split(bytes in proptest::string::bytes_regex(SSE).unwrap(), cuts in list(any::<usize>(), 0..6)) {
+            prop_assert_eq!(fed(&bytes, &cuts), fed(&bytes, &[]));
+        }
+
+        #[test]
+        fn arbitrary_valid_streams_read_the_same_whatever_the_split(
+            // Deltas, with comments, tool call pieces and either line end.
+            chunks in list((".{0,8}", "(: keep-alive\n)?", "(,\"tool_calls\":\\[\\{\"index\":0\\}\\])?", "\r?\n"), 0..8),
+            done in "(data: \\[DONE\\]\n\n)?", cuts in list(any::<usize>(), 0..6),
+        ) {
+            let (mut stream, mut text) = (String::new(), String::new());
+            for (delta, comment, call, nl) in chunks {
+                text += &delta;
+                let delta = serde_json::to_string(&delta).unwrap();
+                stream += &format!("{comment}data: {{\"choices\":[{{\"delta\":{{\"content\":{delta}{call}}}}}]}}{nl}{nl}");
+            }
+            stream = stream + "data: {\"choices\":[{\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n" + &done;
+            let events = fed(stream.as_bytes(), &cuts);
+            prop_assert_eq!(&events, &fed(stream.as_bytes(), &[]));
+            let end = events.iter().position(|e| matches!(e, Ok(Event::End(_)))).unwrap();
+            prop_assert!(matches!(&events[end], Ok(Event::End(e)) if e.finish_reason.as_deref() == Some("stop")));
+            let deltas: String = events[..end].iter().filter_map(|e| match e { Ok(Event::Delta(d)) => Some(d.as_str()), _ => None }).collect();
+            prop_assert_eq!(deltas, text);
+        }
+
+        #[test]
+        fn arbitrary_answers_are_at_most_three_events_ending_in_an_end_or_error(
+            bytes in proptest::string::bytes_regex(SSE).unwrap(), value in any_json(), // and where in an answer it goes:
+            at in "(/id|/error|/usage(/prompt_tokens)?|/choices(/0(/finish_reason|/logprobs|/message(/content|/refusal|/tool_calls(/0(/function)?)?)?)?)?)?",
+        ) {
+            let mut answer = serde_json::json!({"id": "x", "error": null, "usage": {"prompt_tokens": 1}, "choices": [{"finish_reason": "stop",
+                "logprobs": null, "message": {"content": "a", "refusal": null, "tool_calls": [{"index": 0, "function": {"name": "f"}}]}}]});
+            *answer.pointer_mut(&at).unwrap() = value;
+            fed(format!("data: {answer}\n\n").as_bytes(), &[]);
+            for body in [bytes, answer.to_string().into_bytes()] {
+                let events = whole_answer_events(&body);
+                let (last, rest) = events.split_last().unwrap();
+                prop_assert!(events.len() <= 3 && matches!(last, Ok(Event::End(_)) | Err(_)), "{:?}", events);
+                prop_assert!(rest.iter().all(|e| matches!(e, Ok(Event::Delta(_) | Event::Extra(_)))), "{:?}", events);
+            }
+        }
+    }
 }

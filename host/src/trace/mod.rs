@@ -464,6 +464,8 @@ impl Injector for HeaderInjector {
 
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy as _;
+
     use super::*;
 
     #[test]
@@ -483,5 +485,46 @@ mod tests {
         assert!(kept.starts_with("a=1,m="));
         let huge = format!("a={}", "y".repeat(600));
         assert_eq!(keep(&huge), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_tracestate_is_kept_within_the_w3c_limits(
+            value in "([ ,]{0,2}([a-z0-9@*/_-]{1,12}=[ -~]{0,150}|.{0,8})){0,60}",
+        ) {
+            let members: Vec<&str> = value.split(',').map(str::trim).filter(|m| !m.is_empty()).take(MAX_TRACESTATE_MEMBERS).collect();
+            let kept = bounded_tracestate(&value);
+            let kept: Vec<&str> = kept.as_deref().map_or(Vec::new(), |k| k.split(',').collect());
+            let length = kept.join(",").len();
+            proptest::prop_assert!(length <= MAX_TRACESTATE_BYTES && kept.len() <= MAX_TRACESTATE_MEMBERS);
+            if members.join(",").len() <= MAX_TRACESTATE_BYTES {
+                proptest::prop_assert_eq!(kept, members);
+            } else {
+                // Members over 128 bytes go first, then members from the end.
+                let short: Vec<&str> = members.into_iter().filter(|m| m.len() <= 128).collect();
+                proptest::prop_assert!(kept[..] == short[..kept.len().min(short.len())]);
+                let next = short.get(kept.len());
+                proptest::prop_assert!(next.is_none_or(|next| length + 1 + next.len() > MAX_TRACESTATE_BYTES));
+            }
+        }
+
+        #[test]
+        fn arbitrary_trace_headers_never_panic_and_forward_what_was_parsed(
+            traceparent in proptest::option::weighted(0.9, proptest::prop_oneof![2 => "00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]", 1 => ".{0,60}",
+                1 => "(00|ff|[0-9a-f]{1,3}|.{0,3})-([0-9a-f]{32}|[0-9a-fA-F]{30,33}|.{0,8})-([0-9a-f]{16}|.{0,18})-([0-9a-f]{2}|.{0,3})(-.{0,6})?"]),
+            tracestate in proptest::option::weighted(0.9, proptest::prop_oneof![
+                3 => proptest::collection::vec("[a-z][a-z0-9_*/-]{0,8}(@[a-z][a-z0-9_*/-]{0,4})?=[!-+--<>-~]{1,30}", 0..40).prop_map(|m| m.join(",")),
+                1 => "(([a-z0-9@*/_-]{1,12}=[ -~]{0,20}|.{0,12}), ?){0,40}"]),
+        ) {
+            let propagator = TraceContextPropagator::new();
+            let parsed = propagator.extract(&TraceHeaders::new(traceparent, tracestate));
+            let mut sent = HeaderInjector(Vec::new());
+            propagator.inject_context(&parsed, &mut sent);
+            let header = |name: &str| sent.0.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone());
+            let again = TraceHeaders { traceparent: header("traceparent"), tracestate: header("tracestate") };
+            proptest::prop_assert!(again.tracestate.as_ref().is_none_or(|s| s.len() <= MAX_TRACESTATE_BYTES && s.split(',').count() <= MAX_TRACESTATE_MEMBERS));
+            let reparsed = propagator.extract(&again);
+            proptest::prop_assert_eq!(reparsed.span().span_context().clone(), parsed.span().span_context().clone());
+        }
     }
 }

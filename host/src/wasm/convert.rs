@@ -256,4 +256,118 @@ mod tests {
         params.extra = r#"{"stream":true}"#.into();
         assert!(params_from_wit(params).unwrap_err().contains("stream"));
     }
+
+    use proptest::collection::{btree_map, vec as list};
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    /// Any JSON whose numbers survive a trip through text (floats are
+    /// binary fractions).
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = (
+            0..6usize,
+            any::<i64>(),
+            any::<i32>(),
+            ".{0,6}",
+            "text|image_url|auto|file",
+        )
+            .prop_map(|(k, n, f, s, word)| {
+                let float = f64::from(f) / 8.0;
+                vec![
+                    Value::Null,
+                    (n > 0).into(),
+                    n.into(),
+                    float.into(),
+                    s.into(),
+                    word.into(),
+                ]
+                .swap_remove(k)
+            });
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                list(inner.clone(), 0..4).prop_map(Value::Array),
+                btree_map(KEY, inner, 0..4).prop_map(Value::from_iter),
+            ]
+        })
+    }
+
+    /// Keys a stage's JSON may hold: modelled fields, a part's fields, others.
+    const KEY: &str = "role|content|model|stream|messages|name|parameters|type|text|image_url|url|detail|[a-z_]{1,6}";
+
+    /// JSON text a stage may set: none, an object, any JSON, or not JSON.
+    fn json_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            1 => Just(String::new()),
+            3 => btree_map(KEY, any_json(), 0..4).prop_map(|m| Value::from_iter(m).to_string()),
+            1 => any_json().prop_map(|v| v.to_string()),
+            1 => ".{0,12}",
+        ]
+    }
+
+    fn wit_message() -> impl Strategy<Value = wit::Message> {
+        let part = prop_oneof![
+            ".{0,6}".prop_map(wit::ContentPart::Text),
+            (".{0,6}", of("auto|.{0,3}")).prop_map(|(url, detail)| wit::ContentPart::ImageUrl(
+                wit::ImageUrl { url, detail }
+            )),
+            json_text().prop_map(wit::ContentPart::Other),
+        ];
+        let content = of(prop_oneof![
+            ".{0,6}".prop_map(wit::Content::Text),
+            list(part, 0..4).prop_map(wit::Content::Parts),
+        ]);
+        let call =
+            (".{0,3}", ".{0,3}", ".{0,3}", ".{0,6}").prop_map(|(id, kind, name, arguments)| {
+                wit::ToolCall {
+                    id,
+                    kind,
+                    name,
+                    arguments,
+                }
+            });
+        (
+            ".{0,6}",
+            content,
+            of(".{0,3}"),
+            list(call, 0..3),
+            of(".{0,3}"),
+            json_text(),
+        )
+            .prop_map(|(role, content, name, tool_calls, tool_call_id, extra)| {
+                wit::Message {
+                    role,
+                    content,
+                    name,
+                    tool_calls,
+                    tool_call_id,
+                    extra,
+                }
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_stage_messages_are_taken_or_refused(message in wit_message()) {
+            if let Ok(taken) = message_from_wit(message) {
+                crate::wasm::envelope::messages_bytes(std::slice::from_ref(&taken));
+                prop_assert_eq!(message_from_wit(message_to_wit(&taken)), Ok(taken));
+            }
+        }
+
+        #[test]
+        fn arbitrary_stage_tools_and_parameters_are_taken_or_refused(
+            (kind, name, description, strict) in (".{0,6}", ".{0,6}", of(".{0,6}"), of(any::<bool>())),
+            (parameters, extra) in (of(json_text()), json_text()),
+            (tool_choice, response_format, params_extra) in (of(json_text()), of(json_text()), json_text()),
+        ) {
+            let tool = wit::Tool { kind, name, description, parameters, strict, extra };
+            if let Ok(taken) = tool_from_wit(tool) {
+                prop_assert_eq!(tool_from_wit(tool_to_wit(&taken)), Ok(taken));
+            }
+            let params = wit::GenerationParams { tool_choice, response_format, extra: params_extra, ..params_to_wit(&Params::for_model("m")) };
+            if let Ok(taken) = params_from_wit(params) {
+                prop_assert_eq!(params_from_wit(params_to_wit(&taken)), Ok(taken));
+            }
+        }
+    }
 }

@@ -70,8 +70,15 @@ fn temperature_view(temperature: Option<f64>) -> f32 {
     temperature.map_or(1.0, |t| t as f32)
 }
 
+/// `value`'s shortest decimal as an `f64`, unless that is not `value`
+/// again as an `f32` (a decimal exactly halfway between two `f32`s).
 fn widen(value: f32) -> f64 {
-    value.to_string().parse().unwrap_or(f64::from(value))
+    value
+        .to_string()
+        .parse()
+        .ok()
+        .filter(|wide: &f64| *wide as f32 == value)
+        .unwrap_or(f64::from(value))
 }
 
 /// The parameters as a 0.1 stage sees them.
@@ -297,5 +304,99 @@ mod tests {
         changed.temperature = 0.7;
         merge_params(&mut params, changed);
         assert_eq!(params.temperature, Some(0.7));
+    }
+
+    #[test]
+    fn a_temperature_whose_decimal_is_halfway_reads_back_as_set() {
+        // Shown as 7.038531e-26, which as an f64 is exactly halfway to the
+        // next f32: narrowed back, it became that neighbour.
+        for set in [f32::from_bits(0x15ae_43fd), -f32::from_bits(0x15ae_43fd)] {
+            let mut params = Params::for_model("m");
+            let mut view = params_view(&params);
+            view.temperature = set;
+            merge_params(&mut params, view);
+            assert_eq!(params_view(&params).temperature.to_bits(), set.to_bits());
+        }
+    }
+
+    use proptest::collection::vec as list;
+    use proptest::option::of;
+    use proptest::prelude::*;
+
+    /// A message of the chat: text or parts, perhaps calling tools.
+    fn message() -> impl Strategy<Value = Message> {
+        let part = prop_oneof![
+            ".{0,4}".prop_map(ContentPart::Text),
+            ".{0,4}".prop_map(|url| ContentPart::ImageUrl { url, detail: None }),
+        ];
+        let content = of(prop_oneof![
+            ".{0,4}".prop_map(Content::Text),
+            list(part, 0..3).prop_map(Content::Parts),
+        ]);
+        (
+            "user|developer|system|.{0,3}",
+            content,
+            list(".{0,3}", 0..2),
+        )
+            .prop_map(|(role, content, calls)| Message {
+                role,
+                content,
+                tool_calls: calls
+                    .into_iter()
+                    .map(|name| crate::chat::ToolCall {
+                        name,
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Message::default()
+            })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_legacy_messages_merge_by_position(
+            messages in list(message(), 0..5),
+            // Per position: left as shown (`None`), or set to a role and a text.
+            changes in list(of(("user|developer|system|.{0,3}", ".{0,4}")), 0..7),
+        ) {
+            let shown = messages_view(&messages);
+            let set: Vec<types::Message> = changes.into_iter().enumerate().map(|(at, change)| match (change, shown.get(at)) {
+                (None, Some(shown)) => shown.clone(),
+                (change, _) => { let (role, content) = change.unwrap_or_default(); types::Message { role, content } }
+            }).collect();
+            let mut merged = messages.clone();
+            merge_messages(&mut merged, set.clone());
+            prop_assert_eq!(merged.len(), set.len());
+            for (at, (merged, set)) in merged.iter().zip(&set).enumerate() {
+                // A message set as shown keeps its form; any other is text.
+                let kept = shown.get(at).is_some_and(|m| m.role == set.role && m.content == set.content);
+                let text = Message::new(&set.role, set.content.clone());
+                prop_assert_eq!(merged, if kept { &messages[at] } else { &text });
+            }
+        }
+
+        #[test]
+        fn arbitrary_legacy_parameters_read_back_as_set(
+            (model, max_tokens, max_completion_tokens, stop) in (".{0,3}", of(any::<u32>()), of(any::<u32>()), list(".{0,2}", 0..2)),
+            temperature in of(any::<f64>().prop_filter("JSON numbers are finite", |t| t.is_finite())),
+            set in of((".{0,3}", any::<u32>(), any::<f32>(), list(".{0,2}", 0..2))),
+        ) {
+            let params = Params { model, max_tokens, max_completion_tokens, temperature, stop, seed: Some(4), ..Params::default() };
+            let mut merged = params.clone();
+            merge_params(&mut merged, params_view(&params));
+            prop_assert_eq!(&merged, &params);
+            let Some((model, max_tokens, temperature, stop)) = set else { return Ok(()) };
+            merge_params(&mut merged, types::GenerationParams { model, max_tokens, temperature, stop });
+            let (seen, shown) = (params_view(&merged), params_view(&params));
+            prop_assert_eq!(seen.max_tokens, max_tokens);
+            prop_assert!(seen.temperature.to_bits() == temperature.to_bits() || seen.temperature.is_nan() && temperature.is_nan());
+            prop_assert_eq!(merged.seed, Some(4));
+            if max_tokens == shown.max_tokens {
+                prop_assert_eq!((merged.max_tokens, merged.max_completion_tokens), (params.max_tokens, params.max_completion_tokens));
+            }
+            if temperature.to_bits() == shown.temperature.to_bits() {
+                prop_assert_eq!(merged.temperature, params.temperature);
+            }
+        }
     }
 }
