@@ -10,7 +10,9 @@
 #      look fast);
 #   2. CPU per request at 64 connections, plain: utime+stime of the
 #      gateway's whole process tree (LiteLLM's workers, TensorZero's Python
-#      host) over the requests it answered with 2xx;
+#      host) over the requests it answered with 2xx, and the upstream's CPU
+#      over the same requests (what serving that gateway cost it: a gateway
+#      that streams from the upstream for a plain client costs it more);
 #   3. p50 latency at 1 connection, plain and streamed, and what the gateway
 #      adds to the upstream's p50 in the same round;
 #   4. only if `oha` is on PATH: an open-loop sweep at constant rates
@@ -295,8 +297,10 @@ for round in $(seq "$ROUNDS"); do
             # The upstream alone is measured once per round (plain64).
             [ $test/$name = echo64/upstream ] && continue
             before=$(tree_ticks "${PID[$name]}")
+            up_before=$(tree_ticks "${PID[upstream]}")
             out=$("${WRK[@]}" -t$threads -c$conns -d"${DURATION}s" -s "$WORK/$name.$stream.lua" "${URL[$name]}")
             after=$(tree_ticks "${PID[$name]}")
+            up_after=$(tree_ticks "${PID[upstream]}")
             read -r ok secs bad sock p50 <<<"$(echo "$out" | parse_wrk)"
             echo "$bad $sock" >>"$RES/$name.errors"
             case $test in
@@ -307,7 +311,11 @@ for round in $(seq "$ROUNDS"); do
                     cpu=$(awk -v t=$((after - before)) -v n="$ok" -v hz="$TICK" \
                         'BEGIN { if (n > 0) printf "%.1f", t / hz / n * 1e6; else print "nan" }')
                     echo "$cpu" >>"$RES/$name.cpu"
-                    log "round $round $test $name: $rps ok req/s, $cpu µs CPU/request, non-2xx $bad, socket errors $sock"
+                    # What serving this gateway cost the upstream.
+                    upcpu=$(awk -v t=$((up_after - up_before)) -v n="$ok" -v hz="$TICK" \
+                        'BEGIN { if (n > 0) printf "%.1f", t / hz / n * 1e6; else print "nan" }')
+                    echo "$upcpu" >>"$RES/$name.upcpu"
+                    log "round $round $test $name: $rps ok req/s, $cpu µs CPU/request (upstream: $upcpu), non-2xx $bad, socket errors $sock"
                 else
                     log "round $round $test $name: $rps ok req/s, non-2xx $bad, socket errors $sock"
                 fi
@@ -399,15 +407,16 @@ def show(values, fmt):
 label = {"upstream": "upstream alone", "ours": "ours (orchestrator)",
          "baseline": "ours, baseline build (BASELINE_BIN)",
          "tensorzero": "TensorZero", "litellm": "LiteLLM (2 workers)"}
-print("| gateway | plain req/s @64 | streamed req/s @64 | CPU µs/request @64 | p50 plain @1 | p50 streamed @1 "
-      "| added p50 plain | added p50 streamed | errors |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| gateway | plain req/s @64 | streamed req/s @64 | CPU µs/request @64 | upstream CPU µs/request @64 "
+      "| p50 plain @1 | p50 streamed @1 | added p50 plain | added p50 streamed | errors |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for name in names:
     errs = [l.split() for l in open(f"{res}/{name}.errors")]
     bad = sum(int(e[0]) for e in errs)
     sock = sum(int(e[1]) for e in errs)
     cells = [show(col(name, "rps_false"), num), show(col(name, "rps_true"), num),
-             show(col(name, "cpu"), cpu), show(col(name, "p50_false"), lat), show(col(name, "p50_true"), lat)]
+             show(col(name, "cpu"), cpu), show(col(name, "upcpu"), cpu),
+             show(col(name, "p50_false"), lat), show(col(name, "p50_true"), lat)]
     for stream in ("false", "true"):
         if name == "upstream":
             cells.append("—")
