@@ -306,11 +306,17 @@ impl Backend {
                 && backoff.is_some_and(|b| Instant::now() + b < deadline);
             tracing::debug!(backend = %self.name, request_id = %request.request_id, trace_id = %request.trace, attempt, ?error, retry, "attempt failed");
             if !retry {
-                // A 4xx other than 429 refuses the request, not the backend.
-                let backend_at_fault = !matches!(
-                    error,
-                    AttemptError::Status { status, .. } if status < 500 && status != 429
-                );
+                // A 4xx other than 429 refuses the request, not the backend;
+                // a timeout the request's own deadline set (it was nearer
+                // than `request_timeout_ms`: a long plain answer, say)
+                // says nothing about the backend either.
+                let deadline_bound =
+                    timeout < Duration::from_millis(self.settings.request_timeout_ms);
+                let backend_at_fault = match error {
+                    AttemptError::Status { status, .. } => status >= 500 || status == 429,
+                    AttemptError::Timeout(_) => !deadline_bound,
+                    AttemptError::Connect(_) | AttemptError::Protocol(_) => true,
+                };
                 return Err(OpenFailure {
                     error: error.into_backend_error(&self.name),
                     backend_at_fault,

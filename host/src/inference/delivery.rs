@@ -128,7 +128,9 @@ impl Backend {
         let trace = open.trace.clone();
         // Only with `record_content`: the completion, for the span.
         let mut completion = trace.records_content().then(String::new);
-        let mut next = Some(Ok(open.first.clone()));
+        // Moved, not copied: a plain answer's text is all in it.
+        let first = std::mem::replace(&mut open.first, Event::Delta(String::new()));
+        let mut next = Some(Ok(first));
         loop {
             let item = match next.take() {
                 Some(item) => item,

@@ -114,13 +114,14 @@ impl PolicyMetrics {
         &self.inner.refusals
     }
 
-    /// Forget the policy labels `stage` had (it left the configuration).
-    pub(super) fn forget_policies(&self, stage: &str) {
+    /// Forget the policy labels of the stages not in `keep` (they left the
+    /// configuration).
+    pub(super) fn forget_policies(&self, keep: &[&str]) {
         self.inner
             .policies
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(s, _)| s != stage);
+            .retain(|(s, _)| keep.contains(&s.as_str()));
     }
 
     /// Count an answer whose cache header said `result` (a value other

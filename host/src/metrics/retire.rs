@@ -8,9 +8,9 @@ use prometheus::core::{Collector, MetricVec, MetricVecBuilder};
 
 use super::registry::Metrics;
 
-/// Remove every series of `vec` whose `stage` label is `stage`, whatever
-/// its other labels.
-fn forget_stage<T: MetricVecBuilder>(vec: &MetricVec<T>, stage: &str) {
+/// Remove every series of `vec` whose `stage` label is not in `keep`,
+/// whatever its other labels.
+fn forget_stages<T: MetricVecBuilder>(vec: &MetricVec<T>, keep: &[&str]) {
     for family in vec.collect() {
         for metric in family.get_metric() {
             let labels: HashMap<&str, &str> = metric
@@ -18,7 +18,7 @@ fn forget_stage<T: MetricVecBuilder>(vec: &MetricVec<T>, stage: &str) {
                 .iter()
                 .map(|l| (l.name(), l.value()))
                 .collect();
-            if labels.get("stage") == Some(&stage) {
+            if labels.get("stage").is_some_and(|s| !keep.contains(s)) {
                 let _ = vec.remove(&labels);
             }
         }
@@ -34,29 +34,26 @@ impl Metrics {
     /// `rate()` handles).
     pub fn retain_stages<'a>(&self, stages: impl IntoIterator<Item = &'a str>) {
         let keep: Vec<&str> = stages.into_iter().collect();
-        let retired: Vec<String> = {
-            let mut order = self.stage_order.lock().unwrap_or_else(|e| e.into_inner());
-            let (kept, retired) = std::mem::take(&mut *order)
-                .into_iter()
-                .partition(|s| keep.contains(&s.as_str()));
-            *order = kept;
-            retired
-        };
-        for stage in &retired {
-            forget_stage(&self.requests, stage);
-            forget_stage(&self.shed, stage);
-            forget_stage(&self.errors, stage);
-            forget_stage(&self.queue_depth, stage);
-            forget_stage(&self.queue_capacity, stage);
-            forget_stage(&self.stage_duration, stage);
-            forget_stage(&self.plugin_info, stage);
-            forget_stage(&self.instances, stage);
-            forget_stage(&self.circuit_state, stage);
-            forget_stage(&self.circuit_transitions, stage);
-            forget_stage(&self.reloads, stage);
-            forget_stage(self.policy.refusals(), stage);
-            self.policy.forget_policies(stage);
-        }
+        self.stage_order
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|s| keep.contains(&s.as_str()));
+        // Every series of a stage not kept, also one a request admitted
+        // under an earlier configuration made after that stage's last
+        // retirement (a refusal counted as it ended).
+        forget_stages(&self.requests, &keep);
+        forget_stages(&self.shed, &keep);
+        forget_stages(&self.errors, &keep);
+        forget_stages(&self.queue_depth, &keep);
+        forget_stages(&self.queue_capacity, &keep);
+        forget_stages(&self.stage_duration, &keep);
+        forget_stages(&self.plugin_info, &keep);
+        forget_stages(&self.instances, &keep);
+        forget_stages(&self.circuit_state, &keep);
+        forget_stages(&self.circuit_transitions, &keep);
+        forget_stages(&self.reloads, &keep);
+        forget_stages(self.policy.refusals(), &keep);
+        self.policy.forget_policies(&keep);
     }
 }
 

@@ -222,6 +222,10 @@ impl Runtime {
             // reservation (valgrind: benches/instructions.sh): instances
             // allocated one by one, memories reserved as they grow. Slower,
             // and not what a deployment runs.
+            tracing::warn!(
+                "ORCHESTRATOR_INSTANCE_ALLOCATION=on-demand: plugin instances are allocated \
+                 one by one, without guard pages (for profilers such as valgrind, not for serving)"
+            );
             config
                 .allocation_strategy(InstanceAllocationStrategy::OnDemand)
                 .memory_reservation(0)

@@ -292,8 +292,10 @@ impl Instance {
         state.panic = None;
         state.stream = None;
         state.backend_error = None;
-        // A generation a finish call starts ends with the call.
+        // A generation a finish call starts ends with the call (streamed,
+        // whatever the last request's client was: it is collected there).
         state.request_deadline = Some(state.deadline);
+        state.client_streams = true;
         let deadline = state.deadline + HOST_CALL_GRACE;
         let taken = std::mem::replace(envelope, Envelope::placeholder());
         state.request = Some(RequestBudget::new(&taken, cap));
@@ -435,6 +437,8 @@ impl Instance {
         let state = self.store.data_mut();
         state.backend_error = None;
         state.panic = None;
+        // A chunk is of a streaming client's answer.
+        state.client_streams = true;
         let deadline = state.deadline + HOST_CALL_GRACE;
         let result = {
             let call = self

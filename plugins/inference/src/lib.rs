@@ -10,12 +10,13 @@
 //! and usage. The stage leaves all of these as the host wrote them (a
 //! `tool_calls` finish reason included).
 //!
-//! The stage always starts the generation with `generate-stream`, which
-//! returns at the first token: for a client that asked for a stream
-//! ([`Request::stream_requested`]) the host feeds the tokens through the
-//! streaming stages that follow; for one that wants one answer the host
-//! collects the generation after the call. Either way the stage's permit
-//! is free again at the first token. A stage that must see the answer
+//! The stage always starts the generation with `generate-stream`. For a
+//! client that asked for a stream ([`Request::stream_requested`]) it
+//! returns at the first token, and the host feeds the tokens through the
+//! streaming stages that follow; for one that wants one answer it returns
+//! at once, and the host asks the backend for one answer and collects it
+//! after the call. Either way the stage's permit is not held for the
+//! generation. A stage that must see the answer
 //! calls `generate` instead ([`Mode::Whole`]), which returns with it and
 //! holds the stage's permit until then.
 

@@ -143,9 +143,11 @@ pub trait Request {
     /// has accepted the request, before the first token. The host then
     /// delivers the tokens itself, through the streaming stages that
     /// follow, to the client, and records the whole answer in the request
-    /// when the stream ends. Call it only when
-    /// [`stream_requested`](Self::stream_requested); same conditions as
-    /// [`generate`](Self::generate).
+    /// when the stream ends. Same conditions as [`generate`](Self::generate).
+    /// Unless [`stream_requested`](Self::stream_requested), the host asks
+    /// the backend for one answer instead, after this call returns (at
+    /// once, without an error): a backend error is then the stage's. Call
+    /// [`generate`](Self::generate) to see it.
     ///
     /// # Errors
     ///
