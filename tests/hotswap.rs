@@ -491,27 +491,13 @@ async fn watch_swaps_a_replaced_file_and_ignores_a_half_written_one() {
 /// once its last instance is retired.
 #[tokio::test(flavor = "multi_thread")]
 async fn retired_versions_are_freed() {
+    use orchestrator::Metrics;
     use orchestrator::config::PluginSource;
-    use orchestrator::{Config, Metrics, Orchestrator};
 
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        cache_dir: Some(target_dir().join("test-cache")),
-        ..Config::default()
-    };
-    let host = Orchestrator::start(config, Arc::new(Metrics::new()))
-        .await
-        .unwrap();
+    let host = in_process_host(Arc::new(Metrics::new())).await;
     let url = format!("http://{}/v1/chat/completions", host.api_addr());
     for _ in 0..4 {
-        let response = client()
-            .post(&url)
-            .json(&ask("warm every worker"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        assert_eq!(status_of(&url, "warm every worker").await, 200);
     }
     let original = Arc::downgrade(&host.pipeline().plugin("post").unwrap());
 
@@ -532,13 +518,7 @@ async fn retired_versions_are_freed() {
         0,
         "the retired version is still referenced"
     );
-    let response = client()
-        .post(&url)
-        .json(&ask("still serving"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(status_of(&url, "still serving").await, 200);
     host.shutdown(Duration::from_secs(5)).await;
 }
 
@@ -579,17 +559,11 @@ async fn the_admin_api_can_have_a_listener_of_its_own() {
 /// version would otherwise spend its deadline there.)
 #[tokio::test]
 async fn init_runs_at_load_not_in_the_first_request() {
+    use orchestrator::Metrics;
     use orchestrator::config::PluginSource;
-    use orchestrator::{Config, Metrics, Orchestrator};
 
     let metrics = Arc::new(Metrics::new());
-    let config = Config {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        cache_dir: Some(target_dir().join("test-cache")),
-        ..Config::default()
-    };
-    let host = Orchestrator::start(config, metrics.clone()).await.unwrap();
+    let host = in_process_host(metrics.clone()).await;
     let instances = |stage: &str| {
         metric_value(
             &metrics.gather(),
@@ -606,13 +580,7 @@ async fn init_runs_at_load_not_in_the_first_request() {
     }
     let url = format!("http://{}/v1/chat/completions", host.api_addr());
     for n in 0..3 {
-        let response = client()
-            .post(&url)
-            .json(&ask(&format!("question {n}")))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
+        assert_eq!(status_of(&url, &format!("question {n}")).await, 200);
     }
     for stage in stages {
         // One request at a time: the warm instance served each of them.
@@ -629,13 +597,33 @@ async fn init_runs_at_load_not_in_the_first_request() {
         .unwrap();
     // The old version's idle instance went with it; the new one's is warm.
     assert_eq!(instances("post"), 1.0);
-    let response = client()
-        .post(&url)
-        .json(&ask("after the swap"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    assert_eq!(status_of(&url, "after the swap").await, 200);
     assert_eq!(instances("post"), 1.0);
     host.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The host in this process on free ports, with the tests' artifact cache
+/// and the default configuration.
+async fn in_process_host(metrics: Arc<orchestrator::Metrics>) -> orchestrator::Orchestrator {
+    let config = orchestrator::Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        cache_dir: Some(target_dir().join("test-cache")),
+        ..orchestrator::Config::default()
+    };
+    orchestrator::Orchestrator::start(config, metrics)
+        .await
+        .unwrap()
+}
+
+/// The status of a plain chat completion asking `question` at `url`.
+async fn status_of(url: &str, question: &str) -> u16 {
+    client()
+        .post(url)
+        .json(&ask(question))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
 }
