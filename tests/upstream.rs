@@ -74,7 +74,8 @@ async fn llama_answers_through_the_whole_pipeline() {
     assert_eq!(status, 200, "{text}");
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["object"], "chat.completion");
-    assert_eq!(body["model"], "gemma");
+    // The backend's own `model` setting: the model that served it.
+    assert_eq!(body["model"], "gemma-3-270m");
     assert!(body["choices"][0]["message"]["content"].is_string());
     let reason = body["choices"][0]["finish_reason"].as_str().unwrap();
     assert!(reason == "stop" || reason == "length", "{reason}");
@@ -528,6 +529,41 @@ async fn a_failing_backend_fails_over() {
         ),
         2.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn answers_name_the_served_model_not_the_clients_string() {
+    // `[routing] default` takes any model name: the answer names the
+    // backend, not the client's string (which used to be echoed into every
+    // chunk); a routed model is named as routed, or as its backend's own
+    // `model` setting.
+    let upstream = Upstream::start(Script::Deltas(vec!["one ", "two ", "three"])).await;
+    let host = Host::with_config(&format!(
+        "[backends.up]\nkind = \"openai\"\nbase_url = \"{0}\"\n\
+         [backends.pinned]\nkind = \"openai\"\nbase_url = \"{0}\"\nmodel = \"snapshot-2026\"\n\
+         [routing]\ndefault = \"up\"\n[routing.models]\nalias = \"pinned\"\nup = \"up\"\n",
+        upstream.base_url
+    ));
+    let long_name = "m".repeat(250);
+    for (asked, named) in [
+        (long_name.as_str(), "up"),
+        ("up", "up"),
+        ("alias", "snapshot-2026"),
+    ] {
+        let question = |stream: bool| {
+            json!({"model": asked, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+        };
+        let (status, text) = host.chat(&question(false)).await;
+        assert_eq!(status, 200, "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["model"], named, "{asked}");
+        let (status, text) = host.chat(&question(true)).await;
+        assert_eq!(status, 200, "{text}");
+        let chunks = sse::chunks(&text);
+        assert!(chunks.len() >= 3, "{text}");
+        assert!(chunks.iter().all(|c| c["model"] == named), "{asked}: {text}");
+        assert!(!text.contains(&long_name));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

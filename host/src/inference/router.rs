@@ -133,13 +133,13 @@ impl Router {
         self.inner
             .resolutions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (backend, pipeline) = self
-            .inner
-            .routes
-            .get(model)
-            .or(self.inner.default_route.as_ref())?;
+        let (routed, (backend, pipeline)) = match self.inner.routes.get(model) {
+            Some(route) => (true, route),
+            None => (false, self.inner.default_route.as_ref()?),
+        };
         Some(Target {
             model: model.to_string(),
+            routed,
             backend: backend.clone(),
             pipeline: pipeline.clone(),
         })
@@ -267,6 +267,9 @@ impl Router {
 #[derive(Clone)]
 pub struct Target {
     model: String,
+    /// Whether `model` is a configured route (else `[routing] default`
+    /// took it).
+    routed: bool,
     backend: Arc<Backend>,
     pipeline: Arc<str>,
 }
@@ -290,6 +293,19 @@ impl Target {
             .model
             .as_deref()
             .unwrap_or(&self.model)
+    }
+
+    /// The model the answer names: the backend's own `model` setting, or
+    /// else the configured route's name (the model the client asked for),
+    /// or else, for a model that only `[routing] default` took, the
+    /// backend's name. Never a name the configuration does not hold, so a
+    /// client's model string is not echoed into every chunk of its answer.
+    pub fn served_model(&self) -> &str {
+        match (&self.backend.settings.model, self.routed) {
+            (Some(model), _) => model,
+            (None, true) => &self.model,
+            (None, false) => &self.backend.name,
+        }
     }
 
     /// The kind of the backend.

@@ -195,6 +195,12 @@ impl Streaming {
             .map_or(&[], |job| job.envelope.response_headers.as_slice())
     }
 
+    /// The request as the stages left it when the stream started (`None`
+    /// once the stream is complete).
+    pub fn envelope(&self) -> Option<&Envelope> {
+        self.job.as_ref().map(|job| &job.envelope)
+    }
+
     /// The request's id.
     pub fn request_id(&self) -> &str {
         &self.context.request_id

@@ -49,6 +49,7 @@ use warp::{Filter, Reply};
 
 use crate::http::error::{ApiError, json_response};
 use crate::http::server::ClientAddr;
+use crate::inference::Router;
 use crate::pipeline::{Answer, Pipeline, RouteRef, RunError, StreamItem, Streaming};
 use crate::trace::{Attribute, Trace, TraceHeaders, Traces};
 use crate::wasm::{Caller, Envelope, Refusal};
@@ -234,7 +235,12 @@ async fn chat_completions(
                     Some(refusal) => refused(refusal),
                     None => json_response(
                         StatusCode::OK,
-                        &completion_body(&id, &parsed.model, &envelope, &route),
+                        &completion_body(
+                            &id,
+                            &served_model(snapshot.router(), &envelope),
+                            &envelope,
+                            &route,
+                        ),
                     ),
                 };
                 with_headers(answer, &envelope.response_headers)
@@ -247,7 +253,12 @@ async fn chat_completions(
         orchestrator_plugin::STREAM_NOTE.to_string(),
         "true".to_string(),
     ));
-    let events = ChunkEvents::new(id, parsed.model, parsed.include_usage, Some(route.clone()));
+    let include_usage = parsed.include_usage;
+    // Made once the stages named the model the answer is served from.
+    let events = |envelope: Option<&Envelope>| {
+        let model = envelope.map_or_else(String::new, |e| served_model(snapshot.router(), e));
+        ChunkEvents::new(id, model, include_usage, Some(route.clone()))
+    };
     let run = state
         .pipeline
         .run_streaming(&snapshot, &route, envelope, deadline, trace.clone());
@@ -256,12 +267,13 @@ async fn chat_completions(
             traced_principal(trace, &envelope);
             let response = match &envelope.refused {
                 Some(refusal) => refused(refusal),
-                None => events.buffered(&envelope),
+                None => events(Some(&envelope)).buffered(&envelope),
             };
             (with_headers(response, &envelope.response_headers), false)
         }
         Ok(Answer::Streaming(streaming)) => {
             let headers = streaming.response_headers().to_vec();
+            let events = events(streaming.envelope());
             let response = live_stream(
                 events,
                 streaming,
@@ -274,6 +286,24 @@ async fn chat_completions(
         Err(error) => (run_error(error).into_response(), false),
     };
     (with_route(response, &route), live)
+}
+
+/// The model an answer names ([`Target::served_model`]): that of the
+/// target the request was resolved to when parsed, or, if a stage changed
+/// the model since, of the one that model resolves to (the original if it
+/// resolves nowhere).
+///
+/// [`Target::served_model`]: crate::inference::Target::served_model
+fn served_model(router: &Router, envelope: &Envelope) -> String {
+    let parsed = envelope.target.as_ref();
+    let target = match parsed {
+        Some(target) if target.model() == envelope.params.model => Some(target.clone()),
+        _ => router.resolve(&envelope.params.model).or_else(|| parsed.cloned()),
+    };
+    target.map_or_else(
+        || envelope.params.model.clone(),
+        |target| target.served_model().to_string(),
+    )
 }
 
 /// Record who called (the principal a stage set) in the request's span,
