@@ -96,8 +96,9 @@ pub struct Streaming {
     pending: std::collections::VecDeque<StreamItem>,
     /// What the streaming stages emitted: the completion so far.
     text: String,
-    /// The pieces sent to the client.
-    pieces: Vec<String>,
+    /// Where each piece sent to the client ends in `text` (the text is held
+    /// once; the final envelope's `chunks` are cut from it).
+    piece_ends: Vec<usize>,
     /// What the generation produced besides text.
     extras: Collector,
     ending: Ending,
@@ -171,7 +172,7 @@ impl Streaming {
             rest_from,
             pending: Default::default(),
             text: String::new(),
-            pieces: Vec::new(),
+            piece_ends: Vec::new(),
             extras: Collector::default(),
             ending: Ending::default(),
             stopped: false,
@@ -305,7 +306,7 @@ impl Streaming {
         for piece in pieces.into_iter().filter(|p| !p.is_empty()) {
             self.text.push_str(&piece);
             if self.rest_from == self.route.stages.len() {
-                self.pieces.push(piece.clone());
+                self.piece_ends.push(self.text.len());
                 self.pending.push_back(StreamItem::Delta(piece));
             }
         }
@@ -421,7 +422,7 @@ impl Streaming {
         let (prompt_tokens, completion_tokens) = self.ending.usage.unwrap_or_else(|| {
             (
                 envelope.prompt_tokens(),
-                self.pieces.len() as u32 + u32::from(!envelope.tool_calls.is_empty()),
+                self.piece_ends.len() as u32 + u32::from(!envelope.tool_calls.is_empty()),
             )
         });
         envelope.usage = Usage {
@@ -463,7 +464,8 @@ impl Streaming {
             envelope
         } else {
             let mut envelope = job.take_envelope();
-            envelope.chunks = std::mem::take(&mut self.pieces);
+            envelope.chunks = cut(&envelope.completion, &self.piece_ends);
+            self.piece_ends = Vec::new();
             job.finish(&envelope);
             envelope
         };
@@ -514,5 +516,29 @@ impl Drop for Streaming {
         // The client went away before the end: the generation is cancelled
         // with `tokens`, the reservations released with `job`.
         self.end(Outcome::Cancelled);
+    }
+}
+
+/// `text` cut into the pieces ending at `ends` (increasing offsets at char
+/// boundaries, the last one `text.len()`).
+fn cut(text: &str, ends: &[usize]) -> Vec<String> {
+    let mut start = 0;
+    ends.iter()
+        .map(|&end| {
+            let piece = text.get(start..end).unwrap_or_default().to_string();
+            start = end;
+            piece
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pieces_are_cut_from_the_text_at_their_ends() {
+        let text = "héllo, wörld";
+        let ends = [3, 8, text.len()];
+        assert_eq!(super::cut(text, &ends), ["hé", "llo, ", "wörld"]);
+        assert!(super::cut("", &[]).is_empty());
     }
 }
