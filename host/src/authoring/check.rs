@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use super::error::AuthoringError;
 use crate::bundled;
-use crate::config::{Bundled, Config, ConfigError, PluginSource, StageConfig};
+use crate::config::{Bundled, Config, ConfigError, PluginSource, StageConfig, intern, interned_out};
 use crate::inference::Router;
 use crate::metrics::Metrics;
 use crate::store::Stores;
@@ -44,9 +44,13 @@ impl Session {
         // stage would run: with the defaults of the bundled plugin it is
         // named after, or the plain defaults.
         if config.stage(stage).is_none() {
+            let name = intern(stage).ok_or_else(|| ConfigError::Invalid {
+                key: format!("stages.{stage}"),
+                message: interned_out(),
+            })?;
             config
                 .stages
-                .push(StageConfig::default_for(stage, Bundled::from_name(stage)));
+                .push(StageConfig::default_for(name, Bundled::from_name(stage)));
         }
         let settings = config
             .stages

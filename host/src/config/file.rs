@@ -129,7 +129,9 @@ fn declare_stages(merged: &mut toml::Table, file: &toml::Table) -> Result<(), Co
             _ => Bundled::from_name(name),
         };
         let defaults =
-            toml::Table::try_from(StageConfig::default_for(name, bundled)).map_err(|e| {
+            // The name is not part of the table (nor interned here: the
+            // file may yet be refused).
+            toml::Table::try_from(StageConfig::default_for("", bundled)).map_err(|e| {
                 ConfigError::Invalid {
                     key: format!("stages.{name}"),
                     message: format!("its defaults cannot be laid out: {e}"),
@@ -420,13 +422,16 @@ mod tests {
     #[test]
     fn more_than_256_stages_are_refused_before_their_names_are_kept() {
         let text: String = (0..257)
-            .map(|i| format!("[stages.s{i}]\nbundled = \"post\"\n"))
+            .map(|i| format!("[stages.refused-{i}]\nbundled = \"post\"\n"))
             .collect();
         let error = format!("{:#}", parse(&text).unwrap_err());
         assert!(
             error.contains("stages: a configuration declares at most 256"),
             "{error}"
         );
+        // Interned names live as long as the process: a refused file keeps
+        // none (laying out the stages' defaults used to intern each).
+        assert!((0..257).all(|i| !crate::config::stage::is_interned(&format!("refused-{i}"))));
     }
 
     proptest::proptest! {

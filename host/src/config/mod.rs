@@ -56,7 +56,7 @@ pub use paths::default_corpus_dir;
 pub use pipeline::{DEFAULT_PIPELINE, ModelRoute, PipelineConfig};
 pub use settings::{AdminToken, Config, ConfigError};
 pub use stage::{
-    Bundled, Capabilities, DirGrant, InstanceMode, KEYS_STORE, PluginSource, StageConfig, intern,
+    Bundled, Capabilities, DirGrant, InstanceMode, KEYS_STORE, PluginSource, StageConfig, intern, interned_out,
     valid_name,
 };
 pub use store::{StoreConfig, StoreKind};

@@ -233,7 +233,7 @@ fn admin_token<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Admi
 
 /// `Config::stages` as a table keyed by stage name, read back in pipeline
 /// order.
-mod stages_by_name {
+pub(super) mod stages_by_name {
     /// The most `[stages.<name>]` sections a configuration may have.
     pub const MAX_STAGES: usize = 256;
 
@@ -270,7 +270,9 @@ mod stages_by_name {
                     "stage name `{name}`: use 1 to 64 lower-case ASCII letters, digits, `-` and `_`"
                 )));
             }
-            settings.name = intern(&name);
+            settings.name = intern(&name).ok_or_else(|| {
+                D::Error::custom(format!("stage name `{name}`: {}", crate::config::interned_out()))
+            })?;
             stages.push(settings);
         }
         Ok(stages)

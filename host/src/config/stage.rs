@@ -109,24 +109,53 @@ impl<'de> Deserialize<'de> for Bundled {
     }
 }
 
-/// The `&'static str` for the stage name `name`: stage names are metric
-/// labels, error fields and thread names all over the host, and they are
-/// few (bounded by the configurations loaded), so each distinct name is
-/// leaked once and shared from then on.
-pub fn intern(name: &str) -> &'static str {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let mut names = NAMES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+/// The most distinct names [`intern`] keeps: ~1.5 MiB of 64-byte names at
+/// most, for the whole life of the process.
+pub const MAX_INTERNED: usize = 16_384;
+
+/// The `&'static str` for the stage or pipeline name `name`: such names are
+/// metric labels, error fields and thread names all over the host, and they
+/// are few (bounded by the configurations loaded), so each distinct name is
+/// leaked once and shared from then on. `None` once [`MAX_INTERNED`]
+/// distinct names were kept: a configuration naming yet another is refused
+/// (a restart starts afresh), so configurations refused or replaced over
+/// weeks of reloads cannot grow the process without bound.
+pub fn intern(name: &str) -> Option<&'static str> {
+    let mut names = interned();
     if let Some(known) = names.get(name) {
-        return known;
+        return Some(known);
+    }
+    if names.len() >= MAX_INTERNED {
+        return None;
     }
     let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
     names.insert(leaked);
-    leaked
+    Some(leaked)
+}
+
+/// The names [`intern`] kept.
+fn interned() -> std::sync::MutexGuard<'static, std::collections::HashSet<&'static str>> {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Whether `name` was interned.
+#[cfg(test)]
+pub(crate) fn is_interned(name: &str) -> bool {
+    interned().contains(name)
+}
+
+/// Why a name [`intern`] refused is refused.
+pub fn interned_out() -> String {
+    format!(
+        "this process already holds {MAX_INTERNED} distinct stage and pipeline names \
+         (they are kept for its life); restart it to use new ones"
+    )
 }
 
 /// Whether `name` may name a stage or a pipeline: 1 to 64 ASCII
@@ -290,7 +319,7 @@ pub const DEMO_CORPUS_MODELS: &str = "echo";
 impl StageConfig {
     /// The defaults of the stage `name`, running the bundled plugin
     /// `bundled` (whose grants and config it takes) if any.
-    pub fn default_for(name: &str, bundled: Option<Bundled>) -> StageConfig {
+    pub fn default_for(name: &'static str, bundled: Option<Bundled>) -> StageConfig {
         let mut capabilities = Capabilities::default();
         let mut config = BTreeMap::new();
         match bundled {
@@ -326,7 +355,7 @@ impl StageConfig {
         // flight) for as long as a generation may take, holding its permit.
         let waits = capabilities.inference || bundled == Some(Bundled::Cache);
         StageConfig {
-            name: intern(name),
+            name,
             plugin: None,
             bundled,
             queue_capacity: 1024,

@@ -5,7 +5,8 @@ use std::path::Path;
 use super::backend::BackendKind;
 use super::pipeline::DEFAULT_PIPELINE;
 use super::settings::{Config, ConfigError};
-use super::stage::{StageConfig, valid_name};
+use super::settings::stages_by_name::MAX_STAGES;
+use super::stage::{StageConfig, intern, interned_out, valid_name};
 use super::store::StoreKind;
 
 impl Config {
@@ -45,6 +46,15 @@ impl Config {
     /// The rules of [`super::pipeline`]'s module docs that need no plugin
     /// loaded.
     fn validate_pipelines(&self) -> Result<(), ConfigError> {
+        if self.pipelines.len() > MAX_STAGES {
+            return invalid(
+                "pipelines".to_string(),
+                &format!(
+                    "{} pipelines: a configuration declares at most {MAX_STAGES}",
+                    self.pipelines.len()
+                ),
+            );
+        }
         if !self.pipelines.contains_key(DEFAULT_PIPELINE) {
             return invalid(
                 format!("pipelines.{DEFAULT_PIPELINE}"),
@@ -65,6 +75,11 @@ impl Config {
                     format!("pipelines.{name}"),
                     "pipeline names use 1 to 64 lower-case ASCII letters, digits, `-` and `_`",
                 );
+            }
+            // Interned here, where a refusal can be reported, so that the
+            // snapshot built from the configuration finds it.
+            if intern(name).is_none() {
+                return invalid(format!("pipelines.{name}"), &interned_out());
             }
             if pipeline.stages.is_empty() {
                 return invalid(key, "must name at least one stage");

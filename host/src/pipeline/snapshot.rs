@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::stage::{Route, Shared, Snapshot, StageRuntime};
-use crate::config::StageConfig;
+use crate::config::{DEFAULT_PIPELINE, StageConfig};
 use crate::inference::{Router, Target};
 use crate::metrics::Metrics;
 use crate::store::Stores;
@@ -65,10 +65,10 @@ impl RouteRef {
         self.0.name
     }
 
-    /// Its stages' names, comma-separated, in order (interned like stage
-    /// names: a response header borrows it without a copy).
-    pub fn stage_list(&self) -> &'static str {
-        self.0.stage_list
+    /// Its stages' names, comma-separated, in order: a header value whose
+    /// clone shares its bytes.
+    pub fn stage_list(&self) -> &warp::http::HeaderValue {
+        &self.0.stage_list
     }
 
     /// Its stages' names, in order.
@@ -121,10 +121,14 @@ impl Snapshot {
                     .iter()
                     .filter_map(|n| stages.iter().find(|s| s.name() == n).cloned())
                     .collect();
-                let name = crate::config::intern(&name);
+                // Interned when the configuration was validated.
+                let name = crate::config::intern(&name).unwrap_or(DEFAULT_PIPELINE);
                 let route = Route {
                     name,
-                    stage_list: crate::config::intern(&names.join(",")),
+                    // Valid header text: stage names are lower-case ASCII,
+                    // digits, `-` and `_` (checked by the configuration).
+                    stage_list: warp::http::HeaderValue::from_str(&names.join(","))
+                        .unwrap_or_else(|_| warp::http::HeaderValue::from_static("")),
                     stages: route_stages,
                 };
                 (name, Arc::new(route))

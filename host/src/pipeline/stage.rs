@@ -55,8 +55,10 @@ pub(super) struct Route {
     pub(super) name: &'static str,
     /// Its stages, in order.
     pub(super) stages: Vec<Arc<StageRuntime>>,
-    /// Their names, comma-separated (the `x-orchestrator-stages` header).
-    pub(super) stage_list: &'static str,
+    /// Their names, comma-separated: the `x-orchestrator-stages` header's
+    /// value, made once (not interned: each composition a reload brings
+    /// would otherwise stay for the process's life).
+    pub(super) stage_list: warp::http::HeaderValue,
 }
 
 /// One configuration at run time (see the module docs). Cheap to hold:

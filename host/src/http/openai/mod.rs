@@ -344,12 +344,7 @@ fn with_route(mut response: Response, route: &RouteRef) -> Response {
         "x-orchestrator-pipeline",
         HeaderValue::from_static(route.name()),
     );
-    // Valid header text: stage names are lower-case ASCII, digits, `-`,
-    // `_` (checked by the configuration), joined by commas.
-    headers.insert(
-        "x-orchestrator-stages",
-        HeaderValue::from_static(route.stage_list()),
-    );
+    headers.insert("x-orchestrator-stages", route.stage_list().clone());
     response
 }
 
