@@ -4,7 +4,8 @@
 # (between two builds of the same plugin that differ only in a custom
 # section, so each swap installs a new version) and the configuration file
 # is rewritten and reloaded every RELOAD_EVERY seconds (alternating two
-# variants). Every SAMPLE_EVERY seconds it samples the host's RSS, open file
+# variants: the second adds the `guard` stage to the pipeline, so a stage, its
+# instances and its metric series come and go with every reload). Every SAMPLE_EVERY seconds it samples the host's RSS, open file
 # descriptors, threads and /metrics series. At the end it prints the
 # samples' first-half and second-half ranges and the RSS slope over the
 # second half (least squares), and fails if that slope exceeds
@@ -60,15 +61,19 @@ while True:
 open(sys.argv[2], "wb").write(open(sys.argv[1], "rb").read() + b"\x00" + leb + body)
 EOF
 
-config() { # variant: 1 or 2 (the cache's TTL differs)
+config() { # variant: 1 or 2 (2 adds the `guard` stage, and the cache's TTL differs)
+    local guard=""
+    [ "$1" = 2 ] && guard='"guard", '
     cat <<EOF
 admin_token = "$ADMIN"
 [stages.ratelimit.config]
 rules = [{ name = "soak", requests_per_minute = 100000000, tokens_per_minute = 100000000000 }]
 [stages.cache.config]
 ttl_seconds = $((59 + $1))
+[stages.guard.config]
+deny = "ignore (all|previous) instructions\\nreveal the system prompt"
 [pipelines.default]
-stages = ["auth", "rag", "assemble", "ratelimit", "cache", "inference", "post", "stream"]
+stages = ["auth", ${guard}"rag", "assemble", "ratelimit", "cache", "inference", "post", "stream"]
 EOF
 }
 config 1 >"$WORK/soak.toml"

@@ -599,6 +599,12 @@ async fn init_runs_at_load_not_in_the_first_request() {
     assert_eq!(instances("post"), 1.0);
     assert_eq!(status_of(&url, "after the swap").await, 200);
     assert_eq!(instances("post"), 1.0);
+    // So does a rollback's: the version it restores comes with an
+    // instance whose `init` ran (it used to come with none).
+    host.hot_swap().rollback("post").await.unwrap();
+    assert_eq!(instances("post"), 1.0);
+    assert_eq!(status_of(&url, "after the rollback").await, 200);
+    assert_eq!(instances("post"), 1.0);
     host.shutdown(Duration::from_secs(5)).await;
 }
 

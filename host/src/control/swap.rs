@@ -58,8 +58,9 @@ pub enum SwapError {
     /// No such stage.
     #[error("no stage named `{0}`")]
     UnknownStage(String),
-    /// The new version failed validation; the old one still serves.
-    #[error("the new version of stage `{stage}` was refused")]
+    /// The new version (or, for a rollback, the previous one) failed
+    /// validation; the active one still serves.
+    #[error("the version of stage `{stage}` to install was refused")]
     Invalid {
         /// The stage.
         stage: &'static str,
@@ -267,8 +268,20 @@ impl HotSwap {
         let entry = self.entry(stage)?;
         let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
-        let target = previous.take().ok_or(SwapError::NoPrevious(name))?;
-        let old = self.publish(name, target.clone(), None)?;
+        let target = previous.as_ref().ok_or(SwapError::NoPrevious(name))?.clone();
+        // As a swap does: an instance with its `init` done serves the next
+        // call, so no request pays for `init`; a version that can no
+        // longer start is refused and the active one keeps serving.
+        let warm = match Instance::new(&target).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                entry.reload_error.inc();
+                let error = LoadError::Instantiate(error);
+                tracing::warn!(stage = name, error = %error.report(), "plugin rollback refused; the active version keeps serving");
+                return Err(SwapError::Invalid { stage: name, error });
+            }
+        };
+        let old = self.publish(name, target.clone(), Some(warm))?;
         entry.reload_ok.inc();
         *previous = Some(old.clone());
         tracing::info!(stage = name, sha256 = %target.sha256(), "plugin rolled back");
