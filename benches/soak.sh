@@ -70,11 +70,12 @@ admin_token = "$ADMIN"
 rules = [{ name = "soak", requests_per_minute = 100000000, tokens_per_minute = 100000000000 }]
 [stages.cache.config]
 ttl_seconds = $((59 + $1))
-[stages.guard.config]
-deny = "ignore (all|previous) instructions\\nreveal the system prompt"
 [pipelines.default]
 stages = ["auth", ${guard}"rag", "assemble", "ratelimit", "cache", "inference", "post", "stream"]
 EOF
+    if [ "$1" = 2 ]; then
+        printf '%s\n' '[stages.guard.config]' 'deny = "ignore (all|previous) instructions\nreveal the system prompt"'
+    fi
 }
 config 1 >"$WORK/soak.toml"
 start_host soak "$BIN" "$WORK/soak.toml"
