@@ -608,6 +608,39 @@ async fn init_runs_at_load_not_in_the_first_request() {
     host.shutdown(Duration::from_secs(5)).await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn swaps_leave_no_warm_pool_slots_behind() {
+    use orchestrator::Metrics;
+    use orchestrator::config::PluginSource;
+
+    // Each swap brings a new module: its instances took never-used pool
+    // slots while the old version's slots stayed warm and resident, up to
+    // wasmtime's default of 100 (RSS grew with every reload and swap).
+    let metrics = Arc::new(Metrics::new());
+    let host = in_process_host(metrics.clone()).await;
+    let url = format!("http://{}/v1/chat/completions", host.api_addr());
+    let warm = || {
+        metric_value(
+            &metrics.gather(),
+            "orchestrator_instance_pool_unused_warm_slots",
+        )
+    };
+    let builds = [
+        std::fs::read(test_plugin("shout")).unwrap(),
+        std::fs::read(test_plugin("noop")).unwrap(),
+    ];
+    for n in 0..12 {
+        host.hot_swap()
+            .install("post", PluginSource::Upload, builds[n % 2].clone())
+            .await
+            .unwrap();
+        assert_eq!(status_of(&url, &format!("after swap {n}")).await, 200);
+    }
+    // The old versions' slots went to the new versions' instances.
+    assert!(warm() <= 2.0, "{} warm slots kept", warm());
+    host.shutdown(Duration::from_secs(5)).await;
+}
+
 /// The host in this process on free ports, with the tests' artifact cache
 /// and the default configuration.
 async fn in_process_host(metrics: Arc<orchestrator::Metrics>) -> orchestrator::Orchestrator {

@@ -550,9 +550,7 @@ async fn answers_name_the_served_model_not_the_clients_string() {
         ("up", "up"),
         ("alias", "snapshot-2026"),
     ] {
-        let question = |stream: bool| {
-            json!({"model": asked, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
-        };
+        let question = |stream: bool| json!({"model": asked, "stream": stream, "messages": [{"role": "user", "content": "hi"}]});
         let (status, text) = host.chat(&question(false)).await;
         assert_eq!(status, 200, "{text}");
         let body: Value = serde_json::from_str(&text).unwrap();
@@ -561,7 +559,10 @@ async fn answers_name_the_served_model_not_the_clients_string() {
         assert_eq!(status, 200, "{text}");
         let chunks = sse::chunks(&text);
         assert!(chunks.len() >= 3, "{text}");
-        assert!(chunks.iter().all(|c| c["model"] == named), "{asked}: {text}");
+        assert!(
+            chunks.iter().all(|c| c["model"] == named),
+            "{asked}: {text}"
+        );
         assert!(!text.contains(&long_name));
     }
 }

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use super::error::AuthoringError;
 use crate::bundled;
-use crate::config::{Bundled, Config, ConfigError, PluginSource, StageConfig, intern, interned_out};
+use crate::config::{
+    Bundled, Config, ConfigError, PluginSource, StageConfig, intern, interned_out,
+};
 use crate::inference::Router;
 use crate::metrics::Metrics;
 use crate::store::Stores;

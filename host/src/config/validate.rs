@@ -4,8 +4,8 @@ use std::path::Path;
 
 use super::backend::BackendKind;
 use super::pipeline::DEFAULT_PIPELINE;
-use super::settings::{Config, ConfigError};
 use super::settings::stages_by_name::MAX_STAGES;
+use super::settings::{Config, ConfigError};
 use super::stage::{StageConfig, intern, interned_out, valid_name};
 use super::store::StoreKind;
 

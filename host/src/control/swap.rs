@@ -268,7 +268,10 @@ impl HotSwap {
         let entry = self.entry(stage)?;
         let name = entry.settings.name();
         let mut previous = entry.previous.lock().await;
-        let target = previous.as_ref().ok_or(SwapError::NoPrevious(name))?.clone();
+        let target = previous
+            .as_ref()
+            .ok_or(SwapError::NoPrevious(name))?
+            .clone();
         // As a swap does: an instance with its `init` done serves the next
         // call, so no request pays for `init`; a version that can no
         // longer start is refused and the active one keeps serving.

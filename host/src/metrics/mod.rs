@@ -25,6 +25,8 @@
 //! | `orchestrator_overhead_seconds` | histogram | `outcome` | that duration minus the time the request waited for the inference backend |
 //! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
 //! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
+//! | `orchestrator_instance_pool_unused_warm_slots` | gauge | | free memory slots of the instance pool that served an instance before |
+//! | `orchestrator_instance_pool_unused_resident_bytes` | gauge | | the bytes those slots keep resident |
 //! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
 //! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
 //! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |
@@ -61,6 +63,7 @@ mod global;
 mod handles;
 mod labels;
 mod policy;
+mod pool;
 mod registry;
 mod retire;
 mod store;
@@ -74,5 +77,6 @@ pub use handles::{
 };
 pub use labels::{BreakerState, CacheRefusal, ErrorType, Outcome, UpstreamOutcome};
 pub use policy::{CACHE_RESULTS, MAX_POLICIES, MAX_PRINCIPALS, PolicyMetrics};
+pub use pool::PoolUsage;
 pub use registry::{Metrics, MetricsSummary, REQUEST_BUCKETS, STAGE_BUCKETS, TOKEN_BUCKETS};
 pub use store::{STORE_BUCKETS, StoreMetrics, StoreOp, StoreOutcome};

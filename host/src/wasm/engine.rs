@@ -22,7 +22,7 @@ use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::ArtifactCache;
 use crate::config::Config;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PoolUsage};
 
 /// How often the epoch ticker advances the engine's epoch: the resolution
 /// of plugin-call deadlines.
@@ -202,6 +202,17 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT_BYTES)
             .pagemap_scan(wasmtime::Enabled::Auto)
             .table_keep_resident(64 << 10);
+        // A free slot that served an instance keeps what that instance
+        // touched below `KEEP_RESIDENT_BYTES` resident. wasmtime keeps up
+        // to 100 such slots by default, taking never-used slots first to
+        // keep each warm slot's affinity to its module; a reload or a swap
+        // brings new modules, so every one took a fresh slot and left the
+        // old warm: RSS grew ~1 MiB a reload for 100 reloads
+        // (benches/soak.sh). With none kept, a new instance takes its
+        // module's own free slot if it has one, else any warm one, and a
+        // never-used slot only when no warm slot is free: resident memory
+        // follows the instances alive.
+        pool.max_unused_warm_slots(0);
         let mut config = wasmtime::Config::new();
         config
             .wasm_component_model(true)
@@ -246,6 +257,16 @@ impl Runtime {
             .spawn(move || state.run(&ticker_engine))
             .map_err(EngineError::Ticker)?;
         let _ = ticker.thread.set(thread.thread().clone());
+        let pool_engine = engine.clone();
+        metrics.watch_instance_pool(Box::new(move || {
+            pool_engine
+                .pooling_allocator_metrics()
+                .map(|pool| PoolUsage {
+                    unused_warm_slots: u64::from(pool.unused_warm_memories()),
+                    unused_resident_bytes: pool.unused_memory_bytes_resident() as u64,
+                })
+                .unwrap_or_default()
+        }));
         let cache = ArtifactCache::new(settings.cache_dir.clone(), &engine, metrics.cache());
         Ok(Runtime {
             engine,

@@ -298,7 +298,9 @@ fn served_model(router: &Router, envelope: &Envelope) -> String {
     let parsed = envelope.target.as_ref();
     let target = match parsed {
         Some(target) if target.model() == envelope.params.model => Some(target.clone()),
-        _ => router.resolve(&envelope.params.model).or_else(|| parsed.cloned()),
+        _ => router
+            .resolve(&envelope.params.model)
+            .or_else(|| parsed.cloned()),
     };
     target.map_or_else(
         || envelope.params.model.clone(),
