@@ -1,6 +1,6 @@
 //! Builds the bundled stage plugins (`plugins/*`) for `wasm32-wasip2` and
 //! generates `bundled.rs`, which embeds them and the default `rag` corpus
-//! (`examples/corpus`) in the host binary — the same way wasmtime builds
+//! (`host/corpus`) in the host binary — the same way wasmtime builds
 //! its own guest test programs from a build script.
 //!
 //! The plugins are compiled by a nested `cargo build --target wasm32-wasip2
@@ -40,7 +40,7 @@ fn main() {
     for watched in [
         "plugins",
         "wit",
-        "examples/corpus",
+        "host/corpus",
         "Cargo.toml",
         "Cargo.lock",
     ] {
@@ -104,10 +104,10 @@ fn main() {
         )
         .expect("writing to a String cannot fail");
     }
-    // The default corpus: every file of examples/corpus, by name.
-    let corpus = root.join("examples").join("corpus");
+    // The default corpus: every file of host/corpus, by name.
+    let corpus = root.join("host").join("corpus");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&corpus)
-        .expect("examples/corpus exists")
+        .expect("host/corpus exists")
         .map(|entry| entry.expect("a readable directory entry").path())
         .filter(|path| path.is_file())
         .collect();

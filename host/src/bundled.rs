@@ -1,6 +1,6 @@
 //! What the host binary carries so that it runs with no file beside it: the
 //! bundled stage plugins, compiled from `plugins/` by the build script, and
-//! the default `rag` corpus (`examples/corpus`).
+//! the default `rag` corpus (`host/corpus`).
 //!
 //! Owns those bytes and writing the corpus to disk; it must not load or
 //! run anything.
