@@ -9,7 +9,7 @@
 //! One run serves one scenario: the five default stages (bundled plugins)
 //! with the `echo` backend or with an `openai` backend at
 //! `ORCHESTRATOR_BENCH_UPSTREAM` (`http://127.0.0.1:PORT/v1`: the bench
-//! upstream, `examples/bench_upstream.rs`), the client plain or streaming
+//! upstream, `benches/bench_upstream.rs`), the client plain or streaming
 //! — or plain with the backend set to `always_stream` (`plain-via-stream`:
 //! what a plain request cost before plain upstream requests).
 //! It starts the host, warms up, then runs `--requests N` requests one

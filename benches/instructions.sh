@@ -6,7 +6,7 @@
 #   bash benches/instructions.sh            # figures: N=20 and N=120 per scenario
 #   SMOKE=1 bash benches/instructions.sh    # CI: N=1 and N=6, the debug build
 #
-# Scenarios: `echo` and the bench upstream (examples/bench_upstream.rs, its
+# Scenarios: `echo` and the bench upstream (benches/bench_upstream.rs, its
 # own process: not counted), a plain and a streaming client, and a plain
 # client served from a streamed upstream request (`always_stream`). Each is
 # run twice under callgrind, for SMALL and LARGE requests, and the difference

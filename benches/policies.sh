@@ -2,7 +2,7 @@
 # What the gateway policies cost: the bundled `auth`, `ratelimit` and
 # `cache` stages in front of the five default stages, against the five
 # default stages alone, all in front of the same fast upstream
-# (examples/bench_upstream.rs), measured interleaved over ROUNDS rounds of
+# (benches/bench_upstream.rs), measured interleaved over ROUNDS rounds of
 # DURATION seconds. Hosts:
 #   - base:   the five default stages;
 #   - memory: auth + ratelimit + cache + the five, on memory stores;
