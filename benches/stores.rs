@@ -67,7 +67,12 @@ impl Bench {
 
     /// A warm instance of the test guest `name` as a stage granted the
     /// store `counters`, its calls opening `stores`.
-    fn instance(&self, name: &str, config: &[(&str, &str)], stores: &Arc<Stores>) -> Instance {
+    fn instance(
+        &self,
+        name: &'static str,
+        config: &[(&str, &str)],
+        stores: &Arc<Stores>,
+    ) -> Instance {
         let mut settings = StageConfig::default_for(name, None);
         settings.capabilities.stores = vec!["counters".into()];
         settings.config = config

@@ -37,13 +37,7 @@ fn main() {
         .expect("host/ lives in the workspace root")
         .to_path_buf();
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
-    for watched in [
-        "plugins",
-        "wit",
-        "host/corpus",
-        "Cargo.toml",
-        "Cargo.lock",
-    ] {
+    for watched in ["plugins", "wit", "host/corpus", "Cargo.toml", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
 

@@ -15,12 +15,13 @@ use crate::common::upstream::{Script, Upstream};
 use crate::common::{Host, sse, test_plugin};
 
 /// A host routing `gpt-test` to `upstream` through the default pipeline.
-fn host(upstream: &Upstream, extra: &str) -> Host {
-    Host::with_config(&format!(
+async fn host(upstream: &Upstream, extra: &str) -> Host {
+    Host::in_process(&format!(
         "[backends.up]\nkind = \"openai\"\nbase_url = \"{}\"\n{extra}\n\
          [routing.models]\ngpt-test = \"up\"\n",
         upstream.base_url
     ))
+    .await
 }
 
 /// A request an agent framework sends: a system prompt, a multi-turn chat
@@ -84,7 +85,7 @@ fn assert_received_as_sent(received: &Value, sent: &Value) {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_upstream_receives_the_chat_exactly_as_the_client_sent_it() {
     let upstream = Upstream::start(Script::Agent).await;
-    let host = host(&upstream, "");
+    let host = host(&upstream, "").await;
     for stream in [false, true] {
         let sent = agent_request(stream);
         let (status, text) = host.chat(&sent).await;
@@ -101,7 +102,7 @@ async fn the_upstream_receives_the_chat_exactly_as_the_client_sent_it() {
 #[tokio::test(flavor = "multi_thread")]
 async fn json_schema_and_max_completion_tokens_pass_through() {
     let upstream = Upstream::start(Script::Agent).await;
-    let host = host(&upstream, "");
+    let host = host(&upstream, "").await;
     let sent = json!({
         "model": "gpt-test",
         "messages": [{"role": "developer", "content": "Reply as the schema says."},
@@ -123,7 +124,7 @@ async fn json_schema_and_max_completion_tokens_pass_through() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tool_calls_reach_the_client_whole_and_in_pieces() {
     let upstream = Upstream::start(Script::Agent).await;
-    let host = host(&upstream, "");
+    let host = host(&upstream, "").await;
     let ask = |stream: bool| {
         json!({"model": "gpt-test", "stream": stream,
                "messages": [{"role": "user", "content": "Weather in Paris?"}],
@@ -183,7 +184,8 @@ async fn tool_calls_collected_before_a_plain_stage_are_streamed_whole() {
              [pipelines.default]\nstages = [\"inference\", \"shout\"]\n",
             plain.display()
         ),
-    );
+    )
+    .await;
     let (status, text) = host
         .chat(&json!({"model": "gpt-test", "stream": true,
                       "messages": [{"role": "user", "content": "Weather in Paris?"}],
@@ -232,7 +234,7 @@ async fn an_upstream_refusal_of_a_parameter_is_a_400_with_its_reason() {
         then: vec!["never"],
     })
     .await;
-    let host = host(&upstream, "");
+    let host = host(&upstream, "").await;
     let (status, text) = host
         .chat(
             &json!({"model": "gpt-test", "messages": [{"role": "user", "content": "x"}],
@@ -256,7 +258,8 @@ async fn a_0_1_stage_sees_text_and_its_changes_keep_the_rest_of_the_chat() {
              [pipelines.default]\nstages = [\"shout\", \"rag\", \"assemble\", \"inference\", \"post\", \"stream\"]\n",
             plugin.display()
         ),
-    );
+    )
+    .await;
     let sent = agent_request(false);
     let (status, text) = host.chat(&sent).await;
     assert_eq!(status, 200, "{text}");

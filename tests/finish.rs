@@ -43,7 +43,7 @@ async fn log_entries(redis: &Redis, count: usize) -> Vec<String> {
 async fn finish_runs_after_each_request_in_reverse_order() {
     let Some(redis) = Redis::start() else { return };
     let upstream = Upstream::start(Script::Endless).await;
-    let host = Host::with_config(&format!(
+    let host = Host::in_process(&format!(
         "[stores.finish]\nkind = \"redis\"\nurl = {:?}\n{}{}{}\
          [pipelines.default]\nstages = [\"first\", \"panicky\", \"inference\", \"last\", \"stream\"]\n\
          [pipelines.streamed]\nstages = [\"first\", \"inference\", \"stream\"]\n\
@@ -54,7 +54,8 @@ async fn finish_runs_after_each_request_in_reverse_order() {
         logging("panicky", ", finish_panic = true"),
         logging("last", ""),
         upstream.base_url,
-    ));
+    ))
+    .await;
     // A plain answer: `last`, then `first` (`panicky` panics in between,
     // which changes nothing).
     let response = client()

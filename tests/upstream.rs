@@ -307,10 +307,11 @@ async fn slots_now(url: &str) -> Value {
         .unwrap()
 }
 
-fn upstream_host(base_url: &str, extra: &str) -> Host {
-    Host::with_config(&format!(
+async fn upstream_host(base_url: &str, extra: &str) -> Host {
+    Host::in_process(&format!(
         "[backends.up]\nkind = \"openai\"\nbase_url = \"{base_url}\"\n{extra}\n[routing.models]\nup = \"up\"\n"
     ))
+    .await
 }
 
 /// Ask the `Endless` upstream for a stream and read until three of its
@@ -340,7 +341,7 @@ async fn a_split_email_address_is_redacted_while_streaming() {
         "klmnopqrstuvwxyz123456 for it.",
     ]))
     .await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let (status, text) = host.chat(&up("how do I reach John?", true)).await;
     assert_eq!(status, 200, "{text}");
     let events = sse::chunks(&text);
@@ -368,7 +369,7 @@ async fn a_split_email_address_is_redacted_while_streaming() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_hangs_up_cancels_the_upstream_request() {
     let upstream = Upstream::start(Script::Endless).await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let (response, _) = endless_stream_started(&host).await;
     drop(response);
     tokio::time::timeout(Duration::from_secs(10), upstream.cancelled.notified())
@@ -395,7 +396,8 @@ async fn an_upstream_that_is_down_gets_503_and_opens_its_breaker() {
     let host = upstream_host(
         &format!("http://127.0.0.1:{port}/v1"),
         "max_retries = 1\nretry_backoff_ms = 1\nbreaker_failures = 2\nbreaker_cooldown_ms = 60000",
-    );
+    )
+    .await;
     for _ in 0..2 {
         let (status, text) = host.chat(&up("hello?", false)).await;
         assert_eq!(status, 503, "{text}");
@@ -463,7 +465,7 @@ async fn an_upstream_that_is_down_gets_503_and_opens_its_breaker() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_upstream_gets_504_at_its_timeout() {
     let upstream = Upstream::start(Script::Stall).await;
-    let host = upstream_host(&upstream.base_url, "request_timeout_ms = 400");
+    let host = upstream_host(&upstream.base_url, "request_timeout_ms = 400").await;
     let started = Instant::now();
     let (status, text) = host.chat(&up("anyone?", false)).await;
     assert_eq!(status, 504, "{text}");
@@ -570,7 +572,7 @@ async fn answers_name_the_served_model_not_the_clients_string() {
 #[tokio::test(flavor = "multi_thread")]
 async fn routing_lists_models_and_refuses_unknown_ones() {
     let upstream = Upstream::start(Script::Deltas(vec!["x"])).await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let models = get_json(&format!("{}/v1/models", host.api)).await;
     let ids: Vec<&str> = models["data"]
         .as_array()
@@ -615,7 +617,7 @@ async fn an_upstream_that_breaks_mid_stream_ends_the_stream_with_an_error_event(
         "forty",
     ]))
     .await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let (status, text) = host.chat(&up("the answer?", true)).await;
     assert_eq!(status, 200, "the stream had started: {text}");
     let events = sse::chunks(&text);
@@ -664,7 +666,7 @@ async fn a_429_with_retry_after_is_retried_after_the_pause_it_asks_for() {
         then: vec!["patience ", "pays"],
     })
     .await;
-    let host = upstream_host(&upstream.base_url, "max_retries = 1\nretry_backoff_ms = 1");
+    let host = upstream_host(&upstream.base_url, "max_retries = 1\nretry_backoff_ms = 1").await;
     let started = Instant::now();
     let (status, text) = host.chat(&up("again?", false)).await;
     assert_eq!(status, 200, "{text}");
@@ -797,7 +799,7 @@ async fn shutdown_ends_open_streams_with_an_error_event_and_exits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_overhead_histogram_leaves_out_the_wait_for_the_backend() {
     let upstream = Upstream::start(Script::Deltas(vec!["a ", "b ", "c ", "d ", "e"])).await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     for stream in [false, true] {
         let response = host.post(&up("hi", stream)).await;
         assert_eq!(response.status(), 200);
@@ -840,7 +842,8 @@ async fn plain_requests_do_not_hold_the_inference_worker_for_the_whole_generatio
     let host = upstream_host(
         &upstream.base_url,
         "[stages.inference]\nworkers = 1\n[stages.stream]\nworkers = 1\n",
-    );
+    )
+    .await;
     let asks = (0..4).map(|n| {
         let host = &host;
         async move { host.chat(&up(&format!("question {n}"), false)).await }
@@ -865,7 +868,7 @@ async fn plain_requests_do_not_hold_the_inference_worker_for_the_whole_generatio
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_that_hangs_up_on_a_plain_request_cancels_the_generation() {
     let upstream = Upstream::start(Script::Endless).await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let url = format!("{}/v1/chat/completions", host.api);
     let body = up("talk forever", false);
     // The answer never comes (the upstream never finishes): give up once
@@ -897,7 +900,7 @@ async fn a_client_that_hangs_up_on_a_plain_request_cancels_the_generation() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_upstream_that_ignores_max_tokens_is_cut() {
     let upstream = Upstream::start(Script::Endless).await;
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let mut body = up("talk forever", false);
     body["max_tokens"] = json!(4);
     let (status, text) = host.chat(&body).await;
@@ -938,7 +941,7 @@ async fn the_upstream_is_asked_for_a_stream_only_when_the_client_streams() {
     let ttft = "orchestrator_time_to_first_token_seconds_count{worker_type=\"up\"}";
     let tokens = "orchestrator_tokens_generated_total{worker_type=\"up\"}";
 
-    let host = upstream_host(&upstream.base_url, "");
+    let host = upstream_host(&upstream.base_url, "").await;
     let (status, text) = host.chat(&up("count", false)).await;
     assert_eq!(status, 200, "{text}");
     let answer: Value = serde_json::from_str(&text).unwrap();
@@ -959,7 +962,7 @@ async fn the_upstream_is_asked_for_a_stream_only_when_the_client_streams() {
     assert_eq!(host.metric(ttft).await, 2.0);
     assert_eq!(host.metric(itl).await, 2.0, "three deltas, two gaps");
 
-    let always = upstream_host(&upstream.base_url, "always_stream = true");
+    let always = upstream_host(&upstream.base_url, "always_stream = true").await;
     let (status, text) = always.chat(&up("count", false)).await;
     assert_eq!(status, 200, "{text}");
     let answer: Value = serde_json::from_str(&text).unwrap();

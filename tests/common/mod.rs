@@ -1,6 +1,11 @@
 //! Test harness: the real `orchestrator` binary on loopback ports, real
 //! HTTP, and the guest test programs in `tests/plugins/` built for
 //! wasm32-wasip2.
+//!
+//! A [`Host`] is the binary in its own process, or ([`Host::in_process`])
+//! the same host started in the test's process through
+//! `Orchestrator::start_with`: faster to start, for tests that need no log,
+//! signal or exit code of their own. Both answer the same HTTP.
 
 #![allow(dead_code)]
 
@@ -57,9 +62,18 @@ impl Log {
     }
 }
 
-/// A running `orchestrator` process.
+/// Where a [`Host`] runs.
+enum Running {
+    /// The binary, in a process of its own.
+    Process(Child),
+    /// In this process (dropped with the host).
+    InProcess(#[allow(dead_code)] Box<orchestrator::Orchestrator>),
+}
+
+/// A running host: the `orchestrator` binary, or the same host in this
+/// process.
 pub struct Host {
-    child: Child,
+    running: Running,
     /// `http://127.0.0.1:PORT` of the API.
     pub api: String,
     /// `http://127.0.0.1:PORT` of /metrics and /health.
@@ -177,7 +191,7 @@ impl Host {
                     api: field("api="),
                     metrics: field("metrics="),
                     admin,
-                    child,
+                    running: Running::Process(child),
                     stderr,
                     config_dir: None,
                 })
@@ -216,10 +230,63 @@ impl Host {
         Host::try_with_config_env(toml, &[])
     }
 
+    /// [`Host::with_config`], in this process: the file is read as the
+    /// binary reads it, with the same overrides (loopback port-0 addresses,
+    /// the shared artifact cache), and an admin reload reads it again. It
+    /// has no log ([`Host::stderr`]) and no process to signal.
+    pub async fn in_process(toml: &str) -> Host {
+        use orchestrator::config::Config;
+
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("orchestrator.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let (file, cache) = (path.clone(), target_dir().join("test-cache"));
+        let read = move || {
+            let mut config = Config::from_file(&file)?;
+            config.listen = "127.0.0.1:0".parse().expect("an address");
+            config.metrics_listen = "127.0.0.1:0".parse().expect("an address");
+            config.cache_dir = Some(cache.clone());
+            Ok(config)
+        };
+        let config = read().unwrap_or_else(|e| panic!("the configuration: {e}"));
+        let source = orchestrator::control::ConfigSource {
+            path,
+            read: Box::new(read),
+        };
+        let metrics = Arc::new(orchestrator::Metrics::new());
+        let host = orchestrator::Orchestrator::start_with(config, metrics, Some(source))
+            .await
+            .unwrap_or_else(|e| panic!("the host did not start: {e}"));
+        Host {
+            api: format!("http://{}", host.api_addr()),
+            metrics: format!("http://{}", host.metrics_addr()),
+            admin: host.admin_addr().map(|addr| format!("http://{addr}")),
+            running: Running::InProcess(Box::new(host)),
+            stderr: Arc::default(),
+            config_dir: Some(dir),
+        }
+    }
+
+    /// The host's process; panics for a host in this process.
+    fn child(&self) -> &Child {
+        match &self.running {
+            Running::Process(child) => child,
+            Running::InProcess(_) => panic!("a host in this process has no process of its own"),
+        }
+    }
+
+    fn child_mut(&mut self) -> &mut Child {
+        match &mut self.running {
+            Running::Process(child) => child,
+            Running::InProcess(_) => panic!("a host in this process has no process of its own"),
+        }
+    }
+
     /// What the host logged so far. A line the host writes just before
     /// answering may not have been read from the pipe yet when the answer
     /// arrives: to assert on such a line, use [`Host::wait_for_log`].
     pub fn stderr(&self) -> String {
+        self.child();
         self.stderr.text()
     }
 
@@ -227,6 +294,7 @@ impl Host {
     /// until the log holds `needle` at least `count` times; returns the
     /// log. Panics with the log if it never does.
     pub async fn wait_for_log(&self, needle: &str, count: usize) -> String {
+        self.child();
         let log = self.stderr.clone();
         let needle = needle.to_string();
         tokio::task::spawn_blocking(move || log.wait_for(&needle, count))
@@ -237,7 +305,10 @@ impl Host {
     /// Send SIGTERM and wait for exit; returns whether it exited cleanly.
     pub fn terminate(mut self) -> bool {
         self.send_sigterm();
-        self.child.wait().map(|s| s.success()).unwrap_or(false)
+        self.child_mut()
+            .wait()
+            .map(|s| s.success())
+            .unwrap_or(false)
     }
 
     /// Wait up to `limit` for the process to exit; whether it exited
@@ -245,7 +316,7 @@ impl Host {
     pub fn wait_for_exit(&mut self, limit: Duration) -> Option<bool> {
         let deadline = std::time::Instant::now() + limit;
         loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Ok(Some(status)) = self.child_mut().try_wait() {
                 return Some(status.success());
             }
             if std::time::Instant::now() >= deadline {
@@ -257,7 +328,7 @@ impl Host {
 
     /// Send SIGHUP (a host started with `--config` reloads the file).
     pub fn send_sighup(&self) {
-        let pid = self.child.id().to_string();
+        let pid = self.child().id().to_string();
         let status = Command::new("kill").args(["-HUP", &pid]).status();
         assert!(status.is_ok_and(|s| s.success()), "kill -HUP {pid} failed");
     }
@@ -285,7 +356,7 @@ impl Host {
 
     /// Send SIGTERM without waiting for the process to exit.
     pub fn send_sigterm(&self) {
-        let pid = self.child.id().to_string();
+        let pid = self.child().id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
     }
 
@@ -325,8 +396,10 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Running::Process(child) = &mut self.running {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
