@@ -273,7 +273,7 @@ pub(super) mod stages_by_name {
             settings.name = intern(&name).ok_or_else(|| {
                 D::Error::custom(format!(
                     "stage name `{name}`: {}",
-                    crate::config::interned_out()
+                    crate::config::stage::interned_out()
                 ))
             })?;
             stages.push(settings);

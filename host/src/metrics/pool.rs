@@ -4,6 +4,20 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntGauge, Opts};
 
+use super::registry::Metrics;
+
+impl Metrics {
+    /// Report the wasm engine's instance pool, as `read` finds it at each
+    /// scrape. Once per registry: a second engine on the same registry
+    /// (a test's) is not reported.
+    pub fn watch_instance_pool(&self, read: Box<dyn Fn() -> PoolUsage + Send + Sync>) {
+        let collector = PoolCollector::new(read);
+        if let Err(error) = self.registry.register(Box::new(collector)) {
+            tracing::debug!(%error, "the instance pool is already reported");
+        }
+    }
+}
+
 /// What the pool holds unused: slots that served an instance before and
 /// the bytes of linear memory they keep resident.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -15,14 +29,14 @@ pub struct PoolUsage {
 }
 
 /// Reads the pool's usage at each scrape.
-pub(super) struct PoolCollector {
+struct PoolCollector {
     warm: IntGauge,
     resident: IntGauge,
     read: Box<dyn Fn() -> PoolUsage + Send + Sync>,
 }
 
 impl PoolCollector {
-    pub(super) fn new(read: Box<dyn Fn() -> PoolUsage + Send + Sync>) -> PoolCollector {
+    fn new(read: Box<dyn Fn() -> PoolUsage + Send + Sync>) -> PoolCollector {
         let gauge = |name: &str, help: &str| {
             IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge options")
         };

@@ -44,7 +44,7 @@ pub const TOKEN_BUCKETS: &[f64] = &[
 
 /// A registry holding every orchestrator metric.
 pub struct Metrics {
-    registry: Registry,
+    pub(super) registry: Registry,
     /// Stage names in the order their series were first resolved (pipeline
     /// order), for [`Metrics::summary`].
     pub(super) stage_order: Mutex<Vec<String>>,
@@ -462,16 +462,6 @@ impl Metrics {
             }
         }
         self.plugin_info.with_label_values(&[stage, sha256]).set(1);
-    }
-
-    /// Report the wasm engine's instance pool, as `read` finds it at each
-    /// scrape. Once per registry: a second engine on the same registry
-    /// (a test's) is not reported.
-    pub fn watch_instance_pool(&self, read: Box<dyn Fn() -> super::PoolUsage + Send + Sync>) {
-        let collector = super::pool::PoolCollector::new(read);
-        if let Err(error) = self.registry.register(Box::new(collector)) {
-            tracing::debug!(%error, "the instance pool is already reported");
-        }
     }
 
     /// Everything, in the Prometheus text exposition format.
