@@ -1,4 +1,4 @@
-//! Builds the bundled stage plugins (`plugins/*`) for `wasm32-wasip2` and
+//! Builds the bundled stage plugins (`plugins/stages/*`) for `wasm32-wasip2` and
 //! generates `bundled.rs`, which embeds them and the default `rag` corpus
 //! (`host/corpus`) in the host binary — the same way wasmtime builds
 //! its own guest test programs from a build script.

@@ -1,5 +1,5 @@
 //! What the host binary carries so that it runs with no file beside it: the
-//! bundled stage plugins, compiled from `plugins/` by the build script, and
+//! bundled stage plugins, compiled from `plugins/stages/` by the build script, and
 //! the default `rag` corpus (`host/corpus`).
 //!
 //! Owns those bytes and writing the corpus to disk; it must not load or

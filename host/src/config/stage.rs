@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::paths::default_corpus_dir;
 
 /// The plugins bundled in the host binary. This is the one place the list
-/// is spelled out (`host/build.rs` builds the matching `plugins/<name>`
+/// is spelled out (`host/build.rs` builds the matching `plugins/stages/<name>`
 /// crates). A stage named after one of them uses it unless it says
 /// otherwise; any stage may name one with `bundled = "<name>"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
