@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Our gateway side by side with two peers, TensorZero and LiteLLM, all three
-# in front of the same fast OpenAI-compatible upstream (examples/
+# in front of the same fast OpenAI-compatible upstream (benches/
 # bench_upstream.rs: no delay, answers the first max_tokens words of the
 # prompt), measured interleaved over ROUNDS rounds of DURATION seconds each.
 # For the upstream alone (the baseline) and each gateway:
