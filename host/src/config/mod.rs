@@ -56,8 +56,8 @@ pub use paths::default_corpus_dir;
 pub use pipeline::{DEFAULT_PIPELINE, ModelRoute, PipelineConfig};
 pub use settings::{AdminToken, Config, ConfigError};
 pub use stage::{
-    Bundled, Capabilities, DirGrant, InstanceMode, KEYS_STORE, PluginSource, StageConfig, intern,
-    interned_out, valid_name,
+    Bundled, Capabilities, DirGrant, InstanceMode, KEYS_STORE, MAX_INTERNED, PluginSource,
+    StageConfig, intern, interned_out, valid_name,
 };
 pub use store::{StoreConfig, StoreKind};
 pub use traces::TracingConfig;

@@ -26,7 +26,6 @@
 //! | `orchestrator_plugin_info` | gauge | `stage`, `sha256` | 1 for the plugin version each stage runs |
 //! | `orchestrator_plugin_instances` | gauge | `stage` | live plugin instances |
 //! | `orchestrator_instance_pool_unused_warm_slots` | gauge | | free memory slots of the instance pool that served an instance before |
-//! | `orchestrator_instance_pool_unused_resident_bytes` | gauge | | the bytes those slots keep resident |
 //! | `orchestrator_circuit_state` | gauge | `stage` | circuit breaker: 0 closed, 1 half-open, 2 open |
 //! | `orchestrator_circuit_transitions_total` | counter | `stage`, `to` | breaker transitions, by state entered |
 //! | `orchestrator_plugin_reloads_total` | counter | `stage`, `result` | plugin swaps and rollbacks, `success` or `error` |

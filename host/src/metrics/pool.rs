@@ -18,61 +18,43 @@ impl Metrics {
     }
 }
 
-/// What the pool holds unused: slots that served an instance before and
-/// the bytes of linear memory they keep resident.
+/// What the pool holds unused: slots that served an instance before.
+///
+/// wasmtime also counts the bytes such slots keep resident, but that count
+/// read 0 throughout a soak while slots were in use and reused, so it is
+/// not reported.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PoolUsage {
     /// Linear-memory slots that are free but were used before ("warm").
     pub unused_warm_slots: u64,
-    /// The bytes those slots keep resident.
-    pub unused_resident_bytes: u64,
 }
 
 /// Reads the pool's usage at each scrape.
 struct PoolCollector {
     warm: IntGauge,
-    resident: IntGauge,
     read: Box<dyn Fn() -> PoolUsage + Send + Sync>,
 }
 
 impl PoolCollector {
     fn new(read: Box<dyn Fn() -> PoolUsage + Send + Sync>) -> PoolCollector {
-        let gauge = |name: &str, help: &str| {
-            IntGauge::with_opts(Opts::new(name, help)).expect("valid gauge options")
-        };
-        PoolCollector {
-            warm: gauge(
-                "orchestrator_instance_pool_unused_warm_slots",
-                "Free linear-memory slots of the plugin instance pool that served an instance before.",
-            ),
-            resident: gauge(
-                "orchestrator_instance_pool_unused_resident_bytes",
-                "Bytes of linear memory those free slots keep resident.",
-            ),
-            read,
-        }
+        let warm = IntGauge::with_opts(Opts::new(
+            "orchestrator_instance_pool_unused_warm_slots",
+            "Free linear-memory slots of the plugin instance pool that served an instance before.",
+        ))
+        .expect("valid gauge options");
+        PoolCollector { warm, read }
     }
 }
 
 impl Collector for PoolCollector {
     fn desc(&self) -> Vec<&Desc> {
-        self.warm
-            .desc()
-            .into_iter()
-            .chain(self.resident.desc())
-            .collect()
+        self.warm.desc()
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
         let usage = (self.read)();
         self.warm
             .set(i64::try_from(usage.unused_warm_slots).unwrap_or(i64::MAX));
-        self.resident
-            .set(i64::try_from(usage.unused_resident_bytes).unwrap_or(i64::MAX));
-        self.warm
-            .collect()
-            .into_iter()
-            .chain(self.resident.collect())
-            .collect()
+        self.warm.collect()
     }
 }

@@ -263,7 +263,6 @@ impl Runtime {
                 .pooling_allocator_metrics()
                 .map(|pool| PoolUsage {
                     unused_warm_slots: u64::from(pool.unused_warm_memories()),
-                    unused_resident_bytes: pool.unused_memory_bytes_resident() as u64,
                 })
                 .unwrap_or_default()
         }));
