@@ -636,8 +636,16 @@ async fn swaps_leave_no_warm_pool_slots_behind() {
             .unwrap();
         assert_eq!(status_of(&url, &format!("after swap {n}")).await, 200);
     }
-    // The old versions' slots went to the new versions' instances.
-    assert!(warm() <= 2.0, "{} warm slots kept", warm());
+    // The old versions' slots went to the new versions' instances. wasmtime
+    // picks slots within the calling thread's shard (one per core, at most
+    // 16), so each shard may hold a free slot or two until reused there.
+    let shards = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+    let bound = 2 * shards as u32;
+    assert!(
+        warm() <= f64::from(bound),
+        "{} warm slots kept (at most {bound})",
+        warm()
+    );
     host.shutdown(Duration::from_secs(5)).await;
 }
 

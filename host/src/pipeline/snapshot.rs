@@ -27,7 +27,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::stage::{Route, Shared, Snapshot, StageRuntime};
-use crate::config::{DEFAULT_PIPELINE, StageConfig};
+use crate::config::StageConfig;
 use crate::inference::{Router, Target};
 use crate::metrics::Metrics;
 use crate::store::Stores;
@@ -121,8 +121,11 @@ impl Snapshot {
                     .iter()
                     .filter_map(|n| stages.iter().find(|s| s.name() == n).cloned())
                     .collect();
-                // Interned when the configuration was validated.
-                let name = crate::config::intern(&name).unwrap_or(DEFAULT_PIPELINE);
+                // Interned when the configuration was validated; one that
+                // was not (an embedder's) past the interner's cap is kept
+                // all the same rather than routed under another name.
+                let name = crate::config::intern(&name)
+                    .unwrap_or_else(|| Box::leak(name.clone().into_boxed_str()));
                 let route = Route {
                     name,
                     // Valid header text: stage names are lower-case ASCII,

@@ -210,8 +210,10 @@ impl Runtime {
         // old warm: RSS grew ~1 MiB a reload for 100 reloads
         // (benches/soak.sh). With none kept, a new instance takes its
         // module's own free slot if it has one, else any warm one, and a
-        // never-used slot only when no warm slot is free: resident memory
-        // follows the instances alive.
+        // never-used slot only when no warm slot is free. wasmtime splits a
+        // pool of 128 slots or more into one shard per core (at most 16)
+        // and picks within the calling thread's shard, so up to one set of
+        // free warm slots per shard can wait for reuse: bounded, not zero.
         pool.max_unused_warm_slots(0);
         let mut config = wasmtime::Config::new();
         config
