@@ -516,6 +516,9 @@ async fn a_failing_backend_fails_over() {
     assert_eq!(status, 200, "{text}");
     let body: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(body["choices"][0]["message"]["content"], "from the spare");
+    // The answer names the primary's model (here its name: no `model`
+    // setting, default route), as docs/chat.md says.
+    assert_eq!(body["model"], "main");
     let metrics = host.metrics_text().await;
     assert_eq!(
         metric_value(

@@ -121,11 +121,19 @@ pub const MAX_INTERNED: usize = 16_384;
 /// (a restart starts afresh), so configurations refused or replaced over
 /// weeks of reloads cannot grow the process without bound.
 pub fn intern(name: &str) -> Option<&'static str> {
-    let mut names = interned();
+    intern_into(&mut interned(), name, MAX_INTERNED)
+}
+
+/// [`intern`] into `names`, which keeps at most `cap` names.
+fn intern_into(
+    names: &mut std::collections::HashSet<&'static str>,
+    name: &str,
+    cap: usize,
+) -> Option<&'static str> {
     if let Some(known) = names.get(name) {
         return Some(known);
     }
-    if names.len() >= MAX_INTERNED {
+    if names.len() >= cap {
         return None;
     }
     let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
@@ -401,5 +409,22 @@ impl StageConfig {
             Some(path) if path.exists() => Some(PluginSource::File(path)),
             _ => self.bundled.map(PluginSource::Bundled),
         }
+    }
+}
+
+#[cfg(test)]
+mod interning_tests {
+    #[test]
+    fn names_past_the_cap_are_refused_and_known_ones_still_served() {
+        let mut names = std::collections::HashSet::new();
+        let first = super::intern_into(&mut names, "alpha", 2).unwrap();
+        assert!(std::ptr::eq(
+            first,
+            super::intern_into(&mut names, "alpha", 2).unwrap()
+        ));
+        assert!(super::intern_into(&mut names, "beta", 2).is_some());
+        assert_eq!(super::intern_into(&mut names, "gamma", 2), None);
+        assert_eq!(super::intern_into(&mut names, "beta", 2), Some("beta"));
+        assert_eq!(names.len(), 2);
     }
 }

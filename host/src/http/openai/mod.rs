@@ -35,6 +35,7 @@
 pub mod request;
 pub mod response;
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -206,7 +207,7 @@ async fn chat_completions(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "model_not_found",
-                format!("model {:?} routes to no pipeline", parsed.model),
+                format!("model {:?} routes to no pipeline", parsed.params.model),
             )
             .into_response(),
             false,
@@ -215,7 +216,7 @@ async fn chat_completions(
     let id = request_id();
     if trace.is_recording() {
         trace.set([
-            Attribute::new("gen_ai.request.model", parsed.model.clone()),
+            Attribute::new("gen_ai.request.model", parsed.params.model.clone()),
             Attribute::new("orchestrator.request_id", id.clone()),
             Attribute::new("orchestrator.stream", parsed.stream),
         ]);
@@ -256,7 +257,9 @@ async fn chat_completions(
     let include_usage = parsed.include_usage;
     // Made once the stages named the model the answer is served from.
     let events = |envelope: Option<&Envelope>| {
-        let model = envelope.map_or_else(String::new, |e| served_model(snapshot.router(), e));
+        let model = envelope.map_or_else(String::new, |e| {
+            served_model(snapshot.router(), e).into_owned()
+        });
         ChunkEvents::new(id, model, include_usage, Some(route.clone()))
     };
     let run = state
@@ -294,18 +297,17 @@ async fn chat_completions(
 /// resolves nowhere).
 ///
 /// [`Target::served_model`]: crate::inference::Target::served_model
-fn served_model(router: &Router, envelope: &Envelope) -> String {
+fn served_model<'e>(router: &Router, envelope: &'e Envelope) -> Cow<'e, str> {
     let parsed = envelope.target.as_ref();
-    let target = match parsed {
-        Some(target) if target.model() == envelope.params.model => Some(target.clone()),
-        _ => router
-            .resolve(&envelope.params.model)
-            .or_else(|| parsed.cloned()),
-    };
-    target.map_or_else(
-        || envelope.params.model.clone(),
-        |target| target.served_model().to_string(),
-    )
+    if let Some(target) = parsed
+        && target.model() == envelope.params.model
+    {
+        return Cow::Borrowed(target.served_model());
+    }
+    match router.resolve(&envelope.params.model) {
+        Some(changed) => Cow::Owned(changed.served_model().to_string()),
+        None => Cow::Borrowed(parsed.map_or(&envelope.params.model, |t| t.served_model())),
+    }
 }
 
 /// Record who called (the principal a stage set) in the request's span,

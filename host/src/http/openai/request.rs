@@ -29,8 +29,6 @@ const MAX_STOP_BYTES: usize = 256;
 
 /// A validated request.
 pub(super) struct Parsed {
-    /// The model, as the client named it.
-    pub(super) model: String,
     /// Where it goes: resolved once, here, for the whole request.
     pub(super) target: Target,
     pub(super) messages: Vec<Message>,
@@ -88,8 +86,8 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
             Some("model"),
         ));
     }
-    let model = params.model.clone();
-    let Some(target) = router.resolve(&model) else {
+    let model = params.model.as_str();
+    let Some(target) = router.resolve(model) else {
         // A bounded list: a 404 costs the same whatever the configuration.
         let total = router.models().count();
         let models: Vec<&str> = router
@@ -177,10 +175,9 @@ pub(super) fn parse(body: &[u8], router: &Router) -> Result<Parsed, ApiError> {
         ));
     }
     if target.kind() == BackendKind::Echo {
-        refuse_what_echo_cannot_do(&model, &params)?;
+        refuse_what_echo_cannot_do(model, &params)?;
     }
     Ok(Parsed {
-        model,
         target,
         messages,
         params,
