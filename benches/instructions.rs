@@ -11,7 +11,13 @@
 //! `ORCHESTRATOR_BENCH_UPSTREAM` (`http://127.0.0.1:PORT/v1`: the bench
 //! upstream, `benches/bench_upstream.rs`), the client plain or streaming
 //! — or plain with the backend set to `always_stream` (`plain-via-stream`:
-//! what a plain request cost before plain upstream requests).
+//! what a plain request cost before plain upstream requests), or plain
+//! through the policy pipeline (`policies`: `auth`, `ratelimit` and `cache`
+//! on memory stores before the five, one declared key, a prompt no earlier
+//! request sent, so the cache misses and stores: its costliest path;
+//! `ORCHESTRATOR_BENCH_STAGES`, comma-separated, replaces the pipeline's
+//! stages, to count one policy stage at a time, and
+//! `ORCHESTRATOR_BENCH_EXTRA` is appended to its configuration).
 //! It starts the host, warms up, then runs `--requests N` requests one
 //! after the other, on a current-thread runtime (the upstream is another
 //! process). `instructions.sh` runs it under `valgrind --tool=callgrind`
@@ -19,18 +25,20 @@
 //! request, which cancels whatever a run spends once.
 //!
 //! ```text
-//! instructions <echo|upstream> <plain|streamed|plain-via-stream> [--requests N]
+//! instructions <echo|upstream> <plain|streamed|plain-via-stream|policies> [--requests N]
 //! ```
 
 #[path = "requests.rs"]
 mod requests;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use orchestrator::config::{BackendConfig, BackendKind, ModelRoute};
 use orchestrator::pipeline::{Answer, StreamItem};
 use orchestrator::trace::Trace;
+use orchestrator::wasm::{Caller, Envelope};
 use orchestrator::{Config, Metrics, Orchestrator, Pipeline};
 
 /// The requests each scenario warms up with (instances, connections,
@@ -42,8 +50,42 @@ fn model(upstream: bool) -> &'static str {
     if upstream { "bench" } else { "echo" }
 }
 
+/// The API key the policy scenario's requests carry (declared in its
+/// configuration by hash).
+const KEY: &str = "sk-orch-0123456789ab-0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// The policy pipeline: the three policy stages around the five defaults.
+const POLICY_STAGES: &str = "auth,rag,assemble,ratelimit,cache,inference,post,stream";
+
+/// Numbers the policy scenario's prompts: none repeats an earlier one.
+static PROMPTS: AtomicU64 = AtomicU64::new(0);
+
+/// Request `n`, or for the policy scenario a request with the key and a
+/// prompt no earlier request sent.
+fn request(n: u64, model: &str, policies: bool) -> Envelope {
+    let mut envelope = requests::envelope(n, model);
+    if policies {
+        let nonce = PROMPTS.fetch_add(1, Ordering::Relaxed);
+        let message = &mut envelope.messages[0];
+        *message = orchestrator::chat::Message::new(
+            "user",
+            format!("{nonce}: What is backpressure and how is load shed?"),
+        );
+        let mut headers = warp::http::HeaderMap::new();
+        headers.insert(
+            "authorization",
+            format!("Bearer {KEY}").parse().expect("a header value"),
+        );
+        envelope.caller = Some(Arc::new(Caller {
+            headers,
+            address: Some("127.0.0.1:40000".parse().expect("an address")),
+        }));
+    }
+    envelope
+}
+
 /// One request, plain or streamed, answered in full.
-async fn one(pipeline: &Pipeline, n: u64, upstream: bool, streamed: bool) {
+async fn one(pipeline: &Pipeline, n: u64, upstream: bool, streamed: bool, policies: bool) {
     let snapshot = pipeline.snapshot();
     let target = snapshot
         .router()
@@ -51,7 +93,7 @@ async fn one(pipeline: &Pipeline, n: u64, upstream: bool, streamed: bool) {
         .expect("the model routes");
     let route = snapshot.pipeline_for(&target).expect("a pipeline");
     let deadline = Instant::now() + Duration::from_secs(30);
-    let envelope = requests::envelope(n, model(upstream));
+    let envelope = request(n, model(upstream), policies);
     let completion = if streamed {
         let answer = pipeline
             .run_streaming(&snapshot, &route, envelope, deadline, Trace::off())
@@ -86,22 +128,76 @@ fn measured(
     rt: &tokio::runtime::Runtime,
     pipeline: &Pipeline,
     n: u64,
-    upstream: bool,
-    streamed: bool,
+    Scenario {
+        upstream,
+        streamed,
+        policies,
+        ..
+    }: Scenario,
 ) {
     rt.block_on(async {
         for i in 0..n {
-            one(pipeline, i, upstream, streamed).await;
+            one(pipeline, i, upstream, streamed, policies).await;
         }
     });
 }
 
-fn warm_up(rt: &tokio::runtime::Runtime, pipeline: &Pipeline, upstream: bool, streamed: bool) {
+fn warm_up(rt: &tokio::runtime::Runtime, pipeline: &Pipeline, scenario: Scenario) {
     rt.block_on(async {
         for i in 0..WARM_UP {
-            one(pipeline, i, upstream, streamed).await;
+            one(
+                pipeline,
+                i,
+                scenario.upstream,
+                scenario.streamed,
+                scenario.policies,
+            )
+            .await;
         }
     });
+}
+
+/// The policy scenario's configuration: the key, a rule never reached,
+/// memory stores (the default).
+fn policy_config(upstream: Option<&str>) -> Config {
+    use sha2::{Digest, Sha256};
+    let hash: String = Sha256::digest(KEY.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let stages = std::env::var("ORCHESTRATOR_BENCH_STAGES").unwrap_or(POLICY_STAGES.into());
+    let stages: Vec<String> = stages
+        .split(',')
+        .map(|s| format!("{:?}", s.trim()))
+        .collect();
+    let mut toml = format!(
+        "listen = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [pipelines.default]\nstages = [{}]\n",
+        stages.join(", ")
+    );
+    if stages.contains(&"\"auth\"".to_string()) {
+        toml.push_str(&format!(
+            "[stages.auth.config]\n\
+             keys = [{{ id = \"0123456789ab\", sha256 = \"{hash}\", principal = \"bench\" }}]\n"
+        ));
+    }
+    if stages.contains(&"\"ratelimit\"".to_string()) {
+        toml.push_str(
+            "[stages.ratelimit.config]\n\
+             rules = [{ name = \"per_key\", requests_per_minute = 100000000, \
+             tokens_per_minute = 100000000000 }]\n",
+        );
+    }
+    if let Ok(extra) = std::env::var("XTOML") {
+        toml.push_str(&extra);
+    }
+    if let Some(base_url) = upstream {
+        toml.push_str(&format!(
+            "[backends.bench]\nkind = \"openai\"\nbase_url = \"{base_url}\"\n\
+             [routing.models]\nbench = \"bench\"\n"
+        ));
+    }
+    Config::from_toml(&toml, std::path::Path::new(".")).expect("the policy configuration")
 }
 
 fn config(upstream: Option<&str>, always_stream: bool) -> Config {
@@ -135,6 +231,8 @@ struct Scenario {
     streamed: bool,
     /// The backend streams for every client.
     always_stream: bool,
+    /// The policy pipeline (`policies`).
+    policies: bool,
 }
 
 impl Scenario {
@@ -144,16 +242,18 @@ impl Scenario {
             "upstream" => true,
             _ => return None,
         };
-        let (streamed, always_stream) = match client {
-            "plain" => (false, false),
-            "streamed" => (true, false),
-            "plain-via-stream" if upstream => (false, true),
+        let (streamed, always_stream, policies) = match client {
+            "plain" => (false, false, false),
+            "streamed" => (true, false, false),
+            "plain-via-stream" if upstream => (false, true, false),
+            "policies" => (false, false, true),
             _ => return None,
         };
         Some(Scenario {
             upstream,
             streamed,
             always_stream,
+            policies,
         })
     }
 }
@@ -165,16 +265,19 @@ fn main() {
     let scenarios: Vec<Scenario> = match (args.first(), args.get(1)) {
         (Some(backend), Some(client)) => {
             vec![Scenario::parse(backend, client).unwrap_or_else(|| {
-                panic!("usage: instructions <echo|upstream> <plain|streamed|plain-via-stream>")
+                panic!(
+                    "usage: instructions <echo|upstream> <plain|streamed|plain-via-stream|policies>"
+                )
             })]
         }
         _ => {
             let mut all = vec![
                 Scenario::parse("echo", "plain"),
                 Scenario::parse("echo", "streamed"),
+                Scenario::parse("echo", "policies"),
             ];
             if std::env::var_os("ORCHESTRATOR_BENCH_UPSTREAM").is_some() {
-                for client in ["plain", "streamed", "plain-via-stream"] {
+                for client in ["plain", "streamed", "plain-via-stream", "policies"] {
                     all.push(Scenario::parse("upstream", client));
                 }
             }
@@ -192,31 +295,39 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
-    for Scenario {
-        upstream,
-        streamed,
-        always_stream,
-    } in scenarios
-    {
+    for scenario in scenarios {
+        let Scenario {
+            upstream,
+            streamed,
+            always_stream,
+            policies,
+        } = scenario;
         let base_url = upstream.then(|| {
             upstream_url
                 .as_deref()
                 .expect("ORCHESTRATOR_BENCH_UPSTREAM names the bench upstream")
         });
+        let config = if policies {
+            policy_config(base_url)
+        } else {
+            config(base_url, always_stream)
+        };
         let host = rt
-            .block_on(Orchestrator::start(
-                config(base_url, always_stream),
-                Arc::new(Metrics::new()),
-            ))
+            .block_on(Orchestrator::start(config, Arc::new(Metrics::new())))
             .expect("the host starts");
         let pipeline = host.pipeline().clone();
-        warm_up(&rt, &pipeline, upstream, streamed);
-        measured(&rt, &pipeline, requests, upstream, streamed);
+        warm_up(&rt, &pipeline, scenario);
+        measured(&rt, &pipeline, requests, scenario);
         println!(
-            "instructions: {} {}{} — {requests} requests answered",
+            "instructions: {} {}{}{} — {requests} requests answered",
             if upstream { "upstream" } else { "echo" },
             if streamed { "streamed" } else { "plain" },
             if always_stream { " via a stream" } else { "" },
+            if policies {
+                " through the policy stages"
+            } else {
+                ""
+            },
         );
         rt.block_on(host.shutdown(Duration::from_secs(5)));
     }

@@ -8,7 +8,9 @@
 #
 # Scenarios: `echo` and the bench upstream (benches/bench_upstream.rs, its
 # own process: not counted), a plain and a streaming client, and a plain
-# client served from a streamed upstream request (`always_stream`). Each is
+# client served from a streamed upstream request (`always_stream`), and a
+# plain client through the policy stages (`policies`: auth, ratelimit and
+# cache on memory stores, every request a cache miss that stores). Each is
 # run twice under callgrind, for SMALL and LARGE requests, and the difference
 # in the process's instructions divided by the difference in requests is the
 # figure: the start-up, the same in both runs, cancels out. (Collecting only
@@ -72,7 +74,8 @@ collected() { # backend, client, requests
 }
 
 printf '%-9s %-17s %20s\n' backend client instructions/request
-for scenario in "echo plain" "echo streamed" "upstream plain" "upstream streamed" "upstream plain-via-stream"; do
+for scenario in "echo plain" "echo streamed" "upstream plain" "upstream streamed" "upstream plain-via-stream" \
+    "echo policies" "upstream policies"; do
     read -r backend client <<<"$scenario"
     small=$(collected "$backend" "$client" "$SMALL")
     large=$(collected "$backend" "$client" "$LARGE")

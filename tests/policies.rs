@@ -518,8 +518,8 @@ async fn a_cut_stream_pays_what_it_got_and_a_cache_hit_nothing() {
 
 /// A request cut while a later stage holds it (here: waiting in the
 /// cache for an identical request's answer) still settles its
-/// reservation: its finish calls get the request as it was when that stage
-/// took it, notes included.
+/// reservation: its finish calls get the request as that stage held it,
+/// notes included.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_request_cut_inside_a_stage_still_settles() {
     let Some(redis) = Redis::start() else { return };

@@ -155,16 +155,14 @@ async fn process(
         // Recorded before the call: a call cut short (the client left, the
         // deadline passed) still gets its finish call.
         job.ran(index, current.finishes());
-        if !job.finishers.is_empty() {
-            job.lent = Some(job.envelope.summary());
-        }
+        let rescue = (!job.finishers.is_empty()).then_some(&mut job.lent);
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
         let router = job.snapshot.router();
         let stores = job.snapshot.stores();
         let span = &span;
         let streams = job.streaming;
-        on_instance(stage, &current, async |live: &mut Instance| {
+        on_instance(stage, &current, rescue, async |live: &mut Instance| {
             live.set_request_deadline(Instant::now() + remaining);
             live.set_client_streams(streams);
             live.set_request(&envelope.request_id, span.clone());
@@ -292,6 +290,7 @@ fn fail(stage: &StageRuntime, job: &Job, error: CallError) -> RunError {
 pub(super) async fn on_instance<T>(
     stage: &StageRuntime,
     version: &Arc<Plugin>,
+    rescue: Option<&mut Option<Envelope>>,
     call: impl AsyncFnOnce(&mut Instance) -> Result<T, CallError>,
 ) -> Result<T, CallError> {
     let settings = &stage.settings;
@@ -301,11 +300,21 @@ pub(super) async fn on_instance<T>(
     } else {
         None
     };
-    let mut live = match idle {
+    let live = match idle {
         Some(instance) => instance,
         None => Instance::new(version).await?,
     };
-    let result = call(&mut live).await;
+    let mut holding = Holding {
+        live: Some(live),
+        rescue,
+    };
+    let Some(live) = holding.live.as_mut() else {
+        unreachable!("the instance was just put there");
+    };
+    let result = call(live).await;
+    let Some(live) = holding.live.take() else {
+        unreachable!("only the drop takes the instance");
+    };
     if reuse
         && live.calls() < settings.recycle_after
         && !result.as_ref().is_err_and(CallError::poisons_instance)
@@ -313,6 +322,26 @@ pub(super) async fn on_instance<T>(
         stage.put_idle(live);
     }
     result
+}
+
+/// An instance in use by [`on_instance`]. Dropped while it still holds it
+/// (the call's future dropped: the client went away, the request's time
+/// ran out), it takes the request lent to the call back into `rescue`, so
+/// the request's finish calls get it as the call left it; the instance is
+/// then dropped, never reused.
+struct Holding<'a> {
+    live: Option<Instance>,
+    rescue: Option<&'a mut Option<Envelope>>,
+}
+
+impl Drop for Holding<'_> {
+    fn drop(&mut self) {
+        if let (Some(live), Some(rescue)) = (self.live.as_mut(), self.rescue.as_mut())
+            && let Some(envelope) = live.take_lent()
+        {
+            **rescue = Some(envelope);
+        }
+    }
 }
 
 /// Collect a whole generation into `envelope`.

@@ -67,7 +67,7 @@ impl Job {
     /// Called when the job is dropped before [`Job::finish`]: the request
     /// failed, timed out, or its client went away.
     pub(super) fn finish_unanswered(&mut self) {
-        // Cut short while a stage held the request: what it was when lent.
+        // Cut short while a stage held the request: as the call left it.
         if self.envelope.request_id.is_empty()
             && let Some(lent) = self.lent.take()
         {
@@ -147,7 +147,7 @@ impl Finishing {
             let timeout = Duration::from_millis(stage.settings.timeout_ms);
             let (envelope, stores, outcome) = (&mut envelope, &self.stores, &outcome);
             let router = &self.router;
-            let result = call::on_instance(stage, &plugin, async |live: &mut Instance| {
+            let result = call::on_instance(stage, &plugin, None, async |live: &mut Instance| {
                 live.set_request(&envelope.request_id, Trace::off());
                 live.set_router(router);
                 live.set_stores(stores);

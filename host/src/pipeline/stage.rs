@@ -331,9 +331,9 @@ pub(super) struct Job {
     pub(super) refused_by: Option<&'static str>,
     /// The request's end is counted in the policy series.
     pub(super) accounted: bool,
-    /// The request as it was when a stage took it ([`Envelope::summary`]),
-    /// while stages that finish have run: what their finish calls get if
-    /// the request ends while a stage holds it.
+    /// The request taken back from a call cut short while a stage held
+    /// it (once a stage that finishes has run): what the finish calls get
+    /// if the request ends in the middle of a call.
     pub(super) lent: Option<Envelope>,
     /// The HTTP status of the failure that ended the request, if one did.
     pub(super) failure: Option<u16>,

@@ -343,12 +343,17 @@ impl Streaming {
         let result = {
             let stage = &self.chunk_stages[k];
             let (context, trace, stores) = (&self.context, &stage.trace, &self.stores);
-            call::on_instance(&runtime, &stage.plugin, async |live: &mut Instance| {
-                live.set_request(&context.request_id, trace.clone());
-                live.set_stores(stores);
-                live.process_chunk(context, &carry, &delta, last, timeout)
-                    .await
-            })
+            call::on_instance(
+                &runtime,
+                &stage.plugin,
+                None,
+                async |live: &mut Instance| {
+                    live.set_request(&context.request_id, trace.clone());
+                    live.set_stores(stores);
+                    live.process_chunk(context, &carry, &delta, last, timeout)
+                        .await
+                },
+            )
             .await
         };
         drop(permit);

@@ -128,33 +128,6 @@ impl Envelope {
         Envelope::default()
     }
 
-    /// What a finish call and the host's accounting need of the request,
-    /// without the chat and the answer's text: its id, model (of the
-    /// parameters, only the model), notes, usage, principal, route,
-    /// caller, refusal and response headers. Kept
-    /// while a stage holds the request, so that a request cut short in the
-    /// middle of a call still finishes with its notes (a reservation to
-    /// settle, a lock to release).
-    pub fn summary(&self) -> Envelope {
-        Envelope {
-            request_id: self.request_id.clone(),
-            params: Params {
-                model: self.params.model.clone(),
-                ..Params::default()
-            },
-            usage: self.usage,
-            metadata: self.metadata.clone(),
-            target: self.target.clone(),
-            caller: self.caller.clone(),
-            principal: self.principal.clone(),
-            answered: self.answered,
-            generated: self.generated,
-            refused: self.refused.clone(),
-            response_headers: self.response_headers.clone(),
-            ..Envelope::default()
-        }
-    }
-
     /// Record a generation's answer: text, tool calls, refusal, log
     /// probabilities, finish reason and usage.
     pub fn set_answer(&mut self, completion: Completion) {

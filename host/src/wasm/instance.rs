@@ -51,6 +51,9 @@ pub struct Instance {
     plugin: Arc<Plugin>,
     calls: u64,
     memory_at_start: usize,
+    /// The table entry of the request lent to the `process` call under
+    /// way (`Ok`: 0.2, `Err`: 0.1), until the call gives it back.
+    lending: Option<Result<u32, u32>>,
 }
 
 impl Instance {
@@ -111,6 +114,7 @@ impl Instance {
             plugin: plugin.clone(),
             calls: 0,
             memory_at_start,
+            lending: None,
         })
     }
 
@@ -141,6 +145,24 @@ impl Instance {
     /// Calls served so far.
     pub fn calls(&self) -> u64 {
         self.calls
+    }
+
+    /// The request lent to a `process` call that was cut short (its
+    /// future dropped while the guest held the request): taken back from
+    /// the store's table, as the call left it. `None` when no call is
+    /// under way. The instance must not serve again afterwards.
+    pub fn take_lent(&mut self) -> Option<Envelope> {
+        let state = self.store.data_mut();
+        state.lent = None;
+        state.request = None;
+        match self.lending.take()? {
+            Ok(rep) => state.table.delete(Resource::<Envelope>::new_own(rep)).ok(),
+            Err(rep) => state
+                .table
+                .delete(Resource::<LegacyRequest>::new_own(rep))
+                .ok()
+                .map(|legacy| legacy.0),
+        }
     }
 
     /// Call `process` with a deadline of `timeout`.
@@ -208,10 +230,12 @@ impl Instance {
             }
             value => value,
         };
+        self.lending = owned;
         let result = {
             let call = self.exports.process(&mut self.store, argument);
             within(deadline, std::pin::pin!(call)).await
         };
+        self.lending = None;
         let mut over_cap = None;
         self.store.data_mut().lent = None;
         if let Some(rep) = owned {

@@ -21,9 +21,10 @@
 //!   the stage is `shared`: by default callers never see each other's
 //!   answers.
 //!
-//! Each of these is written out as its `Debug` text, behind its name and
-//! byte length (and a version prefix), so the boundaries between them
-//! cannot shift and two different requests cannot encode alike. The
+//! Each field goes into the hash framed (a tag, a length before every
+//! string and list, fixed-width numbers; see [`key`]'s module) behind a
+//! version prefix, so the boundaries between them cannot shift and two
+//! different requests cannot encode alike. The
 //! client's `stream` flag is not part of the request's fields, so a plain
 //! and a streamed request share entries: a hit is answered early
 //! ([`Request::answer`]), the generating stage is skipped, the stages
@@ -86,13 +87,13 @@
 
 mod stage;
 
-pub use stage::{Cache, Config};
+mod key;
 
-use std::fmt::Write as _;
+pub use key::key;
+pub use stage::{Cache, Config};
 
 use orchestrator_plugin::{Request, ToolCall, Usage};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// The response header that says what the cache did.
 pub const HEADER: &str = "x-orchestrator-cache";
@@ -170,52 +171,6 @@ impl Directives {
         }
         directives
     }
-}
-
-/// The version of the key's encoding: a change of the encoding changes
-/// it, so old entries are never read with a new meaning.
-const KEY_VERSION: &str = "v1";
-
-/// The cache key of `request` as it stands: the hex SHA-256 of its route,
-/// parameters, messages, tools and (unless `shared`) principal; see the
-/// crate documentation.
-pub fn key(request: &dyn Request, shared: bool) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(KEY_VERSION.as_bytes());
-    hasher.update(b"|");
-    section(&mut hasher, "route", &format!("{:?}", request.route()));
-    section(&mut hasher, "params", &format!("{:?}", request.params()));
-    section(
-        &mut hasher,
-        "messages",
-        &format!("{:?}", request.messages()),
-    );
-    section(&mut hasher, "tools", &format!("{:?}", request.tools()));
-    if shared {
-        section(&mut hasher, "shared", "");
-    } else {
-        let principal = request.principal();
-        // `=` before a principal, so that a principal named `-` is not
-        // the absence of one.
-        let principal = match &principal {
-            Some(name) => format!("={name}"),
-            None => "-".into(),
-        };
-        section(&mut hasher, "principal", &principal);
-    }
-    let digest = hasher.finalize();
-    let mut hex = String::with_capacity(digest.len() * 2);
-    for byte in digest {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
-}
-
-/// Hash `name:<byte length>:value|`.
-fn section(hasher: &mut Sha256, name: &str, value: &str) {
-    hasher.update(format!("{name}:{}:", value.len()).as_bytes());
-    hasher.update(value.as_bytes());
-    hasher.update(b"|");
 }
 
 /// A cached answer, as stored (JSON): what a hit sets on the request.
