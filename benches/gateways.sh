@@ -40,6 +40,10 @@
 #   STAGES="assemble inference" bash benches/gateways.sh
 #       run ours (and the baseline) with that default pipeline instead of
 #       the five default stages
+#   POLICIES="memory" bash benches/gateways.sh      # which policy rows (default
+#       "memory redis"; POLICIES= for none): ours again with the policy
+#       stages (auth, ratelimit, cache) around the same stages, on memory
+#       stores or on a redis-server on loopback started here
 #   KEEP=1 bash benches/gateways.sh                 # keep the work directory (logs)
 #
 # Needs wrk, python3 with venv and pip (the peers come from PyPI:
@@ -60,6 +64,18 @@
 #     no TCP_NODELAY on the connections it accepts (seen with strace), so a
 #     streamed answer on a kept-alive connection waits for the client's
 #     delayed ACK: ~40 ms of its p50 at 1 connection is that.
+#   - ours with the policy stages ("policies-memory", "policies-redis"):
+#     `auth, rag, assemble, ratelimit, cache, inference, post, stream` (with
+#     STAGES: auth first, ratelimit and cache just before inference), one API
+#     key sent as `Authorization: Bearer`, one rule per key (requests and
+#     tokens per minute, never reached). So that every request is served by
+#     the upstream like the other rows, none is a cache hit: wrk sends a
+#     prompt no earlier request sent (a number before the same question),
+#     so the cache misses, claims its lock and stores the answer (its
+#     costliest path); oha, whose body is fixed, sends `Cache-Control:
+#     no-cache` (the cache computes its key and stores the answer, without
+#     the lookup). The Redis row's CPU is the host's only: redis-server's
+#     own is not in it.
 # Each gateway gets an uncounted 2 s warm-up per mode first; wrk's timeout
 # is 30 s, so a slow gateway is counted slow, not erroring. wrk counts only
 # the answers completed within DURATION: keep DURATION well above a
@@ -125,10 +141,15 @@ URL[upstream]=http://$UPSTREAM/v1/chat/completions
 MODEL[upstream]=up
 
 printf '[backends.up]\nkind = "openai"\nbase_url = "http://%s/v1"\n\n[routing]\nmodels = { up = "up" }\n' \
-    "$UPSTREAM" >"$WORK/ours.toml"
+    "$UPSTREAM" >"$WORK/backend.part"
+stage_list() { # stage names: a TOML list
+    # shellcheck disable=SC2086 # one word per stage
+    printf '"%s", ' "$@" | sed 's/, $//'
+}
+cp "$WORK/backend.part" "$WORK/ours.toml"
 if [ -n "${STAGES:-}" ]; then
     # shellcheck disable=SC2086 # one word per stage
-    printf '[pipelines.default]\nstages = [%s]\n' "$(printf '"%s", ' $STAGES | sed 's/, $//')" >>"$WORK/ours.toml"
+    printf '[pipelines.default]\nstages = [%s]\n' "$(stage_list $STAGES)" >>"$WORK/ours.toml"
 fi
 # A build of ours, as gateway `name`, in front of the upstream.
 start_ours() { # name, binary
@@ -138,6 +159,49 @@ start_ours() { # name, binary
 }
 start_ours ours "$BIN"
 if [ -n "${BASELINE_BIN:-}" ]; then start_ours baseline "$BASELINE_BIN"; fi
+
+# Ours with the policy stages, on memory stores or on Redis.
+declare -A AUTH
+POLICIES=${POLICIES-memory redis}
+ADMIN=bench-admin-token
+if [[ " $POLICIES " == *" redis "* ]] && ! command -v redis-server >/dev/null; then
+    log "SKIPPING policies-redis: redis-server is not installed (Debian: apt-get install redis-server)"
+    POLICIES=${POLICIES//redis/}
+fi
+if [[ " $POLICIES " == *" redis "* ]]; then
+    REDIS_PORT=$(free_port)
+    spawn "$WORK/redis.out" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save '' --appendonly no --dir "$WORK"
+    wait_for 30 "$LAST_PID" redis-cli -p "$REDIS_PORT" ping >/dev/null ||
+        { log "redis-server did not start"; exit 1; }
+fi
+policy_stages() { # the policy pipeline around STAGES (or the five defaults)
+    local stage
+    printf 'auth '
+    for stage in ${STAGES:-rag assemble inference post stream}; do
+        [ "$stage" = inference ] && printf 'ratelimit cache '
+        printf '%s ' "$stage"
+    done
+}
+for store in $POLICIES; do
+    name=policies-$store
+    {
+        printf 'admin_token = "%s"\n' "$ADMIN"
+        cat "$WORK/backend.part"
+        printf '[stages.ratelimit.config]\nrules = [{ name = "per_key", requests_per_minute = 100000000, tokens_per_minute = 100000000000 }]\n'
+        # shellcheck disable=SC2046 # one word per stage
+        printf '[pipelines.default]\nstages = [%s]\n' "$(stage_list $(policy_stages))"
+        if [ "$store" = redis ]; then
+            for kv in keys limits cache; do
+                printf '[stores.%s]\nkind = "redis"\nurl = "redis://127.0.0.1:%s/0"\n' "$kv" "$REDIS_PORT"
+            done
+        fi
+    } >"$WORK/$name.toml"
+    start_host "$name" "$BIN" "$WORK/$name.toml" || exit 1
+    URL[$name]=${API[$name]}/v1/chat/completions
+    MODEL[$name]=up
+    AUTH[$name]=$(create_key "${API[$name]}" "$ADMIN" bench) ||
+        { log "$name: could not create an API key"; exit 1; }
+done
 
 if [ -z "${SKIP[litellm]:-}" ]; then
     cat >"$WORK/litellm.yaml" <<EOF
@@ -210,23 +274,41 @@ body() { # model, stream (true/false)
 }
 # One plain and one streamed request must come back 200 with an answer.
 check() { # name
-    local name=$1 code
+    local name=$1 code auth=()
+    [ -n "${AUTH[$name]:-}" ] && auth=(-H "authorization: Bearer ${AUTH[$name]}")
     code=$(curl -s -o "$WORK/check.plain" -w '%{http_code}' -H 'content-type: application/json' \
-        -d "$(body "${MODEL[$name]}" false)" "${URL[$name]}") || code=000
+        "${auth[@]}" -d "$(body "${MODEL[$name]}" false)" "${URL[$name]}") || code=000
     if [ "$code" != 200 ] || ! python3 -c 'import json, sys
 assert json.load(open(sys.argv[1]))["choices"][0]["message"]["content"]' "$WORK/check.plain" 2>/dev/null; then
         echo "a plain request answered $code: $(head -c 300 "$WORK/check.plain")"
         return
     fi
     code=$(curl -sN -o "$WORK/check.stream" -w '%{http_code}' -H 'content-type: application/json' \
-        -d "$(body "${MODEL[$name]}" true)" "${URL[$name]}") || code=000
+        "${auth[@]}" -d "$(body "${MODEL[$name]}" true)" "${URL[$name]}") || code=000
     if [ "$code" != 200 ] || ! grep -q '"content":"[^"]' "$WORK/check.stream" ||
         ! grep -q '^data: \[DONE\]' "$WORK/check.stream"; then
         echo "a streamed request answered $code: $(head -c 300 "$WORK/check.stream")"
     fi
 }
+# A wrk script for a policy host: the key, and a prompt no earlier request
+# sent (NONCE differs from one wrk run to the next, id and n within one).
+policy_lua() { # name, stream (true/false)
+    wrk_chat_head "${AUTH[$1]}"
+    cat <<EOF
+local nonce = os.getenv("NONCE") or ""
+request = function()
+  n = n + 1
+  local body = '{"model":"${MODEL[$1]}","stream":$2,"max_tokens":$TOKENS,"messages":[{"role":"user","content":"' ..
+    nonce .. "-" .. tostring(id) .. "-" .. n .. ' What is backpressure and how does the orchestrator shed load?"}]}'
+  return wrk.format(nil, nil, nil, body)
+end
+EOF
+}
 NAMES=""
-for name in upstream ours baseline tensorzero litellm; do
+POLICY_NAMES=""
+for store in $POLICIES; do POLICY_NAMES="$POLICY_NAMES policies-$store"; done
+# shellcheck disable=SC2086 # one word per name
+for name in upstream ours $POLICY_NAMES baseline tensorzero litellm; do
     if [ -n "${SKIP[$name]:-}" ]; then
         log "SKIPPING $name: ${SKIP[$name]}"
         continue
@@ -235,13 +317,17 @@ for name in upstream ours baseline tensorzero litellm; do
     problem=$(check "$name")
     if [ -n "$problem" ]; then
         case $name in
-        upstream | ours | baseline) log "$name fails: $problem"; exit 1 ;;
+        upstream | ours | baseline | policies-*) log "$name fails: $problem"; exit 1 ;;
         *) SKIP[$name]=$problem; log "SKIPPING $name: $problem"; continue ;;
         esac
     fi
     for stream in false true; do
-        printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
-            "'$(body "${MODEL[$name]}" $stream)'" >"$WORK/$name.$stream.lua"
+        if [ -n "${AUTH[$name]:-}" ]; then
+            policy_lua "$name" $stream >"$WORK/$name.$stream.lua"
+        else
+            printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
+                "'$(body "${MODEL[$name]}" $stream)'" >"$WORK/$name.$stream.lua"
+        fi
     done
     body "${MODEL[$name]}" false >"$WORK/$name.body"
     printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
@@ -280,7 +366,7 @@ WRK=(wrk --timeout 30s --latency)
 log "warming up (2 s per gateway and mode, not counted)"
 for name in $NAMES; do
     for stream in false true; do
-        "${WRK[@]}" -t2 -c64 -d2s -s "$WORK/$name.$stream.lua" "${URL[$name]}" >/dev/null
+        NONCE=warm-$stream "${WRK[@]}" -t2 -c64 -d2s -s "$WORK/$name.$stream.lua" "${URL[$name]}" >/dev/null
     done
 done
 for round in $(seq "$ROUNDS"); do
@@ -298,7 +384,7 @@ for round in $(seq "$ROUNDS"); do
             [ $test/$name = echo64/upstream ] && continue
             before=$(tree_ticks "${PID[$name]}")
             up_before=$(tree_ticks "${PID[upstream]}")
-            out=$("${WRK[@]}" -t$threads -c$conns -d"${DURATION}s" -s "$WORK/$name.$stream.lua" "${URL[$name]}")
+            out=$(NONCE=$round-$test "${WRK[@]}" -t$threads -c$conns -d"${DURATION}s" -s "$WORK/$name.$stream.lua" "${URL[$name]}")
             after=$(tree_ticks "${PID[$name]}")
             up_after=$(tree_ticks "${PID[upstream]}")
             read -r ok secs bad sock p50 <<<"$(echo "$out" | parse_wrk)"
@@ -335,8 +421,12 @@ if command -v oha >/dev/null; then
     for round in $(seq "$ROUNDS"); do
         for rate in $RATES; do
             for name in $(order "$round"); do
+                headers=()
+                if [ -n "${AUTH[$name]:-}" ]; then
+                    headers=(-H "authorization: Bearer ${AUTH[$name]}" -H "cache-control: no-cache")
+                fi
                 oha --no-tui "${ohajson[@]}" --latency-correction -q "$rate" -z "${DURATION}s" -c 64 \
-                    -m POST -T application/json -D "$WORK/$name.body" "${URL[$name]}" >"$WORK/oha.json" ||
+                    "${headers[@]}" -m POST -T application/json -D "$WORK/$name.body" "${URL[$name]}" >"$WORK/oha.json" ||
                     true
                 line=$(python3 - "$WORK/oha.json" <<'PY'
 import json, sys
@@ -405,6 +495,8 @@ def show(values, fmt):
     return f"{fmt(m)} ({lo}-{hi})"
 
 label = {"upstream": "upstream alone", "ours": "ours (orchestrator)",
+         "policies-memory": "ours + auth, ratelimit, cache (memory stores)",
+         "policies-redis": "ours + auth, ratelimit, cache (Redis)",
          "baseline": "ours, baseline build (BASELINE_BIN)",
          "tensorzero": "TensorZero", "litellm": "LiteLLM (2 workers)"}
 print("| gateway | plain req/s @64 | streamed req/s @64 | CPU µs/request @64 | upstream CPU µs/request @64 "
