@@ -74,8 +74,10 @@
 #     so the cache misses, claims its lock and stores the answer (its
 #     costliest path); oha, whose body is fixed, sends `Cache-Control:
 #     no-cache` (the cache computes its key and stores the answer, without
-#     the lookup). The Redis row's CPU is the host's only: redis-server's
-#     own is not in it.
+#     the lookup and its lock: a cheaper path). wrk builds each of these
+#     requests in Lua (the other rows send a fixed body), which costs wrk a
+#     little more CPU on the shared cores. The Redis row's CPU is the
+#     host's only: redis-server's own is not in it.
 # Each gateway gets an uncounted 2 s warm-up per mode first; wrk's timeout
 # is 30 s, so a slow gateway is counted slow, not erroring. wrk counts only
 # the answers completed within DURATION: keep DURATION well above a
@@ -182,6 +184,10 @@ policy_stages() { # the policy pipeline around STAGES (or the five defaults)
         printf '%s ' "$stage"
     done
 }
+if [ -n "${POLICIES// /}" ] && [[ " ${STAGES:-inference} " != *" inference "* ]]; then
+    log "STAGES has no inference stage: the policy rows need one (ratelimit and cache go before it); set POLICIES= to run without them"
+    exit 1
+fi
 for store in $POLICIES; do
     name=policies-$store
     {

@@ -188,7 +188,9 @@ fn policy_config(upstream: Option<&str>) -> Config {
              tokens_per_minute = 100000000000 }]\n",
         );
     }
-    if let Ok(extra) = std::env::var("XTOML") {
+    // More configuration, for profiling: e.g. `[stages.cache]` with
+    // `plugin = "..."`, a build that keeps its function names for `perf`.
+    if let Ok(extra) = std::env::var("ORCHESTRATOR_BENCH_EXTRA") {
         toml.push_str(&extra);
     }
     if let Some(base_url) = upstream {

@@ -59,7 +59,9 @@ wait_for 30 "$LAST_PID" grep -q '^listening on' "$WORK/upstream.out" ||
 export ORCHESTRATOR_BENCH_UPSTREAM="$(sed -n 's|^listening on ||p' "$WORK/upstream.out")/v1"
 
 log "filling the compiled-plugin cache (natively)"
+# Every plugin a scenario runs: the host compiles only the stages in use.
 "$BENCH" echo plain --requests 1 >/dev/null
+"$BENCH" echo policies --requests 1 >/dev/null
 
 # Instructions a run executed, all threads.
 collected() { # backend, client, requests

@@ -155,7 +155,7 @@ async fn process(
         // Recorded before the call: a call cut short (the client left, the
         // deadline passed) still gets its finish call.
         job.ran(index, current.finishes());
-        let rescue = (!job.finishers.is_empty()).then_some(&mut job.lent);
+        let rescue = Some(&mut job.lent);
         let envelope = &mut job.envelope;
         let backend_wait = &job.backend_wait;
         let router = job.snapshot.router();

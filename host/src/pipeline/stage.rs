@@ -332,8 +332,8 @@ pub(super) struct Job {
     /// The request's end is counted in the policy series.
     pub(super) accounted: bool,
     /// The request taken back from a call cut short while a stage held
-    /// it (once a stage that finishes has run): what the finish calls get
-    /// if the request ends in the middle of a call.
+    /// it: what the finish calls and the policy accounting get if the
+    /// request ends in the middle of a call.
     pub(super) lent: Option<Envelope>,
     /// The HTTP status of the failure that ended the request, if one did.
     pub(super) failure: Option<u16>,

@@ -218,6 +218,10 @@ impl Runtime {
         let mut config = wasmtime::Config::new();
         config
             .wasm_component_model(true)
+            // Calls run on fibers (`call_async`): a call future dropped in
+            // the middle is run to its end as a trap, and the store is
+            // free again, which the pipeline relies on to take the request
+            // back from a call cut short (`Instance::take_lent`).
             .concurrency_support(false)
             .epoch_interruption(true)
             .consume_fuel(settings.fuel)

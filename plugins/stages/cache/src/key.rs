@@ -1,8 +1,10 @@
 //! The cache key: a request's fields framed into a SHA-256, no text made
 //! on the way.
 //!
-//! Every field goes into the hash behind a tag byte naming it: a string as
-//! its byte length (8 bytes, little-endian) and its bytes, a number as its
+//! Each part of the request goes into the hash behind a tag byte naming it
+//! (the route, the parameters, each message, call, part and tool, the
+//! principal or `shared`), and its fields in a fixed order: a string as its
+//! byte length (8 bytes, little-endian) and its bytes, a number as its
 //! fixed-width little-endian bytes (a float as its IEEE bits), an option
 //! as `0` or `1` and then the value, a list as its length and then its
 //! items. So the boundaries between fields cannot shift and two different

@@ -17,7 +17,7 @@
 //! - every message, whole: roles, text or parts, names, tool calls, tool
 //!   results and their unknown fields;
 //! - the tools offered;
-//! - the principal (the caller an auth stage named; `-` when none), unless
+//! - the principal (the caller an auth stage named, or its absence), unless
 //!   the stage is `shared`: by default callers never see each other's
 //!   answers.
 //!
@@ -381,6 +381,22 @@ mod tests {
                 .with_messages([extra]),
         );
         variants.push(base().with_tools([Tool::function("search")]));
+        // Where one string ends and the next begins is part of the key.
+        variants.push(base().with_stop(&["ab", "c"]));
+        variants.push(base().with_stop(&["a", "bc"]));
+        variants.push(route(|r| r.max_tokens_limit += 1));
+        let mut calling = Message::new("assistant", "");
+        calling.content = None;
+        calling.tool_calls = vec![ToolCall {
+            id: "call_1".into(),
+            kind: "function".into(),
+            name: "search".into(),
+            arguments: "{}".into(),
+        }];
+        let mut result = Message::new("tool", "found");
+        result.tool_call_id = Some("call_1".into());
+        variants.push(base().with_messages([calling.clone()]));
+        variants.push(base().with_messages([calling, result]));
         let keys: Vec<String> = variants.iter().map(|r| key(r, false)).collect();
         for (at, k) in keys.iter().enumerate() {
             assert_ne!(*k, a, "variant {at} keeps the key");
