@@ -296,20 +296,6 @@ assert json.load(open(sys.argv[1]))["choices"][0]["message"]["content"]' "$WORK/
         echo "a streamed request answered $code: $(head -c 300 "$WORK/check.stream")"
     fi
 }
-# A wrk script for a policy host: the key, and a prompt no earlier request
-# sent (NONCE differs from one wrk run to the next, id and n within one).
-policy_lua() { # name, stream (true/false)
-    wrk_chat_head "${AUTH[$1]}"
-    cat <<EOF
-local nonce = os.getenv("NONCE") or ""
-request = function()
-  n = n + 1
-  local body = '{"model":"${MODEL[$1]}","stream":$2,"max_tokens":$TOKENS,"messages":[{"role":"user","content":"' ..
-    nonce .. "-" .. tostring(id) .. "-" .. n .. ' What is backpressure and how does the orchestrator shed load?"}]}'
-  return wrk.format(nil, nil, nil, body)
-end
-EOF
-}
 NAMES=""
 POLICY_NAMES=""
 for store in $POLICIES; do POLICY_NAMES="$POLICY_NAMES policies-$store"; done
@@ -329,7 +315,8 @@ for name in upstream ours $POLICY_NAMES baseline tensorzero litellm; do
     fi
     for stream in false true; do
         if [ -n "${AUTH[$name]:-}" ]; then
-            policy_lua "$name" $stream >"$WORK/$name.$stream.lua"
+            wrk_chat_unique "${AUTH[$name]}" "${MODEL[$name]}" $stream $TOKENS \
+                "What is backpressure and how does the orchestrator shed load?" >"$WORK/$name.$stream.lua"
         else
             printf 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\nwrk.body = %s\n' \
                 "'$(body "${MODEL[$name]}" $stream)'" >"$WORK/$name.$stream.lua"

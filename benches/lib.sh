@@ -97,6 +97,23 @@ create_key() { # api url, admin token, principal
         python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])'
 }
 
+# A wrk script that POSTs chat completions with the API key given, each
+# with a prompt no earlier request sent: NONCE (from the environment)
+# differs from one wrk run to the next, the thread's id and a counter within
+# one, so no request is a cache hit.
+wrk_chat_unique() { # key, model, stream (true/false), max_tokens, question
+    wrk_chat_head "$1"
+    cat <<EOF
+local nonce = os.getenv("NONCE") or ""
+request = function()
+  n = n + 1
+  local body = '{"model":"$2","stream":$3,"max_tokens":$4,"messages":[{"role":"user","content":"' ..
+    nonce .. "-" .. tostring(id) .. "-" .. n .. ' $5"}]}'
+  return wrk.format(nil, nil, nil, body)
+end
+EOF
+}
+
 # The start of a wrk script that POSTs chat completions with the API key
 # given: the method and headers, each thread's number in the global `id`
 # (set by setup) and a request counter `n`. The caller appends the rest.

@@ -83,18 +83,7 @@ done
 # wrk scripts: a different prompt per request (misses), or the same (hits).
 PROMPT="one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen nineteen twenty twenty-one twenty-two twenty-three twenty-four twenty-five twenty-six twenty-seven twenty-eight twenty-nine thirty thirty-one thirty-two"
 for name in "${HOSTS[@]}"; do
-    { wrk_chat_head "${KEY[$name]}"; cat <<EOF
--- NONCE differs from one wrk run to the next: no run repeats another's
--- prompts (which would be cache hits).
-local nonce = os.getenv("NONCE") or ""
-request = function()
-  n = n + 1
-  local body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"' ..
-    nonce .. "-" .. tostring(id) .. "-" .. n .. ' $PROMPT"}]}'
-  return wrk.format(nil, nil, nil, body)
-end
-EOF
-    } >"$WORK/$name.miss.lua"
+    wrk_chat_unique "${KEY[$name]}" up false 32 "$PROMPT" >"$WORK/$name.miss.lua"
     { wrk_chat_head "${KEY[$name]}"; cat <<EOF
 wrk.body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"the same $PROMPT"}]}'
 EOF

@@ -151,7 +151,7 @@ impl Instance {
     /// future dropped while the guest held the request): taken back from
     /// the store's table, as the call left it. `None` when no call is
     /// under way. The instance must not serve again afterwards.
-    pub fn take_lent(&mut self) -> Option<Envelope> {
+    pub(crate) fn take_lent(&mut self) -> Option<Envelope> {
         let state = self.store.data_mut();
         state.lent = None;
         state.request = None;
