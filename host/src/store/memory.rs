@@ -186,6 +186,34 @@ impl MemoryBackend {
         }
         Ok(())
     }
+
+    /// Set the counter `key` to `value` (its decimal text) expiring at
+    /// `expires`: in place when the key holds a value and the new text
+    /// fits the bounds (no new key, one lookup), else as an insert.
+    fn set_counter(
+        &self,
+        map: &mut Map,
+        key: &str,
+        value: i64,
+        expires: Option<Instant>,
+        now: Instant,
+    ) -> Result<(), BackendError> {
+        let mut digits = itoa::Buffer::new();
+        let text = digits.format(value).as_bytes();
+        let max_bytes = self.max_bytes;
+        let bytes = map.bytes;
+        if let Some(entry) = map.entries.get_mut(key) {
+            let grown = bytes - entry.value.len() + text.len();
+            if grown <= max_bytes {
+                entry.value.clear();
+                entry.value.extend_from_slice(text);
+                entry.expires = expires;
+                map.bytes = grown;
+                return Ok(());
+            }
+        }
+        self.insert(map, key, text.to_vec(), expires, now)
+    }
 }
 
 /// `work` as a backend future, run when it is first polled (so that the
@@ -302,7 +330,7 @@ impl Backend for MemoryBackend {
                     None => (0, None),
                 };
                 let value = add(current, delta)?;
-                self.insert(map, key, value.to_string().into_bytes(), expires, now)?;
+                self.set_counter(map, key, value, expires, now)?;
                 Ok(value)
             })
         })
@@ -385,13 +413,7 @@ impl Backend for MemoryBackend {
                         _ => {
                             let expires = expires.unwrap_or(now + counter.window);
                             let value = add(value.unwrap_or(0), counter.delta)?;
-                            self.insert(
-                                map,
-                                &counter.key,
-                                value.to_string().into_bytes(),
-                                Some(expires),
-                                now,
-                            )?;
+                            self.set_counter(map, &counter.key, value, Some(expires), now)?;
                             Window {
                                 value,
                                 applied: true,

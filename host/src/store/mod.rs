@@ -205,7 +205,10 @@ impl Store {
                 key.len()
             )));
         }
-        Ok(format!("{}{key}", self.prefix))
+        let mut prefixed = String::with_capacity(self.prefix.len() + key.len());
+        prefixed.push_str(&self.prefix);
+        prefixed.push_str(key);
+        Ok(prefixed)
     }
 
     fn keys(&self, keys: &[String]) -> Result<Vec<String>, StoreError> {
@@ -466,7 +469,9 @@ impl Store {
             }
             prefixed.push(Counter {
                 key: self.key(&counter.key)?,
-                ..counter.clone()
+                delta: counter.delta,
+                window: counter.window,
+                limit: counter.limit,
             });
         }
         self.run(StoreOp::Window, deadline, self.backend.windows(&prefixed))

@@ -205,6 +205,24 @@ impl Kind {
             Kind::Tokens => "tokens",
         }
     }
+
+    /// OpenAI's rate-limit headers of this kind: `x-ratelimit-limit-`,
+    /// `x-ratelimit-remaining-` and `x-ratelimit-reset-` followed by its
+    /// name.
+    pub fn headers(self) -> [&'static str; 3] {
+        match self {
+            Kind::Requests => [
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+                "x-ratelimit-reset-requests",
+            ],
+            Kind::Tokens => [
+                "x-ratelimit-limit-tokens",
+                "x-ratelimit-remaining-tokens",
+                "x-ratelimit-reset-tokens",
+            ],
+        }
+    }
 }
 
 /// One limit of a rule: at most `max` of `kind` per window of `unit`.
@@ -444,14 +462,7 @@ pub fn subject(raw: Option<&str>) -> String {
 
 /// The lower-case hex SHA-256 of `text`.
 fn sha256_hex(text: &str) -> String {
-    use fmt::Write;
-
-    let digest = Sha256::digest(text.as_bytes());
-    let mut hex = String::with_capacity(64);
-    for byte in digest {
-        let _ = write!(hex, "{byte:02x}");
-    }
-    hex
+    format!("{:x}", Sha256::digest(text.as_bytes()))
 }
 
 /// The IP address of a client address (`ip:port`, `[v6]:port`), without
@@ -471,11 +482,24 @@ pub fn client_ip(address: &str) -> String {
 /// The store key of a counter:
 /// `<rule>:<by>:<subject>:<requests|tokens>:<unit>:<window>`.
 pub fn counter_key(rule: &str, by: &str, subject: &str, limit: Limit, window: u64) -> String {
-    format!(
-        "{rule}:{by}:{subject}:{}:{}:{window}",
-        limit.kind.name(),
-        limit.unit.name()
-    )
+    // Pushed piece by piece: `format!` costs several times more in wasm,
+    // and every request makes a key per limit (twice, with its settle).
+    let mut digits = itoa::Buffer::new();
+    let window = digits.format(window);
+    let (kind, unit) = (limit.kind.name(), limit.unit.name());
+    let mut key = String::with_capacity(
+        rule.len() + by.len() + subject.len() + kind.len() + unit.len() + window.len() + 5,
+    );
+    for (at, part) in [rule, by, subject, kind, unit, window]
+        .into_iter()
+        .enumerate()
+    {
+        if at > 0 {
+            key.push(':');
+        }
+        key.push_str(part);
+    }
+    key
 }
 
 /// The bytes of a message's text: its string content, or its text parts
@@ -555,22 +579,28 @@ pub fn completion_tokens(
 /// it: `250ms` under a second; else whole seconds, rounded up, as `6s`,
 /// `6m0s` or `1h2m3s`.
 pub fn format_duration(ms: u64) -> String {
+    let mut digits = itoa::Buffer::new();
     if ms < 1_000 {
         return if ms == 0 {
             "0s".into()
         } else {
-            format!("{ms}ms")
+            [digits.format(ms), "ms"].concat()
         };
     }
     let seconds = ms.div_ceil(1_000);
     let (hours, minutes, seconds) = (seconds / 3_600, seconds % 3_600 / 60, seconds % 60);
+    let mut text = String::with_capacity(16);
     if hours > 0 {
-        format!("{hours}h{minutes}m{seconds}s")
-    } else if minutes > 0 {
-        format!("{minutes}m{seconds}s")
-    } else {
-        format!("{seconds}s")
+        text.push_str(digits.format(hours));
+        text.push('h');
     }
+    if hours > 0 || minutes > 0 {
+        text.push_str(digits.format(minutes));
+        text.push('m');
+    }
+    text.push_str(digits.format(seconds));
+    text.push('s');
+    text
 }
 
 /// A reservation, as the note [`RESERVED_NOTE`] holds it:
@@ -584,9 +614,16 @@ pub struct Reserved {
     pub at_ms: u64,
 }
 
-impl fmt::Display for Reserved {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{}", self.tokens, self.at_ms)
+impl Reserved {
+    /// The note's text, `<tokens>@<ms>` (what [`Reserved::from_str`]
+    /// reads).
+    pub fn note(&self) -> String {
+        let mut digits = itoa::Buffer::new();
+        let mut text = String::with_capacity(32);
+        text.push_str(digits.format(self.tokens));
+        text.push('@');
+        text.push_str(digits.format(self.at_ms));
+        text
     }
 }
 
@@ -788,7 +825,7 @@ mod tests {
             tokens: 4100,
             at_ms: 1_700_000_000_000,
         };
-        assert_eq!(reserved.to_string(), "4100@1700000000000");
+        assert_eq!(reserved.note(), "4100@1700000000000");
         assert_eq!("4100@1700000000000".parse(), Ok(reserved));
         for bad in ["", "4100", "x@1", "1@", "-1@2"] {
             assert!(bad.parse::<Reserved>().is_err(), "{bad}");

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use orchestrator_plugin::config::ConfigError;
 use orchestrator_plugin::store::{Counter, Store, StoreError, Window};
 use orchestrator_plugin::{
-    InitError, Outcome, Refusal, RefusalKind, Request, Stage, StageError, log,
+    GenerationParams, InitError, Outcome, Refusal, RefusalKind, Request, Stage, StageError, log,
 };
 use serde::Deserialize;
 
@@ -272,11 +272,15 @@ impl Stage for Ratelimit {
             return Ok(());
         }
         let now = (self.clock)();
-        let tokens = if rules.iter().any(|rule| rule.has(Kind::Tokens)) {
-            self.worst_case(request)
-        } else {
-            0
-        };
+        // The parameters are read once: a token rule needs them for the
+        // worst case and then to cap the completion.
+        let params = rules
+            .iter()
+            .any(|rule| rule.has(Kind::Tokens))
+            .then(|| request.params());
+        let tokens = params
+            .as_ref()
+            .map_or(0, |params| self.worst_case(request, params));
         let slots = slots(&rules, request, now);
         let delta = i64::try_from(tokens).unwrap_or(i64::MAX);
         let counters: Vec<Counter> = slots
@@ -304,9 +308,9 @@ impl Stage for Ratelimit {
             Err(error) => return self.store_failed(request, &rules, &error),
         };
         if windows.iter().all(|window| window.applied) {
-            request.set_note(RESERVED_NOTE, &Reserved { tokens, at_ms: now }.to_string());
-            if tokens > 0 {
-                cap_completion(request, self.default_max_tokens);
+            request.set_note(RESERVED_NOTE, &Reserved { tokens, at_ms: now }.note());
+            if let Some(params) = params.filter(|_| tokens > 0) {
+                cap_completion(request, params, self.default_max_tokens);
             }
             set_headers(request, &slots, &windows, None);
             return Ok(());
@@ -383,8 +387,7 @@ impl Stage for Ratelimit {
 /// reserved. Without `default_max_tokens` nothing is sent: the backend's
 /// `max_tokens_limit` is reserved, which a model may not take as a
 /// `max_tokens` (more than its context, or than its own cap).
-fn cap_completion(request: &dyn Request, default_max_tokens: u32) {
-    let mut params = request.params();
+fn cap_completion(request: &dyn Request, mut params: GenerationParams, default_max_tokens: u32) {
     if default_max_tokens == 0
         || params.max_tokens.is_some()
         || params.max_completion_tokens.is_some()
@@ -398,10 +401,10 @@ fn cap_completion(request: &dyn Request, default_max_tokens: u32) {
 impl Ratelimit {
     /// The request's worst case in tokens: the prompt's estimate and the
     /// completion's reserve.
-    fn worst_case(&self, request: &dyn Request) -> u64 {
+    fn worst_case(&self, request: &dyn Request, params: &GenerationParams) -> u64 {
         let prompt = crate::prompt_tokens(&request.messages(), &request.tools());
         let completion = crate::completion_tokens(
-            &request.params(),
+            params,
             self.default_max_tokens,
             request.route().max_tokens_limit,
         );
@@ -549,14 +552,14 @@ fn set_headers(
             continue;
         };
         let slot = &slots[at];
-        let name = kind.name();
-        for (header, value) in [
-            ("limit", slot.limit.max.to_string()),
-            ("remaining", left.to_string()),
-            ("reset", format_duration(slot.reset_ms)),
-        ] {
-            let header = format!("x-ratelimit-{header}-{name}");
-            if let Err(error) = request.set_response_header(&header, &value) {
+        let mut digits = itoa::Buffer::new();
+        let limit = digits.format(slot.limit.max).to_string();
+        let mut digits = itoa::Buffer::new();
+        let left = digits.format(left);
+        let reset = format_duration(slot.reset_ms);
+        let values = [limit.as_str(), left, reset.as_str()];
+        for (header, value) in kind.headers().into_iter().zip(values) {
+            if let Err(error) = request.set_response_header(header, value) {
                 log::debug(
                     "response header refused",
                     &[("header", &header), ("error", &error)],
