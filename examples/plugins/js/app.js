@@ -1,6 +1,6 @@
 // A `post` stage in JavaScript: mask profanity in the completion.
 //
-// World: `streaming-request-stage` of orchestrator:pipeline@0.2.1
+// World: `streaming-request-stage` of orchestrator:pipeline@0.2.2
 // (wit/pipeline.wit), built with ComponentizeJS (StarlingMonkey); see build.sh.
 //
 //   * init(config)        reads `words` (comma separated, case-insensitive;
@@ -40,7 +40,7 @@
 //     or a `{ tag, val }` object) for `err`. Throwing an `Error` instance is
 //     not converted into `err`: the call traps instead.
 
-import { emit as log } from 'orchestrator:pipeline/log@0.2.1';
+import { emit as log } from 'orchestrator:pipeline/log@0.2.2';
 import { open } from 'wasi:keyvalue/store@0.2.0-draft2';
 import { increment } from 'wasi:keyvalue/atomics@0.2.0-draft2';
 

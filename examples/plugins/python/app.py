@@ -1,6 +1,6 @@
 """A `post` stage in Python: mask profanity in the completion.
 
-World: `streaming-request-stage` of orchestrator:pipeline@0.2.1 (wit/pipeline.wit).
+World: `streaming-request-stage` of orchestrator:pipeline@0.2.2 (wit/pipeline.wit).
 
   * `init(config)`      reads `words` (comma separated, case-insensitive;
                         default "darn,heck"); any other key is an error.

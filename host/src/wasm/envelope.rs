@@ -159,6 +159,73 @@ impl Envelope {
     pub fn prompt_tokens(&self) -> u32 {
         crate::chat::count_tokens(&self.messages)
     }
+
+    /// Where the request goes, as a stage sees it (`route` of the WIT
+    /// `request`): the resolved target's, or outside a routed request
+    /// (`plugin run`) the model as asked.
+    pub fn route(&self) -> Route<'_> {
+        match &self.target {
+            Some(target) => Route {
+                pipeline: target.pipeline(),
+                backend: target.backend(),
+                upstream_model: target.upstream_model(),
+                max_tokens_limit: target.max_tokens_limit(),
+            },
+            None => Route {
+                pipeline: "",
+                backend: "",
+                upstream_model: &self.params.model,
+                max_tokens_limit: 0,
+            },
+        }
+    }
+
+    /// The SHA-256 of what decides the request's generation as it stands
+    /// (`fingerprint` of the WIT `request`): its [`route`](Self::route),
+    /// parameters, messages and tools, each behind a tag byte and written
+    /// as the JSON the host serializes it to (for the parameters,
+    /// messages and tools, what a backend would be sent). A JSON value
+    /// ends where its syntax says, so the parts cannot shift into one
+    /// another and different requests cannot encode alike.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        struct Hashing(Sha256);
+        impl std::io::Write for Hashing {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.update(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        fn part<T: Serialize + ?Sized>(hash: &mut Hashing, tag: u8, value: &T) {
+            hash.0.update([tag]);
+            // Cannot fail: the writer never does, and these types hold no
+            // map with keys that are not strings. (Were it to, the hash
+            // would still be of what was written, the same every time.)
+            let _ = serde_json::to_writer(&mut *hash, value);
+        }
+        let mut hash = Hashing(Sha256::new());
+        part(&mut hash, b'R', &self.route());
+        part(&mut hash, b'P', &self.params);
+        part(&mut hash, b'M', &self.messages);
+        part(&mut hash, b'T', &self.tools);
+        hash.0.finalize().into()
+    }
+}
+
+/// Where a request goes: what [`Envelope::route`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Route<'a> {
+    /// The pipeline that serves it.
+    pub pipeline: &'a str,
+    /// The backend a generation goes to.
+    pub backend: &'a str,
+    /// The model the backend is asked for.
+    pub upstream_model: &'a str,
+    /// The backend's most completion tokens (0: none set).
+    pub max_tokens_limit: u32,
 }
 
 /// Approximate bytes a value takes as JSON text: what a stage sets is
@@ -249,4 +316,96 @@ pub fn envelope_bytes(envelope: &Envelope) -> usize {
             .iter()
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ToolCall;
+
+    fn chat() -> Envelope {
+        Envelope::new(
+            "chatcmpl-1".into(),
+            vec![
+                Message::new("system", "Be brief."),
+                Message::new("user", "Hi"),
+            ],
+            Params::for_model("m"),
+            Vec::new(),
+        )
+    }
+
+    #[test]
+    fn the_fingerprint_covers_what_decides_the_generation() {
+        let base = chat().fingerprint();
+        // Not the id, notes, principal, passages, headers or the answer.
+        let mut same = chat();
+        same.request_id = "chatcmpl-2".into();
+        same.metadata.push(("note".into(), "x".into()));
+        same.principal = Some("alice".into());
+        same.passages.push(Passage::default());
+        same.response_headers.push(("x-a".into(), "1".into()));
+        same.completion = "old".into();
+        assert_eq!(same.fingerprint(), base);
+
+        let mut variants: Vec<Envelope> = Vec::new();
+        let mut change = |edit: &dyn Fn(&mut Envelope)| {
+            let mut envelope = chat();
+            edit(&mut envelope);
+            variants.push(envelope);
+        };
+        change(&|e| e.params.model = "other".into());
+        change(&|e| e.params.temperature = Some(0.7));
+        change(&|e| e.params.seed = Some(1));
+        change(&|e| e.params.max_tokens = Some(10));
+        // Where one string ends and the next begins counts.
+        change(&|e| e.params.stop = vec!["ab".into(), "c".into()]);
+        change(&|e| e.params.stop = vec!["a".into(), "bc".into()]);
+        change(&|e| {
+            e.params
+                .extra
+                .insert("x".into(), serde_json::Value::from(1));
+        });
+        change(&|e| e.messages[1] = Message::new("user", "Hi!"));
+        change(&|e| e.messages[0].role = "developer".into());
+        change(&|e| e.messages.push(Message::new("user", "")));
+        change(&|e| e.messages[1].name = Some("bob".into()));
+        change(&|e| {
+            e.messages[1].content = Some(Content::Parts(vec![ContentPart::Text("Hi".into())]));
+        });
+        change(&|e| {
+            let mut call = Message::new("assistant", "");
+            call.content = None;
+            call.tool_calls = vec![ToolCall {
+                id: "call_1".into(),
+                kind: "function".into(),
+                name: "search".into(),
+                arguments: "{}".into(),
+            }];
+            e.messages.push(call);
+        });
+        change(&|e| {
+            let mut result = Message::new("tool", "found");
+            result.tool_call_id = Some("call_1".into());
+            e.messages.push(result);
+        });
+        change(&|e| {
+            e.tools.push(Tool {
+                kind: "function".into(),
+                name: "search".into(),
+                description: None,
+                parameters: None,
+                strict: None,
+                extra: Default::default(),
+            });
+        });
+        let prints: Vec<[u8; 32]> = variants.iter().map(Envelope::fingerprint).collect();
+        for (at, print) in prints.iter().enumerate() {
+            assert_ne!(*print, base, "variant {at} keeps the fingerprint");
+            assert!(
+                !prints[..at].contains(print),
+                "variant {at} collides with an earlier one"
+            );
+        }
+    }
 }

@@ -1,6 +1,6 @@
 //! The generated bindings of the `orchestrator:pipeline` WIT package.
 //!
-//! The package is `orchestrator:pipeline@0.2.1` (the `wit/` directory of
+//! The package is `orchestrator:pipeline@0.2.2` (the `wit/` directory of
 //! the repository; 0.1.x lives in `wit/v0.1/` and is not used here). Its
 //! four worlds are generated here: `streaming-request-stage` with every
 //! imported interface (`wasi:keyvalue` included), and `request-stage`,
@@ -52,11 +52,11 @@ macro_rules! sharing_world {
                 default_bindings_module: $path,
                 runtime_path: "::orchestrator_plugin::__private::wit_bindgen::rt",
                 with: {
-                    "orchestrator:pipeline/types@0.2.1": crate::bindings::streaming::orchestrator::pipeline::types,
-                    "orchestrator:pipeline/log@0.2.1": crate::bindings::streaming::orchestrator::pipeline::log,
-                    "orchestrator:pipeline/inference@0.2.1": crate::bindings::streaming::orchestrator::pipeline::inference,
-                    "orchestrator:pipeline/request@0.2.1": crate::bindings::streaming::orchestrator::pipeline::request,
-                    "orchestrator:pipeline/expiring@0.2.1": crate::bindings::streaming::orchestrator::pipeline::expiring,
+                    "orchestrator:pipeline/types@0.2.2": crate::bindings::streaming::orchestrator::pipeline::types,
+                    "orchestrator:pipeline/log@0.2.2": crate::bindings::streaming::orchestrator::pipeline::log,
+                    "orchestrator:pipeline/inference@0.2.2": crate::bindings::streaming::orchestrator::pipeline::inference,
+                    "orchestrator:pipeline/request@0.2.2": crate::bindings::streaming::orchestrator::pipeline::request,
+                    "orchestrator:pipeline/expiring@0.2.2": crate::bindings::streaming::orchestrator::pipeline::expiring,
                     "wasi:keyvalue/store@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::store,
                     "wasi:keyvalue/atomics@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::atomics,
                     "wasi:keyvalue/batch@0.2.0-draft2": crate::bindings::streaming::wasi::keyvalue::batch,
@@ -94,6 +94,6 @@ sharing_world!(
     "__export_finishing_streaming_request_stage",
     "::orchestrator_plugin::bindings::finishing_streaming",
     {
-        "orchestrator:pipeline/streaming@0.2.1": crate::bindings::streaming::orchestrator::pipeline::streaming,
+        "orchestrator:pipeline/streaming@0.2.2": crate::bindings::streaming::orchestrator::pipeline::streaming,
     }
 );

@@ -5,7 +5,7 @@
 //! stage, once per chunk of a streamed completion). This crate is
 //! everything a Rust plugin needs:
 //!
-//! - the WIT bindings of `orchestrator:pipeline@0.2.1` (the `wit/`
+//! - the WIT bindings of `orchestrator:pipeline@0.2.2` (the `wit/`
 //!   directory of the orchestrator repository), generated here so a plugin
 //!   does not copy the WIT or pick a `wit-bindgen` version;
 //! - the [`Stage`] and [`StreamingStage`] traits, with typed configuration

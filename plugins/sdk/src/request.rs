@@ -125,6 +125,14 @@ pub trait Request {
     /// Where the request goes, as the host resolved its model: pipeline,
     /// backend, upstream model and the backend's `max_tokens` limit.
     fn route(&self) -> Route;
+    /// A SHA-256 digest of what decides the request's generation as it
+    /// stands: its [`route`](Self::route), parameters, messages and tools
+    /// (not its id, principal, notes, passages or headers). Equal for
+    /// requests equal in those, different otherwise; computed by the host,
+    /// so the chat is not copied into the plugin for it. The encoding
+    /// behind it may change with the host's version: a key stored for
+    /// later should carry a version of its own.
+    fn fingerprint(&self) -> Vec<u8>;
 
     /// Generate the answer to the request as it stands (its messages,
     /// tools and parameters) with the host's inference backend, and record
@@ -286,6 +294,9 @@ impl<const INFERENCE: bool> Request for HostRequest<'_, INFERENCE> {
     }
     fn route(&self) -> Route {
         self.0.route()
+    }
+    fn fingerprint(&self) -> Vec<u8> {
+        self.0.fingerprint()
     }
     fn generate(&self) -> Result<(), InferenceError> {
         // A constant condition: for `false` the import is not even

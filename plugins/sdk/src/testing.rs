@@ -509,6 +509,22 @@ impl Request for TestRequest {
     fn route(&self) -> Route {
         self.fields.borrow().route.clone()
     }
+    /// Not a digest, in this double: the `Debug` text of the route,
+    /// parameters, messages and tools, which is equal exactly when they
+    /// are (what a test of a stage keying on it needs).
+    fn fingerprint(&self) -> Vec<u8> {
+        let fields = self.fields.borrow();
+        format!(
+            "{:?}",
+            (
+                &fields.route,
+                &fields.params,
+                &fields.messages,
+                &fields.tools
+            )
+        )
+        .into_bytes()
+    }
     fn generate(&self) -> Result<(), InferenceError> {
         self.run_generation(Generate::Whole)
     }

@@ -270,22 +270,17 @@ impl request::HostRequest for HostState {
     }
 
     fn route(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Route> {
-        let envelope = self.table.get(&request)?;
-        Ok(match &envelope.target {
-            Some(target) => Route {
-                pipeline: target.pipeline().to_owned(),
-                backend: target.backend().to_owned(),
-                upstream_model: target.upstream_model().to_owned(),
-                max_tokens_limit: target.max_tokens_limit(),
-            },
-            // Outside a routed request (`plugin run`): the model as asked.
-            None => Route {
-                pipeline: String::new(),
-                backend: String::new(),
-                upstream_model: envelope.params.model.clone(),
-                max_tokens_limit: 0,
-            },
+        let route = self.table.get(&request)?.route();
+        Ok(Route {
+            pipeline: route.pipeline.to_owned(),
+            backend: route.backend.to_owned(),
+            upstream_model: route.upstream_model.to_owned(),
+            max_tokens_limit: route.max_tokens_limit,
         })
+    }
+
+    fn fingerprint(&mut self, request: Resource<Envelope>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&request)?.fingerprint().to_vec())
     }
 
     fn drop(&mut self, _request: Resource<Envelope>) -> wasmtime::Result<()> {

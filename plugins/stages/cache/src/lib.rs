@@ -4,27 +4,24 @@
 //!
 //! # The key
 //!
-//! A request's key is the hex SHA-256 of an unambiguous encoding of the
-//! request as the generating stage would see it ([`key`]):
+//! A request's key is the hex SHA-256 of the request as the generating
+//! stage would see it ([`key`]), from the host's
+//! [`fingerprint`](Request::fingerprint) of it:
 //!
 //! - its [`Route`](orchestrator_plugin::Route): pipeline, backend and
 //!   upstream model, so one provider's answer is never served for another
 //!   (nor one pipeline's for another's, whose stages may differ);
-//! - every generation parameter (the whole
-//!   [`GenerationParams`](orchestrator_plugin::GenerationParams): model,
-//!   temperature, stop sequences, seed, tool choice, response format, the
-//!   client's unknown fields in `extra`, ...);
+//! - every generation parameter (model, temperature, stop sequences,
+//!   seed, tool choice, response format, the client's unknown fields, ...);
 //! - every message, whole: roles, text or parts, names, tool calls, tool
 //!   results and their unknown fields;
-//! - the tools offered;
-//! - the principal (the caller an auth stage named, or its absence), unless
-//!   the stage is `shared`: by default callers never see each other's
-//!   answers.
+//! - the tools offered.
 //!
-//! Each field goes into the hash framed (a tag, a length before every
-//! string and list, fixed-width numbers; see [`key`]'s module) behind a
-//! version prefix, so the boundaries between them cannot shift and two
-//! different requests cannot encode alike. The
+//! and, unless the stage is `shared`, the principal (the caller an auth
+//! stage named, or its absence): by default callers never see each
+//! other's answers. The fingerprint and the principal go into the hash
+//! framed (see [`key`]'s module) behind a version prefix, so two different
+//! requests cannot encode alike. The
 //! client's `stream` flag is not part of the request's fields, so a plain
 //! and a streamed request share entries: a hit is answered early
 //! ([`Request::answer`]), the generating stage is skipped, the stages

@@ -5,8 +5,13 @@
 //! new value (`kv.count`), or the error (`kv.error`): the request is
 //! answered either way. With `repeat` (config) it adds 1 that many times
 //! (what `benches/stores.rs` times one operation with).
+//!
+//! Built against `orchestrator:pipeline@0.2.1` (a frozen copy of its WIT
+//! and the `wasi:keyvalue` it vendors, `tests/plugins/wit-0.2.1`), the
+//! version that added the stores: the host must keep loading it unchanged.
+//! Do not update `../wit-0.2.1`; it is a snapshot.
 
-wit_bindgen::generate!({ world: "request-stage", path: "../../../wit", generate_all });
+wit_bindgen::generate!({ world: "request-stage", path: "../wit-0.2.1", generate_all });
 
 use std::cell::RefCell;
 
