@@ -1,8 +1,8 @@
 //! The `memory` backend: a map in this process, bounded in keys and bytes.
 //!
-//! Expired keys are dropped when read, swept whenever a write finds the
-//! store full, and swept in the background every
-//! [`SWEEP_EVERY`]. When a write would pass `max_keys` or `max_bytes`
+//! Expired keys are invisible to reads; they are dropped when written
+//! again, swept whenever a write finds the store full, and swept in the
+//! background every [`SWEEP_EVERY`]. When a write would pass `max_keys` or `max_bytes`
 //! after the expired keys are gone, other keys are evicted (arbitrary ones,
 //! like Redis's `allkeys-random`) and counted in
 //! `orchestrator_store_evictions_total{store}`. A rate limit whose counter
@@ -50,11 +50,10 @@ fn size(key: &str, value: &[u8]) -> usize {
 }
 
 impl Map {
-    fn live(&mut self, key: &str, now: Instant) -> Option<&Entry> {
-        if self.entries.get(key).is_some_and(|e| !e.live(now)) {
-            self.remove(key);
-        }
-        self.entries.get(key)
+    /// The entry of `key` unless it has expired (one lookup: an expired
+    /// entry stays until it is overwritten or swept).
+    fn live(&self, key: &str, now: Instant) -> Option<&Entry> {
+        self.entries.get(key).filter(|e| e.live(now))
     }
 
     fn remove(&mut self, key: &str) {

@@ -133,6 +133,12 @@ pub trait Request {
     /// behind it may change with the host's version: a key stored for
     /// later should carry a version of its own.
     fn fingerprint(&self) -> Vec<u8>;
+    /// The host's estimate of the prompt's tokens, without copying the
+    /// chat into the plugin: for each message a quarter of the bytes of
+    /// its text and of its tool calls' names and arguments, rounded up,
+    /// plus 4; with tools, a quarter of the bytes of their definitions,
+    /// rounded up. What a rate limit reserves before the generation.
+    fn prompt_estimate(&self) -> u64;
 
     /// Generate the answer to the request as it stands (its messages,
     /// tools and parameters) with the host's inference backend, and record
@@ -297,6 +303,9 @@ impl<const INFERENCE: bool> Request for HostRequest<'_, INFERENCE> {
     }
     fn fingerprint(&self) -> Vec<u8> {
         self.0.fingerprint()
+    }
+    fn prompt_estimate(&self) -> u64 {
+        self.0.prompt_estimate()
     }
     fn generate(&self) -> Result<(), InferenceError> {
         // A constant condition: for `false` the import is not even

@@ -30,8 +30,8 @@ use std::fmt;
 use std::rc::Rc;
 
 use crate::{
-    Chunk, ChunkContext, GenerationParams, InferenceError, Message, Passage, Refusal, Request,
-    Route, STREAM_NOTE, StageError, StreamingStage, Tool, ToolCall, Usage,
+    Chunk, ChunkContext, Content, ContentPart, GenerationParams, InferenceError, Message, Passage,
+    Refusal, Request, Route, STREAM_NOTE, StageError, StreamingStage, Tool, ToolCall, Usage,
 };
 
 /// Every field of a [`TestRequest`], as the next stage would see it.
@@ -525,12 +525,66 @@ impl Request for TestRequest {
         )
         .into_bytes()
     }
+    fn prompt_estimate(&self) -> u64 {
+        let fields = self.fields.borrow();
+        prompt_estimate(&fields.messages, &fields.tools)
+    }
     fn generate(&self) -> Result<(), InferenceError> {
         self.run_generation(Generate::Whole)
     }
     fn generate_stream(&self) -> Result<(), InferenceError> {
         self.run_generation(Generate::Stream)
     }
+}
+
+/// The bytes of a message's text: its string content, or its text parts
+/// and the `\n` that `Content::text` joins them with.
+fn text_bytes(content: Option<&Content>) -> u64 {
+    match content {
+        None => 0,
+        Some(Content::Text(text)) => text.len() as u64,
+        Some(Content::Parts(parts)) => {
+            let (count, bytes) = parts
+                .iter()
+                .filter_map(|part| match part {
+                    ContentPart::Text(text) => Some(text.len() as u64),
+                    _ => None,
+                })
+                .fold((0u64, 0u64), |(count, bytes), len| (count + 1, bytes + len));
+            bytes + count.saturating_sub(1)
+        }
+    }
+}
+
+/// What the host's [`Request::prompt_estimate`] answers, computed here
+/// from the WIT types (the host computes it from its own): for each
+/// message, a quarter of the bytes of its text and of its tool calls'
+/// names and arguments (rounded up), plus 4; and with tools, a quarter of
+/// the bytes of their definitions (kind, name, description, schema and
+/// other fields), rounded up.
+fn prompt_estimate(messages: &[Message], tools: &[Tool]) -> u64 {
+    let messages: u64 = messages
+        .iter()
+        .map(|message| {
+            let calls: u64 = message
+                .tool_calls
+                .iter()
+                .map(|call| (call.name.len() + call.arguments.len()) as u64)
+                .sum();
+            (text_bytes(message.content.as_ref()) + calls).div_ceil(4) + 4
+        })
+        .sum();
+    let tools: u64 = tools
+        .iter()
+        .map(|tool| {
+            (tool.kind.len()
+                + tool.name.len()
+                + tool.description.as_ref().map_or(0, String::len)
+                + tool.parameters.as_ref().map_or(0, String::len)
+                + tool.extra.len()) as u64
+        })
+        .sum();
+    messages + tools.div_ceil(4)
 }
 
 /// A [`Chunk`] of a request with [`params`].
@@ -726,5 +780,32 @@ mod tests {
             unscripted.generate(),
             Err(InferenceError::Unavailable(_))
         ));
+    }
+
+    #[test]
+    fn the_prompt_estimate_counts_text_calls_and_tools() {
+        // 9 bytes: 3 tokens + 4.
+        let user = Message::new("user", "what time");
+        assert_eq!(prompt_estimate(std::slice::from_ref(&user), &[]), 7);
+        // An empty message still costs 4.
+        assert_eq!(prompt_estimate(&[Message::new("system", "")], &[]), 4);
+        // Parts: "ab" + "\n" + "cdef" = 7 bytes, 2 tokens; the image is
+        // left out.
+        let mut parts = Message::new("user", "");
+        parts.content = Some(Content::Parts(vec![
+            ContentPart::Text("ab".into()),
+            ContentPart::Other("{\"type\":\"input_audio\"}".into()),
+            ContentPart::Text("cdef".into()),
+        ]));
+        assert_eq!(prompt_estimate(&[parts], &[]), 6);
+        // A call: "fn" + 10 bytes of arguments = 12 bytes, 3 tokens.
+        let mut call = Message::new("assistant", "");
+        call.content = None;
+        call.tool_calls = vec![ToolCall::function("c1", "fn", "{\"a\":\"bc\"}")];
+        assert_eq!(prompt_estimate(&[call], &[]), 7);
+        // A tool: "function" + "weather" + 5 bytes of schema = 20, 5 tokens.
+        let mut tool = Tool::function("weather");
+        tool.parameters = Some("{\"a\"}".into());
+        assert_eq!(prompt_estimate(&[user], &[tool]), 12);
     }
 }

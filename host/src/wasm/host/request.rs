@@ -283,6 +283,10 @@ impl request::HostRequest for HostState {
         Ok(self.table.get(&request)?.fingerprint().to_vec())
     }
 
+    fn prompt_estimate(&mut self, request: Resource<Envelope>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&request)?.prompt_estimate())
+    }
+
     fn drop(&mut self, _request: Resource<Envelope>) -> wasmtime::Result<()> {
         // The host lends the request and never gives it away, so a guest
         // never owns a handle to drop; the host takes the envelope back

@@ -30,7 +30,8 @@
 //! request's worst case and `finish` settles it:
 //!
 //! - **reserve** (`process`): one request, and in tokens the prompt's
-//!   estimate ([`prompt_tokens`]) plus the most the completion may take
+//!   estimate (the host's [`Request::prompt_estimate`], which does not
+//!   copy the chat into the plugin) plus the most the completion may take
 //!   ([`completion_tokens`]: the client's `max_completion_tokens` or
 //!   `max_tokens`, else the stage's `default_max_tokens`, else the
 //!   backend's limit). Every counter of every rule goes to the store in
@@ -90,7 +91,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
-use orchestrator_plugin::{Content, ContentPart, GenerationParams, Message, Request, Tool};
+use orchestrator_plugin::{GenerationParams, Request};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -502,56 +503,6 @@ pub fn counter_key(rule: &str, by: &str, subject: &str, limit: Limit, window: u6
     key
 }
 
-/// The bytes of a message's text: its string content, or its text parts
-/// and the `\n` that [`Content::text`] joins them with.
-fn text_bytes(content: Option<&Content>) -> u64 {
-    match content {
-        None => 0,
-        Some(Content::Text(text)) => text.len() as u64,
-        Some(Content::Parts(parts)) => {
-            let (count, bytes) = parts
-                .iter()
-                .filter_map(|part| match part {
-                    ContentPart::Text(text) => Some(text.len() as u64),
-                    _ => None,
-                })
-                .fold((0u64, 0u64), |(count, bytes), len| (count + 1, bytes + len));
-            bytes + count.saturating_sub(1)
-        }
-    }
-}
-
-/// The estimated prompt of a request, in tokens: for each message, a
-/// quarter of the bytes of its text and of its tool calls' names and
-/// arguments (rounded up), plus 4; and with tools, a quarter of the bytes
-/// of their definitions (kind, name, description, schema and other
-/// fields), rounded up. Generous for English and code, which average
-/// about 4 bytes a token.
-pub fn prompt_tokens(messages: &[Message], tools: &[Tool]) -> u64 {
-    let messages: u64 = messages
-        .iter()
-        .map(|message| {
-            let calls: u64 = message
-                .tool_calls
-                .iter()
-                .map(|call| (call.name.len() + call.arguments.len()) as u64)
-                .sum();
-            (text_bytes(message.content.as_ref()) + calls).div_ceil(4) + 4
-        })
-        .sum();
-    let tools: u64 = tools
-        .iter()
-        .map(|tool| {
-            (tool.kind.len()
-                + tool.name.len()
-                + tool.description.as_ref().map_or(0, String::len)
-                + tool.parameters.as_ref().map_or(0, String::len)
-                + tool.extra.len()) as u64
-        })
-        .sum();
-    messages + tools.div_ceil(4)
-}
-
 /// The completion tokens reserved: the client's `max_completion_tokens`,
 /// else its `max_tokens`, else `default_max_tokens` (when not 0), else
 /// the backend's `max_tokens` limit `route_limit`; never more than
@@ -654,8 +605,6 @@ impl FromStr for Reserved {
 
 #[cfg(test)]
 mod tests {
-    use orchestrator_plugin::ToolCall;
-
     use super::*;
 
     #[test]
@@ -757,33 +706,6 @@ mod tests {
             ..limit
         };
         assert_eq!(huge.store_limit(), i64::MAX);
-    }
-
-    #[test]
-    fn the_prompt_estimate_counts_text_calls_and_tools() {
-        // 9 bytes: 3 tokens + 4.
-        let user = Message::new("user", "what time");
-        assert_eq!(prompt_tokens(std::slice::from_ref(&user), &[]), 7);
-        // An empty message still costs 4.
-        assert_eq!(prompt_tokens(&[Message::new("system", "")], &[]), 4);
-        // Parts: "ab" + "\n" + "cdef" = 7 bytes, 2 tokens; the image is
-        // left out.
-        let mut parts = Message::new("user", "");
-        parts.content = Some(Content::Parts(vec![
-            ContentPart::Text("ab".into()),
-            ContentPart::Other("{\"type\":\"input_audio\"}".into()),
-            ContentPart::Text("cdef".into()),
-        ]));
-        assert_eq!(prompt_tokens(&[parts], &[]), 6);
-        // A call: "fn" + 10 bytes of arguments = 12 bytes, 3 tokens.
-        let mut call = Message::new("assistant", "");
-        call.content = None;
-        call.tool_calls = vec![ToolCall::function("c1", "fn", "{\"a\":\"bc\"}")];
-        assert_eq!(prompt_tokens(&[call], &[]), 7);
-        // A tool: "function" + "weather" + 5 bytes of schema = 20, 5 tokens.
-        let mut tool = Tool::function("weather");
-        tool.parameters = Some("{\"a\"}".into());
-        assert_eq!(prompt_tokens(&[user], &[tool]), 12);
     }
 
     #[test]

@@ -402,7 +402,8 @@ impl Ratelimit {
     /// The request's worst case in tokens: the prompt's estimate and the
     /// completion's reserve.
     fn worst_case(&self, request: &dyn Request, params: &GenerationParams) -> u64 {
-        let prompt = crate::prompt_tokens(&request.messages(), &request.tools());
+        // The host's estimate: the chat is not copied into the plugin.
+        let prompt = request.prompt_estimate();
         let completion = crate::completion_tokens(
             params,
             self.default_max_tokens,
