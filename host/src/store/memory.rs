@@ -2,8 +2,8 @@
 //!
 //! Expired keys are invisible to reads; they are dropped when written
 //! again, swept whenever a write finds the store full, and swept in the
-//! background every [`SWEEP_EVERY`]. When a write would pass `max_keys` or `max_bytes`
-//! after the expired keys are gone, other keys are evicted (arbitrary ones,
+//! background every [`SWEEP_EVERY`]. When a write would pass `max_keys`
+//! or `max_bytes` after the expired keys are gone, other keys are evicted (arbitrary ones,
 //! like Redis's `allkeys-random`) and counted in
 //! `orchestrator_store_evictions_total{store}`. A rate limit whose counter
 //! is evicted starts again from zero, so size the bounds for the keys a
@@ -204,8 +204,15 @@ impl MemoryBackend {
         if let Some(entry) = map.entries.get_mut(key) {
             let grown = bytes - entry.value.len() + text.len();
             if grown <= max_bytes {
-                entry.value.clear();
-                entry.value.extend_from_slice(text);
+                // A counter's buffer is reused; a large value's (the key
+                // held something else before it expired) is not kept
+                // behind the few bytes the store counts for it.
+                if entry.value.capacity() > 32 {
+                    entry.value = text.to_vec();
+                } else {
+                    entry.value.clear();
+                    entry.value.extend_from_slice(text);
+                }
                 entry.expires = expires;
                 map.bytes = grown;
                 return Ok(());

@@ -186,7 +186,9 @@ impl Envelope {
     /// as the JSON the host serializes it to (for the parameters,
     /// messages and tools, what a backend would be sent). A JSON value
     /// ends where its syntax says, so the parts cannot shift into one
-    /// another and different requests cannot encode alike.
+    /// another and different requests cannot encode alike. The encoding's
+    /// version comes first (`FINGERPRINT_VERSION`), so a digest of one
+    /// encoding never stands for a request under another.
     pub fn fingerprint(&self) -> [u8; 32] {
         use sha2::{Digest, Sha256};
         struct Hashing(Sha256);
@@ -207,6 +209,7 @@ impl Envelope {
             let _ = serde_json::to_writer(&mut *hash, value);
         }
         let mut hash = Hashing(Sha256::new());
+        hash.0.update(FINGERPRINT_VERSION);
         part(&mut hash, b'R', &self.route());
         part(&mut hash, b'P', &self.params);
         part(&mut hash, b'M', &self.messages);
@@ -264,6 +267,11 @@ impl Envelope {
         messages + (tools as u64).div_ceil(4)
     }
 }
+
+/// The version of [`Envelope::fingerprint`]'s encoding, hashed first:
+/// change it with the encoding (a field added to a type it serializes, a
+/// new part), which the test that pins a digest notices.
+const FINGERPRINT_VERSION: &[u8] = b"fingerprint-v1\0";
 
 /// Where a request goes: what [`Envelope::route`] returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -449,6 +457,32 @@ mod tests {
                 extra: Default::default(),
             });
         });
+        change(&|e| {
+            e.messages[1].extra.insert("x".into(), 1.into());
+        });
+        change(&|e| {
+            let mut result = Message::new("tool", "found");
+            result.tool_call_id = Some("call_2".into());
+            e.messages.push(result);
+        });
+        let tool = |edit: &dyn Fn(&mut Tool)| {
+            let mut tool = Tool {
+                kind: "function".into(),
+                name: "search".into(),
+                description: None,
+                parameters: None,
+                strict: None,
+                extra: Default::default(),
+            };
+            edit(&mut tool);
+            tool
+        };
+        change(&|e| e.tools.push(tool(&|t| t.description = Some("Find".into()))));
+        change(&|e| {
+            e.tools
+                .push(tool(&|t| t.parameters = Some(serde_json::json!({}))))
+        });
+        change(&|e| e.tools.push(tool(&|t| t.strict = Some(true))));
         let prints: Vec<[u8; 32]> = variants.iter().map(Envelope::fingerprint).collect();
         for (at, print) in prints.iter().enumerate() {
             assert_ne!(*print, base, "variant {at} keeps the fingerprint");
@@ -457,6 +491,26 @@ mod tests {
                 "variant {at} collides with an earlier one"
             );
         }
+    }
+
+    /// A change of this digest is a change of the fingerprint's encoding:
+    /// bump [`FINGERPRINT_VERSION`] with it, then pin the new digest. It is
+    /// the SHA-256 of `fingerprint-v1\0`, `R`
+    /// `{"pipeline":"","backend":"","upstream_model":"m","max_tokens_limit":0}`,
+    /// `P` `{"model":"m"}`, `M`
+    /// `[{"role":"system","content":"Be brief."},{"role":"user","content":"Hi"}]`,
+    /// `T` `[]` (checked with Python's `hashlib`).
+    #[test]
+    fn the_fingerprint_encoding_is_pinned() {
+        let hex: String = chat()
+            .fingerprint()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            hex,
+            "026eb087a98f765bbf6b90d32f5da57b3d3974cf6d24466fee1d00b0e582f79b"
+        );
     }
 
     #[test]

@@ -131,7 +131,9 @@ pub trait Request {
     /// requests equal in those, different otherwise; computed by the host,
     /// so the chat is not copied into the plugin for it. The encoding
     /// behind it may change with the host's version: a key stored for
-    /// later should carry a version of its own.
+    /// later should carry a version of its own. (The testing double,
+    /// [`TestRequest`](crate::testing::TestRequest), returns other bytes
+    /// with the same equality, not 32.)
     fn fingerprint(&self) -> Vec<u8>;
     /// The host's estimate of the prompt's tokens, without copying the
     /// chat into the plugin: for each message a quarter of the bytes of

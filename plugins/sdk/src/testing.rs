@@ -509,9 +509,9 @@ impl Request for TestRequest {
     fn route(&self) -> Route {
         self.fields.borrow().route.clone()
     }
-    /// Not a digest, in this double: the `Debug` text of the route,
-    /// parameters, messages and tools, which is equal exactly when they
-    /// are (what a test of a stage keying on it needs).
+    /// Not a digest, in this double, and not 32 bytes: the `Debug` text of
+    /// the route, parameters, messages and tools, which is equal exactly
+    /// when they are (what a test of a stage keying on it needs).
     fn fingerprint(&self) -> Vec<u8> {
         let fields = self.fields.borrow();
         format!(
@@ -580,11 +580,23 @@ fn prompt_estimate(messages: &[Message], tools: &[Tool]) -> u64 {
             (tool.kind.len()
                 + tool.name.len()
                 + tool.description.as_ref().map_or(0, String::len)
-                + tool.parameters.as_ref().map_or(0, String::len)
-                + tool.extra.len()) as u64
+                + tool.parameters.as_deref().map_or(0, json_len)
+                + json_len(&tool.extra)) as u64
         })
         .sum();
     messages + tools.div_ceil(4)
+}
+
+/// The length of JSON text as the host writes it back (compact, keys
+/// sorted; empty stays empty): the host holds a tool's schema and other
+/// fields as values, not as the text a test wrote. Text that is not JSON
+/// (the host would refuse it) counts as it is.
+fn json_len(text: &str) -> usize {
+    if text.trim().is_empty() {
+        return 0;
+    }
+    serde_json::from_str::<serde_json::Value>(text)
+        .map_or(text.len(), |value| value.to_string().len())
 }
 
 /// A [`Chunk`] of a request with [`params`].

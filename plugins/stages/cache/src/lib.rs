@@ -20,7 +20,7 @@
 //! and, unless the stage is `shared`, the principal (the caller an auth
 //! stage named, or its absence): by default callers never see each
 //! other's answers. The fingerprint and the principal go into the hash
-//! framed (see [`key`]'s module) behind a version prefix, so two different
+//! framed (see [`key`]) behind a version prefix, so two different
 //! requests cannot encode alike. The
 //! client's `stream` flag is not part of the request's fields, so a plain
 //! and a streamed request share entries: a hit is answered early

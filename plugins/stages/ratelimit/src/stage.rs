@@ -553,12 +553,11 @@ fn set_headers(
             continue;
         };
         let slot = &slots[at];
-        let mut digits = itoa::Buffer::new();
-        let limit = digits.format(slot.limit.max).to_string();
-        let mut digits = itoa::Buffer::new();
-        let left = digits.format(left);
+        let (mut limit, mut remaining) = (itoa::Buffer::new(), itoa::Buffer::new());
+        let limit = limit.format(slot.limit.max);
+        let left = remaining.format(left);
         let reset = format_duration(slot.reset_ms);
-        let values = [limit.as_str(), left, reset.as_str()];
+        let values = [limit, left, reset.as_str()];
         for (header, value) in kind.headers().into_iter().zip(values) {
             if let Err(error) = request.set_response_header(header, value) {
                 log::debug(
