@@ -442,28 +442,15 @@ mod tests {
             }];
             e.messages.push(call);
         });
-        change(&|e| {
+        let result = |id: &str| {
             let mut result = Message::new("tool", "found");
-            result.tool_call_id = Some("call_1".into());
-            e.messages.push(result);
-        });
-        change(&|e| {
-            e.tools.push(Tool {
-                kind: "function".into(),
-                name: "search".into(),
-                description: None,
-                parameters: None,
-                strict: None,
-                extra: Default::default(),
-            });
-        });
+            result.tool_call_id = Some(id.into());
+            result
+        };
+        change(&|e| e.messages.push(result("call_1")));
+        change(&|e| e.messages.push(result("call_2")));
         change(&|e| {
             e.messages[1].extra.insert("x".into(), 1.into());
-        });
-        change(&|e| {
-            let mut result = Message::new("tool", "found");
-            result.tool_call_id = Some("call_2".into());
-            e.messages.push(result);
         });
         let tool = |edit: &dyn Fn(&mut Tool)| {
             let mut tool = Tool {
@@ -477,6 +464,7 @@ mod tests {
             edit(&mut tool);
             tool
         };
+        change(&|e| e.tools.push(tool(&|_| {})));
         change(&|e| e.tools.push(tool(&|t| t.description = Some("Find".into()))));
         change(&|e| {
             e.tools
