@@ -3,8 +3,8 @@
 //! Expired keys are invisible to reads; they are dropped when written
 //! again, swept whenever a write finds the store full, and swept in the
 //! background every [`SWEEP_EVERY`]. When a write would pass `max_keys`
-//! or `max_bytes` after the expired keys are gone, other keys are evicted (arbitrary ones,
-//! like Redis's `allkeys-random`) and counted in
+//! or `max_bytes` after the expired keys are gone, other keys are evicted
+//! (arbitrary ones, like Redis's `allkeys-random`) and counted in
 //! `orchestrator_store_evictions_total{store}`. A rate limit whose counter
 //! is evicted starts again from zero, so size the bounds for the keys a
 //! store holds at once (a memory store is for one process; use `redis`
