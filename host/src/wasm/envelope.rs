@@ -260,8 +260,14 @@ impl Envelope {
                 tool.kind.len()
                     + tool.name.len()
                     + tool.description.as_ref().map_or(0, String::len)
-                    + tool.parameters.as_ref().map_or(0, |p| p.to_string().len())
-                    + crate::chat::extra_text(&tool.extra).len()
+                    // The lengths of the JSON texts a stage gets
+                    // (`tool_to_wit`), counted without writing them.
+                    + tool.parameters.as_ref().map_or(0, json_bytes)
+                    + if tool.extra.is_empty() {
+                        0
+                    } else {
+                        json_bytes(&tool.extra)
+                    }
             })
             .sum();
         messages + (tools as u64).div_ceil(4)
@@ -381,6 +387,16 @@ mod tests {
     use super::*;
     use crate::chat::ToolCall;
 
+    /// A function call `call_1` of `name` with `arguments`.
+    fn call_of(name: &str, arguments: &str) -> ToolCall {
+        ToolCall {
+            id: "call_1".into(),
+            kind: "function".into(),
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+
     fn chat() -> Envelope {
         Envelope::new(
             "chatcmpl-1".into(),
@@ -434,12 +450,7 @@ mod tests {
         change(&|e| {
             let mut call = Message::new("assistant", "");
             call.content = None;
-            call.tool_calls = vec![ToolCall {
-                id: "call_1".into(),
-                kind: "function".into(),
-                name: "search".into(),
-                arguments: "{}".into(),
-            }];
+            call.tool_calls = vec![call_of("search", "{}")];
             e.messages.push(call);
         });
         let result = |id: &str| {
@@ -525,12 +536,7 @@ mod tests {
         // A call: "fn" + 10 bytes of arguments = 12 bytes, 3 tokens.
         let mut call = Message::new("assistant", "");
         call.content = None;
-        call.tool_calls = vec![ToolCall {
-            id: "c1".into(),
-            kind: "function".into(),
-            name: "fn".into(),
-            arguments: "{\"a\":\"bc\"}".into(),
-        }];
+        call.tool_calls = vec![call_of("fn", "{\"a\":\"bc\"}")];
         assert_eq!(estimate(vec![call], Vec::new()), 7);
         // A tool: "function" + "weather" + 7 bytes of schema = 22, 6 tokens.
         let tool = Tool {
