@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::common::redis::Redis;
+use crate::common::redis::{Holding, Redis};
 use crate::common::upstream::{Script, Upstream};
 use crate::common::{Host, client, metric_value, sse};
 
@@ -21,12 +21,16 @@ fn config(redis: Option<&Redis>, extra: &str, stages: &[&str]) -> String {
 
 /// [`config`] with the Redis stores' `timeout_ms`.
 fn store_config(redis: Option<&Redis>, timeout_ms: u64, extra: &str, stages: &[&str]) -> String {
-    let stores = match redis {
-        Some(redis) => ["keys", "limits", "cache"]
+    config_at(redis.map(Redis::url).as_deref(), timeout_ms, extra, stages)
+}
+
+/// [`store_config`] with the stores on the Redis at `url`.
+fn config_at(url: Option<&str>, timeout_ms: u64, extra: &str, stages: &[&str]) -> String {
+    let stores = match url {
+        Some(url) => ["keys", "limits", "cache"]
             .map(|store| {
                 format!(
-                    "[stores.{store}]\nkind = \"redis\"\nurl = {:?}\ntimeout_ms = {timeout_ms}\n",
-                    redis.url()
+                    "[stores.{store}]\nkind = \"redis\"\nurl = {url:?}\ntimeout_ms = {timeout_ms}\n"
                 )
             })
             .concat(),
@@ -558,6 +562,62 @@ async fn a_request_cut_inside_a_stage_still_settles() {
     await_counter(&redis, "all:global:*:tokens:hour", |v| v == one).await;
     drop(first);
     await_counter(&redis, "all:global:*:tokens:hour", |v| v < one).await;
+}
+
+/// A request cut while its reservation is on its way to Redis (the
+/// command held at a proxy) does not leak it: the `ratelimit` stage still
+/// gets the store's answer and notes it, and its finish call gives the
+/// tokens back.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_cut_during_its_reservation_still_settles() {
+    let Some(redis) = Redis::start() else { return };
+    let holding = Holding::start(&redis, b"EVALSHA").await;
+    let rule =
+        "name = \"all\", by = \"global\", requests_per_hour = 1000, tokens_per_hour = 1000000";
+    let host = Host::with_config(&config_at(
+        Some(&holding.url),
+        5000,
+        &ratelimit(&[rule]),
+        &["ratelimit", "inference"],
+    ));
+    clear_of_window_end(3_600_000, Duration::from_secs(30)).await;
+    // One request first, reserved and settled: Redis then knows the
+    // script, so the held reservation is the one that lands.
+    assert_eq!(post(&host, &chat("echo", "hi"), None).await.status(), 200);
+    let used = await_counter(&redis, "all:global:*:tokens:hour", |v| v > 0 && v < 1000).await;
+    // The next reservation is held at the proxy.
+    holding.arm();
+    let api = host.api.clone();
+    let request = tokio::spawn(async move {
+        client()
+            .post(format!("{api}/v1/chat/completions"))
+            .json(&chat("echo", "hi"))
+            .send()
+            .await
+    });
+    tokio::time::timeout(Duration::from_secs(20), holding.arrived.notified())
+        .await
+        .expect("the reservation reached the proxy");
+    // The client goes away while the reservation is held; the host sees it.
+    request.abort();
+    await_metric(
+        &host,
+        "orchestrator_request_duration_seconds_count{outcome=\"cancelled\"}",
+        1.0,
+    )
+    .await;
+    holding.release();
+    // The reservation lands (a request counted: requests are not given
+    // back), then the settle gives all its tokens back.
+    await_counter(&redis, "all:global:*:requests:hour", |v| v == 2).await;
+    await_counter(&redis, "all:global:*:tokens:hour", |v| v == used).await;
+    assert_eq!(
+        metric_value(
+            &host.metrics_text().await,
+            "orchestrator_errors_total{error_type=\"timeout\",stage=\"ratelimit\"}"
+        ),
+        0.0
+    );
 }
 
 /// With Redis stopped, an `allow` rule serves and counts the store error,

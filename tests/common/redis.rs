@@ -119,3 +119,89 @@ impl Redis {
         }
     }
 }
+
+/// A TCP proxy in front of a [`Redis`] that, once armed, holds the next
+/// command containing a marker until released: a store operation caught
+/// in flight, at a moment the test chooses.
+pub struct Holding {
+    /// `redis://127.0.0.1:<port>/0` of the proxy.
+    pub url: String,
+    /// Notified when the held command arrived (and is being held).
+    pub arrived: std::sync::Arc<tokio::sync::Notify>,
+    release: tokio::sync::watch::Sender<bool>,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Holding {
+    /// Proxy to `redis`; once [armed](Self::arm), it holds the next
+    /// command (of any connection) whose bytes contain `marker`.
+    pub async fn start(redis: &Redis, marker: &'static [u8]) -> Holding {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/0", listener.local_addr().unwrap());
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (release, released) = tokio::sync::watch::channel(false);
+        let armed = Arc::new(AtomicBool::new(false));
+        let held = armed.clone();
+        let upstream = ("127.0.0.1", redis.port);
+        let signal = arrived.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    continue;
+                };
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                let (held, signal, mut released) = (held.clone(), signal.clone(), released.clone());
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(n) = client_read.read(&mut buffer).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let bytes = &buffer[..n];
+                        if bytes.windows(marker.len()).any(|w| w == marker)
+                            && held.swap(false, Ordering::AcqRel)
+                        {
+                            signal.notify_one();
+                            let _ = released.wait_for(|r| *r).await;
+                        }
+                        if server_write.write_all(bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                });
+            }
+        });
+        Holding {
+            url,
+            arrived,
+            release,
+            armed,
+            task,
+        }
+    }
+
+    /// Hold the next command that contains the marker.
+    pub fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Let the held command (and everything after it) through.
+    pub fn release(&self) {
+        let _ = self.release.send(true);
+    }
+}

@@ -13,6 +13,7 @@ use super::error::RunError;
 use super::stage::{BackendWait, Job};
 use super::stage::{Route, Snapshot};
 use crate::circuit::Admission;
+use crate::store::InFlight;
 use crate::trace::Trace;
 use crate::wasm::Envelope;
 
@@ -73,5 +74,6 @@ pub(super) fn admit(
         accounted: false,
         lent: None,
         failure: None,
+        in_flight: InFlight::default(),
     })
 }

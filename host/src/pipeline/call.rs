@@ -31,6 +31,13 @@ use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
 /// stage runs.
 pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
     while let Some(stage) = job.route.stages.get(job.stage).cloned() {
+        if job.in_flight.abandoned() {
+            // Cut while a store operation was in flight (see `cut`): the
+            // stage that waited for it has its answer; the next does not
+            // start. The wind-down drops this future here, and the job
+            // ends as cut.
+            std::future::pending::<()>().await;
+        }
         if job.envelope.answered && !job.envelope.generated && stage.settings.capabilities.inference
         {
             // A stage before this one answered (a cache hit): the
@@ -162,13 +169,16 @@ async fn process(
         let stores = job.snapshot.stores();
         let span = &span;
         let streams = job.streaming;
+        let in_flight = &job.in_flight;
         on_instance(stage, &current, rescue, async |live: &mut Instance| {
             live.set_request_deadline(Instant::now() + remaining);
             live.set_client_streams(streams);
             live.set_request(&envelope.request_id, span.clone());
             live.set_router(router);
             live.set_stores(stores);
+            live.set_in_flight(Some(in_flight));
             let result = live.process(envelope, timeout).await;
+            live.set_in_flight(None);
             backend_wait.add(live.take_backend_wait());
             // Taken whatever the result: a generation started by a call
             // that then failed is dropped (cancelled) with it here, not

@@ -57,7 +57,10 @@
 //! call's deadline is also capped by the time the request has left). A
 //! caller that stops waiting (the client went away) drops the request's
 //! future: its call in progress is abandoned with its instance, and its
-//! reservations are released.
+//! reservations are released. A call waiting for a store operation is the
+//! exception: it runs on, in a task of its own, until the operation's
+//! answer has reached it, and no later stage starts (see `cut`), so a
+//! store never holds an effect the stage that caused it never saw.
 //!
 //! # Token streaming
 //!
@@ -100,6 +103,7 @@
 
 mod admission;
 mod call;
+mod cut;
 mod error;
 mod finish;
 mod norm;
@@ -119,6 +123,7 @@ use tokio::sync::Notify;
 use crate::metrics::{BreakerState, Metrics, Outcome};
 use crate::trace::Trace;
 use crate::wasm::{Envelope, Instance, Plugin, PluginVersion};
+use cut::CutWhenIdle;
 pub use error::RunError;
 pub use snapshot::{Plan, RouteRef};
 pub use stage::Snapshot;
@@ -378,8 +383,10 @@ impl Pipeline {
             trace,
             backend_wait,
         )?;
+        let job_in_flight = job.in_flight.clone();
         let timeout = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout_at(deadline.into(), call::run_stages(job)).await {
+        let stages = CutWhenIdle::new(call::run_stages(job), job_in_flight);
+        match tokio::time::timeout_at(deadline.into(), stages).await {
             Ok(Ok(Delivery::Done(envelope))) => Ok(Answer::Done(envelope)),
             Ok(Ok(Delivery::Stream(job, tokens))) => {
                 Ok(Answer::Streaming(Box::new(Streaming::new(*job, tokens))))

@@ -23,6 +23,7 @@ use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::{InstanceMode, StageConfig};
 use crate::inference::{Router, TokenStream};
 use crate::metrics::{Metrics, PolicyMetrics, RequestMetrics, StageMetrics};
+use crate::store::InFlight;
 use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{Envelope, Instance, KEEP_RESIDENT_BYTES, Plugin};
 
@@ -337,6 +338,9 @@ pub(super) struct Job {
     pub(super) lent: Option<Envelope>,
     /// The HTTP status of the failure that ended the request, if one did.
     pub(super) failure: Option<u16>,
+    /// Its store operations in flight, and whether its caller stopped
+    /// waiting (see `cut`).
+    pub(super) in_flight: InFlight,
 }
 
 impl Job {

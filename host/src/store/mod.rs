@@ -53,12 +53,14 @@
 //! ```
 
 mod backend;
+mod in_flight;
 pub mod memory;
 pub mod redis;
 
 pub use backend::{
     Backend, BackendError, BackendFuture, Counter, Lookup, MAX_BATCH_REPLY_BYTES, Window,
 };
+pub use in_flight::{Held, InFlight};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

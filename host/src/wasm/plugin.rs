@@ -225,6 +225,8 @@ impl Plugin {
             stage: self.stage,
             router: self.services.router.clone(),
             stores: Arc::default(),
+            in_flight: None,
+            changed_store: None,
             store_handles: 0,
             granted_stores: self.grants.stores.clone(),
             granted_headers: self.grants.headers.clone(),

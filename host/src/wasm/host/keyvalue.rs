@@ -14,7 +14,9 @@ use std::time::Duration;
 use wasmtime::component::Resource;
 
 use super::state::HostState;
-use crate::store::{Counter, Lookup, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window};
+use crate::store::{
+    Counter, Held, InFlight, Lookup, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window,
+};
 use crate::wasm::bindings::keyvalue::wasi::keyvalue::{atomics, batch, store};
 use crate::wasm::bindings::v2::orchestrator::pipeline::expiring;
 use crate::wasm::resources::{Bucket, Cas};
@@ -33,8 +35,41 @@ fn error(error: StoreError) -> store::Error {
 }
 
 impl HostState {
-    fn bucket(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Arc<Store>> {
-        Ok(self.table.get(bucket)?.store.clone())
+    /// The store behind `bucket`, for one operation: the current request
+    /// is held against a cut until the returned value is dropped (see
+    /// [`InFlight`]).
+    fn bucket(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Operating> {
+        Ok(self.operating(self.table.get(bucket)?.store.clone()))
+    }
+
+    fn operating(&self, store: Arc<Store>) -> Operating {
+        Operating {
+            store,
+            held: self.in_flight.as_ref().map(InFlight::hold),
+        }
+    }
+
+    /// `operation` changed its store (or may have: it failed): the
+    /// request stays held until the current call returns, so the stage
+    /// gets to act on what it did.
+    fn changed(&mut self, operation: Operating) {
+        if self.changed_store.is_none() {
+            self.changed_store = operation.held;
+        }
+    }
+}
+
+/// A store with one operation under way (see [`InFlight`]).
+struct Operating {
+    store: Arc<Store>,
+    held: Option<Held>,
+}
+
+impl std::ops::Deref for Operating {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.store
     }
 }
 
@@ -75,10 +110,9 @@ impl store::HostBucket for HostState {
         value: Vec<u8>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store
-            .set(&key, &value, None, self.deadline)
-            .await
-            .map_err(error))
+        let result = store.set(&key, &value, None, self.deadline).await;
+        self.changed(store);
+        Ok(result.map_err(error))
     }
 
     async fn delete(
@@ -87,7 +121,9 @@ impl store::HostBucket for HostState {
         key: String,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store.delete(&[key], self.deadline).await.map_err(error))
+        let result = store.delete(&[key], self.deadline).await;
+        self.changed(store);
+        Ok(result.map_err(error))
     }
 
     async fn exists(
@@ -127,10 +163,9 @@ impl atomics::Host for HostState {
         delta: i64,
     ) -> wasmtime::Result<Result<i64, store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store
-            .increment(&key, delta, self.deadline)
-            .await
-            .map_err(error))
+        let result = store.increment(&key, delta, self.deadline).await;
+        self.changed(store);
+        Ok(result.map_err(error))
     }
 
     async fn swap(
@@ -140,10 +175,13 @@ impl atomics::Host for HostState {
     ) -> wasmtime::Result<Result<(), atomics::CasError>> {
         let cas = self.table.delete(cas)?;
         self.store_handles = self.store_handles.saturating_sub(1);
-        let swapped = cas
-            .store
+        let store = self.operating(cas.store.clone());
+        let swapped = store
             .swap_if(&cas.key, cas.current.as_deref(), &value, self.deadline)
             .await;
+        if !matches!(swapped, Ok(false)) {
+            self.changed(store);
+        }
         Ok(match swapped {
             Ok(true) => Ok(()),
             Ok(false) => {
@@ -178,7 +216,7 @@ impl atomics::HostCas for HostState {
             Err(e) => return Ok(Err(error(e))),
         };
         let cas = self.table.push(Cas {
-            store,
+            store: store.store.clone(),
             key,
             current,
         })?;
@@ -230,10 +268,9 @@ impl batch::Host for HostState {
         key_values: Vec<(String, Vec<u8>)>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store
-            .set_many(&key_values, self.deadline)
-            .await
-            .map_err(error))
+        let result = store.set_many(&key_values, self.deadline).await;
+        self.changed(store);
+        Ok(result.map_err(error))
     }
 
     async fn delete_many(
@@ -242,7 +279,9 @@ impl batch::Host for HostState {
         keys: Vec<String>,
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store.delete(&keys, self.deadline).await.map_err(error))
+        let result = store.delete(&keys, self.deadline).await;
+        self.changed(store);
+        Ok(result.map_err(error))
     }
 }
 
@@ -256,10 +295,9 @@ impl expiring::Host for HostState {
     ) -> wasmtime::Result<Result<(), store::Error>> {
         let store = self.bucket(&bucket)?;
         let ttl = Duration::from_millis(ttl_ms.max(1));
-        Ok(store
-            .set(&key, &value, Some(ttl), self.deadline)
-            .await
-            .map_err(error))
+        let result = store.set(&key, &value, Some(ttl), self.deadline).await;
+        self.changed(store);
+        Ok(result.map_err(error))
     }
 
     async fn increment(
@@ -271,17 +309,15 @@ impl expiring::Host for HostState {
         limit: Option<i64>,
     ) -> wasmtime::Result<Result<expiring::Window, store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store
-            .window(
-                &key,
-                delta,
-                Duration::from_millis(window_ms),
-                limit,
-                self.deadline,
-            )
-            .await
-            .map(window)
-            .map_err(error))
+        let window_length = Duration::from_millis(window_ms);
+        let result = store
+            .window(&key, delta, window_length, limit, self.deadline)
+            .await;
+        // Past its limit, the counter is left as it was.
+        if !result.as_ref().is_ok_and(|w| !w.applied) {
+            self.changed(store);
+        }
+        Ok(result.map(window).map_err(error))
     }
 
     async fn get_or_claim(
@@ -292,9 +328,15 @@ impl expiring::Host for HostState {
         claim_ms: u64,
     ) -> wasmtime::Result<Result<expiring::Lookup, store::Error>> {
         let store = self.bucket(&bucket)?;
-        Ok(store
+        let result = store
             .get_or_claim(&key, &claim, Duration::from_millis(claim_ms), self.deadline)
-            .await
+            .await;
+        // Only a claim changes the store (a request waiting for another's
+        // claim, looking again and again, may be cut at any time).
+        if matches!(result, Ok(Lookup::Claimed) | Err(_)) {
+            self.changed(store);
+        }
+        Ok(result
             .map(|lookup| match lookup {
                 Lookup::Found(value) => expiring::Lookup::Found(value),
                 Lookup::Claimed => expiring::Lookup::Claimed,
@@ -318,9 +360,15 @@ impl expiring::Host for HostState {
                 limit: c.limit,
             })
             .collect();
-        Ok(store
-            .windows(&counters, self.deadline)
-            .await
+        let result = store.windows(&counters, self.deadline).await;
+        // All are applied or none is.
+        if !result
+            .as_ref()
+            .is_ok_and(|windows| windows.iter().all(|w| !w.applied))
+        {
+            self.changed(store);
+        }
+        Ok(result
             .map(|windows| windows.into_iter().map(window).collect())
             .map_err(error))
     }

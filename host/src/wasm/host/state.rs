@@ -11,7 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
-use crate::store::Stores;
+use crate::store::{Held, InFlight, Stores};
 use crate::trace::Trace;
 use crate::wasm::bindings::{v1, v2};
 use crate::wasm::envelope::Envelope;
@@ -30,6 +30,12 @@ pub struct HostState {
     pub(in crate::wasm) router: Option<Router>,
     /// The stores of the configuration serving the current call.
     pub(in crate::wasm) stores: Arc<Stores>,
+    /// The store operations of the request the current `process` call
+    /// serves, counted while they run (see [`InFlight`]).
+    pub(in crate::wasm) in_flight: Option<InFlight>,
+    /// Held since a store operation of the current call changed a store,
+    /// until the call returns.
+    pub(in crate::wasm) changed_store: Option<Held>,
     /// Store and compare-and-swap handles the guest holds now (bounded:
     /// each may hold a value in host memory).
     pub(in crate::wasm) store_handles: usize,
