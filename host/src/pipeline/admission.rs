@@ -74,6 +74,6 @@ pub(super) fn admit(
         accounted: false,
         lent: None,
         failure: None,
-        in_flight: InFlight::default(),
+        in_flight: route.stores.then(InFlight::default),
     })
 }

@@ -14,7 +14,10 @@
 //! the next stage does not start (see `run_stages`): the request ends as
 //! cut, and its finish calls get it as that stage left it. The client's
 //! answer (none, or the 504) is not delayed: only the request's own
-//! wind-down is, by at most the store's timeout and the stage's.
+//! wind-down is, by at most the store's timeout and the stage's. Only the
+//! routes with a stage granted a store pay for this (an allocation per
+//! request); on the others nothing can hold a request, and it is dropped
+//! where it is.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -383,10 +383,16 @@ impl Pipeline {
             trace,
             backend_wait,
         )?;
-        let job_in_flight = job.in_flight.clone();
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let stages = CutWhenIdle::new(call::run_stages(job), job_in_flight);
-        match tokio::time::timeout_at(deadline.into(), stages).await {
+        let ran = match job.in_flight.clone() {
+            // A route with stores: cut only where nothing holds it.
+            Some(in_flight) => {
+                let stages = CutWhenIdle::new(call::run_stages(job), in_flight);
+                tokio::time::timeout_at(deadline.into(), stages).await
+            }
+            None => tokio::time::timeout_at(deadline.into(), call::run_stages(job)).await,
+        };
+        match ran {
             Ok(Ok(Delivery::Done(envelope))) => Ok(Answer::Done(envelope)),
             Ok(Ok(Delivery::Stream(job, tokens))) => {
                 Ok(Answer::Streaming(Box::new(Streaming::new(*job, tokens))))

@@ -132,6 +132,9 @@ impl Snapshot {
                     // digits, `-` and `_` (checked by the configuration).
                     stage_list: warp::http::HeaderValue::from_str(&names.join(","))
                         .unwrap_or_else(|_| warp::http::HeaderValue::from_static("")),
+                    stores: route_stages
+                        .iter()
+                        .any(|s| !s.settings.capabilities.stores.is_empty()),
                     stages: route_stages,
                 };
                 (name, Arc::new(route))

@@ -60,6 +60,9 @@ pub(super) struct Route {
     /// value, made once (not interned: each composition a reload brings
     /// would otherwise stay for the process's life).
     pub(super) stage_list: warp::http::HeaderValue,
+    /// A stage of it is granted a store: its requests are cut only where
+    /// nothing holds them (see `cut`).
+    pub(super) stores: bool,
 }
 
 /// One configuration at run time (see the module docs). Cheap to hold:
@@ -338,9 +341,9 @@ pub(super) struct Job {
     pub(super) lent: Option<Envelope>,
     /// The HTTP status of the failure that ended the request, if one did.
     pub(super) failure: Option<u16>,
-    /// Its store operations in flight, and whether its caller stopped
-    /// waiting (see `cut`).
-    pub(super) in_flight: InFlight,
+    /// What its stage calls hold against a cut, and whether its caller
+    /// stopped waiting (see `cut`): for a route with stores only.
+    pub(super) in_flight: Option<InFlight>,
 }
 
 impl Job {
