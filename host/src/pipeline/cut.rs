@@ -33,9 +33,12 @@ pub(super) struct CutWhenIdle<F: Future + Send + 'static> {
 }
 
 impl<F: Future + Send + 'static> CutWhenIdle<F> {
-    pub(super) fn new(stages: F, in_flight: InFlight) -> Self {
+    /// The stages `start` makes, on the heap (made there, not moved
+    /// there: an unstarted future is as large as its largest state).
+    pub(super) fn new(start: impl FnOnce() -> F, in_flight: InFlight) -> Self {
+        let stages = Box::write(Box::new_uninit(), start());
         CutWhenIdle {
-            stages: Some(Box::pin(stages)),
+            stages: Some(Box::into_pin(stages)),
             in_flight,
         }
     }
@@ -132,7 +135,7 @@ mod tests {
                 after.store(true, Ordering::Release);
             }
         };
-        let mut cut = Box::pin(CutWhenIdle::new(stages, in_flight.clone()));
+        let mut cut = Box::pin(CutWhenIdle::new(|| stages, in_flight.clone()));
         tokio::select! {
             _ = &mut cut => unreachable!("it waits for its answer"),
             _ = reached_rx => {}
@@ -162,7 +165,7 @@ mod tests {
     #[tokio::test]
     async fn a_drop_with_nothing_in_flight_is_immediate() {
         let in_flight = InFlight::default();
-        let cut = CutWhenIdle::new(std::future::pending::<()>(), in_flight.clone());
+        let cut = CutWhenIdle::new(std::future::pending::<()>, in_flight.clone());
         drop(cut);
         assert!(!in_flight.abandoned());
     }

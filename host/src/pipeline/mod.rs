@@ -387,7 +387,7 @@ impl Pipeline {
         let ran = match job.in_flight.clone() {
             // A route with stores: cut only where nothing holds it.
             Some(in_flight) => {
-                let stages = CutWhenIdle::new(call::run_stages(job), in_flight);
+                let stages = CutWhenIdle::new(|| call::run_stages(job), in_flight);
                 tokio::time::timeout_at(deadline.into(), stages).await
             }
             None => tokio::time::timeout_at(deadline.into(), call::run_stages(job)).await,
