@@ -13,7 +13,7 @@ use super::error::RunError;
 use super::stage::{BackendWait, Job};
 use super::stage::{Route, Snapshot};
 use crate::circuit::Admission;
-use crate::store::InFlight;
+use crate::store::Holds;
 use crate::trace::Trace;
 use crate::wasm::Envelope;
 
@@ -74,6 +74,6 @@ pub(super) fn admit(
         accounted: false,
         lent: None,
         failure: None,
-        in_flight: route.stores.then(InFlight::default),
+        holds: route.stores.then(Holds::default),
     })
 }

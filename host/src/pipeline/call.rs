@@ -21,7 +21,7 @@ use super::stage::{Delivery, Job, StageRuntime};
 use crate::config::InstanceMode;
 use crate::inference::{Completion, TokenStream, finish_reason};
 use crate::metrics::ErrorType;
-use crate::store::InFlight;
+use crate::store::Holds;
 use crate::trace::{Attribute, Trace};
 use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
 
@@ -32,9 +32,9 @@ use crate::wasm::{CallError, Envelope, Instance, Plugin, envelope_bytes};
 /// stage runs.
 pub(super) async fn run_stages(mut job: Job) -> Result<Delivery, RunError> {
     while let Some(stage) = job.route.stages.get(job.stage).cloned() {
-        if job.in_flight.as_ref().is_some_and(InFlight::abandoned) {
-            // Cut while a store operation was in flight (see `cut`): the
-            // stage that waited for it has its answer; the next does not
+        if job.holds.as_ref().is_some_and(Holds::abandoned) {
+            // Cut while a stage call held it (see `cut`): that call has
+            // returned with its store's answer; the next stage does not
             // start. The wind-down drops this future here, and the job
             // ends as cut.
             std::future::pending::<()>().await;
@@ -170,16 +170,16 @@ async fn process(
         let stores = job.snapshot.stores();
         let span = &span;
         let streams = job.streaming;
-        let in_flight = job.in_flight.as_ref();
+        let holds = job.holds.as_ref();
         on_instance(stage, &current, rescue, async |live: &mut Instance| {
             live.set_request_deadline(Instant::now() + remaining);
             live.set_client_streams(streams);
             live.set_request(&envelope.request_id, span.clone());
             live.set_router(router);
             live.set_stores(stores);
-            live.set_in_flight(in_flight);
+            live.set_holds(holds);
             let result = live.process(envelope, timeout).await;
-            live.set_in_flight(None);
+            live.set_holds(None);
             backend_wait.add(live.take_backend_wait());
             // Taken whatever the result: a generation started by a call
             // that then failed is dropped (cancelled) with it here, not

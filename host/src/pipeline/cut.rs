@@ -7,7 +7,7 @@
 //! operation, or after a stage changed a store but before it returned,
 //! the stage would never act on what it did, though the store (Redis)
 //! keeps it: a `ratelimit` reservation made but never noted, so never
-//! given back. The instances hold the request's [`InFlight`] for exactly
+//! given back. The instances hold the request's [`Holds`] for exactly
 //! those spans. A drop while something is held does not drop the stages
 //! there: they are handed to a task of their own that runs them on until
 //! nothing is held. The stage then has its answer and has returned, and
@@ -23,23 +23,23 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use crate::store::InFlight;
+use crate::store::Holds;
 
 /// The future of a request's stages, which a drop cuts only where
 /// nothing holds the request (see the module docs).
 pub(super) struct CutWhenIdle<F: Future + Send + 'static> {
     stages: Option<Pin<Box<F>>>,
-    in_flight: InFlight,
+    holds: Holds,
 }
 
 impl<F: Future + Send + 'static> CutWhenIdle<F> {
     /// The stages `start` makes, on the heap (made there, not moved
     /// there: an unstarted future is as large as its largest state).
-    pub(super) fn new(start: impl FnOnce() -> F, in_flight: InFlight) -> Self {
+    pub(super) fn new(start: impl FnOnce() -> F, holds: Holds) -> Self {
         let stages = Box::write(Box::new_uninit(), start());
         CutWhenIdle {
             stages: Some(Box::into_pin(stages)),
-            in_flight,
+            holds,
         }
     }
 }
@@ -63,16 +63,16 @@ impl<F: Future + Send + 'static> Drop for CutWhenIdle<F> {
         let Some(stages) = self.stages.take() else {
             return;
         };
-        if self.in_flight.idle() {
+        if self.holds.idle() {
             return;
         }
-        self.in_flight.abandon();
+        self.holds.abandon();
         // Without a runtime (the runtime itself is shutting down) there is
         // nothing to run them on: they are dropped here.
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(WindDown {
                 stages,
-                in_flight: self.in_flight.clone(),
+                holds: self.holds.clone(),
             });
         }
     }
@@ -82,7 +82,7 @@ impl<F: Future + Send + 'static> Drop for CutWhenIdle<F> {
 /// request, then dropped.
 struct WindDown<F: Future> {
     stages: Pin<Box<F>>,
-    in_flight: InFlight,
+    holds: Holds,
 }
 
 impl<F: Future> Future for WindDown<F> {
@@ -93,7 +93,7 @@ impl<F: Future> Future for WindDown<F> {
         match this.stages.as_mut().poll(cx) {
             // Done (or nothing left to finish): dropped with this task.
             Poll::Ready(_) => Poll::Ready(()),
-            Poll::Pending if this.in_flight.idle() => Poll::Ready(()),
+            Poll::Pending if this.holds.idle() => Poll::Ready(()),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -107,41 +107,41 @@ mod tests {
     use tokio::sync::oneshot;
 
     use super::CutWhenIdle;
-    use crate::store::InFlight;
+    use crate::store::Holds;
 
     /// Dropped while held, the stages run on until the hold ends and stop
     /// at the next point where they wait.
     #[tokio::test]
     async fn a_drop_while_held_runs_on_until_the_hold_ends() {
-        let in_flight = InFlight::default();
+        let holds = Holds::default();
         let (answer, answered) = oneshot::channel::<()>();
         let (reached, reached_rx) = oneshot::channel::<()>();
         let noted = Arc::new(AtomicBool::new(false));
         let after = Arc::new(AtomicBool::new(false));
         let dropped = Arc::new(AtomicBool::new(false));
         let stages = {
-            let (in_flight, noted, after) = (in_flight.clone(), noted.clone(), after.clone());
+            let (holds, noted, after) = (holds.clone(), noted.clone(), after.clone());
             let guard = Flag(dropped.clone());
             async move {
                 let _guard = guard;
-                let held = in_flight.hold();
+                let held = holds.hold();
                 let _ = reached.send(());
                 let _ = answered.await;
                 drop(held);
                 noted.store(true, Ordering::Release);
-                if in_flight.abandoned() {
+                if holds.abandoned() {
                     std::future::pending::<()>().await;
                 }
                 after.store(true, Ordering::Release);
             }
         };
-        let mut cut = Box::pin(CutWhenIdle::new(|| stages, in_flight.clone()));
+        let mut cut = Box::pin(CutWhenIdle::new(|| stages, holds.clone()));
         tokio::select! {
             _ = &mut cut => unreachable!("it waits for its answer"),
             _ = reached_rx => {}
         }
         drop(cut);
-        assert!(in_flight.abandoned());
+        assert!(holds.abandoned());
         let _ = answer.send(());
         // The wound-down task drops the stages once they wait again.
         while !dropped.load(Ordering::Acquire) {
@@ -149,7 +149,7 @@ mod tests {
         }
         assert!(noted.load(Ordering::Acquire));
         assert!(!after.load(Ordering::Acquire));
-        assert!(in_flight.idle());
+        assert!(holds.idle());
     }
 
     /// Sets its flag when dropped.
@@ -163,10 +163,10 @@ mod tests {
 
     /// Dropped with nothing in flight, the stages are dropped at once.
     #[tokio::test]
-    async fn a_drop_with_nothing_in_flight_is_immediate() {
-        let in_flight = InFlight::default();
-        let cut = CutWhenIdle::new(std::future::pending::<()>, in_flight.clone());
+    async fn a_drop_with_nothing_holds_is_immediate() {
+        let holds = Holds::default();
+        let cut = CutWhenIdle::new(std::future::pending::<()>, holds.clone());
         drop(cut);
-        assert!(!in_flight.abandoned());
+        assert!(!holds.abandoned());
     }
 }

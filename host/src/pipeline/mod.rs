@@ -57,10 +57,11 @@
 //! call's deadline is also capped by the time the request has left). A
 //! caller that stops waiting (the client went away) drops the request's
 //! future: its call in progress is abandoned with its instance, and its
-//! reservations are released. A call waiting for a store operation is the
-//! exception: it runs on, in a task of its own, until the operation's
-//! answer has reached it, and no later stage starts (see `cut`), so a
-//! store never holds an effect the stage that caused it never saw.
+//! reservations are released. A call waiting for a store operation, or
+//! one that has changed a store, is the exception: it runs on, in a task
+//! of its own, until it has returned, and no later stage starts (see
+//! `cut`), so a store never keeps an effect the stage that caused it
+//! never saw.
 //!
 //! # Token streaming
 //!
@@ -384,10 +385,10 @@ impl Pipeline {
             backend_wait,
         )?;
         let timeout = deadline.saturating_duration_since(Instant::now());
-        let ran = match job.in_flight.clone() {
+        let ran = match job.holds.clone() {
             // A route with stores: cut only where nothing holds it.
-            Some(in_flight) => {
-                let stages = CutWhenIdle::new(|| call::run_stages(job), in_flight);
+            Some(holds) => {
+                let stages = CutWhenIdle::new(|| call::run_stages(job), holds);
                 tokio::time::timeout_at(deadline.into(), stages).await
             }
             None => tokio::time::timeout_at(deadline.into(), call::run_stages(job)).await,

@@ -23,7 +23,7 @@ use crate::circuit::{CircuitBreaker, Probe};
 use crate::config::{InstanceMode, StageConfig};
 use crate::inference::{Router, TokenStream};
 use crate::metrics::{Metrics, PolicyMetrics, RequestMetrics, StageMetrics};
-use crate::store::InFlight;
+use crate::store::Holds;
 use crate::trace::{Attribute, Kind, Trace};
 use crate::wasm::{Envelope, Instance, KEEP_RESIDENT_BYTES, Plugin};
 
@@ -343,7 +343,7 @@ pub(super) struct Job {
     pub(super) failure: Option<u16>,
     /// What its stage calls hold against a cut, and whether its caller
     /// stopped waiting (see `cut`): for a route with stores only.
-    pub(super) in_flight: Option<InFlight>,
+    pub(super) holds: Option<Holds>,
 }
 
 impl Job {

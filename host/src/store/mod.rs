@@ -53,14 +53,14 @@
 //! ```
 
 mod backend;
-mod in_flight;
+mod holds;
 pub mod memory;
 pub mod redis;
 
 pub use backend::{
     Backend, BackendError, BackendFuture, Counter, Lookup, MAX_BATCH_REPLY_BYTES, Window,
 };
-pub use in_flight::{Held, InFlight};
+pub(crate) use holds::{Held, Holds};
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

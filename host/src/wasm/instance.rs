@@ -28,7 +28,7 @@ use super::legacy::{self, LegacyRequest};
 use super::plugin::Plugin;
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
-use crate::store::{InFlight, Stores};
+use crate::store::{Holds, Stores};
 use crate::trace::Trace;
 
 /// How long past a call's deadline its host-side deadline fires: the epoch
@@ -435,12 +435,12 @@ impl Instance {
 
     /// The request the calls to come hold against a cut while a store
     /// operation runs, and from a write until the call returns (`None`
-    /// for calls whose future is never cut short: see [`InFlight`]). Set
+    /// for calls whose future is never cut short: see [`Holds`]). Set
     /// before a call and cleared after it, which ends the call's hold.
-    pub(crate) fn set_in_flight(&mut self, in_flight: Option<&InFlight>) {
+    pub(crate) fn set_holds(&mut self, holds: Option<&Holds>) {
         let state = self.store.data_mut();
         state.changed_store = None;
-        state.in_flight = in_flight.cloned();
+        state.holds = holds.cloned();
     }
 
     /// How long the calls since the last time this was asked waited for

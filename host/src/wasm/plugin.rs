@@ -225,7 +225,7 @@ impl Plugin {
             stage: self.stage,
             router: self.services.router.clone(),
             stores: Arc::default(),
-            in_flight: None,
+            holds: None,
             changed_store: None,
             store_handles: 0,
             granted_stores: self.grants.stores.clone(),

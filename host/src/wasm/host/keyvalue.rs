@@ -15,7 +15,7 @@ use wasmtime::component::Resource;
 
 use super::state::HostState;
 use crate::store::{
-    Counter, Held, InFlight, Lookup, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window,
+    Counter, Held, Holds, Lookup, MAX_BATCH_REPLY_BYTES, Store, StoreError, Window,
 };
 use crate::wasm::bindings::keyvalue::wasi::keyvalue::{atomics, batch, store};
 use crate::wasm::bindings::v2::orchestrator::pipeline::expiring;
@@ -37,7 +37,7 @@ fn error(error: StoreError) -> store::Error {
 impl HostState {
     /// The store behind `bucket`, for one operation: the current request
     /// is held against a cut until the returned value is dropped (see
-    /// [`InFlight`]).
+    /// [`Holds`]).
     fn bucket(&self, bucket: &Resource<Bucket>) -> wasmtime::Result<Operating> {
         Ok(self.operating(self.table.get(bucket)?.store.clone()))
     }
@@ -45,7 +45,7 @@ impl HostState {
     fn operating(&self, store: Arc<Store>) -> Operating {
         Operating {
             store,
-            held: self.in_flight.as_ref().map(InFlight::hold),
+            held: self.holds.as_ref().map(Holds::hold),
         }
     }
 
@@ -59,7 +59,7 @@ impl HostState {
     }
 }
 
-/// A store with one operation under way (see [`InFlight`]).
+/// A store with one operation under way (see [`Holds`]).
 struct Operating {
     store: Arc<Store>,
     held: Option<Held>,

@@ -11,7 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::inference::{Router, TokenStream};
 use crate::metrics::ErrorType;
-use crate::store::{Held, InFlight, Stores};
+use crate::store::{Held, Holds, Stores};
 use crate::trace::Trace;
 use crate::wasm::bindings::{v1, v2};
 use crate::wasm::envelope::Envelope;
@@ -30,9 +30,9 @@ pub struct HostState {
     pub(in crate::wasm) router: Option<Router>,
     /// The stores of the configuration serving the current call.
     pub(in crate::wasm) stores: Arc<Stores>,
-    /// The store operations of the request the current `process` call
-    /// serves, counted while they run (see [`InFlight`]).
-    pub(in crate::wasm) in_flight: Option<InFlight>,
+    /// The holds on the request the current `process` call serves: one
+    /// per store operation while it runs (see [`Holds`]).
+    pub(in crate::wasm) holds: Option<Holds>,
     /// Held since a store operation of the current call changed a store,
     /// until the call returns.
     pub(in crate::wasm) changed_store: Option<Held>,

@@ -1,4 +1,4 @@
-//! What a cut must not interrupt in one request ([`InFlight`]).
+//! The holds on one request against a cut ([`Holds`]).
 //!
 //! A request is cut when its client goes away or its time runs out: the
 //! pipeline drops the future running its stages. Dropped in the middle of
@@ -6,8 +6,7 @@
 //! store (Redis) still applies it; dropped after a write but before the
 //! stage noted it, the stage would never act on it: a `ratelimit`
 //! reservation made but never noted, so never given back. So the
-//! instances serving a request hold its [`InFlight`] while a store
-//! operation runs, and from a write that changed a store (or may have:
+//! instances serving a request hold it while a store operation runs, and from a write that changed a store (or may have:
 //! its answer was an error) until the call that made it returns. The
 //! pipeline cuts the request only where nothing is held.
 
@@ -17,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 /// What one request's stage calls hold against a cut, and whether its
 /// caller stopped waiting for it (see the module docs). Cloning shares it.
 #[derive(Clone, Debug, Default)]
-pub struct InFlight(Arc<State>);
+pub struct Holds(Arc<State>);
 
 #[derive(Debug, Default)]
 struct State {
@@ -25,7 +24,7 @@ struct State {
     abandoned: AtomicBool,
 }
 
-impl InFlight {
+impl Holds {
     /// Hold the request against a cut until the returned guard is
     /// dropped.
     pub fn hold(&self) -> Held {
@@ -50,7 +49,7 @@ impl InFlight {
     }
 }
 
-/// A hold on a request (see [`InFlight::hold`]).
+/// A hold on a request (see [`Holds::hold`]).
 #[derive(Debug)]
 pub struct Held(Arc<State>);
 
@@ -62,20 +61,20 @@ impl Drop for Held {
 
 #[cfg(test)]
 mod tests {
-    use super::InFlight;
+    use super::Holds;
 
     #[test]
     fn idle_only_once_every_hold_is_dropped() {
-        let in_flight = InFlight::default();
-        assert!(in_flight.idle());
-        let one = in_flight.hold();
-        let two = in_flight.clone().hold();
+        let holds = Holds::default();
+        assert!(holds.idle());
+        let one = holds.hold();
+        let two = holds.clone().hold();
         drop(one);
-        assert!(!in_flight.idle());
+        assert!(!holds.idle());
         drop(two);
-        assert!(in_flight.idle());
-        assert!(!in_flight.abandoned());
-        in_flight.clone().abandon();
-        assert!(in_flight.abandoned());
+        assert!(holds.idle());
+        assert!(!holds.abandoned());
+        holds.clone().abandon();
+        assert!(holds.abandoned());
     }
 }
