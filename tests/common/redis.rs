@@ -152,7 +152,7 @@ impl Holding {
         let arrived = Arc::new(tokio::sync::Notify::new());
         let (release, released) = tokio::sync::watch::channel(false);
         let armed = Arc::new(AtomicBool::new(false));
-        let held = armed.clone();
+        let arming = armed.clone();
         let upstream = ("127.0.0.1", redis.port);
         let signal = arrived.clone();
         let task = tokio::spawn(async move {
@@ -162,7 +162,8 @@ impl Holding {
                 };
                 let (mut client_read, mut client_write) = client.into_split();
                 let (mut server_read, mut server_write) = server.into_split();
-                let (held, signal, mut released) = (held.clone(), signal.clone(), released.clone());
+                let (arming, signal, mut released) =
+                    (arming.clone(), signal.clone(), released.clone());
                 tokio::spawn(async move {
                     let mut buffer = vec![0; 64 * 1024];
                     while let Ok(n) = client_read.read(&mut buffer).await {
@@ -171,7 +172,7 @@ impl Holding {
                         }
                         let bytes = &buffer[..n];
                         if bytes.windows(marker.len()).any(|w| w == marker)
-                            && held.swap(false, Ordering::AcqRel)
+                            && arming.swap(false, Ordering::AcqRel)
                         {
                             signal.notify_one();
                             let _ = released.wait_for(|r| *r).await;
