@@ -14,7 +14,9 @@
 //! what a plain request cost before plain upstream requests), or plain
 //! through the policy pipeline (`policies`: `auth`, `ratelimit` and `cache`
 //! on memory stores before the five, one declared key, a prompt no earlier
-//! request sent, so the cache misses and stores: its costliest path;
+//! request sent, so the cache misses and stores: its costliest path), or
+//! through the same pipeline with one prompt over and over (`cache-hits`:
+//! every counted request a cache hit, answered early);
 //! `ORCHESTRATOR_BENCH_STAGES`, comma-separated, replaces the pipeline's
 //! stages, to count one policy stage at a time, and
 //! `ORCHESTRATOR_BENCH_EXTRA` is appended to its configuration).
@@ -25,7 +27,7 @@
 //! request, which cancels whatever a run spends once.
 //!
 //! ```text
-//! instructions <echo|upstream> <plain|streamed|plain-via-stream|policies> [--requests N]
+//! instructions <echo|upstream> <plain|streamed|plain-via-stream|policies|cache-hits> [--requests N]
 //! ```
 
 #[path = "requests.rs"]
@@ -60,12 +62,15 @@ const POLICY_STAGES: &str = "auth,rag,assemble,ratelimit,cache,inference,post,st
 /// Numbers the policy scenario's prompts: none repeats an earlier one.
 static PROMPTS: AtomicU64 = AtomicU64::new(0);
 
-/// Request `n`, or for the policy scenario a request with the key and a
-/// prompt no earlier request sent.
-fn request(n: u64, model: &str, policies: bool) -> Envelope {
+/// Request `n`, or through the policy pipeline a request with the key and
+/// a prompt no earlier request sent (misses) or always the same (hits).
+fn request(n: u64, model: &str, policies: Option<Policies>) -> Envelope {
     let mut envelope = requests::envelope(n, model);
-    if policies {
-        let nonce = PROMPTS.fetch_add(1, Ordering::Relaxed);
+    if let Some(policies) = policies {
+        let nonce = match policies {
+            Policies::Misses => PROMPTS.fetch_add(1, Ordering::Relaxed),
+            Policies::Hits => 0,
+        };
         let message = &mut envelope.messages[0];
         *message = orchestrator::chat::Message::new(
             "user",
@@ -85,7 +90,13 @@ fn request(n: u64, model: &str, policies: bool) -> Envelope {
 }
 
 /// One request, plain or streamed, answered in full.
-async fn one(pipeline: &Pipeline, n: u64, upstream: bool, streamed: bool, policies: bool) {
+async fn one(
+    pipeline: &Pipeline,
+    n: u64,
+    upstream: bool,
+    streamed: bool,
+    policies: Option<Policies>,
+) {
     let snapshot = pipeline.snapshot();
     let target = snapshot
         .router()
@@ -114,11 +125,15 @@ async fn one(pipeline: &Pipeline, n: u64, upstream: bool, streamed: bool, polici
             }
         }
     } else {
-        pipeline
+        let answer = pipeline
             .run(&snapshot, &route, envelope, deadline, Trace::off())
             .await
-            .expect("answered")
-            .completion
+            .expect("answered");
+        // After the first, each request of `cache-hits` is a hit.
+        if matches!(policies, Some(Policies::Hits)) && n > 0 {
+            assert!(answer.answered, "request {n} was not a cache hit");
+        }
+        answer.completion
     };
     assert!(!completion.is_empty(), "request {n} got an empty answer");
 }
@@ -233,8 +248,18 @@ struct Scenario {
     streamed: bool,
     /// The backend streams for every client.
     always_stream: bool,
-    /// The policy pipeline (`policies`).
-    policies: bool,
+    /// The policy pipeline, and what its cache finds.
+    policies: Option<Policies>,
+}
+
+/// What the policy pipeline's cache finds.
+#[derive(Debug, Clone, Copy)]
+enum Policies {
+    /// A prompt no earlier request sent (`policies`): a miss that claims,
+    /// stores and releases.
+    Misses,
+    /// The same prompt every time (`cache-hits`): after the first, a hit.
+    Hits,
 }
 
 impl Scenario {
@@ -245,10 +270,11 @@ impl Scenario {
             _ => return None,
         };
         let (streamed, always_stream, policies) = match client {
-            "plain" => (false, false, false),
-            "streamed" => (true, false, false),
-            "plain-via-stream" if upstream => (false, true, false),
-            "policies" => (false, false, true),
+            "plain" => (false, false, None),
+            "streamed" => (true, false, None),
+            "plain-via-stream" if upstream => (false, true, None),
+            "policies" => (false, false, Some(Policies::Misses)),
+            "cache-hits" => (false, false, Some(Policies::Hits)),
             _ => return None,
         };
         Some(Scenario {
@@ -268,7 +294,7 @@ fn main() {
         (Some(backend), Some(client)) => {
             vec![Scenario::parse(backend, client).unwrap_or_else(|| {
                 panic!(
-                    "usage: instructions <echo|upstream> <plain|streamed|plain-via-stream|policies>"
+                    "usage: instructions <echo|upstream> <plain|streamed|plain-via-stream|policies|cache-hits>"
                 )
             })]
         }
@@ -277,6 +303,7 @@ fn main() {
                 Scenario::parse("echo", "plain"),
                 Scenario::parse("echo", "streamed"),
                 Scenario::parse("echo", "policies"),
+                Scenario::parse("echo", "cache-hits"),
             ];
             if std::env::var_os("ORCHESTRATOR_BENCH_UPSTREAM").is_some() {
                 for client in ["plain", "streamed", "plain-via-stream", "policies"] {
@@ -309,7 +336,7 @@ fn main() {
                 .as_deref()
                 .expect("ORCHESTRATOR_BENCH_UPSTREAM names the bench upstream")
         });
-        let config = if policies {
+        let config = if policies.is_some() {
             policy_config(base_url)
         } else {
             config(base_url, always_stream)
@@ -325,10 +352,10 @@ fn main() {
             if upstream { "upstream" } else { "echo" },
             if streamed { "streamed" } else { "plain" },
             if always_stream { " via a stream" } else { "" },
-            if policies {
-                " through the policy stages"
-            } else {
-                ""
+            match policies {
+                Some(Policies::Misses) => " through the policy stages",
+                Some(Policies::Hits) => " through the policy stages, cache hits",
+                None => "",
             },
         );
         rt.block_on(host.shutdown(Duration::from_secs(5)));

@@ -10,7 +10,8 @@
 # own process: not counted), a plain and a streaming client, and a plain
 # client served from a streamed upstream request (`always_stream`), and a
 # plain client through the policy stages (`policies`: auth, ratelimit and
-# cache on memory stores, every request a cache miss that stores). Each is
+# cache on memory stores, every request a cache miss that stores), and the
+# same with one prompt over and over (`cache-hits`: each a hit). Each is
 # run twice under callgrind, for SMALL and LARGE requests, and the difference
 # in the process's instructions divided by the difference in requests is the
 # figure: the start-up, the same in both runs, cancels out. (Collecting only
@@ -77,9 +78,49 @@ collected() { # backend, client, requests
 
 printf '%-9s %-17s %20s\n' backend client instructions/request
 for scenario in "echo plain" "echo streamed" "upstream plain" "upstream streamed" "upstream plain-via-stream" \
-    "echo policies" "upstream policies"; do
+    "echo policies" "upstream policies" "echo cache-hits"; do
     read -r backend client <<<"$scenario"
     small=$(collected "$backend" "$client" "$SMALL")
     large=$(collected "$backend" "$client" "$LARGE")
     printf '%-9s %-17s %20d\n' "$backend" "$client" $(((large - small) / (LARGE - SMALL)))
 done
+
+# Floors under the three policy stages (figures only, not in the smoke
+# test): the policy scenario's requests through the five default stages
+# alone (`none`), and with the three replaced by the test plugin `gate`
+# (built with the SDK, exporting `finish`), doing nothing (`empty`) or the
+# simplest form of each policy (`simple`: a bearer token compared, one
+# windowed counter per principal, a lookup by the last user message; no
+# hashing, no reservation to settle, nothing stored after the answer).
+[ -n "${SMOKE:-}" ] && exit 0
+log "building the test plugin gate"
+cargo build --release -q --target wasm32-wasip2 --manifest-path tests/plugins/Cargo.toml \
+    -p test-gate --target-dir "$TARGET/test-plugins"
+GATE=$(realpath "$TARGET/test-plugins/wasm32-wasip2/release/test_gate.wasm")
+KEY_SECRET=$(sed -n 's/^const KEY: &str = "\(.*\)";/\1/p' benches/instructions.rs)
+floor() { # label, mode of each of the three stages
+    local label=$1 n=0 mode
+    shift
+    export ORCHESTRATOR_BENCH_STAGES=g1,rag,assemble,g2,g3,inference,post,stream
+    [ $# -eq 0 ] && ORCHESTRATOR_BENCH_STAGES=rag,assemble,inference,post,stream
+    ORCHESTRATOR_BENCH_EXTRA=
+    for mode in "$@"; do
+        n=$((n + 1))
+        ORCHESTRATOR_BENCH_EXTRA+=$(printf '\n[stages.g%s]\nplugin = "%s"\n' "$n" "$GATE")
+        case $mode in
+        auth) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "auth", token = "%s", principal = "bench" }\ncapabilities = { headers = ["authorization"] }' "$KEY_SECRET") ;;
+        limit) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "limit", limit = 100000000, window_ms = 60000 }\ncapabilities = { stores = ["limits"] }') ;;
+        cache) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "cache" }\ncapabilities = { stores = ["cache"] }') ;;
+        *) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "%s" }' "$mode") ;;
+        esac
+    done
+    export ORCHESTRATOR_BENCH_EXTRA+=$'\n'
+    "$BENCH" echo policies --requests 1 >/dev/null
+    small=$(collected echo policies "$SMALL")
+    large=$(collected echo policies "$LARGE")
+    printf '%-9s %-17s %20d\n' echo "floor: $label" $(((large - small) / (LARGE - SMALL)))
+    unset ORCHESTRATOR_BENCH_STAGES ORCHESTRATOR_BENCH_EXTRA
+}
+floor none
+floor empty noop noop noop
+floor simple auth limit cache

@@ -6,14 +6,25 @@
 # DURATION seconds. Hosts:
 #   - base:   the five default stages;
 #   - memory: auth + ratelimit + cache + the five, on memory stores;
-#   - redis:  the same on a redis-server on loopback (started here).
+#   - redis:  the same on a redis-server on loopback (started here);
+#   - empty:  the five default stages and, where the three stand, three
+#             stages that do nothing (the test plugin `gate` in its `noop`
+#             mode, built with the SDK and exporting `finish`): what three
+#             stages cost before any policy work, a floor for the three;
+#   - simple: the same three as `gate` in its `auth`, `limit` and `cache`
+#             modes: a bearer token compared, one windowed counter per
+#             principal, a lookup by the last user message; no hashing, no
+#             reservation to settle, nothing stored after the answer.
 # For each, plain requests with a different prompt every time (so the
 # cache always misses and stores, the costliest path for it):
 #   1. requests/s at 64 connections and CPU per request (utime+stime of
 #      the host over the 2xx answers);
 #   2. p50 at 1 connection.
 # Then, for memory and redis, one identical request over and over (every
-# one a cache hit): p50 at 1 connection, against base's generation p50.
+# one a cache hit): p50 at 1 connection, against base's generation p50;
+# and two floors for that comparison, at 1 connection: base's `GET
+# /health` (an answer with no stage and no store) and the bench upstream
+# answering the same chat request directly.
 # Finally the store operations per request on the Redis host, by store and
 # operation, from its metrics (what each stage costs in round trips, on
 # the request path and in its finish call).
@@ -37,10 +48,16 @@ for tool in wrk curl python3 redis-server; do
 done
 if [ -z "${BIN:-}" ] || [ -z "${UPSTREAM_BIN:-}" ]; then
     cargo build --release -q -p orchestrator --bin orchestrator --example bench_upstream
-    TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
-    BIN=${BIN:-$TARGET/release/orchestrator}
-    UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/bench_upstream}
 fi
+TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+BIN=${BIN:-$TARGET/release/orchestrator}
+UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/bench_upstream}
+# The floor rows' stage: the test suite's `gate` plugin, where the tests
+# build it.
+cargo build --release -q --target wasm32-wasip2 --manifest-path tests/plugins/Cargo.toml \
+    -p test-gate --target-dir "$TARGET/test-plugins"
+GATE=$TARGET/test-plugins/wasm32-wasip2/release/test_gate.wasm
+SIMPLE_TOKEN=bench-simple-token
 WORK=$(mktemp -d)
 . benches/lib.sh
 trap stop_all EXIT
@@ -67,17 +84,35 @@ policy_config() { # [redis port]
         done
     fi
 }
+gate_config() { # the modes of the three gate stages
+    base_config
+    printf '[pipelines.default]\nstages = ["g1", "rag", "assemble", "g2", "g3", "inference", "post", "stream"]\n'
+    local n=0 mode
+    for mode in "$@"; do
+        n=$((n + 1))
+        printf '[stages.g%s]\nplugin = "%s"\n' "$n" "$GATE"
+        case $mode in
+        auth) printf 'config = { mode = "auth", token = "%s", principal = "bench" }\ncapabilities = { headers = ["authorization"] }\n' "$SIMPLE_TOKEN" ;;
+        limit) printf 'config = { mode = "limit", limit = 100000000, window_ms = 60000 }\ncapabilities = { stores = ["limits"] }\n' ;;
+        cache) printf 'config = { mode = "cache" }\ncapabilities = { stores = ["cache"] }\n' ;;
+        *) printf 'config = { mode = "%s" }\n' "$mode" ;;
+        esac
+    done
+}
 base_config >"$WORK/base.toml"
 policy_config >"$WORK/memory.toml"
 policy_config "$REDIS_PORT" >"$WORK/redis.toml"
-HOSTS=(base memory redis)
+gate_config noop noop noop >"$WORK/empty.toml"
+gate_config auth limit cache >"$WORK/simple.toml"
+HOSTS=(base memory redis empty simple)
 declare -A KEY
 for name in "${HOSTS[@]}"; do
     start_host "$name" "$BIN" "$WORK/$name.toml" || exit 1
-    KEY[$name]=none
-    if [ "$name" != base ]; then
-        KEY[$name]=$(create_key "${API[$name]}" "$ADMIN" bench)
-    fi
+    case $name in
+    memory | redis) KEY[$name]=$(create_key "${API[$name]}" "$ADMIN" bench) ;;
+    simple) KEY[$name]=$SIMPLE_TOKEN ;;
+    *) KEY[$name]=none ;;
+    esac
 done
 
 # wrk scripts: a different prompt per request (misses), or the same (hits).
@@ -88,10 +123,18 @@ for name in "${HOSTS[@]}"; do
 wrk.body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"the same $PROMPT"}]}'
 EOF
     } >"$WORK/$name.hit.lua"
-    # Warm up (and, for the hit script, store the entry).
+    # Warm up (and, for the hit script, store the entry; the hit script
+    # of a host without a cache is never run).
     NONCE=warm wrk -t2 -c16 -d2s -s "$WORK/$name.miss.lua" "${API[$name]}/v1/chat/completions" >/dev/null
     wrk -t1 -c1 -d1s -s "$WORK/$name.hit.lua" "${API[$name]}/v1/chat/completions" >/dev/null
 done
+
+# The bench upstream asked directly, as the hosts ask it (32 words).
+cat >"$WORK/upstream.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model":"up","max_tokens":32,"messages":[{"role":"user","content":"$PROMPT"}]}'
+EOF
 
 ok_requests() { # wrk output: completed requests minus non-2xx
     awk '/requests in/ {t = $1} /Non-2xx/ {e = $NF} END {print t - e}'
@@ -123,7 +166,7 @@ for round in $(seq "$ROUNDS"); do
         RESULTS[$name.rps]+="$rps "
         RESULTS[$name.cpu]+="$cpu "
         RESULTS[$name.p50]+="$p50 "
-        if [ "$name" != base ]; then
+        if [ "$name" = memory ] || [ "$name" = redis ]; then
             out1=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/$name.hit.lua" "$url")
             errors=$(echo "$out1" | awk '/Non-2xx/ {print $NF}')
             [ -z "$errors" ] || log "round $round $name, hits: $errors non-2xx answers"
@@ -133,6 +176,12 @@ for round in $(seq "$ROUNDS"); do
         log "round $round $name: $rps req/s, $cpu us CPU, p50 $p50 us${hit:+, hit p50 $hit us}"
         unset hit
     done
+    # The floors under a hit: an answer with no stage, and the upstream's.
+    health=$(wrk -t1 -c1 -d"${DURATION}s" --latency "${API[base]}/health" | p50_us)
+    upstream=$(wrk -t1 -c1 -d"${DURATION}s" --latency -s "$WORK/upstream.lua" "http://$UPSTREAM/v1/chat/completions" | p50_us)
+    RESULTS[health]+="$health "
+    RESULTS[upstream]+="$upstream "
+    log "round $round: GET /health p50 $health us, the upstream alone p50 $upstream us"
 done
 
 median_range() { # numbers: "median (min-max)"
@@ -147,13 +196,17 @@ echo "|---|---|---|---|---|"
 for name in "${HOSTS[@]}"; do
     printf '| %s | %s | %s | %s | %s |\n' "$name" "$(median_range ${RESULTS[$name.rps]})" \
         "$(median_range ${RESULTS[$name.cpu]})" "$(median_range ${RESULTS[$name.p50]})" \
-        "$( [ "$name" = base ] && echo - || median_range ${RESULTS[$name.hit]})"
+        "$( [ -z "${RESULTS[$name.hit]:-}" ] && echo - || median_range ${RESULTS[$name.hit]})"
 done
 base_cpu=$(median ${RESULTS[base.cpu]})
 base_p50=$(median ${RESULTS[base.p50]})
 for name in memory redis; do
-    echo "$name: the three stages add $(( $(median ${RESULTS[$name.cpu]}) - base_cpu )) µs of host CPU per request (medians); a hit's p50 is $(awk -v g="$base_p50" -v h="$(median ${RESULTS[$name.hit]})" 'BEGIN {printf "%.1f", g / h}')x faster than base's generation"
+    echo "$name: the three stages add $(( $(median ${RESULTS[$name.cpu]}) - base_cpu )) µs of host CPU per request (medians); base's generation p50 over a hit's p50: $(awk -v g="$base_p50" -v h="$(median ${RESULTS[$name.hit]})" 'BEGIN {printf "%.2f", g / h}')"
 done
+for name in empty simple; do
+    echo "$name: its three stages add $(( $(median ${RESULTS[$name.cpu]}) - base_cpu )) µs of host CPU per request (medians)"
+done
+echo "floors at 1 connection: base's GET /health p50 $(median_range ${RESULTS[health]}) µs; the upstream alone $(median_range ${RESULTS[upstream]}) µs; base's generation $(median_range ${RESULTS[base.p50]}) µs"
 
 echo
 echo "store operations per request on the redis host (request path and finish calls):"
