@@ -22,7 +22,8 @@
 # valgrind), so its figures are for that allocator; a first native run fills
 # the compiled-plugin cache (~/.cache/orchestrator), so valgrind never runs
 # Cranelift. The figures are from the `bench` profile (release); the smoke
-# test uses the debug build the tests made. Needs valgrind.
+# test uses the debug build the tests made. Needs valgrind (and, for the
+# floors, the wasm32-wasip2 target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/lib.sh

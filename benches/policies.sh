@@ -33,7 +33,8 @@
 #   ROUNDS=1 DURATION=2 bash benches/policies.sh # a quick check
 #   BIN=path/to/orchestrator UPSTREAM_BIN=path/to/bench_upstream bash benches/policies.sh
 #
-# Needs wrk, curl, python3 and redis-server. wrk, the upstream, Redis and
+# Needs wrk, curl, python3, redis-server and the wasm32-wasip2 target (the
+# floor rows' plugin is built here). wrk, the upstream, Redis and
 # the hosts share the machine's cores: on 2 cores only the differences and
 # ratios mean much.
 set -euo pipefail
