@@ -95,27 +95,14 @@ done
 # hashing, no reservation to settle, nothing stored after the answer).
 [ -n "${SMOKE:-}" ] && exit 0
 log "building the test plugin gate"
-cargo build --release -q --target wasm32-wasip2 --manifest-path tests/plugins/Cargo.toml \
-    -p test-gate --target-dir "$TARGET/test-plugins"
-GATE=$(realpath "$TARGET/test-plugins/wasm32-wasip2/release/test_gate.wasm")
+GATE=$(build_gate "$TARGET")
 KEY_SECRET=$(sed -n 's/^const KEY: &str = "\(.*\)";/\1/p' benches/instructions.rs)
 floor() { # label, mode of each of the three stages
-    local label=$1 n=0 mode
+    local label=$1
     shift
     export ORCHESTRATOR_BENCH_STAGES=g1,rag,assemble,g2,g3,inference,post,stream
     [ $# -eq 0 ] && ORCHESTRATOR_BENCH_STAGES=rag,assemble,inference,post,stream
-    ORCHESTRATOR_BENCH_EXTRA=
-    for mode in "$@"; do
-        n=$((n + 1))
-        ORCHESTRATOR_BENCH_EXTRA+=$(printf '\n[stages.g%s]\nplugin = "%s"\n' "$n" "$GATE")
-        case $mode in
-        auth) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "auth", token = "%s", principal = "bench" }\ncapabilities = { headers = ["authorization"] }' "$KEY_SECRET") ;;
-        limit) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "limit", limit = 100000000, window_ms = 60000 }\ncapabilities = { stores = ["limits"] }') ;;
-        cache) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "cache" }\ncapabilities = { stores = ["cache"] }') ;;
-        *) ORCHESTRATOR_BENCH_EXTRA+=$(printf '\nconfig = { mode = "%s" }' "$mode") ;;
-        esac
-    done
-    export ORCHESTRATOR_BENCH_EXTRA+=$'\n'
+    export ORCHESTRATOR_BENCH_EXTRA=$'\n'"$(gate_stages "$GATE" "$KEY_SECRET" "$@")"$'\n'
     "$BENCH" echo policies --requests 1 >/dev/null
     small=$(collected echo policies "$SMALL")
     large=$(collected echo policies "$LARGE")

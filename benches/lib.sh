@@ -130,3 +130,30 @@ end
 local n = 0
 EOF
 }
+
+# The test plugin `gate` (tests/plugins/gate), built where the tests build
+# it, for the floors under the policy stages; prints its path.
+build_gate() { # target directory
+    cargo build --release -q --target wasm32-wasip2 --manifest-path tests/plugins/Cargo.toml \
+        -p test-gate --target-dir "$1/test-plugins" >&2
+    realpath "$1/test-plugins/wasm32-wasip2/release/test_gate.wasm"
+}
+
+# Three `gate` stages, g1 to g3, in the modes given: `auth` (the bearer
+# token TOKEN, principal `bench`), `limit` (a windowed counter per
+# principal, never reached), `cache` (a lookup by the last user message),
+# or another of its modes (`noop`).
+gate_stages() { # plugin path, token, mode...
+    local plugin=$1 token=$2 n=0 mode
+    shift 2
+    for mode in "$@"; do
+        n=$((n + 1))
+        printf '[stages.g%s]\nplugin = "%s"\n' "$n" "$plugin"
+        case $mode in
+        auth) printf 'config = { mode = "auth", token = "%s", principal = "bench" }\ncapabilities = { headers = ["authorization"] }\n' "$token" ;;
+        limit) printf 'config = { mode = "limit", limit = 100000000, window_ms = 60000 }\ncapabilities = { stores = ["limits"] }\n' ;;
+        cache) printf 'config = { mode = "cache" }\ncapabilities = { stores = ["cache"] }\n' ;;
+        *) printf 'config = { mode = "%s" }\n' "$mode" ;;
+        esac
+    done
+}

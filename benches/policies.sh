@@ -53,15 +53,12 @@ fi
 TARGET=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 BIN=${BIN:-$TARGET/release/orchestrator}
 UPSTREAM_BIN=${UPSTREAM_BIN:-$TARGET/release/examples/bench_upstream}
-# The floor rows' stage: the test suite's `gate` plugin, where the tests
-# build it.
-cargo build --release -q --target wasm32-wasip2 --manifest-path tests/plugins/Cargo.toml \
-    -p test-gate --target-dir "$TARGET/test-plugins"
-GATE=$TARGET/test-plugins/wasm32-wasip2/release/test_gate.wasm
-SIMPLE_TOKEN=bench-simple-token
 WORK=$(mktemp -d)
 . benches/lib.sh
 trap stop_all EXIT
+# The floor rows' stage: the test suite's `gate` plugin.
+GATE=$(build_gate "$TARGET")
+SIMPLE_TOKEN=bench-simple-token
 
 spawn "$WORK/upstream.out" "$UPSTREAM_BIN" 127.0.0.1:0
 wait_for 30 "$LAST_PID" grep -q 'listening on' "$WORK/upstream.out" ||
@@ -88,17 +85,7 @@ policy_config() { # [redis port]
 gate_config() { # the modes of the three gate stages
     base_config
     printf '[pipelines.default]\nstages = ["g1", "rag", "assemble", "g2", "g3", "inference", "post", "stream"]\n'
-    local n=0 mode
-    for mode in "$@"; do
-        n=$((n + 1))
-        printf '[stages.g%s]\nplugin = "%s"\n' "$n" "$GATE"
-        case $mode in
-        auth) printf 'config = { mode = "auth", token = "%s", principal = "bench" }\ncapabilities = { headers = ["authorization"] }\n' "$SIMPLE_TOKEN" ;;
-        limit) printf 'config = { mode = "limit", limit = 100000000, window_ms = 60000 }\ncapabilities = { stores = ["limits"] }\n' ;;
-        cache) printf 'config = { mode = "cache" }\ncapabilities = { stores = ["cache"] }\n' ;;
-        *) printf 'config = { mode = "%s" }\n' "$mode" ;;
-        esac
-    done
+    gate_stages "$GATE" "$SIMPLE_TOKEN" "$@"
 }
 base_config >"$WORK/base.toml"
 policy_config >"$WORK/memory.toml"
